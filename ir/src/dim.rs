@@ -1,0 +1,438 @@
+//! Symbolic dimensions: normalized polynomials over named size symbols.
+//!
+//! A [`Dim`] is a sum of terms; each term is an integer coefficient times a sorted
+//! product of atoms; an atom is a named symbol (`B`, `d`) or a division that could
+//! not be simplified (`d / h`). Every constructor returns the normal form, so two
+//! dims are equal iff they are structurally equal. Division is exact by contract:
+//! when both sides are known integers and the quotient is not whole, that is a
+//! [`DimError::NotDivisible`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// An irreducible factor of a term.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Atom {
+    /// A named size symbol, bound at compile time (`d = 768`) or at run time (`B`).
+    Sym(String),
+    /// A division whose exactness cannot be decided symbolically: numerator, divisor.
+    Div(Box<Dim>, Box<Dim>),
+}
+
+/// One term: `coef * atoms[0] * atoms[1] * ...`, atoms sorted (repeats allowed).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term {
+    atoms: Vec<Atom>,
+    coef: i64,
+}
+
+/// A symbolic dimension in normal form.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Dim {
+    /// Sorted by atoms, no zero coefficients, no two terms with equal atoms.
+    terms: Vec<Term>,
+}
+
+/// Why a dim expression could not be formed or evaluated.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DimError {
+    /// An exact division whose operands are known and do not divide.
+    #[error("{num} is not divisible by {den}")]
+    NotDivisible { num: i64, den: i64 },
+    /// A division by a dim that is zero.
+    #[error("division by zero")]
+    DivisionByZero,
+    /// Integer overflow while normalizing.
+    #[error("size arithmetic overflows 64 bits")]
+    Overflow,
+}
+
+impl Dim {
+    /// The constant dim `n`.
+    pub fn constant(n: i64) -> Dim {
+        if n == 0 {
+            return Dim::default();
+        }
+        Dim {
+            terms: vec![Term {
+                atoms: Vec::new(),
+                coef: n,
+            }],
+        }
+    }
+
+    /// The dim consisting of the single symbol `name`.
+    pub fn sym(name: &str) -> Dim {
+        Dim {
+            terms: vec![Term {
+                atoms: vec![Atom::Sym(name.to_string())],
+                coef: 1,
+            }],
+        }
+    }
+
+    /// The value of this dim if it is a constant.
+    pub fn as_const(&self) -> Option<i64> {
+        match self.terms.as_slice() {
+            [] => Some(0),
+            [t] if t.atoms.is_empty() => Some(t.coef),
+            _ => None,
+        }
+    }
+
+    /// The symbol name if this dim is exactly one symbol.
+    pub fn as_sym(&self) -> Option<&str> {
+        match self.terms.as_slice() {
+            [t] if t.coef == 1 && t.atoms.len() == 1 => match &t.atoms[0] {
+                Atom::Sym(s) => Some(s),
+                Atom::Div(..) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether this dim is the constant `n`.
+    pub fn is_const(&self, n: i64) -> bool {
+        self.as_const() == Some(n)
+    }
+
+    /// Every symbol this dim mentions, sorted and deduplicated.
+    pub fn symbols(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.collect_symbols(&mut out);
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn collect_symbols(&self, out: &mut Vec<String>) {
+        for t in &self.terms {
+            for a in &t.atoms {
+                match a {
+                    Atom::Sym(s) => out.push(s.clone()),
+                    Atom::Div(n, d) => {
+                        n.collect_symbols(out);
+                        d.collect_symbols(out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds a dim from unsorted terms, merging and dropping zero terms.
+    fn from_terms(mut terms: Vec<Term>) -> Result<Dim, DimError> {
+        for t in &mut terms {
+            t.atoms.sort();
+        }
+        terms.sort_by(|a, b| a.atoms.cmp(&b.atoms));
+        let mut out: Vec<Term> = Vec::with_capacity(terms.len());
+        for t in terms {
+            match out.last_mut() {
+                Some(last) if last.atoms == t.atoms => {
+                    last.coef = last.coef.checked_add(t.coef).ok_or(DimError::Overflow)?;
+                }
+                _ => out.push(t),
+            }
+        }
+        out.retain(|t| t.coef != 0);
+        Ok(Dim { terms: out })
+    }
+
+    /// `self + other`.
+    pub fn add(&self, other: &Dim) -> Result<Dim, DimError> {
+        let mut terms = self.terms.clone();
+        terms.extend(other.terms.iter().cloned());
+        Dim::from_terms(terms)
+    }
+
+    /// `self - other`.
+    pub fn sub(&self, other: &Dim) -> Result<Dim, DimError> {
+        self.add(&other.neg()?)
+    }
+
+    /// `-self`.
+    pub fn neg(&self) -> Result<Dim, DimError> {
+        let mut terms = Vec::with_capacity(self.terms.len());
+        for t in &self.terms {
+            terms.push(Term {
+                atoms: t.atoms.clone(),
+                coef: t.coef.checked_neg().ok_or(DimError::Overflow)?,
+            });
+        }
+        Dim::from_terms(terms)
+    }
+
+    /// `self * other`, expanded and simplified.
+    pub fn mul(&self, other: &Dim) -> Result<Dim, DimError> {
+        let mut acc = Dim::default();
+        for a in &self.terms {
+            for b in &other.terms {
+                let mut atoms = a.atoms.clone();
+                atoms.extend(b.atoms.iter().cloned());
+                atoms.sort();
+                let coef = a.coef.checked_mul(b.coef).ok_or(DimError::Overflow)?;
+                let term = simplify_term(Term { atoms, coef })?;
+                acc = acc.add(&term)?;
+            }
+        }
+        Ok(acc)
+    }
+
+    /// The exact quotient `self / other`.
+    ///
+    /// Simplifies when the divisor is a single term dividing every term of `self`;
+    /// otherwise keeps the quotient as a symbolic `Div` atom, to be checked when the
+    /// symbols are bound.
+    pub fn div(&self, other: &Dim) -> Result<Dim, DimError> {
+        if other.terms.is_empty() {
+            return Err(DimError::DivisionByZero);
+        }
+        if self.terms.is_empty() {
+            return Ok(Dim::default());
+        }
+        if self == other {
+            return Ok(Dim::constant(1));
+        }
+        if let (Some(n), Some(d)) = (self.as_const(), other.as_const()) {
+            if n.checked_rem(d).ok_or(DimError::Overflow)? != 0 {
+                return Err(DimError::NotDivisible { num: n, den: d });
+            }
+            return Ok(Dim::constant(n.checked_div(d).ok_or(DimError::Overflow)?));
+        }
+        if let [den] = other.terms.as_slice() {
+            if let Some(q) = divide_by_term(self, den)? {
+                return Ok(q);
+            }
+        }
+        Ok(Dim {
+            terms: vec![Term {
+                atoms: vec![Atom::Div(Box::new(self.clone()), Box::new(other.clone()))],
+                coef: 1,
+            }],
+        })
+    }
+
+    /// Replaces bound symbols by their values and renormalizes.
+    pub fn substitute(&self, env: &BTreeMap<String, Dim>) -> Result<Dim, DimError> {
+        let mut acc = Dim::default();
+        for t in &self.terms {
+            let mut prod = Dim::constant(t.coef);
+            for a in &t.atoms {
+                let v = match a {
+                    Atom::Sym(s) => match env.get(s) {
+                        Some(v) => v.clone(),
+                        None => Dim::sym(s),
+                    },
+                    Atom::Div(n, d) => n.substitute(env)?.div(&d.substitute(env)?)?,
+                };
+                prod = prod.mul(&v)?;
+            }
+            acc = acc.add(&prod)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Divides every term of `num` by `den` when that is exact; `None` when it is not.
+fn divide_by_term(num: &Dim, den: &Term) -> Result<Option<Dim>, DimError> {
+    let mut out = Vec::with_capacity(num.terms.len());
+    for t in &num.terms {
+        if t.coef.checked_rem(den.coef).ok_or(DimError::Overflow)? != 0 {
+            return Ok(None);
+        }
+        let Some(rest) = remove_atoms(&t.atoms, &den.atoms) else {
+            return Ok(None);
+        };
+        out.push(Term {
+            atoms: rest,
+            coef: t.coef.checked_div(den.coef).ok_or(DimError::Overflow)?,
+        });
+    }
+    let mut acc = Dim::default();
+    for t in out {
+        acc = acc.add(&simplify_term(t)?)?;
+    }
+    Ok(Some(acc))
+}
+
+/// `atoms` minus the multiset `remove`, if `remove` is contained in it.
+fn remove_atoms(atoms: &[Atom], remove: &[Atom]) -> Option<Vec<Atom>> {
+    let mut rest = atoms.to_vec();
+    for r in remove {
+        let pos = rest.iter().position(|a| a == r)?;
+        rest.remove(pos);
+    }
+    Some(rest)
+}
+
+/// Cancels `x * (n / x)` to `n` inside one term, which may expand it into a sum.
+fn simplify_term(term: Term) -> Result<Dim, DimError> {
+    for (i, atom) in term.atoms.iter().enumerate() {
+        let Atom::Div(n, d) = atom else { continue };
+        let [den] = d.terms.as_slice() else { continue };
+        let mut others = term.atoms.clone();
+        others.remove(i);
+        if term.coef.checked_rem(den.coef) != Some(0) {
+            continue;
+        }
+        let Some(rest) = remove_atoms(&others, &den.atoms) else {
+            continue;
+        };
+        let outer = Dim::from_terms(vec![Term {
+            atoms: rest,
+            coef: term.coef.checked_div(den.coef).ok_or(DimError::Overflow)?,
+        }])?;
+        return outer.mul(n);
+    }
+    Dim::from_terms(vec![term])
+}
+
+impl From<i64> for Dim {
+    fn from(n: i64) -> Dim {
+        Dim::constant(n)
+    }
+}
+
+impl From<&str> for Dim {
+    fn from(s: &str) -> Dim {
+        Dim::sym(s)
+    }
+}
+
+impl fmt::Display for Atom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Atom::Sym(s) => f.write_str(s),
+            Atom::Div(n, d) => {
+                write_operand(f, n)?;
+                f.write_str(" / ")?;
+                write_operand(f, d)
+            }
+        }
+    }
+}
+
+/// Writes a division operand, parenthesized unless it is a bare symbol or constant.
+fn write_operand(f: &mut fmt::Formatter<'_>, d: &Dim) -> fmt::Result {
+    if d.as_const().is_some_and(|c| c >= 0) || d.as_sym().is_some() {
+        write!(f, "{d}")
+    } else {
+        write!(f, "({d})")
+    }
+}
+
+impl Term {
+    fn fmt_abs(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.coef.unsigned_abs();
+        let mut first = true;
+        if c != 1 || self.atoms.is_empty() {
+            write!(f, "{c}")?;
+            first = false;
+        }
+        let lone = self.atoms.len() == 1 && first;
+        for a in &self.atoms {
+            if !first {
+                f.write_str(" * ")?;
+            }
+            first = false;
+            match a {
+                Atom::Div(..) if !lone => write!(f, "({a})")?,
+                _ => write!(f, "{a}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.terms.is_empty() {
+            return f.write_str("0");
+        }
+        // Symbolic terms first (sorted), the constant last: `S + T + 1`.
+        let mut order: Vec<&Term> = self.terms.iter().filter(|t| !t.atoms.is_empty()).collect();
+        order.extend(self.terms.iter().filter(|t| t.atoms.is_empty()));
+        for (i, t) in order.iter().enumerate() {
+            match (i, t.coef < 0) {
+                (0, true) => f.write_str("-")?,
+                (0, false) => {}
+                (_, true) => f.write_str(" - ")?,
+                (_, false) => f.write_str(" + ")?,
+            }
+            t.fmt_abs(f)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(n: &str) -> Dim {
+        Dim::sym(n)
+    }
+    fn c(n: i64) -> Dim {
+        Dim::constant(n)
+    }
+
+    #[test]
+    fn normal_form_makes_equal_expressions_equal() {
+        let a = s("S").add(&s("T")).unwrap();
+        let b = s("T").add(&s("S")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "S + T");
+        let hd = s("h").mul(&s("dh")).unwrap();
+        assert_eq!(hd, s("dh").mul(&s("h")).unwrap());
+        assert_eq!(hd.to_string(), "dh * h");
+        assert_eq!(s("d").sub(&s("d")).unwrap(), c(0));
+        assert_eq!(c(2).mul(&s("d")).unwrap().add(&s("d")).unwrap().to_string(), "3 * d");
+        assert_eq!(s("S").add(&c(1)).unwrap().to_string(), "S + 1");
+        assert_eq!(c(1).sub(&s("S")).unwrap().to_string(), "-S + 1");
+    }
+
+    #[test]
+    fn exact_division_simplifies_or_stays_symbolic() {
+        assert_eq!(c(768).div(&c(12)).unwrap(), c(64));
+        assert_eq!(
+            c(770).div(&c(12)),
+            Err(DimError::NotDivisible { num: 770, den: 12 })
+        );
+        let two_d = c(2).mul(&s("d")).unwrap();
+        assert_eq!(two_d.div(&c(2)).unwrap(), s("d"));
+        let q = s("d").div(&s("h")).unwrap();
+        assert_eq!(q.to_string(), "d / h");
+        // h * (d / h) cancels back to d.
+        assert_eq!(s("h").mul(&q).unwrap(), s("d"));
+        let hd = s("h").mul(&s("dh")).unwrap();
+        assert_eq!(hd.div(&s("h")).unwrap(), s("dh"));
+        assert_eq!(s("d").div(&c(0)), Err(DimError::DivisionByZero));
+        let st = s("S").add(&s("T")).unwrap();
+        assert_eq!(st.div(&c(2)).unwrap().to_string(), "(S + T) / 2");
+        assert_eq!(c(3).mul(&q).unwrap().to_string(), "3 * (d / h)");
+    }
+
+    #[test]
+    fn substitution_evaluates_and_checks_divisions() {
+        let mut env = BTreeMap::new();
+        env.insert("d".to_string(), c(768));
+        env.insert("h".to_string(), c(12));
+        let q = s("d").div(&s("h")).unwrap();
+        assert_eq!(q.substitute(&env).unwrap(), c(64));
+        env.insert("d".to_string(), c(770));
+        assert_eq!(
+            q.substitute(&env),
+            Err(DimError::NotDivisible { num: 770, den: 12 })
+        );
+        let bt = s("B").mul(&s("T")).unwrap();
+        assert_eq!(bt.substitute(&env).unwrap(), bt);
+    }
+
+    #[test]
+    fn overflow_is_an_error_not_a_panic() {
+        let big = c(i64::MAX);
+        assert_eq!(big.add(&c(1)), Err(DimError::Overflow));
+        assert_eq!(big.mul(&c(2)), Err(DimError::Overflow));
+        assert_eq!(c(i64::MIN).neg(), Err(DimError::Overflow));
+    }
+}

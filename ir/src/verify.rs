@@ -1,0 +1,353 @@
+//! The verifier: the shape-contract checker. It collects every problem it finds
+//! (not just the first), each naming the node as printed and its source line.
+//!
+//! Checks: bindings evaluate (exact divisions, no negative sizes) and mention only
+//! known symbols; every symbol is bound or a run-time symbol (one that appears as a
+//! whole dim of an input); the graph is acyclic; every op's stored type equals the
+//! type its shape rule infers; names are unique; outputs exist and match the
+//! signature.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::dim::Dim;
+use crate::graph::{Graph, Module, NodeKind, Span, ValueId};
+use crate::op::{AttrValue, Op};
+use crate::print::Namer;
+use crate::shape::{ShapeCx, ShapeError};
+use crate::types::TensorType;
+
+/// One contract violation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diagnostic {
+    /// The function it is in.
+    pub func: String,
+    /// The node or declaration as printed, e.g. `%7 = matmul(%6, @w)`.
+    pub location: String,
+    /// Where it was written, when the graph came from text.
+    pub span: Option<Span>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "in @{}: {}: {}", self.func, self.location, self.message)?;
+        if let Some(s) = self.span {
+            write!(f, " (line {}, column {})", s.line, s.col)?;
+        }
+        Ok(())
+    }
+}
+
+/// All contract violations found in a graph or module.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for VerifyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for VerifyErrors {}
+
+struct Checker<'g> {
+    graph: &'g Graph,
+    namer: Namer,
+    errors: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, location: String, span: Option<Span>, message: String) {
+        self.errors.push(Diagnostic {
+            func: self.graph.name.clone(),
+            location,
+            span,
+            message,
+        });
+    }
+
+    fn report_node(&mut self, v: ValueId, message: String) {
+        let loc = self.namer.node_header(self.graph, v);
+        let span = self.graph.span(v);
+        self.report(loc, span, message);
+    }
+}
+
+/// Symbols used as a whole dim of some input: their values come from run-time shapes.
+pub fn runtime_symbols(graph: &Graph) -> BTreeSet<String> {
+    let bound: BTreeSet<&str> = graph.bindings().iter().map(|(n, _)| n.as_str()).collect();
+    graph
+        .inputs()
+        .iter()
+        .flat_map(|v| graph.ty(*v).shape.iter())
+        .filter_map(|d| d.as_sym())
+        .filter(|s| !bound.contains(s))
+        .map(str::to_string)
+        .collect()
+}
+
+fn attr_dims(op: &Op) -> Vec<Dim> {
+    fn collect(a: &AttrValue, out: &mut Vec<Dim>) {
+        match a {
+            AttrValue::Dim(d) => out.push(d.clone()),
+            AttrValue::List(items) => items.iter().for_each(|i| collect(i, out)),
+            AttrValue::Float(_) | AttrValue::Bool(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    match op {
+        // Word-valued attributes (dtypes, layouts) are not sizes.
+        Op::Cast { .. } | Op::LoraLinear { .. } => {}
+        Op::Constant { shape, .. } => out.extend(shape.iter().cloned()),
+        Op::Arange { start, len, .. } => out.extend([start.clone(), len.clone()]),
+        _ => op.attrs().iter().for_each(|(_, a)| collect(a, &mut out)),
+    }
+    out
+}
+
+/// Checks one function; on success returns its resolved symbol context.
+pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
+    let mut ck = Checker {
+        graph,
+        namer: Namer::new(graph),
+        errors: Vec::new(),
+    };
+    let runtime = runtime_symbols(graph);
+    let mut known: BTreeSet<String> = runtime.clone();
+    let mut cx = ShapeCx::new();
+
+    for (name, value) in graph.bindings() {
+        let loc = format!("where {name} = {value}");
+        let span = graph.binding_span(name);
+        let unknown: Vec<String> = value.symbols().into_iter().filter(|s| !known.contains(s)).collect();
+        if !unknown.is_empty() {
+            ck.report(
+                loc,
+                span,
+                format!(
+                    "symbol `{}` is not bound (bind it earlier in `where` or use it as an input dim)",
+                    unknown.join("`, `")
+                ),
+            );
+            known.insert(name.clone());
+            continue;
+        }
+        match cx.bind(name, value) {
+            Ok(v) if v.as_const().is_some_and(|c| c < 0) => {
+                ck.report(loc, span, format!("size `{name}` evaluates to {v}, which is negative"))
+            }
+            Ok(_) => {}
+            Err(e) => ck.report(loc, span, format!("{e} ({})", describe_bindings(&cx, value))),
+        }
+        known.insert(name.clone());
+    }
+
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for &v in graph.inputs().iter().chain(graph.params()) {
+        let node = graph.node(v);
+        let (name, kind) = match &node.kind {
+            NodeKind::Input { name } => (format!("%{name}"), "input"),
+            NodeKind::Param { name } => (format!("@{name}"), "parameter"),
+            NodeKind::Op { .. } => continue,
+        };
+        if !names.insert(name.clone()) {
+            ck.report_node(v, format!("{kind} {name} is declared twice"));
+        }
+        check_type_symbols(&mut ck, v, &node.ty, &known, &cx);
+    }
+
+    let order = match graph.topo_order() {
+        Ok(o) => o,
+        Err(v) => {
+            ck.report_node(v, "the graph has a cycle through this node".into());
+            return Err(VerifyErrors(ck.errors));
+        }
+    };
+
+    for &v in &order {
+        let node = graph.node(v);
+        let NodeKind::Op { op, name } = &node.kind else {
+            continue;
+        };
+        if let Some(n) = name {
+            let key = format!("%{n}");
+            let ok_name = n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            if !ok_name {
+                ck.report_node(v, format!("value name `{key}` must start with a letter and use only letters, digits, `_` and `.`"));
+            } else if !names.insert(key.clone()) {
+                ck.report_node(v, format!("value {key} is defined twice"));
+            }
+        }
+        let mut unknown: Vec<String> = attr_dims(op)
+            .iter()
+            .flat_map(|d| d.symbols())
+            .filter(|s| !known.contains(s))
+            .collect();
+        unknown.dedup();
+        if !unknown.is_empty() {
+            ck.report_node(
+                v,
+                format!("attribute mentions unbound symbol `{}`", unknown.join("`, `")),
+            );
+            continue;
+        }
+        if !check_type_symbols(&mut ck, v, &node.ty, &known, &cx) {
+            continue;
+        }
+        let operands = graph.operands(v);
+        let types: Vec<TensorType> = operands.iter().map(|o| graph.ty(*o).clone()).collect();
+        match op.infer(&types, &cx) {
+            Ok(inferred) => {
+                if let Some(msg) = type_mismatch(&cx, &node.ty, &inferred) {
+                    ck.report_node(v, msg);
+                }
+            }
+            Err(e) => ck.report_node(v, describe_shape_error(&e, op, &types)),
+        }
+    }
+
+    if graph.outputs().is_empty() {
+        ck.report(format!("func @{}", graph.name), None, "the function has no outputs".into());
+    }
+    let mut out_names = BTreeSet::new();
+    for (i, (name, v)) in graph.outputs().iter().enumerate() {
+        let declared = graph.declared_output_type(i);
+        let span = declared.map(|(_, s)| *s);
+        if !out_names.insert(name.clone()) {
+            ck.report(format!("output `{name}`"), span, "output name is used twice".into());
+        }
+        if !graph.contains(*v) {
+            ck.report(format!("output `{name}`"), span, "returns a value that does not exist".into());
+            continue;
+        }
+        if let Some((ty, _)) = declared {
+            if let Some(msg) = type_mismatch(&cx, ty, graph.ty(*v)) {
+                let loc = format!("output `{name}` (returns {})", ck.namer.name(*v));
+                ck.report(loc, span, format!("signature does not match the returned value: {msg}"));
+            }
+        }
+    }
+
+    if ck.errors.is_empty() {
+        Ok(cx)
+    } else {
+        Err(VerifyErrors(ck.errors))
+    }
+}
+
+/// Checks every function of a module.
+pub fn verify_module(module: &Module) -> Result<(), VerifyErrors> {
+    let mut all = Vec::new();
+    for g in &module.funcs {
+        if let Err(VerifyErrors(mut e)) = verify(g) {
+            all.append(&mut e);
+        }
+    }
+    if all.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyErrors(all))
+    }
+}
+
+/// `d = 770, h = 12` for the symbols of `value` that are bound.
+fn describe_bindings(cx: &ShapeCx, value: &Dim) -> String {
+    let parts: Vec<String> = value
+        .symbols()
+        .into_iter()
+        .filter_map(|s| cx.bindings().get(&s).map(|v| format!("{s} = {v}")))
+        .collect();
+    if parts.is_empty() {
+        format!("in `{value}`")
+    } else {
+        format!("in `{value}` with {}", parts.join(", "))
+    }
+}
+
+/// Returns false (after reporting) when the stored type mentions unknown symbols
+/// or does not evaluate.
+fn check_type_symbols(
+    ck: &mut Checker<'_>,
+    v: ValueId,
+    ty: &TensorType,
+    known: &BTreeSet<String>,
+    cx: &ShapeCx,
+) -> bool {
+    let unknown: Vec<String> = ty.symbols().into_iter().filter(|s| !known.contains(s)).collect();
+    if !unknown.is_empty() {
+        ck.report_node(
+            v,
+            format!(
+                "type {ty} mentions unbound symbol `{}` (bind it in `where` or make it an input dim)",
+                unknown.join("`, `")
+            ),
+        );
+        return false;
+    }
+    for d in &ty.shape {
+        match cx.eval(d) {
+            Ok(x) if x.as_const().is_some_and(|c| c < 0) => {
+                ck.report_node(v, format!("type {ty} has a negative size {}", cx.describe(d)));
+                return false;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ck.report_node(v, format!("type {ty}: {e}"));
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// A message when `stored` and `inferred` differ under the bindings.
+fn type_mismatch(cx: &ShapeCx, stored: &TensorType, inferred: &TensorType) -> Option<String> {
+    let head = format!("declared type {stored} differs from the inferred {inferred}");
+    if stored.dtype != inferred.dtype {
+        return Some(format!("{head}: dtype {} vs {}", stored.dtype, inferred.dtype));
+    }
+    if stored.rank() != inferred.rank() {
+        return Some(format!("{head}: rank {} vs {}", stored.rank(), inferred.rank()));
+    }
+    for (i, (a, b)) in stored.shape.iter().zip(&inferred.shape).enumerate() {
+        match cx.same(a, b) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Some(format!(
+                    "{head}: axis {i} is {} vs {}",
+                    cx.describe(a),
+                    cx.describe(b)
+                ))
+            }
+            Err(e) => return Some(format!("{head}: {e}")),
+        }
+    }
+    None
+}
+
+/// The shape rule's message, with the operand types when the message lacks them.
+fn describe_shape_error(e: &ShapeError, op: &Op, types: &[TensorType]) -> String {
+    match e {
+        ShapeError::Arity { .. } => format!("{} {e}", op.name()),
+        ShapeError::DimMismatch { .. } | ShapeError::Rank { .. } | ShapeError::Broadcast { .. } => {
+            e.to_string()
+        }
+        _ => {
+            let tys: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+            if tys.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e} (operands: {})", tys.join(", "))
+            }
+        }
+    }
+}
