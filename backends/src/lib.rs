@@ -1,1 +1,241 @@
-//! placeholder
+//! kiln-backends: turns a verified kiln graph plus its weights into something
+//! that runs.
+//!
+//! Every backend implements [`Backend`] (compile once) and hands back an
+//! [`Executable`] (run many times on [`Tensor`] inputs). The first backend is the
+//! reference [`interp::Interpreter`]: plain loops over f32 with f64 accumulation,
+//! slow on purpose and obviously correct, the oracle every pass and every other
+//! backend is tested against.
+//!
+//! ```
+//! use kiln_backends::{Backend, Interpreter, Tensor, Weights};
+//!
+//! let graph = kiln_ir::parse_graph(
+//!     "func @f(%x: f32[B, 2]) -> (y: f32[B, 2]) {\n  %y = relu(%x) : f32[B, 2]\n  return %y\n}",
+//! )?;
+//! let mut exe = Interpreter.compile(&graph, &Weights::new())?;
+//! let out = exe.run(&[Tensor::f32(vec![1, 2], vec![-1.0, 2.0])?])?;
+//! assert_eq!(out[0].as_f32(), Some(&[0.0f32, 2.0][..]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod interp;
+mod tensor;
+
+use std::collections::BTreeMap;
+
+use kiln_ir::{DType, Graph, ShapeError, VerifyErrors};
+
+pub use interp::Interpreter;
+pub use tensor::{Element, Tensor, TensorData};
+
+/// Weights by parameter name (`@wte` is the key `"wte"`).
+pub type Weights = BTreeMap<String, Tensor>;
+
+/// Compiles a verified graph and its weights into an [`Executable`].
+pub trait Backend {
+    /// The backend's short name (`interp`, `cpu`, `cuda`), for reports.
+    fn name(&self) -> &'static str;
+
+    /// Checks `weights` against the graph's parameters and prepares to run `graph`.
+    fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError>;
+}
+
+/// A compiled graph: runs on inputs in signature order, returns outputs in signature order.
+pub trait Executable {
+    /// Runs the graph once; input shapes bind the run-time symbols (`B`, `T`, …).
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError>;
+}
+
+/// Everything that can go wrong compiling or running a graph.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The graph breaks its own shape contracts.
+    #[error("the graph does not verify:\n{0}")]
+    Graph(#[from] VerifyErrors),
+    /// A dtype this backend (or tensor storage) does not handle.
+    #[error("{what}: dtype {dtype} is not supported (f16/bf16 must be converted to f32 on load)")]
+    UnsupportedDType {
+        /// The value or call, e.g. `input %x` or `%3 = cast(%2)`.
+        what: String,
+        /// The unsupported dtype.
+        dtype: DType,
+    },
+    /// Wrong number of inputs.
+    #[error("@{func} takes {expected} inputs, got {got}")]
+    InputCount {
+        /// The function name.
+        func: String,
+        /// Inputs in the signature.
+        expected: usize,
+        /// Tensors passed.
+        got: usize,
+    },
+    /// An input's dtype contradicts the signature.
+    #[error("input %{input}: dtype {got} contradicts the signature type {expected}")]
+    InputDType {
+        /// The input name, without `%`.
+        input: String,
+        /// The signature type, e.g. `f32[B, T, d]`.
+        expected: String,
+        /// The tensor's dtype.
+        got: DType,
+    },
+    /// An input's rank contradicts the signature.
+    #[error("input %{input}: shape {got:?} has rank {}, but the signature type {expected} has rank {expected_rank}", got.len())]
+    InputRank {
+        /// The input name, without `%`.
+        input: String,
+        /// The signature type.
+        expected: String,
+        /// Its rank.
+        expected_rank: usize,
+        /// The tensor's shape.
+        got: Vec<usize>,
+    },
+    /// A run-time symbol takes two different values in the input shapes.
+    #[error("input %{input}: axis {axis} is `{symbol}`, which is {bound} (from axis {bound_axis} of input %{bound_by}), but this tensor has {got}")]
+    InputSymbol {
+        /// The input whose size disagrees.
+        input: String,
+        /// Its axis.
+        axis: usize,
+        /// The run-time symbol, e.g. `T`.
+        symbol: String,
+        /// The value bound first.
+        bound: usize,
+        /// The input that bound it.
+        bound_by: String,
+        /// The axis of that input.
+        bound_axis: usize,
+        /// The size found here.
+        got: usize,
+    },
+    /// An input size disagrees with its dim expression (`d = 32`, `S + 1`).
+    #[error("input %{input}: axis {axis} is `{dim}` = {expected}, but this tensor has {got}")]
+    InputDim {
+        /// The input name, without `%`.
+        input: String,
+        /// The axis.
+        axis: usize,
+        /// The dim as written in the signature.
+        dim: String,
+        /// What it evaluates to.
+        expected: i64,
+        /// The size found.
+        got: usize,
+    },
+    /// A parameter has no weight.
+    #[error("weight @{name} ({expected}) is missing")]
+    MissingWeight {
+        /// The parameter name, without `@`.
+        name: String,
+        /// The parameter type.
+        expected: String,
+    },
+    /// A weight's dtype contradicts its parameter type.
+    #[error("weight @{name}: dtype {got} contradicts the parameter type {expected}")]
+    WeightDType {
+        /// The parameter name, without `@`.
+        name: String,
+        /// The parameter type.
+        expected: String,
+        /// The weight's dtype.
+        got: DType,
+    },
+    /// A weight's shape contradicts its parameter type.
+    #[error("weight @{name}: shape {got:?} contradicts the parameter type {expected}{}", describe_axis(*axis))]
+    WeightShape {
+        /// The parameter name, without `@`.
+        name: String,
+        /// The parameter type, with bound sizes, e.g. `f32[d, 4 * d] (d = 8)`.
+        expected: String,
+        /// The first axis that disagrees, when the ranks agree.
+        axis: Option<usize>,
+        /// The weight's shape.
+        got: Vec<usize>,
+    },
+    /// A `where` binding cannot be evaluated under the run-time symbols.
+    #[error("where {name} = {value}: {source}")]
+    Binding {
+        /// The bound symbol.
+        name: String,
+        /// Its expression.
+        value: String,
+        /// Why evaluation failed (e.g. a division that is not exact).
+        #[source]
+        source: ShapeError,
+    },
+    /// A size expression that does not evaluate to a non-negative integer.
+    #[error("{what}: size `{dim}` {problem}")]
+    Size {
+        /// Where the size is used (a node, a parameter).
+        what: String,
+        /// The dim expression.
+        dim: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// A gather id outside the table.
+    #[error("{node}: id {id} is out of range for a table of {rows} rows")]
+    GatherIndex {
+        /// The node, e.g. `%h = gather(@wte, %ids)`.
+        node: String,
+        /// The offending id.
+        id: i64,
+        /// The number of rows of the table.
+        rows: usize,
+    },
+    /// An integer division by zero.
+    #[error("{node}: integer division by zero")]
+    DivisionByZero {
+        /// The node.
+        node: String,
+    },
+    /// Operands the op cannot take, found only at run time.
+    #[error("{node}: {message}")]
+    Invalid {
+        /// The node.
+        node: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A node produced a shape other than its evaluated type (a backend or contract bug).
+    #[error("{node}: produced shape {got:?}, but its type evaluates to {expected:?}")]
+    ResultShape {
+        /// The node.
+        node: String,
+        /// The evaluated stored type.
+        expected: Vec<usize>,
+        /// What the backend produced.
+        got: Vec<usize>,
+    },
+    /// Tensor storage whose length is not the shape's element count.
+    #[error("shape {shape:?} of {dtype} needs {} elements, got {got}", tensor_numel(shape))]
+    TensorLength {
+        /// The shape.
+        shape: Vec<usize>,
+        /// The element type.
+        dtype: DType,
+        /// The number of elements given.
+        got: usize,
+    },
+    /// Token rows of different lengths.
+    #[error("token row {row} has {got} ids, but row 0 has {expected}")]
+    RaggedTokens {
+        /// The first row that differs.
+        row: usize,
+        /// The length of row 0.
+        expected: usize,
+        /// Its length.
+        got: usize,
+    },
+}
+
+fn describe_axis(axis: Option<usize>) -> String {
+    axis.map_or_else(String::new, |a| format!(" (axis {a} differs)"))
+}
+
+fn tensor_numel(shape: &[usize]) -> String {
+    tensor::checked_numel(shape).map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string())
+}

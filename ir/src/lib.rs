@@ -6,6 +6,7 @@
 
 pub mod builder;
 pub mod dim;
+pub mod dot;
 pub mod graph;
 pub mod op;
 pub mod parse;

@@ -1,0 +1,200 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LN blocks, fused `c_attn`
+//! stored `[in, out]` (`Conv1D`), tanh-GELU MLP, LM head tied to `wte`.
+//!
+//! The graph is the decomposed form a frontend emits (matmuls, softmax, masks);
+//! fusing it into `attention` ops is the passes' job.
+
+use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId};
+
+use crate::FrontendError;
+
+/// The fields of a GPT-2 `config.json` that shape the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Config {
+    /// `vocab_size`.
+    pub vocab_size: i64,
+    /// `n_positions`: the longest sequence the position table covers.
+    pub n_positions: i64,
+    /// `n_embd`: model width.
+    pub n_embd: i64,
+    /// `n_layer`.
+    pub n_layer: usize,
+    /// `n_head`.
+    pub n_head: i64,
+    /// `n_inner`: MLP width (`4 * n_embd` when absent).
+    pub n_inner: Option<i64>,
+    /// `layer_norm_epsilon`.
+    pub layer_norm_epsilon: f64,
+}
+
+impl Gpt2Config {
+    /// The built-in demo model: GPT-2 layout, small enough to run on the interpreter.
+    pub fn demo() -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: 512,
+            n_positions: 128,
+            n_embd: 128,
+            n_layer: 2,
+            n_head: 4,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+        }
+    }
+}
+
+fn f32_ty(dims: &[&str]) -> TensorType {
+    TensorType::new(DType::F32, dims.iter().map(|d| Dim::sym(d)).collect())
+}
+
+fn s(name: &str) -> Dim {
+    Dim::sym(name)
+}
+
+/// `k * name` as a dim.
+fn times(k: i64, name: &str) -> Result<Dim, IrError> {
+    Dim::constant(k)
+        .mul(&Dim::sym(name))
+        .map_err(|e| IrError::Build(format!("{k} * {name}: {e}")))
+}
+
+/// Builds the GPT-2 graph `@gpt2(%tokens: i64[B, T]) -> (logits: f32[B, T, V])`.
+pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
+    if cfg.n_layer == 0 {
+        return Err(FrontendError::Config("n_layer must be at least 1".into()));
+    }
+    let mut b = GraphBuilder::new("gpt2");
+    b.bind("V", cfg.vocab_size)?;
+    b.bind("P", cfg.n_positions)?;
+    b.bind("d", cfg.n_embd)?;
+    b.bind("h", cfg.n_head)?;
+    b.bind("dh", s("d").div(&s("h")).map_err(|e| FrontendError::Config(format!("n_embd / n_head: {e}")))?)?;
+    match cfg.n_inner {
+        Some(f) => b.bind("f", f)?,
+        None => b.bind("f", times(4, "d")?)?,
+    };
+    let tokens = b.input("tokens", TensorType::new(DType::I64, vec![s("B"), s("T")]));
+    let wte = b.param("transformer.wte.weight", f32_ty(&["V", "d"]));
+    let wpe = b.param("transformer.wpe.weight", f32_ty(&["P", "d"]));
+    let tok_emb = b.named("tok_emb", Op::Gather, &[wte, tokens])?;
+    let pos = b.named(
+        "positions",
+        Op::Arange {
+            start: Dim::constant(0),
+            len: s("T"),
+            dtype: DType::I64,
+        },
+        &[],
+    )?;
+    let pos_emb = b.named("pos_emb", Op::Gather, &[wpe, pos])?;
+    let mut x = b.named("embed", Op::Binary(BinaryOp::Add), &[tok_emb, pos_emb])?;
+    let mask = b.named(
+        "causal",
+        Op::CausalMask {
+            queries: s("T"),
+            keys: s("T"),
+        },
+        &[],
+    )?;
+    let dh = b.cx().eval(&s("dh")).ok().and_then(|d| d.as_const()).unwrap_or(1);
+    let scale = b.scalar(1.0 / (dh as f64).sqrt(), x)?;
+    let neg_inf = b.scalar(f64::NEG_INFINITY, x)?;
+    for i in 0..cfg.n_layer {
+        x = block(&mut b, cfg, i, x, mask, scale, neg_inf)?;
+    }
+    let lnf_w = b.param("transformer.ln_f.weight", f32_ty(&["d"]));
+    let lnf_b = b.param("transformer.ln_f.bias", f32_ty(&["d"]));
+    let eps = cfg.layer_norm_epsilon;
+    let hf = b.named("ln_f", Op::LayerNorm { eps }, &[x, lnf_w, lnf_b])?;
+    let logits = b.named(
+        "logits",
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        },
+        &[hf, wte],
+    )?;
+    Ok(b.finish(&[("logits", logits)])?)
+}
+
+/// `x @ w + bias` for a `Conv1D` weight `[in, out]`.
+fn linear(b: &mut GraphBuilder, x: ValueId, w: ValueId, bias: ValueId) -> Result<ValueId, IrError> {
+    let y = b.matmul(x, w)?;
+    b.add_(y, bias)
+}
+
+fn heads(b: &mut GraphBuilder, x: ValueId) -> Result<ValueId, IrError> {
+    let r = b.reshape(x, vec![s("B"), s("T"), s("h"), s("dh")])?;
+    b.permute(r, &[0, 2, 1, 3])
+}
+
+fn block(
+    b: &mut GraphBuilder,
+    cfg: &Gpt2Config,
+    i: usize,
+    x: ValueId,
+    mask: ValueId,
+    scale: ValueId,
+    neg_inf: ValueId,
+) -> Result<ValueId, IrError> {
+    let p = |n: &str| format!("transformer.h.{i}.{n}");
+    let eps = cfg.layer_norm_epsilon;
+    let ln1_w = b.param(&p("ln_1.weight"), f32_ty(&["d"]));
+    let ln1_b = b.param(&p("ln_1.bias"), f32_ty(&["d"]));
+    let attn_w = b.param(&p("attn.c_attn.weight"), TensorType::new(DType::F32, vec![s("d"), times(3, "d")?]));
+    let attn_b = b.param(&p("attn.c_attn.bias"), TensorType::new(DType::F32, vec![times(3, "d")?]));
+    let proj_w = b.param(&p("attn.c_proj.weight"), f32_ty(&["d", "d"]));
+    let proj_b = b.param(&p("attn.c_proj.bias"), f32_ty(&["d"]));
+    let ln2_w = b.param(&p("ln_2.weight"), f32_ty(&["d"]));
+    let ln2_b = b.param(&p("ln_2.bias"), f32_ty(&["d"]));
+    let fc_w = b.param(&p("mlp.c_fc.weight"), f32_ty(&["d", "f"]));
+    let fc_b = b.param(&p("mlp.c_fc.bias"), f32_ty(&["f"]));
+    let mp_w = b.param(&p("mlp.c_proj.weight"), f32_ty(&["f", "d"]));
+    let mp_b = b.param(&p("mlp.c_proj.bias"), f32_ty(&["d"]));
+
+    let h1 = b.op(Op::LayerNorm { eps }, &[x, ln1_w, ln1_b])?;
+    let qkv = linear(b, h1, attn_w, attn_b)?;
+    let d = s("d");
+    let two_d = times(2, "d")?;
+    let three_d = times(3, "d")?;
+    let q = b.op(Op::Slice { axis: -1, start: Dim::constant(0), end: d.clone() }, &[qkv])?;
+    let k = b.op(Op::Slice { axis: -1, start: d.clone(), end: two_d.clone() }, &[qkv])?;
+    let v = b.op(Op::Slice { axis: -1, start: two_d, end: three_d }, &[qkv])?;
+    let (q, k, v) = (heads(b, q)?, heads(b, k)?, heads(b, v)?);
+    let scores = b.op(Op::MatMul { transpose_a: false, transpose_b: true }, &[q, k])?;
+    let scores = b.mul(scores, scale)?;
+    let scores = b.op(Op::Where, &[mask, scores, neg_inf])?;
+    let probs = b.op(Op::Softmax { axis: -1 }, &[scores])?;
+    let ctx = b.matmul(probs, v)?;
+    let ctx = b.permute(ctx, &[0, 2, 1, 3])?;
+    let ctx = b.reshape(ctx, vec![s("B"), s("T"), s("d")])?;
+    let attn = linear(b, ctx, proj_w, proj_b)?;
+    let x = b.add_(x, attn)?;
+
+    let h2 = b.op(Op::LayerNorm { eps }, &[x, ln2_w, ln2_b])?;
+    let up = linear(b, h2, fc_w, fc_b)?;
+    let act = b.unary(UnaryOp::GeluTanh, up)?;
+    let down = linear(b, act, mp_w, mp_b)?;
+    b.add_(x, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_model_verifies_and_round_trips() {
+        let g = build_gpt2(&Gpt2Config::demo()).unwrap();
+        let text = kiln_ir::print_graph(&g);
+        let back = kiln_ir::parse_graph(&text).unwrap();
+        assert_eq!(g, back);
+        kiln_ir::verify(&back).unwrap();
+        assert_eq!(g.params().len(), 4 + 12 * 2);
+    }
+
+    #[test]
+    fn heads_that_do_not_divide_the_width_are_a_contract_violation() {
+        let cfg = Gpt2Config { n_embd: 130, ..Gpt2Config::demo() };
+        let err = build_gpt2(&cfg).unwrap_err().to_string();
+        assert!(err.contains("130 is not divisible by 4"), "{err}");
+    }
+}
