@@ -93,7 +93,10 @@ impl Model {
             path: path.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+                format!(
+                    "not UTF-8 text (invalid byte at offset {})",
+                    e.utf8_error().valid_up_to()
+                ),
             ),
         })?;
         Model::from_text(&text, &path.display().to_string())
@@ -170,6 +173,11 @@ impl Model {
 
     /// Graphviz DOT of every function.
     pub fn to_dot(&self) -> String {
-        self.module.funcs.iter().map(kiln_ir::dot::to_dot).collect::<Vec<_>>().join("\n")
+        self.module
+            .funcs
+            .iter()
+            .map(kiln_ir::dot::to_dot)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

@@ -4,7 +4,9 @@
 //! The graph is the decomposed form a frontend emits (matmuls, softmax, masks);
 //! fusing it into `attention` ops is the passes' job.
 
-use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId};
+use kiln_ir::{
+    BinaryOp, DType, Dim, Graph, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId,
+};
 
 use crate::FrontendError;
 
@@ -67,7 +69,12 @@ pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
     b.bind("P", cfg.n_positions)?;
     b.bind("d", cfg.n_embd)?;
     b.bind("h", cfg.n_head)?;
-    b.bind("dh", s("d").div(&s("h")).map_err(|e| FrontendError::Config(format!("n_embd / n_head: {e}")))?)?;
+    b.bind(
+        "dh",
+        s("d")
+            .div(&s("h"))
+            .map_err(|e| FrontendError::Config(format!("n_embd / n_head: {e}")))?,
+    )?;
     match cfg.n_inner {
         Some(f) => b.bind("f", f)?,
         None => b.bind("f", times(4, "d")?)?,
@@ -95,9 +102,19 @@ pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
         },
         &[],
     )?;
-    let dh = b.cx().eval(&s("dh")).ok().and_then(|d| d.as_const()).unwrap_or(1);
-    let scale = b.scalar(1.0 / (dh as f64).sqrt(), x)?;
-    let neg_inf = b.scalar(f64::NEG_INFINITY, x)?;
+    let dh = b
+        .cx()
+        .eval(&s("dh"))
+        .ok()
+        .and_then(|d| d.as_const())
+        .unwrap_or(1);
+    let scalar = |value: f64| Op::Constant {
+        value,
+        dtype: DType::F32,
+        shape: vec![],
+    };
+    let scale = b.named("attn_scale", scalar(1.0 / (dh as f64).sqrt()), &[])?;
+    let neg_inf = b.named("neg_inf", scalar(f64::NEG_INFINITY), &[])?;
     for i in 0..cfg.n_layer {
         x = block(&mut b, cfg, i, x, mask, scale, neg_inf)?;
     }
@@ -116,10 +133,16 @@ pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
     Ok(b.finish(&[("logits", logits)])?)
 }
 
-/// `x @ w + bias` for a `Conv1D` weight `[in, out]`.
-fn linear(b: &mut GraphBuilder, x: ValueId, w: ValueId, bias: ValueId) -> Result<ValueId, IrError> {
+/// `x @ w + bias` for a `Conv1D` weight `[in, out]`; the sum is named `name`.
+fn linear(
+    b: &mut GraphBuilder,
+    x: ValueId,
+    w: ValueId,
+    bias: ValueId,
+    name: &str,
+) -> Result<ValueId, IrError> {
     let y = b.matmul(x, w)?;
-    b.add_(y, bias)
+    b.named(name, Op::Binary(BinaryOp::Add), &[y, bias])
 }
 
 fn heads(b: &mut GraphBuilder, x: ValueId) -> Result<ValueId, IrError> {
@@ -140,8 +163,14 @@ fn block(
     let eps = cfg.layer_norm_epsilon;
     let ln1_w = b.param(&p("ln_1.weight"), f32_ty(&["d"]));
     let ln1_b = b.param(&p("ln_1.bias"), f32_ty(&["d"]));
-    let attn_w = b.param(&p("attn.c_attn.weight"), TensorType::new(DType::F32, vec![s("d"), times(3, "d")?]));
-    let attn_b = b.param(&p("attn.c_attn.bias"), TensorType::new(DType::F32, vec![times(3, "d")?]));
+    let attn_w = b.param(
+        &p("attn.c_attn.weight"),
+        TensorType::new(DType::F32, vec![s("d"), times(3, "d")?]),
+    );
+    let attn_b = b.param(
+        &p("attn.c_attn.bias"),
+        TensorType::new(DType::F32, vec![times(3, "d")?]),
+    );
     let proj_w = b.param(&p("attn.c_proj.weight"), f32_ty(&["d", "d"]));
     let proj_b = b.param(&p("attn.c_proj.bias"), f32_ty(&["d"]));
     let ln2_w = b.param(&p("ln_2.weight"), f32_ty(&["d"]));
@@ -151,30 +180,50 @@ fn block(
     let mp_w = b.param(&p("mlp.c_proj.weight"), f32_ty(&["f", "d"]));
     let mp_b = b.param(&p("mlp.c_proj.bias"), f32_ty(&["d"]));
 
-    let h1 = b.op(Op::LayerNorm { eps }, &[x, ln1_w, ln1_b])?;
-    let qkv = linear(b, h1, attn_w, attn_b)?;
+    let n = |v: &str| format!("h{i}.{v}");
+    let h1 = b.named(&n("ln_1"), Op::LayerNorm { eps }, &[x, ln1_w, ln1_b])?;
+    let qkv = linear(b, h1, attn_w, attn_b, &n("qkv"))?;
     let d = s("d");
     let two_d = times(2, "d")?;
     let three_d = times(3, "d")?;
-    let q = b.op(Op::Slice { axis: -1, start: Dim::constant(0), end: d.clone() }, &[qkv])?;
-    let k = b.op(Op::Slice { axis: -1, start: d.clone(), end: two_d.clone() }, &[qkv])?;
-    let v = b.op(Op::Slice { axis: -1, start: two_d, end: three_d }, &[qkv])?;
+    let slice = |start: Dim, end: Dim| Op::Slice {
+        axis: -1,
+        start,
+        end,
+    };
+    let q = b.named(&n("q"), slice(Dim::constant(0), d.clone()), &[qkv])?;
+    let k = b.named(&n("k"), slice(d.clone(), two_d.clone()), &[qkv])?;
+    let v = b.named(&n("v"), slice(two_d, three_d), &[qkv])?;
     let (q, k, v) = (heads(b, q)?, heads(b, k)?, heads(b, v)?);
-    let scores = b.op(Op::MatMul { transpose_a: false, transpose_b: true }, &[q, k])?;
-    let scores = b.mul(scores, scale)?;
-    let scores = b.op(Op::Where, &[mask, scores, neg_inf])?;
-    let probs = b.op(Op::Softmax { axis: -1 }, &[scores])?;
-    let ctx = b.matmul(probs, v)?;
+    let scores = b.named(
+        &n("scores"),
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        },
+        &[q, k],
+    )?;
+    let scores = b.named(&n("scaled"), Op::Binary(BinaryOp::Mul), &[scores, scale])?;
+    let scores = b.named(&n("masked"), Op::Where, &[mask, scores, neg_inf])?;
+    let probs = b.named(&n("probs"), Op::Softmax { axis: -1 }, &[scores])?;
+    let ctx = b.named(
+        &n("ctx"),
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        },
+        &[probs, v],
+    )?;
     let ctx = b.permute(ctx, &[0, 2, 1, 3])?;
     let ctx = b.reshape(ctx, vec![s("B"), s("T"), s("d")])?;
-    let attn = linear(b, ctx, proj_w, proj_b)?;
-    let x = b.add_(x, attn)?;
+    let attn = linear(b, ctx, proj_w, proj_b, &n("attn"))?;
+    let x = b.named(&n("resid_attn"), Op::Binary(BinaryOp::Add), &[x, attn])?;
 
-    let h2 = b.op(Op::LayerNorm { eps }, &[x, ln2_w, ln2_b])?;
-    let up = linear(b, h2, fc_w, fc_b)?;
-    let act = b.unary(UnaryOp::GeluTanh, up)?;
-    let down = linear(b, act, mp_w, mp_b)?;
-    b.add_(x, down)
+    let h2 = b.named(&n("ln_2"), Op::LayerNorm { eps }, &[x, ln2_w, ln2_b])?;
+    let up = linear(b, h2, fc_w, fc_b, &n("fc"))?;
+    let act = b.named(&n("gelu"), Op::Unary(UnaryOp::GeluTanh), &[up])?;
+    let down = linear(b, act, mp_w, mp_b, &n("mlp"))?;
+    b.named(&n("out"), Op::Binary(BinaryOp::Add), &[x, down])
 }
 
 #[cfg(test)]
@@ -193,7 +242,10 @@ mod tests {
 
     #[test]
     fn heads_that_do_not_divide_the_width_are_a_contract_violation() {
-        let cfg = Gpt2Config { n_embd: 130, ..Gpt2Config::demo() };
+        let cfg = Gpt2Config {
+            n_embd: 130,
+            ..Gpt2Config::demo()
+        };
         let err = build_gpt2(&cfg).unwrap_err().to_string();
         assert!(err.contains("130 is not divisible by 4"), "{err}");
     }

@@ -31,10 +31,13 @@ impl GraphBuilder {
         if self.graph.bindings().iter().any(|(n, _)| n == name) {
             return Err(IrError::Build(format!("symbol `{name}` is bound twice")));
         }
-        let v = self.cx.bind(name, &value).map_err(|source| IrError::Shape {
-            node: format!("where {name} = {value}"),
-            source,
-        })?;
+        let v = self
+            .cx
+            .bind(name, &value)
+            .map_err(|source| IrError::Shape {
+                node: format!("where {name} = {value}"),
+                source,
+            })?;
         self.graph.bind(name, value);
         Ok(v)
     }
@@ -70,7 +73,12 @@ impl GraphBuilder {
         self.add(op, operands, Some(name.to_string()))
     }
 
-    fn add(&mut self, op: Op, operands: &[ValueId], name: Option<String>) -> Result<ValueId, IrError> {
+    fn add(
+        &mut self,
+        op: Op,
+        operands: &[ValueId],
+        name: Option<String>,
+    ) -> Result<ValueId, IrError> {
         if let Some(bad) = operands.iter().find(|v| !self.graph.contains(**v)) {
             return Err(IrError::Build(format!(
                 "{}: operand #{} is not a value of this graph",
@@ -144,7 +152,12 @@ impl GraphBuilder {
 
     /// `permute(x)` by `perm`.
     pub fn permute(&mut self, x: ValueId, perm: &[usize]) -> Result<ValueId, IrError> {
-        self.op(Op::Permute { perm: perm.to_vec() }, &[x])
+        self.op(
+            Op::Permute {
+                perm: perm.to_vec(),
+            },
+            &[x],
+        )
     }
 
     /// Finishes the function with named outputs and verifies it whole.

@@ -45,7 +45,15 @@ pub enum DimError {
     /// Integer overflow while normalizing.
     #[error("size arithmetic overflows 64 bits")]
     Overflow,
+    /// An expression beyond the limits that keep normalization cheap.
+    #[error("size expression is too complex (more than {MAX_TERMS} terms or {MAX_DIV_DEPTH} nested divisions)")]
+    TooComplex,
 }
+
+/// Most terms a normalized dim may have (guards against exponential expansion).
+pub const MAX_TERMS: usize = 64;
+/// Deepest nesting of unsimplified divisions.
+pub const MAX_DIV_DEPTH: usize = 8;
 
 impl Dim {
     /// The constant dim `n`.
@@ -96,6 +104,19 @@ impl Dim {
         self.as_const() == Some(n)
     }
 
+    /// How deeply unsimplified divisions nest in this dim.
+    pub fn div_depth(&self) -> usize {
+        self.terms
+            .iter()
+            .flat_map(|t| t.atoms.iter())
+            .map(|a| match a {
+                Atom::Sym(_) => 0,
+                Atom::Div(n, d) => 1 + n.div_depth().max(d.div_depth()),
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every symbol this dim mentions, sorted and deduplicated.
     pub fn symbols(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -135,6 +156,9 @@ impl Dim {
             }
         }
         out.retain(|t| t.coef != 0);
+        if out.len() > MAX_TERMS {
+            return Err(DimError::TooComplex);
+        }
         Ok(Dim { terms: out })
     }
 
@@ -164,11 +188,17 @@ impl Dim {
 
     /// `self * other`, expanded and simplified.
     pub fn mul(&self, other: &Dim) -> Result<Dim, DimError> {
+        if self.terms.len().saturating_mul(other.terms.len()) > MAX_TERMS * MAX_TERMS {
+            return Err(DimError::TooComplex);
+        }
         let mut acc = Dim::default();
         for a in &self.terms {
             for b in &other.terms {
                 let mut atoms = a.atoms.clone();
                 atoms.extend(b.atoms.iter().cloned());
+                if atoms.len() > MAX_TERMS {
+                    return Err(DimError::TooComplex);
+                }
                 atoms.sort();
                 let coef = a.coef.checked_mul(b.coef).ok_or(DimError::Overflow)?;
                 let term = simplify_term(Term { atoms, coef })?;
@@ -203,6 +233,9 @@ impl Dim {
             if let Some(q) = divide_by_term(self, den)? {
                 return Ok(q);
             }
+        }
+        if self.div_depth().max(other.div_depth()) >= MAX_DIV_DEPTH {
+            return Err(DimError::TooComplex);
         }
         Ok(Dim {
             terms: vec![Term {
@@ -386,7 +419,10 @@ mod tests {
         assert_eq!(hd, s("dh").mul(&s("h")).unwrap());
         assert_eq!(hd.to_string(), "dh * h");
         assert_eq!(s("d").sub(&s("d")).unwrap(), c(0));
-        assert_eq!(c(2).mul(&s("d")).unwrap().add(&s("d")).unwrap().to_string(), "3 * d");
+        assert_eq!(
+            c(2).mul(&s("d")).unwrap().add(&s("d")).unwrap().to_string(),
+            "3 * d"
+        );
         assert_eq!(s("S").add(&c(1)).unwrap().to_string(), "S + 1");
         assert_eq!(c(1).sub(&s("S")).unwrap().to_string(), "-S + 1");
     }

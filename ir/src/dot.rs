@@ -26,7 +26,8 @@ pub fn to_dot(graph: &Graph) -> String {
             NodeKind::Input { .. } => (format!("{name}\n{}", graph.ty(v)), "box"),
             NodeKind::Param { .. } => (format!("{name}\n{}", graph.ty(v)), "note"),
             NodeKind::Op { op, .. } => {
-                let attrs: Vec<String> = op.attrs().iter().map(|(k, a)| format!("{k}={a}")).collect();
+                let attrs: Vec<String> =
+                    op.attrs().iter().map(|(k, a)| format!("{k}={a}")).collect();
                 let mut l = format!("{name} = {}", op.name());
                 if !attrs.is_empty() {
                     l.push('\n');
@@ -49,8 +50,17 @@ pub fn to_dot(graph: &Graph) -> String {
         }
     }
     for (i, (name, v)) in graph.outputs().iter().enumerate() {
-        let _ = writeln!(s, "  out{i} [label=\"{}\", shape=doublecircle];", escape(name));
-        let _ = writeln!(s, "  n{} -> out{i} [label=\"{}\"];", v.index(), escape(&graph.ty(*v).to_string()));
+        let _ = writeln!(
+            s,
+            "  out{i} [label=\"{}\", shape=doublecircle];",
+            escape(name)
+        );
+        let _ = writeln!(
+            s,
+            "  n{} -> out{i} [label=\"{}\"];",
+            v.index(),
+            escape(&graph.ty(*v).to_string())
+        );
     }
     s.push_str("}\n");
     s

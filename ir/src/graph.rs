@@ -306,7 +306,11 @@ impl Graph {
             let ops = self.operands(*v).iter().map(|o| pos[o]).collect();
             out.push((self.node(*v).clone(), ops));
         }
-        let outs: Vec<usize> = self.outputs.iter().map(|(_, v)| pos.get(v).copied().unwrap_or(usize::MAX)).collect();
+        let outs: Vec<usize> = self
+            .outputs
+            .iter()
+            .map(|(_, v)| pos.get(v).copied().unwrap_or(usize::MAX))
+            .collect();
         out.push((
             Node {
                 kind: NodeKind::Input {
@@ -325,7 +329,8 @@ impl Graph {
 /// source positions do not count.
 impl PartialEq for Graph {
     fn eq(&self, other: &Graph) -> bool {
-        let names = |g: &Graph| -> Vec<String> { g.outputs.iter().map(|(n, _)| n.clone()).collect() };
+        let names =
+            |g: &Graph| -> Vec<String> { g.outputs.iter().map(|(n, _)| n.clone()).collect() };
         self.name == other.name
             && self.bindings == other.bindings
             && names(self) == names(other)

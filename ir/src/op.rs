@@ -86,7 +86,10 @@ pub enum Op {
     /// `start, start + 1, …, start + len - 1` (positions).
     Arange { start: Dim, len: Dim, dtype: DType },
     /// Batched matrix product; batch dims broadcast.
-    MatMul { transpose_a: bool, transpose_b: bool },
+    MatMul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
     /// Reduction over `axes`.
     Reduce {
         kind: ReduceKind,
@@ -277,10 +280,7 @@ impl<'a> AttrReader<'a> {
     }
 
     fn bad(&self, name: &str, kind: &str, v: &AttrValue) -> String {
-        format!(
-            "{}: attribute `{name}` must be {kind}, got `{v}`",
-            self.op
-        )
+        format!("{}: attribute `{name}` must be {kind}, got `{v}`", self.op)
     }
 
     fn dim(&mut self, name: &str) -> Result<Dim, String> {
@@ -293,7 +293,9 @@ impl<'a> AttrReader<'a> {
 
     fn int(&mut self, name: &str) -> Result<i64, String> {
         match self.get(name) {
-            Some(v @ AttrValue::Dim(d)) => d.as_const().ok_or_else(|| self.bad(name, "an integer", v)),
+            Some(v @ AttrValue::Dim(d)) => {
+                d.as_const().ok_or_else(|| self.bad(name, "an integer", v))
+            }
             Some(v) => Err(self.bad(name, "an integer", v)),
             None => Err(self.missing(name, "an integer")),
         }
@@ -377,7 +379,11 @@ impl<'a> AttrReader<'a> {
 }
 
 fn int_list(v: &[i64]) -> AttrValue {
-    AttrValue::List(v.iter().map(|i| AttrValue::Dim(Dim::constant(*i))).collect())
+    AttrValue::List(
+        v.iter()
+            .map(|i| AttrValue::Dim(Dim::constant(*i)))
+            .collect(),
+    )
 }
 
 fn dim_list(v: &[Dim]) -> AttrValue {
@@ -423,7 +429,10 @@ impl Op {
 
     /// Whether the op is elementwise (a candidate for fusion).
     pub fn is_elementwise(&self) -> bool {
-        matches!(self, Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. })
+        matches!(
+            self,
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. }
+        )
     }
 
     /// The attributes in canonical order, defaults omitted.
@@ -536,9 +545,15 @@ impl Op {
                     axes: r.ints("axes")?,
                     keepdim: r.flag("keepdim")?,
                 },
-                "softmax" => Op::Softmax { axis: r.int("axis")? },
-                "layer_norm" => Op::LayerNorm { eps: r.float("eps")? },
-                "rms_norm" => Op::RmsNorm { eps: r.float("eps")? },
+                "softmax" => Op::Softmax {
+                    axis: r.int("axis")?,
+                },
+                "layer_norm" => Op::LayerNorm {
+                    eps: r.float("eps")?,
+                },
+                "rms_norm" => Op::RmsNorm {
+                    eps: r.float("eps")?,
+                },
                 "reshape" => Op::Reshape {
                     shape: r.dims("shape")?,
                 },
@@ -559,7 +574,9 @@ impl Op {
                     start: r.dim("start")?,
                     end: r.dim("end")?,
                 },
-                "concat" => Op::Concat { axis: r.int("axis")? },
+                "concat" => Op::Concat {
+                    axis: r.int("axis")?,
+                },
                 "gather" => Op::Gather,
                 "causal_mask" => Op::CausalMask {
                     queries: r.dim("queries")?,
@@ -624,7 +641,9 @@ impl Op {
             Op::Unary(u) => infer_unary(*u, &inputs[0]),
             Op::Binary(b) => infer_binary(*b, &inputs[0], &inputs[1], cx),
             Op::Where => {
-                expect_dtype("condition of where", &inputs[0], "bool", |d| d == DType::Bool)?;
+                expect_dtype("condition of where", &inputs[0], "bool", |d| {
+                    d == DType::Bool
+                })?;
                 same_dtype("where", &inputs[1], &inputs[2])?;
                 let s = cx.broadcast(&inputs[0].shape, &inputs[1].shape)?;
                 let s = cx.broadcast(&s, &inputs[2].shape)?;
@@ -646,7 +665,9 @@ impl Op {
             }
             Op::Arange { start, len, dtype } => {
                 if !dtype.is_int() && !dtype.is_float() {
-                    return Err(ShapeError::Attribute(format!("arange cannot produce {dtype}")));
+                    return Err(ShapeError::Attribute(format!(
+                        "arange cannot produce {dtype}"
+                    )));
                 }
                 check_sizes(cx, std::slice::from_ref(len))?;
                 cx.eval(start)?;
@@ -656,7 +677,11 @@ impl Op {
                 transpose_a,
                 transpose_b,
             } => infer_matmul(&inputs[0], &inputs[1], *transpose_a, *transpose_b, cx),
-            Op::Reduce { kind, axes, keepdim } => {
+            Op::Reduce {
+                kind,
+                axes,
+                keepdim,
+            } => {
                 let x = &inputs[0];
                 expect_numeric(kind.name(), x)?;
                 let mut picked = vec![false; x.rank()];
@@ -806,11 +831,7 @@ impl Op {
                 for x in &inputs[1..] {
                     same_dtype("concat operands", first, x)?;
                     if x.rank() != first.rank() {
-                        return Err(rank_error(
-                            "concat operands",
-                            &first.rank().to_string(),
-                            x,
-                        ));
+                        return Err(rank_error("concat operands", &first.rank().to_string(), x));
                     }
                     for i in 0..x.rank() {
                         if i != a {
@@ -844,7 +865,10 @@ impl Op {
             }
             Op::CausalMask { queries, keys } => {
                 check_sizes(cx, &[queries.clone(), keys.clone()])?;
-                Ok(TensorType::new(DType::Bool, vec![queries.clone(), keys.clone()]))
+                Ok(TensorType::new(
+                    DType::Bool,
+                    vec![queries.clone(), keys.clone()],
+                ))
             }
             Op::PaddingMask => {
                 let m = &inputs[0];
@@ -876,12 +900,36 @@ impl Op {
                     )));
                 }
                 match pos.rank() {
-                    1 => cx.expect_same("rope positions length differs from T", &pos.shape[0], t, pos, x)?,
+                    1 => cx.expect_same(
+                        "rope positions length differs from T",
+                        &pos.shape[0],
+                        t,
+                        pos,
+                        x,
+                    )?,
                     2 => {
-                        cx.expect_same("rope positions length differs from T", &pos.shape[1], t, pos, x)?;
-                        cx.expect_same("rope positions batch differs", &pos.shape[0], &x.shape[0], pos, x)?;
+                        cx.expect_same(
+                            "rope positions length differs from T",
+                            &pos.shape[1],
+                            t,
+                            pos,
+                            x,
+                        )?;
+                        cx.expect_same(
+                            "rope positions batch differs",
+                            &pos.shape[0],
+                            &x.shape[0],
+                            pos,
+                            x,
+                        )?;
                     }
-                    _ => return Err(rank_error("positions of rope", "1 ([T]) or 2 ([B, T])", pos)),
+                    _ => {
+                        return Err(rank_error(
+                            "positions of rope",
+                            "1 ([T]) or 2 ([B, T])",
+                            pos,
+                        ))
+                    }
                 }
                 Ok(x.clone())
             }
@@ -974,7 +1022,11 @@ fn infer_binary(
         _ => expect_numeric(&what, x)?,
     }
     let shape = cx.broadcast(&x.shape, &y.shape)?;
-    let dtype = if b.is_predicate() { DType::Bool } else { x.dtype };
+    let dtype = if b.is_predicate() {
+        DType::Bool
+    } else {
+        x.dtype
+    };
     Ok(TensorType::new(dtype, shape))
 }
 
@@ -1008,7 +1060,9 @@ fn infer_matmul(
     let mut shape = cx
         .broadcast(&a.shape[..ar - 2], &b.shape[..br - 2])
         .map_err(|e| match e {
-            ShapeError::Broadcast { axis, a: x, b: y, .. } => ShapeError::Broadcast {
+            ShapeError::Broadcast {
+                axis, a: x, b: y, ..
+            } => ShapeError::Broadcast {
                 lhs: a.shape_string(),
                 rhs: b.shape_string(),
                 axis: axis - 2,
@@ -1033,11 +1087,41 @@ fn infer_attention(inputs: &[TensorType], cx: &ShapeCx) -> Result<TensorType, Sh
     }
     same_dtype("attention key", q, k)?;
     same_dtype("attention value", q, v)?;
-    cx.expect_same("attention batch differs between query and key", &q.shape[0], &k.shape[0], q, k)?;
-    cx.expect_same("attention batch differs between key and value", &k.shape[0], &v.shape[0], k, v)?;
-    cx.expect_same("attention head dim differs between query and key", &q.shape[3], &k.shape[3], q, k)?;
-    cx.expect_same("attention kv heads differ between key and value", &k.shape[1], &v.shape[1], k, v)?;
-    cx.expect_same("attention key and value lengths differ", &k.shape[2], &v.shape[2], k, v)?;
+    cx.expect_same(
+        "attention batch differs between query and key",
+        &q.shape[0],
+        &k.shape[0],
+        q,
+        k,
+    )?;
+    cx.expect_same(
+        "attention batch differs between key and value",
+        &k.shape[0],
+        &v.shape[0],
+        k,
+        v,
+    )?;
+    cx.expect_same(
+        "attention head dim differs between query and key",
+        &q.shape[3],
+        &k.shape[3],
+        q,
+        k,
+    )?;
+    cx.expect_same(
+        "attention kv heads differ between key and value",
+        &k.shape[1],
+        &v.shape[1],
+        k,
+        v,
+    )?;
+    cx.expect_same(
+        "attention key and value lengths differ",
+        &k.shape[2],
+        &v.shape[2],
+        k,
+        v,
+    )?;
     let (h, hk) = (cx.eval(&q.shape[1])?, cx.eval(&k.shape[1])?);
     match h.div(&hk) {
         Ok(_) => {}
@@ -1104,19 +1188,63 @@ fn infer_lora(
     };
     // (in, out) of w, (in, r) of a, (r, out) of b, whatever the storage layout.
     let (w_in, w_out, a_in, a_r, b_r, b_out) = match layout {
-        WeightLayout::InOut => (&w.shape[0], &w.shape[1], &a.shape[0], &a.shape[1], &b.shape[0], &b.shape[1]),
-        WeightLayout::OutIn => (&w.shape[1], &w.shape[0], &a.shape[1], &a.shape[0], &b.shape[1], &b.shape[0]),
+        WeightLayout::InOut => (
+            &w.shape[0],
+            &w.shape[1],
+            &a.shape[0],
+            &a.shape[1],
+            &b.shape[0],
+            &b.shape[1],
+        ),
+        WeightLayout::OutIn => (
+            &w.shape[1],
+            &w.shape[0],
+            &a.shape[1],
+            &a.shape[0],
+            &b.shape[1],
+            &b.shape[0],
+        ),
     };
-    cx.expect_same("lora_linear input width differs from the weight's in-features", x_in, w_in, x, w)?;
-    cx.expect_same("lora_linear lora_a in-features differ from the weight's", a_in, w_in, a, w)?;
-    cx.expect_same("lora_linear rank differs between lora_a and lora_b", a_r, b_r, a, b)?;
-    cx.expect_same("lora_linear lora_b out-features differ from the weight's", b_out, w_out, b, w)?;
+    cx.expect_same(
+        "lora_linear input width differs from the weight's in-features",
+        x_in,
+        w_in,
+        x,
+        w,
+    )?;
+    cx.expect_same(
+        "lora_linear lora_a in-features differ from the weight's",
+        a_in,
+        w_in,
+        a,
+        w,
+    )?;
+    cx.expect_same(
+        "lora_linear rank differs between lora_a and lora_b",
+        a_r,
+        b_r,
+        a,
+        b,
+    )?;
+    cx.expect_same(
+        "lora_linear lora_b out-features differ from the weight's",
+        b_out,
+        w_out,
+        b,
+        w,
+    )?;
     if let Some(bias) = inputs.get(4) {
         same_dtype("bias of lora_linear", x, bias)?;
         if bias.rank() != 1 {
             return Err(rank_error("bias of lora_linear", "1", bias));
         }
-        cx.expect_same("lora_linear bias length differs from out-features", &bias.shape[0], w_out, bias, w)?;
+        cx.expect_same(
+            "lora_linear bias length differs from out-features",
+            &bias.shape[0],
+            w_out,
+            bias,
+            w,
+        )?;
     }
     let mut shape = x.shape.clone();
     let last = shape.len() - 1;

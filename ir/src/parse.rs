@@ -138,7 +138,11 @@ impl<'a> Lexer<'a> {
                 self.bump();
                 let name = self.take_while(is_name_char);
                 if name.is_empty() {
-                    return Err(self.err(span.line, span.col, format!("expected a name after `{c}`")));
+                    return Err(self.err(
+                        span.line,
+                        span.col,
+                        format!("expected a name after `{c}`"),
+                    ));
                 }
                 if c == '%' {
                     Tok::Local(name.to_string())
@@ -147,7 +151,10 @@ impl<'a> Lexer<'a> {
                 }
             } else if c.is_ascii_digit() {
                 self.number(span)?
-            } else if let Some(p) = PUNCT.iter().find(|p| self.src[self.offset()..].starts_with(**p)) {
+            } else if let Some(p) = PUNCT
+                .iter()
+                .find(|p| self.src[self.offset()..].starts_with(**p))
+            {
                 for _ in 0..p.len() {
                     self.bump();
                 }
@@ -186,7 +193,11 @@ impl<'a> Lexer<'a> {
                 .map_err(|_| self.err(span.line, span.col, format!("malformed number `{text}`")))
         } else {
             text.parse::<i64>().map(Tok::Int).map_err(|_| {
-                self.err(span.line, span.col, format!("integer `{text}` is too large"))
+                self.err(
+                    span.line,
+                    span.col,
+                    format!("integer `{text}` is too large"),
+                )
             })
         }
     }
@@ -449,11 +460,15 @@ impl Parser {
                 self.pos += 1;
                 Ok(AttrValue::Float(x))
             }
-            Tok::Punct("-") if matches!(self.peek2(), Tok::Float(_)) || is_special(self.peek2()) => {
+            Tok::Punct("-")
+                if matches!(self.peek2(), Tok::Float(_)) || is_special(self.peek2()) =>
+            {
                 self.pos += 1;
                 match self.next() {
                     Tok::Float(x) => Ok(AttrValue::Float(-x)),
-                    Tok::Ident(s) if s.eq_ignore_ascii_case("inf") => Ok(AttrValue::Float(f64::NEG_INFINITY)),
+                    Tok::Ident(s) if s.eq_ignore_ascii_case("inf") => {
+                        Ok(AttrValue::Float(f64::NEG_INFINITY))
+                    }
                     _ => Ok(AttrValue::Float(f64::NAN)),
                 }
             }
@@ -583,7 +598,9 @@ impl Parser {
                         }
                     };
                     if scope.contains_key(&format!("@{pname}")) {
-                        return Err(self.error_at(pspan, format!("parameter @{pname} is declared twice")));
+                        return Err(
+                            self.error_at(pspan, format!("parameter @{pname} is declared twice"))
+                        );
                     }
                     self.expect(":")?;
                     let ty = self.ty()?;
@@ -621,14 +638,24 @@ impl Parser {
                     let mut attrs: Vec<(String, AttrValue)> = Vec::new();
                     while !self.eat(":") {
                         let aspan = self.span();
-                        let aname = self.ident("an attribute `name=value` or `:` and the result type")?;
+                        if !(matches!(self.peek(), Tok::Ident(_))
+                            && self.peek2() == &Tok::Punct("="))
+                        {
+                            return Err(self.unexpected(&format!(
+                                "`: <result type>` after `{opname}(...)` (or an attribute `name=value`)"
+                            )));
+                        }
+                        let aname = self.ident("an attribute name")?;
                         if attrs.iter().any(|(a, _)| *a == aname) {
-                            return Err(self.error_at(aspan, format!("attribute `{aname}` is given twice")));
+                            return Err(
+                                self.error_at(aspan, format!("attribute `{aname}` is given twice"))
+                            );
                         }
                         self.expect("=")?;
                         attrs.push((aname, self.attr_value()?));
                     }
-                    let op = Op::from_parts(&opname, &attrs).map_err(|m| self.error_at(op_span, m))?;
+                    let op =
+                        Op::from_parts(&opname, &attrs).map_err(|m| self.error_at(op_span, m))?;
                     let ty = self.ty()?;
                     let label = n.clone();
                     let name = if n.chars().all(|c| c.is_ascii_digit()) {
@@ -666,7 +693,11 @@ impl Parser {
     }
 
     /// A `%name` being defined: must be new; inputs must be named, not numbered.
-    fn local_def(&mut self, scope: &HashMap<String, ValueId>, input: bool) -> Result<String, ParseError> {
+    fn local_def(
+        &mut self,
+        scope: &HashMap<String, ValueId>,
+        input: bool,
+    ) -> Result<String, ParseError> {
         let span = self.span();
         let Tok::Local(n) = self.next() else {
             self.pos -= 1;
@@ -675,10 +706,16 @@ impl Parser {
         let numeric = n.chars().all(|c| c.is_ascii_digit());
         let starts_ok = n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
         if !numeric && !starts_ok {
-            return Err(self.error_at(span, format!("value name `%{n}` must be a number or start with a letter")));
+            return Err(self.error_at(
+                span,
+                format!("value name `%{n}` must be a number or start with a letter"),
+            ));
         }
         if input && numeric {
-            return Err(self.error_at(span, format!("input `%{n}` needs a name that starts with a letter")));
+            return Err(self.error_at(
+                span,
+                format!("input `%{n}` needs a name that starts with a letter"),
+            ));
         }
         if scope.contains_key(&n) {
             return Err(self.error_at(span, format!("value %{n} is defined twice")));
@@ -693,10 +730,14 @@ impl Parser {
                 .get(&n)
                 .copied()
                 .ok_or_else(|| self.error_at(span, format!("use of undefined value %{n}"))),
-            Tok::Global(n) => scope
-                .get(&format!("@{n}"))
-                .copied()
-                .ok_or_else(|| self.error_at(span, format!("use of undeclared parameter @{n} (declare it with `param @{n}: <type>`)"))),
+            Tok::Global(n) => scope.get(&format!("@{n}")).copied().ok_or_else(|| {
+                self.error_at(
+                    span,
+                    format!(
+                        "use of undeclared parameter @{n} (declare it with `param @{n}: <type>`)"
+                    ),
+                )
+            }),
             _ => {
                 self.pos -= 1;
                 Err(self.unexpected("a value (`%x` or `@param`)"))

@@ -94,7 +94,11 @@ pub fn print_graph(graph: &Graph) -> String {
         }
         let _ = writeln!(s, " : {}", graph.ty(v));
     }
-    let rets: Vec<&str> = graph.outputs().iter().map(|(_, v)| namer.name(*v)).collect();
+    let rets: Vec<&str> = graph
+        .outputs()
+        .iter()
+        .map(|(_, v)| namer.name(*v))
+        .collect();
     let _ = writeln!(s, "  return {}", rets.join(", "));
     s.push_str("}\n");
     s

@@ -47,7 +47,9 @@ pub enum ShapeError {
         b: String,
     },
     /// A reshape or expand that changes the number of elements.
-    #[error("reshape changes the element count: {from} has {from_count} elements, {to} has {to_count}")]
+    #[error(
+        "reshape changes the element count: {from} has {from_count} elements, {to} has {to_count}"
+    )]
     ElementCount {
         from: String,
         to: String,
@@ -56,7 +58,11 @@ pub enum ShapeError {
     },
     /// An axis attribute outside `-rank..rank`.
     #[error("{what}: axis {axis} is out of range for rank {rank}")]
-    Axis { what: String, axis: i64, rank: usize },
+    Axis {
+        what: String,
+        axis: i64,
+        rank: usize,
+    },
     /// Size arithmetic that breaks the exact-division contract or overflows.
     #[error("{expr}: {source}")]
     Dim {

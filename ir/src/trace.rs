@@ -23,7 +23,13 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
         .iter()
         .map(|(n, v)| format!("{n}: {}", graph.ty(*v)))
         .collect();
-    let _ = writeln!(s, "func @{}({}) -> ({})", graph.name, ins.join(", "), outs.join(", "));
+    let _ = writeln!(
+        s,
+        "func @{}({}) -> ({})",
+        graph.name,
+        ins.join(", "),
+        outs.join(", ")
+    );
     let rt: Vec<String> = runtime_symbols(graph).into_iter().collect();
     if !rt.is_empty() {
         let _ = writeln!(s, "  run-time symbols: {}", rt.join(", "));
@@ -41,7 +47,10 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
     }
     let mut elements: Option<i64> = Some(0);
     for p in graph.params() {
-        let n = cx.product(&graph.ty(*p).shape).ok().and_then(|d| d.as_const());
+        let n = cx
+            .product(&graph.ty(*p).shape)
+            .ok()
+            .and_then(|d| d.as_const());
         elements = match (elements, n) {
             (Some(a), Some(b)) => a.checked_add(b),
             _ => None,
@@ -50,33 +59,46 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
     let count = graph.params().len();
     match elements {
         Some(e) if count > 0 => {
-            let _ = writeln!(s, "  parameters: {count} tensors, {} elements", group_digits(e));
+            let _ = writeln!(
+                s,
+                "  parameters: {count} tensors, {} elements",
+                group_digits(e)
+            );
         }
         _ => {
             let _ = writeln!(s, "  parameters: {count} tensors");
         }
     }
-    let mut rows: Vec<[String; 4]> = vec![[
-        "node".into(),
-        "op".into(),
-        "inputs".into(),
-        "output".into(),
-    ]];
+    let mut rows: Vec<[String; 4]> =
+        vec![["node".into(), "op".into(), "inputs".into(), "output".into()]];
     for v in order {
         let node = graph.node(v);
         let (op, inputs) = match &node.kind {
             NodeKind::Input { .. } => ("input".to_string(), "-".to_string()),
             NodeKind::Param { .. } => continue,
             NodeKind::Op { op, .. } => {
-                let tys: Vec<String> = graph.operands(v).iter().map(|o| graph.ty(*o).to_string()).collect();
-                let tys = if tys.is_empty() { "-".to_string() } else { tys.join(", ") };
+                let tys: Vec<String> = graph
+                    .operands(v)
+                    .iter()
+                    .map(|o| graph.ty(*o).to_string())
+                    .collect();
+                let tys = if tys.is_empty() {
+                    "-".to_string()
+                } else {
+                    tys.join(", ")
+                };
                 (op.name().to_string(), tys)
             }
         };
         rows.push([namer.name(v).to_string(), op, inputs, node.ty.to_string()]);
     }
     for (n, v) in graph.outputs() {
-        rows.push([format!("-> {n}"), "output".into(), namer.name(*v).to_string(), graph.ty(*v).to_string()]);
+        rows.push([
+            format!("-> {n}"),
+            "output".into(),
+            namer.name(*v).to_string(),
+            graph.ty(*v).to_string(),
+        ]);
     }
     let mut widths = [0usize; 4];
     for r in &rows {

@@ -127,7 +127,11 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
     for (name, value) in graph.bindings() {
         let loc = format!("where {name} = {value}");
         let span = graph.binding_span(name);
-        let unknown: Vec<String> = value.symbols().into_iter().filter(|s| !known.contains(s)).collect();
+        let unknown: Vec<String> = value
+            .symbols()
+            .into_iter()
+            .filter(|s| !known.contains(s))
+            .collect();
         if !unknown.is_empty() {
             ck.report(
                 loc,
@@ -141,11 +145,17 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
             continue;
         }
         match cx.bind(name, value) {
-            Ok(v) if v.as_const().is_some_and(|c| c < 0) => {
-                ck.report(loc, span, format!("size `{name}` evaluates to {v}, which is negative"))
-            }
+            Ok(v) if v.as_const().is_some_and(|c| c < 0) => ck.report(
+                loc,
+                span,
+                format!("size `{name}` evaluates to {v}, which is negative"),
+            ),
             Ok(_) => {}
-            Err(e) => ck.report(loc, span, format!("{e} ({})", describe_bindings(&cx, value))),
+            Err(e) => ck.report(
+                loc,
+                span,
+                format!("{e} ({})", describe_bindings(&cx, value)),
+            ),
         }
         known.insert(name.clone());
     }
@@ -180,7 +190,8 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         if let Some(n) = name {
             let key = format!("%{n}");
             let ok_name = n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
             if !ok_name {
                 ck.report_node(v, format!("value name `{key}` must start with a letter and use only letters, digits, `_` and `.`"));
             } else if !names.insert(key.clone()) {
@@ -196,7 +207,10 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         if !unknown.is_empty() {
             ck.report_node(
                 v,
-                format!("attribute mentions unbound symbol `{}`", unknown.join("`, `")),
+                format!(
+                    "attribute mentions unbound symbol `{}`",
+                    unknown.join("`, `")
+                ),
             );
             continue;
         }
@@ -216,23 +230,39 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
     }
 
     if graph.outputs().is_empty() {
-        ck.report(format!("func @{}", graph.name), None, "the function has no outputs".into());
+        ck.report(
+            format!("func @{}", graph.name),
+            None,
+            "the function has no outputs".into(),
+        );
     }
     let mut out_names = BTreeSet::new();
     for (i, (name, v)) in graph.outputs().iter().enumerate() {
         let declared = graph.declared_output_type(i);
         let span = declared.map(|(_, s)| *s);
         if !out_names.insert(name.clone()) {
-            ck.report(format!("output `{name}`"), span, "output name is used twice".into());
+            ck.report(
+                format!("output `{name}`"),
+                span,
+                "output name is used twice".into(),
+            );
         }
         if !graph.contains(*v) {
-            ck.report(format!("output `{name}`"), span, "returns a value that does not exist".into());
+            ck.report(
+                format!("output `{name}`"),
+                span,
+                "returns a value that does not exist".into(),
+            );
             continue;
         }
         if let Some((ty, _)) = declared {
             if let Some(msg) = type_mismatch(&cx, ty, graph.ty(*v)) {
                 let loc = format!("output `{name}` (returns {})", ck.namer.name(*v));
-                ck.report(loc, span, format!("signature does not match the returned value: {msg}"));
+                ck.report(
+                    loc,
+                    span,
+                    format!("signature does not match the returned value: {msg}"),
+                );
             }
         }
     }
@@ -282,7 +312,11 @@ fn check_type_symbols(
     known: &BTreeSet<String>,
     cx: &ShapeCx,
 ) -> bool {
-    let unknown: Vec<String> = ty.symbols().into_iter().filter(|s| !known.contains(s)).collect();
+    let unknown: Vec<String> = ty
+        .symbols()
+        .into_iter()
+        .filter(|s| !known.contains(s))
+        .collect();
     if !unknown.is_empty() {
         ck.report_node(
             v,
@@ -296,7 +330,10 @@ fn check_type_symbols(
     for d in &ty.shape {
         match cx.eval(d) {
             Ok(x) if x.as_const().is_some_and(|c| c < 0) => {
-                ck.report_node(v, format!("type {ty} has a negative size {}", cx.describe(d)));
+                ck.report_node(
+                    v,
+                    format!("type {ty} has a negative size {}", cx.describe(d)),
+                );
                 return false;
             }
             Ok(_) => {}
@@ -313,10 +350,17 @@ fn check_type_symbols(
 fn type_mismatch(cx: &ShapeCx, stored: &TensorType, inferred: &TensorType) -> Option<String> {
     let head = format!("declared type {stored} differs from the inferred {inferred}");
     if stored.dtype != inferred.dtype {
-        return Some(format!("{head}: dtype {} vs {}", stored.dtype, inferred.dtype));
+        return Some(format!(
+            "{head}: dtype {} vs {}",
+            stored.dtype, inferred.dtype
+        ));
     }
     if stored.rank() != inferred.rank() {
-        return Some(format!("{head}: rank {} vs {}", stored.rank(), inferred.rank()));
+        return Some(format!(
+            "{head}: rank {} vs {}",
+            stored.rank(),
+            inferred.rank()
+        ));
     }
     for (i, (a, b)) in stored.shape.iter().zip(&inferred.shape).enumerate() {
         match cx.same(a, b) {

@@ -101,7 +101,11 @@ impl PassManager {
                 errors,
             })?;
             cx.log.push((pass.name(), changed));
-            if self.print_after.iter().any(|p| p == "all" || p == pass.name()) {
+            if self
+                .print_after
+                .iter()
+                .any(|p| p == "all" || p == pass.name())
+            {
                 cx.dumps.push((pass.name(), print_graph(graph)));
             }
         }

@@ -1,0 +1,319 @@
+//! Text IR round trip: `parse(print(g)) == g` for random well-typed graphs, and
+//! the parser never panics, whatever bytes it is given.
+
+use kiln_ir::{
+    parse_graph, parse_module, print_graph, verify, BinaryOp, DType, Dim, Graph, GraphBuilder, Op,
+    ReduceKind, TensorType, UnaryOp, ValueId, WeightLayout,
+};
+use proptest::prelude::*;
+
+fn sym(s: &str) -> Dim {
+    Dim::sym(s)
+}
+
+/// Builds a random well-typed graph by interpreting `ops` as instructions; each
+/// instruction proposes an op on values picked from the pool and is kept only if
+/// the shape rule accepts it.
+fn random_graph(ops: &[u32], floats: &[f64]) -> Graph {
+    let mut b = GraphBuilder::new("random");
+    b.bind("d", 8).unwrap();
+    b.bind("h", 2).unwrap();
+    b.bind("dh", sym("d").div(&sym("h")).unwrap()).unwrap();
+    let bt = vec![sym("B"), sym("T"), sym("d")];
+    let x = b.input("x", TensorType::new(DType::F32, bt.clone()));
+    let ids = b.input("ids", TensorType::new(DType::I64, vec![sym("B"), sym("T")]));
+    let mut pool: Vec<ValueId> = vec![x];
+    let mut params = 0usize;
+    let mut fl = floats.iter().copied().cycle();
+    let mut next_float = move || fl.next().unwrap_or(0.5);
+    for (i, &code) in ops.iter().enumerate() {
+        let pick = |k: u32| pool[(k as usize) % pool.len()];
+        let a = pick(code >> 8);
+        let c = pick(code >> 16);
+        let mut param = |b: &mut GraphBuilder, dims: Vec<Dim>| {
+            params += 1;
+            b.param(
+                &format!("w{params}.weight"),
+                TensorType::new(DType::F32, dims),
+            )
+        };
+        let result = match code % 20 {
+            0 => b.unary(UnaryOp::ALL[(code as usize >> 4) % 14], a),
+            1 => b.binary(
+                [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max]
+                    [(code as usize >> 4) % 4],
+                a,
+                c,
+            ),
+            2 => {
+                let w = param(&mut b, vec![sym("d"), sym("d")]);
+                b.matmul(a, w)
+            }
+            3 => b.op(Op::Softmax { axis: -1 }, &[a]),
+            4 => {
+                let w = param(&mut b, vec![sym("d")]);
+                let bias = param(&mut b, vec![sym("d")]);
+                b.op(
+                    Op::LayerNorm {
+                        eps: next_float().abs(),
+                    },
+                    &[a, w, bias],
+                )
+            }
+            5 => b.reshape(a, vec![sym("B"), sym("T"), sym("h"), sym("dh")]),
+            6 => {
+                let r = b.ty(a).rank();
+                let mut perm: Vec<usize> = (0..r).collect();
+                perm.rotate_left((code as usize >> 4) % r.max(1));
+                b.permute(a, &perm)
+            }
+            7 => b.op(
+                Op::Reduce {
+                    kind: [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max]
+                        [(code as usize >> 4) % 3],
+                    axes: vec![-1],
+                    keepdim: code & 0x10000 != 0,
+                },
+                &[a],
+            ),
+            8 => b.op(
+                Op::Constant {
+                    value: next_float(),
+                    dtype: DType::F32,
+                    shape: vec![sym("d")],
+                },
+                &[],
+            ),
+            9 => b.op(
+                Op::Slice {
+                    axis: -1,
+                    start: Dim::constant(0),
+                    end: sym("dh"),
+                },
+                &[a],
+            ),
+            10 => b.op(Op::Concat { axis: -1 }, &[a, c]),
+            11 => {
+                let table = param(&mut b, vec![Dim::constant(50), sym("d")]);
+                b.op(Op::Gather, &[table, ids])
+            }
+            12 => b.op(
+                Op::Cast {
+                    to: DType::ALL[(code as usize >> 4) % 6],
+                },
+                &[a],
+            ),
+            13 => {
+                let s = b.ty(a).shape.clone();
+                let mut wider = vec![Dim::constant(2)];
+                wider.extend(s);
+                b.op(Op::Expand { shape: wider }, &[a])
+            }
+            14 => {
+                let w = param(&mut b, vec![sym("d")]);
+                b.op(
+                    Op::RmsNorm {
+                        eps: next_float().abs(),
+                    },
+                    &[a, w],
+                )
+            }
+            15 => b.op(
+                Op::Attention {
+                    causal: code & 0x100 != 0,
+                    scale: next_float(),
+                },
+                &[a, a, a],
+            ),
+            16 => {
+                let m = b.op(
+                    Op::CausalMask {
+                        queries: sym("T"),
+                        keys: sym("T"),
+                    },
+                    &[],
+                );
+                match m {
+                    Ok(m) => b.op(Op::Where, &[m, a, c]),
+                    Err(e) => Err(e),
+                }
+            }
+            17 => {
+                let pos = b.op(
+                    Op::Arange {
+                        start: Dim::constant(0),
+                        len: sym("T"),
+                        dtype: DType::I64,
+                    },
+                    &[],
+                );
+                match pos {
+                    Ok(p) => b.op(
+                        Op::Rope {
+                            theta: next_float().abs() + 1.0,
+                        },
+                        &[a, p],
+                    ),
+                    Err(e) => Err(e),
+                }
+            }
+            18 => {
+                let w = param(&mut b, vec![sym("d"), sym("d")]);
+                let la = param(&mut b, vec![Dim::constant(4), sym("d")]);
+                let lb = param(&mut b, vec![sym("d"), Dim::constant(4)]);
+                b.op(
+                    Op::LoraLinear {
+                        alpha: next_float(),
+                        layout: WeightLayout::OutIn,
+                    },
+                    &[a, w, la, lb],
+                )
+            }
+            _ => b.named(&format!("v{i}"), Op::Unary(UnaryOp::Tanh), &[a]),
+        };
+        if let Ok(v) = result {
+            pool.push(v);
+        }
+    }
+    let last = *pool.last().unwrap_or(&x);
+    b.finish(&[("out", last), ("first", x)])
+        .expect("every op was accepted by its shape rule")
+}
+
+fn finite() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        any::<f64>().prop_filter("finite", |x| x.is_finite()),
+        Just(1e-5),
+        Just(0.125),
+        Just(f64::NEG_INFINITY),
+        Just(-0.0),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn print_then_parse_is_identity(ops in prop::collection::vec(any::<u32>(), 1..40), floats in prop::collection::vec(finite(), 1..8)) {
+        let g = random_graph(&ops, &floats);
+        let text = print_graph(&g);
+        let back = parse_graph(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert!(back == g, "round trip changed the graph:\n{}", text);
+        prop_assert_eq!(print_graph(&back), text);
+        prop_assert!(verify(&back).is_ok());
+    }
+
+    #[test]
+    fn dims_round_trip_through_text(coefs in prop::collection::vec(-50i64..50, 1..5), syms in prop::collection::vec(0usize..4, 1..5), div in 1i64..6) {
+        let names = ["B", "T", "S", "d"];
+        let mut acc = Dim::constant(0);
+        for (c, s) in coefs.iter().zip(&syms) {
+            let term = Dim::constant(*c).mul(&Dim::sym(names[*s])).unwrap();
+            acc = acc.add(&term).unwrap();
+        }
+        let q = acc.div(&Dim::constant(div)).unwrap();
+        for d in [acc, q] {
+            let back = kiln_ir::parse_dim(&d.to_string()).map_err(|e| TestCaseError::fail(format!("{e}: {d}")))?;
+            prop_assert_eq!(back, d);
+        }
+    }
+
+    #[test]
+    fn parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
+        let _ = parse_module(&s);
+    }
+
+    #[test]
+    fn parser_never_panics_on_ir_like_text(s in "[%@a-z0-9_\\[\\](){},:=+*/\\- .\\n]{0,300}") {
+        if let Ok(m) = parse_module(&s) {
+            let _ = kiln_ir::verify_module(&m);
+        }
+    }
+}
+
+/// Every prefix and many seeded corruptions of every example parse or fail
+/// cleanly; those that parse also verify without panicking.
+#[test]
+fn truncated_and_garbled_examples_never_panic() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files = vec![];
+    for sub in ["", "invalid"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            files.extend(
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "kir")),
+            );
+        }
+    }
+    assert!(!files.is_empty());
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let alphabet = b"%@[](){},:=+-*/ \n0123456789abdhxTBSf.e-";
+    for f in files {
+        let src = std::fs::read(&f).unwrap();
+        let try_parse = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            if let Ok(m) = parse_module(&text) {
+                let _ = kiln_ir::verify_module(&m);
+                let _ = kiln_ir::print_module(&m);
+            }
+        };
+        for cut in 0..src.len() {
+            try_parse(&src[..cut]);
+        }
+        for _ in 0..300 {
+            let mut bytes = src.clone();
+            for _ in 0..1 + rand() % 4 {
+                let at = (rand() as usize) % bytes.len().max(1);
+                match rand() % 3 {
+                    0 if !bytes.is_empty() => {
+                        bytes.remove(at);
+                    }
+                    1 => bytes.insert(
+                        at.min(bytes.len()),
+                        alphabet[(rand() as usize) % alphabet.len()],
+                    ),
+                    _ if !bytes.is_empty() => {
+                        bytes[at] = alphabet[(rand() as usize) % alphabet.len()]
+                    }
+                    _ => {}
+                }
+            }
+            try_parse(&bytes);
+        }
+    }
+}
+
+#[test]
+fn pathological_sizes_are_errors_not_hangs_or_panics() {
+    let deep = format!(
+        "func @f(%x: f32[{}B{}]) -> f32[B] {{ return %x }}",
+        "(".repeat(200),
+        ")".repeat(200)
+    );
+    assert!(parse_module(&deep).unwrap_err().message.contains("nesting"));
+    let chain = format!(
+        "func @f(%x: f32[B]) -> f32[B] where q = 1{} {{ return %x }}",
+        " / B".repeat(50)
+    );
+    let _ = parse_module(&chain).map(|m| kiln_ir::verify_module(&m));
+    let expand = format!(
+        "func @f(%x: f32[B]) -> f32[B] where q = {} {{ return %x }}",
+        (0..12)
+            .map(|i| format!("(a{i} + b{i})"))
+            .collect::<Vec<_>>()
+            .join(" * ")
+    );
+    let err = parse_module(&expand).unwrap_err();
+    assert!(err.message.contains("too complex"), "{err}");
+    let big = "func @f(%x: f32[B, 9223372036854775807, 2]) -> f32[B] { %y = reshape(%x) shape=[B] : f32[B]\n return %y }";
+    let m = parse_module(big).unwrap();
+    let e = kiln_ir::verify_module(&m).unwrap_err().to_string();
+    assert!(e.contains("overflows"), "{e}");
+}
