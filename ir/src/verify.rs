@@ -161,6 +161,8 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
     }
 
     let mut names: BTreeSet<String> = BTreeSet::new();
+    // Nodes already reported; their types are not trusted for later checks.
+    let mut bad: BTreeSet<ValueId> = BTreeSet::new();
     for &v in graph.inputs().iter().chain(graph.params()) {
         let node = graph.node(v);
         let (name, kind) = match &node.kind {
@@ -171,7 +173,9 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         if !names.insert(name.clone()) {
             ck.report_node(v, format!("{kind} {name} is declared twice"));
         }
-        check_type_symbols(&mut ck, v, &node.ty, &known, &cx);
+        if !check_type_symbols(&mut ck, v, &node.ty, &known, &cx) {
+            bad.insert(v);
+        }
     }
 
     let order = match graph.topo_order() {
@@ -212,9 +216,11 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
                     unknown.join("`, `")
                 ),
             );
+            bad.insert(v);
             continue;
         }
         if !check_type_symbols(&mut ck, v, &node.ty, &known, &cx) {
+            bad.insert(v);
             continue;
         }
         let operands = graph.operands(v);
@@ -253,6 +259,9 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
                 span,
                 "returns a value that does not exist".into(),
             );
+            continue;
+        }
+        if bad.contains(v) {
             continue;
         }
         if let Some((ty, _)) = declared {
@@ -382,9 +391,10 @@ fn type_mismatch(cx: &ShapeCx, stored: &TensorType, inferred: &TensorType) -> Op
 fn describe_shape_error(e: &ShapeError, op: &Op, types: &[TensorType]) -> String {
     match e {
         ShapeError::Arity { .. } => format!("{} {e}", op.name()),
-        ShapeError::DimMismatch { .. } | ShapeError::Rank { .. } | ShapeError::Broadcast { .. } => {
-            e.to_string()
-        }
+        ShapeError::DimMismatch { .. }
+        | ShapeError::Rank { .. }
+        | ShapeError::Broadcast { .. }
+        | ShapeError::ElementCount { .. } => e.to_string(),
         _ => {
             let tys: Vec<String> = types.iter().map(|t| t.to_string()).collect();
             if tys.is_empty() {

@@ -1,0 +1,77 @@
+//! Verifier messages for contracts that text examples cannot show (cycles,
+//! builder misuse) and for several violations reported at once.
+
+use kiln_ir::{parse_graph, verify, DType, Dim, Graph, Op, TensorType, UnaryOp};
+
+fn check_errors(g: &Graph) -> String {
+    match verify(g) {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn check_text(src: &str) -> String {
+    check_errors(&parse_graph(src).expect("parses"))
+}
+
+#[test]
+fn a_cycle_is_reported_at_a_node_on_it() {
+    let ty = TensorType::new(DType::F32, vec![Dim::sym("N")]);
+    let mut g = Graph::new("loop");
+    let x = g.add_input("x", ty.clone());
+    let a = g.add_op(Op::Binary(kiln_ir::BinaryOp::Add), &[x], ty.clone(), None);
+    let b = g.add_op(Op::Unary(UnaryOp::Exp), &[a], ty.clone(), None);
+    g.add_edge_unchecked(b, a, 1);
+    g.set_outputs(vec![("y".into(), b)]);
+    insta::assert_snapshot!(check_errors(&g), @"in @loop: %0 = add(%x, %1): the graph has a cycle through this node");
+}
+
+#[test]
+fn every_violation_is_reported_not_just_the_first() {
+    let src = "func @f(%x: f32[B, T, d], %m: i64[B, T]) -> (y: f32[B, T, d])
+    where d = 64, h = 5, dh = d / h {
+  param @w: f32[32, d]
+  %a = matmul(%x, @w) : f32[B, T, d]
+  %b = add(%x, %m) : f32[B, T, d]
+  %c = reshape(%x) shape=[B, T, d, 2] : f32[B, T, d, 2]
+  %y = exp(%x) : f32[B, T, e]
+  return %y
+}";
+    insta::assert_snapshot!(check_text(src), @r"
+    in @f: where dh = d / h: d / h: 64 is not divisible by 5 (in `d / h` with d = 64, h = 5) (line 2, column 26)
+    in @f: %a = matmul(%x, @w): inner dims differ: d=64 vs 32 (f32[B, T, d] and f32[32, d]) (line 4, column 3)
+    in @f: %b = add(%x, %m): operands of add must be f32 like the first operand, got i64 (operands: f32[B, T, d], i64[B, T]) (line 5, column 3)
+    in @f: %c = reshape(%x): reshape changes the element count: [B, T, d] has 64 * B * T elements, [B, T, d, 2] has 128 * B * T (line 6, column 3)
+    in @f: %y = exp(%x): type f32[B, T, e] mentions unbound symbol `e` (bind it in `where` or make it an input dim) (line 7, column 3)
+    ");
+}
+
+#[test]
+fn names_and_outputs_are_checked() {
+    let src = "func @f(%x: f32[N]) -> (y: f32[N], y: f32[N]) {
+  return %x, %x
+}";
+    let err = parse_graph(src).unwrap_err();
+    insta::assert_snapshot!(err.to_string(), @"1:36: output `y` is declared twice");
+    let src = "func @f(%x: f32[N]) -> (y: f32[N, 2]) {
+  %y = exp(%x) : f32[N]
+  return %y
+}";
+    insta::assert_snapshot!(check_text(src), @"in @f: output `y` (returns %y): signature does not match the returned value: declared type f32[N, 2] differs from the inferred f32[N]: rank 2 vs 1 (line 1, column 25)");
+}
+
+#[test]
+fn symbols_bound_to_expressions_compare_by_value() {
+    let src = "func @f(%x: f32[B, T, d]) -> (y: f32[B, T, h, dh])
+    where d = 768, h = 12, dh = d / h {
+  %y = reshape(%x) shape=[B, T, 12, 64] : f32[B, T, h, dh]
+  return %y
+}";
+    assert_eq!(check_text(src), "ok");
+    let src = "func @f(%x: f32[B, S], %y: f32[B, T]) -> (z: f32[B, S + T])
+{
+  %z = concat(%x, %y) axis=1 : f32[B, T + S]
+  return %z
+}";
+    assert_eq!(check_text(src), "ok");
+}
