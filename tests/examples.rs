@@ -22,20 +22,35 @@ fn relative(p: &Path) -> String {
 /// Loads and checks `path`, returning the trace or the error text with its exit code.
 fn check_file(path: &Path) -> Result<String, (i32, String)> {
     let model = kiln::Model::load(relative(path)).map_err(|e| (e.exit_code(), e.to_string()))?;
-    model.shape_trace().map_err(|e| (e.exit_code(), e.to_string()))
+    model
+        .shape_trace()
+        .map_err(|e| (e.exit_code(), e.to_string()))
 }
 
 #[test]
 fn valid_examples_check_clean_and_round_trip() {
     let files = kir_files("examples");
-    assert!(files.len() >= 8, "expected at least 8 examples, found {}", files.len());
+    assert!(
+        files.len() >= 8,
+        "expected at least 8 examples, found {}",
+        files.len()
+    );
     for f in files {
-        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or("example").to_string();
+        let name = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("example")
+            .to_string();
         let trace = check_file(&f).unwrap_or_else(|(_, e)| panic!("{}: {e}", f.display()));
         let model = kiln::Model::load(relative(&f)).unwrap();
         let text = model.to_text();
         let again = kiln::Model::from_text(&text, "printed").unwrap();
-        assert_eq!(again.module(), model.module(), "{}: print/parse round trip", f.display());
+        assert_eq!(
+            again.module(),
+            model.module(),
+            "{}: print/parse round trip",
+            f.display()
+        );
         assert_eq!(again.to_text(), text);
         insta::assert_snapshot!(format!("trace_{name}"), trace);
         insta::assert_snapshot!(format!("ir_{name}"), text);
@@ -45,13 +60,24 @@ fn valid_examples_check_clean_and_round_trip() {
 #[test]
 fn invalid_examples_fail_with_their_snapshot_message() {
     let files = kir_files("examples/invalid");
-    assert!(files.len() >= 12, "expected at least 12 invalid examples, found {}", files.len());
+    assert!(
+        files.len() >= 12,
+        "expected at least 12 invalid examples, found {}",
+        files.len()
+    );
     for f in files {
-        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or("invalid").to_string();
+        let name = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("invalid")
+            .to_string();
         let (code, msg) = match check_file(&f) {
             Ok(_) => panic!("{} should violate a contract but checks clean", f.display()),
             Err(e) => e,
         };
-        insta::assert_snapshot!(format!("invalid_{name}"), format!("exit code {code}\n{msg}"));
+        insta::assert_snapshot!(
+            format!("invalid_{name}"),
+            format!("exit code {code}\n{msg}")
+        );
     }
 }

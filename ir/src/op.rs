@@ -261,6 +261,81 @@ impl WeightLayout {
     }
 }
 
+/// Op names other than the unary and binary ones.
+const OTHER_OPS: [&str; 22] = [
+    "where",
+    "cast",
+    "constant",
+    "arange",
+    "matmul",
+    "reduce_sum",
+    "reduce_mean",
+    "reduce_max",
+    "softmax",
+    "layer_norm",
+    "rms_norm",
+    "reshape",
+    "permute",
+    "expand",
+    "slice",
+    "concat",
+    "gather",
+    "causal_mask",
+    "padding_mask",
+    "rope",
+    "attention",
+    "lora_linear",
+];
+
+/// Names other frameworks use for kiln ops, for "did you mean" hints.
+const ALIASES: [(&str, &str); 12] = [
+    ("gelu_new", "gelu_tanh"),
+    ("gelu_pytorch_tanh", "gelu_tanh"),
+    ("swish", "silu"),
+    ("linear", "matmul"),
+    ("bmm", "matmul"),
+    ("transpose", "permute"),
+    ("embedding", "gather"),
+    ("view", "reshape"),
+    ("cat", "concat"),
+    ("layernorm", "layer_norm"),
+    ("rmsnorm", "rms_norm"),
+    ("scaled_dot_product_attention", "attention"),
+];
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be
+/// a likely typo (or `name` is a prefix of it).
+pub fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let dist = |a: &str, b: &str| -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1; b.len() + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1);
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    };
+    candidates
+        .map(|c| {
+            (
+                if c.starts_with(name) {
+                    1
+                } else {
+                    dist(name, c)
+                },
+                c,
+            )
+        })
+        .filter(|(d, c)| *d <= (c.len() / 3).max(1) + 1)
+        .min()
+        .map(|(_, c)| c)
+}
+
 /// Reads named attributes for one op and reports unknown or missing ones.
 struct AttrReader<'a> {
     op: &'a str,
@@ -597,7 +672,18 @@ impl Op {
                         _ => WeightLayout::OutIn,
                     },
                 },
-                _ => return Err(format!("unknown op `{name}`")),
+                _ => {
+                    let known = UNARY
+                        .iter()
+                        .map(|(_, n)| *n)
+                        .chain(BINARY.iter().map(|(_, n)| *n))
+                        .chain(OTHER_OPS);
+                    let alias = ALIASES.iter().find(|(a, _)| *a == name).map(|(_, op)| *op);
+                    return Err(match alias.or_else(|| closest(name, known)) {
+                        Some(s) => format!("unknown op `{name}` (did you mean `{s}`?)"),
+                        None => format!("unknown op `{name}`"),
+                    });
+                }
             }
         };
         r.finish()?;
@@ -784,16 +870,18 @@ impl Op {
                         x,
                     ));
                 }
-                let out = cx.broadcast(&x.shape, shape)?;
-                for (o, s) in out.iter().zip(shape) {
-                    if !cx.same(o, s)? {
-                        return Err(ShapeError::Broadcast {
-                            lhs: x.shape_string(),
-                            rhs: shape_string(shape),
-                            axis: 0,
-                            a: cx.describe(o),
-                            b: cx.describe(s),
-                        });
+                let offset = shape.len() - x.rank();
+                for (i, d) in x.shape.iter().enumerate() {
+                    let target = &shape[offset + i];
+                    if !cx.same(d, target)? && !cx.is_const(d, 1)? {
+                        return Err(ShapeError::Attribute(format!(
+                            "cannot expand {} to {}: axis {} is {} vs {} (only size-1 axes can be expanded)",
+                            x.shape_string(),
+                            shape_string(shape),
+                            offset + i,
+                            cx.describe(d),
+                            cx.describe(target)
+                        )));
                     }
                 }
                 Ok(TensorType::new(x.dtype, shape.clone()))
@@ -1143,19 +1231,21 @@ fn infer_attention(inputs: &[TensorType], cx: &ShapeCx) -> Result<TensorType, Sh
             q.shape[2].clone(),
             k.shape[2].clone(),
         ];
-        let b = cx.broadcast(&mask.shape, &scores)?;
-        if b.len() != 4 {
+        if mask.rank() > 4 {
             return Err(rank_error("attention mask", "at most 4", mask));
         }
-        for (x, y) in b.iter().zip(&scores) {
-            if !cx.same(x, y)? {
-                return Err(ShapeError::Broadcast {
-                    lhs: mask.shape_string(),
-                    rhs: shape_string(&scores),
-                    axis: 0,
-                    a: cx.describe(x),
-                    b: cx.describe(y),
-                });
+        let offset = 4 - mask.rank();
+        for (i, d) in mask.shape.iter().enumerate() {
+            let target = &scores[offset + i];
+            if !cx.same(d, target)? && !cx.is_const(d, 1)? {
+                return Err(ShapeError::Attribute(format!(
+                    "attention mask {} does not broadcast to the scores {}: axis {} is {} vs {}",
+                    mask.shape_string(),
+                    shape_string(&scores),
+                    offset + i,
+                    cx.describe(d),
+                    cx.describe(target)
+                )));
             }
         }
     }

@@ -726,10 +726,15 @@ impl Parser {
     fn use_value(&mut self, scope: &HashMap<String, ValueId>) -> Result<ValueId, ParseError> {
         let span = self.span();
         match self.next() {
-            Tok::Local(n) => scope
-                .get(&n)
-                .copied()
-                .ok_or_else(|| self.error_at(span, format!("use of undefined value %{n}"))),
+            Tok::Local(n) => scope.get(&n).copied().ok_or_else(|| {
+                let names = scope
+                    .keys()
+                    .filter(|k| !k.starts_with('@'))
+                    .map(|k| k.as_str());
+                let hint = crate::op::closest(&n, names)
+                    .map_or(String::new(), |s| format!(" (did you mean %{s}?)"));
+                self.error_at(span, format!("use of undefined value %{n}{hint}"))
+            }),
             Tok::Global(n) => scope.get(&format!("@{n}")).copied().ok_or_else(|| {
                 self.error_at(
                     span,

@@ -11,7 +11,7 @@ use crate::types::{shape_string, DType, TensorType};
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ShapeError {
     /// Wrong number of operands.
-    #[error("expects {expected} operands, got {got}")]
+    #[error("expects {expected} operand(s), got {got}")]
     Arity { expected: String, got: usize },
     /// An operand has a dtype the op does not accept.
     #[error("{what} must be {expected}, got {got}")]

@@ -65,6 +65,12 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
                 group_digits(e)
             );
         }
+        None if count > 0 => {
+            let _ = writeln!(
+                s,
+                "  parameters: {count} tensors (element count is symbolic or overflows 64 bits)"
+            );
+        }
         _ => {
             let _ = writeln!(s, "  parameters: {count} tensors");
         }

@@ -62,6 +62,10 @@ struct Checker<'g> {
     graph: &'g Graph,
     namer: Namer,
     errors: Vec<Diagnostic>,
+    /// Symbols whose binding failed (already reported): uses are not re-reported.
+    poisoned: BTreeSet<String>,
+    /// Unbound symbols already reported once.
+    reported_unbound: BTreeSet<String>,
 }
 
 impl Checker<'_> {
@@ -119,6 +123,8 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         graph,
         namer: Namer::new(graph),
         errors: Vec::new(),
+        poisoned: BTreeSet::new(),
+        reported_unbound: BTreeSet::new(),
     };
     let runtime = runtime_symbols(graph);
     let mut known: BTreeSet<String> = runtime.clone();
@@ -133,31 +139,43 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
             .filter(|s| !known.contains(s))
             .collect();
         if !unknown.is_empty() {
-            ck.report(
-                loc,
-                span,
-                format!(
-                    "symbol `{}` is not bound (bind it earlier in `where` or use it as an input dim)",
-                    unknown.join("`, `")
-                ),
-            );
-            known.insert(name.clone());
+            let fresh: Vec<String> = unknown
+                .into_iter()
+                .filter(|u| !ck.poisoned.contains(u))
+                .collect();
+            if !fresh.is_empty() {
+                ck.report(
+                    loc,
+                    span,
+                    format!(
+                        "symbol `{}` is not bound (bind it earlier in `where` or use it as an input dim)",
+                        fresh.join("`, `")
+                    ),
+                );
+                ck.reported_unbound.extend(fresh);
+            }
+            ck.poisoned.insert(name.clone());
             continue;
         }
-        match cx.bind(name, value) {
-            Ok(v) if v.as_const().is_some_and(|c| c < 0) => ck.report(
-                loc,
-                span,
-                format!("size `{name}` evaluates to {v}, which is negative"),
-            ),
-            Ok(_) => {}
-            Err(e) => ck.report(
-                loc,
-                span,
-                format!("{e} ({})", describe_bindings(&cx, value)),
-            ),
+        let failure = match cx.bind(name, value) {
+            Ok(v) if v.as_const().is_some_and(|c| c < 0) => {
+                Some(format!("size `{name}` evaluates to {v}, which is negative"))
+            }
+            Ok(_) => None,
+            Err(ShapeError::Dim { source, .. }) => {
+                Some(format!("{source} ({})", describe_bindings(&cx, value)))
+            }
+            Err(e) => Some(format!("{e} ({})", describe_bindings(&cx, value))),
+        };
+        match failure {
+            Some(msg) => {
+                ck.report(loc, span, msg);
+                ck.poisoned.insert(name.clone());
+            }
+            None => {
+                known.insert(name.clone());
+            }
         }
-        known.insert(name.clone());
     }
 
     let mut names: BTreeSet<String> = BTreeSet::new();
@@ -207,15 +225,25 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
             .flat_map(|d| d.symbols())
             .filter(|s| !known.contains(s))
             .collect();
+        unknown.sort();
         unknown.dedup();
         if !unknown.is_empty() {
-            ck.report_node(
-                v,
-                format!(
-                    "attribute mentions unbound symbol `{}`",
-                    unknown.join("`, `")
-                ),
-            );
+            let fresh: Vec<String> = unknown
+                .into_iter()
+                .filter(|u| !ck.poisoned.contains(u) && !ck.reported_unbound.contains(u))
+                .collect();
+            if !fresh.is_empty() {
+                ck.report_node(
+                    v,
+                    format!("attribute mentions unbound symbol `{}`", fresh.join("`, `")),
+                );
+                ck.reported_unbound.extend(fresh);
+            }
+            bad.insert(v);
+            continue;
+        }
+        if graph.operands(v).iter().any(|o| bad.contains(o)) {
+            // An operand's type is untrusted and already reported.
             bad.insert(v);
             continue;
         }
@@ -327,13 +355,20 @@ fn check_type_symbols(
         .filter(|s| !known.contains(s))
         .collect();
     if !unknown.is_empty() {
-        ck.report_node(
-            v,
-            format!(
-                "type {ty} mentions unbound symbol `{}` (bind it in `where` or make it an input dim)",
-                unknown.join("`, `")
-            ),
-        );
+        let fresh: Vec<String> = unknown
+            .into_iter()
+            .filter(|u| !ck.poisoned.contains(u) && !ck.reported_unbound.contains(u))
+            .collect();
+        if !fresh.is_empty() {
+            ck.report_node(
+                v,
+                format!(
+                    "type {ty} mentions unbound symbol `{}` (bind it in `where` or make it an input dim)",
+                    fresh.join("`, `")
+                ),
+            );
+            ck.reported_unbound.extend(fresh);
+        }
         return false;
     }
     for d in &ty.shape {

@@ -38,7 +38,7 @@ fn every_violation_is_reported_not_just_the_first() {
   return %y
 }";
     insta::assert_snapshot!(check_text(src), @r"
-    in @f: where dh = d / h: d / h: 64 is not divisible by 5 (in `d / h` with d = 64, h = 5) (line 2, column 26)
+    in @f: where dh = d / h: 64 is not divisible by 5 (in `d / h` with d = 64, h = 5) (line 2, column 26)
     in @f: %a = matmul(%x, @w): inner dims differ: d=64 vs 32 (f32[B, T, d] and f32[32, d]) (line 4, column 3)
     in @f: %b = add(%x, %m): operands of add must be f32 like the first operand, got i64 (operands: f32[B, T, d], i64[B, T]) (line 5, column 3)
     in @f: %c = reshape(%x): reshape changes the element count: [B, T, d] has 64 * B * T elements, [B, T, d, 2] has 128 * B * T (line 6, column 3)
