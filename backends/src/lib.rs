@@ -19,15 +19,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod interp;
-mod tensor;
 
 use std::collections::BTreeMap;
 
 use kiln_ir::{DType, Graph, ShapeError, VerifyErrors};
 
 pub use interp::Interpreter;
-pub use tensor::{Element, Tensor, TensorData};
+pub use kiln_ir::{Element, Tensor, TensorData, TensorError};
 
 /// Weights by parameter name (`@wte` is the key `"wte"`).
 pub type Weights = BTreeMap<String, Tensor>;
@@ -162,9 +163,9 @@ pub enum RunError {
         name: String,
         /// Its expression.
         value: String,
-        /// Why evaluation failed (e.g. a division that is not exact).
+        /// Why evaluation failed (e.g. a division that is not exact); boxed, it is large.
         #[source]
-        source: ShapeError,
+        source: Box<ShapeError>,
     },
     /// A size expression that does not evaluate to a non-negative integer.
     #[error("{what}: size `{dim}` {problem}")]
@@ -200,42 +201,22 @@ pub enum RunError {
         /// What is wrong.
         message: String,
     },
-    /// A node produced a shape other than its evaluated type (a backend or contract bug).
-    #[error("{node}: produced shape {got:?}, but its type evaluates to {expected:?}")]
-    ResultShape {
+    /// A node produced a value other than its evaluated type (a backend or contract bug).
+    #[error("{node}: produced {got}, but its type evaluates to {expected}")]
+    ResultType {
         /// The node.
         node: String,
-        /// The evaluated stored type.
-        expected: Vec<usize>,
-        /// What the backend produced.
-        got: Vec<usize>,
+        /// The stored type evaluated to sizes, e.g. `f32[2, 3]`.
+        expected: String,
+        /// The type of what the backend produced.
+        got: String,
     },
-    /// Tensor storage whose length is not the shape's element count.
-    #[error("shape {shape:?} of {dtype} needs {} elements, got {got}", tensor_numel(shape))]
-    TensorLength {
-        /// The shape.
-        shape: Vec<usize>,
-        /// The element type.
-        dtype: DType,
-        /// The number of elements given.
-        got: usize,
-    },
-    /// Token rows of different lengths.
-    #[error("token row {row} has {got} ids, but row 0 has {expected}")]
-    RaggedTokens {
-        /// The first row that differs.
-        row: usize,
-        /// The length of row 0.
-        expected: usize,
-        /// Its length.
-        got: usize,
-    },
+    /// A tensor that cannot be formed (wrong element count, ragged token rows).
+    #[error("{0}")]
+    Tensor(#[from] kiln_ir::TensorError),
 }
 
 fn describe_axis(axis: Option<usize>) -> String {
     axis.map_or_else(String::new, |a| format!(" (axis {a} differs)"))
 }
 
-fn tensor_numel(shape: &[usize]) -> String {
-    tensor::checked_numel(shape).map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string())
-}

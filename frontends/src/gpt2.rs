@@ -8,6 +8,10 @@ use kiln_ir::{
     BinaryOp, DType, Dim, Graph, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId,
 };
 
+use serde_json::json;
+
+use crate::blocks::activation;
+use crate::config::HfConfig;
 use crate::FrontendError;
 
 /// The fields of a GPT-2 `config.json` that shape the graph.
@@ -27,6 +31,8 @@ pub struct Gpt2Config {
     pub n_inner: Option<i64>,
     /// `layer_norm_epsilon`.
     pub layer_norm_epsilon: f64,
+    /// `activation_function` of the MLP.
+    pub activation: UnaryOp,
 }
 
 impl Gpt2Config {
@@ -40,7 +46,31 @@ impl Gpt2Config {
             n_head: 4,
             n_inner: None,
             layer_norm_epsilon: 1e-5,
+            activation: UnaryOp::GeluTanh,
         }
+    }
+
+    /// Reads the fields from `config.json`, rejecting semantics kiln lacks.
+    pub fn from_hf(c: &HfConfig) -> Result<Gpt2Config, FrontendError> {
+        c.require("scale_attn_weights", &json!(true), "unscaled attention scores")?;
+        c.require("scale_attn_by_inverse_layer_idx", &json!(false), "per-layer score scaling")?;
+        c.require("add_cross_attention", &json!(false), "cross-attention layers")?;
+        let act = c.string_or("activation_function", "gelu_new")?;
+        let activation = activation(&act)
+            .ok_or_else(|| c.unsupported("activation_function", &format!("= {act:?} is not a supported activation")))?;
+        if !c.bool_or("tie_word_embeddings", true)? {
+            return Err(c.unsupported("tie_word_embeddings", "is false; GPT2LMHeadModel ties its head to wte"));
+        }
+        Ok(Gpt2Config {
+            vocab_size: c.int("vocab_size")?,
+            n_positions: c.int("n_positions")?,
+            n_embd: c.int("n_embd")?,
+            n_layer: c.int("n_layer")? as usize,
+            n_head: c.int("n_head")?,
+            n_inner: c.opt_int("n_inner")?,
+            layer_norm_epsilon: c.float_or("layer_norm_epsilon", 1e-5)?,
+            activation,
+        })
     }
 }
 
@@ -221,7 +251,7 @@ fn block(
 
     let h2 = b.named(&n("ln_2"), Op::LayerNorm { eps }, &[x, ln2_w, ln2_b])?;
     let up = linear(b, h2, fc_w, fc_b, &n("fc"))?;
-    let act = b.named(&n("gelu"), Op::Unary(UnaryOp::GeluTanh), &[up])?;
+    let act = b.named(&n("gelu"), Op::Unary(cfg.activation), &[up])?;
     let down = linear(b, act, mp_w, mp_b, &n("mlp"))?;
     b.named(&n("out"), Op::Binary(BinaryOp::Add), &[x, down])
 }

@@ -36,7 +36,7 @@ impl GraphBuilder {
             .bind(name, &value)
             .map_err(|source| IrError::Shape {
                 node: format!("where {name} = {value}"),
-                source,
+                source: Box::new(source),
             })?;
         self.graph.bind(name, value);
         Ok(v)
@@ -95,7 +95,7 @@ impl GraphBuilder {
                 let lhs = name.map_or_else(|| "%new".to_string(), |n| format!("%{n}"));
                 Err(IrError::Shape {
                     node: format!("{lhs} = {}({})", op.name(), args.join(", ")),
-                    source,
+                    source: Box::new(source),
                 })
             }
         }

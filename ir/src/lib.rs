@@ -12,6 +12,7 @@ pub mod op;
 pub mod parse;
 pub mod print;
 pub mod shape;
+pub mod tensor;
 pub mod trace;
 pub mod types;
 pub mod verify;
@@ -23,6 +24,7 @@ pub use op::{AttrValue, BinaryOp, Op, ReduceKind, UnaryOp, WeightLayout};
 pub use parse::{parse_dim, parse_graph, parse_module, parse_type, ParseError};
 pub use print::{print_graph, print_module, Namer};
 pub use shape::{ShapeCx, ShapeError};
+pub use tensor::{Element, Tensor, TensorData, TensorError};
 pub use types::{DType, TensorType};
 pub use verify::{verify, verify_module, Diagnostic, VerifyErrors};
 
@@ -42,7 +44,7 @@ pub enum IrError {
         node: String,
         /// What the shape rule found.
         #[source]
-        source: ShapeError,
+        source: Box<ShapeError>,
     },
     /// Misuse of the builder API (unknown value, duplicate name).
     #[error("{0}")]

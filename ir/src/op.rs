@@ -741,7 +741,7 @@ impl Op {
                 dtype,
                 shape,
             } => {
-                if !dtype.is_float() && value.fract() != 0.0 && value.is_finite() {
+                if !dtype.is_float() && (!value.is_finite() || value.fract() != 0.0) {
                     return Err(ShapeError::Attribute(format!(
                         "constant {value:?} is not representable as {dtype}"
                     )));

@@ -4,7 +4,7 @@
 //! element, which input element?": a `Vec<usize>` of flat source indices, which
 //! [`take`] then reads. Slow, but each op is a few obviously correct lines.
 
-use crate::tensor::{Element, TensorData};
+use kiln_ir::tensor::{Element, TensorData};
 
 /// Row-major strides of `shape` (the last axis has stride 1).
 pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(broadcast_shapes(&[2, 3], &[4, 3]), None);
         assert_eq!(broadcast_shapes(&[0, 1], &[1, 5]), Some(vec![0, 5]));
         assert_eq!(broadcast_map(&[3], &[2, 3]), Some(vec![0, 1, 2, 0, 1, 2]));
-        assert_eq!(broadcast_map(&[2, 1], &[2, 3]), Some(vec![0, 0, 0, 1, 1, 1]));
+        assert_eq!(
+            broadcast_map(&[2, 1], &[2, 3]),
+            Some(vec![0, 0, 0, 1, 1, 1])
+        );
         assert_eq!(broadcast_map(&[], &[2]), Some(vec![0, 0]));
         assert_eq!(broadcast_map(&[2], &[3]), None);
         assert_eq!(strided_map(&[2, 2], &[1, 2], 10), vec![10, 12, 11, 13]);

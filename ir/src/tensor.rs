@@ -8,9 +8,40 @@
 use std::fmt;
 use std::sync::Arc;
 
-use kiln_ir::DType;
+use crate::types::DType;
 
-use crate::RunError;
+/// A tensor that cannot be formed from the values given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    /// The storage length differs from the shape's element count.
+    #[error("shape {shape:?} of {dtype} needs {} elements, got {got}", checked_numel(shape).map_or("too many".to_string(), |n| n.to_string()))]
+    Length {
+        /// The shape.
+        shape: Vec<usize>,
+        /// The element type.
+        dtype: DType,
+        /// The number of elements given.
+        got: usize,
+    },
+    /// Token rows of different lengths.
+    #[error("token row {row} has {got} ids, but row 0 has {expected}")]
+    RaggedTokens {
+        /// The first row that differs.
+        row: usize,
+        /// The length of row 0.
+        expected: usize,
+        /// Its length.
+        got: usize,
+    },
+    /// A dtype host tensors do not store.
+    #[error("{what}: dtype {dtype} is not supported")]
+    UnsupportedDType {
+        /// What was asked.
+        what: String,
+        /// The dtype.
+        dtype: DType,
+    },
+}
 
 /// Typed element storage of a tensor, row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,7 +116,7 @@ element!(i64, I64, DType::I64);
 element!(bool, Bool, DType::Bool);
 
 /// The number of elements of `shape`, or `None` when it overflows `usize`.
-pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
@@ -98,10 +129,10 @@ pub struct Tensor {
 
 impl Tensor {
     /// A tensor from a shape and storage; the storage length must equal the element count.
-    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, RunError> {
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, TensorError> {
         let expected = checked_numel(&shape);
         if expected != Some(data.len()) {
-            return Err(RunError::TensorLength {
+            return Err(TensorError::Length {
                 shape,
                 dtype: data.dtype(),
                 got: data.len(),
@@ -111,33 +142,33 @@ impl Tensor {
     }
 
     /// A tensor of any storable element type.
-    pub fn from_vec<T: Element>(shape: Vec<usize>, values: Vec<T>) -> Result<Tensor, RunError> {
+    pub fn from_vec<T: Element>(shape: Vec<usize>, values: Vec<T>) -> Result<Tensor, TensorError> {
         Tensor::new(shape, T::wrap(values))
     }
 
     /// An f32 tensor; `values.len()` must equal the element count of `shape`.
-    pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Result<Tensor, RunError> {
+    pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Result<Tensor, TensorError> {
         Tensor::from_vec(shape, values)
     }
 
     /// An i32 tensor; `values.len()` must equal the element count of `shape`.
-    pub fn i32(shape: Vec<usize>, values: Vec<i32>) -> Result<Tensor, RunError> {
+    pub fn i32(shape: Vec<usize>, values: Vec<i32>) -> Result<Tensor, TensorError> {
         Tensor::from_vec(shape, values)
     }
 
     /// An i64 tensor; `values.len()` must equal the element count of `shape`.
-    pub fn i64(shape: Vec<usize>, values: Vec<i64>) -> Result<Tensor, RunError> {
+    pub fn i64(shape: Vec<usize>, values: Vec<i64>) -> Result<Tensor, TensorError> {
         Tensor::from_vec(shape, values)
     }
 
     /// A bool tensor; `values.len()` must equal the element count of `shape`.
-    pub fn bool(shape: Vec<usize>, values: Vec<bool>) -> Result<Tensor, RunError> {
+    pub fn bool(shape: Vec<usize>, values: Vec<bool>) -> Result<Tensor, TensorError> {
         Tensor::from_vec(shape, values)
     }
 
     /// A tensor of zeros (`false` for bool); f16/bf16 are not storable.
-    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Result<Tensor, RunError> {
-        let n = checked_numel(&shape).ok_or_else(|| RunError::TensorLength {
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Result<Tensor, TensorError> {
+        let n = checked_numel(&shape).ok_or_else(|| TensorError::Length {
             shape: shape.clone(),
             dtype,
             got: 0,
@@ -148,7 +179,7 @@ impl Tensor {
             DType::I64 => TensorData::I64(vec![0; n].into()),
             DType::Bool => TensorData::Bool(vec![false; n].into()),
             DType::F16 | DType::BF16 => {
-                return Err(RunError::UnsupportedDType {
+                return Err(TensorError::UnsupportedDType {
                     what: "Tensor::zeros".into(),
                     dtype,
                 })
@@ -158,13 +189,13 @@ impl Tensor {
     }
 
     /// Token ids `i64[B, T]` from `B` rows of equal length `T`.
-    pub fn from_tokens<R: AsRef<[i64]>>(rows: &[R]) -> Result<Tensor, RunError> {
+    pub fn from_tokens<R: AsRef<[i64]>>(rows: &[R]) -> Result<Tensor, TensorError> {
         let width = rows.first().map_or(0, |r| r.as_ref().len());
         let mut values = Vec::with_capacity(rows.len() * width);
         for (row, r) in rows.iter().enumerate() {
             let r = r.as_ref();
             if r.len() != width {
-                return Err(RunError::RaggedTokens {
+                return Err(TensorError::RaggedTokens {
                     row,
                     expected: width,
                     got: r.len(),
@@ -221,7 +252,7 @@ impl Tensor {
     }
 
     /// The same elements under another shape with the same element count.
-    pub fn reshaped(&self, shape: Vec<usize>) -> Result<Tensor, RunError> {
+    pub fn reshaped(&self, shape: Vec<usize>) -> Result<Tensor, TensorError> {
         Tensor::new(shape, self.data.clone())
     }
 }
@@ -240,10 +271,16 @@ mod tests {
     #[test]
     fn constructors_check_the_element_count() {
         let t = Tensor::f32(vec![2, 3], vec![0.0; 6]).unwrap();
-        assert_eq!((t.dtype(), t.shape(), t.numel()), (DType::F32, &[2usize, 3][..], 6));
+        assert_eq!(
+            (t.dtype(), t.shape(), t.numel()),
+            (DType::F32, &[2usize, 3][..], 6)
+        );
         assert_eq!(t.to_string(), "f32[2, 3]");
         let err = Tensor::f32(vec![2, 3], vec![0.0; 5]).unwrap_err();
-        assert_eq!(err.to_string(), "shape [2, 3] of f32 needs 6 elements, got 5");
+        assert_eq!(
+            err.to_string(),
+            "shape [2, 3] of f32 needs 6 elements, got 5"
+        );
         let s = Tensor::i64(vec![], vec![7]).unwrap();
         assert_eq!(s.as_i64(), Some(&[7i64][..]));
         assert_eq!(s.as_f32(), None);

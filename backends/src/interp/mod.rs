@@ -1,0 +1,319 @@
+//! The reference interpreter: kiln's oracle.
+//!
+//! It runs any verified graph node by node in [`Graph::topo_order`], with plain
+//! loops over row-major buffers: f32 values, f64 accumulation in every reduction,
+//! matrix product, softmax, norm and attention. It is slow on purpose; every op is
+//! written to be checked by reading it against the op's doc comment in
+//! `kiln_ir::op`, and every pass and backend is tested against it.
+//!
+//! Running is in two phases so that a bad call fails before any work:
+//! 1. [`signature`] binds the run-time symbols from the input shapes, checks every
+//!    input dim and evaluates every node's type to concrete sizes;
+//! 2. the nodes execute; each result's shape is checked against its evaluated type.
+
+mod attention;
+mod elementwise;
+mod index;
+mod matmul;
+mod movement;
+mod reduce;
+mod signature;
+
+use std::collections::HashMap;
+
+use kiln_ir::{DType, Dim, Graph, NodeKind, Op, ShapeCx, ValueId};
+
+use crate::{Backend, Executable, RunError, Tensor, Weights};
+
+/// The reference interpreter backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Interpreter;
+
+impl Backend for Interpreter {
+    fn name(&self) -> &'static str {
+        "interp"
+    }
+
+    fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
+        Ok(Box::new(InterpExecutable::new(graph, weights)?))
+    }
+}
+
+/// One op node, resolved to slots (positions in the topological order).
+#[derive(Debug)]
+struct Step {
+    /// The slot of the node's own value.
+    slot: usize,
+    /// The op.
+    op: Op,
+    /// The slots of its operands, in order.
+    operands: Vec<usize>,
+    /// The dtype of its stored type.
+    dtype: DType,
+}
+
+/// A graph prepared for the interpreter: order, operand slots, bound weights.
+#[derive(Debug)]
+pub struct InterpExecutable {
+    graph: Graph,
+    /// Every node in topological order; a node's slot is its index here.
+    order: Vec<ValueId>,
+    /// The op nodes, in execution order.
+    steps: Vec<Step>,
+    /// `(slot, weight)` for every parameter.
+    weights: Vec<(usize, Tensor)>,
+    /// The slots of the inputs, in signature order.
+    inputs: Vec<usize>,
+    /// The slots of the outputs, in signature order.
+    outputs: Vec<usize>,
+    /// For each slot, the index of the last step that reads it (`usize::MAX`:
+    /// an output; `None`: dead, never stored).
+    last_use: Vec<Option<usize>>,
+    /// For each slot, the node as it prints (`%7 = matmul(%6, @w) (line 14)`), for errors.
+    names: Vec<String>,
+}
+
+impl InterpExecutable {
+    /// Verifies `graph`, checks `weights` against its parameters and prepares to run it.
+    pub fn new(graph: &Graph, weights: &Weights) -> Result<InterpExecutable, RunError> {
+        kiln_ir::verify(graph)?;
+        let order = graph.topo_order().map_err(|v| RunError::Invalid {
+            node: format!("node #{}", v.index()),
+            message: "the graph has a cycle through this node".into(),
+        })?;
+        let names = signature::node_names(graph, &order);
+        signature::check_dtypes(graph, &order, &names)?;
+        let slot_of: HashMap<ValueId, usize> =
+            order.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+        let slot = |v: ValueId| -> Result<usize, RunError> {
+            slot_of.get(&v).copied().ok_or_else(|| RunError::Invalid {
+                node: format!("node #{}", v.index()),
+                message: "refers to a value that is not in the graph".into(),
+            })
+        };
+
+        let mut steps = Vec::new();
+        let mut last_use: Vec<Option<usize>> = vec![None; order.len()];
+        for (i, &v) in order.iter().enumerate() {
+            let NodeKind::Op { op, .. } = &graph.node(v).kind else {
+                continue;
+            };
+            let operands = graph
+                .operands(v)
+                .into_iter()
+                .map(slot)
+                .collect::<Result<Vec<_>, _>>()?;
+            for &o in &operands {
+                last_use[o] = Some(steps.len());
+            }
+            steps.push(Step {
+                slot: i,
+                op: op.clone(),
+                operands,
+                dtype: graph.ty(v).dtype,
+            });
+        }
+        let inputs = graph
+            .inputs()
+            .iter()
+            .map(|v| slot(*v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = graph
+            .outputs()
+            .iter()
+            .map(|(_, v)| slot(*v))
+            .collect::<Result<Vec<_>, _>>()?;
+        for &o in &outputs {
+            last_use[o] = Some(usize::MAX);
+        }
+
+        let bound = signature::check_weights(graph, weights)?;
+        let weights = bound
+            .into_iter()
+            .map(|(v, t)| Ok((slot(v)?, t)))
+            .collect::<Result<Vec<_>, RunError>>()?;
+        Ok(InterpExecutable {
+            graph: graph.clone(),
+            order,
+            steps,
+            weights,
+            inputs,
+            outputs,
+            last_use,
+            names,
+        })
+    }
+
+    /// The graph this executable runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+impl Executable for InterpExecutable {
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+        let cx = signature::bind_inputs(&self.graph, inputs)?;
+        let shapes = signature::eval_shapes(&self.graph, &self.order, &self.names, &cx)?;
+        for (slot, w) in &self.weights {
+            signature::check_weight_at_run_time(&self.graph, self.order[*slot], w, &shapes[*slot])?;
+        }
+
+        let mut values: Vec<Option<Tensor>> = vec![None; self.order.len()];
+        for (slot, t) in self.inputs.iter().zip(inputs) {
+            values[*slot] = Some(t.clone());
+        }
+        for (slot, w) in &self.weights {
+            values[*slot] = Some(w.clone());
+        }
+
+        for (step_index, step) in self.steps.iter().enumerate() {
+            let node = NodeCx {
+                name: &self.names[step.slot],
+                out_shape: &shapes[step.slot],
+                cx: &cx,
+            };
+            let out = {
+                let args = step
+                    .operands
+                    .iter()
+                    .map(|&o| {
+                        values[o]
+                            .as_ref()
+                            .ok_or_else(|| node.invalid("an operand was freed before its last use"))
+                    })
+                    .collect::<Result<Vec<&Tensor>, RunError>>()?;
+                eval_op(&node, &step.op, &args)?
+            };
+            if out.shape() != node.out_shape || out.dtype() != step.dtype {
+                return Err(RunError::ResultType {
+                    node: node.name.to_string(),
+                    expected: format!("{}{:?}", step.dtype, node.out_shape),
+                    got: out.to_string(),
+                });
+            }
+            if self.last_use[step.slot].is_some() {
+                values[step.slot] = Some(out);
+            }
+            // Intermediates die after their last reader; the oracle then fits
+            // the same models as the backends it checks.
+            for &o in &step.operands {
+                if self.last_use[o] == Some(step_index) {
+                    values[o] = None;
+                }
+            }
+        }
+
+        self.outputs
+            .iter()
+            .map(|&o| {
+                values[o].clone().ok_or_else(|| RunError::Invalid {
+                    node: self.names[o].clone(),
+                    message: "an output was never computed".into(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What an op implementation knows about its node: its name for errors, its
+/// evaluated result shape and the run-time symbol context.
+pub(crate) struct NodeCx<'a> {
+    /// The node as it prints, for error messages.
+    pub name: &'a str,
+    /// The node's type evaluated under the run-time symbols.
+    pub out_shape: &'a [usize],
+    /// Every symbol bound to a constant.
+    pub cx: &'a ShapeCx,
+}
+
+impl NodeCx<'_> {
+    /// A [`RunError::Invalid`] naming this node.
+    pub fn invalid(&self, message: impl Into<String>) -> RunError {
+        RunError::Invalid {
+            node: self.name.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The integer value of a size attribute.
+    pub fn int(&self, d: &Dim) -> Result<i64, RunError> {
+        signature::eval_int(self.cx, d, self.name)
+    }
+
+    /// The value of a size attribute, which must not be negative.
+    pub fn size(&self, d: &Dim) -> Result<usize, RunError> {
+        signature::eval_size(self.cx, d, self.name)
+    }
+
+    /// The elements of an operand that must be f32.
+    pub fn f32s<'t>(&self, t: &'t Tensor, role: &str) -> Result<&'t [f32], RunError> {
+        t.as_f32()
+            .ok_or_else(|| self.invalid(format!("{role} must be f32, got {}", t.dtype())))
+    }
+
+    /// Resolves a possibly negative axis against `rank`.
+    pub fn axis(&self, axis: i64, rank: usize) -> Result<usize, RunError> {
+        kiln_ir::shape::normalize_axis("axis", axis, rank).map_err(|e| self.invalid(e.to_string()))
+    }
+}
+
+/// Runs one op on its operand values.
+fn eval_op(n: &NodeCx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, RunError> {
+    let (lo, hi) = op.arity();
+    if args.len() < lo || args.len() > hi {
+        return Err(n.invalid(format!(
+            "{} takes {lo} to {hi} operands, got {}",
+            op.name(),
+            args.len()
+        )));
+    }
+    match op {
+        Op::Unary(u) => elementwise::unary(n, *u, args[0]),
+        Op::Binary(b) => elementwise::binary(n, *b, args[0], args[1]),
+        Op::Where => elementwise::select(n, args[0], args[1], args[2]),
+        Op::Cast { to } => elementwise::cast(n, args[0], *to),
+        Op::Constant {
+            value,
+            dtype,
+            shape,
+        } => elementwise::constant(n, *value, *dtype, shape),
+        Op::Arange { start, len, dtype } => elementwise::arange(n, start, len, *dtype),
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => matmul::matmul(n, args[0], args[1], *transpose_a, *transpose_b),
+        Op::Reduce {
+            kind,
+            axes,
+            keepdim,
+        } => reduce::reduce(n, args[0], *kind, axes, *keepdim),
+        Op::Softmax { axis } => reduce::softmax(n, args[0], *axis),
+        Op::LayerNorm { eps } => {
+            reduce::layer_norm(n, args[0], args[1], args.get(2).copied(), *eps)
+        }
+        Op::RmsNorm { eps } => reduce::rms_norm(n, args[0], args[1], *eps),
+        Op::Reshape { shape } => movement::reshape(n, args[0], shape),
+        Op::Permute { perm } => movement::permute(n, args[0], perm),
+        Op::Expand { shape } => movement::expand(n, args[0], shape),
+        Op::Slice { axis, start, end } => movement::slice(n, args[0], *axis, start, end),
+        Op::Concat { axis } => movement::concat(n, args, *axis),
+        Op::Gather => movement::gather(n, args[0], args[1]),
+        Op::CausalMask { queries, keys } => attention::causal_mask(n, queries, keys),
+        Op::PaddingMask => attention::padding_mask(n, args[0]),
+        Op::Rope { theta } => attention::rope(n, args[0], args[1], *theta),
+        Op::Attention { causal, scale } => attention::attention(
+            n,
+            [args[0], args[1], args[2]],
+            args.get(3).copied(),
+            *causal,
+            *scale,
+        ),
+        Op::LoraLinear { alpha, layout } => matmul::lora_linear(
+            n,
+            [args[0], args[1], args[2], args[3]],
+            args.get(4).copied(),
+            *alpha,
+            *layout,
+        ),
+    }
+}

@@ -1,0 +1,265 @@
+//! Hugging Face model folders: `config.json` + `model.safetensors`.
+//!
+//! The family is chosen by `model_type`; its builder makes the graph with symbolic
+//! `B` and `T`; every weight in the file is then checked against the parameter type
+//! the config implies. A missing, extra or mis-shaped tensor is an error naming the
+//! tensor and both shapes. Weights are memory-mapped and converted to f32.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use kiln_ir::{Graph, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::bart::{build_bart, BartConfig};
+use crate::bert::{build_bert, BertConfig};
+use crate::config::HfConfig;
+use crate::gpt2::{build_gpt2, Gpt2Config};
+use crate::llama::{build_llama, LlamaConfig};
+use crate::FrontendError;
+
+/// The model families kiln reads from Hugging Face folders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `GPT2LMHeadModel`.
+    Gpt2,
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `BertModel`.
+    Bert,
+    /// `BartForConditionalGeneration`.
+    Bart,
+}
+
+impl Family {
+    /// Whether the model predicts next tokens (and so can `generate`).
+    pub fn is_generative(self) -> bool {
+        !matches!(self, Family::Bert)
+    }
+}
+
+/// What running and generating need to know beyond the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// The family.
+    pub family: Family,
+    /// Vocabulary size: token ids must be below it.
+    pub vocab_size: i64,
+    /// Longest sequence the position scheme covers (`None` for RoPE models, whose
+    /// limit is advisory).
+    pub max_positions: Option<i64>,
+    /// `eos_token_id`, if any.
+    pub eos_token_id: Option<i64>,
+    /// `decoder_start_token_id` of encoder–decoder models.
+    pub decoder_start_token_id: Option<i64>,
+}
+
+/// A model loaded from a Hugging Face folder.
+#[derive(Clone, Debug)]
+pub struct HfModel {
+    /// The forward graph.
+    pub graph: Graph,
+    /// Every parameter of the graph, by name, as f32.
+    pub weights: BTreeMap<String, Tensor>,
+    /// Family and token limits.
+    pub info: ModelInfo,
+}
+
+/// Tensors that checkpoints carry but that are not weights (buffers).
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("position_ids")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// Prefixes that checkpoints saved from a wrapper class put before the names the
+/// base model uses (`bert.` from `BertForPreTraining`).
+fn prefixes(family: Family) -> &'static [&'static str] {
+    match family {
+        Family::Bert => &["", "bert."],
+        Family::Gpt2 => &["", "transformer."],
+        Family::Llama | Family::Bart => &[""],
+    }
+}
+
+/// Builds the graph and reads the config of the folder `dir`, without weights.
+pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
+    let config_path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(FrontendError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        });
+    }
+    let c = HfConfig::read(&config_path)?;
+    let model_type = c.model_type()?;
+    let (family, graph, info) = match model_type.as_str() {
+        "gpt2" => {
+            let cfg = Gpt2Config::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::Gpt2,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.n_positions),
+                eos_token_id: c.opt_id("eos_token_id")?,
+                decoder_start_token_id: None,
+            };
+            (Family::Gpt2, build_gpt2(&cfg)?, info)
+        }
+        "llama" => {
+            let cfg = LlamaConfig::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::Llama,
+                vocab_size: cfg.vocab_size,
+                max_positions: None,
+                eos_token_id: c.opt_id("eos_token_id")?,
+                decoder_start_token_id: None,
+            };
+            (Family::Llama, build_llama(&cfg)?, info)
+        }
+        "bert" => {
+            let cfg = BertConfig::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::Bert,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.max_position_embeddings),
+                eos_token_id: None,
+                decoder_start_token_id: None,
+            };
+            (Family::Bert, build_bert(&cfg)?, info)
+        }
+        "bart" => {
+            let cfg = BartConfig::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::Bart,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.max_position_embeddings),
+                eos_token_id: c.opt_id("eos_token_id")?,
+                decoder_start_token_id: Some(cfg.decoder_start_token_id),
+            };
+            (Family::Bart, build_bart(&cfg)?, info)
+        }
+        other => {
+            return Err(FrontendError::Unsupported(format!(
+                "{}: model_type {other:?} is not supported (kiln reads gpt2, llama, bert and bart)",
+                config_path.display()
+            )))
+        }
+    };
+    debug_assert_eq!(family, info.family);
+    Ok((graph, info))
+}
+
+/// Loads a Hugging Face model folder: graph, checked weights and token limits.
+pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
+    let (graph, info) = load_hf_graph(dir)?;
+    let weights_path = dir.join("model.safetensors");
+    if !weights_path.exists() {
+        let sharded = dir.join("model.safetensors.index.json").exists();
+        let bin = dir.join("pytorch_model.bin").exists();
+        let why = if sharded {
+            "sharded checkpoints (model.safetensors.index.json) are not supported yet"
+        } else if bin {
+            "only pytorch_model.bin is present; kiln reads safetensors (re-save with safe_serialization=True)"
+        } else {
+            "the folder has no model.safetensors"
+        };
+        return Err(FrontendError::Weights {
+            path: weights_path,
+            message: why.to_string(),
+        });
+    }
+    let weights = read_weights(&weights_path, &graph, info.family)?;
+    Ok(HfModel { graph, weights, info })
+}
+
+/// Reads `path` and returns exactly the graph's parameters, each checked against
+/// the parameter's type.
+pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeMap<String, Tensor>, FrontendError> {
+    let werr = |message: String| FrontendError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: the map is read-only and lives only while this function parses and
+    // copies from it; a file truncated underneath us is the documented hazard of
+    // memory maps, accepted here as for every mmap-based weight loader.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| werr(format!("not a valid safetensors file: {e}")))?;
+    let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
+
+    let names: BTreeSet<&str> = st.names().into_iter().collect();
+    let mut used: BTreeSet<&str> = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    for &p in graph.params() {
+        let kiln_ir::NodeKind::Param { name } = &graph.node(p).kind else {
+            continue;
+        };
+        let ty = graph.ty(p);
+        let expected: Vec<usize> = ty
+            .shape
+            .iter()
+            .map(|d| cx.eval(d).ok().and_then(|v| v.as_const()).map_or(0, |c| c.max(0) as usize))
+            .collect();
+        let found = prefixes(family)
+            .iter()
+            .map(|pre| format!("{pre}{name}"))
+            .find(|n| names.contains(n.as_str()));
+        let Some(file_name) = found else {
+            problems.push(format!("missing tensor `{name}` (expected {} {:?})", ty.dtype, expected));
+            continue;
+        };
+        let view = st.tensor(&file_name).map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+        used.insert(names.get(file_name.as_str()).copied().unwrap_or_default());
+        if view.shape() != expected.as_slice() {
+            problems.push(format!(
+                "tensor `{file_name}` has shape {:?} but the config implies {:?} ({ty})",
+                view.shape(),
+                expected
+            ));
+            continue;
+        }
+        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            werr(format!(
+                "tensor `{file_name}` has dtype {:?}; weights must be F32, F16 or BF16",
+                view.dtype()
+            ))
+        })?;
+        let t = Tensor::f32(expected, values).map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+        out.insert(name.clone(), t);
+    }
+    for n in &names {
+        if !used.contains(n) && !is_buffer(n) {
+            problems.push(format!("unexpected tensor `{n}` (the {family:?} graph has no such parameter)"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(werr(problems.join("\n  ")));
+    }
+    Ok(out)
+}
+
+/// Little-endian float data → f32; `None` for non-float dtypes.
+fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F16 => Some(
+            data.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            data.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        _ => None,
+    }
+}

@@ -1,0 +1,167 @@
+//! LLaMA (`LlamaForCausalLM`): RMSNorm, rotary positions (rotate-half, `rope_theta`),
+//! SwiGLU MLP, grouped-query attention (`num_key_value_heads`), `nn.Linear`
+//! weights `[out, in]` without biases, LM head tied or separate.
+
+use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, UnaryOp, WeightLayout};
+use serde_json::json;
+
+use crate::blocks::{attention, f32_of, f32_syms, linear, merge_heads, repeat_kv, scalar, split_heads, sym};
+use crate::config::HfConfig;
+use crate::FrontendError;
+
+/// The fields of a LLaMA `config.json` that shape the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// `vocab_size`.
+    pub vocab_size: i64,
+    /// `hidden_size`.
+    pub hidden_size: i64,
+    /// `intermediate_size`.
+    pub intermediate_size: i64,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads`.
+    pub num_attention_heads: i64,
+    /// `num_key_value_heads` (defaults to the query heads).
+    pub num_key_value_heads: i64,
+    /// `head_dim` (defaults to `hidden_size / num_attention_heads`).
+    pub head_dim: Option<i64>,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: i64,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// `rope_theta` (or `rope_parameters.rope_theta`).
+    pub rope_theta: f64,
+    /// `tie_word_embeddings`.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Reads the fields from `config.json`, rejecting semantics kiln lacks.
+    pub fn from_hf(c: &HfConfig) -> Result<LlamaConfig, FrontendError> {
+        c.require("hidden_act", &json!("silu"), "the SwiGLU gate activation")?;
+        c.require("attention_bias", &json!(false), "q/k/v/o projection biases")?;
+        c.require("mlp_bias", &json!(false), "MLP biases")?;
+        c.require("pretraining_tp", &json!(1), "tensor-parallel slicing of the projections")?;
+        if c.get("rope_scaling").is_some() {
+            return Err(c.unsupported("rope_scaling", "is set; only unscaled rotary embeddings are supported"));
+        }
+        let mut rope_theta = c.float_or("rope_theta", 10000.0)?;
+        if let Some(p) = c.get("rope_parameters") {
+            let kind = p.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(c.unsupported("rope_parameters", &format!("has rope_type {kind:?}; only \"default\" is supported")));
+            }
+            if let Some(t) = p.get("rope_theta") {
+                rope_theta = t.as_f64().ok_or_else(|| c.unsupported("rope_parameters", "has a non-numeric rope_theta"))?;
+            }
+        }
+        let heads = c.int("num_attention_heads")?;
+        Ok(LlamaConfig {
+            vocab_size: c.int("vocab_size")?,
+            hidden_size: c.int("hidden_size")?,
+            intermediate_size: c.int("intermediate_size")?,
+            num_hidden_layers: c.int("num_hidden_layers")? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: c.opt_int("num_key_value_heads")?.unwrap_or(heads),
+            head_dim: c.opt_int("head_dim")?,
+            max_position_embeddings: c.int("max_position_embeddings")?,
+            rms_norm_eps: c.float_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        })
+    }
+}
+
+/// Builds `@llama(%tokens: i64[B, T]) -> (logits: f32[B, T, V])`.
+pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
+    let mut b = GraphBuilder::new("llama");
+    b.bind("V", cfg.vocab_size)?;
+    b.bind("d", cfg.hidden_size)?;
+    b.bind("f", cfg.intermediate_size)?;
+    b.bind("h", cfg.num_attention_heads)?;
+    b.bind("hk", cfg.num_key_value_heads)?;
+    match cfg.head_dim {
+        Some(dh) => b.bind("dh", dh)?,
+        None => b.bind("dh", sym("d").div(&sym("h")).map_err(|e| FrontendError::Config(e.to_string()))?)?,
+    };
+    b.bind("rep", sym("h").div(&sym("hk")).map_err(|e| FrontendError::Config(e.to_string()))?)?;
+    let q_width = sym("h").mul(&sym("dh")).map_err(|e| FrontendError::Config(e.to_string()))?;
+    let kv_width = sym("hk").mul(&sym("dh")).map_err(|e| FrontendError::Config(e.to_string()))?;
+
+    let tokens = b.input("tokens", TensorType::new(DType::I64, vec![sym("B"), sym("T")]));
+    let embed = b.param("model.embed_tokens.weight", f32_syms(&["V", "d"]));
+    let mut x = b.named("embed", Op::Gather, &[embed, tokens])?;
+    let pos = b.named(
+        "positions",
+        Op::Arange {
+            start: Dim::constant(0),
+            len: sym("T"),
+            dtype: DType::I64,
+        },
+        &[],
+    )?;
+    let mask = b.named(
+        "causal",
+        Op::CausalMask {
+            queries: sym("T"),
+            keys: sym("T"),
+        },
+        &[],
+    )?;
+    let dh = b.cx().eval(&sym("dh")).ok().and_then(|d| d.as_const()).unwrap_or(1);
+    let scale = scalar(&mut b, "attn_scale", 1.0 / (dh as f64).sqrt())?;
+    let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
+    let eps = cfg.rms_norm_eps;
+    let theta = cfg.rope_theta;
+    let out_in = WeightLayout::OutIn;
+    for i in 0..cfg.num_hidden_layers {
+        let p = |n: &str| format!("model.layers.{i}.{n}");
+        let n = |v: &str| format!("l{i}.{v}");
+        let ln1 = b.param(&p("input_layernorm.weight"), f32_syms(&["d"]));
+        let wq = b.param(&p("self_attn.q_proj.weight"), f32_of(vec![q_width.clone(), sym("d")]));
+        let wk = b.param(&p("self_attn.k_proj.weight"), f32_of(vec![kv_width.clone(), sym("d")]));
+        let wv = b.param(&p("self_attn.v_proj.weight"), f32_of(vec![kv_width.clone(), sym("d")]));
+        let wo = b.param(&p("self_attn.o_proj.weight"), f32_of(vec![sym("d"), q_width.clone()]));
+        let ln2 = b.param(&p("post_attention_layernorm.weight"), f32_syms(&["d"]));
+        let wg = b.param(&p("mlp.gate_proj.weight"), f32_syms(&["f", "d"]));
+        let wu = b.param(&p("mlp.up_proj.weight"), f32_syms(&["f", "d"]));
+        let wd = b.param(&p("mlp.down_proj.weight"), f32_syms(&["d", "f"]));
+
+        let hn = b.named(&n("input_norm"), Op::RmsNorm { eps }, &[x, ln1])?;
+        let q = linear(&mut b, hn, wq, None, out_in, &n("q"))?;
+        let k = linear(&mut b, hn, wk, None, out_in, &n("k"))?;
+        let v = linear(&mut b, hn, wv, None, out_in, &n("v"))?;
+        let q = split_heads(&mut b, q, "T", "h", "dh")?;
+        let k = split_heads(&mut b, k, "T", "hk", "dh")?;
+        let v = split_heads(&mut b, v, "T", "hk", "dh")?;
+        let q = b.named(&n("q_rope"), Op::Rope { theta }, &[q, pos])?;
+        let k = b.named(&n("k_rope"), Op::Rope { theta }, &[k, pos])?;
+        let (k, v) = if cfg.num_key_value_heads != cfg.num_attention_heads {
+            (repeat_kv(&mut b, k, "hk", "rep", "T", "dh")?, repeat_kv(&mut b, v, "hk", "rep", "T", "dh")?)
+        } else {
+            (k, v)
+        };
+        let ctx = attention(&mut b, &n("attn"), q, k, v, Some(mask), scale, neg_inf)?;
+        let ctx = merge_heads(&mut b, ctx, "T", q_width.clone())?;
+        let o = linear(&mut b, ctx, wo, None, out_in, &n("o"))?;
+        x = b.named(&n("resid_attn"), Op::Binary(BinaryOp::Add), &[x, o])?;
+
+        let hn = b.named(&n("post_norm"), Op::RmsNorm { eps }, &[x, ln2])?;
+        let g = linear(&mut b, hn, wg, None, out_in, &n("gate"))?;
+        let u = linear(&mut b, hn, wu, None, out_in, &n("up"))?;
+        let g = b.named(&n("silu"), Op::Unary(UnaryOp::Silu), &[g])?;
+        let gu = b.named(&n("swiglu"), Op::Binary(BinaryOp::Mul), &[g, u])?;
+        let down = linear(&mut b, gu, wd, None, out_in, &n("down"))?;
+        x = b.named(&n("out"), Op::Binary(BinaryOp::Add), &[x, down])?;
+    }
+    let norm = b.param("model.norm.weight", f32_syms(&["d"]));
+    let x = b.named("norm", Op::RmsNorm { eps }, &[x, norm])?;
+    let head = if cfg.tie_word_embeddings {
+        embed
+    } else {
+        b.param("lm_head.weight", f32_syms(&["V", "d"]))
+    };
+    let logits = linear(&mut b, x, head, None, out_in, "logits")?;
+    Ok(b.finish(&[("logits", logits)])?)
+}

