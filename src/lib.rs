@@ -8,16 +8,27 @@
 //! model.check()?;                             // every shape contract
 //! let text = model.to_text();                 // deterministic IR text, for snapshots
 //! assert!(text.starts_with("func @gpt2("));
+//! let out = model.run(&kiln::RunInputs::tokens(vec![vec![1, 2, 3]]))?;
+//! assert_eq!(out[0].1.shape(), &[1, 3, 512]);
 //! # Ok::<(), kiln::Error>(())
 //! ```
 
+pub mod generate;
+pub mod output;
+
 use std::path::{Path, PathBuf};
 
+pub use kiln_backends as backends;
 pub use kiln_frontends as frontends;
 pub use kiln_ir as ir;
 pub use kiln_passes as passes;
 
-use kiln_ir::{Module, ParseError, ShapeCx, VerifyErrors};
+pub use generate::{GenerateOptions, Sampling};
+pub use kiln_backends::{Tensor, Weights};
+pub use kiln_frontends::{Family, ModelInfo};
+
+use kiln_backends::{Backend, Executable, Interpreter, RunError};
+use kiln_ir::{Graph, Module, NodeKind, ParseError, ShapeCx, VerifyErrors};
 
 /// Everything the facade can report, grouped by what the user has to fix.
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +59,22 @@ pub enum Error {
         /// Every violation found.
         errors: VerifyErrors,
     },
-    /// A frontend could not build the model.
+    /// A frontend could not build or load the model.
     #[error("{0}")]
     Frontend(#[from] kiln_frontends::FrontendError),
+    /// Inputs that do not fit the model (token ids, lengths, masks).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A backend failed to compile or run the model.
+    #[error("{0}")]
+    Run(#[from] RunError),
     /// Input kiln does not handle (yet), with the reason.
     #[error("{0}")]
     Unsupported(String),
 }
 
 impl Error {
-    /// The CLI exit code: 1 for a contract violation, 2 for unreadable input.
+    /// The CLI exit code: 1 for a contract violation, 2 for unusable input.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Contract { .. } => 1,
@@ -67,23 +84,70 @@ impl Error {
     }
 }
 
-/// A model in kiln's IR, from any frontend.
+/// The backends `run` can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The reference interpreter.
+    Interp,
+}
+
+/// The token inputs of one run; absent optional inputs take their defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunInputs {
+    /// Token ids, one row per batch entry (`tokens` input).
+    pub tokens: Vec<Vec<i64>>,
+    /// 1 for real tokens, 0 for padding (`attention_mask`); default all ones.
+    pub attention_mask: Option<Vec<Vec<i64>>>,
+    /// Segment ids (`token_type_ids`); default all zeros.
+    pub token_type_ids: Option<Vec<Vec<i64>>>,
+    /// Decoder token ids of encoder–decoder models (`decoder_tokens`); default one
+    /// `decoder_start_token_id` per row.
+    pub decoder_tokens: Option<Vec<Vec<i64>>>,
+}
+
+impl RunInputs {
+    /// Inputs with only token rows.
+    pub fn tokens(rows: Vec<Vec<i64>>) -> RunInputs {
+        RunInputs {
+            tokens: rows,
+            ..RunInputs::default()
+        }
+    }
+}
+
+/// A model in kiln's IR, from any frontend, with its weights when it has them.
 #[derive(Clone, Debug)]
 pub struct Model {
     module: Module,
     origin: String,
+    weights: Option<Weights>,
+    info: Option<ModelInfo>,
 }
 
 impl Model {
-    /// Loads a model: a `.kir` text-IR file.
+    /// Loads a model: a `.kir` text-IR file or a Hugging Face model folder
+    /// (`config.json` + `model.safetensors`).
     pub fn load(path: impl AsRef<Path>) -> Result<Model, Error> {
         let path = path.as_ref();
         if path.is_dir() {
-            return Err(Error::Unsupported(format!(
-                "{}: is a directory; kiln reads text IR (`.kir`) files so far \
-                 (Hugging Face model folders are not supported yet)",
-                path.display()
-            )));
+            if !path.join("config.json").exists() {
+                return Err(Error::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "is a directory without config.json (not a Hugging Face model folder)",
+                    ),
+                });
+            }
+            let hf = kiln_frontends::load_hf_dir(path)?;
+            return Ok(Model {
+                module: Module {
+                    funcs: vec![hf.graph],
+                },
+                origin: path.display().to_string(),
+                weights: Some(hf.weights),
+                info: Some(hf.info),
+            });
         }
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -111,15 +175,28 @@ impl Model {
         Ok(Model {
             module,
             origin: origin.to_string(),
+            weights: None,
+            info: None,
         })
     }
 
-    /// The built-in GPT-2-style demo model (2 layers, symbolic `B` and `T`).
+    /// The built-in GPT-2-style demo model (2 layers, symbolic `B` and `T`) with
+    /// seeded random weights.
     pub fn demo() -> Result<Model, Error> {
-        let graph = kiln_frontends::gpt2::build_gpt2(&kiln_frontends::Gpt2Config::demo())?;
+        let cfg = kiln_frontends::Gpt2Config::demo();
+        let graph = kiln_frontends::gpt2::build_gpt2(&cfg)?;
+        let weights = kiln_frontends::gpt2::random_weights(&graph, 2026)?;
         Ok(Model {
             module: Module { funcs: vec![graph] },
             origin: "<demo gpt2>".to_string(),
+            weights: Some(weights),
+            info: Some(ModelInfo {
+                family: Family::Gpt2,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.n_positions),
+                eos_token_id: None,
+                decoder_start_token_id: None,
+            }),
         })
     }
 
@@ -131,6 +208,32 @@ impl Model {
     /// The model's functions.
     pub fn module(&self) -> &Module {
         &self.module
+    }
+
+    /// The model's weights, when it has them.
+    pub fn weights(&self) -> Option<&Weights> {
+        self.weights.as_ref()
+    }
+
+    /// Family and token limits, for models from a frontend.
+    pub fn info(&self) -> Option<&ModelInfo> {
+        self.info.as_ref()
+    }
+
+    /// Attaches weights from a safetensors file whose tensor names are the
+    /// parameter names (for `.kir` models).
+    pub fn with_weights_file(mut self, path: &Path) -> Result<Model, Error> {
+        let graph = self.main()?;
+        let weights = kiln_frontends::hf::read_weights(path, graph, None)?;
+        self.weights = Some(weights);
+        Ok(self)
+    }
+
+    /// The function that `run` executes: the first one.
+    pub fn main(&self) -> Result<&Graph, Error> {
+        self.module.funcs.first().ok_or_else(|| {
+            Error::Unsupported(format!("{}: the module has no function", self.origin))
+        })
     }
 
     /// Checks every shape contract; returns each function's resolved symbols.
@@ -180,4 +283,184 @@ impl Model {
             .collect::<Vec<_>>()
             .join("\n")
     }
+
+    /// Compiles the main function for `target`.
+    pub fn compile(&self, target: Target) -> Result<Box<dyn Executable>, Error> {
+        self.check()?;
+        let graph = self.main()?;
+        let weights = self.weights.as_ref().ok_or_else(|| {
+            Error::Input(format!(
+                "{} has no weights: pass a safetensors file with --weights (tensor names = parameter names)",
+                self.origin
+            ))
+        })?;
+        match target {
+            Target::Interp => Ok(Interpreter.compile(graph, weights)?),
+        }
+    }
+
+    /// Builds the input tensors of the main function from token rows, checking
+    /// ids, lengths and masks against the model before anything runs.
+    pub fn prepare_inputs(&self, inputs: &RunInputs) -> Result<Vec<Tensor>, Error> {
+        let graph = self.main()?;
+        let rows = &inputs.tokens;
+        if rows.is_empty() || rows.iter().any(|r| r.is_empty()) {
+            return Err(Error::Input(
+                "every token row needs at least one token".into(),
+            ));
+        }
+        check_rows("--tokens", rows)?;
+        self.check_ids("--tokens", rows)?;
+        let shape_of = |r: &Vec<Vec<i64>>| vec![r.len(), r[0].len()];
+        let mut out = Vec::new();
+        for &v in graph.inputs() {
+            let NodeKind::Input { name } = &graph.node(v).kind else {
+                continue;
+            };
+            let t = match name.as_str() {
+                "tokens" => Tensor::from_tokens(rows).map_err(RunError::from)?,
+                "attention_mask" => match &inputs.attention_mask {
+                    Some(m) => {
+                        check_rows("--attention-mask", m)?;
+                        if shape_of(m) != shape_of(rows) {
+                            return Err(Error::Input(format!(
+                                "--attention-mask has shape {:?} but --tokens has {:?}: give one mask row per token row, one entry per token",
+                                shape_of(m),
+                                shape_of(rows)
+                            )));
+                        }
+                        if let Some((r, row)) = m.iter().enumerate().find(|(_, row)| row.iter().any(|&x| x != 0 && x != 1)) {
+                            return Err(Error::Input(format!("--attention-mask row {r} has values other than 0 and 1: {row:?}")));
+                        }
+                        if let Some(r) = m.iter().position(|row| row.iter().all(|&x| x == 0)) {
+                            return Err(Error::Input(format!("--attention-mask row {r} masks every token")));
+                        }
+                        Tensor::from_tokens(m).map_err(RunError::from)?
+                    }
+                    None => Tensor::from_tokens(&vec![vec![1i64; rows[0].len()]; rows.len()]).map_err(RunError::from)?,
+                },
+                "token_type_ids" => match &inputs.token_type_ids {
+                    Some(t) => {
+                        check_rows("--token-type-ids", t)?;
+                        if shape_of(t) != shape_of(rows) {
+                            return Err(Error::Input("--token-type-ids must have the shape of --tokens".into()));
+                        }
+                        Tensor::from_tokens(t).map_err(RunError::from)?
+                    }
+                    None => Tensor::from_tokens(&vec![vec![0i64; rows[0].len()]; rows.len()]).map_err(RunError::from)?,
+                },
+                "decoder_tokens" => {
+                    let d = match &inputs.decoder_tokens {
+                        Some(d) => d.clone(),
+                        None => {
+                            let start = self.info.as_ref().and_then(|i| i.decoder_start_token_id).ok_or_else(|| {
+                                Error::Input("the model needs --decoder-tokens (no decoder_start_token_id known)".into())
+                            })?;
+                            vec![vec![start]; rows.len()]
+                        }
+                    };
+                    check_rows("--decoder-tokens", &d)?;
+                    if d.len() != rows.len() {
+                        return Err(Error::Input(format!(
+                            "--decoder-tokens has {} rows but --tokens has {}",
+                            d.len(),
+                            rows.len()
+                        )));
+                    }
+                    self.check_ids("--decoder-tokens", &d)?;
+                    Tensor::from_tokens(&d).map_err(RunError::from)?
+                }
+                other => {
+                    return Err(Error::Input(format!(
+                        "the model's input %{other} cannot be given from the command line (kiln fills tokens, attention_mask, token_type_ids, decoder_tokens)"
+                    )))
+                }
+            };
+            out.push(t);
+        }
+        if inputs
+            .attention_mask
+            .as_ref()
+            .is_some_and(|m| m.iter().flatten().any(|&x| x == 0))
+            && !graph_has_input(graph, "attention_mask")
+        {
+            return Err(Error::Input(format!(
+                "{} takes no attention mask, so padded rows (mask 0) cannot be run; give rows of equal length without padding",
+                self.origin
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Token ids below the vocabulary size and sequences within the positions.
+    fn check_ids(&self, flag: &str, rows: &[Vec<i64>]) -> Result<(), Error> {
+        let Some(info) = &self.info else {
+            return Ok(());
+        };
+        for (r, row) in rows.iter().enumerate() {
+            if let Some((i, &id)) = row
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id < 0 || id >= info.vocab_size)
+            {
+                return Err(Error::Input(format!(
+                    "{flag} row {r}, position {i}: token id {id} is out of range (vocabulary size {})",
+                    info.vocab_size
+                )));
+            }
+            if let Some(max) = info.max_positions {
+                if row.len() as i64 > max {
+                    return Err(Error::Input(format!(
+                        "{flag} row {r} has {} tokens, more than the model's {max} positions",
+                        row.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the main function on the interpreter; returns the named outputs.
+    pub fn run(&self, inputs: &RunInputs) -> Result<Vec<(String, Tensor)>, Error> {
+        let mut exe = self.compile(Target::Interp)?;
+        self.run_with(exe.as_mut(), inputs)
+    }
+
+    /// Runs an already compiled executable of this model.
+    pub fn run_with(
+        &self,
+        exe: &mut dyn Executable,
+        inputs: &RunInputs,
+    ) -> Result<Vec<(String, Tensor)>, Error> {
+        let tensors = self.prepare_inputs(inputs)?;
+        let outs = exe.run(&tensors)?;
+        let names = self.main()?.outputs().iter().map(|(n, _)| n.clone());
+        Ok(names.zip(outs).collect())
+    }
+}
+
+fn graph_has_input(graph: &Graph, name: &str) -> bool {
+    graph
+        .inputs()
+        .iter()
+        .any(|v| matches!(&graph.node(*v).kind, NodeKind::Input { name: n } if n == name))
+}
+
+/// Rows must be non-empty and of equal length.
+fn check_rows(flag: &str, rows: &[Vec<i64>]) -> Result<(), Error> {
+    let Some(first) = rows.first() else {
+        return Err(Error::Input(format!("{flag} is empty")));
+    };
+    if let Some((r, row)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.len() != first.len())
+    {
+        return Err(Error::Input(format!(
+            "{flag} row {r} has {} entries but row 0 has {}: rows must be equal-length (pad them and pass --attention-mask with 0 on the padding)",
+            row.len(),
+            first.len()
+        )));
+    }
+    Ok(())
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use kiln::{Error, Model};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kiln::{Error, GenerateOptions, Model, RunInputs, Sampling};
 
 /// kiln: a compiler for transformer models.
 #[derive(Parser)]
@@ -22,19 +22,138 @@ enum Command {
     /// listed with its node, op, shapes and source line), 2 when the input cannot
     /// be read or parsed.
     Check {
-        /// A `.kir` text-IR file.
+        /// A `.kir` text-IR file or a Hugging Face model folder.
         model: PathBuf,
     },
     /// Print a model's canonical text IR, or its graph as Graphviz DOT.
     Ir {
-        /// A `.kir` text-IR file.
+        /// A `.kir` text-IR file or a Hugging Face model folder.
         model: PathBuf,
         /// Print Graphviz DOT (shapes on the edges) instead of text IR.
         #[arg(long)]
         dot: bool,
     },
-    /// Build the built-in GPT-2-style model, check it and print its shape trace.
+    /// Run a model on token ids and print its outputs.
+    ///
+    /// Each `--tokens` is one batch row. Causal LMs print `{"logits": [B][T][V]}`,
+    /// encoders `{"last_hidden_state": …, "pooled": …, "pooler_output": …}`,
+    /// encoder–decoders the decoder's `{"logits": …}`.
+    Run {
+        /// A `.kir` file (with `--weights`) or a Hugging Face model folder.
+        model: PathBuf,
+        #[command(flatten)]
+        inputs: InputArgs,
+        /// Safetensors weights for a `.kir` model (tensor names = parameter names).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "interp")]
+        backend: BackendArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "summary")]
+        output: OutputArg,
+    },
+    /// Generate tokens after a prompt (greedy or seeded sampling).
+    ///
+    /// Prints the new token ids (`{"tokens": [...]}` with `--output json`; one list
+    /// per row when several `--tokens` rows are given). Encoder–decoder models
+    /// encode `--tokens` and decode from their `decoder_start_token_id`.
+    Generate {
+        /// A Hugging Face model folder (gpt2, llama, bart).
+        model: PathBuf,
+        #[command(flatten)]
+        inputs: InputArgs,
+        /// How many tokens to generate per row.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Pick the most likely token each step (the default unless a sampling
+        /// option is given).
+        #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+        greedy: bool,
+        /// Sample with this temperature (> 0).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Sample among the `k` most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample among the most likely tokens covering probability `p`.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Seed of the sampler (runs with the same seed are identical).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep generating after the end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "interp")]
+        backend: BackendArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "summary")]
+        output: OutputArg,
+    },
+    /// Build the built-in GPT-2-style model, check it, print its shape trace, and
+    /// run it on the interpreter.
     Demo,
+}
+
+/// Token inputs shared by `run` and `generate`.
+#[derive(Args)]
+struct InputArgs {
+    /// Token ids of one batch row, comma-separated (repeat for more rows).
+    #[arg(long, required = true, value_parser = parse_ids)]
+    tokens: Vec<Vec<i64>>,
+    /// Attention mask of one row (1 = token, 0 = padding); one per `--tokens`.
+    #[arg(long, value_parser = parse_ids)]
+    attention_mask: Vec<Vec<i64>>,
+    /// Segment ids of one row (BERT); default zeros.
+    #[arg(long, value_parser = parse_ids)]
+    token_type_ids: Vec<Vec<i64>>,
+    /// Decoder token ids of one row (encoder–decoder models).
+    #[arg(long, value_parser = parse_ids)]
+    decoder_tokens: Vec<Vec<i64>>,
+}
+
+impl InputArgs {
+    fn to_inputs(&self) -> RunInputs {
+        let opt = |v: &Vec<Vec<i64>>| (!v.is_empty()).then(|| v.clone());
+        RunInputs {
+            tokens: self.tokens.clone(),
+            attention_mask: opt(&self.attention_mask),
+            token_type_ids: opt(&self.token_type_ids),
+            decoder_tokens: opt(&self.decoder_tokens),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// The reference interpreter.
+    Interp,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum OutputArg {
+    /// Output names, shapes and a few values.
+    Summary,
+    /// One JSON object on stdout.
+    Json,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
+    s.split(',')
+        .map(|p| {
+            let p = p.trim();
+            p.parse::<i64>()
+                .map_err(|_| format!("`{p}` is not an integer token id"))
+        })
+        .collect()
+}
+
+fn target(b: BackendArg) -> kiln::Target {
+    match b {
+        BackendArg::Interp => kiln::Target::Interp,
+    }
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
@@ -53,15 +172,122 @@ fn run(cli: Cli) -> Result<(), Error> {
                 print!("{}", m.to_text());
             }
         }
+        Command::Run {
+            model,
+            inputs,
+            weights,
+            backend,
+            output,
+        } => {
+            let mut m = Model::load(&model)?;
+            if let Some(w) = weights {
+                m = m.with_weights_file(&w)?;
+            }
+            let mut exe = m.compile(target(backend))?;
+            let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
+            match output {
+                OutputArg::Json => println!("{}", kiln::output::outputs_json(&outs)),
+                OutputArg::Summary => {
+                    for (name, t) in &outs {
+                        println!("{name}: {t} {}", preview(t));
+                    }
+                }
+            }
+        }
+        Command::Generate {
+            model,
+            inputs,
+            max_new_tokens,
+            greedy: _,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ignore_eos,
+            backend,
+            output,
+        } => {
+            let m = Model::load(&model)?;
+            let _ = target(backend);
+            let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
+                Sampling::Sample {
+                    temperature: temperature.unwrap_or(1.0),
+                    top_k: top_k.unwrap_or(0),
+                    top_p: top_p.unwrap_or(1.0),
+                    seed,
+                }
+            } else {
+                Sampling::Greedy
+            };
+            let opts = GenerateOptions {
+                max_new_tokens,
+                sampling,
+                stop_at_eos: !ignore_eos,
+            };
+            let new = m.generate(&inputs.to_inputs(), &opts)?;
+            let lists: Vec<String> = new
+                .iter()
+                .map(|r| {
+                    format!(
+                        "[{}]",
+                        r.iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+                .collect();
+            let body = if lists.len() == 1 {
+                lists[0].clone()
+            } else {
+                format!("[{}]", lists.join(", "))
+            };
+            match output {
+                OutputArg::Json => println!("{{\"tokens\": {body}}}"),
+                OutputArg::Summary => println!("new tokens: {body}"),
+            }
+        }
         Command::Demo => {
             let m = Model::demo()?;
             let trace = m.shape_trace()?;
-            println!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T)");
+            println!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T, seeded random weights)");
             println!("all shape contracts hold\n");
             print!("{trace}");
+            let prompt = vec![vec![464, 2068, 7586, 21831], vec![1, 2, 3, 4]];
+            let prompt: Vec<Vec<i64>> = prompt
+                .into_iter()
+                .map(|r| r.into_iter().map(|t| t % 512).collect())
+                .collect();
+            let outs = m.run(&RunInputs::tokens(prompt.clone()))?;
+            println!("\nrun on the interpreter with tokens {prompt:?}:");
+            for (name, t) in &outs {
+                println!("  {name}: {t}");
+            }
+            let opts = GenerateOptions {
+                max_new_tokens: 5,
+                sampling: Sampling::Greedy,
+                stop_at_eos: false,
+            };
+            let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
+            println!("  greedy next tokens: {new:?}");
         }
     }
     Ok(())
+}
+
+/// The first few values of a tensor, for the summary output.
+fn preview(t: &kiln::Tensor) -> String {
+    match t.as_f32() {
+        Some(v) => {
+            let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
+            format!(
+                "[{}{}]",
+                head.join(", "),
+                if v.len() > 4 { ", …" } else { "" }
+            )
+        }
+        None => String::new(),
+    }
 }
 
 fn main() -> ExitCode {

@@ -219,4 +219,3 @@ pub enum RunError {
 fn describe_axis(axis: Option<usize>) -> String {
     axis.map_or_else(String::new, |a| format!(" (axis {a} differs)"))
 }
-

@@ -6,7 +6,9 @@
 use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, ValueId, WeightLayout};
 use serde_json::json;
 
-use crate::blocks::{activation, attention, f32_of, f32_syms, linear, merge_heads, scalar, split_heads, sym};
+use crate::blocks::{
+    activation, attention, f32_of, f32_syms, linear, merge_heads, scalar, split_heads, sym,
+};
 use crate::config::HfConfig;
 use crate::FrontendError;
 
@@ -46,11 +48,22 @@ impl BartConfig {
     /// Reads the fields from `config.json`, rejecting semantics kiln lacks.
     pub fn from_hf(c: &HfConfig) -> Result<BartConfig, FrontendError> {
         c.require("normalize_before", &json!(false), "pre-LN layers (mBART)")?;
-        c.require("add_final_layer_norm", &json!(false), "final layer norms (mBART)")?;
-        c.require("normalize_embedding", &json!(true), "skipping the embedding layer norm")?;
+        c.require(
+            "add_final_layer_norm",
+            &json!(false),
+            "final layer norms (mBART)",
+        )?;
+        c.require(
+            "normalize_embedding",
+            &json!(true),
+            "skipping the embedding layer norm",
+        )?;
         let act = c.string_or("activation_function", "gelu")?;
         if activation(&act).is_none() {
-            return Err(c.unsupported("activation_function", &format!("= {act:?} is not a supported activation")));
+            return Err(c.unsupported(
+                "activation_function",
+                &format!("= {act:?} is not a supported activation"),
+            ));
         }
         Ok(BartConfig {
             vocab_size: c.int("vocab_size")?,
@@ -89,23 +102,52 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     b.bind("dhd", sym("d").div(&sym("hd")).map_err(cerr)?)?;
     b.bind("fe", cfg.encoder_ffn_dim)?;
     b.bind("fd", cfg.decoder_ffn_dim)?;
-    let tokens = b.input("tokens", TensorType::new(DType::I64, vec![sym("B"), sym("S")]));
-    let attention_mask = b.input("attention_mask", TensorType::new(DType::I64, vec![sym("B"), sym("S")]));
-    let decoder_tokens = b.input("decoder_tokens", TensorType::new(DType::I64, vec![sym("B"), sym("T")]));
+    let tokens = b.input(
+        "tokens",
+        TensorType::new(DType::I64, vec![sym("B"), sym("S")]),
+    );
+    let attention_mask = b.input(
+        "attention_mask",
+        TensorType::new(DType::I64, vec![sym("B"), sym("S")]),
+    );
+    let decoder_tokens = b.input(
+        "decoder_tokens",
+        TensorType::new(DType::I64, vec![sym("B"), sym("T")]),
+    );
     let shared_w = b.param("model.shared.weight", f32_syms(&["V", "d"]));
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
     let act = activation(&cfg.activation_function).unwrap_or(kiln_ir::UnaryOp::Gelu);
-    let mut sh = Shared { scale: neg_inf, neg_inf, act };
+    let mut sh = Shared {
+        scale: neg_inf,
+        neg_inf,
+        act,
+    };
 
     // Encoder.
     let head_dim = |h: i64| (cfg.d_model / h.max(1)) as f64;
-    sh.scale = scalar(&mut b, "enc_attn_scale", 1.0 / head_dim(cfg.encoder_attention_heads).sqrt())?;
+    sh.scale = scalar(
+        &mut b,
+        "enc_attn_scale",
+        1.0 / head_dim(cfg.encoder_attention_heads).sqrt(),
+    )?;
     let mut x = embed(&mut b, cfg, "encoder", shared_w, tokens, "S")?;
     let enc_mask = b.named("enc_mask", Op::PaddingMask, &[attention_mask])?;
     for i in 0..cfg.encoder_layers {
         let p = format!("model.encoder.layers.{i}");
         let n = format!("enc{i}");
-        let a = attn_block(&mut b, &sh, &p, "self_attn", &n, x, x, "S", "S", ("he", "dhe"), Some(enc_mask))?;
+        let a = attn_block(
+            &mut b,
+            &sh,
+            &p,
+            "self_attn",
+            &n,
+            x,
+            x,
+            "S",
+            "S",
+            ("he", "dhe"),
+            Some(enc_mask),
+        )?;
         x = post_ln(&mut b, &format!("{p}.self_attn_layer_norm"), x, a)?;
         let f = ffn(&mut b, &sh, &p, x, "fe")?;
         x = post_ln(&mut b, &format!("{p}.final_layer_norm"), x, f)?;
@@ -113,21 +155,59 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     let memory = x;
 
     // Decoder.
-    let dec_scale = scalar(&mut b, "dec_attn_scale", 1.0 / head_dim(cfg.decoder_attention_heads).sqrt())?;
+    let dec_scale = scalar(
+        &mut b,
+        "dec_attn_scale",
+        1.0 / head_dim(cfg.decoder_attention_heads).sqrt(),
+    )?;
     sh.scale = dec_scale;
-    let causal = b.named("causal", Op::CausalMask { queries: sym("T"), keys: sym("T") }, &[])?;
+    let causal = b.named(
+        "causal",
+        Op::CausalMask {
+            queries: sym("T"),
+            keys: sym("T"),
+        },
+        &[],
+    )?;
     let mut y = embed(&mut b, cfg, "decoder", shared_w, decoder_tokens, "T")?;
     for i in 0..cfg.decoder_layers {
         let p = format!("model.decoder.layers.{i}");
         let n = format!("dec{i}");
-        let a = attn_block(&mut b, &sh, &p, "self_attn", &n, y, y, "T", "T", ("hd", "dhd"), Some(causal))?;
+        let a = attn_block(
+            &mut b,
+            &sh,
+            &p,
+            "self_attn",
+            &n,
+            y,
+            y,
+            "T",
+            "T",
+            ("hd", "dhd"),
+            Some(causal),
+        )?;
         y = post_ln(&mut b, &format!("{p}.self_attn_layer_norm"), y, a)?;
-        let c = attn_block(&mut b, &sh, &p, "encoder_attn", &format!("{n}.cross"), y, memory, "T", "S", ("hd", "dhd"), Some(enc_mask))?;
+        let c = attn_block(
+            &mut b,
+            &sh,
+            &p,
+            "encoder_attn",
+            &format!("{n}.cross"),
+            y,
+            memory,
+            "T",
+            "S",
+            ("hd", "dhd"),
+            Some(enc_mask),
+        )?;
         y = post_ln(&mut b, &format!("{p}.encoder_attn_layer_norm"), y, c)?;
         let f = ffn(&mut b, &sh, &p, y, "fd")?;
         y = post_ln(&mut b, &format!("{p}.final_layer_norm"), y, f)?;
     }
-    let bias = b.param("final_logits_bias", f32_of(vec![Dim::constant(1), sym("V")]));
+    let bias = b.param(
+        "final_logits_bias",
+        f32_of(vec![Dim::constant(1), sym("V")]),
+    );
     let logits = linear(&mut b, y, shared_w, None, WeightLayout::OutIn, "lm_head")?;
     let logits = b.named("logits", Op::Binary(BinaryOp::Add), &[logits, bias])?;
     Ok(b.finish(&[("logits", logits)])?)
@@ -135,27 +215,60 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
 
 /// Token embedding (times `sqrt(d)` when configured) + learned positions offset
 /// by 2, then `layernorm_embedding`.
-fn embed(b: &mut GraphBuilder, cfg: &BartConfig, side: &str, shared: ValueId, ids: ValueId, len: &str) -> Result<ValueId, FrontendError> {
-    let pos_table = b.param(&format!("model.{side}.embed_positions.weight"), f32_syms(&["P", "d"]));
-    let ln_w = b.param(&format!("model.{side}.layernorm_embedding.weight"), f32_syms(&["d"]));
-    let ln_b = b.param(&format!("model.{side}.layernorm_embedding.bias"), f32_syms(&["d"]));
+fn embed(
+    b: &mut GraphBuilder,
+    cfg: &BartConfig,
+    side: &str,
+    shared: ValueId,
+    ids: ValueId,
+    len: &str,
+) -> Result<ValueId, FrontendError> {
+    let pos_table = b.param(
+        &format!("model.{side}.embed_positions.weight"),
+        f32_syms(&["P", "d"]),
+    );
+    let ln_w = b.param(
+        &format!("model.{side}.layernorm_embedding.weight"),
+        f32_syms(&["d"]),
+    );
+    let ln_b = b.param(
+        &format!("model.{side}.layernorm_embedding.bias"),
+        f32_syms(&["d"]),
+    );
     let mut tok = b.named(&format!("{side}.tok_emb"), Op::Gather, &[shared, ids])?;
     if cfg.scale_embedding {
-        let s = scalar(b, &format!("{side}.embed_scale"), (cfg.d_model as f64).sqrt())?;
+        let s = scalar(
+            b,
+            &format!("{side}.embed_scale"),
+            (cfg.d_model as f64).sqrt(),
+        )?;
         tok = b.mul(tok, s)?;
     }
     let pos = b.named(
         &format!("{side}.positions"),
-        Op::Arange { start: Dim::constant(POSITION_OFFSET), len: sym(len), dtype: DType::I64 },
+        Op::Arange {
+            start: Dim::constant(POSITION_OFFSET),
+            len: sym(len),
+            dtype: DType::I64,
+        },
         &[],
     )?;
     let pe = b.named(&format!("{side}.pos_emb"), Op::Gather, &[pos_table, pos])?;
     let e = b.add_(tok, pe)?;
-    Ok(b.named(&format!("{side}.embed"), Op::LayerNorm { eps: 1e-5 }, &[e, ln_w, ln_b])?)
+    Ok(b.named(
+        &format!("{side}.embed"),
+        Op::LayerNorm { eps: 1e-5 },
+        &[e, ln_w, ln_b],
+    )?)
 }
 
 /// `LayerNorm(x + y)` with the norm's weights at `{prefix}.weight/bias`.
-fn post_ln(b: &mut GraphBuilder, prefix: &str, x: ValueId, y: ValueId) -> Result<ValueId, FrontendError> {
+fn post_ln(
+    b: &mut GraphBuilder,
+    prefix: &str,
+    x: ValueId,
+    y: ValueId,
+) -> Result<ValueId, FrontendError> {
     let w = b.param(&format!("{prefix}.weight"), f32_syms(&["d"]));
     let bias = b.param(&format!("{prefix}.bias"), f32_syms(&["d"]));
     let r = b.add_(x, y)?;
@@ -180,7 +293,10 @@ fn attn_block(
 ) -> Result<ValueId, FrontendError> {
     let out_in = WeightLayout::OutIn;
     let proj = |b: &mut GraphBuilder, p: &str| {
-        let w = b.param(&format!("{prefix}.{module}.{p}.weight"), f32_syms(&["d", "d"]));
+        let w = b.param(
+            &format!("{prefix}.{module}.{p}.weight"),
+            f32_syms(&["d", "d"]),
+        );
         let bias = b.param(&format!("{prefix}.{module}.{p}.bias"), f32_syms(&["d"]));
         (w, bias)
     };
@@ -194,18 +310,54 @@ fn attn_block(
     let q = split_heads(b, q, q_len, heads, dh)?;
     let k = split_heads(b, k, k_len, heads, dh)?;
     let v = split_heads(b, v, k_len, heads, dh)?;
-    let ctx = attention(b, &format!("{name}.attn"), q, k, v, mask, sh.scale, sh.neg_inf)?;
+    let ctx = attention(
+        b,
+        &format!("{name}.attn"),
+        q,
+        k,
+        v,
+        mask,
+        sh.scale,
+        sh.neg_inf,
+    )?;
     let ctx = merge_heads(b, ctx, q_len, sym("d"))?;
-    Ok(linear(b, ctx, wo, Some(bo), out_in, &format!("{name}.out"))?)
+    Ok(linear(
+        b,
+        ctx,
+        wo,
+        Some(bo),
+        out_in,
+        &format!("{name}.out"),
+    )?)
 }
 
-fn ffn(b: &mut GraphBuilder, sh: &Shared, prefix: &str, x: ValueId, width: &str) -> Result<ValueId, FrontendError> {
+fn ffn(
+    b: &mut GraphBuilder,
+    sh: &Shared,
+    prefix: &str,
+    x: ValueId,
+    width: &str,
+) -> Result<ValueId, FrontendError> {
     let out_in = WeightLayout::OutIn;
     let w1 = b.param(&format!("{prefix}.fc1.weight"), f32_syms(&[width, "d"]));
     let b1 = b.param(&format!("{prefix}.fc1.bias"), f32_syms(&[width]));
     let w2 = b.param(&format!("{prefix}.fc2.weight"), f32_syms(&["d", width]));
     let b2 = b.param(&format!("{prefix}.fc2.bias"), f32_syms(&["d"]));
-    let h = linear(b, x, w1, Some(b1), out_in, &format!("{prefix}.fc1").replace("model.", ""))?;
+    let h = linear(
+        b,
+        x,
+        w1,
+        Some(b1),
+        out_in,
+        &format!("{prefix}.fc1").replace("model.", ""),
+    )?;
     let h = b.op(Op::Unary(sh.act), &[h])?;
-    Ok(linear(b, h, w2, Some(b2), out_in, &format!("{prefix}.fc2").replace("model.", ""))?)
+    Ok(linear(
+        b,
+        h,
+        w2,
+        Some(b2),
+        out_in,
+        &format!("{prefix}.fc2").replace("model.", ""),
+    )?)
 }

@@ -3,10 +3,14 @@
 //! Outputs `last_hidden_state`, the mask-weighted mean-pooled sentence embedding
 //! `pooled`, and the `pooler_output` (tanh dense on the first token).
 
-use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, ReduceKind, TensorType, WeightLayout};
+use kiln_ir::{
+    BinaryOp, DType, Dim, Graph, GraphBuilder, Op, ReduceKind, TensorType, WeightLayout,
+};
 use serde_json::json;
 
-use crate::blocks::{activation, attention, f32_syms, linear, merge_heads, scalar, split_heads, sym};
+use crate::blocks::{
+    activation, attention, f32_syms, linear, merge_heads, scalar, split_heads, sym,
+};
 use crate::config::HfConfig;
 use crate::FrontendError;
 
@@ -36,12 +40,23 @@ pub struct BertConfig {
 impl BertConfig {
     /// Reads the fields from `config.json`, rejecting semantics kiln lacks.
     pub fn from_hf(c: &HfConfig) -> Result<BertConfig, FrontendError> {
-        c.require("position_embedding_type", &json!("absolute"), "relative position embeddings")?;
+        c.require(
+            "position_embedding_type",
+            &json!("absolute"),
+            "relative position embeddings",
+        )?;
         c.require("is_decoder", &json!(false), "BERT as a causal decoder")?;
-        c.require("add_cross_attention", &json!(false), "cross-attention layers")?;
+        c.require(
+            "add_cross_attention",
+            &json!(false),
+            "cross-attention layers",
+        )?;
         let hidden_act = c.string_or("hidden_act", "gelu")?;
         if activation(&hidden_act).is_none() {
-            return Err(c.unsupported("hidden_act", &format!("= {hidden_act:?} is not a supported activation")));
+            return Err(c.unsupported(
+                "hidden_act",
+                &format!("= {hidden_act:?} is not a supported activation"),
+            ));
         }
         Ok(BertConfig {
             vocab_size: c.int("vocab_size")?,
@@ -67,7 +82,12 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     b.bind("d", cfg.hidden_size)?;
     b.bind("f", cfg.intermediate_size)?;
     b.bind("h", cfg.num_attention_heads)?;
-    b.bind("dh", sym("d").div(&sym("h")).map_err(|e| FrontendError::Config(e.to_string()))?)?;
+    b.bind(
+        "dh",
+        sym("d")
+            .div(&sym("h"))
+            .map_err(|e| FrontendError::Config(e.to_string()))?,
+    )?;
     let ids = TensorType::new(DType::I64, vec![sym("B"), sym("T")]);
     let tokens = b.input("tokens", ids.clone());
     let attention_mask = b.input("attention_mask", ids.clone());
@@ -77,8 +97,14 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     let out_in = WeightLayout::OutIn;
 
     let word = b.param("embeddings.word_embeddings.weight", f32_syms(&["V", "d"]));
-    let position = b.param("embeddings.position_embeddings.weight", f32_syms(&["P", "d"]));
-    let token_type = b.param("embeddings.token_type_embeddings.weight", f32_syms(&["G", "d"]));
+    let position = b.param(
+        "embeddings.position_embeddings.weight",
+        f32_syms(&["P", "d"]),
+    );
+    let token_type = b.param(
+        "embeddings.token_type_embeddings.weight",
+        f32_syms(&["G", "d"]),
+    );
     let emb_ln_w = b.param("embeddings.LayerNorm.weight", f32_syms(&["d"]));
     let emb_ln_b = b.param("embeddings.LayerNorm.bias", f32_syms(&["d"]));
     let w = b.named("word_emb", Op::Gather, &[word, tokens])?;
@@ -97,7 +123,12 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     let e = b.add_(wp, t)?;
     let mut x = b.named("embed", Op::LayerNorm { eps }, &[e, emb_ln_w, emb_ln_b])?;
     let mask = b.named("mask", Op::PaddingMask, &[attention_mask])?;
-    let dh = b.cx().eval(&sym("dh")).ok().and_then(|d| d.as_const()).unwrap_or(1);
+    let dh = b
+        .cx()
+        .eval(&sym("dh"))
+        .ok()
+        .and_then(|d| d.as_const())
+        .unwrap_or(1);
     let scale = scalar(&mut b, "attn_scale", 1.0 / (dh as f64).sqrt())?;
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
 
@@ -142,15 +173,40 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     let m = b.op(Op::Cast { to: DType::F32 }, &[attention_mask])?;
     let m3 = b.reshape(m, vec![sym("B"), sym("T"), Dim::constant(1)])?;
     let xm = b.mul(x, m3)?;
-    let sum = b.op(Op::Reduce { kind: ReduceKind::Sum, axes: vec![1], keepdim: false }, &[xm])?;
-    let count = b.op(Op::Reduce { kind: ReduceKind::Sum, axes: vec![1], keepdim: false }, &[m3])?;
+    let sum = b.op(
+        Op::Reduce {
+            kind: ReduceKind::Sum,
+            axes: vec![1],
+            keepdim: false,
+        },
+        &[xm],
+    )?;
+    let count = b.op(
+        Op::Reduce {
+            kind: ReduceKind::Sum,
+            axes: vec![1],
+            keepdim: false,
+        },
+        &[m3],
+    )?;
     let pooled = b.named("pooled", Op::Binary(BinaryOp::Div), &[sum, count])?;
 
     let pw = b.param("pooler.dense.weight", f32_syms(&["d", "d"]));
     let pb = b.param("pooler.dense.bias", f32_syms(&["d"]));
-    let first = b.op(Op::Slice { axis: 1, start: Dim::constant(0), end: Dim::constant(1) }, &[x])?;
+    let first = b.op(
+        Op::Slice {
+            axis: 1,
+            start: Dim::constant(0),
+            end: Dim::constant(1),
+        },
+        &[x],
+    )?;
     let first = b.reshape(first, vec![sym("B"), sym("d")])?;
     let dense = linear(&mut b, first, pw, Some(pb), out_in, "pooler.dense")?;
     let pooler = b.named("pooler_output", Op::Unary(kiln_ir::UnaryOp::Tanh), &[dense])?;
-    Ok(b.finish(&[("last_hidden_state", x), ("pooled", pooled), ("pooler_output", pooler)])?)
+    Ok(b.finish(&[
+        ("last_hidden_state", x),
+        ("pooled", pooled),
+        ("pooler_output", pooler),
+    ])?)
 }

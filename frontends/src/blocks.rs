@@ -2,7 +2,9 @@
 //! layout, head split/merge, decomposed scaled-dot-product attention, GQA head
 //! repetition. Each emits plain IR ops through the builder (shape-checked as added).
 
-use kiln_ir::{BinaryOp, DType, Dim, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId, WeightLayout};
+use kiln_ir::{
+    BinaryOp, DType, Dim, GraphBuilder, IrError, Op, TensorType, UnaryOp, ValueId, WeightLayout,
+};
 
 /// A `Dim` symbol.
 pub fn sym(name: &str) -> Dim {
@@ -63,20 +65,38 @@ pub fn linear(
 }
 
 /// `[B, L, heads * dh]` → `[B, heads, L, dh]`.
-pub fn split_heads(b: &mut GraphBuilder, x: ValueId, len: &str, heads: &str, dh: &str) -> Result<ValueId, IrError> {
+pub fn split_heads(
+    b: &mut GraphBuilder,
+    x: ValueId,
+    len: &str,
+    heads: &str,
+    dh: &str,
+) -> Result<ValueId, IrError> {
     let r = b.reshape(x, vec![sym("B"), sym(len), sym(heads), sym(dh)])?;
     b.permute(r, &[0, 2, 1, 3])
 }
 
 /// `[B, heads, L, dh]` → `[B, L, width]`.
-pub fn merge_heads(b: &mut GraphBuilder, x: ValueId, len: &str, width: Dim) -> Result<ValueId, IrError> {
+pub fn merge_heads(
+    b: &mut GraphBuilder,
+    x: ValueId,
+    len: &str,
+    width: Dim,
+) -> Result<ValueId, IrError> {
     let p = b.permute(x, &[0, 2, 1, 3])?;
     b.reshape(p, vec![sym("B"), sym(len), width])
 }
 
 /// `[B, hk, L, dh]` → `[B, hk * rep, L, dh]`, each kv head repeated `rep` times
 /// in place (HF `repeat_kv`): reshape, expand, reshape.
-pub fn repeat_kv(b: &mut GraphBuilder, x: ValueId, hk: &str, rep: &str, len: &str, dh: &str) -> Result<ValueId, IrError> {
+pub fn repeat_kv(
+    b: &mut GraphBuilder,
+    x: ValueId,
+    hk: &str,
+    rep: &str,
+    len: &str,
+    dh: &str,
+) -> Result<ValueId, IrError> {
     let one = Dim::constant(1);
     let r = b.reshape(x, vec![sym("B"), sym(hk), one, sym(len), sym(dh)])?;
     let e = b.op(
@@ -118,7 +138,11 @@ pub fn attention(
     if let Some(m) = mask {
         scores = b.op(Op::Where, &[m, scores, neg_inf])?;
     }
-    let probs = b.named(&format!("{prefix}.probs"), Op::Softmax { axis: -1 }, &[scores])?;
+    let probs = b.named(
+        &format!("{prefix}.probs"),
+        Op::Softmax { axis: -1 },
+        &[scores],
+    )?;
     b.named(
         &format!("{prefix}.ctx"),
         Op::MatMul {

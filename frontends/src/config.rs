@@ -27,9 +27,14 @@ impl HfConfig {
 
     /// Parses JSON text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<HfConfig, FrontendError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| FrontendError::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            FrontendError::Config(format!("{}: not valid JSON: {e}", path.display()))
+        })?;
         if !value.is_object() {
-            return Err(FrontendError::Config(format!("{}: expected a JSON object", path.display())));
+            return Err(FrontendError::Config(format!(
+                "{}: expected a JSON object",
+                path.display()
+            )));
         }
         Ok(HfConfig {
             path: path.to_path_buf(),
@@ -85,7 +90,9 @@ impl HfConfig {
     pub fn float_or(&self, key: &str, default: f64) -> Result<f64, FrontendError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(key, &format!("must be a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(key, &format!("must be a number, got {v}"))),
         }
     }
 
@@ -93,7 +100,9 @@ impl HfConfig {
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool, FrontendError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(key, &format!("must be true or false, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, &format!("must be true or false, got {v}"))),
         }
     }
 

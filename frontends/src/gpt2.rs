@@ -52,14 +52,33 @@ impl Gpt2Config {
 
     /// Reads the fields from `config.json`, rejecting semantics kiln lacks.
     pub fn from_hf(c: &HfConfig) -> Result<Gpt2Config, FrontendError> {
-        c.require("scale_attn_weights", &json!(true), "unscaled attention scores")?;
-        c.require("scale_attn_by_inverse_layer_idx", &json!(false), "per-layer score scaling")?;
-        c.require("add_cross_attention", &json!(false), "cross-attention layers")?;
+        c.require(
+            "scale_attn_weights",
+            &json!(true),
+            "unscaled attention scores",
+        )?;
+        c.require(
+            "scale_attn_by_inverse_layer_idx",
+            &json!(false),
+            "per-layer score scaling",
+        )?;
+        c.require(
+            "add_cross_attention",
+            &json!(false),
+            "cross-attention layers",
+        )?;
         let act = c.string_or("activation_function", "gelu_new")?;
-        let activation = activation(&act)
-            .ok_or_else(|| c.unsupported("activation_function", &format!("= {act:?} is not a supported activation")))?;
+        let activation = activation(&act).ok_or_else(|| {
+            c.unsupported(
+                "activation_function",
+                &format!("= {act:?} is not a supported activation"),
+            )
+        })?;
         if !c.bool_or("tie_word_embeddings", true)? {
-            return Err(c.unsupported("tie_word_embeddings", "is false; GPT2LMHeadModel ties its head to wte"));
+            return Err(c.unsupported(
+                "tie_word_embeddings",
+                "is false; GPT2LMHeadModel ties its head to wte",
+            ));
         }
         Ok(Gpt2Config {
             vocab_size: c.int("vocab_size")?,
@@ -254,6 +273,56 @@ fn block(
     let act = b.named(&n("gelu"), Op::Unary(cfg.activation), &[up])?;
     let down = linear(b, act, mp_w, mp_b, &n("mlp"))?;
     b.named(&n("out"), Op::Binary(BinaryOp::Add), &[x, down])
+}
+
+/// Seeded random weights for every parameter of `graph` (the demo model has no
+/// checkpoint): norms get weight 1 and bias 0, other tensors draw from
+/// `U(-0.08, 0.08)` (std ≈ 0.046) with a xorshift generator seeded by `seed`.
+pub fn random_weights(
+    graph: &Graph,
+    seed: u64,
+) -> Result<std::collections::BTreeMap<String, kiln_ir::Tensor>, FrontendError> {
+    let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 / (1u64 << 53) as f64) as f32
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for &p in graph.params() {
+        let kiln_ir::NodeKind::Param { name } = &graph.node(p).kind else {
+            continue;
+        };
+        let mut shape = Vec::new();
+        for d in &graph.ty(p).shape {
+            let v = cx
+                .eval(d)
+                .ok()
+                .and_then(|v| v.as_const())
+                .filter(|v| *v >= 0);
+            let v = v.ok_or_else(|| {
+                FrontendError::Config(format!(
+                    "parameter {name} has a size that is not a known constant"
+                ))
+            })?;
+            shape.push(v as usize);
+        }
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("ln_") || name.contains("norm") || name.contains("LayerNorm");
+        let values: Vec<f32> = if is_norm && name.ends_with(".weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| (next() - 0.5) * 0.16).collect()
+        };
+        let t = kiln_ir::Tensor::f32(shape, values)
+            .map_err(|e| FrontendError::Config(format!("{name}: {e}")))?;
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

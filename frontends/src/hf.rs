@@ -75,11 +75,10 @@ fn is_buffer(name: &str) -> bool {
 
 /// Prefixes that checkpoints saved from a wrapper class put before the names the
 /// base model uses (`bert.` from `BertForPreTraining`).
-fn prefixes(family: Family) -> &'static [&'static str] {
+fn prefixes(family: Option<Family>) -> &'static [&'static str] {
     match family {
-        Family::Bert => &["", "bert."],
-        Family::Gpt2 => &["", "transformer."],
-        Family::Llama | Family::Bart => &[""],
+        Some(Family::Bert) => &["", "bert."],
+        Some(Family::Gpt2 | Family::Llama | Family::Bart) | None => &[""],
     }
 }
 
@@ -169,13 +168,21 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
             message: why.to_string(),
         });
     }
-    let weights = read_weights(&weights_path, &graph, info.family)?;
-    Ok(HfModel { graph, weights, info })
+    let weights = read_weights(&weights_path, &graph, Some(info.family))?;
+    Ok(HfModel {
+        graph,
+        weights,
+        info,
+    })
 }
 
 /// Reads `path` and returns exactly the graph's parameters, each checked against
 /// the parameter's type.
-pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeMap<String, Tensor>, FrontendError> {
+pub fn read_weights(
+    path: &Path,
+    graph: &Graph,
+    family: Option<Family>,
+) -> Result<BTreeMap<String, Tensor>, FrontendError> {
     let werr = |message: String| FrontendError::Weights {
         path: path.to_path_buf(),
         message,
@@ -191,7 +198,8 @@ pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeM
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&mmap).map_err(|e| werr(format!("not a valid safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| werr(format!("not a valid safetensors file: {e}")))?;
     let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
 
     let names: BTreeSet<&str> = st.names().into_iter().collect();
@@ -206,17 +214,27 @@ pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeM
         let expected: Vec<usize> = ty
             .shape
             .iter()
-            .map(|d| cx.eval(d).ok().and_then(|v| v.as_const()).map_or(0, |c| c.max(0) as usize))
+            .map(|d| {
+                cx.eval(d)
+                    .ok()
+                    .and_then(|v| v.as_const())
+                    .map_or(0, |c| c.max(0) as usize)
+            })
             .collect();
         let found = prefixes(family)
             .iter()
             .map(|pre| format!("{pre}{name}"))
             .find(|n| names.contains(n.as_str()));
         let Some(file_name) = found else {
-            problems.push(format!("missing tensor `{name}` (expected {} {:?})", ty.dtype, expected));
+            problems.push(format!(
+                "missing tensor `{name}` (expected {} {:?})",
+                ty.dtype, expected
+            ));
             continue;
         };
-        let view = st.tensor(&file_name).map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+        let view = st
+            .tensor(&file_name)
+            .map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
         used.insert(names.get(file_name.as_str()).copied().unwrap_or_default());
         if view.shape() != expected.as_slice() {
             problems.push(format!(
@@ -232,12 +250,16 @@ pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeM
                 view.dtype()
             ))
         })?;
-        let t = Tensor::f32(expected, values).map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+        let t = Tensor::f32(expected, values)
+            .map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
         out.insert(name.clone(), t);
     }
     for n in &names {
         if !used.contains(n) && !is_buffer(n) {
-            problems.push(format!("unexpected tensor `{n}` (the {family:?} graph has no such parameter)"));
+            problems.push(format!(
+                "unexpected tensor `{n}` (the graph @{} has no such parameter)",
+                graph.name
+            ));
         }
     }
     if !problems.is_empty() {
@@ -249,7 +271,11 @@ pub fn read_weights(path: &Path, graph: &Graph, family: Family) -> Result<BTreeM
 /// Little-endian float data → f32; `None` for non-float dtypes.
 fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     match dtype {
-        Dtype::F32 => Some(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F32 => Some(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
         Dtype::F16 => Some(
             data.chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())

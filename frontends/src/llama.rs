@@ -5,7 +5,9 @@
 use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, UnaryOp, WeightLayout};
 use serde_json::json;
 
-use crate::blocks::{attention, f32_of, f32_syms, linear, merge_heads, repeat_kv, scalar, split_heads, sym};
+use crate::blocks::{
+    attention, f32_of, f32_syms, linear, merge_heads, repeat_kv, scalar, split_heads, sym,
+};
 use crate::config::HfConfig;
 use crate::FrontendError;
 
@@ -42,18 +44,33 @@ impl LlamaConfig {
         c.require("hidden_act", &json!("silu"), "the SwiGLU gate activation")?;
         c.require("attention_bias", &json!(false), "q/k/v/o projection biases")?;
         c.require("mlp_bias", &json!(false), "MLP biases")?;
-        c.require("pretraining_tp", &json!(1), "tensor-parallel slicing of the projections")?;
+        c.require(
+            "pretraining_tp",
+            &json!(1),
+            "tensor-parallel slicing of the projections",
+        )?;
         if c.get("rope_scaling").is_some() {
-            return Err(c.unsupported("rope_scaling", "is set; only unscaled rotary embeddings are supported"));
+            return Err(c.unsupported(
+                "rope_scaling",
+                "is set; only unscaled rotary embeddings are supported",
+            ));
         }
         let mut rope_theta = c.float_or("rope_theta", 10000.0)?;
         if let Some(p) = c.get("rope_parameters") {
-            let kind = p.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+            let kind = p
+                .get("rope_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
             if kind != "default" {
-                return Err(c.unsupported("rope_parameters", &format!("has rope_type {kind:?}; only \"default\" is supported")));
+                return Err(c.unsupported(
+                    "rope_parameters",
+                    &format!("has rope_type {kind:?}; only \"default\" is supported"),
+                ));
             }
             if let Some(t) = p.get("rope_theta") {
-                rope_theta = t.as_f64().ok_or_else(|| c.unsupported("rope_parameters", "has a non-numeric rope_theta"))?;
+                rope_theta = t.as_f64().ok_or_else(|| {
+                    c.unsupported("rope_parameters", "has a non-numeric rope_theta")
+                })?;
             }
         }
         let heads = c.int("num_attention_heads")?;
@@ -83,13 +100,30 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
     b.bind("hk", cfg.num_key_value_heads)?;
     match cfg.head_dim {
         Some(dh) => b.bind("dh", dh)?,
-        None => b.bind("dh", sym("d").div(&sym("h")).map_err(|e| FrontendError::Config(e.to_string()))?)?,
+        None => b.bind(
+            "dh",
+            sym("d")
+                .div(&sym("h"))
+                .map_err(|e| FrontendError::Config(e.to_string()))?,
+        )?,
     };
-    b.bind("rep", sym("h").div(&sym("hk")).map_err(|e| FrontendError::Config(e.to_string()))?)?;
-    let q_width = sym("h").mul(&sym("dh")).map_err(|e| FrontendError::Config(e.to_string()))?;
-    let kv_width = sym("hk").mul(&sym("dh")).map_err(|e| FrontendError::Config(e.to_string()))?;
+    b.bind(
+        "rep",
+        sym("h")
+            .div(&sym("hk"))
+            .map_err(|e| FrontendError::Config(e.to_string()))?,
+    )?;
+    let q_width = sym("h")
+        .mul(&sym("dh"))
+        .map_err(|e| FrontendError::Config(e.to_string()))?;
+    let kv_width = sym("hk")
+        .mul(&sym("dh"))
+        .map_err(|e| FrontendError::Config(e.to_string()))?;
 
-    let tokens = b.input("tokens", TensorType::new(DType::I64, vec![sym("B"), sym("T")]));
+    let tokens = b.input(
+        "tokens",
+        TensorType::new(DType::I64, vec![sym("B"), sym("T")]),
+    );
     let embed = b.param("model.embed_tokens.weight", f32_syms(&["V", "d"]));
     let mut x = b.named("embed", Op::Gather, &[embed, tokens])?;
     let pos = b.named(
@@ -109,7 +143,12 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
         },
         &[],
     )?;
-    let dh = b.cx().eval(&sym("dh")).ok().and_then(|d| d.as_const()).unwrap_or(1);
+    let dh = b
+        .cx()
+        .eval(&sym("dh"))
+        .ok()
+        .and_then(|d| d.as_const())
+        .unwrap_or(1);
     let scale = scalar(&mut b, "attn_scale", 1.0 / (dh as f64).sqrt())?;
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
     let eps = cfg.rms_norm_eps;
@@ -119,10 +158,22 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
         let p = |n: &str| format!("model.layers.{i}.{n}");
         let n = |v: &str| format!("l{i}.{v}");
         let ln1 = b.param(&p("input_layernorm.weight"), f32_syms(&["d"]));
-        let wq = b.param(&p("self_attn.q_proj.weight"), f32_of(vec![q_width.clone(), sym("d")]));
-        let wk = b.param(&p("self_attn.k_proj.weight"), f32_of(vec![kv_width.clone(), sym("d")]));
-        let wv = b.param(&p("self_attn.v_proj.weight"), f32_of(vec![kv_width.clone(), sym("d")]));
-        let wo = b.param(&p("self_attn.o_proj.weight"), f32_of(vec![sym("d"), q_width.clone()]));
+        let wq = b.param(
+            &p("self_attn.q_proj.weight"),
+            f32_of(vec![q_width.clone(), sym("d")]),
+        );
+        let wk = b.param(
+            &p("self_attn.k_proj.weight"),
+            f32_of(vec![kv_width.clone(), sym("d")]),
+        );
+        let wv = b.param(
+            &p("self_attn.v_proj.weight"),
+            f32_of(vec![kv_width.clone(), sym("d")]),
+        );
+        let wo = b.param(
+            &p("self_attn.o_proj.weight"),
+            f32_of(vec![sym("d"), q_width.clone()]),
+        );
         let ln2 = b.param(&p("post_attention_layernorm.weight"), f32_syms(&["d"]));
         let wg = b.param(&p("mlp.gate_proj.weight"), f32_syms(&["f", "d"]));
         let wu = b.param(&p("mlp.up_proj.weight"), f32_syms(&["f", "d"]));
@@ -138,7 +189,10 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
         let q = b.named(&n("q_rope"), Op::Rope { theta }, &[q, pos])?;
         let k = b.named(&n("k_rope"), Op::Rope { theta }, &[k, pos])?;
         let (k, v) = if cfg.num_key_value_heads != cfg.num_attention_heads {
-            (repeat_kv(&mut b, k, "hk", "rep", "T", "dh")?, repeat_kv(&mut b, v, "hk", "rep", "T", "dh")?)
+            (
+                repeat_kv(&mut b, k, "hk", "rep", "T", "dh")?,
+                repeat_kv(&mut b, v, "hk", "rep", "T", "dh")?,
+            )
         } else {
             (k, v)
         };

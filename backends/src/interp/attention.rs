@@ -6,8 +6,8 @@ use kiln_ir::Dim;
 use super::index::{broadcast_map, numel};
 use super::reduce::softmax_row;
 use super::NodeCx;
-use kiln_ir::tensor::TensorData;
 use crate::{RunError, Tensor};
+use kiln_ir::tensor::TensorData;
 
 /// Whether query `i` of `queries` may see key `j` of `keys` under the causal
 /// rule aligned bottom-right: `j <= i + keys - queries`.

@@ -11,8 +11,8 @@ use kiln_ir::{BinaryOp, DType, Dim, UnaryOp};
 
 use super::index::{broadcast_map, broadcast_shapes};
 use super::NodeCx;
-use kiln_ir::tensor::{Element, TensorData};
 use crate::{RunError, Tensor};
+use kiln_ir::tensor::{Element, TensorData};
 
 /// An integer element type, computed on as i64 and wrapped back.
 pub(crate) trait IntElement: Element {

@@ -6,8 +6,8 @@ use kiln_ir::WeightLayout;
 use super::elementwise::IntElement;
 use super::index::{broadcast_map, broadcast_shapes, numel};
 use super::NodeCx;
-use kiln_ir::tensor::TensorData;
 use crate::{RunError, Tensor};
+use kiln_ir::tensor::TensorData;
 
 /// The geometry of one batched product `[.., m, k] · [.., k, n]`.
 struct Plan {

@@ -6,8 +6,8 @@ use kiln_ir::Dim;
 
 use super::index::{broadcast_map, numel, strided_map, strides, take};
 use super::NodeCx;
-use kiln_ir::tensor::{Element, TensorData};
 use crate::{RunError, Tensor};
+use kiln_ir::tensor::{Element, TensorData};
 
 fn sizes(n: &NodeCx<'_>, dims: &[Dim]) -> Result<Vec<usize>, RunError> {
     dims.iter().map(|d| n.size(d)).collect()

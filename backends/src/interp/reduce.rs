@@ -7,8 +7,8 @@ use kiln_ir::ReduceKind;
 use super::elementwise::IntElement;
 use super::index::{numel, strided_map, strides};
 use super::NodeCx;
-use kiln_ir::tensor::TensorData;
 use crate::{RunError, Tensor};
+use kiln_ir::tensor::TensorData;
 
 /// Reduces `x` over `axes` (negative allowed), keeping them as size 1 when `keepdim`.
 pub(super) fn reduce(

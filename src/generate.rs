@@ -1,0 +1,267 @@
+//! Token generation: greedy decoding and seeded sampling (temperature, top-k,
+//! top-p), for causal LMs and encoder–decoder models.
+//!
+//! Without a KV cache yet, each step re-runs the whole prefix (O(S²) per
+//! sequence); the KV-cache pass will replace that with a `decode` entry point.
+
+use kiln_backends::{Executable, Tensor};
+
+use crate::{Error, Model, RunInputs};
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id).
+    Greedy,
+    /// A draw from the filtered, tempered distribution, reproducible by `seed`.
+    Sample {
+        /// Logits are divided by this (> 0).
+        temperature: f64,
+        /// Keep only the `k` most likely tokens (0: no limit).
+        top_k: usize,
+        /// Keep the smallest set of most likely tokens whose probability reaches
+        /// `top_p` (1.0: no limit).
+        top_p: f64,
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// Options of [`Model::generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// Tokens to produce per row.
+    pub max_new_tokens: usize,
+    /// How to pick each token.
+    pub sampling: Sampling,
+    /// Stop a row once it produced the model's `eos_token_id`.
+    pub stop_at_eos: bool,
+}
+
+/// A small, fast, seeded generator (xorshift64*), so runs are reproducible
+/// without pulling in a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from one row of logits.
+fn pick(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> i64 {
+    match sampling {
+        Sampling::Greedy => {
+            let mut best = 0;
+            for (i, &x) in logits.iter().enumerate() {
+                if x > logits[best] {
+                    best = i;
+                }
+            }
+            best as i64
+        }
+        Sampling::Sample {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } => {
+            let mut order: Vec<(f64, usize)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (x as f64 / temperature, i))
+                .collect();
+            order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            if *top_k > 0 {
+                order.truncate(*top_k);
+            }
+            let max = order.first().map_or(0.0, |o| o.0);
+            let mut probs: Vec<f64> = order.iter().map(|(x, _)| (x - max).exp()).collect();
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= total);
+            if *top_p < 1.0 {
+                let mut acc = 0.0;
+                let mut keep = probs.len();
+                for (i, p) in probs.iter().enumerate() {
+                    acc += p;
+                    if acc >= *top_p {
+                        keep = i + 1;
+                        break;
+                    }
+                }
+                probs.truncate(keep);
+                let total: f64 = probs.iter().sum();
+                probs.iter_mut().for_each(|p| *p /= total);
+            }
+            let mut u = rng.next_f64();
+            for (p, (_, id)) in probs.iter().zip(&order) {
+                if u < *p {
+                    return *id as i64;
+                }
+                u -= p;
+            }
+            order[probs.len().saturating_sub(1)].1 as i64
+        }
+    }
+}
+
+impl Model {
+    /// Generates up to `opts.max_new_tokens` tokens after each prompt row;
+    /// returns the new tokens of each row. For encoder–decoder models the prompt
+    /// is the encoder input and decoding starts from `decoder_start_token_id`.
+    pub fn generate(
+        &self,
+        prompt: &RunInputs,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Vec<i64>>, Error> {
+        let info = self.info().cloned().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: generation needs a model from a frontend (a Hugging Face folder or the demo)",
+                self.origin()
+            ))
+        })?;
+        if !info.family.is_generative() {
+            return Err(Error::Unsupported(format!(
+                "{}: a {:?} encoder does not generate tokens",
+                self.origin(),
+                info.family
+            )));
+        }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = opts.sampling
+        {
+            if !(temperature > 0.0 && temperature.is_finite()) {
+                return Err(Error::Input(format!(
+                    "--temperature must be positive, got {temperature}"
+                )));
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(Error::Input(format!(
+                    "--top-p must be in (0, 1], got {top_p}"
+                )));
+            }
+        }
+        let encoder_decoder = info.decoder_start_token_id.is_some();
+        let rows = prompt.tokens.len();
+        let growing_len = if encoder_decoder {
+            1
+        } else {
+            prompt.tokens.first().map_or(0, |r| r.len())
+        };
+        if let Some(max) = info.max_positions {
+            if (growing_len + opts.max_new_tokens) as i64 > max {
+                return Err(Error::Input(format!(
+                    "{growing_len} tokens + {} new ones exceed the model's {max} positions",
+                    opts.max_new_tokens
+                )));
+            }
+        }
+        let mut exe = self.compile(crate::Target::Interp)?;
+        let mut inputs = prompt.clone();
+        if encoder_decoder && inputs.decoder_tokens.is_none() {
+            inputs.decoder_tokens =
+                Some(vec![vec![info.decoder_start_token_id.unwrap_or(0)]; rows]);
+        }
+        let mut rng = match opts.sampling {
+            Sampling::Sample { seed, .. } => Rng::new(seed),
+            Sampling::Greedy => Rng::new(0),
+        };
+        let mut new_tokens = vec![Vec::new(); rows];
+        let mut done = vec![false; rows];
+        for _ in 0..opts.max_new_tokens {
+            let logits = last_logits(self, exe.as_mut(), &inputs)?;
+            let vocab = logits.shape()[2];
+            let len = logits.shape()[1];
+            let data = logits
+                .as_f32()
+                .ok_or_else(|| Error::Unsupported("logits are not f32".into()))?;
+            for r in 0..rows {
+                let row = &data[(r * len + len - 1) * vocab..(r * len + len) * vocab];
+                let next = pick(row, &opts.sampling, &mut rng);
+                let seq = if encoder_decoder {
+                    inputs.decoder_tokens.as_mut().map(|d| &mut d[r])
+                } else {
+                    Some(&mut inputs.tokens[r])
+                };
+                if let Some(seq) = seq {
+                    seq.push(next);
+                }
+                if !done[r] {
+                    new_tokens[r].push(next);
+                    done[r] = opts.stop_at_eos && Some(next) == info.eos_token_id;
+                }
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+        }
+        Ok(new_tokens)
+    }
+}
+
+/// Runs the model and returns its `logits` output `[B, T, V]`.
+fn last_logits(
+    model: &Model,
+    exe: &mut dyn Executable,
+    inputs: &RunInputs,
+) -> Result<Tensor, Error> {
+    let outs = model.run_with(exe, inputs)?;
+    outs.into_iter()
+        .find(|(n, t)| n == "logits" && t.rank() == 3)
+        .map(|(_, t)| t)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: the model has no `logits: f32[B, T, V]` output",
+                model.origin()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut rng = Rng::new(1);
+        assert_eq!(pick(&[0.1, 3.0, 3.0, -1.0], &Sampling::Greedy, &mut rng), 1);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_respects_top_k() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0, 4.0];
+        let s = Sampling::Sample {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let draw = |seed: u64| {
+            let mut rng = Rng::new(seed);
+            (0..50)
+                .map(|_| pick(&logits, &s, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert!(draw(7).iter().all(|&t| t == 3 || t == 4));
+        assert!(draw(7).contains(&3) && draw(7).contains(&4));
+        let p = Sampling::Sample {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 7,
+        };
+        let mut rng = Rng::new(3);
+        assert!((0..50).all(|_| pick(&logits, &p, &mut rng) == 4));
+    }
+}

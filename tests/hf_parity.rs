@@ -1,0 +1,193 @@
+//! Parity with PyTorch / Hugging Face: small random-init models of every family,
+//! made by `scripts/make_references.py`, must give the recorded outputs within
+//! max |kiln − torch| / max |torch| ≤ 1e-4, and identical greedy generations.
+
+use std::path::{Path, PathBuf};
+
+use kiln::{GenerateOptions, Model, RunInputs, Sampling, Tensor};
+use serde_json::Value;
+
+const TOLERANCE: f64 = 1e-4;
+
+fn data_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name)
+}
+
+fn reference(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(data_dir(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+fn rows(v: &Value) -> Vec<Vec<i64>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_i64().expect("id"))
+                .collect()
+        })
+        .collect()
+}
+
+fn flatten(v: &Value, out: &mut Vec<f64>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN)),
+        _ => out.push(f64::NAN),
+    }
+}
+
+/// Compares one output; `keep` selects which flat positions count (padding
+/// positions of a masked encoder are not compared). Returns the relative error.
+fn check_close(what: &str, got: &Tensor, want: &Value, keep: &dyn Fn(usize) -> bool) -> f64 {
+    let mut expected = Vec::new();
+    flatten(want, &mut expected);
+    let got = got.as_f32().expect("f32 output");
+    assert_eq!(got.len(), expected.len(), "{what}: element count");
+    let (mut max_diff, mut max_ref) = (0f64, 0f64);
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        if keep(i) {
+            max_diff = max_diff.max((*g as f64 - e).abs());
+            max_ref = max_ref.max(e.abs());
+        }
+    }
+    let rel = max_diff / max_ref;
+    println!("{what}: max |kiln - torch| = {max_diff:.3e}, max |torch| = {max_ref:.3}, relative {rel:.3e}");
+    assert!(
+        rel <= TOLERANCE,
+        "{what}: relative error {rel:.3e} > {TOLERANCE:e}"
+    );
+    rel
+}
+
+fn output<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &outs
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no output {name}"))
+        .1
+}
+
+fn check_causal_lm(name: &str) {
+    let r = reference(name);
+    let model = Model::load(data_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let outs = model
+        .run(&RunInputs::tokens(rows(&r["inputs"]["input_ids"])))
+        .unwrap();
+    check_close(
+        &format!("{name} logits"),
+        output(&outs, "logits"),
+        &r["outputs"]["logits"],
+        &|_| true,
+    );
+    check_greedy(name, &model, &r["greedy"], r["greedy"]["prompt"].clone());
+}
+
+fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
+    let prompt: Vec<i64> = prompt
+        .as_array()
+        .expect("prompt")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect();
+    let want: Vec<i64> = greedy["new_tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        sampling: Sampling::Greedy,
+        stop_at_eos: false,
+    };
+    let got = model
+        .generate(&RunInputs::tokens(vec![prompt]), &opts)
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![want],
+        "{name}: greedy generation differs from Hugging Face"
+    );
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_causal_lm("gpt2");
+}
+
+#[test]
+fn llama_with_gqa_matches_transformers() {
+    check_causal_lm("llama");
+}
+
+#[test]
+fn llama_tied_mqa_matches_transformers() {
+    check_causal_lm("llama_tied");
+}
+
+#[test]
+fn bert_matches_transformers_with_and_without_padding() {
+    let r = reference("bert");
+    let model = Model::load(data_dir("bert")).unwrap();
+    for case in [&r, &r["padded"]] {
+        let inputs = RunInputs {
+            tokens: rows(&case["inputs"]["input_ids"]),
+            attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
+            token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
+            decoder_tokens: None,
+        };
+        let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+        let outs = model.run(&inputs).unwrap();
+        let d = 32;
+        check_close(
+            "bert last_hidden_state",
+            output(&outs, "last_hidden_state"),
+            &case["outputs"]["last_hidden_state"],
+            &|i| mask[i / d] == 1,
+        );
+        check_close(
+            "bert pooled",
+            output(&outs, "pooled"),
+            &case["outputs"]["mean_pooled"],
+            &|_| true,
+        );
+        check_close(
+            "bert pooler_output",
+            output(&outs, "pooler_output"),
+            &case["outputs"]["pooler_output"],
+            &|_| true,
+        );
+    }
+}
+
+#[test]
+fn bart_matches_transformers() {
+    let r = reference("bart");
+    let model = Model::load(data_dir("bart")).unwrap();
+    let inputs = RunInputs {
+        tokens: rows(&r["inputs"]["input_ids"]),
+        attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
+        token_type_ids: None,
+        decoder_tokens: Some(rows(&r["inputs"]["decoder_input_ids"])),
+    };
+    let outs = model.run(&inputs).unwrap();
+    check_close(
+        "bart logits",
+        output(&outs, "logits"),
+        &r["outputs"]["logits"],
+        &|_| true,
+    );
+    check_greedy(
+        "bart",
+        &model,
+        &r["greedy"],
+        r["greedy"]["encoder_prompt"].clone(),
+    );
+}
