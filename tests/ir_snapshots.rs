@@ -29,3 +29,14 @@ fn builder_errors_name_the_node_and_both_shapes() {
     let err = b.matmul(x, w).unwrap_err();
     insta::assert_snapshot!(err.to_string(), @"%new = matmul(%x, @c_attn.weight): inner dims differ: d=768 vs 512 (f32[B, T, d] and f32[512, 2304])");
 }
+
+#[test]
+fn hugging_face_family_graphs() {
+    for family in ["gpt2", "llama", "llama_tied", "bert", "bart"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/hf")
+            .join(family);
+        let model = kiln::Model::load(&dir).expect("the test model loads");
+        insta::assert_snapshot!(format!("hf_{family}_ir"), model.to_text());
+    }
+}

@@ -1,0 +1,374 @@
+//! `kiln run` and `kiln generate` on Hugging Face folders: the JSON contract other
+//! tools rely on, and clear errors (exit code 2) for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kiln(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the kiln binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn check_ok(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = kiln(args);
+    assert_eq!(code, 0, "kiln {args:?}\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln {args:?}: not JSON ({e}):\n{out}"))
+}
+
+fn check_fails(args: &[&str], needle: &str) {
+    let (code, out, err) = kiln(args);
+    assert_eq!(code, 2, "kiln {args:?}\nstdout: {out}\nstderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(needle),
+        "kiln {args:?}: expected `{needle}` in:\n{err}"
+    );
+}
+
+fn shape(v: &serde_json::Value) -> Vec<usize> {
+    let mut s = vec![];
+    let mut cur = v;
+    while let Some(a) = cur.as_array() {
+        s.push(a.len());
+        match a.first() {
+            Some(x) => cur = x,
+            None => break,
+        }
+    }
+    s
+}
+
+/// A scratch copy of a test model folder, to break in one way.
+fn scratch_copy(name: &str, tag: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
+    let dst = std::env::temp_dir().join(format!("kiln-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn run_prints_one_json_object_per_family() {
+    let v = check_ok(&[
+        "run",
+        "tests/data/hf/gpt2",
+        "--tokens",
+        "1,2,3",
+        "--tokens",
+        "4,5,6",
+        "--backend",
+        "interp",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(shape(&v["logits"]), vec![2, 3, 101]);
+    let v = check_ok(&[
+        "run",
+        "tests/data/hf/llama",
+        "--tokens",
+        "1,2,3,4",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(shape(&v["logits"]), vec![1, 4, 101]);
+    let v = check_ok(&[
+        "run",
+        "tests/data/hf/bert",
+        "--tokens",
+        "5,6,7",
+        "--tokens",
+        "8,9,0",
+        "--attention-mask",
+        "1,1,1",
+        "--attention-mask",
+        "1,1,0",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(shape(&v["last_hidden_state"]), vec![2, 3, 32]);
+    assert_eq!(shape(&v["pooled"]), vec![2, 32]);
+    let v = check_ok(&[
+        "run",
+        "tests/data/hf/bart",
+        "--tokens",
+        "5,6,7,8",
+        "--decoder-tokens",
+        "2,0,14",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(shape(&v["logits"]), vec![1, 3, 101]);
+}
+
+#[test]
+fn generate_greedy_matches_the_reference_and_sampling_is_seeded() {
+    let v = check_ok(&[
+        "generate",
+        "tests/data/hf/gpt2",
+        "--tokens",
+        "11,73,4,58,90",
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        v["tokens"],
+        serde_json::json!([96, 70, 70, 74, 74, 96, 6, 6])
+    );
+    let v = check_ok(&[
+        "generate",
+        "tests/data/hf/bart",
+        "--tokens",
+        "11,73,4,58,90",
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--ignore-eos",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        v["tokens"],
+        serde_json::json!([75, 75, 75, 35, 35, 69, 69, 69])
+    );
+    let sample = |seed: &str| {
+        check_ok(&[
+            "generate",
+            "tests/data/hf/llama",
+            "--tokens",
+            "11,73,4",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--output",
+            "json",
+        ])
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+    let two = check_ok(&[
+        "generate",
+        "tests/data/hf/gpt2",
+        "--tokens",
+        "11,73",
+        "--tokens",
+        "4,58",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(shape(&two["tokens"]), vec![2, 3]);
+}
+
+#[test]
+fn bad_tokens_are_clear_errors() {
+    check_fails(
+        &["run", "tests/data/hf/gpt2", "--tokens", "1,101"],
+        "--tokens row 0, position 1: token id 101 is out of range (vocabulary size 101)",
+    );
+    check_fails(
+        &["run", "tests/data/hf/gpt2", "--tokens", "1,-3"],
+        "token id -3 is out of range",
+    );
+    check_fails(
+        &["run", "tests/data/hf/gpt2", "--tokens", "1,x"],
+        "`x` is not an integer token id",
+    );
+    let long: Vec<String> = (0..65).map(|i| (i % 100).to_string()).collect();
+    check_fails(
+        &["run", "tests/data/hf/gpt2", "--tokens", &long.join(",")],
+        "has 65 tokens, more than the model's 64 positions",
+    );
+    check_fails(
+        &[
+            "generate",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1,2,3",
+            "--max-new-tokens",
+            "62",
+        ],
+        "3 tokens + 62 new ones exceed the model's 64 positions",
+    );
+    check_fails(
+        &[
+            "run",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1,2,3",
+            "--tokens",
+            "4,5",
+        ],
+        "--tokens row 1 has 2 entries but row 0 has 3",
+    );
+    check_fails(
+        &[
+            "run",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1,2,3",
+            "--attention-mask",
+            "1,1,0",
+        ],
+        "takes no attention mask, so padded rows",
+    );
+    check_fails(
+        &[
+            "run",
+            "tests/data/hf/bert",
+            "--tokens",
+            "1,2,3",
+            "--attention-mask",
+            "1,1",
+        ],
+        "--attention-mask has shape [1, 2] but --tokens has [1, 3]",
+    );
+    check_fails(
+        &[
+            "run",
+            "tests/data/hf/bert",
+            "--tokens",
+            "1,2,3",
+            "--attention-mask",
+            "1,2,1",
+        ],
+        "values other than 0 and 1",
+    );
+    check_fails(
+        &["generate", "tests/data/hf/bert", "--tokens", "1,2,3"],
+        "encoder does not generate tokens",
+    );
+    check_fails(
+        &[
+            "generate",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1",
+            "--temperature",
+            "0",
+        ],
+        "--temperature must be positive",
+    );
+}
+
+#[test]
+fn bad_folders_and_weights_are_clear_errors() {
+    check_fails(
+        &["run", "no/such/model", "--tokens", "1"],
+        "cannot read no/such/model",
+    );
+    check_fails(&["check", "examples/invalid"], "without config.json");
+
+    let dir = scratch_copy("gpt2", "noweights");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "the folder has no model.safetensors",
+    );
+
+    let dir = scratch_copy("gpt2", "truncated");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "not a valid safetensors file",
+    );
+    std::fs::write(dir.join("model.safetensors"), b"garbage").unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "not a valid safetensors file",
+    );
+
+    let dir = scratch_copy("gpt2", "misshaped");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"vocab_size\": 101", "\"vocab_size\": 100");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(&["run", dir.to_str().unwrap(), "--tokens", "1"], "tensor `transformer.wte.weight` has shape [101, 32] but the config implies [100, 32] (f32[V, d])");
+
+    let dir = scratch_copy("llama", "extra");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "unexpected tensor `model.layers.1.input_layernorm.weight`",
+    );
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_hidden_layers\": 1", "\"num_hidden_layers\": 3");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "missing tensor `model.layers.2.input_layernorm.weight` (expected f32 [32])",
+    );
+
+    let dir = scratch_copy("llama", "ropescaling");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "has rope_type \"yarn\"; only \"default\" is supported",
+    );
+
+    let dir = scratch_copy("gpt2", "modeltype");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"model_type\": \"gpt2\"", "\"model_type\": \"t5\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "model_type \"t5\" is not supported",
+    );
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    check_fails(
+        &["check", dir.to_str().unwrap()],
+        "config.json: not valid JSON",
+    );
+
+    let dir = scratch_copy("gpt2", "heads");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"n_head\": 4", "\"n_head\": 5");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let (code, _, err) = kiln(&["check", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("32 is not divisible by 5"), "{err}");
+}
+
+#[test]
+fn check_and_ir_work_on_model_folders() {
+    let (code, out, err) = kiln(&["check", "tests/data/hf/llama"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| %l0.q_rope"), "{out}");
+    let (code, out, _) = kiln(&["ir", "tests/data/hf/bart"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("func @bart(%tokens: i64[B, S], %attention_mask: i64[B, S], %decoder_tokens: i64[B, T])"), "{out}");
+}
