@@ -1032,7 +1032,7 @@ fn rank_error(what: &str, expected: &str, ty: &TensorType) -> ShapeError {
         what: what.to_string(),
         expected: expected.to_string(),
         got: ty.rank(),
-        ty: ty.clone(),
+        ty: ty.to_string(),
     }
 }
 
@@ -1218,8 +1218,8 @@ fn infer_attention(inputs: &[TensorType], cx: &ShapeCx) -> Result<TensorType, Sh
                 what: "query heads are not a multiple of kv heads (GQA needs h % h_kv == 0)".into(),
                 lhs: cx.describe(&q.shape[1]),
                 rhs: cx.describe(&k.shape[1]),
-                lhs_ty: q.clone(),
-                rhs_ty: k.clone(),
+                lhs_ty: q.to_string(),
+                rhs_ty: k.to_string(),
             })
         }
     }

@@ -26,7 +26,7 @@ pub enum ShapeError {
         what: String,
         expected: String,
         got: usize,
-        ty: TensorType,
+        ty: String,
     },
     /// Two dims that the contract says are equal differ.
     #[error("{what}: {lhs} vs {rhs} ({lhs_ty} and {rhs_ty})")]
@@ -34,8 +34,8 @@ pub enum ShapeError {
         what: String,
         lhs: String,
         rhs: String,
-        lhs_ty: TensorType,
-        rhs_ty: TensorType,
+        lhs_ty: String,
+        rhs_ty: String,
     },
     /// Two shapes cannot be broadcast together.
     #[error("cannot broadcast {lhs} with {rhs}: axis {axis} is {a} vs {b} (neither is 1)")]
@@ -146,8 +146,8 @@ impl ShapeCx {
             what: what.to_string(),
             lhs: self.describe(a),
             rhs: self.describe(b),
-            lhs_ty: a_ty.clone(),
-            rhs_ty: b_ty.clone(),
+            lhs_ty: a_ty.to_string(),
+            rhs_ty: b_ty.to_string(),
         })
     }
 
