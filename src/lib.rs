@@ -26,6 +26,7 @@ pub use kiln_passes as passes;
 pub use generate::{GenerateOptions, Sampling};
 pub use kiln_backends::{Tensor, Weights};
 pub use kiln_frontends::{Family, ModelInfo};
+pub use kiln_passes::{OptLevel, PassManager, PassRecord};
 
 use kiln_backends::{Backend, Executable, Interpreter, RunError};
 use kiln_ir::{Graph, Module, NodeKind, ParseError, ShapeCx, VerifyErrors};
@@ -68,6 +69,9 @@ pub enum Error {
     /// A backend failed to compile or run the model.
     #[error("{0}")]
     Run(#[from] RunError),
+    /// An optimization pass failed.
+    #[error("{0}")]
+    Pass(#[from] kiln_passes::PassError),
     /// Input kiln does not handle (yet), with the reason.
     #[error("{0}")]
     Unsupported(String),
@@ -282,6 +286,33 @@ impl Model {
             .map(kiln_ir::dot::to_dot)
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The model after the named optimization pipeline (weights rewritten too,
+    /// where a pass folds them).
+    pub fn optimize(&self, level: OptLevel) -> Result<Model, Error> {
+        Ok(self.apply_passes(&PassManager::pipeline(level))?.0)
+    }
+
+    /// The model after `passes`, with what each pass did and the IR dumps it
+    /// was asked to keep.
+    pub fn apply_passes(
+        &self,
+        passes: &PassManager,
+    ) -> Result<(Model, kiln_passes::PassContext<'static>), Error> {
+        self.check()?;
+        let mut out = self.clone();
+        let mut weights = out.weights.take();
+        let (log, dumps) = {
+            let mut cx = kiln_passes::PassContext::new(weights.as_mut());
+            passes.run(&mut out.module, &mut cx)?;
+            (std::mem::take(&mut cx.log), std::mem::take(&mut cx.dumps))
+        };
+        out.weights = weights;
+        let mut cx = kiln_passes::PassContext::new(None);
+        cx.log = log;
+        cx.dumps = dumps;
+        Ok((out, cx))
     }
 
     /// Compiles the main function for `target`.

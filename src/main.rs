@@ -25,10 +25,25 @@ enum Command {
         /// A `.kir` text-IR file or a Hugging Face model folder.
         model: PathBuf,
     },
-    /// Print a model's canonical text IR, or its graph as Graphviz DOT.
+    /// Print a model's IR after the optimization pipeline (default `-O2`), or
+    /// as the frontend built it (`-O0`), or after a chosen list of passes.
+    ///
+    /// `--print-after PASS` (or `all`) prints the IR after that pass as well,
+    /// and a summary of what each pass did goes to stderr.
     Ir {
         /// A `.kir` text-IR file or a Hugging Face model folder.
         model: PathBuf,
+        /// Optimization level: 0 (as built), 1 (cleanup), 2 (cleanup + fusion).
+        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
+        opt: kiln::OptLevel,
+        /// Run exactly these passes instead of a pipeline (comma-separated;
+        /// canonicalize, constant-folding, cse, dce, attention-fusion, lora-merge,
+        /// elementwise-fusion, kv-cache, memory-plan).
+        #[arg(long, value_delimiter = ',')]
+        passes: Option<Vec<String>>,
+        /// Also print the IR after this pass (`all`: after every pass).
+        #[arg(long, value_name = "PASS")]
+        print_after: Vec<String>,
         /// Print Graphviz DOT (shapes on the edges) instead of text IR.
         #[arg(long)]
         dot: bool,
@@ -140,6 +155,15 @@ enum OutputArg {
     Json,
 }
 
+fn parse_level(s: &str) -> Result<kiln::OptLevel, String> {
+    match s {
+        "0" => Ok(kiln::OptLevel::O0),
+        "1" => Ok(kiln::OptLevel::O1),
+        "2" => Ok(kiln::OptLevel::O2),
+        _ => Err(format!("`{s}` is not an optimization level (0, 1 or 2)")),
+    }
+}
+
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
     s.split(',')
         .map(|p| {
@@ -164,8 +188,36 @@ fn run(cli: Cli) -> Result<(), Error> {
             println!("{}: all shape contracts hold\n", m.origin());
             print!("{trace}");
         }
-        Command::Ir { model, dot } => {
+        Command::Ir {
+            model,
+            opt,
+            passes,
+            print_after,
+            dot,
+        } => {
             let m = Model::load(&model)?;
+            let pm = match &passes {
+                Some(names) => kiln::PassManager::from_names(names).map_err(Error::Pass)?,
+                None => kiln::PassManager::pipeline(opt),
+            }
+            .print_after(&print_after);
+            let (m, cx) = m.apply_passes(&pm)?;
+            for (pass, text) in &cx.dumps {
+                println!("// ----- IR after {pass} -----");
+                print!("{text}");
+                println!();
+            }
+            for r in &cx.log {
+                let what = if r.notes.is_empty() {
+                    "no change".to_string()
+                } else {
+                    r.notes.join("; ")
+                };
+                eprintln!("pass {}: {what}", r.pass);
+            }
+            if !cx.dumps.is_empty() {
+                println!("// ----- final IR -----");
+            }
             if dot {
                 print!("{}", m.to_dot());
             } else {

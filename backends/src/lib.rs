@@ -23,15 +23,10 @@
 
 pub mod interp;
 
-use std::collections::BTreeMap;
-
 use kiln_ir::{DType, Graph, ShapeError, VerifyErrors};
 
 pub use interp::Interpreter;
-pub use kiln_ir::{Element, Tensor, TensorData, TensorError};
-
-/// Weights by parameter name (`@wte` is the key `"wte"`).
-pub type Weights = BTreeMap<String, Tensor>;
+pub use kiln_ir::{Element, Tensor, TensorData, TensorError, Weights};
 
 /// Compiles a verified graph and its weights into an [`Executable`].
 pub trait Backend {

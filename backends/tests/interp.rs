@@ -1323,3 +1323,35 @@ fn graphs_the_interpreter_refuses() {
     let err = run(wrong, &Weights::new(), &[random(1, &[2])]).unwrap_err();
     assert!(matches!(err, RunError::Graph(_)), "{err}");
 }
+
+#[test]
+fn fused_kernel_equals_its_elementwise_ops() {
+    let fused = "func @f(%x: f32[B, 3], %b: f32[3]) -> (y: f32[B, 3]) {
+  %y = kernel(%x, %b) body=[add(0, 1), const(0.5, f32), mul(2, 3), gelu_tanh(4)] : f32[B, 3]
+  return %y
+}";
+    let plain = "func @f(%x: f32[B, 3], %b: f32[3]) -> (y: f32[B, 3]) {
+  %s = add(%x, %b) : f32[B, 3]
+  %h = constant() value=0.5 dtype=f32 shape=[] : f32[]
+  %m = mul(%s, %h) : f32[B, 3]
+  %y = gelu_tanh(%m) : f32[B, 3]
+  return %y
+}";
+    let inputs = [
+        Tensor::f32(vec![2, 3], vec![0.5, -1.0, 2.0, 3.0, -0.25, 0.0]).unwrap(),
+        Tensor::f32(vec![3], vec![0.1, 0.2, -0.3]).unwrap(),
+    ];
+    check_same(fused, plain, &Weights::new(), &inputs, 0.0);
+    // A body whose result does not depend on every operand still has the
+    // operands' broadcast shape.
+    let bcast = "func @f(%x: f32[B, 3], %b: f32[3]) -> (y: f32[B, 3]) {
+  %y = kernel(%x, %b) body=[exp(1)] : f32[B, 3]
+  return %y
+}";
+    let plain = "func @f(%x: f32[B, 3], %b: f32[3]) -> (y: f32[B, 3]) {
+  %e = exp(%b) : f32[3]
+  %y = expand(%e) shape=[B, 3] : f32[B, 3]
+  return %y
+}";
+    check_same(bcast, plain, &Weights::new(), &inputs, 0.0);
+}

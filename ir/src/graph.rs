@@ -210,6 +210,86 @@ impl Graph {
             .count()
     }
 
+    /// Makes every use of `old` (by ops and outputs) a use of `new` instead.
+    /// Returns how many uses moved.
+    pub fn replace_all_uses(&mut self, old: ValueId, new: ValueId) -> usize {
+        if old == new {
+            return 0;
+        }
+        let uses: Vec<(NodeIndex, usize, petgraph::stable_graph::EdgeIndex)> = self
+            .dag
+            .edges_directed(old.0, Direction::Outgoing)
+            .map(|e| (e.target(), *e.weight(), e.id()))
+            .collect();
+        for (user, operand, edge) in &uses {
+            self.dag.remove_edge(*edge);
+            self.dag.add_edge(new.0, *user, *operand);
+        }
+        let mut moved = uses.len();
+        for (_, v) in &mut self.outputs {
+            if *v == old {
+                *v = new;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    /// Replaces the operands of op node `id`.
+    pub fn set_operands(&mut self, id: ValueId, operands: &[ValueId]) {
+        let old: Vec<petgraph::stable_graph::EdgeIndex> = self
+            .dag
+            .edges_directed(id.0, Direction::Incoming)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.dag.remove_edge(e);
+        }
+        for (i, v) in operands.iter().enumerate() {
+            self.dag.add_edge(v.0, id.0, i);
+        }
+    }
+
+    /// Removes a node and its edges. Removing a used value leaves its users with
+    /// fewer operands, which the verifier reports; callers remove only dead nodes
+    /// or replace uses first. Inputs and parameters are removed from their lists.
+    pub fn remove_node(&mut self, id: ValueId) {
+        self.dag.remove_node(id.0);
+        self.inputs.retain(|v| *v != id);
+        self.params.retain(|v| *v != id);
+        self.spans.remove(&id);
+    }
+
+    /// Whether `id` has no users and is not an output.
+    pub fn is_dead(&self, id: ValueId) -> bool {
+        self.dag
+            .edges_directed(id.0, Direction::Outgoing)
+            .next()
+            .is_none()
+            && !self.outputs.iter().any(|(_, v)| *v == id)
+    }
+
+    /// The parameter called `name`, if declared.
+    pub fn param_by_name(&self, name: &str) -> Option<ValueId> {
+        self.params
+            .iter()
+            .copied()
+            .find(|p| matches!(&self.dag[p.0].kind, NodeKind::Param { name: n } if n == name))
+    }
+
+    /// The input called `name`, if any.
+    pub fn input_by_name(&self, name: &str) -> Option<ValueId> {
+        self.inputs
+            .iter()
+            .copied()
+            .find(|p| matches!(&self.dag[p.0].kind, NodeKind::Input { name: n } if n == name))
+    }
+
+    /// Replaces the bindings (passes that fold or add symbols use it).
+    pub fn set_bindings(&mut self, bindings: Vec<(String, Dim)>) {
+        self.bindings = bindings;
+    }
+
     /// Adds a raw dataflow edge. Only for tests of the verifier (it can make cycles).
     pub fn add_edge_unchecked(&mut self, from: ValueId, to: ValueId, operand: usize) {
         self.dag.add_edge(from.0, to.0, operand);

@@ -20,11 +20,11 @@ pub mod verify;
 pub use builder::GraphBuilder;
 pub use dim::{Dim, DimError};
 pub use graph::{Graph, Module, Node, NodeKind, Span, ValueId};
-pub use op::{AttrValue, BinaryOp, Op, ReduceKind, UnaryOp, WeightLayout};
+pub use op::{AttrValue, BinaryOp, KernelOp, Op, ReduceKind, UnaryOp, WeightLayout};
 pub use parse::{parse_dim, parse_graph, parse_module, parse_type, ParseError};
 pub use print::{print_graph, print_module, Namer};
 pub use shape::{ShapeCx, ShapeError};
-pub use tensor::{Element, Tensor, TensorData, TensorError};
+pub use tensor::{Element, Tensor, TensorData, TensorError, Weights};
 pub use types::{DType, TensorType};
 pub use verify::{verify, verify_module, Diagnostic, VerifyErrors};
 

@@ -66,6 +66,102 @@ pub enum WeightLayout {
     OutIn,
 }
 
+/// One scalar instruction of a fused elementwise [`Op::Kernel`]. Arguments
+/// index the kernel's values: its operands first (`0..n`), then the results of
+/// earlier instructions (`n + i` for instruction `i`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelOp {
+    /// An elementwise unary op.
+    Unary(UnaryOp, usize),
+    /// An elementwise binary op.
+    Binary(BinaryOp, usize, usize),
+    /// `where(cond, a, b)`.
+    Where(usize, usize, usize),
+    /// A dtype conversion.
+    Cast(DType, usize),
+    /// A scalar constant.
+    Const(f64, DType),
+}
+
+impl KernelOp {
+    /// The values this instruction reads.
+    pub fn args(&self) -> Vec<usize> {
+        match self {
+            KernelOp::Unary(_, a) | KernelOp::Cast(_, a) => vec![*a],
+            KernelOp::Binary(_, a, b) => vec![*a, *b],
+            KernelOp::Where(c, a, b) => vec![*c, *a, *b],
+            KernelOp::Const(..) => vec![],
+        }
+    }
+
+    fn to_attr(&self) -> AttrValue {
+        let ix = |i: &usize| AttrValue::Dim(Dim::constant(*i as i64));
+        match self {
+            KernelOp::Unary(u, a) => AttrValue::Call(u.name().into(), vec![ix(a)]),
+            KernelOp::Binary(b, x, y) => AttrValue::Call(b.name().into(), vec![ix(x), ix(y)]),
+            KernelOp::Where(c, a, b) => AttrValue::Call("where".into(), vec![ix(c), ix(a), ix(b)]),
+            KernelOp::Cast(t, a) => AttrValue::Call("cast".into(), vec![ix(a), word(t.name())]),
+            KernelOp::Const(v, t) => {
+                AttrValue::Call("const".into(), vec![AttrValue::Float(*v), word(t.name())])
+            }
+        }
+    }
+
+    fn from_attr(v: &AttrValue) -> Result<KernelOp, String> {
+        let bad = || {
+            format!("kernel: `{v}` is not an instruction such as add(0, 1), const(0.5, f32) or cast(2, i64)")
+        };
+        let AttrValue::Call(name, args) = v else {
+            return Err(bad());
+        };
+        let ix = |k: usize| -> Result<usize, String> {
+            match args.get(k) {
+                Some(AttrValue::Dim(d)) => d
+                    .as_const()
+                    .filter(|i| *i >= 0)
+                    .map(|i| i as usize)
+                    .ok_or_else(bad),
+                _ => Err(bad()),
+            }
+        };
+        let dtype = |k: usize| -> Result<DType, String> {
+            match args.get(k) {
+                Some(AttrValue::Dim(d)) => d.as_sym().and_then(DType::from_name).ok_or_else(bad),
+                _ => Err(bad()),
+            }
+        };
+        let arity = |n: usize| if args.len() == n { Ok(()) } else { Err(bad()) };
+        if let Some((u, _)) = UNARY.iter().find(|(_, n)| n == name) {
+            arity(1)?;
+            return Ok(KernelOp::Unary(*u, ix(0)?));
+        }
+        if let Some((b, _)) = BINARY.iter().find(|(_, n)| n == name) {
+            arity(2)?;
+            return Ok(KernelOp::Binary(*b, ix(0)?, ix(1)?));
+        }
+        match name.as_str() {
+            "where" => {
+                arity(3)?;
+                Ok(KernelOp::Where(ix(0)?, ix(1)?, ix(2)?))
+            }
+            "cast" => {
+                arity(2)?;
+                Ok(KernelOp::Cast(dtype(1)?, ix(0)?))
+            }
+            "const" => {
+                arity(2)?;
+                let value = match &args[0] {
+                    AttrValue::Float(x) => *x,
+                    AttrValue::Dim(d) => d.as_const().ok_or_else(bad)? as f64,
+                    _ => return Err(bad()),
+                };
+                Ok(KernelOp::Const(value, dtype(1)?))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// One operation. Every op produces exactly one tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -129,6 +225,10 @@ pub enum Op {
     Attention { causal: bool, scale: f64 },
     /// `lora_linear(x, w, a, b[, bias])`: `x·w + (alpha / r)·(x·a)·b (+ bias)`.
     LoraLinear { alpha: f64, layout: WeightLayout },
+    /// A fused chain of elementwise ops: the operands broadcast together and
+    /// `body` runs per element; the result is the last instruction's value,
+    /// broadcast to the operands' common shape.
+    Kernel { body: Vec<KernelOp> },
 }
 
 /// An attribute value as written in the text IR.
@@ -142,6 +242,8 @@ pub enum AttrValue {
     Dim(Dim),
     /// `[a, b, c]`.
     List(Vec<AttrValue>),
+    /// `name(a, b)`: an instruction of a fused kernel's body.
+    Call(String, Vec<AttrValue>),
 }
 
 impl fmt::Display for AttrValue {
@@ -153,6 +255,10 @@ impl fmt::Display for AttrValue {
             AttrValue::List(items) => {
                 let parts: Vec<String> = items.iter().map(|a| a.to_string()).collect();
                 write!(f, "[{}]", parts.join(", "))
+            }
+            AttrValue::Call(name, args) => {
+                let parts: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                write!(f, "{name}({})", parts.join(", "))
             }
         }
     }
@@ -262,7 +368,7 @@ impl WeightLayout {
 }
 
 /// Op names other than the unary and binary ones.
-const OTHER_OPS: [&str; 22] = [
+const OTHER_OPS: [&str; 23] = [
     "where",
     "cast",
     "constant",
@@ -285,6 +391,7 @@ const OTHER_OPS: [&str; 22] = [
     "rope",
     "attention",
     "lora_linear",
+    "kernel",
 ];
 
 /// Names other frameworks use for kiln ops, for "did you mean" hints.
@@ -499,6 +606,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::LoraLinear { .. } => "lora_linear",
+            Op::Kernel { .. } => "kernel",
         }
     }
 
@@ -579,6 +687,10 @@ impl Op {
                 ("alpha", AttrValue::Float(*alpha)),
                 ("layout", word(layout.name())),
             ],
+            Op::Kernel { body } => vec![(
+                "body",
+                AttrValue::List(body.iter().map(KernelOp::to_attr).collect()),
+            )],
         }
     }
 
@@ -665,6 +777,22 @@ impl Op {
                     causal: r.flag("causal")?,
                     scale: r.float("scale")?,
                 },
+                "kernel" => match r.get("body") {
+                    Some(AttrValue::List(items)) => Op::Kernel {
+                        body: items
+                            .iter()
+                            .map(KernelOp::from_attr)
+                            .collect::<Result<_, _>>()?,
+                    },
+                    Some(v) => {
+                        return Err(format!(
+                            "kernel: attribute `body` must be a list of instructions, got `{v}`"
+                        ))
+                    }
+                    None => {
+                        return Err("kernel needs attribute `body` (a list of instructions)".into())
+                    }
+                },
                 "lora_linear" => Op::LoraLinear {
                     alpha: r.float("alpha")?,
                     layout: match r.word("layout", &["in_out", "out_in"])?.as_str() {
@@ -706,6 +834,7 @@ impl Op {
             Op::LoraLinear { .. } => (4, 5),
             Op::Constant { .. } | Op::Arange { .. } | Op::CausalMask { .. } => (0, 0),
             Op::Concat { .. } => (1, usize::MAX),
+            Op::Kernel { .. } => (0, usize::MAX),
         }
     }
 
@@ -1023,6 +1152,7 @@ impl Op {
             }
             Op::Attention { .. } => infer_attention(inputs, cx),
             Op::LoraLinear { layout, .. } => infer_lora(inputs, *layout, cx),
+            Op::Kernel { body } => infer_kernel(inputs, body, cx),
         }
     }
 }
@@ -1340,4 +1470,50 @@ fn infer_lora(
     let last = shape.len() - 1;
     shape[last] = w_out.clone();
     Ok(TensorType::new(x.dtype, shape))
+}
+
+fn infer_kernel(
+    inputs: &[TensorType],
+    body: &[KernelOp],
+    cx: &ShapeCx,
+) -> Result<TensorType, ShapeError> {
+    if body.is_empty() {
+        return Err(ShapeError::Attribute("kernel body is empty".into()));
+    }
+    let mut shape: Vec<Dim> = Vec::new();
+    for t in inputs {
+        shape = cx.broadcast(&shape, &t.shape)?;
+    }
+    // Scalar types of every kernel value: operands first, then instructions.
+    let mut vals: Vec<TensorType> = inputs
+        .iter()
+        .map(|t| TensorType::new(t.dtype, vec![]))
+        .collect();
+    for (i, k) in body.iter().enumerate() {
+        let at = |j: usize| -> Result<&TensorType, ShapeError> {
+            if j >= vals.len() {
+                return Err(ShapeError::Attribute(format!(
+                    "kernel instruction {i} reads value {j}, but only {} are defined before it",
+                    vals.len()
+                )));
+            }
+            Ok(&vals[j])
+        };
+        let scalar_cx = ShapeCx::new();
+        let ty = match k {
+            KernelOp::Unary(u, a) => infer_unary(*u, at(*a)?)?,
+            KernelOp::Binary(b, x, y) => infer_binary(*b, at(*x)?, at(*y)?, &scalar_cx)?,
+            KernelOp::Where(c, a, b) => {
+                let (c, a, b) = (at(*c)?, at(*a)?, at(*b)?);
+                expect_dtype("condition of where", c, "bool", |d| d == DType::Bool)?;
+                same_dtype("where", a, b)?;
+                a.clone()
+            }
+            KernelOp::Cast(t, a) => at(*a)?.with_dtype(*t),
+            KernelOp::Const(_, t) => TensorType::new(*t, vec![]),
+        };
+        vals.push(ty);
+    }
+    let dtype = vals.last().map_or(DType::F32, |t| t.dtype);
+    Ok(TensorType::new(dtype, shape))
 }

@@ -480,6 +480,22 @@ impl Parser {
                     f64::NAN
                 }))
             }
+            Tok::Ident(name) if self.peek2() == &Tok::Punct("(") => {
+                self.pos += 2;
+                self.enter()?;
+                let mut args = Vec::new();
+                if !self.eat(")") {
+                    loop {
+                        args.push(self.attr_value()?);
+                        if self.eat(")") {
+                            break;
+                        }
+                        self.expect(",")?;
+                    }
+                }
+                self.depth -= 1;
+                Ok(AttrValue::Call(name, args))
+            }
             Tok::Ident(s) if s == "true" || s == "false" => {
                 self.pos += 1;
                 Ok(AttrValue::Bool(s == "true"))

@@ -120,6 +120,9 @@ pub fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
+/// Weights by parameter name (`@wte` is the key `"wte"`).
+pub type Weights = std::collections::BTreeMap<String, Tensor>;
+
 /// A dense host tensor: dtype, row-major shape and elements.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {

@@ -103,13 +103,13 @@ fn attr_dims(op: &Op) -> Vec<Dim> {
         match a {
             AttrValue::Dim(d) => out.push(d.clone()),
             AttrValue::List(items) => items.iter().for_each(|i| collect(i, out)),
-            AttrValue::Float(_) | AttrValue::Bool(_) => {}
+            AttrValue::Float(_) | AttrValue::Bool(_) | AttrValue::Call(..) => {}
         }
     }
     let mut out = Vec::new();
     match op {
         // Word-valued attributes (dtypes, layouts) are not sizes.
-        Op::Cast { .. } | Op::LoraLinear { .. } => {}
+        Op::Cast { .. } | Op::LoraLinear { .. } | Op::Kernel { .. } => {}
         Op::Constant { shape, .. } => out.extend(shape.iter().cloned()),
         Op::Arange { start, len, .. } => out.extend([start.clone(), len.clone()]),
         _ => op.attrs().iter().for_each(|(_, a)| collect(a, &mut out)),

@@ -21,7 +21,7 @@ mod signature;
 
 use std::collections::HashMap;
 
-use kiln_ir::{DType, Dim, Graph, NodeKind, Op, ShapeCx, ValueId};
+use kiln_ir::{DType, Dim, Graph, KernelOp, NodeKind, Op, ShapeCx, ValueId};
 
 use crate::{Backend, Executable, RunError, Tensor, Weights};
 
@@ -315,5 +315,46 @@ fn eval_op(n: &NodeCx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, RunError
             *alpha,
             *layout,
         ),
+        Op::Kernel { body } => kernel(n, body, args),
+    }
+}
+
+/// A fused elementwise kernel, run as the sequence of whole-tensor elementwise
+/// ops it stands for (the oracle's definition of fusion: same values, one node).
+fn kernel(n: &NodeCx<'_>, body: &[KernelOp], args: &[&Tensor]) -> Result<Tensor, RunError> {
+    let mut vals: Vec<Tensor> = args.iter().map(|t| (*t).clone()).collect();
+    for (i, k) in body.iter().enumerate() {
+        let get = |j: usize| {
+            vals.get(j).ok_or_else(|| {
+                n.invalid(format!("kernel instruction {i} reads undefined value {j}"))
+            })
+        };
+        let v = match k {
+            KernelOp::Unary(u, a) => elementwise::unary(n, *u, get(*a)?)?,
+            KernelOp::Binary(b, x, y) => elementwise::binary(n, *b, get(*x)?, get(*y)?)?,
+            KernelOp::Where(c, a, b) => elementwise::select(n, get(*c)?, get(*a)?, get(*b)?)?,
+            KernelOp::Cast(t, a) => elementwise::cast(n, get(*a)?, *t)?,
+            KernelOp::Const(value, t) => elementwise::constant(n, *value, *t, &[])?,
+        };
+        vals.push(v);
+    }
+    let last = vals
+        .pop()
+        .ok_or_else(|| n.invalid("kernel body is empty".to_string()))?;
+    let shape: Vec<Dim> = n
+        .out_shape
+        .iter()
+        .map(|&d| Dim::constant(d as i64))
+        .collect();
+    if last.shape().len() == shape.len()
+        && last
+            .shape()
+            .iter()
+            .zip(&shape)
+            .all(|(a, b)| b.is_const(*a as i64))
+    {
+        Ok(last)
+    } else {
+        movement::expand(n, &last, &shape)
     }
 }

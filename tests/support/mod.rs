@@ -1,0 +1,145 @@
+//! Shared helpers of the end-to-end tests: the Hugging Face test models, sample
+//! inputs per family, and the differential check every pass must pass (the
+//! interpreter's outputs before and after the pass agree).
+
+#![allow(dead_code)]
+
+pub mod random_graph;
+
+use std::path::Path;
+
+use kiln::{Model, PassManager, RunInputs, Tensor};
+
+/// Every model family with a test folder under `tests/data/hf/`.
+pub const FAMILIES: [&str; 5] = ["gpt2", "llama", "llama_tied", "bert", "bart"];
+
+/// The test model `tests/data/hf/<name>`.
+pub fn hf_model(name: &str) -> Model {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
+    Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Two rows of five tokens, with a padded row and a two-token decoder prefix
+/// where the family takes them.
+pub fn family_inputs(model: &Model) -> RunInputs {
+    let mut inputs = RunInputs::tokens(vec![vec![5, 17, 42, 99, 3], vec![88, 12, 7, 51, 100]]);
+    match model.info().map(|i| i.family) {
+        Some(kiln::Family::Bert) => {
+            inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 0, 0]]);
+        }
+        Some(kiln::Family::Bart) => {
+            inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0]]);
+            inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
+        }
+        _ => {}
+    }
+    inputs
+}
+
+/// Largest |a - b| relative to the largest |a| over every output.
+pub fn max_relative_error(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len(), "output count");
+    let (mut diff, mut scale) = (0f64, 0f64);
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb, "output names");
+        assert_eq!(ta.shape(), tb.shape(), "output {na}: shape");
+        match (ta.as_f32(), tb.as_f32()) {
+            (Some(x), Some(y)) => {
+                for (p, q) in x.iter().zip(y) {
+                    diff = diff.max((*p as f64 - *q as f64).abs());
+                    scale = scale.max((*p as f64).abs());
+                }
+            }
+            _ => assert_eq!(ta, tb, "output {na}"),
+        }
+    }
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+/// Runs `passes` on `model` and checks that the interpreter gives the same
+/// outputs before and after, within `rel_tol`; returns the optimized model.
+pub fn check_preserves(
+    model: &Model,
+    passes: &PassManager,
+    inputs: &RunInputs,
+    rel_tol: f64,
+) -> Model {
+    let before = model
+        .run(inputs)
+        .unwrap_or_else(|e| panic!("{}: before: {e}", model.origin()));
+    let (after_model, _) = model
+        .apply_passes(passes)
+        .unwrap_or_else(|e| panic!("{}: passes {:?}: {e}", model.origin(), passes.names()));
+    let after = after_model.run(inputs).unwrap_or_else(|e| {
+        panic!(
+            "{}: after {:?}: {e}\n{}",
+            model.origin(),
+            passes.names(),
+            after_model.to_text()
+        )
+    });
+    let rel = max_relative_error(&before, &after);
+    assert!(
+        rel <= rel_tol,
+        "{}: passes {:?} changed the outputs: relative error {rel:.3e} > {rel_tol:e}",
+        model.origin(),
+        passes.names()
+    );
+    after_model
+}
+
+/// Seeded inputs for every input of `graph` with `B = batch`, `T = len`: floats
+/// in [-1, 1), integers in [0, 50) (valid ids of the random graphs' tables).
+pub fn random_inputs(graph: &kiln::ir::Graph, batch: i64, len: i64, seed: u64) -> Vec<Tensor> {
+    let mut cx = kiln::ir::ShapeCx::new();
+    cx.bind("B", &kiln::ir::Dim::constant(batch))
+        .expect("bind B");
+    cx.bind("T", &kiln::ir::Dim::constant(len)).expect("bind T");
+    for (n, d) in graph.bindings() {
+        cx.bind(n, d).expect("binding");
+    }
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    graph
+        .inputs()
+        .iter()
+        .map(|&v| {
+            let ty = graph.ty(v);
+            let shape: Vec<usize> = ty
+                .shape
+                .iter()
+                .map(|d| {
+                    cx.eval(d)
+                        .ok()
+                        .and_then(|x| x.as_const())
+                        .expect("concrete input dim") as usize
+                })
+                .collect();
+            let n: usize = shape.iter().product();
+            match ty.dtype {
+                kiln::ir::DType::I64 => {
+                    Tensor::i64(shape, (0..n).map(|_| (next() * 50.0) as i64).collect())
+                }
+                kiln::ir::DType::I32 => {
+                    Tensor::i32(shape, (0..n).map(|_| (next() * 50.0) as i32).collect())
+                }
+                kiln::ir::DType::Bool => {
+                    Tensor::bool(shape, (0..n).map(|_| next() < 0.5).collect())
+                }
+                _ => Tensor::f32(shape, (0..n).map(|_| (next() * 2.0 - 1.0) as f32).collect()),
+            }
+            .expect("input tensor")
+        })
+        .collect()
+}
