@@ -135,7 +135,7 @@ pub fn pass_by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
         "lora-merge" => Box::new(lora_merge::LoraMerge),
         "elementwise-fusion" => Box::new(elementwise_fusion::ElementwiseFusion),
         "kv-cache" => Box::new(kv_cache_insertion::KvCacheInsertion),
-        "memory-plan" => Box::new(memory_planning::MemoryPlanning::default()),
+        "memory-plan" => Box::new(memory_planning::MemoryPlanning),
         other => return Err(PassError::UnknownPass(other.to_string())),
     })
 }
