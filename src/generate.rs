@@ -1,10 +1,15 @@
 //! Token generation: greedy decoding and seeded sampling (temperature, top-k,
 //! top-p), for causal LMs and encoder–decoder models.
 //!
-//! Without a KV cache yet, each step re-runs the whole prefix (O(S²) per
-//! sequence); the KV-cache pass will replace that with a `decode` entry point.
+//! Causal LMs decode with a KV cache by default: the `kv-cache` pass splits the
+//! model into `prefill` (the prompt, returning the cache) and `decode` (one token
+//! per row plus the cache of length `S`, returning the cache of length `S + 1`),
+//! so a step costs O(S). Encoder–decoder models, and `kv_cache: false`, re-run
+//! the whole prefix each step.
 
 use kiln_backends::{Executable, Tensor};
+
+use kiln_passes::PassManager;
 
 use crate::{Error, Model, RunInputs};
 
@@ -36,6 +41,8 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Stop a row once it produced the model's `eos_token_id`.
     pub stop_at_eos: bool,
+    /// Decode causal LMs with a KV cache (prefill once, then one token per step).
+    pub kv_cache: bool,
 }
 
 /// A small, fast, seeded generator (xorshift64*), so runs are reproducible
@@ -166,46 +173,135 @@ impl Model {
                 )));
             }
         }
-        let mut exe = self.compile(crate::Target::Interp)?;
-        let mut inputs = prompt.clone();
-        if encoder_decoder && inputs.decoder_tokens.is_none() {
-            inputs.decoder_tokens =
-                Some(vec![vec![info.decoder_start_token_id.unwrap_or(0)]; rows]);
-        }
         let mut rng = match opts.sampling {
             Sampling::Sample { seed, .. } => Rng::new(seed),
             Sampling::Greedy => Rng::new(0),
         };
-        let mut new_tokens = vec![Vec::new(); rows];
-        let mut done = vec![false; rows];
-        for _ in 0..opts.max_new_tokens {
+        let mut picker = Picker {
+            sampling: &opts.sampling,
+            rng: &mut rng,
+            new_tokens: vec![Vec::new(); rows],
+            done: vec![false; rows],
+            stop: if opts.stop_at_eos {
+                info.eos_token_id
+            } else {
+                None
+            },
+        };
+        if opts.kv_cache && !encoder_decoder {
+            self.generate_cached(prompt, opts.max_new_tokens, &mut picker)?;
+        } else {
+            self.generate_uncached(
+                prompt,
+                opts.max_new_tokens,
+                info.decoder_start_token_id,
+                &mut picker,
+            )?;
+        }
+        Ok(picker.new_tokens)
+    }
+
+    /// Each step runs the whole model on the whole prefix.
+    fn generate_uncached(
+        &self,
+        prompt: &RunInputs,
+        max_new_tokens: usize,
+        decoder_start: Option<i64>,
+        picker: &mut Picker<'_>,
+    ) -> Result<(), Error> {
+        let rows = prompt.tokens.len();
+        let mut exe = self.compile(crate::Target::Interp)?;
+        let mut inputs = prompt.clone();
+        if let (Some(start), None) = (decoder_start, &inputs.decoder_tokens) {
+            inputs.decoder_tokens = Some(vec![vec![start]; rows]);
+        }
+        for _ in 0..max_new_tokens {
             let logits = last_logits(self, exe.as_mut(), &inputs)?;
-            let vocab = logits.shape()[2];
-            let len = logits.shape()[1];
-            let data = logits
-                .as_f32()
-                .ok_or_else(|| Error::Unsupported("logits are not f32".into()))?;
-            for r in 0..rows {
-                let row = &data[(r * len + len - 1) * vocab..(r * len + len) * vocab];
-                let next = pick(row, &opts.sampling, &mut rng);
-                let seq = if encoder_decoder {
-                    inputs.decoder_tokens.as_mut().map(|d| &mut d[r])
-                } else {
-                    Some(&mut inputs.tokens[r])
-                };
-                if let Some(seq) = seq {
-                    seq.push(next);
-                }
-                if !done[r] {
-                    new_tokens[r].push(next);
-                    done[r] = opts.stop_at_eos && Some(next) == info.eos_token_id;
+            let next = picker.pick_all(&logits)?;
+            for (r, t) in next.into_iter().enumerate() {
+                match (decoder_start, inputs.decoder_tokens.as_mut()) {
+                    (Some(_), Some(d)) => d[r].push(t),
+                    _ => inputs.tokens[r].push(t),
                 }
             }
-            if done.iter().all(|d| *d) {
+            if picker.all_done() {
                 break;
             }
         }
-        Ok(new_tokens)
+        Ok(())
+    }
+
+    /// Prefill once, then one `decode` step per token with the KV cache.
+    fn generate_cached(
+        &self,
+        prompt: &RunInputs,
+        max_new_tokens: usize,
+        picker: &mut Picker<'_>,
+    ) -> Result<(), Error> {
+        let (split, _) = self.apply_passes(&PassManager::from_names(&[
+            "attention-fusion",
+            "dce",
+            "kv-cache",
+        ])?)?;
+        let mut prefill = split.compile_function("prefill", crate::Target::Interp)?;
+        let mut decode = split.compile_function("decode", crate::Target::Interp)?;
+        let first = split.prepare_inputs(prompt)?;
+        let mut outs = prefill.run(&first)?;
+        for step in 0..max_new_tokens {
+            let [logits, keys, values]: [Tensor; 3] = outs.try_into().map_err(|_| {
+                Error::Unsupported(
+                    "prefill/decode must return logits, key_cache, value_cache".into(),
+                )
+            })?;
+            let next = picker.pick_all(&logits)?;
+            if picker.all_done() || step + 1 == max_new_tokens {
+                break;
+            }
+            let tokens = Tensor::from_tokens(&next.iter().map(|t| vec![*t]).collect::<Vec<_>>())
+                .map_err(kiln_backends::RunError::from)?;
+            outs = decode.run(&[tokens, keys, values])?;
+        }
+        Ok(())
+    }
+}
+
+/// Chooses tokens row by row and collects them until each row is done.
+struct Picker<'a> {
+    sampling: &'a Sampling,
+    rng: &'a mut Rng,
+    new_tokens: Vec<Vec<i64>>,
+    done: Vec<bool>,
+    stop: Option<i64>,
+}
+
+impl Picker<'_> {
+    /// Picks the next token of every row from the last position of `logits`
+    /// `[B, T, V]`, records it for rows not yet done, and returns all of them.
+    fn pick_all(&mut self, logits: &Tensor) -> Result<Vec<i64>, Error> {
+        let [rows, len, vocab] = logits.shape() else {
+            return Err(Error::Unsupported(format!(
+                "logits must be [B, T, V], got {logits}"
+            )));
+        };
+        let (rows, len, vocab) = (*rows, *len, *vocab);
+        let data = logits
+            .as_f32()
+            .ok_or_else(|| Error::Unsupported("logits are not f32".into()))?;
+        let mut next = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let row = &data[(r * len + len - 1) * vocab..(r * len + len) * vocab];
+            let t = pick(row, self.sampling, self.rng);
+            if !self.done[r] {
+                self.new_tokens[r].push(t);
+                self.done[r] = Some(t) == self.stop;
+            }
+            next.push(t);
+        }
+        Ok(next)
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.iter().all(|d| *d)
     }
 }
 

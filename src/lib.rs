@@ -13,6 +13,7 @@
 //! # Ok::<(), kiln::Error>(())
 //! ```
 
+pub mod bench;
 pub mod generate;
 pub mod output;
 
@@ -317,8 +318,39 @@ impl Model {
 
     /// Compiles the main function for `target`.
     pub fn compile(&self, target: Target) -> Result<Box<dyn Executable>, Error> {
+        let name = self.main()?.name.clone();
+        self.compile_function(&name, target)
+    }
+
+    /// The function called `name`.
+    pub fn function(&self, name: &str) -> Result<&Graph, Error> {
+        self.module
+            .funcs
+            .iter()
+            .find(|g| g.name == name)
+            .ok_or_else(|| {
+                let names: Vec<String> = self
+                    .module
+                    .funcs
+                    .iter()
+                    .map(|g| format!("@{}", g.name))
+                    .collect();
+                Error::Unsupported(format!(
+                    "{} has no function @{name} (it has {})",
+                    self.origin,
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// Compiles the function called `name` for `target`.
+    pub fn compile_function(
+        &self,
+        name: &str,
+        target: Target,
+    ) -> Result<Box<dyn Executable>, Error> {
         self.check()?;
-        let graph = self.main()?;
+        let graph = self.function(name)?;
         let weights = self.weights.as_ref().ok_or_else(|| {
             Error::Input(format!(
                 "{} has no weights: pass a safetensors file with --weights (tensor names = parameter names)",

@@ -47,6 +47,15 @@ enum Command {
         /// Print Graphviz DOT (shapes on the edges) instead of text IR.
         #[arg(long)]
         dot: bool,
+        /// After the IR, print the memory plan of each function (peak arena
+        /// bytes vs the sum of all intermediates, the largest buffers) as
+        /// `//` comment lines, so the output still parses as IR (or DOT).
+        #[arg(long)]
+        stats: bool,
+        /// Sizes of run-time symbols for `--stats`, e.g. `B=1,T=128`; a size
+        /// that depends on an unbound symbol is an error (exit code 2).
+        #[arg(long, value_name = "SYM=INT", value_delimiter = ',', value_parser = parse_binding, requires = "stats")]
+        bind: Vec<(String, i64)>,
     },
     /// Run a model on token ids and print its outputs.
     ///
@@ -100,6 +109,9 @@ enum Command {
         /// Keep generating after the end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
+        /// Re-run the whole prefix every step instead of decoding with a KV cache.
+        #[arg(long)]
+        no_kv_cache: bool,
         /// Where to run.
         #[arg(long, value_enum, default_value = "interp")]
         backend: BackendArg,
@@ -110,6 +122,22 @@ enum Command {
     /// Build the built-in GPT-2-style model, check it, print its shape trace, and
     /// run it on the interpreter.
     Demo,
+    /// Time a decode step with the KV cache against the full re-run it replaces.
+    ///
+    /// For each cache length S: the median time of one `decode` step (one token,
+    /// cache of length S) and of the peer, the full forward over S + 1 tokens,
+    /// measured in the same run on the same backend. Uses the built-in demo model
+    /// unless a model folder is given.
+    Bench {
+        /// A Hugging Face model folder (gpt2, llama); default: the demo model.
+        model: Option<PathBuf>,
+        /// Cache lengths to time, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,512")]
+        cache_lengths: Vec<usize>,
+        /// Timed runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 /// Token inputs shared by `run` and `generate`.
@@ -164,6 +192,40 @@ fn parse_level(s: &str) -> Result<kiln::OptLevel, String> {
     }
 }
 
+/// One `SYM=INT` of `--bind`.
+fn parse_binding(s: &str) -> Result<(String, i64), String> {
+    let bad = || format!("`{s}` is not a binding such as T=128");
+    let (name, value) = s.split_once('=').ok_or_else(bad)?;
+    let name = name.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad());
+    }
+    let value: i64 = value.trim().parse().map_err(|_| bad())?;
+    if value < 0 {
+        return Err(format!("`{s}`: a size cannot be negative"));
+    }
+    Ok((name.to_string(), value))
+}
+
+/// `kiln ir --stats`: the memory plan of every function, as `//` comments.
+fn print_memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<(), Error> {
+    let given: Vec<String> = bind.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    let given = if given.is_empty() {
+        "no bindings".to_string()
+    } else {
+        given.join(", ")
+    };
+    for g in &m.module().funcs {
+        let plan = kiln::passes::memory_planning::plan_memory(g, bind)?;
+        println!();
+        println!("// ----- memory plan of @{} ({given}) -----", g.name);
+        for line in plan.report().lines() {
+            println!("// {line}");
+        }
+    }
+    Ok(())
+}
+
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
     s.split(',')
         .map(|p| {
@@ -194,6 +256,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             passes,
             print_after,
             dot,
+            stats,
+            bind,
         } => {
             let m = Model::load(&model)?;
             let pm = match &passes {
@@ -222,6 +286,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 print!("{}", m.to_dot());
             } else {
                 print!("{}", m.to_text());
+            }
+            if stats {
+                print_memory_plans(&m, &bind)?;
             }
         }
         Command::Run {
@@ -256,6 +323,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             top_p,
             seed,
             ignore_eos,
+            no_kv_cache,
             backend,
             output,
         } => {
@@ -275,6 +343,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 max_new_tokens,
                 sampling,
                 stop_at_eos: !ignore_eos,
+                kv_cache: !no_kv_cache,
             };
             let new = m.generate(&inputs.to_inputs(), &opts)?;
             let lists: Vec<String> = new
@@ -299,6 +368,43 @@ fn run(cli: Cli) -> Result<(), Error> {
                 OutputArg::Summary => println!("new tokens: {body}"),
             }
         }
+        Command::Bench {
+            model,
+            cache_lengths,
+            iters,
+        } => {
+            let m = match model {
+                Some(p) => Model::load(&p)?,
+                None => Model::demo()?,
+            };
+            let rows = kiln::bench::bench_decode(&m, &cache_lengths, iters)?;
+            println!(
+                "model: {} (backend: interp, batch 1, median of {iters})",
+                m.origin()
+            );
+            println!("| cache S | decode step (ms) | full forward S+1 (ms) | full / decode |");
+            println!("|---------|------------------|-----------------------|---------------|");
+            for r in &rows {
+                println!(
+                    "| {:>7} | {:>16.3} | {:>21.3} | {:>12.1}x |",
+                    r.cache_len,
+                    r.decode_ms,
+                    r.full_ms,
+                    r.full_ms / r.decode_ms.max(1e-9)
+                );
+            }
+            if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+                if b.cache_len > a.cache_len {
+                    println!(
+                        "decode step at S={} costs {:.2}x the step at S={} ({:.1}x longer cache)",
+                        b.cache_len,
+                        b.decode_ms / a.decode_ms.max(1e-9),
+                        a.cache_len,
+                        b.cache_len as f64 / a.cache_len as f64
+                    );
+                }
+            }
+        }
         Command::Demo => {
             let m = Model::demo()?;
             let trace = m.shape_trace()?;
@@ -319,6 +425,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 max_new_tokens: 5,
                 sampling: Sampling::Greedy,
                 stop_at_eos: false,
+                kv_cache: true,
             };
             let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
             println!("  greedy next tokens: {new:?}");

@@ -102,19 +102,22 @@ fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
         .iter()
         .map(|x| x.as_i64().expect("id"))
         .collect();
-    let opts = GenerateOptions {
-        max_new_tokens: want.len(),
-        sampling: Sampling::Greedy,
-        stop_at_eos: false,
-    };
-    let got = model
-        .generate(&RunInputs::tokens(vec![prompt]), &opts)
-        .unwrap();
-    assert_eq!(
-        got,
-        vec![want],
-        "{name}: greedy generation differs from Hugging Face"
-    );
+    for kv_cache in [false, true] {
+        let opts = GenerateOptions {
+            max_new_tokens: want.len(),
+            sampling: Sampling::Greedy,
+            stop_at_eos: false,
+            kv_cache,
+        };
+        let got = model
+            .generate(&RunInputs::tokens(vec![prompt.clone()]), &opts)
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![want.clone()],
+            "{name}: greedy generation (kv_cache: {kv_cache}) differs from Hugging Face"
+        );
+    }
 }
 
 #[test]

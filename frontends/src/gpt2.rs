@@ -40,7 +40,7 @@ impl Gpt2Config {
     pub fn demo() -> Gpt2Config {
         Gpt2Config {
             vocab_size: 512,
-            n_positions: 128,
+            n_positions: 1024,
             n_embd: 128,
             n_layer: 2,
             n_head: 4,

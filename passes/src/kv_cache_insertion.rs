@@ -1,18 +1,289 @@
-//! Not written yet: this file is being implemented (placeholder that changes nothing).
+//! KV-cache insertion: one causal decoder forward becomes two entry points.
+//!
+//! Matches: a module whose single function maps token ids to logits and whose
+//! self-attention is fused into `attention` ops with `causal=true` (run
+//! `attention-fusion` first), with no explicit mask operand, and whose
+//! positions are `arange` ops of length `T` (the token count).
+//!
+//! Produces two functions:
+//! - `@prefill`: the original forward, plus outputs `key_cache` and
+//!   `value_cache` of type `[L, B, hk, T, dh]` (every attention layer's keys and
+//!   values stacked in layer order).
+//! - `@decode`: the same forward for `T` new tokens after `S` cached ones: extra
+//!   inputs `past_keys`/`past_values: [L, B, hk, S, dh]`; every position
+//!   `arange` starts `S` later; each attention reads
+//!   `concat(past_l, new_l)` along the length axis (length `S + T`; the
+//!   attention op's causal mask is aligned bottom-right, so new token `i` sees
+//!   the `S` cached keys and new keys `<= i`); outputs the logits and the
+//!   extended caches `[L, B, hk, S + T, dh]`.
+//!
+//! Guarantees: decode on one token costs O(S) in attention and O(1) in the
+//! weights; `decode(prefill(x)[caches], next)` computes exactly what the
+//! original forward computes for the last token of `x ++ next`; both functions
+//! verify, with the cache length a checked symbol like every other dim.
 
-use kiln_ir::Module;
+use kiln_ir::{Dim, Graph, Module, NodeKind, Op, TensorType, ValueId};
 
 use crate::{Changed, Pass, PassContext, PassError};
 
-/// Placeholder for the `kv-cache` pass.
+/// Splits a causal decoder into `prefill` and `decode` entry points.
 pub struct KvCacheInsertion;
+
+const NAME: &str = "kv-cache";
+
+fn fail(message: impl Into<String>) -> PassError {
+    PassError::Failed {
+        pass: NAME,
+        message: message.into(),
+    }
+}
+
+/// The causal self-attention nodes of `graph`, in topological order.
+fn causal_attentions(graph: &Graph) -> Result<Vec<ValueId>, PassError> {
+    let order = graph
+        .topo_order()
+        .map_err(|_| fail("the graph has a cycle"))?;
+    Ok(order
+        .into_iter()
+        .filter(|&v| matches!(graph.op(v), Some(Op::Attention { causal: true, .. })))
+        .collect())
+}
+
+/// A symbol name not used anywhere in `graph`.
+fn fresh_symbol(graph: &Graph, base: &str) -> String {
+    let mut used: Vec<String> = graph.bindings().iter().map(|(n, _)| n.clone()).collect();
+    for v in graph.node_ids() {
+        used.extend(graph.ty(v).symbols());
+    }
+    let mut name = base.to_string();
+    let mut i = 0;
+    while used.contains(&name) {
+        i += 1;
+        name = format!("{base}{i}");
+    }
+    name
+}
+
+/// Stacks per-layer `[B, hk, len, dh]` tensors into `[L, B, hk, len, dh]`.
+fn stack(graph: &mut Graph, layers: &[ValueId], name: &str) -> Result<ValueId, PassError> {
+    let mut parts = Vec::new();
+    let first = graph.ty(layers[0]).clone();
+    for &v in layers {
+        let ty = graph.ty(v).clone();
+        if ty != first {
+            return Err(fail(format!(
+                "layers cache different shapes ({} and {first}); one stacked cache needs equal layers",
+                ty
+            )));
+        }
+        let mut shape = vec![Dim::constant(1)];
+        shape.extend(ty.shape.iter().cloned());
+        let r = graph.add_op(
+            Op::Reshape {
+                shape: shape.clone(),
+            },
+            &[v],
+            TensorType::new(ty.dtype, shape),
+            None,
+        );
+        parts.push(r);
+    }
+    let mut shape = vec![Dim::constant(layers.len() as i64)];
+    shape.extend(first.shape.iter().cloned());
+    Ok(graph.add_op(
+        Op::Concat { axis: 0 },
+        &parts,
+        TensorType::new(first.dtype, shape),
+        Some(name.to_string()),
+    ))
+}
+
+/// Checks the preconditions and returns the attention nodes and the token-count symbol.
+fn analyse(graph: &Graph) -> Result<(Vec<ValueId>, Dim), PassError> {
+    let attns = causal_attentions(graph)?;
+    if attns.is_empty() {
+        return Err(fail(
+            "no causal `attention` op found: run attention-fusion first (kv-cache needs a causal decoder)",
+        ));
+    }
+    let mut len: Option<Dim> = None;
+    for &a in &attns {
+        let ops = graph.operands(a);
+        if ops.len() != 3 {
+            return Err(fail(format!(
+                "attention node #{} has a mask operand; caching masked (padded) attention is not supported",
+                a.index()
+            )));
+        }
+        let q = graph.ty(ops[0]);
+        let k = graph.ty(ops[1]);
+        if q.shape[2] != k.shape[2] {
+            return Err(fail(format!(
+                "attention node #{} is not self-attention (query length {} vs key length {})",
+                a.index(),
+                q.shape[2],
+                k.shape[2]
+            )));
+        }
+        match &len {
+            None => len = Some(q.shape[2].clone()),
+            Some(l) if *l != q.shape[2] => {
+                return Err(fail(format!(
+                    "attention layers disagree on the sequence length ({l} vs {})",
+                    q.shape[2]
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let len = len.ok_or_else(|| fail("no attention layers"))?;
+    if len.as_sym().is_none() {
+        return Err(fail(format!(
+            "the sequence length `{len}` is not a run-time symbol"
+        )));
+    }
+    Ok((attns, len))
+}
+
+fn build_prefill(src: &Graph, attns: &[ValueId]) -> Result<Graph, PassError> {
+    let mut g = src.clone();
+    g.name = "prefill".to_string();
+    let keys: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[1]).collect();
+    let values: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[2]).collect();
+    let kc = stack(&mut g, &keys, "key_cache")?;
+    let vc = stack(&mut g, &values, "value_cache")?;
+    let mut outs = g.outputs().to_vec();
+    outs.push(("key_cache".into(), kc));
+    outs.push(("value_cache".into(), vc));
+    g.set_outputs(outs);
+    Ok(g)
+}
+
+fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, PassError> {
+    let mut g = src.clone();
+    g.name = "decode".to_string();
+    let s = fresh_symbol(&g, "S");
+    let past = Dim::sym(&s);
+    let layers = attns.len() as i64;
+    let k0 = g.ty(g.operands(attns[0])[1]).clone();
+    let v0 = g.ty(g.operands(attns[0])[2]).clone();
+    let cache_ty = |t: &TensorType| {
+        TensorType::new(
+            t.dtype,
+            vec![
+                Dim::constant(layers),
+                t.shape[0].clone(),
+                t.shape[1].clone(),
+                past.clone(),
+                t.shape[3].clone(),
+            ],
+        )
+    };
+    let past_keys = g.add_input("past_keys", cache_ty(&k0));
+    let past_values = g.add_input("past_values", cache_ty(&v0));
+
+    // Positions: every `arange` over the new tokens starts `S` later.
+    for v in g.node_ids() {
+        let Some(Op::Arange {
+            start,
+            len: n,
+            dtype,
+        }) = g.op(v).cloned()
+        else {
+            continue;
+        };
+        if n == *len {
+            let start = start.add(&past).map_err(|e| fail(e.to_string()))?;
+            if let NodeKind::Op { op, .. } = &mut g.node_mut(v).kind {
+                *op = Op::Arange {
+                    start,
+                    len: n,
+                    dtype,
+                };
+            }
+        }
+    }
+    let total = past.add(len).map_err(|e| fail(e.to_string()))?;
+    let mut new_keys = Vec::new();
+    let mut new_values = Vec::new();
+    for (l, &a) in attns.iter().enumerate() {
+        let ops = g.operands(a);
+        let mut grown = Vec::new();
+        for (which, cache) in [(1usize, past_keys), (2usize, past_values)] {
+            let cur = ops[which];
+            let ty = g.ty(cur).clone();
+            let ct = g.ty(cache).clone();
+            let mut sl_shape = ct.shape.clone();
+            sl_shape[0] = Dim::constant(1);
+            let sl = g.add_op(
+                Op::Slice {
+                    axis: 0,
+                    start: Dim::constant(l as i64),
+                    end: Dim::constant(l as i64 + 1),
+                },
+                &[cache],
+                TensorType::new(ct.dtype, sl_shape),
+                None,
+            );
+            let layer_shape = vec![
+                ty.shape[0].clone(),
+                ty.shape[1].clone(),
+                past.clone(),
+                ty.shape[3].clone(),
+            ];
+            let past_l = g.add_op(
+                Op::Reshape {
+                    shape: layer_shape.clone(),
+                },
+                &[sl],
+                TensorType::new(ty.dtype, layer_shape),
+                None,
+            );
+            let mut full_shape = ty.shape.clone();
+            full_shape[2] = total.clone();
+            let full = g.add_op(
+                Op::Concat { axis: 2 },
+                &[past_l, cur],
+                TensorType::new(ty.dtype, full_shape),
+                None,
+            );
+            grown.push(full);
+        }
+        g.set_operands(a, &[ops[0], grown[0], grown[1]]);
+        new_keys.push(grown[0]);
+        new_values.push(grown[1]);
+    }
+    let kc = stack(&mut g, &new_keys, "key_cache")?;
+    let vc = stack(&mut g, &new_values, "value_cache")?;
+    let mut outs = g.outputs().to_vec();
+    outs.push(("key_cache".into(), kc));
+    outs.push(("value_cache".into(), vc));
+    g.set_outputs(outs);
+    Ok(g)
+}
 
 impl Pass for KvCacheInsertion {
     fn name(&self) -> &'static str {
-        "kv-cache"
+        NAME
     }
 
-    fn run(&self, _module: &mut Module, _cx: &mut PassContext<'_>) -> Result<Changed, PassError> {
-        Ok(Changed::No)
+    fn run(&self, module: &mut Module, cx: &mut PassContext<'_>) -> Result<Changed, PassError> {
+        if module.funcs.len() != 1 {
+            return Err(fail(format!(
+                "expected one function to split, found {} (already split?)",
+                module.funcs.len()
+            )));
+        }
+        let src = &module.funcs[0];
+        let (attns, len) = analyse(src)?;
+        let prefill = build_prefill(src, &attns)?;
+        let decode = build_decode(src, &attns, &len)?;
+        cx.note(format!(
+            "split @{} into @prefill and @decode with a {}-layer key/value cache",
+            src.name,
+            attns.len()
+        ));
+        module.funcs = vec![prefill, decode];
+        Ok(Changed::Yes)
     }
 }

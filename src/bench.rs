@@ -1,0 +1,81 @@
+//! `kiln bench`: timings of a decode step with the KV cache against the same
+//! step without it (the whole prefix re-run), measured in the same process on the
+//! same model, so the ratios are meaningful on any machine.
+
+use std::time::Instant;
+
+use kiln_backends::Tensor;
+use kiln_passes::PassManager;
+
+use crate::{Error, Model, Target};
+
+/// One cache length's timings, in milliseconds (medians over the iterations).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeTiming {
+    /// Tokens already in the cache.
+    pub cache_len: usize,
+    /// One `decode` step (one new token per row) with the cache.
+    pub decode_ms: f64,
+    /// The peer: the full forward over `cache_len + 1` tokens, which is what a
+    /// step costs without a cache.
+    pub full_ms: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Times a decode step at each cache length (batch 1, token ids `i % vocab`).
+pub fn bench_decode(
+    model: &Model,
+    cache_lengths: &[usize],
+    iters: usize,
+) -> Result<Vec<DecodeTiming>, Error> {
+    let info = model
+        .info()
+        .cloned()
+        .ok_or_else(|| Error::Unsupported("bench needs a model from a frontend".into()))?;
+    if let Some(max) = info.max_positions {
+        if let Some(&too_long) = cache_lengths.iter().find(|&&l| l as i64 + 1 > max) {
+            return Err(Error::Input(format!(
+                "cache length {too_long} + 1 exceeds the model's {max} positions"
+            )));
+        }
+    }
+    let (split, _) = model.apply_passes(&PassManager::from_names(&[
+        "attention-fusion",
+        "dce",
+        "kv-cache",
+    ])?)?;
+    let mut prefill = split.compile_function("prefill", Target::Interp)?;
+    let mut decode = split.compile_function("decode", Target::Interp)?;
+    let mut full = model.compile(Target::Interp)?;
+    let vocab = info.vocab_size.max(1);
+    let mut rows = Vec::new();
+    for &len in cache_lengths {
+        let prompt: Vec<i64> = (0..len as i64).map(|i| (i * 7 + 3) % vocab).collect();
+        let caches = prefill.run(&[Tensor::from_tokens(std::slice::from_ref(&prompt))
+            .map_err(kiln_backends::RunError::from)?])?;
+        let next = Tensor::from_tokens(&[[1i64]]).map_err(kiln_backends::RunError::from)?;
+        let mut longer = prompt.clone();
+        longer.push(1);
+        let longer = Tensor::from_tokens(&[longer]).map_err(kiln_backends::RunError::from)?;
+        let mut d = Vec::new();
+        let mut f = Vec::new();
+        for _ in 0..iters.max(1) {
+            let t = Instant::now();
+            decode.run(&[next.clone(), caches[1].clone(), caches[2].clone()])?;
+            d.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            full.run(std::slice::from_ref(&longer))?;
+            f.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        rows.push(DecodeTiming {
+            cache_len: len,
+            decode_ms: median(d),
+            full_ms: median(f),
+        });
+    }
+    Ok(rows)
+}
