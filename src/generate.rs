@@ -4,8 +4,9 @@
 //! Causal LMs decode with a KV cache by default: the `kv-cache` pass splits the
 //! model into `prefill` (the prompt, returning the cache) and `decode` (one token
 //! per row plus the cache of length `S`, returning the cache of length `S + 1`),
-//! so a step costs O(S). Encoder–decoder models, and `kv_cache: false`, re-run
-//! the whole prefix each step.
+//! so a step costs O(S) in attention. For encoder–decoder models the decoder's
+//! self-attention is cached (the encoder is re-run each step). With
+//! `kv_cache: false` every step re-runs the whole prefix.
 
 use kiln_backends::{Executable, Tensor};
 
@@ -188,8 +189,13 @@ impl Model {
                 None
             },
         };
-        if opts.kv_cache && !encoder_decoder {
-            self.generate_cached(prompt, opts.max_new_tokens, &mut picker)?;
+        if opts.kv_cache {
+            self.generate_cached(
+                prompt,
+                opts.max_new_tokens,
+                info.decoder_start_token_id,
+                &mut picker,
+            )?;
         } else {
             self.generate_uncached(
                 prompt,
@@ -236,6 +242,7 @@ impl Model {
         &self,
         prompt: &RunInputs,
         max_new_tokens: usize,
+        decoder_start: Option<i64>,
         picker: &mut Picker<'_>,
     ) -> Result<(), Error> {
         let (split, _) = self.apply_passes(&PassManager::from_names(&[
@@ -245,24 +252,69 @@ impl Model {
         ])?)?;
         let mut prefill = split.compile_function("prefill", crate::Target::Interp)?;
         let mut decode = split.compile_function("decode", crate::Target::Interp)?;
-        let first = split.prepare_inputs(prompt)?;
+        let mut first_inputs = prompt.clone();
+        if let (Some(start), None) = (decoder_start, &first_inputs.decoder_tokens) {
+            first_inputs.decoder_tokens = Some(vec![vec![start]; prompt.tokens.len()]);
+        }
+        let first = split.prepare_inputs(&first_inputs)?;
+        // The tokens that grow by one per step; every other input (an encoder's
+        // tokens and mask) is passed to each decode step unchanged.
+        let growing = if decoder_start.is_some() {
+            "decoder_tokens"
+        } else {
+            "tokens"
+        };
+        let prefill_names = input_names(split.function("prefill")?);
+        let decode_names = input_names(split.function("decode")?);
         let mut outs = prefill.run(&first)?;
         for step in 0..max_new_tokens {
-            let [logits, keys, values]: [Tensor; 3] = outs.try_into().map_err(|_| {
-                Error::Unsupported(
+            let n = outs.len();
+            if n < 3 {
+                return Err(Error::Unsupported(
                     "prefill/decode must return logits, key_cache, value_cache".into(),
-                )
-            })?;
-            let next = picker.pick_all(&logits)?;
+                ));
+            }
+            let values = outs.pop().unwrap_or_else(|| first[0].clone());
+            let keys = outs.pop().unwrap_or_else(|| first[0].clone());
+            let next = picker.pick_all(&outs[0])?;
             if picker.all_done() || step + 1 == max_new_tokens {
                 break;
             }
             let tokens = Tensor::from_tokens(&next.iter().map(|t| vec![*t]).collect::<Vec<_>>())
                 .map_err(kiln_backends::RunError::from)?;
-            outs = decode.run(&[tokens, keys, values])?;
+            let mut inputs = Vec::with_capacity(decode_names.len());
+            for name in &decode_names {
+                let t = match name.as_str() {
+                    "past_keys" => keys.clone(),
+                    "past_values" => values.clone(),
+                    n if n == growing => tokens.clone(),
+                    n => match prefill_names.iter().position(|p| p == n) {
+                        Some(i) => first[i].clone(),
+                        None => {
+                            return Err(Error::Unsupported(format!(
+                                "decode input %{n} has no value"
+                            )))
+                        }
+                    },
+                };
+                inputs.push(t);
+            }
+            outs = decode.run(&inputs)?;
         }
         Ok(())
     }
+}
+
+/// The input names of `graph`, in order.
+fn input_names(graph: &kiln_ir::Graph) -> Vec<String> {
+    graph
+        .inputs()
+        .iter()
+        .filter_map(|v| match &graph.node(*v).kind {
+            kiln_ir::NodeKind::Input { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Chooses tokens row by row and collects them until each row is done.

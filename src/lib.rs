@@ -13,6 +13,7 @@
 //! # Ok::<(), kiln::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod bench;
 pub mod generate;
 pub mod output;

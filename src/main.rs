@@ -56,6 +56,8 @@ enum Command {
         /// that depends on an unbound symbol is an error (exit code 2).
         #[arg(long, value_name = "SYM=INT", value_delimiter = ',', value_parser = parse_binding, requires = "stats")]
         bind: Vec<(String, i64)>,
+        #[command(flatten)]
+        adapter: AdapterArgs,
     },
     /// Run a model on token ids and print its outputs.
     ///
@@ -70,6 +72,8 @@ enum Command {
         /// Safetensors weights for a `.kir` model (tensor names = parameter names).
         #[arg(long)]
         weights: Option<PathBuf>,
+        #[command(flatten)]
+        adapter: AdapterArgs,
         /// Where to run.
         #[arg(long, value_enum, default_value = "interp")]
         backend: BackendArg,
@@ -112,6 +116,8 @@ enum Command {
         /// Re-run the whole prefix every step instead of decoding with a KV cache.
         #[arg(long)]
         no_kv_cache: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
         /// Where to run.
         #[arg(long, value_enum, default_value = "interp")]
         backend: BackendArg,
@@ -166,6 +172,30 @@ impl InputArgs {
             token_type_ids: opt(&self.token_type_ids),
             decoder_tokens: opt(&self.decoder_tokens),
         }
+    }
+}
+
+/// PEFT LoRA adapters of `run`, `generate` and `ir`.
+#[derive(Args)]
+struct AdapterArgs {
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors);
+    /// repeat to apply several (their updates add up).
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
+    /// `merged`: fold the adapters into the weights before compiling (no run-time
+    /// cost); `unmerged`: keep `lora_linear` nodes whose factors stay swappable weights.
+    #[arg(
+        long,
+        value_name = "merged|unmerged",
+        default_value = "merged",
+        requires = "adapters"
+    )]
+    lora_mode: kiln::adapter::LoraMode,
+}
+
+impl AdapterArgs {
+    fn apply(&self, model: Model) -> Result<Model, Error> {
+        model.with_adapters(&self.adapters, self.lora_mode)
     }
 }
 
@@ -258,11 +288,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             dot,
             stats,
             bind,
+            adapter,
         } => {
-            let m = Model::load(&model)?;
+            let m = adapter.apply(Model::load(&model)?)?;
             let pm = match &passes {
                 Some(names) => kiln::PassManager::from_names(names).map_err(Error::Pass)?,
-                None => kiln::PassManager::pipeline(opt),
+                None => kiln::adapter::pipeline(opt, adapter.lora_mode)?,
             }
             .print_after(&print_after);
             let (m, cx) = m.apply_passes(&pm)?;
@@ -295,6 +326,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             model,
             inputs,
             weights,
+            adapter,
             backend,
             output,
         } => {
@@ -302,6 +334,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(w) = weights {
                 m = m.with_weights_file(&w)?;
             }
+            let m = adapter.apply(m)?;
             let mut exe = m.compile(target(backend))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
             match output {
@@ -324,10 +357,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             seed,
             ignore_eos,
             no_kv_cache,
+            adapter,
             backend,
             output,
         } => {
-            let m = Model::load(&model)?;
+            let m = adapter.apply(Model::load(&model)?)?;
             let _ = target(backend);
             let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 Sampling::Sample {

@@ -269,7 +269,7 @@ pub fn read_weights(
 }
 
 /// Little-endian float data → f32; `None` for non-float dtypes.
-fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     match dtype {
         Dtype::F32 => Some(
             data.chunks_exact(4)

@@ -12,6 +12,7 @@ pub mod config;
 pub mod gpt2;
 pub mod hf;
 pub mod llama;
+pub mod peft;
 
 use std::path::PathBuf;
 
