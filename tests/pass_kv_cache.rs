@@ -82,7 +82,7 @@ fn check_kv_equivalence(
     let mut decode = Interpreter.compile(&module.funcs[1], &weights).unwrap();
 
     let prompt = Tensor::from_tokens(rows).unwrap();
-    let out = prefill.run(&[prompt.clone()]).unwrap();
+    let out = prefill.run(std::slice::from_ref(&prompt)).unwrap();
     let reference = full.run(&[prompt]).unwrap();
     assert_eq!(
         out[0], reference[0],
@@ -156,8 +156,7 @@ fn kv_cache_needs_a_fused_causal_decoder() {
     let model = support::hf_model("bert");
     let err = model
         .apply_passes(&PassManager::from_names(&["attention-fusion", "kv-cache"]).unwrap())
-        .err()
-        .expect("bert has no causal attention");
+        .expect_err("bert has no causal attention");
     assert!(
         err.to_string().contains("no causal `attention` op found"),
         "{err}"
@@ -165,8 +164,7 @@ fn kv_cache_needs_a_fused_causal_decoder() {
     let model = Model::from_text(TINY_DECODER, "tiny").unwrap();
     let err = model
         .apply_passes(&PassManager::from_names(&["kv-cache", "kv-cache"]).unwrap())
-        .err()
-        .expect("split twice");
+        .expect_err("split twice");
     assert!(err.to_string().contains("already split?"), "{err}");
     let _ = RunInputs::default();
 }
