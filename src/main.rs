@@ -74,6 +74,9 @@ enum Command {
         weights: Option<PathBuf>,
         #[command(flatten)]
         adapter: AdapterArgs,
+        /// Optimization level of the compiled model: 0 (as built), 1, 2 (default).
+        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
+        opt: kiln::OptLevel,
         /// Where to run.
         #[arg(long, value_enum, default_value = "interp")]
         backend: BackendArg,
@@ -118,6 +121,9 @@ enum Command {
         no_kv_cache: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
+        /// Optimization level of the compiled model: 0 (as built), 1, 2 (default).
+        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
+        opt: kiln::OptLevel,
         /// Where to run.
         #[arg(long, value_enum, default_value = "interp")]
         backend: BackendArg,
@@ -327,6 +333,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             inputs,
             weights,
             adapter,
+            opt,
             backend,
             output,
         } => {
@@ -335,6 +342,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 m = m.with_weights_file(&w)?;
             }
             let m = adapter.apply(m)?;
+            let m = m
+                .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
+                .0;
             let mut exe = m.compile(target(backend))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
             match output {
@@ -358,10 +368,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             ignore_eos,
             no_kv_cache,
             adapter,
+            opt,
             backend,
             output,
         } => {
             let m = adapter.apply(Model::load(&model)?)?;
+            let m = m
+                .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
+                .0;
             let _ = target(backend);
             let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 Sampling::Sample {

@@ -74,19 +74,36 @@ fn output<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
         .1
 }
 
+/// The model as loaded and after the default pipeline: both must match torch.
+fn levels(model: &Model) -> Vec<(kiln::OptLevel, Model)> {
+    [kiln::OptLevel::O0, kiln::OptLevel::O2]
+        .into_iter()
+        .map(|l| {
+            (
+                l,
+                model
+                    .optimize(l)
+                    .unwrap_or_else(|e| panic!("{}: {l:?}: {e}", model.origin())),
+            )
+        })
+        .collect()
+}
+
 fn check_causal_lm(name: &str) {
     let r = reference(name);
-    let model = Model::load(data_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let outs = model
-        .run(&RunInputs::tokens(rows(&r["inputs"]["input_ids"])))
-        .unwrap();
-    check_close(
-        &format!("{name} logits"),
-        output(&outs, "logits"),
-        &r["outputs"]["logits"],
-        &|_| true,
-    );
-    check_greedy(name, &model, &r["greedy"], r["greedy"]["prompt"].clone());
+    let base = Model::load(data_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (level, model) in levels(&base) {
+        let outs = model
+            .run(&RunInputs::tokens(rows(&r["inputs"]["input_ids"])))
+            .unwrap();
+        check_close(
+            &format!("{name} logits {level:?}"),
+            output(&outs, "logits"),
+            &r["outputs"]["logits"],
+            &|_| true,
+        );
+        check_greedy(name, &model, &r["greedy"], r["greedy"]["prompt"].clone());
+    }
 }
 
 fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
@@ -138,61 +155,65 @@ fn llama_tied_mqa_matches_transformers() {
 #[test]
 fn bert_matches_transformers_with_and_without_padding() {
     let r = reference("bert");
-    let model = Model::load(data_dir("bert")).unwrap();
-    for case in [&r, &r["padded"]] {
-        let inputs = RunInputs {
-            tokens: rows(&case["inputs"]["input_ids"]),
-            attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
-            token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
-            decoder_tokens: None,
-        };
-        let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
-        let outs = model.run(&inputs).unwrap();
-        let d = 32;
-        check_close(
-            "bert last_hidden_state",
-            output(&outs, "last_hidden_state"),
-            &case["outputs"]["last_hidden_state"],
-            &|i| mask[i / d] == 1,
-        );
-        check_close(
-            "bert pooled",
-            output(&outs, "pooled"),
-            &case["outputs"]["mean_pooled"],
-            &|_| true,
-        );
-        check_close(
-            "bert pooler_output",
-            output(&outs, "pooler_output"),
-            &case["outputs"]["pooler_output"],
-            &|_| true,
-        );
+    let base = Model::load(data_dir("bert")).unwrap();
+    for (_, model) in levels(&base) {
+        for case in [&r, &r["padded"]] {
+            let inputs = RunInputs {
+                tokens: rows(&case["inputs"]["input_ids"]),
+                attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
+                token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
+                decoder_tokens: None,
+            };
+            let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+            let outs = model.run(&inputs).unwrap();
+            let d = 32;
+            check_close(
+                "bert last_hidden_state",
+                output(&outs, "last_hidden_state"),
+                &case["outputs"]["last_hidden_state"],
+                &|i| mask[i / d] == 1,
+            );
+            check_close(
+                "bert pooled",
+                output(&outs, "pooled"),
+                &case["outputs"]["mean_pooled"],
+                &|_| true,
+            );
+            check_close(
+                "bert pooler_output",
+                output(&outs, "pooler_output"),
+                &case["outputs"]["pooler_output"],
+                &|_| true,
+            );
+        }
     }
 }
 
 #[test]
 fn bart_matches_transformers() {
     let r = reference("bart");
-    let model = Model::load(data_dir("bart")).unwrap();
-    let inputs = RunInputs {
-        tokens: rows(&r["inputs"]["input_ids"]),
-        attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
-        token_type_ids: None,
-        decoder_tokens: Some(rows(&r["inputs"]["decoder_input_ids"])),
-    };
-    let outs = model.run(&inputs).unwrap();
-    check_close(
-        "bart logits",
-        output(&outs, "logits"),
-        &r["outputs"]["logits"],
-        &|_| true,
-    );
-    check_greedy(
-        "bart",
-        &model,
-        &r["greedy"],
-        r["greedy"]["encoder_prompt"].clone(),
-    );
+    let base = Model::load(data_dir("bart")).unwrap();
+    for (_, model) in levels(&base) {
+        let inputs = RunInputs {
+            tokens: rows(&r["inputs"]["input_ids"]),
+            attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
+            token_type_ids: None,
+            decoder_tokens: Some(rows(&r["inputs"]["decoder_input_ids"])),
+        };
+        let outs = model.run(&inputs).unwrap();
+        check_close(
+            "bart logits",
+            output(&outs, "logits"),
+            &r["outputs"]["logits"],
+            &|_| true,
+        );
+        check_greedy(
+            "bart",
+            &model,
+            &r["greedy"],
+            r["greedy"]["encoder_prompt"].clone(),
+        );
+    }
 }
 
 /// The real all-MiniLM-L6-v2 (a trained BERT, from the PyPI package
