@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use kiln_backends::Tensor;
-use kiln_passes::PassManager;
 
 use crate::{Error, Model, Target};
 
@@ -43,11 +42,7 @@ pub fn bench_decode(
             )));
         }
     }
-    let (split, _) = model.apply_passes(&PassManager::from_names(&[
-        "attention-fusion",
-        "dce",
-        "kv-cache",
-    ])?)?;
+    let split = model.kv_split()?;
     let mut prefill = split.compile_function("prefill", Target::Interp)?;
     let mut decode = split.compile_function("decode", Target::Interp)?;
     let mut full = model.compile(Target::Interp)?;

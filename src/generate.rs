@@ -189,20 +189,29 @@ impl Model {
                 None
             },
         };
-        if opts.kv_cache {
-            self.generate_cached(
+        // A model the kv-cache pass cannot split exactly (see its contract) is
+        // decoded without a cache: slower, never different.
+        let split = match opts.kv_cache {
+            true => match self.kv_split() {
+                Ok(split) => Some(split),
+                Err(Error::Pass(kiln_passes::PassError::Failed { .. })) => None,
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        match split {
+            Some(split) => split.generate_cached(
                 prompt,
                 opts.max_new_tokens,
                 info.decoder_start_token_id,
                 &mut picker,
-            )?;
-        } else {
-            self.generate_uncached(
+            )?,
+            None => self.generate_uncached(
                 prompt,
                 opts.max_new_tokens,
                 info.decoder_start_token_id,
                 &mut picker,
-            )?;
+            )?,
         }
         Ok(picker.new_tokens)
     }
@@ -237,7 +246,23 @@ impl Model {
         Ok(())
     }
 
-    /// Prefill once, then one `decode` step per token with the KV cache.
+    /// The model split into `@prefill` and `@decode` by the `kv-cache` pass
+    /// (after attention fusion), or the pass's reason why it cannot be.
+    pub fn kv_split(&self) -> Result<Model, Error> {
+        if self.module().funcs.iter().any(|g| g.name == "decode") {
+            return Ok(self.clone());
+        }
+        Ok(self
+            .apply_passes(&PassManager::from_names(&[
+                "attention-fusion",
+                "dce",
+                "kv-cache",
+            ])?)?
+            .0)
+    }
+
+    /// Prefill once, then one `decode` step per token with the KV cache (on a
+    /// model already split by [`Model::kv_split`]).
     fn generate_cached(
         &self,
         prompt: &RunInputs,
@@ -245,11 +270,7 @@ impl Model {
         decoder_start: Option<i64>,
         picker: &mut Picker<'_>,
     ) -> Result<(), Error> {
-        let (split, _) = self.apply_passes(&PassManager::from_names(&[
-            "attention-fusion",
-            "dce",
-            "kv-cache",
-        ])?)?;
+        let split = self;
         let mut prefill = split.compile_function("prefill", crate::Target::Interp)?;
         let mut decode = split.compile_function("decode", crate::Target::Interp)?;
         let mut first_inputs = prompt.clone();

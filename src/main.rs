@@ -296,6 +296,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             bind,
             adapter,
         } => {
+            if let Some(bad) = print_after
+                .iter()
+                .find(|p| *p != "all" && !kiln::passes::PASS_NAMES.contains(&p.as_str()))
+            {
+                return Err(Error::Pass(kiln::passes::PassError::UnknownPass(
+                    bad.clone(),
+                )));
+            }
             let m = adapter.apply(Model::load(&model)?)?;
             let pm = match &passes {
                 Some(names) => kiln::PassManager::from_names(names).map_err(Error::Pass)?,
@@ -387,6 +395,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 Sampling::Greedy
             };
+            if !no_kv_cache {
+                if let Err(e) = m.kv_split() {
+                    eprintln!("note: decoding without a KV cache: {e}");
+                }
+            }
             let opts = GenerateOptions {
                 max_new_tokens,
                 sampling,

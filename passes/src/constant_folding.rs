@@ -283,6 +283,16 @@ fn folded(graph: &Graph, v: ValueId) -> Option<Op> {
         // Nullary ops (arange, causal_mask) are not filled tensors.
         return None;
     }
+    if let Op::Slice { axis, start, end } = op {
+        // A slice whose bounds depend on run-time sizes is checked when it runs
+        // (out of bounds is an error there); folding it would hide that error.
+        let x = graph.ty(operands[0]);
+        let a = kiln_ir::shape::normalize_axis("slice", *axis, x.rank()).ok()?;
+        let (s, e, n) = (start.as_const()?, end.as_const()?, x.shape[a].as_const()?);
+        if !(0 <= s && s <= e && e <= n) {
+            return None;
+        }
+    }
     let args: Vec<Scalar> = operands
         .iter()
         .map(|&o| constant_scalar(graph, o))

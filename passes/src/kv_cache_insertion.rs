@@ -137,12 +137,97 @@ fn analyse(graph: &Graph) -> Result<(Vec<ValueId>, Dim), PassError> {
         }
     }
     let len = len.ok_or_else(|| fail("no attention layers"))?;
-    if len.as_sym().is_none() {
+    let Some(t) = len.as_sym() else {
         return Err(fail(format!(
             "the sequence length `{len}` is not a run-time symbol"
         )));
-    }
+    };
+    check_no_other_mixing(graph, t)?;
     Ok((attns, len))
+}
+
+/// Nodes the outputs depend on.
+fn live_nodes(graph: &Graph) -> Vec<ValueId> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack: Vec<ValueId> = graph.outputs().iter().map(|(_, v)| *v).collect();
+    while let Some(v) = stack.pop() {
+        if seen.insert(v) {
+            stack.extend(graph.operands(v));
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// Rejects graphs where anything but the fused causal attentions combines values
+/// across the sequence axis `t`, or where positions are not `arange` ops over
+/// `t`: decoding one token against a cache would silently change those results.
+fn check_no_other_mixing(graph: &Graph, t: &str) -> Result<(), PassError> {
+    let namer = kiln_ir::Namer::new(graph);
+    let mentions = |d: &Dim| d.symbols().iter().any(|s| s == t);
+    for v in live_nodes(graph) {
+        let Some(op) = graph.op(v) else { continue };
+        let operands = graph.operands(v);
+        let ty = |i: usize| graph.ty(operands[i]);
+        let axis_dim = |i: usize, axis: i64| {
+            let x = ty(i);
+            kiln_ir::shape::normalize_axis("axis", axis, x.rank())
+                .ok()
+                .map(|a| x.shape[a].clone())
+        };
+        let why = match op {
+            Op::Attention { causal: false, .. } if mentions(&ty(1).shape[2]) => {
+                Some("a non-causal attention over the sequence")
+            }
+            Op::Softmax { axis } if axis_dim(0, *axis).is_some_and(|d| mentions(&d)) => {
+                Some("a softmax along the sequence axis (an unfused attention?)")
+            }
+            Op::CausalMask { queries, keys } if mentions(queries) || mentions(keys) => {
+                Some("a causal mask used outside a fused attention")
+            }
+            Op::Reduce { axes, .. }
+                if axes
+                    .iter()
+                    .any(|a| axis_dim(0, *a).is_some_and(|d| mentions(&d))) =>
+            {
+                Some("a reduction over the sequence axis")
+            }
+            Op::Slice { axis, start, end }
+                if mentions(start)
+                    || mentions(end)
+                    || axis_dim(0, *axis).is_some_and(|d| mentions(&d)) =>
+            {
+                Some("a slice along or sized by the sequence")
+            }
+            Op::Concat { axis } if axis_dim(0, *axis).is_some_and(|d| mentions(&d)) => {
+                Some("a concatenation along the sequence axis")
+            }
+            Op::MatMul { transpose_a, .. } => {
+                let a = ty(0);
+                let k = if *transpose_a {
+                    &a.shape[a.rank() - 2]
+                } else {
+                    &a.shape[a.rank() - 1]
+                };
+                mentions(k).then_some("a matrix product that sums over the sequence axis")
+            }
+            Op::Arange { start, len: n, .. }
+                if mentions(start) || (mentions(n) && n.as_sym() != Some(t)) =>
+            {
+                Some("positions that are not `arange` over the new tokens")
+            }
+            Op::Rope { .. } if !matches!(graph.op(operands[1]), Some(Op::Arange { .. })) => {
+                Some("rotary positions that do not come from an `arange`")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            return Err(fail(format!(
+                "{} is {why}; decoding against a cache would change its result",
+                namer.node_header(graph, v)
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn build_prefill(src: &Graph, attns: &[ValueId]) -> Result<Graph, PassError> {

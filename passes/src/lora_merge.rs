@@ -111,6 +111,10 @@ fn key_of(g: &Graph, u: ValueId, weights: &Weights) -> Result<Key, String> {
         return Err("not a lora_linear".into());
     };
     let ops = g.operands(u);
+    if g.ty(ops[0]).rank() < 2 {
+        // The merged form is a matmul, which needs a rank >= 2 input.
+        return Err("its input has rank 1 (a merged matmul needs rank >= 2)".into());
+    }
     let w = param_name(g, ops[1]).ok_or_else(|| {
         format!(
             "its weight `{}` is not a parameter",
@@ -383,9 +387,19 @@ impl Pass for LoraMerge {
             })?;
             // `w` may be replaced in place only when these nodes are its only users.
             let group: BTreeSet<(usize, ValueId)> = nodes.iter().copied().collect();
+            // Shared: an output, used outside these nodes, or used by them in
+            // another operand slot than the weight's (e.g. as their input).
             let shared = module.funcs.iter().enumerate().any(|(f, g)| {
-                g.param_by_name(&key.w)
-                    .is_some_and(|p| g.users(p).into_iter().any(|u| !group.contains(&(f, u))))
+                g.param_by_name(&key.w).is_some_and(|p| {
+                    g.outputs().iter().any(|(_, v)| *v == p)
+                        || g.users(p).into_iter().any(|u| {
+                            !group.contains(&(f, u))
+                                || g.operands(u)
+                                    .iter()
+                                    .enumerate()
+                                    .any(|(i, o)| *o == p && i != 1)
+                        })
+                })
             });
             let target = if shared {
                 let name = fresh_name(module, weights, &key.w);
