@@ -35,6 +35,13 @@ pub fn bench_decode(
         .info()
         .cloned()
         .ok_or_else(|| Error::Unsupported("bench needs a model from a frontend".into()))?;
+    if info.decoder_start_token_id.is_some() || !info.family.is_generative() {
+        return Err(Error::Unsupported(format!(
+            "bench times decoder-only models (gpt2, llama); {} is a {:?} model",
+            model.origin(),
+            info.family
+        )));
+    }
     if let Some(max) = info.max_positions {
         if let Some(&too_long) = cache_lengths.iter().find(|&&l| l as i64 + 1 > max) {
             return Err(Error::Input(format!(

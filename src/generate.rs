@@ -40,7 +40,7 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// How to pick each token.
     pub sampling: Sampling,
-    /// Stop a row once it produced the model's `eos_token_id`.
+    /// Stop a row once it produced one of the model's `eos_token_id`s.
     pub stop_at_eos: bool,
     /// Decode causal LMs with a KV cache (prefill once, then one token per step).
     pub kv_cache: bool,
@@ -83,17 +83,29 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> i64 {
             top_p,
             ..
         } => {
+            // Subtract the maximum before dividing by the temperature, so a tiny
+            // temperature tends to greedy instead of overflowing to NaN.
+            let top = logits
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
             let mut order: Vec<(f64, usize)> = logits
                 .iter()
                 .enumerate()
-                .map(|(i, &x)| (x as f64 / temperature, i))
+                .map(|(i, &x)| ((x as f64 - top) / temperature, i))
                 .collect();
             order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             if *top_k > 0 {
                 order.truncate(*top_k);
             }
-            let max = order.first().map_or(0.0, |o| o.0);
-            let mut probs: Vec<f64> = order.iter().map(|(x, _)| (x - max).exp()).collect();
+            let mut probs: Vec<f64> = order
+                .iter()
+                .map(|(x, _)| if x.is_nan() { 0.0 } else { x.exp() })
+                .collect();
+            let mass: f64 = probs.iter().sum();
+            if mass.is_nan() || mass <= 0.0 {
+                // Non-finite logits: fall back to the most likely token.
+                return order.first().map_or(0, |o| o.1 as i64);
+            }
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
             if *top_p < 1.0 {
@@ -161,15 +173,20 @@ impl Model {
         }
         let encoder_decoder = info.decoder_start_token_id.is_some();
         let rows = prompt.tokens.len();
-        let growing_len = if encoder_decoder {
-            1
-        } else {
-            prompt.tokens.first().map_or(0, |r| r.len())
+        // Check ids, lengths and masks before anything runs (also when no
+        // token is asked for).
+        self.prepare_inputs(prompt)?;
+        let growing_len = match (&prompt.decoder_tokens, encoder_decoder) {
+            (Some(d), true) => d.first().map_or(0, |r| r.len()),
+            (None, true) => 1,
+            (_, false) => prompt.tokens.first().map_or(0, |r| r.len()),
         };
         if let Some(max) = info.max_positions {
-            if (growing_len + opts.max_new_tokens) as i64 > max {
+            // The last new token is produced but never fed back.
+            let needed = (growing_len + opts.max_new_tokens).saturating_sub(1);
+            if needed as i64 > max {
                 return Err(Error::Input(format!(
-                    "{growing_len} tokens + {} new ones exceed the model's {max} positions",
+                    "{growing_len} tokens + {} new ones need {needed} positions, more than the model's {max}",
                     opts.max_new_tokens
                 )));
             }
@@ -184,9 +201,9 @@ impl Model {
             new_tokens: vec![Vec::new(); rows],
             done: vec![false; rows],
             stop: if opts.stop_at_eos {
-                info.eos_token_id
+                info.eos_token_ids.clone()
             } else {
-                None
+                Vec::new()
             },
         };
         // A model the kv-cache pass cannot split exactly (see its contract) is
@@ -344,19 +361,23 @@ struct Picker<'a> {
     rng: &'a mut Rng,
     new_tokens: Vec<Vec<i64>>,
     done: Vec<bool>,
-    stop: Option<i64>,
+    stop: Vec<i64>,
 }
 
 impl Picker<'_> {
     /// Picks the next token of every row from the last position of `logits`
     /// `[B, T, V]`, records it for rows not yet done, and returns all of them.
     fn pick_all(&mut self, logits: &Tensor) -> Result<Vec<i64>, Error> {
-        let [rows, len, vocab] = logits.shape() else {
+        let &[rows, len, vocab] = logits.shape() else {
             return Err(Error::Unsupported(format!(
                 "logits must be [B, T, V], got {logits}"
             )));
         };
-        let (rows, len, vocab) = (*rows, *len, *vocab);
+        if len == 0 || vocab == 0 || rows != self.done.len() {
+            return Err(Error::Input(format!(
+                "cannot pick a token from logits {logits}"
+            )));
+        }
         let data = logits
             .as_f32()
             .ok_or_else(|| Error::Unsupported("logits are not f32".into()))?;
@@ -366,7 +387,7 @@ impl Picker<'_> {
             let t = pick(row, self.sampling, self.rng);
             if !self.done[r] {
                 self.new_tokens[r].push(t);
-                self.done[r] = Some(t) == self.stop;
+                self.done[r] = self.stop.contains(&t);
             }
             next.push(t);
         }
@@ -399,6 +420,19 @@ fn last_logits(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_temperature_samples_the_most_likely_token() {
+        let s = Sampling::Sample {
+            temperature: 1e-320,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1,
+        };
+        let mut rng = Rng::new(1);
+        assert_eq!(pick(&[0.1, 3.0, 2.9, -1.0], &s, &mut rng), 1);
+        assert_eq!(pick(&[f32::NAN, 1.0], &s, &mut rng), 1);
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -200,7 +200,7 @@ impl Model {
                 family: Family::Gpt2,
                 vocab_size: cfg.vocab_size,
                 max_positions: Some(cfg.n_positions),
-                eos_token_id: None,
+                eos_token_ids: Vec::new(),
                 decoder_start_token_id: None,
             }),
         })
@@ -352,12 +352,18 @@ impl Model {
     ) -> Result<Box<dyn Executable>, Error> {
         self.check()?;
         let graph = self.function(name)?;
-        let weights = self.weights.as_ref().ok_or_else(|| {
-            Error::Input(format!(
-                "{} has no weights: pass a safetensors file with --weights (tensor names = parameter names)",
-                self.origin
-            ))
-        })?;
+        let none = Weights::new();
+        let weights = match &self.weights {
+            Some(w) => w,
+            // A graph without parameters needs no weight file.
+            None if graph.params().is_empty() => &none,
+            None => {
+                return Err(Error::Input(format!(
+                    "{} has no weights: pass a safetensors file with --weights (tensor names = parameter names)",
+                    self.origin
+                )))
+            }
+        };
         match target {
             Target::Interp => Ok(Interpreter.compile(graph, weights)?),
         }
@@ -453,6 +459,25 @@ impl Model {
                 self.origin
             )));
         }
+        for (flag, given, input) in [
+            (
+                "--token-type-ids",
+                inputs.token_type_ids.is_some(),
+                "token_type_ids",
+            ),
+            (
+                "--decoder-tokens",
+                inputs.decoder_tokens.is_some(),
+                "decoder_tokens",
+            ),
+        ] {
+            if given && !graph_has_input(graph, input) {
+                return Err(Error::Input(format!(
+                    "{} takes no {input} input, so {flag} cannot be used",
+                    self.origin
+                )));
+            }
+        }
         Ok(out)
     }
 
@@ -515,6 +540,9 @@ fn check_rows(flag: &str, rows: &[Vec<i64>]) -> Result<(), Error> {
     let Some(first) = rows.first() else {
         return Err(Error::Input(format!("{flag} is empty")));
     };
+    if first.is_empty() {
+        return Err(Error::Input(format!("{flag} row 0 is empty")));
+    }
     if let Some((r, row)) = rows
         .iter()
         .enumerate()

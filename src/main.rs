@@ -6,6 +6,28 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::{Error, GenerateOptions, Model, RunInputs, Sampling};
 
+/// Writes to stdout; a reader that went away (`kiln ir … | head`) ends the
+/// program quietly instead of panicking.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(text.as_bytes()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(&(format!($($arg)*) + "\n")) };
+}
+
 /// kiln: a compiler for transformer models.
 #[derive(Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
@@ -104,7 +126,7 @@ enum Command {
         /// Sample with this temperature (> 0).
         #[arg(long)]
         temperature: Option<f64>,
-        /// Sample among the `k` most likely tokens.
+        /// Sample among the `k` most likely tokens (0: no limit).
         #[arg(long)]
         top_k: Option<usize>,
         /// Sample among the most likely tokens covering probability `p`.
@@ -244,7 +266,22 @@ fn parse_binding(s: &str) -> Result<(String, i64), String> {
 }
 
 /// `kiln ir --stats`: the memory plan of every function, as `//` comments.
-fn print_memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<(), Error> {
+fn memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<String, Error> {
+    use std::fmt::Write as _;
+    let known: std::collections::BTreeSet<String> = m
+        .module()
+        .funcs
+        .iter()
+        .flat_map(kiln::ir::verify::runtime_symbols)
+        .collect();
+    if let Some((n, _)) = bind.iter().find(|(n, _)| !known.contains(n)) {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        return Err(Error::Input(format!(
+            "--bind {n}: the model has no run-time symbol `{n}` (it has {})",
+            known.join(", ")
+        )));
+    }
+    let mut out = String::new();
     let given: Vec<String> = bind.iter().map(|(n, v)| format!("{n}={v}")).collect();
     let given = if given.is_empty() {
         "no bindings".to_string()
@@ -253,13 +290,12 @@ fn print_memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<(), Error> {
     };
     for g in &m.module().funcs {
         let plan = kiln::passes::memory_planning::plan_memory(g, bind)?;
-        println!();
-        println!("// ----- memory plan of @{} ({given}) -----", g.name);
+        let _ = writeln!(out, "\n// ----- memory plan of @{} ({given}) -----", g.name);
         for line in plan.report().lines() {
-            println!("// {line}");
+            let _ = writeln!(out, "// {line}");
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
@@ -283,8 +319,8 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Check { model } => {
             let m = Model::load(&model)?;
             let trace = m.shape_trace()?;
-            println!("{}: all shape contracts hold\n", m.origin());
-            print!("{trace}");
+            outln!("{}: all shape contracts hold\n", m.origin());
+            out!("{trace}");
         }
         Command::Ir {
             model,
@@ -310,11 +346,30 @@ fn run(cli: Cli) -> Result<(), Error> {
                 None => kiln::adapter::pipeline(opt, adapter.lora_mode)?,
             }
             .print_after(&print_after);
+            if let Some(p) = print_after
+                .iter()
+                .find(|p| *p != "all" && !pm.names().contains(&p.as_str()))
+            {
+                let names = pm.names();
+                let runs = if names.is_empty() {
+                    "no passes".to_string()
+                } else {
+                    names.join(", ")
+                };
+                return Err(Error::Input(format!(
+                    "--print-after {p}: that pass is not in the pipeline (it runs {runs})"
+                )));
+            }
             let (m, cx) = m.apply_passes(&pm)?;
+            let plans = if stats {
+                Some(memory_plans(&m, &bind)?)
+            } else {
+                None
+            };
             for (pass, text) in &cx.dumps {
-                println!("// ----- IR after {pass} -----");
-                print!("{text}");
-                println!();
+                outln!("// ----- IR after {pass} -----");
+                out!("{text}");
+                outln!("");
             }
             for r in &cx.log {
                 let what = if r.notes.is_empty() {
@@ -325,15 +380,15 @@ fn run(cli: Cli) -> Result<(), Error> {
                 eprintln!("pass {}: {what}", r.pass);
             }
             if !cx.dumps.is_empty() {
-                println!("// ----- final IR -----");
+                outln!("// ----- final IR -----");
             }
             if dot {
-                print!("{}", m.to_dot());
+                out!("{}", m.to_dot());
             } else {
-                print!("{}", m.to_text());
+                out!("{}", m.to_text());
             }
-            if stats {
-                print_memory_plans(&m, &bind)?;
+            if let Some(plans) = plans {
+                out!("{plans}");
             }
         }
         Command::Run {
@@ -356,10 +411,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             let mut exe = m.compile(target(backend))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
             match output {
-                OutputArg::Json => println!("{}", kiln::output::outputs_json(&outs)),
+                OutputArg::Json => outln!("{}", kiln::output::outputs_json(&outs)),
                 OutputArg::Summary => {
                     for (name, t) in &outs {
-                        println!("{name}: {t} {}", preview(t));
+                        outln!("{name}: {t} {}", preview(t));
                     }
                 }
             }
@@ -395,7 +450,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 Sampling::Greedy
             };
-            if !no_kv_cache {
+            if !no_kv_cache && m.info().is_some_and(|i| i.family.is_generative()) {
                 if let Err(e) = m.kv_split() {
                     eprintln!("note: decoding without a KV cache: {e}");
                 }
@@ -425,8 +480,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                 format!("[{}]", lists.join(", "))
             };
             match output {
-                OutputArg::Json => println!("{{\"tokens\": {body}}}"),
-                OutputArg::Summary => println!("new tokens: {body}"),
+                OutputArg::Json => outln!("{{\"tokens\": {body}}}"),
+                OutputArg::Summary => outln!("new tokens: {body}"),
             }
         }
         Command::Bench {
@@ -439,14 +494,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 None => Model::demo()?,
             };
             let rows = kiln::bench::bench_decode(&m, &cache_lengths, iters)?;
-            println!(
+            outln!(
                 "model: {} (backend: interp, batch 1, median of {iters})",
                 m.origin()
             );
-            println!("| cache S | decode step (ms) | full forward S+1 (ms) | full / decode |");
-            println!("|---------|------------------|-----------------------|---------------|");
+            outln!("| cache S | decode step (ms) | full forward S+1 (ms) | full / decode |");
+            outln!("|---------|------------------|-----------------------|---------------|");
             for r in &rows {
-                println!(
+                outln!(
                     "| {:>7} | {:>16.3} | {:>21.3} | {:>12.1}x |",
                     r.cache_len,
                     r.decode_ms,
@@ -456,7 +511,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
                 if b.cache_len > a.cache_len {
-                    println!(
+                    outln!(
                         "decode step at S={} costs {:.2}x the step at S={} ({:.1}x longer cache)",
                         b.cache_len,
                         b.decode_ms / a.decode_ms.max(1e-9),
@@ -469,18 +524,18 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Demo => {
             let m = Model::demo()?;
             let trace = m.shape_trace()?;
-            println!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T, seeded random weights)");
-            println!("all shape contracts hold\n");
-            print!("{trace}");
+            outln!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T, seeded random weights)");
+            outln!("all shape contracts hold\n");
+            out!("{trace}");
             let prompt = vec![vec![464, 2068, 7586, 21831], vec![1, 2, 3, 4]];
             let prompt: Vec<Vec<i64>> = prompt
                 .into_iter()
                 .map(|r| r.into_iter().map(|t| t % 512).collect())
                 .collect();
             let outs = m.run(&RunInputs::tokens(prompt.clone()))?;
-            println!("\nrun on the interpreter with tokens {prompt:?}:");
+            outln!("\nrun on the interpreter with tokens {prompt:?}:");
             for (name, t) in &outs {
-                println!("  {name}: {t}");
+                outln!("  {name}: {t}");
             }
             let opts = GenerateOptions {
                 max_new_tokens: 5,
@@ -489,7 +544,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 kv_cache: true,
             };
             let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
-            println!("  greedy next tokens: {new:?}");
+            outln!("  greedy next tokens: {new:?}");
         }
     }
     Ok(())
@@ -497,17 +552,17 @@ fn run(cli: Cli) -> Result<(), Error> {
 
 /// The first few values of a tensor, for the summary output.
 fn preview(t: &kiln::Tensor) -> String {
-    match t.as_f32() {
-        Some(v) => {
-            let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
-            format!(
-                "[{}{}]",
-                head.join(", "),
-                if v.len() > 4 { ", …" } else { "" }
-            )
-        }
-        None => String::new(),
-    }
+    let head: Vec<String> = match t.data() {
+        kiln::backends::TensorData::F32(v) => v.iter().take(4).map(|x| format!("{x:.5}")).collect(),
+        kiln::backends::TensorData::I32(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
+        kiln::backends::TensorData::I64(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
+        kiln::backends::TensorData::Bool(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
+    };
+    format!(
+        "[{}{}]",
+        head.join(", "),
+        if t.numel() > 4 { ", …" } else { "" }
+    )
 }
 
 fn main() -> ExitCode {

@@ -210,9 +210,9 @@ fn bad_tokens_are_clear_errors() {
             "--tokens",
             "1,2,3",
             "--max-new-tokens",
-            "62",
+            "63",
         ],
-        "3 tokens + 62 new ones exceed the model's 64 positions",
+        "3 tokens + 63 new ones need 65 positions, more than the model's 64",
     );
     check_fails(
         &[
@@ -308,7 +308,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         .unwrap()
         .replace("\"vocab_size\": 101", "\"vocab_size\": 100");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
-    check_fails(&["run", dir.to_str().unwrap(), "--tokens", "1"], "tensor `transformer.wte.weight` has shape [101, 32] but the config implies [100, 32] (f32[V, d])");
+    check_fails(&["run", dir.to_str().unwrap(), "--tokens", "1"], "tensor `transformer.wte.weight` has shape [101, 32] but the model expects [100, 32] (f32[V, d])");
 
     let dir = scratch_copy("llama", "extra");
     let cfg = std::fs::read_to_string(dir.join("config.json"))
@@ -371,4 +371,66 @@ fn check_and_ir_work_on_model_folders() {
     let (code, out, _) = kiln(&["ir", "tests/data/hf/bart"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("func @bart(%tokens: i64[B, S], %attention_mask: i64[B, S], %decoder_tokens: i64[B, T])"), "{out}");
+}
+
+#[test]
+fn review_regressions_on_inputs_and_configs() {
+    // An empty decoder row is an input error, not a panic.
+    let model = kiln::Model::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/bart"))
+        .unwrap();
+    let inputs = kiln::RunInputs {
+        tokens: vec![vec![1, 2]],
+        decoder_tokens: Some(vec![vec![]]),
+        ..kiln::RunInputs::default()
+    };
+    let err = model.run(&inputs).expect_err("empty decoder row");
+    assert!(
+        err.to_string().contains("--decoder-tokens row 0 is empty"),
+        "{err}"
+    );
+    // Zero new tokens still validates the prompt.
+    check_fails(
+        &[
+            "generate",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1000",
+            "--max-new-tokens",
+            "0",
+            "--no-kv-cache",
+        ],
+        "out of range",
+    );
+    // Sizes too large for any model are configuration errors (exit 2), not panics.
+    let dir = scratch_copy("bart", "hugepos");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"max_position_embeddings\": 64",
+            "\"max_position_embeddings\": 9223372036854775807",
+        );
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    check_fails(
+        &["check", dir.to_str().unwrap()],
+        "`max_position_embeddings` = 9223372036854775807 is larger than kiln accepts",
+    );
+    // eos_token_id may be a list (Llama 3 style).
+    let dir = scratch_copy("llama", "eoslist");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"eos_token_id\": 2", "\"eos_token_id\": [2, 3]");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let m = kiln::Model::load(&dir).unwrap();
+    assert_eq!(m.info().unwrap().eos_token_ids, vec![2, 3]);
+    // A tensor larger than the interpreter allows is refused before running.
+    let big = std::env::temp_dir().join(format!("kiln-big-{}.kir", std::process::id()));
+    std::fs::write(
+        &big,
+        "func @f(%tokens: i64[B, T]) -> (y: f32[100000, 100000, 100000]) {\n  %y = constant() value=1.0 dtype=f32 shape=[100000, 100000, 100000] : f32[100000, 100000, 100000]\n  return %y\n}\n",
+    )
+    .unwrap();
+    check_fails(
+        &["run", big.to_str().unwrap(), "--tokens", "1"],
+        "needs more than the interpreter's 8 GiB per tensor",
+    );
 }

@@ -68,8 +68,8 @@ impl BartConfig {
         Ok(BartConfig {
             vocab_size: c.int("vocab_size")?,
             d_model: c.int("d_model")?,
-            encoder_layers: c.int("encoder_layers")? as usize,
-            decoder_layers: c.int("decoder_layers")? as usize,
+            encoder_layers: c.layers("encoder_layers")?,
+            decoder_layers: c.layers("decoder_layers")?,
             encoder_attention_heads: c.int("encoder_attention_heads")?,
             decoder_attention_heads: c.int("decoder_attention_heads")?,
             encoder_ffn_dim: c.int("encoder_ffn_dim")?,
@@ -94,7 +94,11 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     let mut b = GraphBuilder::new("bart");
     let cerr = |e: kiln_ir::DimError| FrontendError::Config(e.to_string());
     b.bind("V", cfg.vocab_size)?;
-    b.bind("P", cfg.max_position_embeddings + POSITION_OFFSET)?;
+    let positions = cfg
+        .max_position_embeddings
+        .checked_add(POSITION_OFFSET)
+        .ok_or_else(|| FrontendError::Config("max_position_embeddings is too large".into()))?;
+    b.bind("P", positions)?;
     b.bind("d", cfg.d_model)?;
     b.bind("he", cfg.encoder_attention_heads)?;
     b.bind("hd", cfg.decoder_attention_heads)?;

@@ -62,11 +62,11 @@ impl BertConfig {
             vocab_size: c.int("vocab_size")?,
             hidden_size: c.int("hidden_size")?,
             intermediate_size: c.int("intermediate_size")?,
-            num_hidden_layers: c.int("num_hidden_layers")? as usize,
+            num_hidden_layers: c.layers("num_hidden_layers")?,
             num_attention_heads: c.int("num_attention_heads")?,
             max_position_embeddings: c.int("max_position_embeddings")?,
             type_vocab_size: c.int("type_vocab_size")?,
-            layer_norm_eps: c.float_or("layer_norm_eps", 1e-12)?,
+            layer_norm_eps: c.non_negative_or("layer_norm_eps", 1e-12)?,
             hidden_act,
         })
     }

@@ -8,6 +8,11 @@ use serde_json::Value;
 
 use crate::FrontendError;
 
+/// Largest size a config may give (2^31).
+const MAX_SIZE: i64 = 1 << 31;
+/// Largest layer count a config may give.
+const MAX_LAYERS: i64 = 1024;
+
 /// A parsed `config.json`.
 #[derive(Clone, Debug)]
 pub struct HfConfig {
@@ -56,14 +61,52 @@ impl HfConfig {
         self.string("model_type")
     }
 
-    /// A required positive integer.
+    /// A required positive size, at most 2^31 (larger values describe no model
+    /// that fits in memory and would overflow size arithmetic).
     pub fn int(&self, key: &str) -> Result<i64, FrontendError> {
+        self.bounded(key, MAX_SIZE)
+    }
+
+    /// A required positive layer count, at most 1024.
+    pub fn layers(&self, key: &str) -> Result<usize, FrontendError> {
+        Ok(self.bounded(key, MAX_LAYERS)? as usize)
+    }
+
+    fn bounded(&self, key: &str, max: i64) -> Result<i64, FrontendError> {
         match self.get(key) {
             Some(v) => match v.as_i64() {
-                Some(i) if i > 0 => Ok(i),
+                Some(i) if i > 0 && i <= max => Ok(i),
+                Some(i) if i > max => {
+                    Err(self.err(key, &format!("= {i} is larger than kiln accepts ({max})")))
+                }
                 _ => Err(self.err(key, &format!("must be a positive integer, got {v}"))),
             },
             None => Err(self.err(key, "is missing")),
+        }
+    }
+
+    /// A non-negative float with a default (epsilons).
+    pub fn non_negative_or(&self, key: &str, default: f64) -> Result<f64, FrontendError> {
+        let x = self.float_or(key, default)?;
+        if x.is_finite() && x >= 0.0 {
+            Ok(x)
+        } else {
+            Err(self.err(key, &format!("must be a finite number >= 0, got {x}")))
+        }
+    }
+
+    /// Token ids given as one id or a list of ids (`eos_token_id: [128001, 128009]`).
+    pub fn ids(&self, key: &str) -> Result<Vec<i64>, FrontendError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|v| match v.as_i64() {
+                    Some(i) if i >= 0 => Ok(i),
+                    _ => Err(self.err(key, &format!("must hold token ids, got {v}"))),
+                })
+                .collect(),
+            Some(_) => Ok(self.opt_id(key)?.into_iter().collect()),
         }
     }
 

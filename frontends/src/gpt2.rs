@@ -84,10 +84,10 @@ impl Gpt2Config {
             vocab_size: c.int("vocab_size")?,
             n_positions: c.int("n_positions")?,
             n_embd: c.int("n_embd")?,
-            n_layer: c.int("n_layer")? as usize,
+            n_layer: c.layers("n_layer")?,
             n_head: c.int("n_head")?,
             n_inner: c.opt_int("n_inner")?,
-            layer_norm_epsilon: c.float_or("layer_norm_epsilon", 1e-5)?,
+            layer_norm_epsilon: c.non_negative_or("layer_norm_epsilon", 1e-5)?,
             activation,
         })
     }

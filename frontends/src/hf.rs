@@ -48,8 +48,8 @@ pub struct ModelInfo {
     /// Longest sequence the position scheme covers (`None` for RoPE models, whose
     /// limit is advisory).
     pub max_positions: Option<i64>,
-    /// `eos_token_id`, if any.
-    pub eos_token_id: Option<i64>,
+    /// `eos_token_id`: generation stops at any of these.
+    pub eos_token_ids: Vec<i64>,
     /// `decoder_start_token_id` of encoder–decoder models.
     pub decoder_start_token_id: Option<i64>,
 }
@@ -100,7 +100,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 family: Family::Gpt2,
                 vocab_size: cfg.vocab_size,
                 max_positions: Some(cfg.n_positions),
-                eos_token_id: c.opt_id("eos_token_id")?,
+                eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: None,
             };
             (Family::Gpt2, build_gpt2(&cfg)?, info)
@@ -111,7 +111,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 family: Family::Llama,
                 vocab_size: cfg.vocab_size,
                 max_positions: None,
-                eos_token_id: c.opt_id("eos_token_id")?,
+                eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: None,
             };
             (Family::Llama, build_llama(&cfg)?, info)
@@ -122,7 +122,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 family: Family::Bert,
                 vocab_size: cfg.vocab_size,
                 max_positions: Some(cfg.max_position_embeddings),
-                eos_token_id: None,
+                eos_token_ids: Vec::new(),
                 decoder_start_token_id: None,
             };
             (Family::Bert, build_bert(&cfg)?, info)
@@ -133,7 +133,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 family: Family::Bart,
                 vocab_size: cfg.vocab_size,
                 max_positions: Some(cfg.max_position_embeddings),
-                eos_token_id: c.opt_id("eos_token_id")?,
+                eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: Some(cfg.decoder_start_token_id),
             };
             (Family::Bart, build_bart(&cfg)?, info)
@@ -238,7 +238,7 @@ pub fn read_weights(
         used.insert(names.get(file_name.as_str()).copied().unwrap_or_default());
         if view.shape() != expected.as_slice() {
             problems.push(format!(
-                "tensor `{file_name}` has shape {:?} but the config implies {:?} ({ty})",
+                "tensor `{file_name}` has shape {:?} but the model expects {:?} ({ty})",
                 view.shape(),
                 expected
             ));

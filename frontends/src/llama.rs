@@ -73,17 +73,22 @@ impl LlamaConfig {
                 })?;
             }
         }
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(FrontendError::Config(format!(
+                "rope_theta must be a positive number, got {rope_theta}"
+            )));
+        }
         let heads = c.int("num_attention_heads")?;
         Ok(LlamaConfig {
             vocab_size: c.int("vocab_size")?,
             hidden_size: c.int("hidden_size")?,
             intermediate_size: c.int("intermediate_size")?,
-            num_hidden_layers: c.int("num_hidden_layers")? as usize,
+            num_hidden_layers: c.layers("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: c.opt_int("num_key_value_heads")?.unwrap_or(heads),
             head_dim: c.opt_int("head_dim")?,
             max_position_embeddings: c.int("max_position_embeddings")?,
-            rms_norm_eps: c.float_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: c.non_negative_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
         })

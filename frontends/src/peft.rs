@@ -838,6 +838,14 @@ pub fn insert_adapter(
                                 ))
                             })?;
                         let node_scale = alpha / old_rank as f64;
+                        if !(node_scale.is_finite() && node_scale != 0.0) {
+                            // Later adapters are rescaled relative to the node's
+                            // scale, which a zero-alpha first adapter makes zero.
+                            return Err(build_error(format!(
+                                "module `{}`: cannot stack another adapter onto one with lora_alpha {alpha} (its update scale is 0); apply the adapters in another order",
+                                pair.module
+                            )));
+                        }
                         a_parts.push(a_p);
                         b_parts.push(b_p);
                         let a_cat = add_typed(

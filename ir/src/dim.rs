@@ -166,7 +166,13 @@ impl Dim {
     pub fn add(&self, other: &Dim) -> Result<Dim, DimError> {
         let mut terms = self.terms.clone();
         terms.extend(other.terms.iter().cloned());
-        Dim::from_terms(terms)
+        resimplify(Dim::from_terms(terms)?)
+    }
+
+    /// Whether the dim is negative for every non-negative value of its symbols
+    /// (every term has a negative coefficient): a size that can never be valid.
+    pub fn is_never_positive(&self) -> bool {
+        !self.terms.is_empty() && self.terms.iter().all(|t| t.coef < 0)
     }
 
     /// `self - other`.
@@ -210,9 +216,12 @@ impl Dim {
 
     /// The exact quotient `self / other`.
     ///
-    /// Simplifies when the divisor is a single term dividing every term of `self`;
-    /// otherwise keeps the quotient as a symbolic `Div` atom, to be checked when the
-    /// symbols are bound.
+    /// Cancels common factors (the gcd of the coefficients and symbols every
+    /// term shares), divides exactly when the divisor is a single term dividing
+    /// every term, flattens `(n / a) / b` to `n / (a * b)`, pulls a remaining
+    /// constant factor out (`(3 * T) / 2` is `3 * (T / 2)`: under exact division
+    /// and coprime factors they are equal), and otherwise keeps the quotient as a
+    /// symbolic `Div` atom, checked when the symbols are bound.
     pub fn div(&self, other: &Dim) -> Result<Dim, DimError> {
         if other.terms.is_empty() {
             return Err(DimError::DivisionByZero);
@@ -229,17 +238,39 @@ impl Dim {
             }
             return Ok(Dim::constant(n.checked_div(d).ok_or(DimError::Overflow)?));
         }
-        if let [den] = other.terms.as_slice() {
-            if let Some(q) = divide_by_term(self, den)? {
+        if other.terms.iter().all(|t| t.coef < 0) {
+            return self.neg()?.div(&other.neg()?);
+        }
+        let (num, den) = cancel_common(self, other)?;
+        if den.is_const(1) {
+            return Ok(num);
+        }
+        if num == den {
+            return Ok(Dim::constant(1));
+        }
+        if let [d] = den.terms.as_slice() {
+            if let Some(q) = divide_by_term(&num, d)? {
                 return Ok(q);
             }
         }
-        if self.div_depth().max(other.div_depth()) >= MAX_DIV_DEPTH {
+        if let [t] = num.terms.as_slice() {
+            if let (1, [Atom::Div(n2, d2)]) = (t.coef, t.atoms.as_slice()) {
+                return n2.div(&d2.mul(&den)?);
+            }
+            if t.coef != 1 {
+                let inner = Dim::from_terms(vec![Term {
+                    atoms: t.atoms.clone(),
+                    coef: 1,
+                }])?;
+                return Dim::constant(t.coef).mul(&inner.div(&den)?);
+            }
+        }
+        if num.div_depth().max(den.div_depth()) >= MAX_DIV_DEPTH {
             return Err(DimError::TooComplex);
         }
         Ok(Dim {
             terms: vec![Term {
-                atoms: vec![Atom::Div(Box::new(self.clone()), Box::new(other.clone()))],
+                atoms: vec![Atom::Div(Box::new(num), Box::new(den))],
                 coef: 1,
             }],
         })
@@ -264,6 +295,75 @@ impl Dim {
         }
         Ok(acc)
     }
+}
+
+/// Greatest common divisor of two magnitudes.
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// `num` and `den` with the factor they share removed: the gcd of every
+/// coefficient and the atoms common to every term of both.
+fn cancel_common(num: &Dim, den: &Dim) -> Result<(Dim, Dim), DimError> {
+    let all = num.terms.iter().chain(&den.terms);
+    let g = all.clone().fold(0u64, |g, t| gcd(g, t.coef.unsigned_abs()));
+    let mut common: Vec<Atom> = num.terms[0].atoms.clone();
+    for t in all {
+        let mut kept = Vec::new();
+        let mut rest = t.atoms.clone();
+        for a in &common {
+            if let Some(i) = rest.iter().position(|x| x == a) {
+                rest.remove(i);
+                kept.push(a.clone());
+            }
+        }
+        common = kept;
+    }
+    if g <= 1 && common.is_empty() {
+        return Ok((num.clone(), den.clone()));
+    }
+    let g = i64::try_from(g).map_err(|_| DimError::Overflow)?;
+    let strip = |d: &Dim| -> Result<Dim, DimError> {
+        let mut terms = Vec::with_capacity(d.terms.len());
+        for t in &d.terms {
+            terms.push(Term {
+                atoms: remove_atoms(&t.atoms, &common).unwrap_or_default(),
+                coef: t.coef.checked_div(g).ok_or(DimError::Overflow)?,
+            });
+        }
+        Dim::from_terms(terms)
+    };
+    Ok((strip(num)?, strip(den)?))
+}
+
+/// Re-applies the division cancellations to terms whose coefficients changed
+/// when like terms merged (`T / 2 + T / 2` is `T`).
+fn resimplify(d: Dim) -> Result<Dim, DimError> {
+    let mut cur = d;
+    for _ in 0..MAX_TERMS {
+        let mut changed = false;
+        let mut terms = Vec::with_capacity(cur.terms.len());
+        for t in cur.terms {
+            if t.atoms.iter().any(|a| matches!(a, Atom::Div(..))) {
+                let s = simplify_term(t.clone())?;
+                if s.terms.len() != 1 || s.terms[0] != t {
+                    changed = true;
+                }
+                terms.extend(s.terms);
+            } else {
+                terms.push(t);
+            }
+        }
+        cur = Dim::from_terms(terms)?;
+        if !changed {
+            break;
+        }
+    }
+    Ok(cur)
 }
 
 /// Divides every term of `num` by `den` when that is exact; `None` when it is not.
@@ -306,6 +406,17 @@ fn simplify_term(term: Term) -> Result<Dim, DimError> {
         let mut others = term.atoms.clone();
         others.remove(i);
         if term.coef.checked_rem(den.coef) != Some(0) {
+            // `k * (n / c)` with a common factor `g` of `k` and `c` is
+            // `(k / g) * (n / (c / g))`, the reduced form division produces.
+            let g = gcd(term.coef.unsigned_abs(), den.coef.unsigned_abs());
+            if g > 1 && den.atoms.is_empty() {
+                let g = i64::try_from(g).map_err(|_| DimError::Overflow)?;
+                let outer = Dim::from_terms(vec![Term {
+                    atoms: others,
+                    coef: term.coef / g,
+                }])?;
+                return outer.mul(&n.div(&Dim::constant(den.coef / g))?);
+            }
             continue;
         }
         let Some(rest) = remove_atoms(&others, &den.atoms) else {
@@ -446,6 +557,35 @@ mod tests {
         let st = s("S").add(&s("T")).unwrap();
         assert_eq!(st.div(&c(2)).unwrap().to_string(), "(S + T) / 2");
         assert_eq!(c(3).mul(&q).unwrap().to_string(), "3 * (d / h)");
+    }
+
+    #[test]
+    fn equal_quotients_have_one_normal_form() {
+        let t = s("T");
+        let half = t.div(&c(2)).unwrap();
+        assert_eq!(half.add(&half).unwrap(), t, "T/2 + T/2");
+        let d = s("D");
+        assert_eq!(
+            c(2).mul(&d).unwrap().div(&c(4)).unwrap(),
+            d.div(&c(2)).unwrap()
+        );
+        assert_eq!(
+            d.div(&c(2)).unwrap().div(&c(3)).unwrap(),
+            d.div(&c(6)).unwrap()
+        );
+        assert_eq!(
+            c(3).mul(&t).unwrap().div(&c(2)).unwrap(),
+            c(3).mul(&half).unwrap()
+        );
+        let st = s("S").mul(&t).unwrap();
+        assert_eq!(
+            st.div(&c(2).mul(&t).unwrap()).unwrap(),
+            s("S").div(&c(2)).unwrap()
+        );
+        assert_eq!(c(2).mul(&t.div(&c(4)).unwrap()).unwrap(), half);
+        assert_eq!(d.div(&c(-2)).unwrap(), d.neg().unwrap().div(&c(2)).unwrap());
+        assert!(s("T").neg().unwrap().is_never_positive());
+        assert!(!s("S").sub(&t).unwrap().is_never_positive());
     }
 
     #[test]

@@ -870,11 +870,7 @@ impl Op {
                 dtype,
                 shape,
             } => {
-                if !dtype.is_float() && (!value.is_finite() || value.fract() != 0.0) {
-                    return Err(ShapeError::Attribute(format!(
-                        "constant {value:?} is not representable as {dtype}"
-                    )));
-                }
+                check_constant(*value, *dtype)?;
                 check_sizes(cx, shape)?;
                 Ok(TensorType::new(*dtype, shape.clone()))
             }
@@ -1027,7 +1023,16 @@ impl Op {
                     (Some(s), _, _) if s < 0 => true,
                     (Some(s), Some(e), _) if e < s => true,
                     (_, Some(e), Some(n)) if e > n => true,
-                    _ => cx.eval(&len)?.as_const().is_some_and(|l| l < 0),
+                    _ => {
+                        // Symbolic bounds: out of range for every size of the symbols.
+                        let past_end = n.sub(&e).map_err(|source| ShapeError::Dim {
+                            expr: format!("{} - {}", x.shape[a], end),
+                            source,
+                        })?;
+                        s.is_never_positive()
+                            || cx.eval(&len)?.is_never_positive()
+                            || past_end.is_never_positive()
+                    }
                 };
                 if bad {
                     return Err(ShapeError::Attribute(format!(
@@ -1202,10 +1207,27 @@ fn same_dtype(what: &str, a: &TensorType, b: &TensorType) -> Result<(), ShapeErr
     })
 }
 
+/// A constant must be exactly representable in its dtype (integers: whole and
+/// in range, i64 within ±2^53 so the f64 attribute is exact).
+fn check_constant(value: f64, dtype: DType) -> Result<(), ShapeError> {
+    let (lo, hi) = match dtype {
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        DType::I64 => (-(2f64.powi(53)), 2f64.powi(53)),
+        DType::Bool => (0.0, 1.0),
+        DType::F32 | DType::F16 | DType::BF16 => return Ok(()),
+    };
+    if !value.is_finite() || value.fract() != 0.0 || value < lo || value > hi {
+        return Err(ShapeError::Attribute(format!(
+            "constant {value:?} is not representable as {dtype}"
+        )));
+    }
+    Ok(())
+}
+
 /// Sizes must evaluate (exact divisions) and must not be negative constants.
 fn check_sizes(cx: &ShapeCx, dims: &[Dim]) -> Result<(), ShapeError> {
     for d in dims {
-        if cx.eval(d)?.as_const().is_some_and(|c| c < 0) {
+        if cx.eval(d)?.is_never_positive() {
             return Err(ShapeError::Attribute(format!(
                 "size {} is negative",
                 cx.describe(d)
@@ -1510,7 +1532,10 @@ fn infer_kernel(
                 a.clone()
             }
             KernelOp::Cast(t, a) => at(*a)?.with_dtype(*t),
-            KernelOp::Const(_, t) => TensorType::new(*t, vec![]),
+            KernelOp::Const(v, t) => {
+                check_constant(*v, *t)?;
+                TensorType::new(*t, vec![])
+            }
         };
         vals.push(ty);
     }

@@ -417,6 +417,13 @@ impl Parser {
                 Ok(Dim::constant(i))
             }
             Tok::Ident(s) => {
+                if matches!(
+                    s.to_ascii_lowercase().as_str(),
+                    "inf" | "nan" | "true" | "false"
+                ) {
+                    return Err(self
+                        .unexpected("a size symbol (`inf`, `nan`, `true`, `false` are reserved)"));
+                }
                 self.pos += 1;
                 Ok(Dim::sym(&s))
             }

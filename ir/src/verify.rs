@@ -158,7 +158,7 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
             continue;
         }
         let failure = match cx.bind(name, value) {
-            Ok(v) if v.as_const().is_some_and(|c| c < 0) => {
+            Ok(v) if v.is_never_positive() => {
                 Some(format!("size `{name}` evaluates to {v}, which is negative"))
             }
             Ok(_) => None,
@@ -373,7 +373,7 @@ fn check_type_symbols(
     }
     for d in &ty.shape {
         match cx.eval(d) {
-            Ok(x) if x.as_const().is_some_and(|c| c < 0) => {
+            Ok(x) if x.is_never_positive() => {
                 ck.report_node(
                     v,
                     format!("type {ty} has a negative size {}", cx.describe(d)),

@@ -40,7 +40,9 @@ proptest! {
             acc = acc.add(&term).unwrap();
         }
         let q = acc.div(&Dim::constant(div)).unwrap();
-        for d in [acc, q] {
+        let mixed = q.mul(&Dim::constant(div + 1)).unwrap().add(&q).unwrap().add(&acc).unwrap();
+        let nested = q.div(&Dim::constant(div + 2)).unwrap().mul(&Dim::sym("h")).unwrap();
+        for d in [acc, q, mixed, nested] {
             let back = kiln_ir::parse_dim(&d.to_string()).map_err(|e| TestCaseError::fail(format!("{e}: {d}")))?;
             prop_assert_eq!(back, d);
         }

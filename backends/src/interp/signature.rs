@@ -238,6 +238,10 @@ pub(super) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, R
     Ok(cx)
 }
 
+/// The largest tensor the interpreter allocates: larger ones are an error
+/// before anything runs, not an out-of-memory abort half-way.
+pub(super) const MAX_TENSOR_BYTES: usize = 8 << 30;
+
 /// Every node's type evaluated to concrete sizes, by slot.
 pub(super) fn eval_shapes(
     graph: &Graph,
@@ -255,14 +259,19 @@ pub(super) fn eval_shapes(
                 .iter()
                 .map(|d| eval_size(cx, d, name))
                 .collect::<Result<Vec<usize>, RunError>>()?;
-            if kiln_ir::tensor::checked_numel(&shape).is_none() {
-                return Err(RunError::Size {
+            let bytes = kiln_ir::tensor::checked_numel(&shape)
+                .and_then(|n| n.checked_mul(graph.ty(v).dtype.size_bytes()));
+            match bytes {
+                Some(b) if b <= MAX_TENSOR_BYTES => Ok(shape),
+                _ => Err(RunError::Size {
                     what: name.clone(),
                     dim: graph.ty(v).shape_string(),
-                    problem: format!("= {shape:?} has more elements than fit in memory"),
-                });
+                    problem: format!(
+                        "= {shape:?} needs more than the interpreter's {} GiB per tensor",
+                        MAX_TENSOR_BYTES >> 30
+                    ),
+                }),
             }
-            Ok(shape)
         })
         .collect()
 }
