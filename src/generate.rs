@@ -5,7 +5,7 @@
 //! model into `prefill` (the prompt, returning the cache) and `decode` (one token
 //! per row plus the cache of length `S`, returning the cache of length `S + 1`),
 //! so a step costs O(S) in attention. For encoder–decoder models the decoder's
-//! self-attention is cached (the encoder is re-run each step). With
+//! self-attention is cached and the encoder runs once, in `prefill`. With
 //! `kv_cache: false` every step re-runs the whole prefix.
 
 use kiln_backends::{Executable, Tensor};
@@ -304,17 +304,32 @@ impl Model {
         };
         let prefill_names = input_names(split.function("prefill")?);
         let decode_names = input_names(split.function("decode")?);
-        let mut outs = prefill.run(&first)?;
+        let named = |f: &str,
+                     outs: Vec<Tensor>|
+         -> Result<std::collections::BTreeMap<String, Tensor>, Error> {
+            Ok(split
+                .function(f)?
+                .outputs()
+                .iter()
+                .map(|(n, _)| n.clone())
+                .zip(outs)
+                .collect())
+        };
+        // Prefill's outputs: logits, the caches, and values decode reads every
+        // step unchanged (an encoder's output).
+        let once = named("prefill", prefill.run(&first)?)?;
+        let take = |m: &std::collections::BTreeMap<String, Tensor>, n: &str| {
+            m.get(n)
+                .cloned()
+                .ok_or_else(|| Error::Unsupported(format!("the split model has no `{n}` output")))
+        };
+        let (mut logits, mut keys, mut values) = (
+            take(&once, "logits")?,
+            take(&once, "key_cache")?,
+            take(&once, "value_cache")?,
+        );
         for step in 0..max_new_tokens {
-            let n = outs.len();
-            if n < 3 {
-                return Err(Error::Unsupported(
-                    "prefill/decode must return logits, key_cache, value_cache".into(),
-                ));
-            }
-            let values = outs.pop().unwrap_or_else(|| first[0].clone());
-            let keys = outs.pop().unwrap_or_else(|| first[0].clone());
-            let next = picker.pick_all(&outs[0])?;
+            let next = picker.pick_all(&logits)?;
             if picker.all_done() || step + 1 == max_new_tokens {
                 break;
             }
@@ -326,6 +341,7 @@ impl Model {
                     "past_keys" => keys.clone(),
                     "past_values" => values.clone(),
                     n if n == growing => tokens.clone(),
+                    n if once.contains_key(n) => take(&once, n)?,
                     n => match prefill_names.iter().position(|p| p == n) {
                         Some(i) => first[i].clone(),
                         None => {
@@ -337,7 +353,10 @@ impl Model {
                 };
                 inputs.push(t);
             }
-            outs = decode.run(&inputs)?;
+            let step_out = named("decode", decode.run(&inputs)?)?;
+            logits = take(&step_out, "logits")?;
+            keys = take(&step_out, "key_cache")?;
+            values = take(&step_out, "value_cache")?;
         }
         Ok(())
     }

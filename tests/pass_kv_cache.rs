@@ -168,3 +168,49 @@ fn kv_cache_needs_a_fused_causal_decoder() {
     assert!(err.to_string().contains("already split?"), "{err}");
     let _ = RunInputs::default();
 }
+
+#[test]
+fn the_encoder_runs_once_in_prefill_not_in_every_decode_step() {
+    let model = support::hf_model("bart");
+    let (split, cx) = model
+        .apply_passes(&PassManager::from_names(&["attention-fusion", "dce", "kv-cache"]).unwrap())
+        .unwrap();
+    let decode = split.function("decode").unwrap();
+    let names: Vec<String> = decode
+        .inputs()
+        .iter()
+        .map(|v| match &decode.node(*v).kind {
+            kiln::ir::NodeKind::Input { name } => name.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(names[..3], ["decoder_tokens", "past_keys", "past_values"]);
+    assert!(
+        !names.iter().any(|n| n == "tokens" || n == "attention_mask"),
+        "{names:?}"
+    );
+    // Only the decoder's parameters remain in decode.
+    assert!(decode
+        .param_by_name("model.encoder.layers.0.fc1.weight")
+        .is_none());
+    assert!(cx.log.iter().any(|r| r
+        .notes
+        .iter()
+        .any(|n| n.contains("computed once by @prefill"))));
+    // Greedy decoding with the cache equals decoding without it.
+    let prompt = RunInputs::tokens(vec![vec![11, 73, 4, 58, 90], vec![5, 6, 7, 8, 9]]);
+    let run = |kv_cache| {
+        model
+            .generate(
+                &prompt,
+                &kiln::GenerateOptions {
+                    max_new_tokens: 6,
+                    sampling: kiln::Sampling::Greedy,
+                    stop_at_eos: false,
+                    kv_cache,
+                },
+            )
+            .unwrap()
+    };
+    assert_eq!(run(true), run(false));
+}

@@ -16,6 +16,10 @@
 //!   attention op's causal mask is aligned bottom-right, so new token `i` sees
 //!   the `S` cached keys and new keys `<= i`); outputs the logits and the
 //!   extended caches `[L, B, hk, S + T, dh]`.
+//! - Values that do not depend on the new tokens (an encoder–decoder's encoder
+//!   output, cross-attention keys/values and mask) are computed once: `@prefill`
+//!   also returns them (`cached0`, `cached1`, …) and `@decode` takes them as
+//!   inputs of the same names instead of the encoder's inputs.
 //!
 //! Guarantees: decode on one token costs O(S) in attention and O(1) in the
 //! weights; `decode(prefill(x)[caches], next)` computes exactly what the
@@ -347,6 +351,65 @@ fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, Pass
     Ok(g)
 }
 
+/// Moves work that does not depend on the growing tokens out of `decode`: every
+/// value computed only from the other inputs (an encoder's tokens and mask) and
+/// used by token-dependent nodes becomes a `prefill` output and a `decode` input
+/// of the same name (`cached0`, `cached1`, …), so a step does not re-run the
+/// encoder. Returns how many values moved.
+fn hoist_static(prefill: &mut Graph, decode: &mut Graph, len: &Dim) -> usize {
+    let Some(t) = len.as_sym() else { return 0 };
+    let Ok(order) = decode.topo_order() else {
+        return 0;
+    };
+    let inputs: Vec<ValueId> = decode.inputs().to_vec();
+    let is_dynamic_input = |g: &Graph, v: ValueId| {
+        matches!(&g.node(v).kind, NodeKind::Input { name } if name == "past_keys" || name == "past_values")
+            || g.ty(v).symbols().iter().any(|s| s == t)
+    };
+    let mut dynamic = std::collections::BTreeSet::new();
+    let mut from_static = std::collections::BTreeSet::new();
+    for &v in &order {
+        if inputs.contains(&v) {
+            if is_dynamic_input(decode, v) {
+                dynamic.insert(v);
+            } else {
+                from_static.insert(v);
+            }
+            continue;
+        }
+        let ops = decode.operands(v);
+        if ops.iter().any(|o| dynamic.contains(o)) {
+            dynamic.insert(v);
+        } else if ops.iter().any(|o| from_static.contains(o)) {
+            from_static.insert(v);
+        }
+    }
+    let frontier: Vec<ValueId> = order
+        .iter()
+        .copied()
+        .filter(|v| from_static.contains(v) && !inputs.contains(v))
+        .filter(|&v| {
+            decode.users(v).iter().any(|u| dynamic.contains(u))
+                || decode.outputs().iter().any(|(_, o)| *o == v)
+        })
+        .collect();
+    let mut outs = prefill.outputs().to_vec();
+    for (i, &f) in frontier.iter().enumerate() {
+        let name = format!("cached{i}");
+        let input = decode.add_input(&name, decode.ty(f).clone());
+        decode.replace_all_uses(f, input);
+        outs.push((name, f));
+    }
+    prefill.set_outputs(outs);
+    crate::dce::eliminate_dead_code(decode);
+    for v in inputs {
+        if !is_dynamic_input(decode, v) && decode.is_dead(v) {
+            decode.remove_node(v);
+        }
+    }
+    frontier.len()
+}
+
 impl Pass for KvCacheInsertion {
     fn name(&self) -> &'static str {
         NAME
@@ -361,13 +424,19 @@ impl Pass for KvCacheInsertion {
         }
         let src = &module.funcs[0];
         let (attns, len) = analyse(src)?;
-        let prefill = build_prefill(src, &attns)?;
-        let decode = build_decode(src, &attns, &len)?;
+        let mut prefill = build_prefill(src, &attns)?;
+        let mut decode = build_decode(src, &attns, &len)?;
+        let hoisted = hoist_static(&mut prefill, &mut decode, &len);
         cx.note(format!(
             "split @{} into @prefill and @decode with a {}-layer key/value cache",
             src.name,
             attns.len()
         ));
+        if hoisted > 0 {
+            cx.note(format!(
+                "{hoisted} values that do not depend on the new tokens (an encoder's output) are computed once by @prefill and passed to @decode"
+            ));
+        }
         module.funcs = vec![prefill, decode];
         Ok(Changed::Yes)
     }
