@@ -527,11 +527,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T, seeded random weights)");
             outln!("all shape contracts hold\n");
             out!("{trace}");
-            let prompt = vec![vec![464, 2068, 7586, 21831], vec![1, 2, 3, 4]];
-            let prompt: Vec<Vec<i64>> = prompt
-                .into_iter()
-                .map(|r| r.into_iter().map(|t| t % 512).collect())
-                .collect();
+            let (m, cx) = m.apply_passes(&kiln::PassManager::pipeline(kiln::OptLevel::O2))?;
+            outln!("\noptimized with -O2:");
+            for r in cx.log.iter().filter(|r| !r.notes.is_empty()) {
+                outln!("  {}: {}", r.pass, r.notes.join("; "));
+            }
+            let prompt: Vec<Vec<i64>> = vec![vec![10, 200, 31, 7], vec![1, 2, 3, 4]];
             let outs = m.run(&RunInputs::tokens(prompt.clone()))?;
             outln!("\nrun on the interpreter with tokens {prompt:?}:");
             for (name, t) in &outs {
@@ -544,7 +545,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 kv_cache: true,
             };
             let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
-            outln!("  greedy next tokens: {new:?}");
+            outln!("  greedy next tokens (KV-cache decoding): {new:?}");
         }
     }
     Ok(())
