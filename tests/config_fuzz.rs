@@ -98,3 +98,45 @@ fn corrupted_configs_and_weights_never_panic() {
         check_load_never_panics(family, 60);
     }
 }
+
+#[test]
+fn corrupted_adapter_configs_never_panic() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf");
+    let base = kiln::Model::load(root.join("gpt2")).unwrap();
+    let src = root.join("gpt2_lora");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let keys: Vec<String> = config.as_object().unwrap().keys().cloned().collect();
+    let dir = std::env::temp_dir().join(format!("kiln-fuzz-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for case in 0..150 {
+        let mut c = config.clone();
+        for _ in 0..1 + rng.next() % 3 {
+            let key = &keys[(rng.next() as usize) % keys.len()];
+            c[key] = replacement(&mut rng);
+        }
+        std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            for mode in [
+                kiln::adapter::LoraMode::Merged,
+                kiln::adapter::LoraMode::Unmerged,
+            ] {
+                if let Ok(m) = base.with_adapters(&[&dir], mode) {
+                    let _ = m.run(&kiln::RunInputs::tokens(vec![vec![1, 2]]));
+                }
+            }
+        });
+        assert!(
+            result.is_ok(),
+            "adapter case {case} panicked with config {c}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
