@@ -176,6 +176,20 @@ impl Model {
         // Check ids, lengths and masks before anything runs (also when no
         // token is asked for).
         self.prepare_inputs(prompt)?;
+        let takes_mask = self.main().is_ok_and(|g| {
+            g.inputs().iter().any(|v| matches!(&g.node(*v).kind, kiln_ir::NodeKind::Input { name } if name == "attention_mask"))
+        });
+        if !takes_mask
+            && prompt
+                .attention_mask
+                .as_ref()
+                .is_some_and(|m| m.iter().flatten().any(|&x| x == 0))
+        {
+            return Err(Error::Input(format!(
+                "{}: padded prompts cannot be continued (new tokens would follow the padding); generate rows of equal length",
+                self.origin()
+            )));
+        }
         let growing_len = match (&prompt.decoder_tokens, encoder_decoder) {
             (Some(d), true) => d.first().map_or(0, |r| r.len()),
             (None, true) => 1,

@@ -448,16 +448,26 @@ impl Model {
             };
             out.push(t);
         }
-        if inputs
-            .attention_mask
-            .as_ref()
-            .is_some_and(|m| m.iter().flatten().any(|&x| x == 0))
-            && !graph_has_input(graph, "attention_mask")
-        {
-            return Err(Error::Input(format!(
-                "{} takes no attention mask, so padded rows (mask 0) cannot be run; give rows of equal length without padding",
-                self.origin
-            )));
+        if let (Some(mask), false) = (
+            &inputs.attention_mask,
+            graph_has_input(graph, "attention_mask"),
+        ) {
+            // A model without a mask input is causal: a right-padded row's real
+            // tokens never see its padding, so their outputs are exact (the padded
+            // positions' outputs are meaningless). Left padding would change them.
+            let right_padded = |row: &Vec<i64>| row.windows(2).all(|w| !(w[0] == 0 && w[1] == 1));
+            if let Some(r) = mask.iter().position(|row| !right_padded(row)) {
+                return Err(Error::Input(format!(
+                    "{} takes no attention mask: only right-padded rows (1…1 0…0) can be run, but --attention-mask row {r} has padding before tokens",
+                    self.origin
+                )));
+            }
+            check_rows("--attention-mask", mask)?;
+            if mask.len() != rows.len() || mask[0].len() != rows[0].len() {
+                return Err(Error::Input(
+                    "--attention-mask must have the shape of --tokens".into(),
+                ));
+            }
         }
         for (flag, given, input) in [
             (

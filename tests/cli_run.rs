@@ -232,9 +232,9 @@ fn bad_tokens_are_clear_errors() {
             "--tokens",
             "1,2,3",
             "--attention-mask",
-            "1,1,0",
+            "0,1,1",
         ],
-        "takes no attention mask, so padded rows",
+        "only right-padded rows (1…1 0…0) can be run, but --attention-mask row 0 has padding before tokens",
     );
     check_fails(
         &[
@@ -371,6 +371,49 @@ fn check_and_ir_work_on_model_folders() {
     let (code, out, _) = kiln(&["ir", "tests/data/hf/bart"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("func @bart(%tokens: i64[B, S], %attention_mask: i64[B, S], %decoder_tokens: i64[B, T])"), "{out}");
+}
+
+#[test]
+fn right_padded_rows_of_a_causal_lm_give_the_unpadded_outputs() {
+    let full = check_ok(&[
+        "run",
+        "tests/data/hf/gpt2",
+        "--tokens",
+        "5,17,42",
+        "--output",
+        "json",
+        "-O0",
+    ]);
+    let padded = check_ok(&[
+        "run",
+        "tests/data/hf/gpt2",
+        "--tokens",
+        "5,17,42,0,0",
+        "--tokens",
+        "88,12,7,51,100",
+        "--attention-mask",
+        "1,1,1,0,0",
+        "--attention-mask",
+        "1,1,1,1,1",
+        "--output",
+        "json",
+        "-O0",
+    ]);
+    assert_eq!(
+        full["logits"][0],
+        serde_json::json!(padded["logits"][0].as_array().unwrap()[..3])
+    );
+    check_fails(
+        &[
+            "generate",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "5,17,0",
+            "--attention-mask",
+            "1,1,0",
+        ],
+        "padded prompts cannot be continued",
+    );
 }
 
 #[test]
