@@ -378,29 +378,34 @@ impl Graph {
 
     /// The structure of the graph with ids replaced by topological positions, for
     /// comparing graphs independently of node ids and source positions.
-    fn canonical(&self) -> Option<Vec<(Node, Vec<usize>)>> {
+    fn canonical(&self) -> Option<Vec<(String, Vec<usize>)>> {
         let order = self.topo_order().ok()?;
         let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, v)| (*v, i)).collect();
-        let mut out = Vec::with_capacity(order.len());
+        let mut out = Vec::with_capacity(order.len() + 1);
         for v in &order {
             let ops = self.operands(*v).iter().map(|o| pos[o]).collect();
-            out.push((self.node(*v).clone(), ops));
+            out.push((canonical_node(self.node(*v)), ops));
         }
         let outs: Vec<usize> = self
             .outputs
             .iter()
             .map(|(_, v)| pos.get(v).copied().unwrap_or(usize::MAX))
             .collect();
-        out.push((
-            Node {
-                kind: NodeKind::Input {
-                    name: "<outputs>".into(),
-                },
-                ty: TensorType::new(crate::types::DType::Bool, vec![]),
-            },
-            outs,
-        ));
+        out.push(("<outputs>".into(), outs));
         Some(out)
+    }
+}
+
+/// A node as comparable text: kind, name, op with its attributes (floats by
+/// their exact shortest text, so NaN equals NaN and -0.0 differs from 0.0, as
+/// in the printed IR) and type.
+fn canonical_node(node: &Node) -> String {
+    match &node.kind {
+        NodeKind::Input { name } => format!("input {name}: {}", node.ty),
+        NodeKind::Param { name } => format!("param {name}: {}", node.ty),
+        NodeKind::Op { op, name } => {
+            format!("{name:?} {} {:?}: {}", op.name(), op.attrs(), node.ty)
+        }
     }
 }
 

@@ -8,12 +8,13 @@ use proptest::prelude::*;
 mod random_graph;
 use random_graph::random_graph;
 
-fn finite() -> impl Strategy<Value = f64> {
+fn floats() -> impl Strategy<Value = f64> {
     prop_oneof![
         any::<f64>().prop_filter("finite", |x| x.is_finite()),
         Just(1e-5),
         Just(0.125),
         Just(f64::NEG_INFINITY),
+        Just(f64::NAN),
         Just(-0.0),
     ]
 }
@@ -22,7 +23,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn print_then_parse_is_identity(ops in prop::collection::vec(any::<u32>(), 1..40), floats in prop::collection::vec(finite(), 1..8)) {
+    fn print_then_parse_is_identity(ops in prop::collection::vec(any::<u32>(), 1..40), floats in prop::collection::vec(floats(), 1..8)) {
         let g = random_graph(&ops, &floats);
         let text = print_graph(&g);
         let back = parse_graph(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
