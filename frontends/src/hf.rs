@@ -187,19 +187,8 @@ pub fn read_weights(
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read-only and lives only while this function parses and
-    // copies from it; a file truncated underneath us is the documented hazard of
-    // memory maps, accepted here as for every mmap-based weight loader.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| werr(format!("not a valid safetensors file: {e}")))?;
+    let mmap = map_file(path)?;
+    let st = parse_safetensors(path, &mmap)?;
     let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
 
     let names: BTreeSet<&str> = st.names().into_iter().collect();
@@ -266,6 +255,32 @@ pub fn read_weights(
         return Err(werr(problems.join("\n  ")));
     }
     Ok(out)
+}
+
+/// Memory-maps a weight file for reading.
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap, FrontendError> {
+    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: the map is read-only and lives only while the caller parses and
+    // copies from it; a file truncated underneath us is the documented hazard of
+    // memory maps, accepted here as for every mmap-based weight loader.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses the safetensors header of a mapped file.
+pub(crate) fn parse_safetensors<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<SafeTensors<'a>, FrontendError> {
+    SafeTensors::deserialize(bytes).map_err(|e| FrontendError::Weights {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })
 }
 
 /// Little-endian float data → f32; `None` for non-float dtypes.

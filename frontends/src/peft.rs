@@ -47,7 +47,6 @@ use kiln_ir::{
     Dim, Graph, IrError, Module, NodeKind, Op, ShapeCx, Tensor, TensorType, ValueId, WeightLayout,
     Weights,
 };
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 use crate::FrontendError;
@@ -342,19 +341,8 @@ fn read_f32_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, FrontendErr
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read-only and lives only while this function copies from
-    // it; a file truncated underneath us is the documented hazard of memory maps,
-    // accepted here as in `hf::read_weights`.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| werr(format!("not a valid safetensors file: {e}")))?;
+    let mmap = crate::hf::map_file(path)?;
+    let st = crate::hf::parse_safetensors(path, &mmap)?;
     let mut out = BTreeMap::new();
     for name in st.names() {
         let view = st
