@@ -147,7 +147,7 @@ func @canon(%x: f32[B, T, d], %ids: i64[B, T]) -> (heads: f32[B, h, T, dh], back
 ";
 
 const CONSTANT_FOLDING_SRC: &str = "
-func @fold(%x: f32[B, T, d], %ids: i64[B, T]) -> (scores: f32[B, T, d], shifted: f32[B, T, d], ids_scaled: i64[B, T], wrapped: i32[], chosen: f32[], truncated: i64[], not_a_number: f32[], erf_kept: f32[], cat: f32[2], tiled: f32[B, T, d])
+func @fold(%x: f32[B, T, d], %ids: i64[B, T]) -> (scores: f32[B, T, d], shifted: f32[B, T, d], ids_scaled: i64[B, T], wrapped: i32[], chosen: f32[], truncated: i64[], not_a_number: f32[], erf_folded: f32[], cat: f32[2], tiled: f32[B, T, d])
     where d = 8 {
   %head_dim = constant() value=8.0 dtype=f32 shape=[] : f32[]
   %root = sqrt(%head_dim) : f32[]
@@ -172,12 +172,12 @@ func @fold(%x: f32[B, T, d], %ids: i64[B, T]) -> (scores: f32[B, T, d], shifted:
   %minus = constant() value=-2.7 dtype=f32 shape=[] : f32[]
   %truncated = cast(%minus) to=i64 : i64[]
   %not_a_number = log(%minus) : f32[]
-  %erf_kept = erf(%tenth) : f32[]
+  %erf_folded = erf(%tenth) : f32[]
   %t2 = reshape(%tenth) shape=[1] : f32[1]
   %cat = concat(%t2, %t2) axis=0 : f32[2]
   %tiled0 = expand(%scale) shape=[B, T, d] : f32[B, T, d]
   %tiled = permute(%tiled0) perm=[0, 1, 2] : f32[B, T, d]
-  return %scores, %shifted, %ids_scaled, %wrapped, %chosen, %truncated, %not_a_number, %erf_kept, %cat, %tiled
+  return %scores, %shifted, %ids_scaled, %wrapped, %chosen, %truncated, %not_a_number, %erf_folded, %cat, %tiled
 }
 ";
 

@@ -321,6 +321,37 @@ impl UnaryOp {
     }
 }
 
+impl UnaryOp {
+    /// The op's meaning on one float, in f64 (`None` for `not`, which is bool
+    /// only). The single definition the interpreter and constant folding share.
+    pub fn float_fn(self) -> Option<fn(f64) -> f64> {
+        use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_PI};
+        fn sigmoid(x: f64) -> f64 {
+            1.0 / (1.0 + (-x).exp())
+        }
+        Some(match self {
+            UnaryOp::Neg => |x| -x,
+            UnaryOp::Exp => f64::exp,
+            UnaryOp::Log => f64::ln,
+            UnaryOp::Sqrt => f64::sqrt,
+            UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
+            UnaryOp::Tanh => f64::tanh,
+            UnaryOp::Sigmoid => sigmoid,
+            UnaryOp::Abs => f64::abs,
+            UnaryOp::Recip => |x| 1.0 / x,
+            UnaryOp::Erf => libm::erf,
+            UnaryOp::Gelu => |x| 0.5 * x * (1.0 + libm::erf(x * FRAC_1_SQRT_2)),
+            UnaryOp::GeluTanh => {
+                |x| 0.5 * x * (1.0 + (FRAC_2_PI.sqrt() * (x + 0.044715 * x * x * x)).tanh())
+            }
+            UnaryOp::Silu => |x| x * sigmoid(x),
+            // `x < 0` is false for NaN, so NaN passes through as in PyTorch.
+            UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
+            UnaryOp::Not => return None,
+        })
+    }
+}
+
 impl BinaryOp {
     /// Every binary op.
     pub const ALL: [BinaryOp; 15] = {

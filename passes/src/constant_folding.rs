@@ -5,8 +5,8 @@
 //! constants is again a filled tensor, and so is any data movement of one.
 //! Matches op nodes whose every operand is a `constant` (of any shape, rank 0
 //! included) and whose op is:
-//! - elementwise: a unary op (all but `erf` and `gelu`, whose `erf` the
-//!   interpreter takes from `libm`), a binary op, `where` or `cast`;
+//! - elementwise: a unary op (computed by `UnaryOp::float_fn`, the same
+//!   definition the interpreter uses), a binary op, `where` or `cast`;
 //! - data movement: `reshape`, `permute`, `expand` (a constant broadcast to a
 //!   shape), `slice`, and `concat` of constants with one value.
 //!
@@ -86,33 +86,6 @@ impl Scalar {
     }
 }
 
-/// The interpreter's f64 function of a float unary op (`None`: not folded).
-fn float_unary(u: UnaryOp) -> Option<fn(f64) -> f64> {
-    use std::f64::consts::FRAC_2_PI;
-    Some(match u {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Exp => f64::exp,
-        UnaryOp::Log => f64::ln,
-        UnaryOp::Sqrt => f64::sqrt,
-        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
-        UnaryOp::Tanh => f64::tanh,
-        UnaryOp::Sigmoid => sigmoid,
-        UnaryOp::Abs => f64::abs,
-        UnaryOp::Recip => |x| 1.0 / x,
-        UnaryOp::GeluTanh => {
-            |x| 0.5 * x * (1.0 + (FRAC_2_PI.sqrt() * (x + 0.044715 * x * x * x)).tanh())
-        }
-        UnaryOp::Silu => |x| x * sigmoid(x),
-        UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
-        // The interpreter's erf comes from libm; kiln-passes does not link it.
-        UnaryOp::Erf | UnaryOp::Gelu | UnaryOp::Not => return None,
-    })
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 fn unary(u: UnaryOp, a: Scalar) -> Option<Scalar> {
     let int = |v: i64| -> Option<i64> {
         match u {
@@ -123,7 +96,7 @@ fn unary(u: UnaryOp, a: Scalar) -> Option<Scalar> {
         }
     };
     Some(match a {
-        Scalar::F32(x) => Scalar::F32(float_unary(u)?(x as f64) as f32),
+        Scalar::F32(x) => Scalar::F32(u.float_fn()?(x as f64) as f32),
         Scalar::I32(i) => Scalar::I32(int(i as i64)? as i32),
         Scalar::I64(i) => Scalar::I64(int(i)?),
         Scalar::Bool(b) if u == UnaryOp::Not => Scalar::Bool(!b),

@@ -44,7 +44,8 @@ impl IntElement for i64 {
 pub(super) fn unary(n: &NodeCx<'_>, u: UnaryOp, x: &Tensor) -> Result<Tensor, RunError> {
     let data = match x.data() {
         TensorData::F32(d) => {
-            let f = float_unary(u)
+            let f = u
+                .float_fn()
                 .ok_or_else(|| n.invalid(format!("{} does not apply to f32", u.name())))?;
             TensorData::F32(d.iter().map(|&v| f(v as f64) as f32).collect())
         }
@@ -56,35 +57,6 @@ pub(super) fn unary(n: &NodeCx<'_>, u: UnaryOp, x: &Tensor) -> Result<Tensor, Ru
         },
     };
     Ok(Tensor::new(x.shape().to_vec(), data)?)
-}
-
-/// The f64 function of a float unary op (`None` for `not`).
-fn float_unary(u: UnaryOp) -> Option<fn(f64) -> f64> {
-    use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_PI};
-    Some(match u {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Exp => f64::exp,
-        UnaryOp::Log => f64::ln,
-        UnaryOp::Sqrt => f64::sqrt,
-        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
-        UnaryOp::Tanh => f64::tanh,
-        UnaryOp::Sigmoid => sigmoid,
-        UnaryOp::Abs => f64::abs,
-        UnaryOp::Recip => |x| 1.0 / x,
-        UnaryOp::Erf => libm::erf,
-        UnaryOp::Gelu => |x| 0.5 * x * (1.0 + libm::erf(x * FRAC_1_SQRT_2)),
-        UnaryOp::GeluTanh => {
-            |x| 0.5 * x * (1.0 + (FRAC_2_PI.sqrt() * (x + 0.044715 * x * x * x)).tanh())
-        }
-        UnaryOp::Silu => |x| x * sigmoid(x),
-        // `x < 0` is false for NaN, so NaN passes through as in PyTorch.
-        UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
-        UnaryOp::Not => return None,
-    })
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 fn int_unary<T: IntElement>(n: &NodeCx<'_>, u: UnaryOp, d: &[T]) -> Result<TensorData, RunError> {
