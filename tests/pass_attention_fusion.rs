@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 
 use kiln::backends::{Backend, Interpreter};
-use kiln::ir::{DType, Dim, Graph, NodeKind, ShapeCx};
+use kiln::ir::{Graph, NodeKind};
 use kiln::{Model, OptLevel, PassManager, Tensor, Weights};
 use support::{check_preserves, family_inputs, hf_model, max_relative_error, FAMILIES};
 
@@ -82,45 +82,6 @@ fn llama_ir_after_fusion() {
     insta::assert_snapshot!("llama_after_attention_fusion_dce", fused.to_text());
 }
 
-/// Seeded inputs for `graph` with the run-time symbols bound by `sizes`:
-/// floats in [-1, 1), integer inputs 0/1 (about a quarter zeros, for masks).
-fn inputs_for(graph: &Graph, sizes: &[(&str, i64)], seed: u64) -> Vec<Tensor> {
-    let mut cx = ShapeCx::new();
-    for (n, v) in sizes {
-        cx.bind(n, &Dim::constant(*v)).unwrap();
-    }
-    for (n, d) in graph.bindings() {
-        cx.bind(n, d).unwrap();
-    }
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
-    graph
-        .inputs()
-        .iter()
-        .map(|&v| {
-            let ty = graph.ty(v);
-            let shape: Vec<usize> = ty
-                .shape
-                .iter()
-                .map(|d| cx.eval(d).unwrap().as_const().unwrap() as usize)
-                .collect();
-            let n: usize = shape.iter().product();
-            match ty.dtype {
-                DType::I64 => {
-                    Tensor::i64(shape, (0..n).map(|_| i64::from(next() >= 0.25)).collect())
-                }
-                _ => Tensor::f32(shape, (0..n).map(|_| (next() * 2.0 - 1.0) as f32).collect()),
-            }
-            .unwrap()
-        })
-        .collect()
-}
-
 /// The interpreter's named outputs of `graph`.
 fn run_graph(graph: &Graph, weights: &Weights, inputs: &[Tensor]) -> Vec<(String, Tensor)> {
     let mut exe = Interpreter.compile(graph, weights).unwrap();
@@ -153,7 +114,8 @@ fn check_fusion(model: &Model, weights: &Weights, sizes: &[(&str, i64)], fused: 
     };
     assert_eq!(cx.log[0].notes, notes, "{}", model.origin());
     for seed in [1, 2, 3] {
-        let inputs = inputs_for(g0, sizes, seed);
+        // Integer inputs are 0/1 masks, about a quarter zeros.
+        let inputs = support::seeded_inputs(g0, sizes, |u| i64::from(u >= 0.25), seed);
         let before = run_graph(g0, weights, &inputs);
         let rel = max_relative_error(&before, &run_graph(g1, weights, &inputs));
         let tol = if fused == 0 { 0.0 } else { 1e-5 };

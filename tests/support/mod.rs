@@ -97,10 +97,27 @@ pub fn check_preserves(
 /// Seeded inputs for every input of `graph` with `B = batch`, `T = len`: floats
 /// in [-1, 1), integers in [0, 50) (valid ids of the random graphs' tables).
 pub fn random_inputs(graph: &kiln::ir::Graph, batch: i64, len: i64, seed: u64) -> Vec<Tensor> {
+    seeded_inputs(
+        graph,
+        &[("B", batch), ("T", len)],
+        |u| (u * 50.0) as i64,
+        seed,
+    )
+}
+
+/// Seeded inputs for every input of `graph`, its run-time symbols bound by
+/// `sizes`: floats in [-1, 1), integers `int(u)` of a uniform `u` in [0, 1).
+pub fn seeded_inputs(
+    graph: &kiln::ir::Graph,
+    sizes: &[(&str, i64)],
+    int: fn(f64) -> i64,
+    seed: u64,
+) -> Vec<Tensor> {
     let mut cx = kiln::ir::ShapeCx::new();
-    cx.bind("B", &kiln::ir::Dim::constant(batch))
-        .expect("bind B");
-    cx.bind("T", &kiln::ir::Dim::constant(len)).expect("bind T");
+    for (n, v) in sizes {
+        cx.bind(n, &kiln::ir::Dim::constant(*v))
+            .expect("bind a run-time symbol");
+    }
     for (n, d) in graph.bindings() {
         cx.bind(n, d).expect("binding");
     }
@@ -128,11 +145,9 @@ pub fn random_inputs(graph: &kiln::ir::Graph, batch: i64, len: i64, seed: u64) -
                 .collect();
             let n: usize = shape.iter().product();
             match ty.dtype {
-                kiln::ir::DType::I64 => {
-                    Tensor::i64(shape, (0..n).map(|_| (next() * 50.0) as i64).collect())
-                }
+                kiln::ir::DType::I64 => Tensor::i64(shape, (0..n).map(|_| int(next())).collect()),
                 kiln::ir::DType::I32 => {
-                    Tensor::i32(shape, (0..n).map(|_| (next() * 50.0) as i32).collect())
+                    Tensor::i32(shape, (0..n).map(|_| int(next()) as i32).collect())
                 }
                 kiln::ir::DType::Bool => {
                     Tensor::bool(shape, (0..n).map(|_| next() < 0.5).collect())
