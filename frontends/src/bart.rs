@@ -7,7 +7,8 @@ use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, ValueId
 use serde_json::json;
 
 use crate::blocks::{
-    activation, attention, f32_of, f32_syms, linear, merge_heads, scalar, split_heads, sym,
+    activation, attention, f32_of, f32_syms, linear, merge_heads, positions, scalar, split_heads,
+    sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -248,15 +249,7 @@ fn embed(
         )?;
         tok = b.mul(tok, s)?;
     }
-    let pos = b.named(
-        &format!("{side}.positions"),
-        Op::Arange {
-            start: Dim::constant(POSITION_OFFSET),
-            len: sym(len),
-            dtype: DType::I64,
-        },
-        &[],
-    )?;
+    let pos = positions(b, &format!("{side}.positions"), POSITION_OFFSET, len)?;
     let pe = b.named(&format!("{side}.pos_emb"), Op::Gather, &[pos_table, pos])?;
     let e = b.add_(tok, pe)?;
     Ok(b.named(

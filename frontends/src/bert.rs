@@ -9,7 +9,7 @@ use kiln_ir::{
 use serde_json::json;
 
 use crate::blocks::{
-    activation, attention, f32_syms, linear, merge_heads, scalar, split_heads, sym,
+    activation, attention, f32_syms, linear, merge_heads, positions, scalar, split_heads, sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -108,15 +108,7 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     let emb_ln_w = b.param("embeddings.LayerNorm.weight", f32_syms(&["d"]));
     let emb_ln_b = b.param("embeddings.LayerNorm.bias", f32_syms(&["d"]));
     let w = b.named("word_emb", Op::Gather, &[word, tokens])?;
-    let pos = b.named(
-        "positions",
-        Op::Arange {
-            start: Dim::constant(0),
-            len: sym("T"),
-            dtype: DType::I64,
-        },
-        &[],
-    )?;
+    let pos = positions(&mut b, "positions", 0, "T")?;
     let p = b.named("pos_emb", Op::Gather, &[position, pos])?;
     let t = b.named("type_emb", Op::Gather, &[token_type, token_types])?;
     let wp = b.add_(w, p)?;

@@ -28,6 +28,25 @@ pub fn f32_syms(names: &[&str]) -> TensorType {
     f32_of(names.iter().map(|n| sym(n)).collect())
 }
 
+/// Named i64 positions `start, start + 1, …` over the run-time length `len`
+/// (the `arange` the KV-cache pass shifts by the cache length when decoding).
+pub fn positions(
+    b: &mut GraphBuilder,
+    name: &str,
+    start: i64,
+    len: &str,
+) -> Result<ValueId, IrError> {
+    b.named(
+        name,
+        Op::Arange {
+            start: Dim::constant(start),
+            len: sym(len),
+            dtype: DType::I64,
+        },
+        &[],
+    )
+}
+
 /// A named scalar f32 constant.
 pub fn scalar(b: &mut GraphBuilder, name: &str, value: f64) -> Result<ValueId, IrError> {
     b.named(

@@ -132,15 +132,7 @@ pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
     let wte = b.param("transformer.wte.weight", f32_ty(&["V", "d"]));
     let wpe = b.param("transformer.wpe.weight", f32_ty(&["P", "d"]));
     let tok_emb = b.named("tok_emb", Op::Gather, &[wte, tokens])?;
-    let pos = b.named(
-        "positions",
-        Op::Arange {
-            start: Dim::constant(0),
-            len: s("T"),
-            dtype: DType::I64,
-        },
-        &[],
-    )?;
+    let pos = crate::blocks::positions(&mut b, "positions", 0, "T")?;
     let pos_emb = b.named("pos_emb", Op::Gather, &[wpe, pos])?;
     let mut x = b.named("embed", Op::Binary(BinaryOp::Add), &[tok_emb, pos_emb])?;
     let mask = b.named(

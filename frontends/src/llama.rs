@@ -2,11 +2,12 @@
 //! SwiGLU MLP, grouped-query attention (`num_key_value_heads`), `nn.Linear`
 //! weights `[out, in]` without biases, LM head tied or separate.
 
-use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, UnaryOp, WeightLayout};
+use kiln_ir::{BinaryOp, DType, Graph, GraphBuilder, Op, TensorType, UnaryOp, WeightLayout};
 use serde_json::json;
 
 use crate::blocks::{
-    attention, f32_of, f32_syms, linear, merge_heads, repeat_kv, scalar, split_heads, sym,
+    attention, f32_of, f32_syms, linear, merge_heads, positions, repeat_kv, scalar, split_heads,
+    sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -131,15 +132,7 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
     );
     let embed = b.param("model.embed_tokens.weight", f32_syms(&["V", "d"]));
     let mut x = b.named("embed", Op::Gather, &[embed, tokens])?;
-    let pos = b.named(
-        "positions",
-        Op::Arange {
-            start: Dim::constant(0),
-            len: sym("T"),
-            dtype: DType::I64,
-        },
-        &[],
-    )?;
+    let pos = positions(&mut b, "positions", 0, "T")?;
     let mask = b.named(
         "causal",
         Op::CausalMask {
