@@ -78,6 +78,17 @@ impl Checker<'_> {
         });
     }
 
+    /// The unbound symbols among `unknown` not reported yet (and not from a
+    /// failed binding), now marked reported: each is named once.
+    fn first_reports_of(&mut self, unknown: Vec<String>) -> Vec<String> {
+        let fresh: Vec<String> = unknown
+            .into_iter()
+            .filter(|u| !self.poisoned.contains(u) && !self.reported_unbound.contains(u))
+            .collect();
+        self.reported_unbound.extend(fresh.iter().cloned());
+        fresh
+    }
+
     fn report_node(&mut self, v: ValueId, message: String) {
         let loc = self.namer.node_header(self.graph, v);
         let span = self.graph.span(v);
@@ -228,16 +239,12 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         unknown.sort();
         unknown.dedup();
         if !unknown.is_empty() {
-            let fresh: Vec<String> = unknown
-                .into_iter()
-                .filter(|u| !ck.poisoned.contains(u) && !ck.reported_unbound.contains(u))
-                .collect();
+            let fresh = ck.first_reports_of(unknown);
             if !fresh.is_empty() {
                 ck.report_node(
                     v,
                     format!("attribute mentions unbound symbol `{}`", fresh.join("`, `")),
                 );
-                ck.reported_unbound.extend(fresh);
             }
             bad.insert(v);
             continue;
@@ -355,10 +362,7 @@ fn check_type_symbols(
         .filter(|s| !known.contains(s))
         .collect();
     if !unknown.is_empty() {
-        let fresh: Vec<String> = unknown
-            .into_iter()
-            .filter(|u| !ck.poisoned.contains(u) && !ck.reported_unbound.contains(u))
-            .collect();
+        let fresh = ck.first_reports_of(unknown);
         if !fresh.is_empty() {
             ck.report_node(
                 v,
@@ -367,7 +371,6 @@ fn check_type_symbols(
                     fresh.join("`, `")
                 ),
             );
-            ck.reported_unbound.extend(fresh);
         }
         return false;
     }
