@@ -7,8 +7,8 @@ use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, ValueId
 use serde_json::json;
 
 use crate::blocks::{
-    activation, attention, f32_of, f32_syms, linear, merge_heads, positions, scalar, split_heads,
-    sym,
+    activation, attention, attention_scale, f32_of, f32_syms, linear, merge_heads, positions,
+    scalar, split_heads, sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -129,12 +129,7 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     };
 
     // Encoder.
-    let head_dim = |h: i64| (cfg.d_model / h.max(1)) as f64;
-    sh.scale = scalar(
-        &mut b,
-        "enc_attn_scale",
-        1.0 / head_dim(cfg.encoder_attention_heads).sqrt(),
-    )?;
+    sh.scale = attention_scale(&mut b, "enc_attn_scale", "dhe")?;
     let mut x = embed(&mut b, cfg, "encoder", shared_w, tokens, "S")?;
     let enc_mask = b.named("enc_mask", Op::PaddingMask, &[attention_mask])?;
     for i in 0..cfg.encoder_layers {
@@ -160,11 +155,7 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     let memory = x;
 
     // Decoder.
-    let dec_scale = scalar(
-        &mut b,
-        "dec_attn_scale",
-        1.0 / head_dim(cfg.decoder_attention_heads).sqrt(),
-    )?;
+    let dec_scale = attention_scale(&mut b, "dec_attn_scale", "dhd")?;
     sh.scale = dec_scale;
     let causal = b.named(
         "causal",

@@ -9,7 +9,8 @@ use kiln_ir::{
 use serde_json::json;
 
 use crate::blocks::{
-    activation, attention, f32_syms, linear, merge_heads, positions, scalar, split_heads, sym,
+    activation, attention, attention_scale, f32_syms, linear, merge_heads, positions, scalar,
+    split_heads, sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -115,13 +116,7 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
     let e = b.add_(wp, t)?;
     let mut x = b.named("embed", Op::LayerNorm { eps }, &[e, emb_ln_w, emb_ln_b])?;
     let mask = b.named("mask", Op::PaddingMask, &[attention_mask])?;
-    let dh = b
-        .cx()
-        .eval(&sym("dh"))
-        .ok()
-        .and_then(|d| d.as_const())
-        .unwrap_or(1);
-    let scale = scalar(&mut b, "attn_scale", 1.0 / (dh as f64).sqrt())?;
+    let scale = attention_scale(&mut b, "attn_scale", "dh")?;
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
 
     for i in 0..cfg.num_hidden_layers {

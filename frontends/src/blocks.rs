@@ -47,6 +47,19 @@ pub fn positions(
     )
 }
 
+/// The named scalar `1 / sqrt(dh)` that scales attention scores, for the
+/// head-dim symbol `dh` (which the builder must have bound to a constant).
+pub fn attention_scale(b: &mut GraphBuilder, name: &str, dh: &str) -> Result<ValueId, IrError> {
+    let value = b
+        .cx()
+        .eval(&sym(dh))
+        .ok()
+        .and_then(|d| d.as_const())
+        .filter(|&v| v > 0)
+        .ok_or_else(|| IrError::Build(format!("head dim `{dh}` is not a positive constant")))?;
+    scalar(b, name, 1.0 / (value as f64).sqrt())
+}
+
 /// A named scalar f32 constant.
 pub fn scalar(b: &mut GraphBuilder, name: &str, value: f64) -> Result<ValueId, IrError> {
     b.named(

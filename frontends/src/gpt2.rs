@@ -143,19 +143,8 @@ pub fn build_gpt2(cfg: &Gpt2Config) -> Result<Graph, FrontendError> {
         },
         &[],
     )?;
-    let dh = b
-        .cx()
-        .eval(&s("dh"))
-        .ok()
-        .and_then(|d| d.as_const())
-        .unwrap_or(1);
-    let scalar = |value: f64| Op::Constant {
-        value,
-        dtype: DType::F32,
-        shape: vec![],
-    };
-    let scale = b.named("attn_scale", scalar(1.0 / (dh as f64).sqrt()), &[])?;
-    let neg_inf = b.named("neg_inf", scalar(f64::NEG_INFINITY), &[])?;
+    let scale = crate::blocks::attention_scale(&mut b, "attn_scale", "dh")?;
+    let neg_inf = crate::blocks::scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
     for i in 0..cfg.n_layer {
         x = block(&mut b, cfg, i, x, mask, scale, neg_inf)?;
     }

@@ -6,8 +6,8 @@ use kiln_ir::{BinaryOp, DType, Graph, GraphBuilder, Op, TensorType, UnaryOp, Wei
 use serde_json::json;
 
 use crate::blocks::{
-    attention, f32_of, f32_syms, linear, merge_heads, positions, repeat_kv, scalar, split_heads,
-    sym,
+    attention, attention_scale, f32_of, f32_syms, linear, merge_heads, positions, repeat_kv,
+    scalar, split_heads, sym,
 };
 use crate::config::HfConfig;
 use crate::FrontendError;
@@ -141,13 +141,7 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
         },
         &[],
     )?;
-    let dh = b
-        .cx()
-        .eval(&sym("dh"))
-        .ok()
-        .and_then(|d| d.as_const())
-        .unwrap_or(1);
-    let scale = scalar(&mut b, "attn_scale", 1.0 / (dh as f64).sqrt())?;
+    let scale = attention_scale(&mut b, "attn_scale", "dh")?;
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
     let eps = cfg.rms_norm_eps;
     let theta = cfg.rope_theta;
