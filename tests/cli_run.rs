@@ -46,6 +46,14 @@ fn shape(v: &serde_json::Value) -> Vec<usize> {
     s
 }
 
+/// Replaces `from` by `to` in the `config.json` of `dir`.
+fn edit_config(dir: &Path, from: &str, to: &str) {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{} has no `{from}`", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 /// A scratch copy of a test model folder, to break in one way.
 fn scratch_copy(name: &str, tag: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -304,45 +312,34 @@ fn bad_folders_and_weights_are_clear_errors() {
     );
 
     let dir = scratch_copy("gpt2", "misshaped");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"vocab_size\": 101", "\"vocab_size\": 100");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"vocab_size\": 101", "\"vocab_size\": 100");
     check_fails(&["run", dir.to_str().unwrap(), "--tokens", "1"], "tensor `transformer.wte.weight` has shape [101, 32] but the model expects [100, 32] (f32[V, d])");
 
     let dir = scratch_copy("llama", "extra");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
         "unexpected tensor `model.layers.1.input_layernorm.weight`",
     );
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"num_hidden_layers\": 1", "\"num_hidden_layers\": 3");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"num_hidden_layers\": 1", "\"num_hidden_layers\": 3");
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
         "missing tensor `model.layers.2.input_layernorm.weight` (expected f32 [32])",
     );
 
     let dir = scratch_copy("llama", "ropescaling");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(
+        &dir,
+        "\"rope_type\": \"default\"",
+        "\"rope_type\": \"yarn\"",
+    );
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
         "has rope_type \"yarn\"; only \"default\" is supported",
     );
 
     let dir = scratch_copy("gpt2", "modeltype");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"model_type\": \"gpt2\"", "\"model_type\": \"t5\"");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"model_type\": \"gpt2\"", "\"model_type\": \"t5\"");
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
         "model_type \"t5\" is not supported",
@@ -354,10 +351,7 @@ fn bad_folders_and_weights_are_clear_errors() {
     );
 
     let dir = scratch_copy("gpt2", "heads");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"n_head\": 4", "\"n_head\": 5");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"n_head\": 4", "\"n_head\": 5");
     let (code, _, err) = kiln(&["check", dir.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("32 is not divisible by 5"), "{err}");
@@ -446,23 +440,18 @@ fn review_regressions_on_inputs_and_configs() {
     );
     // Sizes too large for any model are configuration errors (exit 2), not panics.
     let dir = scratch_copy("bart", "hugepos");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            "\"max_position_embeddings\": 64",
-            "\"max_position_embeddings\": 9223372036854775807",
-        );
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(
+        &dir,
+        "\"max_position_embeddings\": 64",
+        "\"max_position_embeddings\": 9223372036854775807",
+    );
     check_fails(
         &["check", dir.to_str().unwrap()],
         "`max_position_embeddings` = 9223372036854775807 is larger than kiln accepts",
     );
     // eos_token_id may be a list (Llama 3 style).
     let dir = scratch_copy("llama", "eoslist");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"eos_token_id\": 2", "\"eos_token_id\": [2, 3]");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    edit_config(&dir, "\"eos_token_id\": 2", "\"eos_token_id\": [2, 3]");
     let m = kiln::Model::load(&dir).unwrap();
     assert_eq!(m.info().unwrap().eos_token_ids, vec![2, 3]);
     // A tensor larger than the interpreter allows is refused before running.
