@@ -1,21 +1,11 @@
 //! `kiln run` and `kiln generate` on Hugging Face folders: the JSON contract other
 //! tools rely on, and clear errors (exit code 2) for every kind of bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
 
-fn kiln(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the kiln binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use std::path::{Path, PathBuf};
+
+use support::kiln;
 
 fn check_ok(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = kiln(args);

@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use kiln::backends::{Backend, Interpreter};
 use kiln::frontends::gpt2::{build_gpt2, random_weights, Gpt2Config};
 use kiln::ir::{Graph, Module, Op};
@@ -504,24 +502,11 @@ proptest! {
 
 // ----- kiln ir --stats --bind -----
 
-fn kiln_cli(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the kiln binary runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 #[test]
 fn cli_ir_stats_prints_the_memory_plan() {
     let (code, out, err) =
-        kiln_cli(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1,T=128"]);
-    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1,T=128"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.starts_with("func @gpt2("), "{out}");
     assert!(
         out.contains("// ----- memory plan of @gpt2 (B=1, T=128) -----"),
@@ -536,12 +521,12 @@ fn cli_ir_stats_prints_the_memory_plan() {
 
 #[test]
 fn cli_ir_stats_with_an_unbound_symbol_exits_2() {
-    let (code, out, err) = kiln_cli(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1"]);
-    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    let (code, out, err) = support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1"]);
+    assert_eq!(code, 2, "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("unbound symbol `T`"), "{err}");
     assert!(err.contains("--bind T=<int>"), "{err}");
-    let (code, _, err) = kiln_cli(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=one"]);
-    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=one"]);
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("`B=one` is not a binding such as T=128"),
         "{err}"

@@ -5,9 +5,10 @@
 
 mod support;
 
+use support::kiln;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kiln::adapter::LoraMode;
 use kiln::{GenerateOptions, Model, OptLevel, PassManager, RunInputs, Sampling, Tensor};
@@ -547,19 +548,6 @@ fn unknown_or_unpaired_tensors_are_errors() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn kiln(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the kiln binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 #[test]

@@ -10,6 +10,21 @@ use std::path::Path;
 
 use kiln::{Model, PassManager, RunInputs, Tensor};
 
+/// Runs the `kiln` binary from the repository root: (exit code, -1 when killed
+/// by a signal; stdout; stderr).
+pub fn kiln(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the kiln binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// Every model family with a test folder under `tests/data/hf/`.
 pub const FAMILIES: [&str; 5] = ["gpt2", "llama", "llama_tied", "bert", "bart"];
 
