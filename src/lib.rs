@@ -30,7 +30,7 @@ pub use kiln_backends::{Tensor, Weights};
 pub use kiln_frontends::{Family, ModelInfo};
 pub use kiln_passes::{OptLevel, PassManager, PassRecord};
 
-use kiln_backends::{Backend, Executable, Interpreter, RunError};
+use kiln_backends::{Backend, Executable, Interpreter, Program, Reference, RunError};
 use kiln_ir::{Graph, Module, NodeKind, ParseError, ShapeCx, VerifyErrors};
 
 /// Everything the facade can report, grouped by what the user has to fix.
@@ -93,8 +93,10 @@ impl Error {
 /// The backends `run` can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// The reference interpreter.
+    /// The reference interpreter, on the graph (the oracle).
     Interp,
+    /// The lowered Program, run by the reference Program executor.
+    Reference,
 }
 
 /// The token inputs of one run; absent optional inputs take their defaults.
@@ -366,7 +368,53 @@ impl Model {
         };
         match target {
             Target::Interp => Ok(Interpreter.compile(graph, weights)?),
+            Target::Reference => Ok(Reference.compile(graph, weights)?),
         }
+    }
+
+    /// Every function lowered to a [`Program`] (verified), in module order.
+    pub fn lower(&self) -> Result<Vec<Program>, Error> {
+        self.check()?;
+        self.module
+            .funcs
+            .iter()
+            .map(|g| {
+                let p = kiln_backends::lower(g)?;
+                kiln_backends::lower::verify::verify_structure(&p)?;
+                Ok(p)
+            })
+            .collect()
+    }
+
+    /// The text of every lowered function; with `bind` (a value for every
+    /// run-time symbol), the arena plan under it too, checked by the Program
+    /// verifier.
+    pub fn lowered_text(&self, bind: &[(String, i64)]) -> Result<String, Error> {
+        let programs = self.lower()?;
+        let mut out = Vec::new();
+        for p in &programs {
+            if bind.is_empty() {
+                out.push(p.to_text(None));
+                continue;
+            }
+            let mut cx = ShapeCx::new();
+            for (n, v) in bind {
+                if p.runtime_symbols.contains(n) {
+                    cx.bind(n, &kiln_ir::Dim::constant(*v))
+                        .map_err(|e| Error::Input(format!("--bind {n}={v}: {e}")))?;
+                }
+            }
+            if let Some(missing) = p.runtime_symbols.iter().find(|s| !cx.is_bound(s)) {
+                return Err(Error::Input(format!(
+                    "--bind: @{} has the run-time symbol `{missing}`, which needs a value (e.g. {missing}=1)",
+                    p.name
+                )));
+            }
+            let plan = kiln_backends::lower::ArenaPlan::place(p, &cx)?;
+            kiln_backends::lower::verify::verify_binding(p, &cx, &plan)?;
+            out.push(p.to_text(Some(&cx)));
+        }
+        Ok(out.join("\n"))
     }
 
     /// Builds the input tensors of the main function from token rows, checking

@@ -69,14 +69,14 @@ enum Command {
         /// Print Graphviz DOT (shapes on the edges) instead of text IR.
         #[arg(long)]
         dot: bool,
-        /// After the IR, print the memory plan of each function (peak arena
-        /// bytes vs the sum of all intermediates, the largest buffers) as
-        /// `//` comment lines, so the output still parses as IR (or DOT).
-        #[arg(long)]
-        stats: bool,
-        /// Sizes of run-time symbols for `--stats`, e.g. `B=1,T=128`; a size
-        /// that depends on an unbound symbol is an error (exit code 2).
-        #[arg(long, value_name = "SYM=INT", value_delimiter = ',', value_parser = parse_binding, requires = "stats")]
+        /// Print the lowered Program of each function instead of the IR:
+        /// buffers, views, kernel steps, arena slots and their lifetimes.
+        #[arg(long, conflicts_with = "dot")]
+        lowered: bool,
+        /// Sizes of the run-time symbols for `--lowered`, e.g. `B=1,T=16`: the
+        /// arena offsets and peak bytes under them (every run-time symbol needs
+        /// a value; an unknown one is an error, exit code 2).
+        #[arg(long, value_name = "SYM=INT", value_delimiter = ',', value_parser = parse_binding, requires = "lowered")]
         bind: Vec<(String, i64)>,
         #[command(flatten)]
         adapter: AdapterArgs,
@@ -229,8 +229,10 @@ impl AdapterArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
-    /// The reference interpreter.
+    /// The reference interpreter, on the graph (the oracle).
     Interp,
+    /// The lowered Program, run by the reference Program executor.
+    Reference,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -265,9 +267,8 @@ fn parse_binding(s: &str) -> Result<(String, i64), String> {
     Ok((name.to_string(), value))
 }
 
-/// `kiln ir --stats`: the memory plan of every function, as `//` comments.
-fn memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<String, Error> {
-    use std::fmt::Write as _;
+/// Checks that every `--bind` name is a run-time symbol of the model.
+fn check_bindings(m: &Model, bind: &[(String, i64)]) -> Result<(), Error> {
     let known: std::collections::BTreeSet<String> = m
         .module()
         .funcs
@@ -281,21 +282,7 @@ fn memory_plans(m: &Model, bind: &[(String, i64)]) -> Result<String, Error> {
             known.join(", ")
         )));
     }
-    let mut out = String::new();
-    let given: Vec<String> = bind.iter().map(|(n, v)| format!("{n}={v}")).collect();
-    let given = if given.is_empty() {
-        "no bindings".to_string()
-    } else {
-        given.join(", ")
-    };
-    for g in &m.module().funcs {
-        let plan = kiln::passes::memory_planning::plan_memory(g, bind)?;
-        let _ = writeln!(out, "\n// ----- memory plan of @{} ({given}) -----", g.name);
-        for line in plan.report().lines() {
-            let _ = writeln!(out, "// {line}");
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
@@ -311,6 +298,7 @@ fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
 fn target(b: BackendArg) -> kiln::Target {
     match b {
         BackendArg::Interp => kiln::Target::Interp,
+        BackendArg::Reference => kiln::Target::Reference,
     }
 }
 
@@ -328,7 +316,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             passes,
             print_after,
             dot,
-            stats,
+            lowered,
             bind,
             adapter,
         } => {
@@ -361,8 +349,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 )));
             }
             let (m, cx) = m.apply_passes(&pm)?;
-            let plans = if stats {
-                Some(memory_plans(&m, &bind)?)
+            let lowered = if lowered {
+                check_bindings(&m, &bind)?;
+                Some(m.lowered_text(&bind)?)
             } else {
                 None
             };
@@ -382,13 +371,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             if !cx.dumps.is_empty() {
                 outln!("// ----- final IR -----");
             }
-            if dot {
+            if let Some(text) = lowered {
+                out!("{text}");
+            } else if dot {
                 out!("{}", m.to_dot());
             } else {
                 out!("{}", m.to_text());
-            }
-            if let Some(plans) = plans {
-                out!("{plans}");
             }
         }
         Command::Run {

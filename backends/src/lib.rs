@@ -22,11 +22,15 @@
 #![warn(missing_docs)]
 
 pub mod interp;
+pub mod lower;
+pub mod reference;
 
-use kiln_ir::{DType, Graph, ShapeError, VerifyErrors};
+use kiln_ir::{DType, Dim, Graph, ShapeCx, ShapeError, VerifyErrors};
 
 pub use interp::Interpreter;
 pub use kiln_ir::{Element, Tensor, TensorData, TensorError, Weights};
+pub use lower::{lower, Program};
+pub use reference::Reference;
 
 /// Compiles a verified graph and its weights into an [`Executable`].
 pub trait Backend {
@@ -206,6 +210,23 @@ pub enum RunError {
         /// The type of what the backend produced.
         got: String,
     },
+    /// An op the lowering cannot turn into kernels.
+    #[error("{node}: cannot lower: {message}")]
+    Lower {
+        /// The node, as printed.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// A lowered Program that breaks its own invariants (a lowering bug, or a
+    /// binding under which a view leaves its buffer).
+    #[error("program @{func} does not verify:\n  {}", errors.join("\n  "))]
+    Program {
+        /// The entry point.
+        func: String,
+        /// Every violation found.
+        errors: Vec<String>,
+    },
     /// A tensor that cannot be formed (wrong element count, ragged token rows).
     #[error("{0}")]
     Tensor(#[from] kiln_ir::TensorError),
@@ -213,4 +234,14 @@ pub enum RunError {
 
 fn describe_axis(axis: Option<usize>) -> String {
     axis.map_or_else(String::new, |a| format!(" (axis {a} differs)"))
+}
+
+/// The integer value of `d` under `cx`; `what` names where it is used.
+pub(crate) fn eval_int_in(cx: &ShapeCx, d: &Dim, what: &str) -> Result<i64, RunError> {
+    interp::signature::eval_int(cx, d, what)
+}
+
+/// The value of `d` under `cx` as a size (not negative).
+pub(crate) fn eval_size_in(cx: &ShapeCx, d: &Dim, what: &str) -> Result<usize, RunError> {
+    interp::signature::eval_size(cx, d, what)
 }

@@ -17,7 +17,9 @@ mod index;
 mod matmul;
 mod movement;
 mod reduce;
-mod signature;
+
+pub(crate) use reduce::softmax_row;
+pub(crate) mod signature;
 
 use std::collections::HashMap;
 

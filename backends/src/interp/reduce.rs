@@ -143,7 +143,7 @@ pub(super) fn softmax(n: &NodeCx<'_>, x: &Tensor, axis: i64) -> Result<Tensor, R
 }
 
 /// Softmax of one row in f64; all `-inf` (or empty) gives zeros.
-pub(super) fn softmax_row(row: &[f64]) -> Vec<f64> {
+pub(crate) fn softmax_row(row: &[f64]) -> Vec<f64> {
     let max = row.iter().copied().fold(f64::NEG_INFINITY, |m, v| {
         if v.is_nan() || m.is_nan() {
             f64::NAN

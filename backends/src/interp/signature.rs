@@ -11,7 +11,7 @@ use kiln_ir::{DType, Dim, Graph, Namer, NodeKind, ShapeCx, TensorType, ValueId};
 use crate::{RunError, Tensor, Weights};
 
 /// Each node of `order` as it prints, with its source line when it came from text.
-pub(super) fn node_names(graph: &Graph, order: &[ValueId]) -> Vec<String> {
+pub(crate) fn node_names(graph: &Graph, order: &[ValueId]) -> Vec<String> {
     let namer = Namer::new(graph);
     order
         .iter()
@@ -26,7 +26,7 @@ pub(super) fn node_names(graph: &Graph, order: &[ValueId]) -> Vec<String> {
 }
 
 /// Rejects graphs with values of a dtype the interpreter cannot store (f16, bf16).
-pub(super) fn check_dtypes(
+pub(crate) fn check_dtypes(
     graph: &Graph,
     order: &[ValueId],
     names: &[String],
@@ -72,7 +72,7 @@ fn describe_type(ty: &TensorType, cx: &ShapeCx) -> String {
 
 /// Checks every parameter's weight (present, dtype, rank, every size known at
 /// compile time) and returns the weights to bind. Extra weights are ignored.
-pub(super) fn check_weights(
+pub(crate) fn check_weights(
     graph: &Graph,
     weights: &Weights,
 ) -> Result<Vec<(ValueId, Tensor)>, RunError> {
@@ -122,7 +122,7 @@ pub(super) fn check_weights(
 }
 
 /// Checks a weight against its parameter type evaluated under the run-time symbols.
-pub(super) fn check_weight_at_run_time(
+pub(crate) fn check_weight_at_run_time(
     graph: &Graph,
     v: ValueId,
     w: &Tensor,
@@ -145,7 +145,7 @@ pub(super) fn check_weight_at_run_time(
 
 /// Binds the run-time symbols from the input shapes and checks each input's
 /// dtype, rank and every dim; returns a context in which every dim is a constant.
-pub(super) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, RunError> {
+pub(crate) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, RunError> {
     if inputs.len() != graph.inputs().len() {
         return Err(RunError::InputCount {
             func: graph.name.clone(),
@@ -243,7 +243,7 @@ pub(super) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, R
 pub(super) const MAX_TENSOR_BYTES: usize = 8 << 30;
 
 /// Every node's type evaluated to concrete sizes, by slot.
-pub(super) fn eval_shapes(
+pub(crate) fn eval_shapes(
     graph: &Graph,
     order: &[ValueId],
     names: &[String],
@@ -277,7 +277,7 @@ pub(super) fn eval_shapes(
 }
 
 /// The integer value of `d` under `cx`; `what` names where it is used.
-pub(super) fn eval_int(cx: &ShapeCx, d: &Dim, what: &str) -> Result<i64, RunError> {
+pub(crate) fn eval_int(cx: &ShapeCx, d: &Dim, what: &str) -> Result<i64, RunError> {
     let v = cx.eval(d).map_err(|e| RunError::Size {
         what: what.to_string(),
         dim: d.to_string(),
@@ -291,7 +291,7 @@ pub(super) fn eval_int(cx: &ShapeCx, d: &Dim, what: &str) -> Result<i64, RunErro
 }
 
 /// The value of `d` under `cx` as a size (not negative); `what` names where it is used.
-pub(super) fn eval_size(cx: &ShapeCx, d: &Dim, what: &str) -> Result<usize, RunError> {
+pub(crate) fn eval_size(cx: &ShapeCx, d: &Dim, what: &str) -> Result<usize, RunError> {
     let v = eval_int(cx, d, what)?;
     usize::try_from(v).map_err(|_| RunError::Size {
         what: what.to_string(),

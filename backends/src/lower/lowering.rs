@@ -1,0 +1,730 @@
+//! Graph → [`Program`]: each IR op becomes at most a few steps of the eight
+//! kernel kinds; movement ops become views.
+//!
+//! After the ops are lowered, two rewrites run on the Program: a `gemm` whose
+//! result only one elementwise `loop` reads (directly, element for element)
+//! absorbs that loop as its epilogue, and unreferenced buffers are dropped.
+//! The memory plan's liveness is computed last (see [`super::plan`]).
+
+use std::collections::HashMap;
+
+use kiln_ir::shape::normalize_axis;
+use kiln_ir::{
+    BinaryOp, Dim, Graph, KernelOp, Namer, NodeKind, Op, ShapeCx, ValueId, WeightLayout,
+};
+
+use super::{Buffer, BufferId, BufferKind, FillOp, Kernel, Layout, Liveness, Program, RowOp, Step};
+use crate::RunError;
+
+/// A lowered IR value: which root buffer holds it and how it is addressed.
+#[derive(Clone, Debug)]
+struct Val {
+    root: BufferId,
+    layout: Layout,
+}
+
+struct Lowerer<'g> {
+    graph: &'g Graph,
+    namer: Namer,
+    cx: ShapeCx,
+    buffers: Vec<Buffer>,
+    steps: Vec<Step>,
+    views: HashMap<(BufferId, Layout), BufferId>,
+    vals: HashMap<ValueId, Val>,
+}
+
+/// Lowers one verified function to a [`Program`].
+pub fn lower(graph: &Graph) -> Result<Program, RunError> {
+    let cx = kiln_ir::verify(graph)?;
+    let order = graph.topo_order().map_err(|v| RunError::Invalid {
+        node: format!("node #{}", v.index()),
+        message: "the graph has a cycle through this node".into(),
+    })?;
+    let mut lw = Lowerer {
+        graph,
+        namer: Namer::new(graph),
+        cx,
+        buffers: Vec::new(),
+        steps: Vec::new(),
+        views: HashMap::new(),
+        vals: HashMap::new(),
+    };
+    let mut inputs = Vec::new();
+    let mut params = Vec::new();
+    for &v in &order {
+        let kind = match &graph.node(v).kind {
+            NodeKind::Input { .. } => BufferKind::Input {
+                index: inputs.len(),
+            },
+            NodeKind::Param { name } => BufferKind::Param { name: name.clone() },
+            NodeKind::Op { op, .. } => {
+                lw.lower_op(v, op)?;
+                continue;
+            }
+        };
+        let id = lw.new_buffer(v, kind)?;
+        match graph.node(v).kind {
+            NodeKind::Input { .. } => inputs.push(id),
+            _ => params.push(id),
+        }
+    }
+    let outputs = lw.lower_outputs()?;
+    lw.fuse_epilogues();
+    let runtime_symbols = kiln_ir::verify::runtime_symbols(graph)
+        .into_iter()
+        .collect();
+    let mut program = Program {
+        name: graph.name.clone(),
+        runtime_symbols,
+        buffers: lw.buffers,
+        steps: lw.steps,
+        inputs,
+        params,
+        outputs,
+        liveness: Liveness::default(),
+    };
+    compact(&mut program);
+    program.liveness = Liveness::of(&program);
+    Ok(program)
+}
+
+impl Lowerer<'_> {
+    fn header(&self, v: ValueId) -> String {
+        let header = self.namer.node_header(self.graph, v);
+        match self.graph.span(v) {
+            Some(s) => format!("{header} (line {})", s.line),
+            None => header,
+        }
+    }
+
+    fn error(&self, v: ValueId, message: impl Into<String>) -> RunError {
+        RunError::Lower {
+            node: self.header(v),
+            message: message.into(),
+        }
+    }
+
+    /// `d` under the compile-time bindings (run-time symbols stay symbolic).
+    fn dim(&self, v: ValueId, d: &Dim) -> Result<Dim, RunError> {
+        self.cx
+            .eval(d)
+            .map_err(|e| self.error(v, format!("size `{d}`: {e}")))
+    }
+
+    fn dims(&self, v: ValueId, ds: &[Dim]) -> Result<Vec<Dim>, RunError> {
+        ds.iter().map(|d| self.dim(v, d)).collect()
+    }
+
+    fn shape_of(&self, v: ValueId) -> Result<Vec<Dim>, RunError> {
+        self.dims(v, &self.graph.ty(v).shape)
+    }
+
+    fn contiguous(&self, v: ValueId, shape: &[Dim]) -> Result<Layout, RunError> {
+        Layout::contiguous(shape).map_err(|e| self.error(v, format!("strides: {e}")))
+    }
+
+    /// A new root buffer holding value `v` (its type evaluated).
+    fn new_buffer(&mut self, v: ValueId, kind: BufferKind) -> Result<BufferId, RunError> {
+        let shape = self.shape_of(v)?;
+        let layout = self.contiguous(v, &shape)?;
+        let id = self.push_buffer(Buffer {
+            kind,
+            dtype: self.graph.ty(v).dtype,
+            shape,
+            value: self.namer.name(v).to_string(),
+        });
+        self.vals.insert(v, Val { root: id, layout });
+        Ok(id)
+    }
+
+    fn push_buffer(&mut self, b: Buffer) -> BufferId {
+        self.buffers.push(b);
+        BufferId(self.buffers.len() as u32 - 1)
+    }
+
+    /// A temporary for `v`'s result.
+    fn temp(&mut self, v: ValueId) -> Result<BufferId, RunError> {
+        self.new_buffer(v, BufferKind::Temp)
+    }
+
+    fn val(&self, v: ValueId) -> Result<Val, RunError> {
+        self.vals
+            .get(&v)
+            .cloned()
+            .ok_or_else(|| self.error(v, "an operand was not lowered before its use"))
+    }
+
+    /// The buffer addressing `layout` of `root`: the root itself when the
+    /// layout is all of it, else a (shared) view.
+    fn view(&mut self, root: BufferId, layout: Layout) -> BufferId {
+        let b = &self.buffers[root.index()];
+        if layout.shape == b.shape && layout.is_contiguous() {
+            return root;
+        }
+        if let Some(&id) = self.views.get(&(root, layout.clone())) {
+            return id;
+        }
+        let id = self.push_buffer(Buffer {
+            kind: BufferKind::View {
+                base: root,
+                offset: layout.offset.clone(),
+                strides: layout.strides.clone(),
+            },
+            dtype: b.dtype,
+            shape: layout.shape.clone(),
+            value: b.value.clone(),
+        });
+        self.views.insert((root, layout), id);
+        id
+    }
+
+    fn view_of(&mut self, val: &Val) -> BufferId {
+        self.view(val.root, val.layout.clone())
+    }
+
+    fn emit(&mut self, v: ValueId, kernel: Kernel, inputs: Vec<BufferId>, output: BufferId) {
+        let origin = self.header(v);
+        self.steps.push(Step {
+            kernel,
+            inputs,
+            output,
+            origin,
+        });
+    }
+
+    fn operand_vals(&self, v: ValueId) -> Result<Vec<Val>, RunError> {
+        self.graph
+            .operands(v)
+            .into_iter()
+            .map(|o| self.val(o))
+            .collect()
+    }
+
+    /// A `loop` step: the operands broadcast to the result's shape.
+    fn lower_loop(&mut self, v: ValueId, body: Vec<KernelOp>) -> Result<(), RunError> {
+        let shape = self.shape_of(v)?;
+        let inputs = self
+            .operand_vals(v)?
+            .iter()
+            .map(|o| {
+                let l = o.layout.broadcast_to(&shape);
+                self.view(o.root, l)
+            })
+            .collect();
+        let out = self.temp(v)?;
+        self.emit(v, Kernel::Loop { body }, inputs, out);
+        Ok(())
+    }
+
+    fn lower_op(&mut self, v: ValueId, op: &Op) -> Result<(), RunError> {
+        let args = self.operand_vals(v)?;
+        let rank = |i: usize| args[i].layout.shape.len();
+        match op {
+            Op::Unary(u) => self.lower_loop(v, vec![KernelOp::Unary(*u, 0)]),
+            Op::Binary(b) => self.lower_loop(v, vec![KernelOp::Binary(*b, 0, 1)]),
+            Op::Where => self.lower_loop(v, vec![KernelOp::Where(0, 1, 2)]),
+            Op::Cast { to } => self.lower_loop(v, vec![KernelOp::Cast(*to, 0)]),
+            Op::Kernel { body } => self.lower_loop(v, body.clone()),
+            Op::PaddingMask => {
+                let shape = self.shape_of(v)?;
+                let dtype = self.graph.ty(self.graph.operands(v)[0]).dtype;
+                let m = args[0]
+                    .layout
+                    .reshape(&shape)
+                    .ok_or_else(|| self.error(v, "the mask cannot be viewed as [B, 1, 1, S]"))?;
+                let m = self.view(args[0].root, m);
+                let out = self.temp(v)?;
+                let body = vec![
+                    KernelOp::Const(0.0, dtype),
+                    KernelOp::Binary(BinaryOp::Ne, 0, 1),
+                ];
+                self.emit(v, Kernel::Loop { body }, vec![m], out);
+                Ok(())
+            }
+            Op::Constant { value, .. } => self.fill(v, FillOp::Constant { value: *value }),
+            Op::Arange { start, .. } => {
+                let start = self.dim(v, start)?;
+                self.fill(v, FillOp::Arange { start })
+            }
+            Op::CausalMask { .. } => self.fill(v, FillOp::CausalMask),
+            Op::MatMul {
+                transpose_a,
+                transpose_b,
+            } => {
+                let shape = self.shape_of(v)?;
+                let r = shape.len();
+                if r < 2 || rank(0) < 2 || rank(1) < 2 {
+                    return Err(self.error(v, "matmul needs operands of rank 2 or more"));
+                }
+                let batch = &shape[..r - 2];
+                let a = self.matrix(&args[0], *transpose_a, batch);
+                let b = self.matrix(&args[1], *transpose_b, batch);
+                let out = self.temp(v)?;
+                self.emit(v, Kernel::Gemm { epilogue: vec![] }, vec![a, b], out);
+                Ok(())
+            }
+            Op::Reduce { kind, axes, .. } => {
+                let r = rank(0);
+                let mut reduced = Vec::new();
+                for &a in axes {
+                    reduced.push(
+                        normalize_axis("reduce", a, r).map_err(|e| self.error(v, e.to_string()))?,
+                    );
+                }
+                reduced.sort_unstable();
+                let mut perm: Vec<usize> = (0..r).filter(|i| !reduced.contains(i)).collect();
+                let kept_shape: Vec<Dim> = perm
+                    .iter()
+                    .map(|&i| args[0].layout.shape[i].clone())
+                    .collect();
+                perm.extend(&reduced);
+                let x = self.view(args[0].root, args[0].layout.permute(&perm));
+                let out = self.temp(v)?;
+                let out_view = self.contiguous(v, &kept_shape)?;
+                let out_view = self.view(out, out_view);
+                let row = RowOp::Reduce {
+                    kind: *kind,
+                    axes: reduced.len(),
+                };
+                self.emit(v, Kernel::Row(row), vec![x], out_view);
+                Ok(())
+            }
+            Op::Softmax { axis } => {
+                let r = rank(0);
+                let a = normalize_axis("softmax", *axis, r)
+                    .map_err(|e| self.error(v, e.to_string()))?;
+                let mut perm: Vec<usize> = (0..r).filter(|&i| i != a).collect();
+                perm.push(a);
+                let x = self.view(args[0].root, args[0].layout.permute(&perm));
+                let out = self.temp(v)?;
+                let shape = self.shape_of(v)?;
+                let out_layout = self.contiguous(v, &shape)?.permute(&perm);
+                let out_view = self.view(out, out_layout);
+                self.emit(v, Kernel::Row(RowOp::Softmax), vec![x], out_view);
+                Ok(())
+            }
+            Op::LayerNorm { eps } => {
+                self.as_is(v, Kernel::Row(RowOp::LayerNorm { eps: *eps }), &args)
+            }
+            Op::RmsNorm { eps } => self.as_is(v, Kernel::Row(RowOp::RmsNorm { eps: *eps }), &args),
+            Op::Gather => self.as_is(v, Kernel::Gather, &args),
+            Op::Reshape { .. } => {
+                let shape = self.shape_of(v)?;
+                match args[0].layout.reshape(&shape) {
+                    Some(layout) => {
+                        self.vals.insert(
+                            v,
+                            Val {
+                                root: args[0].root,
+                                layout,
+                            },
+                        );
+                    }
+                    None => {
+                        // The strides cannot express it: copy into a contiguous temporary.
+                        let src = self.view_of(&args[0]);
+                        let out = self.temp(v)?;
+                        let dst = self
+                            .contiguous(v, &shape)?
+                            .reshape(&args[0].layout.shape)
+                            .ok_or_else(|| {
+                                self.error(v, "a contiguous buffer cannot be reshaped")
+                            })?;
+                        let dst = self.view(out, dst);
+                        self.emit(v, Kernel::Copy, vec![src], dst);
+                    }
+                }
+                Ok(())
+            }
+            Op::Permute { perm } => {
+                let layout = args[0].layout.permute(perm);
+                self.vals.insert(
+                    v,
+                    Val {
+                        root: args[0].root,
+                        layout,
+                    },
+                );
+                Ok(())
+            }
+            Op::Expand { .. } => {
+                let shape = self.shape_of(v)?;
+                let layout = args[0].layout.broadcast_to(&shape);
+                self.vals.insert(
+                    v,
+                    Val {
+                        root: args[0].root,
+                        layout,
+                    },
+                );
+                Ok(())
+            }
+            Op::Slice { axis, start, end } => {
+                let a = normalize_axis("slice", *axis, rank(0))
+                    .map_err(|e| self.error(v, e.to_string()))?;
+                let (s, e) = (self.dim(v, start)?, self.dim(v, end)?);
+                let layout = args[0]
+                    .layout
+                    .slice(a, &s, &e)
+                    .map_err(|err| self.error(v, format!("slice bounds: {err}")))?;
+                self.vals.insert(
+                    v,
+                    Val {
+                        root: args[0].root,
+                        layout,
+                    },
+                );
+                Ok(())
+            }
+            Op::Concat { axis } => {
+                let shape = self.shape_of(v)?;
+                let a = normalize_axis("concat", *axis, shape.len())
+                    .map_err(|e| self.error(v, e.to_string()))?;
+                let out = self.temp(v)?;
+                let whole = self.contiguous(v, &shape)?;
+                let mut at = Dim::constant(0);
+                for part in &args {
+                    let end = at
+                        .add(&part.layout.shape[a])
+                        .map_err(|e| self.error(v, e.to_string()))?;
+                    let dst = whole
+                        .slice(a, &at, &end)
+                        .map_err(|e| self.error(v, e.to_string()))?;
+                    let dst = self.view(out, dst);
+                    let src = self.view_of(part);
+                    self.emit(v, Kernel::Copy, vec![src], dst);
+                    at = end;
+                }
+                Ok(())
+            }
+            Op::Rope { theta } => {
+                let r = rank(0);
+                if r < 2 {
+                    return Err(self.error(v, "rope needs [..., T, dh]"));
+                }
+                let x = self.view_of(&args[0]);
+                let rows = &args[0].layout.shape[..r - 1];
+                let p = &args[1].layout;
+                let pos = match p.shape.len() {
+                    1 => p.broadcast_to(rows),
+                    2 => {
+                        let mut strides = vec![Dim::constant(0); r - 1];
+                        strides[0] = p.strides[0].clone();
+                        strides[r - 2] = p.strides[1].clone();
+                        Layout {
+                            shape: rows.to_vec(),
+                            strides,
+                            offset: p.offset.clone(),
+                        }
+                    }
+                    _ => return Err(self.error(v, "positions must be [T] or [B, T]")),
+                };
+                let pos = self.view(args[1].root, pos);
+                let out = self.temp(v)?;
+                self.emit(v, Kernel::Rope { theta: *theta }, vec![x, pos], out);
+                Ok(())
+            }
+            Op::Attention { causal, scale } => {
+                let shape = self.shape_of(v)?;
+                let mut inputs: Vec<BufferId> = args[..3].iter().map(|a| self.view_of(a)).collect();
+                if let Some(mask) = args.get(3) {
+                    let mut scores = shape[..3].to_vec();
+                    scores.push(args[1].layout.shape[2].clone());
+                    let m = mask.layout.broadcast_to(&scores);
+                    inputs.push(self.view(mask.root, m));
+                }
+                let out = self.temp(v)?;
+                let kernel = Kernel::Attention {
+                    causal: *causal,
+                    scale: *scale,
+                };
+                self.emit(v, kernel, inputs, out);
+                Ok(())
+            }
+            Op::LoraLinear { alpha, layout } => self.lower_lora(v, &args, *alpha, *layout),
+        }
+    }
+
+    /// A kernel whose operands are the values as they are.
+    fn as_is(&mut self, v: ValueId, kernel: Kernel, args: &[Val]) -> Result<(), RunError> {
+        let inputs = args.iter().map(|a| self.view_of(a)).collect();
+        let out = self.temp(v)?;
+        self.emit(v, kernel, inputs, out);
+        Ok(())
+    }
+
+    fn fill(&mut self, v: ValueId, op: FillOp) -> Result<(), RunError> {
+        let out = self.temp(v)?;
+        self.emit(v, Kernel::Fill(op), vec![], out);
+        Ok(())
+    }
+
+    /// A gemm operand `[batch…, rows, cols]`: the last two axes swapped when
+    /// `transpose`, the batch axes broadcast to `batch`.
+    fn matrix(&mut self, x: &Val, transpose: bool, batch: &[Dim]) -> BufferId {
+        let r = x.layout.shape.len();
+        let mut layout = x.layout.clone();
+        if transpose {
+            let mut perm: Vec<usize> = (0..r).collect();
+            perm.swap(r - 2, r - 1);
+            layout = layout.permute(&perm);
+        }
+        let mut shape = batch.to_vec();
+        shape.extend_from_slice(&layout.shape[r - 2..]);
+        let layout = layout.broadcast_to(&shape);
+        self.view(x.root, layout)
+    }
+
+    /// `x·w + (alpha / r)·(x·a)·b (+ bias)` as three gemms on `x` flattened to
+    /// `[rows, in]`; the last one adds the scaled low-rank term to `x·w` (and
+    /// the bias) in its epilogue.
+    fn lower_lora(
+        &mut self,
+        v: ValueId,
+        args: &[Val],
+        alpha: f64,
+        layout: WeightLayout,
+    ) -> Result<(), RunError> {
+        let shape = self.shape_of(v)?;
+        let x = &args[0].layout;
+        let d_in = x.shape.last().cloned().unwrap_or(Dim::constant(1));
+        let d_out = shape.last().cloned().unwrap_or(Dim::constant(1));
+        let mut rows = Dim::constant(1);
+        for d in &x.shape[..x.shape.len().saturating_sub(1)] {
+            rows = rows.mul(d).map_err(|e| self.error(v, e.to_string()))?;
+        }
+        // (in, out) of w, (in, r) of a, (r, out) of b, whatever the storage layout.
+        let t = layout == WeightLayout::OutIn;
+        let w = self.matrix(&args[1], t, &[]);
+        let a = self.matrix(&args[2], t, &[]);
+        let b = self.matrix(&args[3], t, &[]);
+        let r_dim = self.buffers[a.index()].shape[1].clone();
+        let rank = r_dim.as_const().ok_or_else(|| {
+            self.error(
+                v,
+                format!("the LoRA rank `{r_dim}` must be a compile-time constant"),
+            )
+        })?;
+        // With rank 0 the adapter term is an empty sum; skip it rather than form alpha / 0.
+        let scale = if rank == 0 { 0.0 } else { alpha / rank as f64 };
+        let x2 = match x.reshape(&[rows.clone(), d_in.clone()]) {
+            Some(l) => self.view(args[0].root, l),
+            None => {
+                let src = self.view_of(&args[0]);
+                let flat = self.push_buffer(Buffer {
+                    kind: BufferKind::Temp,
+                    dtype: self.graph.ty(v).dtype,
+                    shape: vec![rows.clone(), d_in.clone()],
+                    value: format!("{}.x", self.namer.name(v)),
+                });
+                let dst = self
+                    .contiguous(v, &[rows.clone(), d_in.clone()])?
+                    .reshape(&x.shape)
+                    .ok_or_else(|| self.error(v, "a contiguous buffer cannot be reshaped"))?;
+                let dst = self.view(flat, dst);
+                self.emit(v, Kernel::Copy, vec![src], dst);
+                flat
+            }
+        };
+        let dtype = self.graph.ty(v).dtype;
+        let name = self.namer.name(v).to_string();
+        let part = |lw: &mut Self, suffix: &str, cols: Dim| {
+            lw.push_buffer(Buffer {
+                kind: BufferKind::Temp,
+                dtype,
+                shape: vec![rows.clone(), cols],
+                value: format!("{name}.{suffix}"),
+            })
+        };
+        let xa = part(self, "xa", r_dim);
+        let xw = part(self, "xw", d_out.clone());
+        self.emit(v, Kernel::Gemm { epilogue: vec![] }, vec![x2, a], xa);
+        self.emit(v, Kernel::Gemm { epilogue: vec![] }, vec![x2, w], xw);
+        let out = self.temp(v)?;
+        let flat_out = self.contiguous(v, &[rows.clone(), d_out.clone()])?;
+        let flat_out = self.view(out, flat_out);
+        let mut inputs = vec![xa, b, xw];
+        if let Some(bias) = args.get(4) {
+            let l = bias.layout.broadcast_to(&[rows, d_out]);
+            inputs.push(self.view(bias.root, l));
+        }
+        // Values: 0 the low-rank product, 1 x·w, (2 the bias,) then the
+        // instructions: scale, scaled product, plus x·w (, plus the bias).
+        let epilogue = if args.len() > 4 {
+            vec![
+                KernelOp::Const(scale, dtype),
+                KernelOp::Binary(BinaryOp::Mul, 0, 3),
+                KernelOp::Binary(BinaryOp::Add, 1, 4),
+                KernelOp::Binary(BinaryOp::Add, 5, 2),
+            ]
+        } else {
+            vec![
+                KernelOp::Const(scale, dtype),
+                KernelOp::Binary(BinaryOp::Mul, 0, 2),
+                KernelOp::Binary(BinaryOp::Add, 1, 3),
+            ]
+        };
+        self.emit(v, Kernel::Gemm { epilogue }, inputs, flat_out);
+        Ok(())
+    }
+
+    /// Each output in a buffer of its own: a temporary that is all of its
+    /// value becomes the output buffer; anything else (a view, an input, a
+    /// weight, a value output twice) is copied.
+    fn lower_outputs(&mut self) -> Result<Vec<(String, BufferId)>, RunError> {
+        let mut out = Vec::new();
+        for (index, (name, v)) in self.graph.outputs().iter().enumerate() {
+            let val = self.val(*v)?;
+            let root = &self.buffers[val.root.index()];
+            let whole = val.layout.shape == root.shape && val.layout.is_contiguous();
+            if whole && root.kind == BufferKind::Temp {
+                self.buffers[val.root.index()].kind = BufferKind::Output { index };
+                out.push((name.clone(), val.root));
+                continue;
+            }
+            let dst = self.push_buffer(Buffer {
+                kind: BufferKind::Output { index },
+                dtype: root.dtype,
+                shape: val.layout.shape.clone(),
+                value: root.value.clone(),
+            });
+            let src = self.view_of(&val);
+            self.emit(*v, Kernel::Copy, vec![src], dst);
+            out.push((name.clone(), dst));
+        }
+        Ok(out)
+    }
+
+    /// Folds a `loop` into the `gemm` before it when the loop is the only
+    /// reader of the gemm's result and reads it element for element.
+    fn fuse_epilogues(&mut self) {
+        let mut i = 0;
+        while i < self.steps.len() {
+            if let Some(t) = self.epilogue_reader(i) {
+                let gemm = self.steps.remove(i);
+                let t = t - 1;
+                let loop_step = &self.steps[t];
+                let Kernel::Loop { body } = &loop_step.kernel else {
+                    i += 1;
+                    continue;
+                };
+                let x = gemm.output;
+                let p = loop_step.inputs.iter().position(|&b| b == x).unwrap_or(0);
+                let remap = |q: usize| match q {
+                    q if q == p => 0,
+                    q if q < p => q + 1,
+                    q => q,
+                };
+                let epilogue = body.iter().map(|k| remap_op(k, &remap)).collect();
+                let mut inputs = gemm.inputs.clone();
+                inputs.extend(loop_step.inputs.iter().filter(|&&b| b != x));
+                let origin = format!("{}; epilogue {}", gemm.origin, loop_step.origin);
+                let output = loop_step.output;
+                self.steps[t] = Step {
+                    kernel: Kernel::Gemm { epilogue },
+                    inputs,
+                    output,
+                    origin,
+                };
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    /// The index of the step that can become step `i`'s epilogue, if any.
+    fn epilogue_reader(&self, i: usize) -> Option<usize> {
+        let s = &self.steps[i];
+        if !matches!(&s.kernel, Kernel::Gemm { epilogue } if epilogue.is_empty()) {
+            return None;
+        }
+        let x = s.output;
+        let xb = &self.buffers[x.index()];
+        if xb.kind != BufferKind::Temp {
+            return None;
+        }
+        // No view of the result may exist, and exactly one later step reads it.
+        let viewed = self
+            .buffers
+            .iter()
+            .any(|b| matches!(b.kind, BufferKind::View { base, .. } if base == x));
+        if viewed {
+            return None;
+        }
+        let readers: Vec<usize> = (0..self.steps.len())
+            .filter(|&j| self.steps[j].inputs.contains(&x))
+            .collect();
+        let [t] = readers.as_slice() else {
+            return None;
+        };
+        let ls = &self.steps[*t];
+        let once = ls.inputs.iter().filter(|&&b| b == x).count() == 1;
+        let writes_elsewhere = self.steps.iter().filter(|st| st.output == x).count() != 1;
+        match &ls.kernel {
+            Kernel::Loop { .. }
+                if *t > i
+                    && once
+                    && !writes_elsewhere
+                    && self.buffers[ls.output.index()].shape == xb.shape
+                    && self.buffers[ls.output.index()].dtype == xb.dtype =>
+            {
+                Some(*t)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `k` with its value indices renamed by `f`.
+fn remap_op(k: &KernelOp, f: &dyn Fn(usize) -> usize) -> KernelOp {
+    match k {
+        KernelOp::Unary(u, a) => KernelOp::Unary(*u, f(*a)),
+        KernelOp::Binary(b, x, y) => KernelOp::Binary(*b, f(*x), f(*y)),
+        KernelOp::Where(c, a, b) => KernelOp::Where(f(*c), f(*a), f(*b)),
+        KernelOp::Cast(t, a) => KernelOp::Cast(*t, f(*a)),
+        KernelOp::Const(v, t) => KernelOp::Const(*v, *t),
+    }
+}
+
+/// Drops buffers nothing refers to and renumbers the rest in order.
+fn compact(p: &mut Program) {
+    let mut used = vec![false; p.buffers.len()];
+    for &b in p.inputs.iter().chain(&p.params) {
+        used[b.index()] = true;
+    }
+    for (_, b) in &p.outputs {
+        used[b.index()] = true;
+    }
+    for s in &p.steps {
+        for &b in s.inputs.iter().chain(std::iter::once(&s.output)) {
+            used[b.index()] = true;
+        }
+    }
+    for i in 0..p.buffers.len() {
+        if let (true, BufferKind::View { base, .. }) = (used[i], &p.buffers[i].kind) {
+            used[base.index()] = true;
+        }
+    }
+    let mut new_id = vec![BufferId(u32::MAX); p.buffers.len()];
+    let mut buffers = Vec::new();
+    for (i, b) in p.buffers.iter().enumerate() {
+        if used[i] {
+            new_id[i] = BufferId(buffers.len() as u32);
+            buffers.push(b.clone());
+        }
+    }
+    let map = |b: &mut BufferId| *b = new_id[b.index()];
+    for b in &mut buffers {
+        if let BufferKind::View { base, .. } = &mut b.kind {
+            map(base);
+        }
+    }
+    p.inputs.iter_mut().for_each(map);
+    p.params.iter_mut().for_each(map);
+    p.outputs.iter_mut().for_each(|(_, b)| map(b));
+    for s in &mut p.steps {
+        s.inputs.iter_mut().for_each(map);
+        map(&mut s.output);
+    }
+    p.buffers = buffers;
+}

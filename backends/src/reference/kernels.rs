@@ -1,0 +1,349 @@
+//! The eight kernel kinds as plain loops over resolved views.
+
+use kiln_ir::{DType, KernelOp, ReduceKind, ShapeCx};
+
+use super::scalar::{body_dtypes, run_body, Scalar};
+use super::{CView, Memory};
+use crate::interp::softmax_row;
+use crate::lower::{FillOp, Kernel, RowOp};
+use crate::RunError;
+
+/// Why a step failed; the caller names the step.
+pub(super) enum StepError {
+    Run(RunError),
+    Message(String),
+    Gather { id: i64, rows: usize },
+}
+
+impl From<String> for StepError {
+    fn from(m: String) -> StepError {
+        StepError::Message(m)
+    }
+}
+
+type R = Result<(), StepError>;
+
+/// Calls `f` with every multi-index of `shape`, row-major.
+fn each_index(shape: &[usize], mut f: impl FnMut(&[usize]) -> R) -> R {
+    if shape.contains(&0) {
+        return Ok(());
+    }
+    let mut idx = vec![0usize; shape.len()];
+    loop {
+        f(&idx)?;
+        let mut k = shape.len();
+        loop {
+            if k == 0 {
+                return Ok(());
+            }
+            k -= 1;
+            idx[k] += 1;
+            if idx[k] < shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+}
+
+pub(super) fn run_step(
+    m: &mut Memory<'_>,
+    kernel: &Kernel,
+    ins: &[&CView],
+    out: &CView,
+    cx: &ShapeCx,
+) -> R {
+    match kernel {
+        Kernel::Loop { body } => run_loop(m, body, ins, out),
+        Kernel::Copy => each_index(&out.shape, |idx| {
+            let v = m.read(ins[0], ins[0].at(idx))?;
+            Ok(m.write(out, out.at(idx), v)?)
+        }),
+        Kernel::Fill(f) => fill(m, f, out, cx),
+        Kernel::Gemm { epilogue } => gemm(m, epilogue, ins, out),
+        Kernel::Row(r) => row(m, r, ins, out),
+        Kernel::Attention { causal, scale } => attention(m, ins, out, *causal, *scale),
+        Kernel::Gather => gather(m, ins, out),
+        Kernel::Rope { theta } => rope(m, ins, out, *theta),
+    }
+}
+
+fn run_loop(m: &mut Memory<'_>, body: &[KernelOp], ins: &[&CView], out: &CView) -> R {
+    let operand_types: Vec<DType> = ins.iter().map(|v| v.dtype).collect();
+    let dtypes = body_dtypes(body, &operand_types);
+    let mut vals = Vec::with_capacity(dtypes.len());
+    each_index(&out.shape, |idx| {
+        vals.clear();
+        for v in ins {
+            vals.push(m.read(v, v.at(idx))?);
+        }
+        let x = run_body(body, &dtypes, &mut vals)?;
+        Ok(m.write(out, out.at(idx), x)?)
+    })
+}
+
+fn fill(m: &mut Memory<'_>, f: &FillOp, out: &CView, cx: &ShapeCx) -> R {
+    let start = match f {
+        FillOp::Arange { start } => {
+            crate::eval_int_in(cx, start, "arange start").map_err(StepError::Run)?
+        }
+        _ => 0,
+    };
+    let (q, k) = match out.shape.as_slice() {
+        [q, k] => (*q as i128, *k as i128),
+        _ => (0, 0),
+    };
+    each_index(&out.shape, |idx| {
+        let v = match f {
+            FillOp::Constant { value } => Scalar::Float(*value),
+            FillOp::Arange { .. } => Scalar::Int(start.wrapping_add(idx[0] as i64)),
+            FillOp::CausalMask => Scalar::Bool(idx[1] as i128 <= idx[0] as i128 + k - q),
+        };
+        Ok(m.write(out, out.at(idx), v.to(out.dtype))?)
+    })
+}
+
+fn gemm(m: &mut Memory<'_>, epilogue: &[KernelOp], ins: &[&CView], out: &CView) -> R {
+    let (a, b) = (ins[0], ins[1]);
+    let extras = &ins[2..];
+    let r = out.shape.len();
+    let k = a.shape[r - 1];
+    let mut types = vec![out.dtype];
+    types.extend(extras.iter().map(|v| v.dtype));
+    let dtypes = body_dtypes(epilogue, &types);
+    let mut vals = Vec::new();
+    let int = !out.dtype.is_float();
+    let mut ai = vec![0usize; r];
+    let mut bi = vec![0usize; r];
+    each_index(&out.shape, |idx| {
+        ai.copy_from_slice(idx);
+        bi.copy_from_slice(idx);
+        let (mut accf, mut acci) = (0f64, 0i64);
+        for p in 0..k {
+            ai[r - 1] = p;
+            bi[r - 2] = p;
+            let (x, y) = (m.read(a, a.at(&ai))?, m.read(b, b.at(&bi))?);
+            if int {
+                acci = acci.wrapping_add(x.int()?.wrapping_mul(y.int()?));
+            } else {
+                accf += x.float()? * y.float()?;
+            }
+        }
+        let acc = if int {
+            Scalar::Int(acci)
+        } else {
+            Scalar::Float(accf)
+        }
+        .to(out.dtype);
+        let v = if epilogue.is_empty() {
+            acc
+        } else {
+            vals.clear();
+            vals.push(acc);
+            for e in extras {
+                vals.push(m.read(e, e.at(idx))?);
+            }
+            run_body(epilogue, &dtypes, &mut vals)?
+        };
+        Ok(m.write(out, out.at(idx), v)?)
+    })
+}
+
+fn row(m: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> R {
+    let x = ins[0];
+    let outer_rank = match op {
+        RowOp::Reduce { axes, .. } => x.shape.len() - axes,
+        _ => x.shape.len().saturating_sub(1),
+    };
+    let (outer, row_shape) = x.shape.split_at(outer_rank);
+    let width: usize = row_shape.iter().product();
+    let mut xi = vec![0usize; x.shape.len()];
+    let mut values: Vec<Scalar> = Vec::with_capacity(width);
+    let mut positions: Vec<usize> = Vec::with_capacity(width);
+    each_index(outer, |o| {
+        xi[..outer_rank].copy_from_slice(o);
+        values.clear();
+        positions.clear();
+        each_index(row_shape, |r| {
+            xi[outer_rank..].copy_from_slice(r);
+            values.push(m.read(x, x.at(&xi))?);
+            positions.push(out.at(&xi[..out.shape.len()]));
+            Ok(())
+        })?;
+        match op {
+            RowOp::Reduce { kind, .. } => {
+                let v = reduce(*kind, &values)?;
+                Ok(m.write(out, out.at(o), v)?)
+            }
+            RowOp::Softmax => {
+                let row: Vec<f64> = values.iter().map(|v| v.float()).collect::<Result<_, _>>()?;
+                for (p, &at) in softmax_row(&row).into_iter().zip(&positions) {
+                    m.write(out, at, Scalar::Float(p))?;
+                }
+                Ok(())
+            }
+            RowOp::LayerNorm { eps } | RowOp::RmsNorm { eps } => {
+                let row: Vec<f64> = values.iter().map(|v| v.float()).collect::<Result<_, _>>()?;
+                let n = width as f64;
+                let layer = matches!(op, RowOp::LayerNorm { .. });
+                let mean = if layer {
+                    row.iter().sum::<f64>() / n
+                } else {
+                    0.0
+                };
+                let var = row.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (j, (&v, &at)) in row.iter().zip(&positions).enumerate() {
+                    let w = m.read(ins[1], ins[1].at(&[j]))?.float()?;
+                    let b = match ins.get(2) {
+                        Some(bv) => m.read(bv, bv.at(&[j]))?.float()?,
+                        None => 0.0,
+                    };
+                    let y = if layer {
+                        (v - mean) * inv * w + b
+                    } else {
+                        v * inv * w
+                    };
+                    m.write(out, at, Scalar::Float(y))?;
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+fn reduce(kind: ReduceKind, values: &[Scalar]) -> Result<Scalar, StepError> {
+    match values.first() {
+        Some(Scalar::Int(_)) => {
+            let ints: Vec<i64> = values.iter().map(|v| v.int()).collect::<Result<_, _>>()?;
+            Ok(Scalar::Int(match kind {
+                ReduceKind::Sum => ints.iter().fold(0i64, |a, &b| a.wrapping_add(b)),
+                ReduceKind::Max => ints.iter().copied().fold(i64::MIN, i64::max),
+                ReduceKind::Mean => {
+                    return Err("reduce_mean needs a float input".to_string().into())
+                }
+            }))
+        }
+        Some(Scalar::Bool(_)) => Err("cannot reduce bool".to_string().into()),
+        _ => {
+            if kind == ReduceKind::Max && values.is_empty() {
+                return Err("reduce_max over an empty axis".to_string().into());
+            }
+            let mut acc = if kind == ReduceKind::Max {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            };
+            for v in values {
+                let v = v.float()?;
+                acc = match kind {
+                    ReduceKind::Sum | ReduceKind::Mean => acc + v,
+                    ReduceKind::Max if v.is_nan() || acc.is_nan() => f64::NAN,
+                    ReduceKind::Max => acc.max(v),
+                };
+            }
+            if kind == ReduceKind::Mean {
+                acc /= values.len() as f64;
+            }
+            Ok(Scalar::Float(acc))
+        }
+    }
+}
+
+fn attention(m: &mut Memory<'_>, ins: &[&CView], out: &CView, causal: bool, scale: f64) -> R {
+    let (q, k, v) = (ins[0], ins[1], ins[2]);
+    let mask = ins.get(3);
+    let [b, h, t, dh] = q.shape[..] else {
+        return Err("attention needs rank-4 q".to_string().into());
+    };
+    let (hk, s, dv) = (k.shape[1], k.shape[2], v.shape[3]);
+    if hk == 0 || h % hk != 0 {
+        return Err(format!("{h} query heads do not group over {hk} kv heads").into());
+    }
+    let group = h / hk;
+    let mut scores = vec![0f64; s];
+    for bi in 0..b {
+        for hi in 0..h {
+            let kv = hi / group;
+            for ti in 0..t {
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let visible = !causal || j as i128 <= ti as i128 + s as i128 - t as i128;
+                    let allowed = match mask {
+                        Some(mv) => {
+                            matches!(m.read(mv, mv.at(&[bi, hi, ti, j]))?, Scalar::Bool(true))
+                        }
+                        None => true,
+                    };
+                    *score = if !(visible && allowed) {
+                        f64::NEG_INFINITY
+                    } else {
+                        let mut dot = 0f64;
+                        for c in 0..dh {
+                            dot += m.read(q, q.at(&[bi, hi, ti, c]))?.float()?
+                                * m.read(k, k.at(&[bi, kv, j, c]))?.float()?;
+                        }
+                        scale * dot
+                    };
+                }
+                let probs = softmax_row(&scores);
+                for c in 0..dv {
+                    let mut acc = 0f64;
+                    for (j, &p) in probs.iter().enumerate() {
+                        if scores[j] != f64::NEG_INFINITY {
+                            acc += p * m.read(v, v.at(&[bi, kv, j, c]))?.float()?;
+                        }
+                    }
+                    m.write(out, out.at(&[bi, hi, ti, c]), Scalar::Float(acc))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn gather(m: &mut Memory<'_>, ins: &[&CView], out: &CView) -> R {
+    let (table, ids) = (ins[0], ins[1]);
+    let rows = table.shape.first().copied().unwrap_or(0);
+    let lead = ids.shape.len();
+    let mut ti = vec![0usize; table.shape.len()];
+    each_index(&out.shape, |idx| {
+        let id = m.read(ids, ids.at(&idx[..lead]))?.int()?;
+        let r = usize::try_from(id)
+            .ok()
+            .filter(|&r| r < rows)
+            .ok_or(StepError::Gather { id, rows })?;
+        ti[0] = r;
+        ti[1..].copy_from_slice(&idx[lead..]);
+        let v = m.read(table, table.at(&ti))?;
+        Ok(m.write(out, out.at(idx), v)?)
+    })
+}
+
+fn rope(m: &mut Memory<'_>, ins: &[&CView], out: &CView, theta: f64) -> R {
+    let (x, pos) = (ins[0], ins[1]);
+    let r = x.shape.len();
+    let dh = x.shape[r - 1];
+    if dh % 2 != 0 {
+        return Err(format!("rope needs an even head dim, got {dh}").into());
+    }
+    let half = dh / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-(2.0 * i as f64) / dh as f64))
+        .collect();
+    let mut xi = vec![0usize; r];
+    each_index(&x.shape[..r - 1], |row| {
+        let p = m.read(pos, pos.at(row))?.int()?;
+        xi[..r - 1].copy_from_slice(row);
+        for (i, f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (p as f64 * f).sin_cos();
+            xi[r - 1] = i;
+            let (lo_at, lo_out) = (x.at(&xi), out.at(&xi));
+            xi[r - 1] = i + half;
+            let (hi_at, hi_out) = (x.at(&xi), out.at(&xi));
+            let (lo, hi) = (m.read(x, lo_at)?.float()?, m.read(x, hi_at)?.float()?);
+            m.write(out, lo_out, Scalar::Float(lo * cos - hi * sin))?;
+            m.write(out, hi_out, Scalar::Float(hi * cos + lo * sin))?;
+        }
+        Ok(())
+    })
+}
