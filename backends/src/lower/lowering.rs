@@ -69,6 +69,7 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
         }
     }
     let outputs = lw.lower_outputs()?;
+    lw.eliminate_copies();
     lw.fuse_epilogues();
     let runtime_symbols = kiln_ir::verify::runtime_symbols(graph)
         .into_iter()
@@ -576,9 +577,15 @@ impl Lowerer<'_> {
         for (index, (name, v)) in self.graph.outputs().iter().enumerate() {
             let val = self.val(*v)?;
             let root = &self.buffers[val.root.index()];
-            let whole = val.layout.shape == root.shape && val.layout.is_contiguous();
+            let numel = |shape: &[Dim]| {
+                shape
+                    .iter()
+                    .try_fold(Dim::constant(1), |acc, d| acc.mul(d))
+                    .ok()
+            };
+            let whole = val.layout.is_contiguous() && numel(&val.layout.shape) == numel(&root.shape);
             if whole && root.kind == BufferKind::Temp {
-                self.buffers[val.root.index()].kind = BufferKind::Output { index };
+                self.make_output(val.root, index, val.layout.shape.clone());
                 out.push((name.clone(), val.root));
                 continue;
             }
@@ -593,6 +600,126 @@ impl Lowerer<'_> {
             out.push((name.clone(), dst));
         }
         Ok(out)
+    }
+
+    /// Turns temporary `r` into output `index` of `shape` (same elements, maybe
+    /// another shape): steps that used `r` itself use a view of its old shape.
+    fn make_output(&mut self, r: BufferId, index: usize, shape: Vec<Dim>) {
+        let old = self.buffers[r.index()].shape.clone();
+        self.buffers[r.index()].kind = BufferKind::Output { index };
+        if old == shape {
+            return;
+        }
+        self.buffers[r.index()].shape = shape;
+        let Ok(layout) = Layout::contiguous(&old) else {
+            return;
+        };
+        let as_before = self.view(r, layout);
+        for st in &mut self.steps {
+            if st.output == r {
+                st.output = as_before;
+            }
+            st.inputs.iter_mut().filter(|b| **b == r).for_each(|b| *b = as_before);
+        }
+    }
+
+    /// Removes each `copy` whose source is all of a temporary, read by that
+    /// copy alone, in some axis order: the temporary's producer writes straight
+    /// into the copy's destination instead (attention heads merged back into
+    /// `[B, T, d]`, a concat part, an output that is a permuted view).
+    fn eliminate_copies(&mut self) {
+        let mut c = 0;
+        while c < self.steps.len() {
+            match self.redirect_for(c) {
+                Some((w, out)) => {
+                    self.steps[w].output = out;
+                    self.steps.remove(c);
+                }
+                None => c += 1,
+            }
+        }
+    }
+
+    /// For copy step `c`: the producer step and the view it should write.
+    fn redirect_for(&mut self, c: usize) -> Option<(usize, BufferId)> {
+        let step = &self.steps[c];
+        if step.kernel != Kernel::Copy {
+            return None;
+        }
+        let (src, dst) = (step.inputs[0], step.output);
+        let root = |b: BufferId| match &self.buffers[b.index()].kind {
+            BufferKind::View { base, .. } => *base,
+            _ => b,
+        };
+        let r = root(src);
+        if self.buffers[r.index()].kind != BufferKind::Temp || root(dst) == r {
+            return None;
+        }
+        let writers: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| root(self.steps[i].output) == r)
+            .collect();
+        let [w] = writers.as_slice() else {
+            return None;
+        };
+        if *w >= c || self.steps[*w].output != r {
+            return None;
+        }
+        let readers = self
+            .steps
+            .iter()
+            .flat_map(|s| s.inputs.iter())
+            .filter(|&&b| root(b) == r)
+            .count();
+        if readers != 1 {
+            return None;
+        }
+        let dst_root = root(dst);
+        if self.steps[*w].inputs.iter().any(|&b| root(b) == dst_root) {
+            return None;
+        }
+        let rb = &self.buffers[r.index()];
+        let whole = Layout::contiguous(&rb.shape).ok()?;
+        let src_l = self.layout_of(src)?;
+        if !src_l.offset.is_const(0) || src_l.shape.len() != whole.shape.len() {
+            return None;
+        }
+        // Axis i of the source is axis perm[i] of the temporary.
+        let mut perm = vec![usize::MAX; src_l.shape.len()];
+        let mut used = vec![false; whole.shape.len()];
+        for i in 0..src_l.shape.len() {
+            let j = (0..whole.shape.len()).find(|&j| {
+                !used[j]
+                    && whole.shape[j] == src_l.shape[i]
+                    && (whole.shape[j].is_const(1) || whole.strides[j] == src_l.strides[i])
+            })?;
+            used[j] = true;
+            perm[i] = j;
+        }
+        let dst_l = self.layout_of(dst)?;
+        let mut strides = vec![Dim::constant(0); perm.len()];
+        for (i, &j) in perm.iter().enumerate() {
+            strides[j] = dst_l.strides[i].clone();
+        }
+        let out = Layout {
+            shape: rb.shape.clone(),
+            strides,
+            offset: dst_l.offset,
+        };
+        Some((*w, self.view(dst_root, out)))
+    }
+
+    fn layout_of(&self, b: BufferId) -> Option<Layout> {
+        let buf = &self.buffers[b.index()];
+        match &buf.kind {
+            BufferKind::View {
+                offset, strides, ..
+            } => Some(Layout {
+                shape: buf.shape.clone(),
+                strides: strides.clone(),
+                offset: offset.clone(),
+            }),
+            _ => Layout::contiguous(&buf.shape).ok(),
+        }
     }
 
     /// Folds a `loop` into the `gemm` before it when the loop is the only

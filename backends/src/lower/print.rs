@@ -8,6 +8,7 @@
 //!     b6 = view b5 offset 0 strides [32 * T, 32, 8, 1] %h: f32[B, T, 4, 8]
 //!   steps:
 //!     s0 = gather(b1, b0) -> b5  # %h = gather(@wte, %tokens)
+//!     s1 = row.layer_norm(b5, b2, b3) eps=1e-5 -> b7  # %ln = layer_norm(%h, @ln.weight, @ln.bias)
 //!   arena (B=1, T=16): peak 12,352 bytes, 40,960 without reuse
 //!     slot 0 @0 +4096 s0..s3: b5, b8 (in place)
 //! ```
@@ -35,32 +36,36 @@ fn body_text(body: &[KernelOp]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
-/// The kernel with its attributes: `gemm epilogue=[add(0, 1)]`.
-pub fn kernel_text(k: &Kernel) -> String {
-    match k {
-        Kernel::Loop { body } => format!("loop {}", body_text(body)),
+/// The kernel's printed name (`row.softmax`, `fill.arange`) and its
+/// attributes (`eps=1e-5`), empty when it has none.
+pub fn kernel_text(k: &Kernel) -> (String, String) {
+    let (name, attrs) = match k {
+        Kernel::Loop { body } => ("loop".to_string(), format!("body={}", body_text(body))),
         Kernel::Row(r) => match r {
-            RowOp::Reduce { kind, axes } => {
-                format!("row reduce_{kind:?} axes={axes}").to_lowercase()
-            }
-            RowOp::Softmax => "row softmax".into(),
-            RowOp::LayerNorm { eps } => format!("row layer_norm eps={eps:?}"),
-            RowOp::RmsNorm { eps } => format!("row rms_norm eps={eps:?}"),
+            RowOp::Reduce { kind, axes } => (
+                format!("row.reduce_{}", format!("{kind:?}").to_lowercase()),
+                format!("axes={axes}"),
+            ),
+            RowOp::Softmax => ("row.softmax".into(), String::new()),
+            RowOp::LayerNorm { eps } => ("row.layer_norm".into(), format!("eps={eps:?}")),
+            RowOp::RmsNorm { eps } => ("row.rms_norm".into(), format!("eps={eps:?}")),
         },
-        Kernel::Gemm { epilogue } if epilogue.is_empty() => "gemm".into(),
-        Kernel::Gemm { epilogue } => format!("gemm epilogue={}", body_text(epilogue)),
-        Kernel::Attention { causal, scale } => {
-            format!("attention causal={causal} scale={scale:?}")
-        }
-        Kernel::Gather => "gather".into(),
-        Kernel::Rope { theta } => format!("rope theta={theta:?}"),
-        Kernel::Copy => "copy".into(),
+        Kernel::Gemm { epilogue } if epilogue.is_empty() => ("gemm".into(), String::new()),
+        Kernel::Gemm { epilogue } => ("gemm".into(), format!("epilogue={}", body_text(epilogue))),
+        Kernel::Attention { causal, scale } => (
+            "attention".into(),
+            format!("causal={causal} scale={scale:?}"),
+        ),
+        Kernel::Gather => ("gather".into(), String::new()),
+        Kernel::Rope { theta } => ("rope".into(), format!("theta={theta:?}")),
+        Kernel::Copy => ("copy".into(), String::new()),
         Kernel::Fill(f) => match f {
-            FillOp::Constant { value } => format!("fill constant={value:?}"),
-            FillOp::Arange { start } => format!("fill arange start={start}"),
-            FillOp::CausalMask => "fill causal_mask".into(),
+            FillOp::Constant { value } => ("fill.constant".into(), format!("value={value:?}")),
+            FillOp::Arange { start } => ("fill.arange".into(), format!("start={start}")),
+            FillOp::CausalMask => ("fill.causal_mask".into(), String::new()),
         },
-    }
+    };
+    (name, attrs)
 }
 
 fn with_commas(n: u64) -> String {
@@ -123,10 +128,15 @@ pub fn program_text(p: &Program, binding: Option<&ShapeCx>) -> String {
     let _ = writeln!(s, "  steps:");
     for (i, st) in p.steps.iter().enumerate() {
         let args: Vec<String> = st.inputs.iter().map(|b| b.to_string()).collect();
+        let (name, attrs) = kernel_text(&st.kernel);
+        let attrs = if attrs.is_empty() {
+            attrs
+        } else {
+            format!(" {attrs}")
+        };
         let _ = writeln!(
             s,
-            "    s{i} = {}({}) -> {}  # {}",
-            kernel_text(&st.kernel),
+            "    s{i} = {name}({}){attrs} -> {}  # {}",
             args.join(", "),
             st.output,
             st.origin
