@@ -391,6 +391,17 @@ impl Model {
     /// verifier.
     pub fn lowered_text(&self, bind: &[(String, i64)]) -> Result<String, Error> {
         let programs = self.lower()?;
+        let known: std::collections::BTreeSet<&String> = programs
+            .iter()
+            .flat_map(|p| p.runtime_symbols.iter().chain(p.capacity.iter()))
+            .collect();
+        if let Some((n, _)) = bind.iter().find(|(n, _)| !known.contains(n)) {
+            let known: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+            return Err(Error::Input(format!(
+                "--bind {n}: the model has no run-time symbol `{n}` (it has {})",
+                known.join(", ")
+            )));
+        }
         let mut out = Vec::new();
         for p in &programs {
             if bind.is_empty() {
@@ -410,6 +421,11 @@ impl Model {
                     p.name
                 )));
             }
+            let capacity = bind
+                .iter()
+                .find(|(n, _)| p.capacity.as_ref() == Some(n))
+                .map(|(_, v)| *v as usize);
+            let cx = p.bind_capacity(&cx, capacity)?;
             let plan = kiln_backends::lower::ArenaPlan::place(p, &cx)?;
             kiln_backends::lower::verify::verify_binding(p, &cx, &plan)?;
             out.push(p.to_text(Some(&cx)));

@@ -267,24 +267,6 @@ fn parse_binding(s: &str) -> Result<(String, i64), String> {
     Ok((name.to_string(), value))
 }
 
-/// Checks that every `--bind` name is a run-time symbol of the model.
-fn check_bindings(m: &Model, bind: &[(String, i64)]) -> Result<(), Error> {
-    let known: std::collections::BTreeSet<String> = m
-        .module()
-        .funcs
-        .iter()
-        .flat_map(kiln::ir::verify::runtime_symbols)
-        .collect();
-    if let Some((n, _)) = bind.iter().find(|(n, _)| !known.contains(n)) {
-        let known: Vec<&str> = known.iter().map(String::as_str).collect();
-        return Err(Error::Input(format!(
-            "--bind {n}: the model has no run-time symbol `{n}` (it has {})",
-            known.join(", ")
-        )));
-    }
-    Ok(())
-}
-
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
     s.split(',')
         .map(|p| {
@@ -350,7 +332,6 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             let (m, cx) = m.apply_passes(&pm)?;
             let lowered = if lowered {
-                check_bindings(&m, &bind)?;
                 Some(m.lowered_text(&bind)?)
             } else {
                 None

@@ -37,7 +37,13 @@ fn compare(a: &[Tensor], b: &[Tensor], rel_tol: f64, finite: bool) -> Result<f64
         let scale = p
             .iter()
             .filter(|v| v.is_finite())
-            .fold(0f64, |m, v| if (*v as f64).abs() > m { (*v as f64).abs() } else { m })
+            .fold(0f64, |m, v| {
+                if (*v as f64).abs() > m {
+                    (*v as f64).abs()
+                } else {
+                    m
+                }
+            })
             .max(f64::MIN_POSITIVE);
         for (i, (&u, &v)) in p.iter().zip(q).enumerate() {
             if finite && !(u.is_finite() && v.is_finite()) {
@@ -134,7 +140,9 @@ fn programs_match_the_interpreter_with_lora_merged_and_unmerged() {
 #[test]
 fn prefill_and_decode_programs_match_the_interpreter() {
     for family in ["gpt2", "llama", "llama_tied", "bart"] {
-        let model = support::hf_model(family).optimize(OptLevel::O2).expect("O2");
+        let model = support::hf_model(family)
+            .optimize(OptLevel::O2)
+            .expect("O2");
         let split = model.kv_split().expect("kv split");
         let mut inputs = support::family_inputs(&model);
         if family == "bart" {
@@ -155,7 +163,11 @@ fn prefill_and_decode_programs_match_the_interpreter() {
                 _ => String::new(),
             })
             .collect();
-        let growing = if family == "bart" { "decoder_tokens" } else { "tokens" };
+        let growing = if family == "bart" {
+            "decoder_tokens"
+        } else {
+            "tokens"
+        };
         let step_inputs: Vec<Tensor> = decode
             .inputs()
             .iter()
@@ -164,12 +176,18 @@ fn prefill_and_decode_programs_match_the_interpreter() {
                     unreachable!("inputs are inputs")
                 };
                 match name.as_str() {
-                    "past_keys" => x[out_names.iter().position(|n| *n == "key_cache").unwrap()].clone(),
-                    "past_values" => x[out_names.iter().position(|n| *n == "value_cache").unwrap()].clone(),
+                    "past_keys" => {
+                        x[out_names.iter().position(|n| *n == "key_cache").unwrap()].clone()
+                    }
+                    "past_values" => {
+                        x[out_names.iter().position(|n| *n == "value_cache").unwrap()].clone()
+                    }
                     n if n == growing => Tensor::from_tokens(&[[7i64], [9]]).unwrap(),
                     n => match out_names.iter().position(|o| o == &n) {
                         Some(i) => x[i].clone(),
-                        None => prefill_inputs[in_names.iter().position(|i| i == n).unwrap()].clone(),
+                        None => {
+                            prefill_inputs[in_names.iter().position(|i| i == n).unwrap()].clone()
+                        }
                     },
                 }
             })
@@ -186,18 +204,30 @@ fn the_real_minilm_program_matches_when_its_weights_are_present() {
         return;
     };
     let model = Model::load(&dir).expect("minilm");
-    let mut inputs = RunInputs::tokens(vec![vec![101, 7592, 2088, 102, 0], vec![101, 2088, 102, 0, 0]]);
+    let mut inputs = RunInputs::tokens(vec![
+        vec![101, 7592, 2088, 102, 0],
+        vec![101, 2088, 102, 0, 0],
+    ]);
     inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 0], vec![1, 1, 1, 0, 0]]);
     let m = model.optimize(OptLevel::O2).expect("O2");
     check_program(&m, &inputs, 0.0, "minilm");
 }
 
-/// The Program text of a family at -O2 under `B=1, T=4` (and `S` for caches).
+/// `B=1, T=4`, and `S=5` for the encoder length of BART.
+fn binding(family: &str) -> Vec<(String, i64)> {
+    let mut b = vec![("B".to_string(), 1), ("T".to_string(), 4)];
+    if family == "bart" {
+        b.push(("S".to_string(), 5));
+    }
+    b
+}
+
+/// The Program text of a family at -O2 under [`binding`].
 fn lowered(family: &str) -> String {
     support::hf_model(family)
         .optimize(OptLevel::O2)
         .expect("O2")
-        .lowered_text(&[("B".into(), 1), ("T".into(), 4), ("S".into(), 5)])
+        .lowered_text(&binding(family))
         .expect("lowered text")
 }
 
@@ -245,7 +275,11 @@ fn movement_becomes_views_and_loops_write_in_place() {
     // %b overwrites %a (it dies there, same size, element for element).
     assert_eq!(p.liveness.in_place_pairs().len(), 1, "{}", p.to_text(None));
     let mut exe = Reference.compile(&g, &Default::default()).unwrap();
-    let x = Tensor::f32(vec![2, 3, 8], (0..48).map(|i| i as f32 / 10.0 - 2.0).collect()).unwrap();
+    let x = Tensor::f32(
+        vec![2, 3, 8],
+        (0..48).map(|i| i as f32 / 10.0 - 2.0).collect(),
+    )
+    .unwrap();
     let mut oracle = Interpreter.compile(&g, &Default::default()).unwrap();
     let (want, got) = (oracle.run(&[x.clone()]).unwrap(), exe.run(&[x]).unwrap());
     compare(&want, &got, 0.0, true).unwrap();
@@ -311,7 +345,9 @@ fn the_program_verifier_reports_views_out_of_bounds() {
         *offset = kiln::ir::Dim::constant(2);
     }
     let plan = ArenaPlan::place(&p, &cx).unwrap();
-    let err = verify::verify_binding(&p, &cx, &plan).unwrap_err().to_string();
+    let err = verify::verify_binding(&p, &cx, &plan)
+        .unwrap_err()
+        .to_string();
     insta::assert_snapshot!(err);
 }
 
@@ -322,14 +358,21 @@ fn the_program_verifier_reports_overlapping_live_buffers() {
     verify::verify_binding(&p, &cx, &plan).expect("a good plan verifies");
     assert!(plan.offsets.len() >= 2, "{}", p.to_text(Some(&cx)));
     plan.offsets.iter_mut().for_each(|o| *o = 0);
-    let err = verify::verify_binding(&p, &cx, &plan).unwrap_err().to_string();
+    let err = verify::verify_binding(&p, &cx, &plan)
+        .unwrap_err()
+        .to_string();
     insta::assert_snapshot!(err);
 }
 
 #[test]
 fn cli_prints_the_lowered_program_with_its_arena() {
-    let (code, out, err) =
-        support::kiln(&["ir", "tests/data/hf/gpt2", "--lowered", "--bind", "B=1,T=16"]);
+    let (code, out, err) = support::kiln(&[
+        "ir",
+        "tests/data/hf/gpt2",
+        "--lowered",
+        "--bind",
+        "B=1,T=16",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("program @gpt2("), "{out}");
     assert!(out.contains("arena (B=1, T=16): peak "), "{out}");
@@ -348,7 +391,14 @@ fn cli_prints_the_lowered_program_with_its_arena() {
 fn the_reference_backend_runs_from_the_cli() {
     let args = |backend: &str| {
         support::kiln(&[
-            "run", "tests/data/hf/llama", "--tokens", "5,17,42", "--backend", backend, "--output", "json",
+            "run",
+            "tests/data/hf/llama",
+            "--tokens",
+            "5,17,42",
+            "--backend",
+            backend,
+            "--output",
+            "json",
         ])
     };
     let (a, b) = (args("interp"), args("reference"));
@@ -368,7 +418,9 @@ fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bo
     let mut graph = support::random_graph::random_graph(ops, floats);
     let mut weights = kiln::frontends::gpt2::random_weights(&graph, seed).expect("weights");
     if fused {
-        let mut module = kiln::ir::Module { funcs: vec![graph.clone()] };
+        let mut module = kiln::ir::Module {
+            funcs: vec![graph.clone()],
+        };
         let mut cx = kiln::passes::PassContext::new(Some(&mut weights));
         kiln::PassManager::pipeline(OptLevel::O2)
             .run(&mut module, &mut cx)
@@ -376,7 +428,10 @@ fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bo
         graph = module.funcs.remove(0);
     }
     let inputs = support::random_inputs(&graph, 2, 3, seed);
-    let Ok(want) = Interpreter.compile(&graph, &weights).and_then(|mut e| e.run(&inputs)) else {
+    let Ok(want) = Interpreter
+        .compile(&graph, &weights)
+        .and_then(|mut e| e.run(&inputs))
+    else {
         return Ok(false);
     };
     let text = kiln::ir::print_graph(&graph);
@@ -387,7 +442,9 @@ fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bo
         .run(&inputs)
         .map_err(|e| TestCaseError::fail(format!("program: {e}\n{text}")))?;
     compare(&want, &got, 1e-6, false).map_err(|e| {
-        let program = lower::lower(&graph).map(|p| p.to_text(None)).unwrap_or_default();
+        let program = lower::lower(&graph)
+            .map(|p| p.to_text(None))
+            .unwrap_or_default();
         TestCaseError::fail(format!("{e}\n{text}\n{program}"))
     })?;
     Ok(true)
@@ -413,12 +470,20 @@ fn random_graphs_run_the_same_as_programs() {
     );
     runner
         .run(&strategy, |(ops, floats, seed, fused)| {
-            let counter = if random_case(&ops, &floats, seed, fused)? { &ran } else { &skipped };
+            let counter = if random_case(&ops, &floats, seed, fused)? {
+                &ran
+            } else {
+                &skipped
+            };
             counter.set(counter.get() + 1);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
     let (ran, skipped) = (ran.get(), skipped.get());
     println!("random graphs: {ran} ran, {skipped} skipped");
-    assert!(ran * 10 >= (ran + skipped) * 8, "only {ran} of {} random graphs ran", ran + skipped);
+    assert!(
+        ran * 10 >= (ran + skipped) * 8,
+        "only {ran} of {} random graphs ran",
+        ran + skipped
+    );
 }

@@ -227,6 +227,14 @@ pub enum RunError {
         /// Every violation found.
         errors: Vec<String>,
     },
+    /// A call that would grow a kept cache past its capacity.
+    #[error("the KV cache holds {capacity} positions, but this call needs {needed} (start a new session with a larger capacity)")]
+    CacheFull {
+        /// Positions the cache was allocated for.
+        capacity: usize,
+        /// Positions the call needs.
+        needed: usize,
+    },
     /// A tensor that cannot be formed (wrong element count, ragged token rows).
     #[error("{0}")]
     Tensor(#[from] kiln_ir::TensorError),

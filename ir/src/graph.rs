@@ -43,6 +43,24 @@ pub enum NodeKind {
     Op { op: Op, name: Option<String> },
 }
 
+/// What an entry point's input is, beyond a tensor the caller passes each call.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum InputRole {
+    /// Given by the caller on every call (token ids, masks): the default.
+    Data,
+    /// A cache that lives between calls (printed `cache=key_cache`): its next
+    /// value is this function's output `output`, longer along that output's
+    /// cache axis. A backend may keep it in place, never copying it.
+    Cache {
+        /// The output that holds the cache after this call.
+        output: String,
+    },
+    /// Computed once by an earlier entry point, whose output of the same name
+    /// it is, and passed unchanged to every call (printed `carried`): an
+    /// encoder's output for a decoder.
+    Carried,
+}
+
 /// A node and the type of the value it produces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
@@ -65,6 +83,8 @@ pub struct Graph {
     spans: HashMap<ValueId, Span>,
     binding_spans: HashMap<String, Span>,
     declared_outputs: HashMap<usize, (TensorType, Span)>,
+    input_roles: HashMap<ValueId, InputRole>,
+    cache_outputs: std::collections::BTreeMap<String, usize>,
 }
 
 impl Graph {
@@ -346,6 +366,36 @@ impl Graph {
         Ok(out)
     }
 
+    /// Sets what input `id` is (see [`InputRole`]).
+    pub fn set_input_role(&mut self, id: ValueId, role: InputRole) {
+        if role == InputRole::Data {
+            self.input_roles.remove(&id);
+        } else {
+            self.input_roles.insert(id, role);
+        }
+    }
+
+    /// What input `id` is; [`InputRole::Data`] unless set.
+    pub fn input_role(&self, id: ValueId) -> &InputRole {
+        self.input_roles.get(&id).unwrap_or(&InputRole::Data)
+    }
+
+    /// Declares output `name` a cache growing along `axis` (printed `cache_axis=3`):
+    /// a value that lives on between calls, the next call's `cache=name` input.
+    pub fn set_cache_output(&mut self, name: &str, axis: usize) {
+        self.cache_outputs.insert(name.to_string(), axis);
+    }
+
+    /// The cache axis of output `name`, if it is a cache.
+    pub fn cache_axis(&self, name: &str) -> Option<usize> {
+        self.cache_outputs.get(name).copied()
+    }
+
+    /// Every cache output by name, with its axis.
+    pub fn cache_outputs(&self) -> &std::collections::BTreeMap<String, usize> {
+        &self.cache_outputs
+    }
+
     /// Records where a node was written in text IR.
     pub fn set_span(&mut self, id: ValueId, span: Span) {
         self.spans.insert(id, span);
@@ -416,8 +466,13 @@ impl PartialEq for Graph {
     fn eq(&self, other: &Graph) -> bool {
         let names =
             |g: &Graph| -> Vec<String> { g.outputs.iter().map(|(n, _)| n.clone()).collect() };
+        let roles = |g: &Graph| -> Vec<InputRole> {
+            g.inputs.iter().map(|v| g.input_role(*v).clone()).collect()
+        };
         self.name == other.name
             && self.bindings == other.bindings
+            && roles(self) == roles(other)
+            && self.cache_outputs == other.cache_outputs
             && names(self) == names(other)
             && self.inputs.len() == other.inputs.len()
             && self.params.len() == other.params.len()

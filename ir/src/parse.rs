@@ -547,6 +547,16 @@ impl Parser {
                 let ty = self.ty()?;
                 let id = g.add_input(&n, ty);
                 g.set_span(id, span);
+                if matches!(self.peek(), Tok::Ident(s) if s == "cache")
+                    && self.peek2() == &Tok::Punct("=")
+                {
+                    self.pos += 2;
+                    let output = self.ident("the name of the output that holds the cache")?;
+                    g.set_input_role(id, crate::graph::InputRole::Cache { output });
+                } else if matches!(self.peek(), Tok::Ident(s) if s == "carried") {
+                    self.pos += 1;
+                    g.set_input_role(id, crate::graph::InputRole::Carried);
+                }
                 scope.insert(n, id);
                 if self.eat(")") {
                     break;
@@ -556,6 +566,7 @@ impl Parser {
         }
         self.expect("->")?;
         let mut declared: Vec<(String, TensorType, Span)> = Vec::new();
+        let mut caches: Vec<(String, usize)> = Vec::new();
         let mut out_sig = |p: &mut Parser| -> Result<(), ParseError> {
             let span = p.span();
             let oname = if matches!(p.peek(), Tok::Ident(_)) && p.peek2() == &Tok::Punct(":") {
@@ -569,6 +580,21 @@ impl Parser {
                 return Err(p.error_at(span, format!("output `{oname}` is declared twice")));
             }
             let ty = p.ty()?;
+            if matches!(p.peek(), Tok::Ident(s) if s == "cache_axis")
+                && p.peek2() == &Tok::Punct("=")
+            {
+                p.pos += 2;
+                let at = p.span();
+                let axis = p.dim()?;
+                let axis = axis
+                    .as_const()
+                    .and_then(|a| usize::try_from(a).ok())
+                    .filter(|&a| a < ty.rank())
+                    .ok_or_else(|| {
+                        p.error_at(at, format!("cache_axis={axis} is not an axis of {ty}"))
+                    })?;
+                caches.push((oname.clone(), axis));
+            }
             declared.push((oname, ty, span));
             Ok(())
         };
@@ -582,6 +608,9 @@ impl Parser {
             }
         } else {
             out_sig(self)?;
+        }
+        for (name, axis) in caches {
+            g.set_cache_output(&name, axis);
         }
         if matches!(self.peek(), Tok::Ident(s) if s == "where") {
             self.pos += 1;

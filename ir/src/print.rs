@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::graph::{Graph, Module, NodeKind, ValueId};
+use crate::graph::{Graph, InputRole, Module, NodeKind, ValueId};
 
 /// The printed name of every value of a graph.
 pub struct Namer {
@@ -58,12 +58,22 @@ pub fn print_graph(graph: &Graph) -> String {
     let inputs: Vec<String> = graph
         .inputs()
         .iter()
-        .map(|v| format!("{}: {}", namer.name(*v), graph.ty(*v)))
+        .map(|v| {
+            let role = match graph.input_role(*v) {
+                InputRole::Data => String::new(),
+                InputRole::Cache { output } => format!(" cache={output}"),
+                InputRole::Carried => " carried".to_string(),
+            };
+            format!("{}: {}{role}", namer.name(*v), graph.ty(*v))
+        })
         .collect();
     let outputs: Vec<String> = graph
         .outputs()
         .iter()
-        .map(|(n, v)| format!("{n}: {}", graph.ty(*v)))
+        .map(|(n, v)| match graph.cache_axis(n) {
+            Some(axis) => format!("{n}: {} cache_axis={axis}", graph.ty(*v)),
+            None => format!("{n}: {}", graph.ty(*v)),
+        })
         .collect();
     let _ = write!(
         s,

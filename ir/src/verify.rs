@@ -311,10 +311,82 @@ pub fn verify(graph: &Graph) -> Result<ShapeCx, VerifyErrors> {
         }
     }
 
+    check_caches(&mut ck, &cx);
+
     if ck.errors.is_empty() {
         Ok(cx)
     } else {
         Err(VerifyErrors(ck.errors))
+    }
+}
+
+/// Cache outputs name an axis of their type; a `cache=NAME` input names a
+/// cache output of the same dtype and rank whose dims equal its own except on
+/// the cache axis.
+fn check_caches(ck: &mut Checker<'_>, cx: &ShapeCx) {
+    let graph = ck.graph;
+    for (name, &axis) in graph.cache_outputs() {
+        let Some((i, (_, v))) = graph
+            .outputs()
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == name)
+        else {
+            ck.report(
+                format!("output `{name}`"),
+                None,
+                "is declared a cache but is not an output".into(),
+            );
+            continue;
+        };
+        let span = graph.declared_output_type(i).map(|(_, s)| *s);
+        if graph.contains(*v) && axis >= graph.ty(*v).rank() {
+            ck.report(
+                format!("output `{name}`"),
+                span,
+                format!("cache_axis={axis} is not an axis of {}", graph.ty(*v)),
+            );
+        }
+    }
+    for &input in graph.inputs() {
+        let crate::graph::InputRole::Cache { output } = graph.input_role(input) else {
+            continue;
+        };
+        let loc = format!("input {}", ck.namer.name(input));
+        let span = graph.span(input);
+        let Some(axis) = graph.cache_axis(output) else {
+            ck.report(
+                loc,
+                span,
+                format!(
+                    "cache={output} names no cache output (declare `{output}: … cache_axis=N`)"
+                ),
+            );
+            continue;
+        };
+        let Some((_, out)) = graph.outputs().iter().find(|(n, _)| n == output) else {
+            continue;
+        };
+        if !graph.contains(*out) {
+            continue;
+        }
+        let (a, b) = (graph.ty(input), graph.ty(*out));
+        let same_elsewhere = a.dtype == b.dtype
+            && a.rank() == b.rank()
+            && a.shape
+                .iter()
+                .zip(&b.shape)
+                .enumerate()
+                .all(|(k, (x, y))| k == axis || cx.same(x, y).unwrap_or(false));
+        if !same_elsewhere {
+            ck.report(
+                loc,
+                span,
+                format!(
+                    "a cache of {a} cannot grow into output `{output}` of {b} along axis {axis}"
+                ),
+            );
+        }
     }
 }
 

@@ -16,6 +16,10 @@
 //!   attention op's causal mask is aligned bottom-right, so new token `i` sees
 //!   the `S` cached keys and new keys `<= i`); outputs the logits and the
 //!   extended caches `[L, B, hk, S + T, dh]`.
+//! - In types: `@decode`'s cache inputs are `cache=key_cache` /
+//!   `cache=value_cache`, naming the outputs that hold the grown caches; both
+//!   functions' cache outputs carry `cache_axis=3`; hoisted values (below) are
+//!   `carried` inputs. A backend keeps the caches in place between calls.
 //! - Values that do not depend on the new tokens (an encoder–decoder's encoder
 //!   output, cross-attention keys/values and mask) are computed once: `@prefill`
 //!   also returns them (`cached0`, `cached1`, …) and `@decode` takes them as
@@ -26,7 +30,7 @@
 //! original forward computes for the last token of `x ++ next`; both functions
 //! verify, with the cache length a checked symbol like every other dim.
 
-use kiln_ir::{Dim, Graph, Module, NodeKind, Op, TensorType, ValueId};
+use kiln_ir::{Dim, Graph, InputRole, Module, NodeKind, Op, TensorType, ValueId};
 
 use crate::{Changed, Pass, PassContext, PassError};
 
@@ -245,8 +249,13 @@ fn build_prefill(src: &Graph, attns: &[ValueId]) -> Result<Graph, PassError> {
     outs.push(("key_cache".into(), kc));
     outs.push(("value_cache".into(), vc));
     g.set_outputs(outs);
+    g.set_cache_output("key_cache", CACHE_AXIS);
+    g.set_cache_output("value_cache", CACHE_AXIS);
     Ok(g)
 }
+
+/// The length axis of the stacked caches `[L, B, hk, S, dh]`.
+const CACHE_AXIS: usize = 3;
 
 fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, PassError> {
     let mut g = src.clone();
@@ -270,6 +279,14 @@ fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, Pass
     };
     let past_keys = g.add_input("past_keys", cache_ty(&k0));
     let past_values = g.add_input("past_values", cache_ty(&v0));
+    for (input, output) in [(past_keys, "key_cache"), (past_values, "value_cache")] {
+        g.set_input_role(
+            input,
+            InputRole::Cache {
+                output: output.to_string(),
+            },
+        );
+    }
 
     // Positions: every `arange` over the new tokens starts `S` later.
     for v in g.node_ids() {
@@ -348,6 +365,8 @@ fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, Pass
     outs.push(("key_cache".into(), kc));
     outs.push(("value_cache".into(), vc));
     g.set_outputs(outs);
+    g.set_cache_output("key_cache", CACHE_AXIS);
+    g.set_cache_output("value_cache", CACHE_AXIS);
     Ok(g)
 }
 
@@ -363,7 +382,7 @@ fn hoist_static(prefill: &mut Graph, decode: &mut Graph, len: &Dim) -> usize {
     };
     let inputs: Vec<ValueId> = decode.inputs().to_vec();
     let is_dynamic_input = |g: &Graph, v: ValueId| {
-        matches!(&g.node(v).kind, NodeKind::Input { name } if name == "past_keys" || name == "past_values")
+        matches!(g.input_role(v), InputRole::Cache { .. })
             || g.ty(v).symbols().iter().any(|s| s == t)
     };
     let mut dynamic = std::collections::BTreeSet::new();
@@ -397,6 +416,7 @@ fn hoist_static(prefill: &mut Graph, decode: &mut Graph, len: &Dim) -> usize {
     for (i, &f) in frontier.iter().enumerate() {
         let name = format!("cached{i}");
         let input = decode.add_input(&name, decode.ty(f).clone());
+        decode.set_input_role(input, InputRole::Carried);
         decode.replace_all_uses(f, input);
         outs.push((name, f));
     }

@@ -146,6 +146,16 @@ pub(crate) fn check_weight_at_run_time(
 /// Binds the run-time symbols from the input shapes and checks each input's
 /// dtype, rank and every dim; returns a context in which every dim is a constant.
 pub(crate) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, RunError> {
+    let shapes: Vec<(DType, &[usize])> = inputs.iter().map(|t| (t.dtype(), t.shape())).collect();
+    bind_shapes(graph, &shapes)
+}
+
+/// [`bind_inputs`] on the dtypes and shapes of the inputs (a cache kept by a
+/// backend has a shape but no host tensor).
+pub(crate) fn bind_shapes(
+    graph: &Graph,
+    inputs: &[(DType, &[usize])],
+) -> Result<ShapeCx, RunError> {
     if inputs.len() != graph.inputs().len() {
         return Err(RunError::InputCount {
             func: graph.name.clone(),
@@ -157,21 +167,21 @@ pub(crate) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, R
         NodeKind::Input { name } => name.clone(),
         _ => format!("#{}", v.index()),
     };
-    for (&v, t) in graph.inputs().iter().zip(inputs) {
+    for (&v, &(dtype, shape)) in graph.inputs().iter().zip(inputs) {
         let ty = graph.ty(v);
-        if t.dtype() != ty.dtype {
+        if dtype != ty.dtype {
             return Err(RunError::InputDType {
                 input: input_name(v),
                 expected: ty.to_string(),
-                got: t.dtype(),
+                got: dtype,
             });
         }
-        if t.rank() != ty.rank() {
+        if shape.len() != ty.rank() {
             return Err(RunError::InputRank {
                 input: input_name(v),
                 expected: ty.to_string(),
                 expected_rank: ty.rank(),
-                got: t.shape().to_vec(),
+                got: shape.to_vec(),
             });
         }
     }
@@ -179,8 +189,8 @@ pub(crate) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, R
     // First pass: each run-time symbol takes its value where it first appears.
     let runtime = runtime_symbols(graph);
     let mut bound: BTreeMap<String, (usize, String, usize)> = BTreeMap::new();
-    for (&v, t) in graph.inputs().iter().zip(inputs) {
-        for (axis, (d, &got)) in graph.ty(v).shape.iter().zip(t.shape()).enumerate() {
+    for (&v, &(_, shape)) in graph.inputs().iter().zip(inputs) {
+        for (axis, (d, &got)) in graph.ty(v).shape.iter().zip(shape).enumerate() {
             let Some(sym) = d.as_sym().filter(|s| runtime.contains(*s)) else {
                 continue;
             };
@@ -220,9 +230,9 @@ pub(crate) fn bind_inputs(graph: &Graph, inputs: &[Tensor]) -> Result<ShapeCx, R
     let cx = bind_where(graph, cx)?;
 
     // Second pass: every dim (`d` bound to 32, `S + 1`, …) must equal the actual size.
-    for (&v, t) in graph.inputs().iter().zip(inputs) {
+    for (&v, &(_, shape)) in graph.inputs().iter().zip(inputs) {
         let what = format!("input %{}", input_name(v));
-        for (axis, (d, &got)) in graph.ty(v).shape.iter().zip(t.shape()).enumerate() {
+        for (axis, (d, &got)) in graph.ty(v).shape.iter().zip(shape).enumerate() {
             let expected = eval_int(&cx, d, &what)?;
             if expected != got as i64 {
                 return Err(RunError::InputDim {

@@ -65,6 +65,61 @@ impl Layout {
             .all(|(d, (s, r))| d.is_const(1) || s == r)
     }
 
+    /// This layout with the strides of its size-1 axes set to 0 (they never
+    /// move the address), so layouts that address the same elements compare equal.
+    pub fn normalized(&self) -> Layout {
+        let mut out = self.clone();
+        for (d, s) in out.shape.iter().zip(out.strides.iter_mut()) {
+            if d.is_const(1) {
+                *s = Dim::constant(0);
+            }
+        }
+        out
+    }
+
+    /// When this layout reads every element of a contiguous buffer laid out
+    /// as `whole` exactly once (a permutation of a reshape of it), the layout
+    /// over `dst`'s buffer that writes, at each index of `whole`, where `dst`
+    /// would receive that element: a producer of `whole` can then write
+    /// straight into `dst` (this layout copied into `dst` otherwise).
+    pub fn transfer(&self, whole: &Layout, dst: &Layout) -> Option<Layout> {
+        if !self.offset.is_const(0) || dst.shape != self.shape {
+            return None;
+        }
+        // Axes by decreasing stride: the order the buffer stores them in.
+        let mut order: Vec<usize> = (0..self.shape.len()).collect();
+        let keys: Vec<i128> = self
+            .strides
+            .iter()
+            .zip(&self.shape)
+            .map(|(s, d)| {
+                if d.is_const(1) {
+                    -1
+                } else {
+                    proxy(s).unwrap_or(-2)
+                }
+            })
+            .collect();
+        if keys.contains(&-2) {
+            return None;
+        }
+        order.sort_by(|&a, &b| keys[b].cmp(&keys[a]));
+        let stored = self.permute(&order);
+        let numel = |shape: &[Dim]| {
+            shape
+                .iter()
+                .try_fold(Dim::constant(1), |acc, d| acc.mul(d))
+                .ok()
+        };
+        let contiguous = Layout::contiguous(&stored.shape).ok()?;
+        if stored.normalized() != contiguous.normalized()
+            || numel(&stored.shape)? != numel(&whole.shape)?
+        {
+            return None;
+        }
+        dst.permute(&order).reshape(&whole.shape)
+    }
+
     /// Output axis `i` is axis `perm[i]` of this layout.
     pub fn permute(&self, perm: &[usize]) -> Layout {
         Layout {

@@ -13,7 +13,9 @@ use kiln_ir::{
     BinaryOp, Dim, Graph, KernelOp, Namer, NodeKind, Op, ShapeCx, ValueId, WeightLayout,
 };
 
-use super::{Buffer, BufferId, BufferKind, FillOp, Kernel, Layout, Liveness, Program, RowOp, Step};
+use super::{
+    Buffer, BufferId, BufferKind, FillOp, Kernel, Layout, Liveness, Program, RowOp, State, Step,
+};
 use crate::RunError;
 
 /// A lowered IR value: which root buffer holds it and how it is addressed.
@@ -31,6 +33,12 @@ struct Lowerer<'g> {
     steps: Vec<Step>,
     views: HashMap<(BufferId, Layout), BufferId>,
     vals: HashMap<ValueId, Val>,
+    states: Vec<State>,
+    /// For each state, the layout of its output (the first `S + T` positions).
+    state_outputs: Vec<Layout>,
+    /// The cache regions already appended to in place, as (root, layout of
+    /// the part before the append): a second append there must copy.
+    appended: Vec<(BufferId, Layout)>,
 }
 
 /// Lowers one verified function to a [`Program`].
@@ -48,14 +56,24 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
         steps: Vec::new(),
         views: HashMap::new(),
         vals: HashMap::new(),
+        states: Vec::new(),
+        state_outputs: Vec::new(),
+        appended: Vec::new(),
     };
+    let capacity = lw.declare_states()?;
     let mut inputs = Vec::new();
     let mut params = Vec::new();
     for &v in &order {
         let kind = match &graph.node(v).kind {
-            NodeKind::Input { .. } => BufferKind::Input {
-                index: inputs.len(),
-            },
+            NodeKind::Input { .. } => {
+                if let Some(view) = lw.cache_input(v, inputs.len())? {
+                    inputs.push(view);
+                    continue;
+                }
+                BufferKind::Input {
+                    index: inputs.len(),
+                }
+            }
             NodeKind::Param { name } => BufferKind::Param { name: name.clone() },
             NodeKind::Op { op, .. } => {
                 lw.lower_op(v, op)?;
@@ -83,6 +101,8 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
         params,
         outputs,
         liveness: Liveness::default(),
+        states: lw.states,
+        capacity,
     };
     compact(&mut program);
     program.liveness = Liveness::of(&program);
@@ -90,6 +110,150 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
 }
 
 impl Lowerer<'_> {
+    /// A buffer for each cache output, its length axis sized by a fresh
+    /// capacity symbol (returned, when there are caches).
+    fn declare_states(&mut self) -> Result<Option<String>, RunError> {
+        let g = self.graph;
+        if g.cache_outputs().is_empty() {
+            return Ok(None);
+        }
+        let mut taken: Vec<String> = kiln_ir::verify::runtime_symbols(g).into_iter().collect();
+        taken.extend(g.bindings().iter().map(|(n, _)| n.clone()));
+        let mut capacity = "Smax".to_string();
+        let mut k = 0;
+        while taken.contains(&capacity) {
+            k += 1;
+            capacity = format!("Smax{k}");
+        }
+        for (index, (name, v)) in g.outputs().iter().enumerate() {
+            let Some(axis) = g.cache_axis(name) else {
+                continue;
+            };
+            let mut shape = self.shape_of(*v)?;
+            let len = shape[axis].clone();
+            shape[axis] = Dim::sym(&capacity);
+            let whole = self.contiguous(*v, &shape)?;
+            let out_layout = whole
+                .slice(axis, &Dim::constant(0), &len)
+                .map_err(|e| self.error(*v, e.to_string()))?;
+            let root = self.push_buffer(Buffer {
+                kind: BufferKind::State { name: name.clone() },
+                dtype: g.ty(*v).dtype,
+                shape,
+                value: name.clone(),
+            });
+            self.states.push(State {
+                name: name.clone(),
+                root,
+                axis,
+                input: None,
+                output: index,
+            });
+            self.state_outputs.push(out_layout);
+        }
+        Ok(Some(capacity))
+    }
+
+    /// For a `cache=` input: the view of its state's first positions.
+    fn cache_input(&mut self, v: ValueId, index: usize) -> Result<Option<BufferId>, RunError> {
+        let kiln_ir::InputRole::Cache { output } = self.graph.input_role(v) else {
+            return Ok(None);
+        };
+        let k = self
+            .states
+            .iter()
+            .position(|s| s.name == *output)
+            .ok_or_else(|| self.error(v, format!("cache={output} names no cache output")))?;
+        let (root, axis) = (self.states[k].root, self.states[k].axis);
+        let shape = self.shape_of(v)?;
+        let root_shape = self.buffers[root.index()].shape.clone();
+        let whole = self.contiguous(v, &root_shape)?;
+        let layout = whole
+            .slice(axis, &Dim::constant(0), &shape[axis])
+            .map_err(|e| self.error(v, e.to_string()))?;
+        self.states[k].input = Some(index);
+        let id = self.view(root, layout.clone());
+        self.vals.insert(v, Val { root, layout });
+        Ok(Some(id))
+    }
+
+    /// Where `v`'s result goes: its cache's output view when `v` is returned
+    /// (once) as a cache output, else a new temporary.
+    fn result_place(&mut self, v: ValueId) -> Result<Val, RunError> {
+        let g = self.graph;
+        let returned: Vec<&String> = g
+            .outputs()
+            .iter()
+            .filter(|(_, o)| *o == v)
+            .map(|(n, _)| n)
+            .collect();
+        let cache = match returned.as_slice() {
+            [n] => self.states.iter().position(|s| s.name == **n),
+            _ => None,
+        };
+        let val = match cache {
+            Some(k) => Val {
+                root: self.states[k].root,
+                layout: self.state_outputs[k].clone(),
+            },
+            None => {
+                self.temp(v)?;
+                self.val(v)?
+            }
+        };
+        self.vals.insert(v, val.clone());
+        Ok(val)
+    }
+
+    /// `concat(past, new)` where `past` is the first positions of a cache
+    /// along its length axis, as the `cache=` input holds them: `new` is
+    /// written after them in place, and the result is the longer view (no
+    /// copy of the past). Any other concat returns `false`.
+    fn append_in_place(&mut self, v: ValueId, axis: usize, args: &[Val]) -> Result<bool, RunError> {
+        let [past, new] = args else {
+            return Ok(false);
+        };
+        let Some(state) = self.states.iter().find(|s| s.root == past.root) else {
+            return Ok(false);
+        };
+        let Some(input) = state.input else {
+            return Ok(false);
+        };
+        let root_shape = self.buffers[state.root.index()].shape.clone();
+        let state_axis = state.axis;
+        let whole = self.contiguous(v, &root_shape)?;
+        let input_len = self.graph.ty(self.graph.inputs()[input]).shape[state_axis].clone();
+        let input_len = self.dim(v, &input_len)?;
+        if past.layout.strides[axis] != whole.strides[state_axis]
+            || past.layout.shape[axis] != input_len
+            || self.appended.contains(&(past.root, past.layout.clone()))
+        {
+            return Ok(false);
+        }
+        let n = past.layout.shape[axis].clone();
+        let end = n
+            .add(&new.layout.shape[axis])
+            .map_err(|e| self.error(v, e.to_string()))?;
+        let dst = past
+            .layout
+            .slice(axis, &n, &end)
+            .map_err(|e| self.error(v, e.to_string()))?;
+        let mut grown = past.layout.clone();
+        grown.shape[axis] = end;
+        self.appended.push((past.root, past.layout.clone()));
+        let dst = self.view(past.root, dst);
+        let src = self.view_of(new);
+        self.emit(v, Kernel::Copy, vec![src], dst);
+        self.vals.insert(
+            v,
+            Val {
+                root: past.root,
+                layout: grown,
+            },
+        );
+        Ok(true)
+    }
+
     fn header(&self, v: ValueId) -> String {
         let header = self.namer.node_header(self.graph, v);
         match self.graph.span(v) {
@@ -381,8 +545,13 @@ impl Lowerer<'_> {
                 let shape = self.shape_of(v)?;
                 let a = normalize_axis("concat", *axis, shape.len())
                     .map_err(|e| self.error(v, e.to_string()))?;
-                let out = self.temp(v)?;
-                let whole = self.contiguous(v, &shape)?;
+                if self.append_in_place(v, a, &args)? {
+                    return Ok(());
+                }
+                let Val {
+                    root: out,
+                    layout: whole,
+                } = self.result_place(v)?;
                 let mut at = Dim::constant(0);
                 for part in &args {
                     let end = at
@@ -391,6 +560,11 @@ impl Lowerer<'_> {
                     let dst = whole
                         .slice(a, &at, &end)
                         .map_err(|e| self.error(v, e.to_string()))?;
+                    // A part already in place (a cache layer) needs no copy.
+                    if part.root == out && part.layout.normalized() == dst.normalized() {
+                        at = end;
+                        continue;
+                    }
                     let dst = self.view(out, dst);
                     let src = self.view_of(part);
                     self.emit(v, Kernel::Copy, vec![src], dst);
@@ -576,6 +750,16 @@ impl Lowerer<'_> {
         let mut out = Vec::new();
         for (index, (name, v)) in self.graph.outputs().iter().enumerate() {
             let val = self.val(*v)?;
+            if let Some(k) = self.states.iter().position(|s| s.name == *name) {
+                let (root, layout) = (self.states[k].root, self.state_outputs[k].clone());
+                let dst = self.view(root, layout.clone());
+                if !(val.root == root && val.layout.normalized() == layout.normalized()) {
+                    let src = self.view_of(&val);
+                    self.emit(*v, Kernel::Copy, vec![src], dst);
+                }
+                out.push((name.clone(), dst));
+                continue;
+            }
             let root = &self.buffers[val.root.index()];
             let numel = |shape: &[Dim]| {
                 shape
@@ -583,7 +767,8 @@ impl Lowerer<'_> {
                     .try_fold(Dim::constant(1), |acc, d| acc.mul(d))
                     .ok()
             };
-            let whole = val.layout.is_contiguous() && numel(&val.layout.shape) == numel(&root.shape);
+            let whole =
+                val.layout.is_contiguous() && numel(&val.layout.shape) == numel(&root.shape);
             if whole && root.kind == BufferKind::Temp {
                 self.make_output(val.root, index, val.layout.shape.clone());
                 out.push((name.clone(), val.root));
@@ -619,7 +804,10 @@ impl Lowerer<'_> {
             if st.output == r {
                 st.output = as_before;
             }
-            st.inputs.iter_mut().filter(|b| **b == r).for_each(|b| *b = as_before);
+            st.inputs
+                .iter_mut()
+                .filter(|b| **b == r)
+                .for_each(|b| *b = as_before);
         }
     }
 
@@ -680,31 +868,8 @@ impl Lowerer<'_> {
         let rb = &self.buffers[r.index()];
         let whole = Layout::contiguous(&rb.shape).ok()?;
         let src_l = self.layout_of(src)?;
-        if !src_l.offset.is_const(0) || src_l.shape.len() != whole.shape.len() {
-            return None;
-        }
-        // Axis i of the source is axis perm[i] of the temporary.
-        let mut perm = vec![usize::MAX; src_l.shape.len()];
-        let mut used = vec![false; whole.shape.len()];
-        for i in 0..src_l.shape.len() {
-            let j = (0..whole.shape.len()).find(|&j| {
-                !used[j]
-                    && whole.shape[j] == src_l.shape[i]
-                    && (whole.shape[j].is_const(1) || whole.strides[j] == src_l.strides[i])
-            })?;
-            used[j] = true;
-            perm[i] = j;
-        }
         let dst_l = self.layout_of(dst)?;
-        let mut strides = vec![Dim::constant(0); perm.len()];
-        for (i, &j) in perm.iter().enumerate() {
-            strides[j] = dst_l.strides[i].clone();
-        }
-        let out = Layout {
-            shape: rb.shape.clone(),
-            strides,
-            offset: dst_l.offset,
-        };
+        let out = src_l.transfer(&whole, &dst_l)?;
         Some((*w, self.view(dst_root, out)))
     }
 
@@ -848,6 +1013,7 @@ fn compact(p: &mut Program) {
     }
     p.inputs.iter_mut().for_each(map);
     p.params.iter_mut().for_each(map);
+    p.states.iter_mut().for_each(|s| map(&mut s.root));
     p.outputs.iter_mut().for_each(|(_, b)| map(b));
     for s in &mut p.steps {
         s.inputs.iter_mut().for_each(map);

@@ -77,6 +77,12 @@ pub enum BufferKind {
     },
     /// An intermediate placed in the arena by the memory plan.
     Temp,
+    /// A cache that lives between calls (see [`State`]): its length axis has
+    /// the capacity symbol as its size, and the calls read and write views of it.
+    State {
+        /// The cache output's name (`key_cache`).
+        name: String,
+    },
     /// A strided view of another (never a view) buffer: no memory of its own.
     View {
         /// The buffer viewed.
@@ -212,6 +218,23 @@ pub struct Step {
     pub origin: String,
 }
 
+/// A cache kept in place between calls: the `cache=NAME` input is a view of
+/// its first `S` positions, the `NAME … cache_axis=N` output a view of the
+/// first `S + T`; a decode step writes only the new positions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    /// The cache output's name.
+    pub name: String,
+    /// Its buffer (of kind [`BufferKind::State`]).
+    pub root: BufferId,
+    /// The length axis.
+    pub axis: usize,
+    /// The position of its `cache=` input in [`Program::inputs`], if any.
+    pub input: Option<usize>,
+    /// The position of its output in [`Program::outputs`].
+    pub output: usize,
+}
+
 /// One entry point, lowered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Program {
@@ -231,6 +254,11 @@ pub struct Program {
     pub outputs: Vec<(String, BufferId)>,
     /// When each arena buffer lives, and which share memory.
     pub liveness: Liveness,
+    /// The caches kept in place between calls.
+    pub states: Vec<State>,
+    /// The run-time symbol sizing every cache's length axis (its capacity),
+    /// when there are caches.
+    pub capacity: Option<String>,
 }
 
 impl Program {
@@ -260,6 +288,48 @@ impl Program {
             }),
             _ => Layout::contiguous(&b.shape),
         }
+    }
+
+    /// The cache length a call under `cx` needs: the longest cache output.
+    pub fn cache_need(&self, cx: &kiln_ir::ShapeCx) -> Result<usize, crate::RunError> {
+        let mut need = 0;
+        for st in &self.states {
+            let b = self.outputs[st.output].1;
+            let d = &self.buffer(b).shape[st.axis];
+            need = need.max(crate::eval_size_in(
+                cx,
+                d,
+                &format!("the cache {}", st.name),
+            )?);
+        }
+        Ok(need)
+    }
+
+    /// `cx` with the capacity symbol bound to `capacity`, or when `None`, to
+    /// what the call needs ([`Program::cache_need`]).
+    pub fn bind_capacity(
+        &self,
+        cx: &kiln_ir::ShapeCx,
+        capacity: Option<usize>,
+    ) -> Result<kiln_ir::ShapeCx, crate::RunError> {
+        let mut cx = cx.clone();
+        if let Some(cap) = &self.capacity {
+            let need = self.cache_need(&cx)?;
+            let value = capacity.unwrap_or(need);
+            if value < need {
+                return Err(crate::RunError::CacheFull {
+                    capacity: value,
+                    needed: need,
+                });
+            }
+            cx.bind(cap, &Dim::constant(value as i64))
+                .map_err(|e| crate::RunError::Binding {
+                    name: cap.clone(),
+                    value: value.to_string(),
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(cx)
     }
 
     /// The text form (see [`print`]); with `binding`, also the arena plan.

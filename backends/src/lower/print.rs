@@ -106,6 +106,20 @@ pub fn program_text(p: &Program, binding: Option<&ShapeCx>) -> String {
     if !p.runtime_symbols.is_empty() {
         let _ = writeln!(s, "  run-time symbols: {}", p.runtime_symbols.join(", "));
     }
+    for st in &p.states {
+        let _ = writeln!(
+            s,
+            "  cache {} in {}: length axis {}, capacity {}{}",
+            st.name,
+            st.root,
+            st.axis,
+            p.capacity.as_deref().unwrap_or("?"),
+            match st.input {
+                Some(i) => format!(", read by input {i}, grown in place"),
+                None => ", written from position 0".to_string(),
+            }
+        );
+    }
     let _ = writeln!(s, "  buffers:");
     for (i, b) in p.buffers.iter().enumerate() {
         let ty = format!("{}{}", b.dtype, shape_string(&b.shape));
@@ -114,6 +128,7 @@ pub fn program_text(p: &Program, binding: Option<&ShapeCx>) -> String {
             BufferKind::Param { .. } => "param".to_string(),
             BufferKind::Output { index } => format!("output {index}"),
             BufferKind::Temp => "temp".to_string(),
+            BufferKind::State { .. } => "cache".to_string(),
             BufferKind::View {
                 base,
                 offset,
@@ -168,6 +183,7 @@ pub fn program_text(p: &Program, binding: Option<&ShapeCx>) -> String {
         let names: Vec<String> = p
             .runtime_symbols
             .iter()
+            .chain(p.capacity.iter())
             .map(|n| {
                 let v = cx
                     .eval(&kiln_ir::Dim::sym(n))

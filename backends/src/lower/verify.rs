@@ -45,7 +45,7 @@ pub fn verify_structure(p: &Program) -> Result<(), RunError> {
     let mut written = vec![false; n];
     for &b in p.inputs.iter().chain(&p.params) {
         if valid(b) {
-            written[b.index()] = true;
+            written[p.root(b).index()] = true;
         }
     }
     for (i, s) in p.steps.iter().enumerate() {
@@ -84,7 +84,7 @@ pub fn verify_structure(p: &Program) -> Result<(), RunError> {
         }
     }
     for (name, b) in &p.outputs {
-        if valid(*b) && !written[b.index()] {
+        if valid(*b) && !written[p.root(*b).index()] {
             errors.push(format!("output {name} ({b}) is never written"));
         }
     }

@@ -347,3 +347,81 @@ fn rope(m: &mut Memory<'_>, ins: &[&CView], out: &CView, theta: f64) -> R {
         Ok(())
     })
 }
+
+/// Writes host tensor `t` into the view `v` (a cache given as an input).
+pub(super) fn write_tensor(
+    m: &mut Memory<'_>,
+    v: &CView,
+    t: &kiln_ir::Tensor,
+) -> Result<(), String> {
+    if t.shape() != v.shape.as_slice() {
+        return Err(format!(
+            "shape {:?} does not fit the view {:?}",
+            t.shape(),
+            v.shape
+        ));
+    }
+    let mut k = 0usize;
+    let r = each_index(&v.shape, |idx| {
+        let x = super::tensor_elem(t, k).ok_or_else(|| format!("element {k} is missing"))?;
+        k += 1;
+        Ok(m.write(v, v.at(idx), x)?)
+    });
+    r.map_err(|e| match e {
+        StepError::Message(m) => m,
+        StepError::Run(e) => e.to_string(),
+        StepError::Gather { .. } => "gather".into(),
+    })
+}
+
+/// The elements of view `v` as a host tensor.
+pub(super) fn read_tensor(m: &Memory<'_>, v: &CView) -> Result<kiln_ir::Tensor, String> {
+    let mut vals = Vec::with_capacity(v.shape.iter().product());
+    let r = each_index(&v.shape, |idx| {
+        vals.push(m.read(v, v.at(idx))?);
+        Ok(())
+    });
+    r.map_err(|e| match e {
+        StepError::Message(m) => m,
+        StepError::Run(e) => e.to_string(),
+        StepError::Gather { .. } => "gather".into(),
+    })?;
+    let shape = v.shape.clone();
+    let bad = |x: &Scalar| format!("element {x:?} does not match dtype {}", v.dtype);
+    let t = match v.dtype {
+        DType::F32 => kiln_ir::Tensor::f32(
+            shape,
+            vals.iter()
+                .map(|x| x.float().map(|f| f as f32).map_err(|_| bad(x)))
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::I64 => kiln_ir::Tensor::i64(
+            shape,
+            vals.iter()
+                .map(|x| x.int().map_err(|_| bad(x)))
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::I32 => kiln_ir::Tensor::i32(
+            shape,
+            vals.iter()
+                .map(|x| x.int().map(|i| i as i32).map_err(|_| bad(x)))
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::Bool => kiln_ir::Tensor::bool(
+            shape,
+            vals.iter()
+                .map(|x| match x {
+                    Scalar::Bool(b) => Ok(*b),
+                    _ => Err(bad(x)),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::F16 | DType::BF16 => {
+            return Err(format!(
+                "a {} output cannot be returned as a host tensor",
+                v.dtype
+            ))
+        }
+    };
+    t.map_err(|e| e.to_string())
+}

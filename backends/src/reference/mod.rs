@@ -104,6 +104,7 @@ enum Place {
     Param(usize),
     Output(usize),
     Arena(usize),
+    State(usize),
     None,
 }
 
@@ -136,10 +137,11 @@ pub(crate) struct Memory<'a> {
     inputs: &'a [Tensor],
     weights: &'a [Tensor],
     outputs: Vec<Vec<u8>>,
+    states: Vec<Vec<u8>>,
     arena: Vec<u8>,
 }
 
-fn tensor_elem(t: &Tensor, i: usize) -> Option<Scalar> {
+pub(crate) fn tensor_elem(t: &Tensor, i: usize) -> Option<Scalar> {
     use kiln_ir::TensorData;
     Some(match t.data() {
         TensorData::F32(d) => Scalar::Float(*d.get(i)? as f64),
@@ -188,6 +190,7 @@ impl Memory<'_> {
             Place::Param(k) => self.weights.get(k).and_then(|t| tensor_elem(t, i)),
             Place::Output(k) => self.outputs.get(k).and_then(|b| decode(b, i, dtype)),
             Place::Arena(at) => self.arena.get(at..).and_then(|b| decode(b, i, dtype)),
+            Place::State(k) => self.states.get(k).and_then(|b| decode(b, i, dtype)),
             Place::None => None,
         };
         got.ok_or_else(|| format!("read of element {i} outside buffer b{}", v.root))
@@ -202,6 +205,7 @@ impl Memory<'_> {
                 .arena
                 .get_mut(at..)
                 .and_then(|b| encode(b, i, dtype, x)),
+            Place::State(k) => self.states.get_mut(k).and_then(|b| encode(b, i, dtype, x)),
             _ => None,
         };
         done.ok_or_else(|| format!("write of element {i} outside buffer b{}", v.root))
@@ -212,26 +216,95 @@ fn size(cx: &ShapeCx, d: &kiln_ir::Dim, what: &str) -> Result<usize, RunError> {
     crate::eval_size_in(cx, d, what)
 }
 
-impl Executable for ReferenceExecutable {
-    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
-        let cx = signature::bind_inputs(&self.graph, inputs)?;
+/// What a call hands the Program besides its weights: a host tensor for
+/// every input that is not a cache kept in `states`.
+pub(crate) struct CallInputs<'a> {
+    /// Per Program input: the tensor, or `None` for a cache input read in place.
+    pub tensors: Vec<Option<&'a Tensor>>,
+    /// One byte buffer per [`Program::states`], sized for the capacity.
+    pub states: Vec<Vec<u8>>,
+}
+
+impl ReferenceExecutable {
+    /// The run-time symbol binding of `cx` as a plan key.
+    fn plan_key(&self, cx: &ShapeCx) -> Vec<i64> {
         let p = &self.program;
-        let key = p
-            .runtime_symbols
+        p.runtime_symbols
             .iter()
+            .chain(p.capacity.iter())
             .map(|s| {
                 cx.eval(&kiln_ir::Dim::sym(s))
                     .ok()
                     .and_then(|d| d.as_const())
                     .unwrap_or(-1)
             })
-            .collect::<Vec<_>>();
+            .collect()
+    }
+
+    /// Every buffer resolved under `cx`.
+    fn views(&self, cx: &ShapeCx) -> Result<Vec<CView>, RunError> {
+        let p = &self.program;
+        let mut views = Vec::with_capacity(p.buffers.len());
+        for (i, b) in p.buffers.iter().enumerate() {
+            let id = lower::BufferId(i as u32);
+            let what = format!("b{i} ({})", b.value);
+            let layout = p.layout(id).map_err(|e| RunError::Size {
+                what: what.clone(),
+                dim: kiln_ir::types::shape_string(&b.shape),
+                problem: e.to_string(),
+            })?;
+            let sizes = |ds: &[kiln_ir::Dim]| -> Result<Vec<usize>, RunError> {
+                ds.iter().map(|d| size(cx, d, &what)).collect()
+            };
+            views.push(CView {
+                root: p.root(id).index(),
+                shape: sizes(&layout.shape)?,
+                strides: sizes(&layout.strides)?,
+                offset: size(cx, &layout.offset, &what)?,
+                dtype: b.dtype,
+            });
+        }
+        Ok(views)
+    }
+
+    /// The byte size of every state buffer under `cx`.
+    pub(crate) fn state_bytes(&self, cx: &ShapeCx) -> Result<Vec<usize>, RunError> {
+        self.program
+            .states
+            .iter()
+            .map(|st| {
+                let b = lower::plan::buffer_bytes(&self.program, st.root, cx)?;
+                if b > MAX_BYTES {
+                    return Err(RunError::Size {
+                        what: format!("the cache {}", st.name),
+                        dim: format!("{b} bytes"),
+                        problem: format!(
+                            "is more than the {} GiB a run may allocate",
+                            MAX_BYTES >> 30
+                        ),
+                    });
+                }
+                Ok(b as usize)
+            })
+            .collect()
+    }
+
+    /// Runs the Program under `cx` (every run-time symbol and the capacity
+    /// bound). Returns the calls' states and, per output, its value as a host
+    /// tensor when `want[i]`.
+    pub(crate) fn execute(
+        &mut self,
+        cx: &ShapeCx,
+        call: CallInputs<'_>,
+        want: &[bool],
+    ) -> Result<(Vec<Vec<u8>>, Vec<Option<Tensor>>), RunError> {
+        let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
-            let plan = ArenaPlan::place(p, &cx)?;
-            verify::verify_binding(p, &cx, &plan)?;
+            let plan = ArenaPlan::place(&self.program, cx)?;
+            verify::verify_binding(&self.program, cx, &plan)?;
             if plan.peak_bytes > MAX_BYTES {
                 return Err(RunError::Size {
-                    what: format!("the arena of @{}", p.name),
+                    what: format!("the arena of @{}", self.program.name),
                     dim: format!("{} bytes", plan.peak_bytes),
                     problem: format!(
                         "is more than the {} GiB a run may allocate",
@@ -241,33 +314,9 @@ impl Executable for ReferenceExecutable {
             }
             self.plans.insert(key.clone(), plan);
         }
+        let views = self.views(cx)?;
+        let p = &self.program;
         let plan = &self.plans[&key];
-        let mut views = Vec::with_capacity(p.buffers.len());
-        for (i, b) in p.buffers.iter().enumerate() {
-            let what = format!("b{i} ({})", b.value);
-            let layout = p
-                .layout(lower::BufferId(i as u32))
-                .map_err(|e| RunError::Size {
-                    what: what.clone(),
-                    dim: kiln_ir::types::shape_string(&b.shape),
-                    problem: e.to_string(),
-                })?;
-            views.push(CView {
-                root: p.root(lower::BufferId(i as u32)).index(),
-                shape: layout
-                    .shape
-                    .iter()
-                    .map(|d| size(&cx, d, &what))
-                    .collect::<Result<_, _>>()?,
-                strides: layout
-                    .strides
-                    .iter()
-                    .map(|d| size(&cx, d, &what))
-                    .collect::<Result<_, _>>()?,
-                offset: size(&cx, &layout.offset, &what)?,
-                dtype: b.dtype,
-            });
-        }
         for (&b, w) in p.params.iter().zip(&self.weights) {
             if views[b.index()].shape != w.shape() {
                 return Err(RunError::WeightShape {
@@ -280,9 +329,26 @@ impl Executable for ReferenceExecutable {
         }
         let mut places = vec![Place::None; p.buffers.len()];
         let mut outputs = Vec::new();
+        let host: Vec<Tensor> = call
+            .tensors
+            .iter()
+            .flatten()
+            .map(|t| (*t).clone())
+            .collect();
+        let mut host_index = Vec::new();
+        let mut next = 0;
+        for t in &call.tensors {
+            host_index.push(t.map(|_| {
+                next += 1;
+                next - 1
+            }));
+        }
         for (i, b) in p.buffers.iter().enumerate() {
             places[i] = match &b.kind {
-                BufferKind::Input { index } => Place::Input(*index),
+                BufferKind::Input { index } => match host_index.get(*index).copied().flatten() {
+                    Some(k) => Place::Input(k),
+                    None => Place::None,
+                },
                 BufferKind::Param { .. } => Place::Param(
                     p.params
                         .iter()
@@ -314,28 +380,41 @@ impl Executable for ReferenceExecutable {
                     Some(o) => Place::Arena(o as usize),
                     None => Place::None,
                 },
+                BufferKind::State { .. } => {
+                    match p.states.iter().position(|s| s.root.index() == i) {
+                        Some(k) => Place::State(k),
+                        None => Place::None,
+                    }
+                }
                 BufferKind::View { .. } => Place::None,
             };
         }
-        let output_slot: Vec<usize> = p
-            .outputs
-            .iter()
-            .map(|(_, b)| match places[b.index()] {
-                Place::Output(k) => k,
-                _ => usize::MAX,
-            })
-            .collect();
         let mut mem = Memory {
             places,
             dtypes: p.buffers.iter().map(|b| b.dtype).collect(),
-            inputs,
+            inputs: &host,
             weights: &self.weights,
             outputs,
+            states: call.states,
             arena: vec![0u8; plan.peak_bytes as usize],
         };
+        // A cache input given as a host tensor is copied into its state first.
+        for (i, t) in call.tensors.iter().enumerate() {
+            let (Some(t), Some(&b)) = (t, p.inputs.get(i)) else {
+                continue;
+            };
+            if matches!(p.buffer(b).kind, BufferKind::View { .. }) {
+                kernels::write_tensor(&mut mem, &views[b.index()], t).map_err(|m| {
+                    RunError::Invalid {
+                        node: format!("input {i}"),
+                        message: m,
+                    }
+                })?;
+            }
+        }
         for s in &p.steps {
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
-            kernels::run_step(&mut mem, &s.kernel, &ins, &views[s.output.index()], &cx).map_err(
+            kernels::run_step(&mut mem, &s.kernel, &ins, &views[s.output.index()], cx).map_err(
                 |e| match e {
                     kernels::StepError::Run(e) => e,
                     kernels::StepError::Message(message) => RunError::Invalid {
@@ -351,67 +430,37 @@ impl Executable for ReferenceExecutable {
             )?;
         }
         let mut result = Vec::with_capacity(p.outputs.len());
-        for ((_, b), &k) in p.outputs.iter().zip(&output_slot) {
-            let v = &views[b.index()];
-            let bytes = mem.outputs.get(k).map(Vec::as_slice).unwrap_or(&[]);
-            result.push(to_tensor(bytes, v)?);
+        for (k, (name, b)) in p.outputs.iter().enumerate() {
+            if !want.get(k).copied().unwrap_or(true) {
+                result.push(None);
+                continue;
+            }
+            let t =
+                kernels::read_tensor(&mem, &views[b.index()]).map_err(|m| RunError::Invalid {
+                    node: format!("output {name}"),
+                    message: m,
+                })?;
+            result.push(Some(t));
         }
-        Ok(result)
+        Ok((mem.states, result))
     }
 }
 
-/// The bytes of an output as a host tensor.
-fn to_tensor(bytes: &[u8], v: &CView) -> Result<Tensor, RunError> {
-    let n: usize = v.shape.iter().product();
-    let get = |i: usize| decode(bytes, i, v.dtype);
-    let missing = || RunError::Invalid {
-        node: format!("b{}", v.root),
-        message: "output shorter than its shape".into(),
-    };
-    let t = match v.dtype {
-        DType::F32 => Tensor::f32(
-            v.shape.clone(),
-            (0..n)
-                .map(|i| {
-                    get(i)
-                        .and_then(|s| s.float().ok())
-                        .map(|x| x as f32)
-                        .ok_or_else(missing)
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        DType::I64 => Tensor::i64(
-            v.shape.clone(),
-            (0..n)
-                .map(|i| get(i).and_then(|s| s.int().ok()).ok_or_else(missing))
-                .collect::<Result<_, _>>()?,
-        ),
-        DType::I32 => Tensor::i32(
-            v.shape.clone(),
-            (0..n)
-                .map(|i| {
-                    get(i)
-                        .and_then(|s| s.int().ok())
-                        .map(|x| x as i32)
-                        .ok_or_else(missing)
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        DType::Bool => Tensor::bool(
-            v.shape.clone(),
-            (0..n)
-                .map(|i| match get(i) {
-                    Some(Scalar::Bool(b)) => Ok(b),
-                    _ => Err(missing()),
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        DType::F16 | DType::BF16 => {
-            return Err(RunError::UnsupportedDType {
-                what: "an output".into(),
-                dtype: v.dtype,
-            })
-        }
-    };
-    Ok(t?)
+impl Executable for ReferenceExecutable {
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+        let cx = signature::bind_inputs(&self.graph, inputs)?;
+        // Without a session, the caches are sized for this call's outputs.
+        let cx = self.program.bind_capacity(&cx, None)?;
+        let states = self
+            .state_bytes(&cx)?
+            .into_iter()
+            .map(|n| vec![0u8; n])
+            .collect();
+        let call = CallInputs {
+            tensors: inputs.iter().map(Some).collect(),
+            states,
+        };
+        let (_, outs) = self.execute(&cx, call, &[])?;
+        Ok(outs.into_iter().flatten().collect())
+    }
 }
