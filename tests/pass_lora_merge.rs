@@ -18,8 +18,9 @@ use support::{
     reference_values, Compare, Tolerance,
 };
 
-/// Parity with PyTorch, as in `hf_parity.rs`: max |kiln − peft| / max |peft|.
-const PEFT_TOLERANCE: f64 = 1e-4;
+/// Parity with PyTorch, as in `hf_parity.rs`: max |kiln − peft| / max |peft|
+/// (measured: 3.4e-7 to 9.3e-7).
+const PEFT_TOLERANCE: f64 = 1e-5;
 /// Merged against unmerged on the interpreter (f64 accumulation both ways).
 const MERGE_TOLERANCE: f64 = 1e-5;
 
