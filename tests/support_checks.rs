@@ -1,12 +1,14 @@
 //! The test support checked on its own: the one comparison fails on NaN and
-//! infinities on either side, naming the output and the element.
+//! infinities on either side, naming the output and the element, and the
+//! property runner fails a test that skipped most of its cases.
 
 mod support;
 
 use kiln::Tensor;
+use proptest::prelude::*;
 use support::{
-    assert_close, deviation, max_relative_error, outputs_deviation, Compare, Mismatch, NonFinite,
-    Side, Tolerance,
+    assert_close, deviation, max_relative_error, outputs_deviation, run_property, Case, Compare,
+    Mismatch, NonFinite, Side, Tally, Tolerance,
 };
 
 /// The side and index of a non-finite-element error (NaN is not equal to
@@ -165,4 +167,52 @@ fn matching_the_reference_allows_only_the_non_finite_elements_it_has() {
     };
     assert!(outputs_deviation(&outs(nan), &outs(nan), &policy).is_ok());
     assert!(outputs_deviation(&outs(nan), &outs(nan), &|_| NonFinite::Reject).is_err());
+}
+
+fn seeded(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(7),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+#[test]
+fn a_property_test_that_skips_most_cases_fails() {
+    let skip_odd = |x: u32| {
+        Ok(if x % 2 == 1 {
+            Case::Skipped("odd")
+        } else {
+            Case::Ran
+        })
+    };
+    let tally = run_property(seeded(64), 0u32..1000, skip_odd).unwrap();
+    assert_eq!(tally.total(), 64);
+    assert!(tally.ran > 10 && tally.ran < 54, "{tally}");
+    let e = tally.most_ran().unwrap_err();
+    assert!(e.contains("skipped: odd: "), "{e}");
+    assert!(e.ends_with("at least 80% must run"), "{e}");
+
+    let mostly = run_property(seeded(64), 0u32..1000, |x| {
+        Ok(if x % 10 == 0 {
+            Case::Skipped("a multiple of ten")
+        } else {
+            Case::Ran
+        })
+    })
+    .unwrap();
+    assert_eq!(mostly.total(), 64);
+    mostly.most_ran().unwrap();
+
+    assert!(Tally::default().most_ran().is_err(), "no case at all");
+    let failing = run_property(seeded(64), 0u32..1000, |x| {
+        prop_assert!(x < 500);
+        Ok(Case::Ran)
+    });
+    let e = failing.unwrap_err();
+    assert!(
+        e.contains("500"),
+        "the minimal failing case is reported: {e}"
+    );
 }

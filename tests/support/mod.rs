@@ -1,17 +1,20 @@
 //! Shared helpers of the end-to-end tests: the Hugging Face test models, sample
 //! inputs per family, the one comparison of outputs with references (which
-//! fails on NaN and infinities), and the differential check every pass must pass (the interpreter's outputs
+//! fails on NaN and infinities), property tests that count their skipped cases,
+//! and the differential check every pass must pass (the interpreter's outputs
 //! before and after the pass agree).
 
 #![allow(dead_code, unused_imports)]
 
 pub mod compare;
+pub mod property;
 pub mod random_graph;
 
 pub use compare::{
     assert_close, check_finite, check_outputs_finite, deviation, named, outputs_deviation, Compare,
     Deviation, Mismatch, NonFinite, Side, Tolerance,
 };
+pub use property::{check_property, run_property, Case, Tally};
 
 use std::path::Path;
 
