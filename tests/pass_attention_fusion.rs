@@ -85,13 +85,7 @@ fn llama_ir_after_fusion() {
 /// The interpreter's named outputs of `graph`.
 fn run_graph(graph: &Graph, weights: &Weights, inputs: &[Tensor]) -> Vec<(String, Tensor)> {
     let mut exe = Interpreter.compile(graph, weights).unwrap();
-    let outs = exe.run(inputs).unwrap();
-    graph
-        .outputs()
-        .iter()
-        .map(|(n, _)| n.clone())
-        .zip(outs)
-        .collect()
+    support::named(graph, exe.run(inputs).unwrap())
 }
 
 /// Runs `attention-fusion,dce` on `model`, checks that it fused exactly `fused`

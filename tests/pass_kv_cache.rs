@@ -55,13 +55,6 @@ const TINY_DECODER: &str = "func @tiny(%tokens: i64[B, T]) -> (logits: f32[B, T,
 }
 ";
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// Splits `graph` (with `weights`) and checks, for prompt `rows` and one next
 /// token per row, that prefill + decode reproduce the full forward exactly
 /// (within float tolerance) at every new position.
@@ -70,7 +63,7 @@ fn check_kv_equivalence(
     mut weights: kiln::Weights,
     rows: &[Vec<i64>],
     next: &[i64],
-    tol: f32,
+    tol: f64,
 ) -> Module {
     let mut full = Interpreter.compile(&graph, &weights).unwrap();
     let mut module = Module { funcs: vec![graph] };
@@ -108,10 +101,11 @@ fn check_kv_equivalence(
     let all = want[0].as_f32().unwrap();
     for r in 0..b {
         let last = &all[(r * t + t - 1) * v..(r * t + t) * v];
-        let d = max_abs_diff(&got[r * v..(r + 1) * v], last);
-        assert!(
-            d <= tol,
-            "row {r}: decode logits differ from the full forward by {d}"
+        support::assert_close(
+            &format!("row {r}: decode logits against the full forward's"),
+            &got[r * v..(r + 1) * v],
+            last,
+            support::Tolerance::Absolute(tol),
         );
     }
     assert_eq!(step[1].shape()[3], t, "the key cache grew by one");

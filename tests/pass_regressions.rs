@@ -27,15 +27,14 @@ fn check_same_after(src: &str, passes: &[&str], batch: i64, len: i64) {
         .and_then(|mut e| e.run(&inputs));
     match (before, after) {
         (Ok(a), Ok(b)) => {
-            for (x, y) in a.iter().zip(&b) {
-                let (x, y): (&[f32], &[f32]) = (x.as_f32().unwrap(), y.as_f32().unwrap());
-                let d = x
-                    .iter()
-                    .zip(y)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0f32, f32::max);
-                assert!(d <= 1e-5, "{passes:?} changed an output by {d}");
-            }
+            let graph = &module.funcs[0];
+            support::outputs_deviation(
+                &support::named(graph, b),
+                &support::named(graph, a),
+                &|_| support::NonFinite::Reject,
+            )
+            .and_then(|d| d.within(support::Tolerance::Absolute(1e-5)))
+            .unwrap_or_else(|e| panic!("{passes:?} changed an output: {e}"));
         }
         (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
         (a, b) => panic!("{passes:?}: before {a:?}, after {b:?}"),

@@ -5,6 +5,8 @@
 //!
 //! Test families, one helper each: [`check_op`] (one op, exact expectation),
 //! [`check_same`] (two graphs, same outputs), [`check_error`] (the whole message).
+//! Both comparisons go through [`compare`], which fails on a NaN or an
+//! infinity unless a hand-written expectation holds the same one there.
 
 use kiln_backends::{Backend, Interpreter, RunError, Tensor, Weights};
 use kiln_ir::parse_graph;
@@ -47,32 +49,88 @@ fn run(src: &str, weights: &Weights, inputs: &[Tensor]) -> Result<Vec<Tensor>, R
     exe.run(inputs)
 }
 
-/// Same dtype, shape and elements; f32 within `tol` relative (absolute below 1),
-/// NaN matching NaN and infinities matching exactly.
-fn assert_close(got: &Tensor, want: &Tensor, tol: f32, context: &str) {
-    assert_eq!(
-        (got.dtype(), got.shape()),
-        (want.dtype(), want.shape()),
-        "type differs in\n{context}"
-    );
-    match (got.as_f32(), want.as_f32()) {
-        (Some(g), Some(w)) => {
-            for (k, (&x, &y)) in g.iter().zip(w).enumerate() {
-                let ok = if y.is_nan() {
-                    x.is_nan()
-                } else if y.is_infinite() {
-                    x == y
-                } else {
-                    (x - y).abs() <= tol * y.abs().max(1.0)
-                };
-                assert!(
-                    ok,
-                    "element {k}: got {x}, want {y}\ngot  {g:?}\nwant {w:?}\nin\n{context}"
-                );
-            }
-        }
-        _ => assert_eq!(got, want, "in\n{context}"),
+/// What a comparison does with NaN and infinities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NonFinite {
+    /// A NaN or an infinity on either side fails (two computed results).
+    Reject,
+    /// `want` is written by hand and may hold a NaN or an infinity that the op
+    /// must produce there (`sqrt(-1)`, `recip(0)`); anywhere else one fails.
+    Expected,
+}
+
+/// The comparison of this file: same dtype, shape and elements; f32 within
+/// `tol` relative (absolute below 1), element by element, and NaN or infinite
+/// only where `non_finite` allows. Err names the first element that fails.
+fn compare(got: &Tensor, want: &Tensor, tol: f32, non_finite: NonFinite) -> Result<(), String> {
+    if (got.dtype(), got.shape()) != (want.dtype(), want.shape()) {
+        return Err(format!(
+            "got {:?}{:?}, want {:?}{:?}",
+            got.dtype(),
+            got.shape(),
+            want.dtype(),
+            want.shape()
+        ));
     }
+    let (Some(g), Some(w)) = (got.as_f32(), want.as_f32()) else {
+        return if got == want {
+            Ok(())
+        } else {
+            Err("elements differ".to_string())
+        };
+    };
+    for (k, (&x, &y)) in g.iter().zip(w).enumerate() {
+        let ok = match (y.is_finite(), non_finite) {
+            (false, NonFinite::Reject) => return Err(format!("element {k} of want is {y}")),
+            (false, NonFinite::Expected) => (x.is_nan() && y.is_nan()) || x == y,
+            (true, _) if !x.is_finite() => return Err(format!("element {k} of got is {x}")),
+            (true, _) => (x - y).abs() <= tol * y.abs().max(1.0),
+        };
+        if !ok {
+            return Err(format!("element {k}: got {x}, want {y}"));
+        }
+    }
+    Ok(())
+}
+
+/// [`compare`], panicking with both tensors and `context`.
+fn assert_close(got: &Tensor, want: &Tensor, tol: f32, non_finite: NonFinite, context: &str) {
+    if let Err(e) = compare(got, want, tol, non_finite) {
+        panic!(
+            "{e}\ngot  {:?}\nwant {:?}\nin\n{context}",
+            got.as_f32(),
+            want.as_f32()
+        );
+    }
+}
+
+#[test]
+fn the_comparison_fails_on_nan_and_infinity() {
+    let want = f(&[3], &[1.0, 2.0, 3.0]);
+    for (bad, tol) in [
+        (f32::NAN, 1e-6),
+        (f32::INFINITY, 1e-6),
+        (f32::NEG_INFINITY, 1e30),
+    ] {
+        let got = f(&[3], &[1.0, bad, 3.0]);
+        for policy in [NonFinite::Reject, NonFinite::Expected] {
+            let e = compare(&got, &want, tol, policy).unwrap_err();
+            assert_eq!(e, format!("element 1 of got is {bad}"));
+            let e = compare(&want, &got, tol, NonFinite::Reject).unwrap_err();
+            assert_eq!(e, format!("element 1 of want is {bad}"));
+        }
+        // Two computed results that are both NaN (or both infinite) agree on
+        // nothing.
+        assert!(compare(&got, &got, tol, NonFinite::Reject).is_err());
+        // A hand-written NaN or infinity must be produced exactly.
+        compare(&got, &got, tol, NonFinite::Expected).unwrap();
+        assert!(compare(&want, &got, tol, NonFinite::Expected).is_err());
+    }
+    let nan_row = f(&[3], &[f32::NAN; 3]);
+    assert!(std::panic::catch_unwind(|| {
+        assert_close(&nan_row, &want, 1e30, NonFinite::Reject, "all NaN")
+    })
+    .is_err());
 }
 
 /// Family: one op applied to inputs `%a0, %a1, …` gives exactly `want` (to 1e-6).
@@ -89,7 +147,7 @@ fn check_op(op: &str, attrs: &str, inputs: &[Tensor], want: Tensor) {
         args.join(", ")
     );
     let out = run(&src, &Weights::new(), inputs).unwrap_or_else(|e| panic!("{e}\nin\n{src}"));
-    assert_close(&out[0], &want, 1e-6, &src);
+    assert_close(&out[0], &want, 1e-6, NonFinite::Expected, &src);
 }
 
 /// Family: two graphs give the same outputs on the same inputs (within `tol`).
@@ -98,7 +156,7 @@ fn check_same(a: &str, b: &str, weights: &Weights, inputs: &[Tensor], tol: f32) 
     let out_b = run(b, weights, inputs).unwrap_or_else(|e| panic!("{e}\nin\n{b}"));
     assert_eq!(out_a.len(), out_b.len());
     for (x, y) in out_a.iter().zip(&out_b) {
-        assert_close(x, y, tol, &format!("{a}\nvs\n{b}"));
+        assert_close(x, y, tol, NonFinite::Reject, &format!("{a}\nvs\n{b}"));
     }
 }
 
@@ -1147,14 +1205,14 @@ fn one_executable_runs_many_shapes() {
     let row1 = Tensor::f32(vec![1, 3, 8], x.as_f32().unwrap()[24..].to_vec()).unwrap();
     let alone = exe.run(&[row1]).unwrap();
     let want = Tensor::f32(vec![1, 3, 8], both[0].as_f32().unwrap()[24..].to_vec()).unwrap();
-    assert_close(&alone[0], &want, 0.0, BLOCK);
+    assert_close(&alone[0], &want, 0.0, NonFinite::Reject, BLOCK);
     // Causal: the first 2 positions do not depend on the third.
     let prefix: Vec<f32> = x.as_f32().unwrap()[..16].to_vec();
     let short = exe
         .run(&[Tensor::f32(vec![1, 2, 8], prefix).unwrap()])
         .unwrap();
     let want = Tensor::f32(vec![1, 2, 8], both[0].as_f32().unwrap()[..16].to_vec()).unwrap();
-    assert_close(&short[0], &want, 0.0, BLOCK);
+    assert_close(&short[0], &want, 0.0, NonFinite::Reject, BLOCK);
 }
 
 const MATMUL: &str = "func @f(%a: f32[B, T], %b: f32[T, d]) -> (y: f32[B, d]) where d = 2 {

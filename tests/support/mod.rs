@@ -1,10 +1,20 @@
 //! Shared helpers of the end-to-end tests: the Hugging Face test models, sample
-//! inputs per family, and the differential check every pass must pass (the
-//! interpreter's outputs before and after the pass agree).
+//! inputs per family, the one comparison of outputs with references (which
+//! fails on NaN and infinities), property tests that count their skipped cases,
+//! and the differential check every pass must pass (the interpreter's outputs
+//! before and after the pass agree).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod compare;
+pub mod property;
 pub mod random_graph;
+
+pub use compare::{
+    assert_close, check_finite, check_outputs_finite, deviation, named, outputs_deviation, Compare,
+    Deviation, Mismatch, NonFinite, Side, Tolerance,
+};
+pub use property::{check_property, run_property, Case, Tally};
 
 use std::path::Path;
 
@@ -53,28 +63,45 @@ pub fn family_inputs(model: &Model) -> RunInputs {
     inputs
 }
 
-/// Largest |a - b| relative to the largest |a| over every output.
+/// Largest |a - b| relative to the largest |a| over every output; panics at
+/// the first NaN or infinity on either side, naming the output and the element.
 pub fn max_relative_error(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len(), "output count");
-    let (mut diff, mut scale) = (0f64, 0f64);
-    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
-        assert_eq!(na, nb, "output names");
-        assert_eq!(ta.shape(), tb.shape(), "output {na}: shape");
-        match (ta.as_f32(), tb.as_f32()) {
-            (Some(x), Some(y)) => {
-                for (p, q) in x.iter().zip(y) {
-                    diff = diff.max((*p as f64 - *q as f64).abs());
-                    scale = scale.max((*p as f64).abs());
-                }
-            }
-            _ => assert_eq!(ta, tb, "output {na}"),
+    outputs_deviation(b, a, &|_| NonFinite::Reject)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .relative()
+}
+
+/// Every number of a recorded reference (nested arrays), in order; anything
+/// else becomes NaN, which every comparison rejects.
+pub fn reference_values(v: &serde_json::Value) -> Vec<f64> {
+    fn push(v: &serde_json::Value, out: &mut Vec<f64>) {
+        match v {
+            serde_json::Value::Array(items) => items.iter().for_each(|i| push(i, out)),
+            serde_json::Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN)),
+            _ => out.push(f64::NAN),
         }
     }
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
+    let mut out = Vec::new();
+    push(v, &mut out);
+    out
+}
+
+/// A row of token ids of a recorded reference.
+pub fn reference_ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect()
+}
+
+/// Rows of token ids of a recorded reference.
+pub fn reference_rows(v: &serde_json::Value) -> Vec<Vec<i64>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(reference_ids)
+        .collect()
 }
 
 /// Runs `passes` on `model` and checks that the interpreter gives the same
@@ -99,13 +126,15 @@ pub fn check_preserves(
             after_model.to_text()
         )
     });
-    let rel = max_relative_error(&before, &after);
-    assert!(
-        rel <= rel_tol,
-        "{}: passes {:?} changed the outputs: relative error {rel:.3e} > {rel_tol:e}",
-        model.origin(),
-        passes.names()
-    );
+    outputs_deviation(&after, &before, &|_| NonFinite::Reject)
+        .and_then(|d| d.within(Tolerance::Relative(rel_tol)))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: passes {:?} changed the outputs: {e}",
+                model.origin(),
+                passes.names()
+            )
+        });
     after_model
 }
 
