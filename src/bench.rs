@@ -1,6 +1,7 @@
-//! `kiln bench`: timings of a decode step with the KV cache against the same
-//! step without it (the whole prefix re-run), measured in the same process on the
-//! same model, so the ratios are meaningful on any machine.
+//! `kiln bench`: timings of a decode step with the KV cache (in a session, the
+//! cache kept by the backend) against the same step without it (the whole
+//! prefix re-run), measured in the same process on the same model and backend,
+//! so the ratios are meaningful on any machine.
 
 use std::time::Instant;
 
@@ -28,6 +29,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// Times a decode step at each cache length (batch 1, token ids `i % vocab`).
 pub fn bench_decode(
     model: &Model,
+    target: Target,
     cache_lengths: &[usize],
     iters: usize,
 ) -> Result<Vec<DecodeTiming>, Error> {
@@ -42,32 +44,40 @@ pub fn bench_decode(
             info.family
         )));
     }
+    let iters = iters.max(1);
     if let Some(max) = info.max_positions {
-        if let Some(&too_long) = cache_lengths.iter().find(|&&l| l as i64 + 1 > max) {
+        let too_long = cache_lengths
+            .iter()
+            .find(|&&l| l.checked_add(iters).is_none_or(|n| n as i64 > max));
+        if let Some(&too_long) = too_long {
             return Err(Error::Input(format!(
-                "cache length {too_long} + 1 exceeds the model's {max} positions"
+                "cache length {too_long} + {iters} timed steps exceeds the model's {max} positions"
             )));
         }
     }
     let split = model.kv_split()?;
-    let mut prefill = split.compile_function("prefill", Target::Interp)?;
-    let mut decode = split.compile_function("decode", Target::Interp)?;
-    let mut full = model.compile(Target::Interp)?;
+    let mut full = model.compile(target)?;
     let vocab = info.vocab_size.max(1);
     let mut rows = Vec::new();
     for &len in cache_lengths {
         let prompt: Vec<i64> = (0..len as i64).map(|i| (i * 7 + 3) % vocab).collect();
-        let caches = prefill.run(&[Tensor::from_tokens(std::slice::from_ref(&prompt))
-            .map_err(kiln_backends::RunError::from)?])?;
+        // The cache holds the prompt and every timed step; each step appends
+        // one position in place (on backends that keep the cache).
+        let mut session = split.session(target, len + iters)?;
+        session.call(
+            "prefill",
+            &[Tensor::from_tokens(std::slice::from_ref(&prompt))
+                .map_err(kiln_backends::RunError::from)?],
+        )?;
         let next = Tensor::from_tokens(&[[1i64]]).map_err(kiln_backends::RunError::from)?;
         let mut longer = prompt.clone();
         longer.push(1);
         let longer = Tensor::from_tokens(&[longer]).map_err(kiln_backends::RunError::from)?;
         let mut d = Vec::new();
         let mut f = Vec::new();
-        for _ in 0..iters.max(1) {
+        for _ in 0..iters {
             let t = Instant::now();
-            decode.run(&[next.clone(), caches[1].clone(), caches[2].clone()])?;
+            session.call("decode", std::slice::from_ref(&next))?;
             d.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             full.run(std::slice::from_ref(&longer))?;

@@ -8,11 +8,11 @@
 //! self-attention is cached and the encoder runs once, in `prefill`. With
 //! `kv_cache: false` every step re-runs the whole prefix.
 
-use kiln_backends::{Executable, Tensor};
+use kiln_backends::{Backend, Executable, Session, Tensor};
 
 use kiln_passes::PassManager;
 
-use crate::{Error, Model, RunInputs};
+use crate::{Error, Model, RunInputs, Target};
 
 /// How the next token is chosen from the logits.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +44,8 @@ pub struct GenerateOptions {
     pub stop_at_eos: bool,
     /// Decode causal LMs with a KV cache (prefill once, then one token per step).
     pub kv_cache: bool,
+    /// Where to run.
+    pub backend: Target,
 }
 
 /// A small, fast, seeded generator (xorshift64*), so runs are reproducible
@@ -195,10 +197,20 @@ impl Model {
             (None, true) => 1,
             (_, false) => prompt.tokens.first().map_or(0, |r| r.len()),
         };
+        // The positions the caches must hold: the last new token is produced
+        // but never fed back.
+        let needed = growing_len
+            .checked_add(opts.max_new_tokens)
+            .map(|n| n.saturating_sub(1))
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "--max-new-tokens {} is too large: {growing_len} + {} positions overflow",
+                    opts.max_new_tokens, opts.max_new_tokens
+                ))
+            })?;
+        let capacity = needed.max(growing_len);
         if let Some(max) = info.max_positions {
-            // The last new token is produced but never fed back.
-            let needed = (growing_len + opts.max_new_tokens).saturating_sub(1);
-            if needed as i64 > max {
+            if needed as i64 > max || i64::try_from(needed).is_err() {
                 return Err(Error::Input(format!(
                     "{growing_len} tokens + {} new ones need {needed} positions, more than the model's {max}",
                     opts.max_new_tokens
@@ -233,12 +245,14 @@ impl Model {
         match split {
             Some(split) => split.generate_cached(
                 prompt,
-                opts.max_new_tokens,
+                opts,
                 info.decoder_start_token_id,
+                capacity,
                 &mut picker,
             )?,
             None => self.generate_uncached(
                 prompt,
+                opts.backend,
                 opts.max_new_tokens,
                 info.decoder_start_token_id,
                 &mut picker,
@@ -251,12 +265,13 @@ impl Model {
     fn generate_uncached(
         &self,
         prompt: &RunInputs,
+        backend: Target,
         max_new_tokens: usize,
         decoder_start: Option<i64>,
         picker: &mut Picker<'_>,
     ) -> Result<(), Error> {
         let rows = prompt.tokens.len();
-        let mut exe = self.compile(crate::Target::Interp)?;
+        let mut exe = self.compile(backend)?;
         let mut inputs = prompt.clone();
         if let (Some(start), None) = (decoder_start, &inputs.decoder_tokens) {
             inputs.decoder_tokens = Some(vec![vec![start]; rows]);
@@ -292,100 +307,70 @@ impl Model {
             .0)
     }
 
-    /// Prefill once, then one `decode` step per token with the KV cache (on a
-    /// model already split by [`Model::kv_split`]).
+    /// A [`Session`] over `@prefill` and `@decode` of a model already split
+    /// by [`Model::kv_split`], on `target`, with caches of `capacity` positions.
+    pub fn session(&self, target: Target, capacity: usize) -> Result<Box<dyn Session>, Error> {
+        let funcs = [
+            self.function("prefill")?.clone(),
+            self.function("decode")?.clone(),
+        ];
+        let none = kiln_backends::Weights::new();
+        let weights = self.weights().unwrap_or(&none);
+        Ok(match target {
+            Target::Interp => kiln_backends::Interpreter.session(&funcs, weights, capacity)?,
+            Target::Reference => kiln_backends::Reference.session(&funcs, weights, capacity)?,
+        })
+    }
+
+    /// Prefill once, then one `decode` step per token, in a session whose
+    /// backend keeps the caches (on a model already split by
+    /// [`Model::kv_split`]). The signatures say which inputs are caches and
+    /// carried values; the one data input of `@decode` takes the new tokens.
     fn generate_cached(
         &self,
         prompt: &RunInputs,
-        max_new_tokens: usize,
+        opts: &GenerateOptions,
         decoder_start: Option<i64>,
+        capacity: usize,
         picker: &mut Picker<'_>,
     ) -> Result<(), Error> {
-        let split = self;
-        let mut prefill = split.compile_function("prefill", crate::Target::Interp)?;
-        let mut decode = split.compile_function("decode", crate::Target::Interp)?;
         let mut first_inputs = prompt.clone();
         if let (Some(start), None) = (decoder_start, &first_inputs.decoder_tokens) {
             first_inputs.decoder_tokens = Some(vec![vec![start]; prompt.tokens.len()]);
         }
-        let first = split.prepare_inputs(&first_inputs)?;
-        // The tokens that grow by one per step; every other input (an encoder's
-        // tokens and mask) is passed to each decode step unchanged.
-        let growing = if decoder_start.is_some() {
-            "decoder_tokens"
-        } else {
-            "tokens"
-        };
-        let prefill_names = input_names(split.function("prefill")?);
-        let decode_names = input_names(split.function("decode")?);
-        let named = |f: &str,
-                     outs: Vec<Tensor>|
-         -> Result<std::collections::BTreeMap<String, Tensor>, Error> {
-            Ok(split
-                .function(f)?
-                .outputs()
-                .iter()
-                .map(|(n, _)| n.clone())
-                .zip(outs)
-                .collect())
-        };
-        // Prefill's outputs: logits, the caches, and values decode reads every
-        // step unchanged (an encoder's output).
-        let once = named("prefill", prefill.run(&first)?)?;
-        let take = |m: &std::collections::BTreeMap<String, Tensor>, n: &str| {
-            m.get(n)
-                .cloned()
-                .ok_or_else(|| Error::Unsupported(format!("the split model has no `{n}` output")))
-        };
-        let (mut logits, mut keys, mut values) = (
-            take(&once, "logits")?,
-            take(&once, "key_cache")?,
-            take(&once, "value_cache")?,
-        );
-        for step in 0..max_new_tokens {
+        let first = self.prepare_inputs(&first_inputs)?;
+        let decode = self.function("decode")?;
+        let data_inputs = decode
+            .inputs()
+            .iter()
+            .filter(|&&v| *decode.input_role(v) == kiln_ir::InputRole::Data)
+            .count();
+        if data_inputs != 1 {
+            return Err(Error::Unsupported(format!(
+                "@decode takes {data_inputs} data inputs; generation feeds it exactly one (the new tokens)"
+            )));
+        }
+        let mut session = self.session(opts.backend, capacity)?;
+        let mut logits = take_logits(session.call("prefill", &first)?)?;
+        for step in 0..opts.max_new_tokens {
             let next = picker.pick_all(&logits)?;
-            if picker.all_done() || step + 1 == max_new_tokens {
+            if picker.all_done() || step + 1 == opts.max_new_tokens {
                 break;
             }
             let tokens = Tensor::from_tokens(&next.iter().map(|t| vec![*t]).collect::<Vec<_>>())
                 .map_err(kiln_backends::RunError::from)?;
-            let mut inputs = Vec::with_capacity(decode_names.len());
-            for name in &decode_names {
-                let t = match name.as_str() {
-                    "past_keys" => keys.clone(),
-                    "past_values" => values.clone(),
-                    n if n == growing => tokens.clone(),
-                    n if once.contains_key(n) => take(&once, n)?,
-                    n => match prefill_names.iter().position(|p| p == n) {
-                        Some(i) => first[i].clone(),
-                        None => {
-                            return Err(Error::Unsupported(format!(
-                                "decode input %{n} has no value"
-                            )))
-                        }
-                    },
-                };
-                inputs.push(t);
-            }
-            let step_out = named("decode", decode.run(&inputs)?)?;
-            logits = take(&step_out, "logits")?;
-            keys = take(&step_out, "key_cache")?;
-            values = take(&step_out, "value_cache")?;
+            logits = take_logits(session.call("decode", &[tokens])?)?;
         }
         Ok(())
     }
 }
 
-/// The input names of `graph`, in order.
-fn input_names(graph: &kiln_ir::Graph) -> Vec<String> {
-    graph
-        .inputs()
-        .iter()
-        .filter_map(|v| match &graph.node(*v).kind {
-            kiln_ir::NodeKind::Input { name } => Some(name.clone()),
-            _ => None,
-        })
-        .collect()
+/// The `logits` output of a session call.
+fn take_logits(outs: Vec<(String, Tensor)>) -> Result<Tensor, Error> {
+    outs.into_iter()
+        .find(|(n, _)| n == "logits")
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error::Unsupported("the split model has no `logits` output".into()))
 }
 
 /// Chooses tokens row by row and collects them until each row is done.

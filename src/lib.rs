@@ -99,6 +99,16 @@ pub enum Target {
     Reference,
 }
 
+impl Target {
+    /// The backend's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Interp => "interp",
+            Target::Reference => "reference",
+        }
+    }
+}
+
 /// The token inputs of one run; absent optional inputs take their defaults.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunInputs {
@@ -581,6 +591,12 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Runs the main function on `target`; returns the named outputs.
+    pub fn run_on(&self, target: Target, inputs: &RunInputs) -> Result<Vec<(String, Tensor)>, Error> {
+        let mut exe = self.compile(target)?;
+        self.run_with(exe.as_mut(), inputs)
     }
 
     /// Runs the main function on the interpreter; returns the named outputs.

@@ -60,7 +60,7 @@ enum Command {
         opt: kiln::OptLevel,
         /// Run exactly these passes instead of a pipeline (comma-separated;
         /// canonicalize, constant-folding, cse, dce, attention-fusion, lora-merge,
-        /// elementwise-fusion, kv-cache, memory-plan).
+        /// elementwise-fusion, kv-cache).
         #[arg(long, value_delimiter = ',')]
         passes: Option<Vec<String>>,
         /// Also print the IR after this pass (`all`: after every pass).
@@ -171,6 +171,9 @@ enum Command {
         /// Timed runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "interp")]
+        backend: BackendArg,
     },
 }
 
@@ -304,7 +307,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         } => {
             if let Some(bad) = print_after
                 .iter()
-                .find(|p| *p != "all" && !kiln::passes::PASS_NAMES.contains(&p.as_str()))
+                .find(|p| *p != "all" && !kiln::passes::pass_names().contains(&p.as_str()))
             {
                 return Err(Error::Pass(kiln::passes::PassError::UnknownPass(
                     bad.clone(),
@@ -408,7 +411,6 @@ fn run(cli: Cli) -> Result<(), Error> {
             let m = m
                 .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
                 .0;
-            let _ = target(backend);
             let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 Sampling::Sample {
                     temperature: temperature.unwrap_or(1.0),
@@ -429,6 +431,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 sampling,
                 stop_at_eos: !ignore_eos,
                 kv_cache: !no_kv_cache,
+                backend: target(backend),
             };
             let new = m.generate(&inputs.to_inputs(), &opts)?;
             let lists: Vec<String> = new
@@ -455,6 +458,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Bench {
             model,
+            backend,
             cache_lengths,
             iters,
         } => {
@@ -462,10 +466,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 Some(p) => Model::load(&p)?,
                 None => Model::demo()?,
             };
-            let rows = kiln::bench::bench_decode(&m, &cache_lengths, iters)?;
+            let rows = kiln::bench::bench_decode(&m, target(backend), &cache_lengths, iters)?;
             outln!(
-                "model: {} (backend: interp, batch 1, median of {iters})",
-                m.origin()
+                "model: {} (backend: {}, batch 1, median of {iters})",
+                m.origin(),
+                target(backend).name()
             );
             outln!("| cache S | decode step (ms) | full forward S+1 (ms) | full / decode |");
             outln!("|---------|------------------|-----------------------|---------------|");
@@ -512,6 +517,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 sampling: Sampling::Greedy,
                 stop_at_eos: false,
                 kv_cache: true,
+                backend: kiln::Target::Interp,
             };
             let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
             outln!("  greedy next tokens (KV-cache decoding): {new:?}");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use kiln::{GenerateOptions, Model, RunInputs, Sampling, Tensor};
 use serde_json::Value;
 use support::{
-    deviation, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
+    deviation, BACKENDS, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
 };
 
 /// The measured relative errors are 1.7e-7 to 1.1e-6; issue 7 found that 1e-4
@@ -74,15 +74,17 @@ fn check_causal_lm(name: &str) {
     let r = reference(name);
     let base = Model::load(data_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     for (level, model) in levels(&base) {
-        let outs = model
-            .run(&RunInputs::tokens(rows(&r["inputs"]["input_ids"])))
-            .unwrap();
-        check_close(
-            &format!("{name} logits {level:?}"),
-            output(&outs, "logits"),
-            &r["outputs"]["logits"],
-            &|_| true,
-        );
+        for backend in BACKENDS {
+            let outs = model
+                .run_on(backend, &RunInputs::tokens(rows(&r["inputs"]["input_ids"])))
+                .unwrap();
+            check_close(
+                &format!("{name} logits {level:?} {}", backend.name()),
+                output(&outs, "logits"),
+                &r["outputs"]["logits"],
+                &|_| true,
+            );
+        }
         check_greedy(name, &model, &r["greedy"], r["greedy"]["prompt"].clone());
     }
 }
@@ -90,12 +92,13 @@ fn check_causal_lm(name: &str) {
 fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
     let prompt = reference_ids(&prompt);
     let want = reference_ids(&greedy["new_tokens"]);
-    for kv_cache in [false, true] {
+    for (kv_cache, backend) in [false, true].into_iter().flat_map(|k| BACKENDS.map(|b| (k, b))) {
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             sampling: Sampling::Greedy,
             stop_at_eos: false,
             kv_cache,
+            backend,
         };
         let got = model
             .generate(&RunInputs::tokens(vec![prompt.clone()]), &opts)
@@ -103,7 +106,8 @@ fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
         assert_eq!(
             got,
             vec![want.clone()],
-            "{name}: greedy generation (kv_cache: {kv_cache}) differs from Hugging Face"
+            "{name}: greedy generation (kv_cache: {kv_cache}, backend {}) differs from Hugging Face",
+            backend.name()
         );
     }
 }
@@ -136,26 +140,29 @@ fn bert_matches_transformers_with_and_without_padding() {
                 decoder_tokens: None,
             };
             let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
-            let outs = model.run(&inputs).unwrap();
-            let d = 32;
-            check_close(
-                "bert last_hidden_state",
-                output(&outs, "last_hidden_state"),
-                &case["outputs"]["last_hidden_state"],
-                &|i| mask[i / d] == 1,
-            );
-            check_close(
-                "bert pooled",
-                output(&outs, "pooled"),
-                &case["outputs"]["mean_pooled"],
-                &|_| true,
-            );
-            check_close(
-                "bert pooler_output",
-                output(&outs, "pooler_output"),
-                &case["outputs"]["pooler_output"],
-                &|_| true,
-            );
+            for backend in BACKENDS {
+                let outs = model.run_on(backend, &inputs).unwrap();
+                let d = 32;
+                let b = backend.name();
+                check_close(
+                    &format!("bert last_hidden_state {b}"),
+                    output(&outs, "last_hidden_state"),
+                    &case["outputs"]["last_hidden_state"],
+                    &|i| mask[i / d] == 1,
+                );
+                check_close(
+                    &format!("bert pooled {b}"),
+                    output(&outs, "pooled"),
+                    &case["outputs"]["mean_pooled"],
+                    &|_| true,
+                );
+                check_close(
+                    &format!("bert pooler_output {b}"),
+                    output(&outs, "pooler_output"),
+                    &case["outputs"]["pooler_output"],
+                    &|_| true,
+                );
+            }
         }
     }
 }
@@ -171,13 +178,15 @@ fn bart_matches_transformers() {
             token_type_ids: None,
             decoder_tokens: Some(rows(&r["inputs"]["decoder_input_ids"])),
         };
-        let outs = model.run(&inputs).unwrap();
-        check_close(
-            "bart logits",
-            output(&outs, "logits"),
-            &r["outputs"]["logits"],
-            &|_| true,
-        );
+        for backend in BACKENDS {
+            let outs = model.run_on(backend, &inputs).unwrap();
+            check_close(
+                &format!("bart logits {}", backend.name()),
+                output(&outs, "logits"),
+                &r["outputs"]["logits"],
+                &|_| true,
+            );
+        }
         check_greedy(
             "bart",
             &model,
@@ -231,18 +240,22 @@ fn real_minilm_matches_transformers() {
         decoder_tokens: None,
     };
     let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
-    let outs = model.run(&inputs).unwrap();
-    let d = 384;
-    check_close(
-        "minilm last_hidden_state",
-        output(&outs, "last_hidden_state"),
-        &r["outputs"]["last_hidden_state"],
-        &|i| mask[i / d] == 1,
-    );
-    check_close(
-        "minilm pooled",
-        output(&outs, "pooled"),
-        &r["outputs"]["mean_pooled"],
-        &|_| true,
-    );
+    let model = model.optimize(kiln::OptLevel::O2).unwrap();
+    for backend in BACKENDS {
+        let outs = model.run_on(backend, &inputs).unwrap();
+        let d = 384;
+        let b = backend.name();
+        check_close(
+            &format!("minilm last_hidden_state {b}"),
+            output(&outs, "last_hidden_state"),
+            &r["outputs"]["last_hidden_state"],
+            &|i| mask[i / d] == 1,
+        );
+        check_close(
+            &format!("minilm pooled {b}"),
+            output(&outs, "pooled"),
+            &r["outputs"]["mean_pooled"],
+            &|_| true,
+        );
+    }
 }

@@ -202,6 +202,7 @@ fn the_encoder_runs_once_in_prefill_not_in_every_decode_step() {
                     sampling: kiln::Sampling::Greedy,
                     stop_at_eos: false,
                     kv_cache,
+                    backend: kiln::Target::Interp,
                 },
             )
             .unwrap()

@@ -144,6 +144,7 @@ fn check_matches_peft(case: &Case) {
             sampling: Sampling::Greedy,
             stop_at_eos: false,
             kv_cache: true,
+            backend: kiln::Target::Interp,
         };
         let got = model
             .generate(&RunInputs::tokens(vec![ids(&greedy["prompt"])]), &opts)

@@ -24,6 +24,7 @@
 pub mod interp;
 pub mod lower;
 pub mod reference;
+pub mod session;
 
 use kiln_ir::{DType, Dim, Graph, ShapeCx, ShapeError, VerifyErrors};
 
@@ -31,6 +32,7 @@ pub use interp::Interpreter;
 pub use kiln_ir::{Element, Tensor, TensorData, TensorError, Weights};
 pub use lower::{lower, Program};
 pub use reference::Reference;
+pub use session::Session;
 
 /// Compiles a verified graph and its weights into an [`Executable`].
 pub trait Backend {
@@ -39,6 +41,23 @@ pub trait Backend {
 
     /// Checks `weights` against the graph's parameters and prepares to run `graph`.
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError>;
+
+    /// A [`Session`] over the entry points `funcs` (e.g. `prefill` and
+    /// `decode`) whose caches hold up to `capacity` positions. The default
+    /// passes the caches between calls as tensors (each call copies them);
+    /// a backend that keeps them in place overrides it.
+    fn session(
+        &self,
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+    ) -> Result<Box<dyn Session>, RunError> {
+        let exes = funcs
+            .iter()
+            .map(|g| Ok((g.clone(), self.compile(g, weights)?)))
+            .collect::<Result<Vec<_>, RunError>>()?;
+        Ok(Box::new(session::TensorSession::new(exes, capacity)))
+    }
 }
 
 /// A compiled graph: runs on inputs in signature order, returns outputs in signature order.
@@ -227,6 +246,9 @@ pub enum RunError {
         /// Every violation found.
         errors: Vec<String>,
     },
+    /// A session call that does not fit the session's entry points or state.
+    #[error("session: {0}")]
+    Session(String),
     /// A call that would grow a kept cache past its capacity.
     #[error("the KV cache holds {capacity} positions, but this call needs {needed} (start a new session with a larger capacity)")]
     CacheFull {

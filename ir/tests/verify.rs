@@ -75,3 +75,39 @@ fn symbols_bound_to_expressions_compare_by_value() {
 }";
     assert_eq!(check_text(src), "ok");
 }
+
+const CACHED: &str = "func @decode(%t: f32[B, T, 4], %past: f32[B, S, 4] cache=cache, %enc: f32[B, 3] carried) -> (y: f32[B, T, 4], cache: f32[B, S + T, 4] cache_axis=1) {
+  %cache = concat(%past, %t) axis=1 : f32[B, S + T, 4]
+  %y = exp(%t) : f32[B, T, 4]
+  return %y, %cache
+}";
+
+#[test]
+fn cache_and_carried_inputs_round_trip_and_verify() {
+    let g = parse_graph(CACHED).expect("parses");
+    assert_eq!(check_errors(&g), "ok");
+    let printed = kiln_ir::print_graph(&g);
+    assert_eq!(parse_graph(&printed).expect("reparses"), g);
+    assert!(
+        printed.contains("%past: f32[B, S, 4] cache=cache"),
+        "{printed}"
+    );
+    assert!(printed.contains("%enc: f32[B, 3] carried"), "{printed}");
+    assert!(
+        printed.contains("cache: f32[B, S + T, 4] cache_axis=1"),
+        "{printed}"
+    );
+    // Roles are part of the graph: dropping one makes it another graph.
+    let plain = parse_graph(&CACHED.replace(" carried", "")).expect("parses");
+    assert_ne!(plain, g);
+}
+
+#[test]
+fn a_cache_must_grow_into_its_output_along_its_axis() {
+    let wrong_axis = CACHED.replace("cache_axis=1", "cache_axis=2");
+    insta::assert_snapshot!(check_text(&wrong_axis), @"in @decode: input %past: a cache of f32[B, S, 4] cannot grow into output `cache` of f32[B, S + T, 4] along axis 2 (line 1, column 32)");
+    let no_output = CACHED.replace("cache=cache", "cache=nothing");
+    insta::assert_snapshot!(check_text(&no_output), @"in @decode: input %past: cache=nothing names no cache output (declare `nothing: … cache_axis=N`) (line 1, column 32)");
+    let bad_axis = parse_graph(&CACHED.replace("cache_axis=1", "cache_axis=7")).unwrap_err();
+    insta::assert_snapshot!(bad_axis.to_string(), @"1:146: cache_axis=7 is not an axis of f32[B, S + T, 4]");
+}

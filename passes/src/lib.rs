@@ -16,7 +16,6 @@ pub mod dce;
 pub mod elementwise_fusion;
 pub mod kv_cache_insertion;
 pub mod lora_merge;
-pub mod memory_planning;
 
 use kiln_ir::{print_module, verify_module, Module, VerifyErrors, Weights};
 
@@ -60,7 +59,7 @@ pub enum PassError {
         message: String,
     },
     /// A pass name that no pass has.
-    #[error("unknown pass `{0}` (known passes: {known})", known = PASS_NAMES.join(", "))]
+    #[error("unknown pass `{0}` (known passes: {known})", known = pass_names().join(", "))]
     UnknownPass(String),
 }
 
@@ -111,33 +110,32 @@ pub trait Pass {
     fn run(&self, module: &mut Module, cx: &mut PassContext<'_>) -> Result<Changed, PassError>;
 }
 
-/// Every registered pass name, in pipeline order.
-pub const PASS_NAMES: [&str; 9] = [
-    "canonicalize",
-    "constant-folding",
-    "cse",
-    "dce",
-    "attention-fusion",
-    "lora-merge",
-    "elementwise-fusion",
-    "kv-cache",
-    "memory-plan",
+/// Every pass, in pipeline order: the one registry behind `--passes`,
+/// `--print-after`, the pipelines and the error that lists the known names.
+/// A pass's name is its [`Pass::name`].
+const REGISTRY: [fn() -> Box<dyn Pass>; 8] = [
+    || Box::new(canonicalize::Canonicalize),
+    || Box::new(constant_folding::ConstantFolding),
+    || Box::new(cse::Cse),
+    || Box::new(dce::Dce),
+    || Box::new(attention_fusion::AttentionFusion),
+    || Box::new(lora_merge::LoraMerge),
+    || Box::new(elementwise_fusion::ElementwiseFusion),
+    || Box::new(kv_cache_insertion::KvCacheInsertion),
 ];
+
+/// Every registered pass name, in pipeline order.
+pub fn pass_names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|make| make().name()).collect()
+}
 
 /// The pass called `name`.
 pub fn pass_by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
-    Ok(match name {
-        "canonicalize" => Box::new(canonicalize::Canonicalize),
-        "constant-folding" => Box::new(constant_folding::ConstantFolding),
-        "cse" => Box::new(cse::Cse),
-        "dce" => Box::new(dce::Dce),
-        "attention-fusion" => Box::new(attention_fusion::AttentionFusion),
-        "lora-merge" => Box::new(lora_merge::LoraMerge),
-        "elementwise-fusion" => Box::new(elementwise_fusion::ElementwiseFusion),
-        "kv-cache" => Box::new(kv_cache_insertion::KvCacheInsertion),
-        "memory-plan" => Box::new(memory_planning::MemoryPlanning),
-        other => return Err(PassError::UnknownPass(other.to_string())),
-    })
+    REGISTRY
+        .iter()
+        .map(|make| make())
+        .find(|p| p.name() == name)
+        .ok_or_else(|| PassError::UnknownPass(name.to_string()))
 }
 
 /// The named optimization pipelines.

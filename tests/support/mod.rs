@@ -35,6 +35,10 @@ pub fn kiln(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Every backend, the oracle first: parity and differential tests run on each
+/// (a new backend joins with one line here).
+pub const BACKENDS: [kiln::Target; 2] = [kiln::Target::Interp, kiln::Target::Reference];
+
 /// Every model family with a test folder under `tests/data/hf/`.
 pub const FAMILIES: [&str; 5] = ["gpt2", "llama", "llama_tied", "bert", "bart"];
 

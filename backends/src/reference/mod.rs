@@ -16,8 +16,11 @@ use kiln_ir::{DType, Graph, ShapeCx};
 
 use crate::interp::signature;
 use crate::lower::{self, verify, ArenaPlan, BufferKind, Program};
+use crate::session::{self as sess, Session};
 use crate::{Backend, Executable, RunError, Tensor, Weights};
+use kiln_ir::InputRole;
 use scalar::Scalar;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The backend that lowers a graph and runs the Program with plain loops.
 #[derive(Clone, Copy, Debug, Default)]
@@ -30,6 +33,15 @@ impl Backend for Reference {
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
         Ok(Box::new(ReferenceExecutable::new(graph, weights)?))
+    }
+
+    fn session(
+        &self,
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+    ) -> Result<Box<dyn Session>, RunError> {
+        Ok(Box::new(ReferenceSession::new(funcs, weights, capacity)?))
     }
 }
 
@@ -225,6 +237,13 @@ pub(crate) struct CallInputs<'a> {
     pub states: Vec<Vec<u8>>,
 }
 
+/// What a call leaves: the states (to keep for the next call) and, per
+/// output, its value as a host tensor when it was asked for.
+pub(crate) struct CallResult {
+    pub states: Vec<Vec<u8>>,
+    pub outputs: Vec<Option<Tensor>>,
+}
+
 impl ReferenceExecutable {
     /// The run-time symbol binding of `cx` as a plan key.
     fn plan_key(&self, cx: &ShapeCx) -> Vec<i64> {
@@ -297,7 +316,7 @@ impl ReferenceExecutable {
         cx: &ShapeCx,
         call: CallInputs<'_>,
         want: &[bool],
-    ) -> Result<(Vec<Vec<u8>>, Vec<Option<Tensor>>), RunError> {
+    ) -> Result<CallResult, RunError> {
         let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
             let plan = ArenaPlan::place(&self.program, cx)?;
@@ -442,7 +461,10 @@ impl ReferenceExecutable {
                 })?;
             result.push(Some(t));
         }
-        Ok((mem.states, result))
+        Ok(CallResult {
+            states: mem.states,
+            outputs: result,
+        })
     }
 }
 
@@ -460,7 +482,142 @@ impl Executable for ReferenceExecutable {
             tensors: inputs.iter().map(Some).collect(),
             states,
         };
-        let (_, outs) = self.execute(&cx, call, &[])?;
-        Ok(outs.into_iter().flatten().collect())
+        let done = self.execute(&cx, call, &[])?;
+        Ok(done.outputs.into_iter().flatten().collect())
+    }
+}
+
+/// A session whose caches stay in place: one buffer per cache, of the
+/// session's capacity, written by each call only where it grows.
+pub struct ReferenceSession {
+    entries: Vec<(Graph, ReferenceExecutable)>,
+    carried_names: BTreeSet<String>,
+    carried: BTreeMap<String, Tensor>,
+    /// Each cache's memory by name, allocated by the first call that writes
+    /// it from position 0 (a prefill) and kept across calls.
+    states: BTreeMap<String, Vec<u8>>,
+    /// Each cache's shape as the last call left it.
+    shapes: BTreeMap<String, Vec<usize>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl ReferenceSession {
+    /// Lowers every entry point; caches get `capacity` positions.
+    pub fn new(
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+    ) -> Result<ReferenceSession, RunError> {
+        let entries = funcs
+            .iter()
+            .map(|g| Ok((g.clone(), ReferenceExecutable::new(g, weights)?)))
+            .collect::<Result<Vec<_>, RunError>>()?;
+        Ok(ReferenceSession {
+            carried_names: sess::carried_names(&funcs.iter().collect::<Vec<_>>()),
+            entries,
+            carried: BTreeMap::new(),
+            states: BTreeMap::new(),
+            shapes: BTreeMap::new(),
+            len: 0,
+            capacity,
+        })
+    }
+}
+
+impl Session for ReferenceSession {
+    fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let capacity = self.capacity;
+        let (carried, shapes) = (&self.carried, &self.shapes);
+        let (g, exe) = sess::find_entry(&mut self.entries, entry)?;
+        sess::check_data_count(g, data)?;
+        let missing = |name: &str| {
+            RunError::Session(format!(
+                "@{entry} reads %{name}, which no earlier call produced (call the entry point that returns it first)"
+            ))
+        };
+        // What binds the run-time symbols: the data, the carried values, and
+        // each cache's shape as the last call left it.
+        let mut data_iter = data.iter();
+        let mut tensors: Vec<Option<&Tensor>> = Vec::new();
+        let mut bind: Vec<(DType, &[usize])> = Vec::new();
+        for &v in g.inputs() {
+            let name = sess::input_name(g, v);
+            match g.input_role(v) {
+                InputRole::Data => {
+                    let t = data_iter.next().ok_or_else(|| missing(&name))?;
+                    bind.push((t.dtype(), t.shape()));
+                    tensors.push(Some(t));
+                }
+                InputRole::Carried => {
+                    let t = carried.get(&name).ok_or_else(|| missing(&name))?;
+                    bind.push((t.dtype(), t.shape()));
+                    tensors.push(Some(t));
+                }
+                InputRole::Cache { output } => {
+                    let shape = shapes.get(output).ok_or_else(|| missing(&name))?;
+                    bind.push((g.ty(v).dtype, shape));
+                    tensors.push(None);
+                }
+            }
+        }
+        let cx = signature::bind_shapes(g, &bind)?;
+        let cx = exe.program.bind_capacity(&cx, Some(capacity))?;
+        let sizes = exe.state_bytes(&cx)?;
+        let mut states = Vec::with_capacity(sizes.len());
+        for (st, &size) in exe.program.states.iter().zip(&sizes) {
+            let kept = self.states.remove(&st.name);
+            let mem = match (st.input, kept) {
+                (Some(_), Some(mem)) if mem.len() == size => mem,
+                (Some(_), _) => {
+                    return Err(RunError::Session(format!(
+                        "@{entry} reads the cache {} with another batch or layout than the call that wrote it; start a new session",
+                        st.name
+                    )))
+                }
+                // A call that writes the cache from position 0 starts a new sequence.
+                (None, Some(mem)) if mem.len() == size => mem,
+                (None, _) => vec![0u8; size],
+            };
+            states.push(mem);
+        }
+        let want: Vec<bool> = g
+            .outputs()
+            .iter()
+            .map(|(n, _)| g.cache_axis(n).is_none())
+            .collect();
+        let call = CallInputs { tensors, states };
+        let done = exe.execute(&cx, call, &want)?;
+        for (st, mem) in exe.program.states.iter().zip(done.states) {
+            self.states.insert(st.name.clone(), mem);
+            let out = exe.program.outputs[st.output].1;
+            let shape = exe
+                .program
+                .buffer(out)
+                .shape
+                .iter()
+                .map(|d| size(&cx, d, &st.name))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.len = shape.get(st.axis).copied().unwrap_or(0);
+            self.shapes.insert(st.name.clone(), shape);
+        }
+        let mut result = Vec::new();
+        for ((name, _), t) in g.outputs().iter().zip(done.outputs) {
+            let Some(t) = t else { continue };
+            if self.carried_names.contains(name) {
+                self.carried.insert(name.clone(), t);
+            } else {
+                result.push((name.clone(), t));
+            }
+        }
+        Ok(result)
+    }
+
+    fn cache_len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
     }
 }

@@ -1,13 +1,12 @@
-//! Elementwise fusion and memory planning: IR snapshots, differential tests
-//! against the interpreter (every family, random graphs), plan validity, the
-//! memory figures of GPT-2 small, and `kiln ir --stats --bind`.
+//! Elementwise fusion: IR snapshots and differential tests against the
+//! interpreter (every family, random graphs). The memory plan, which lowering
+//! computes, is tested in `tests/memory_plan.rs`.
 
 mod support;
 
 use kiln::backends::{Backend, Interpreter};
 use kiln::frontends::gpt2::{build_gpt2, random_weights, Gpt2Config};
 use kiln::ir::{Graph, Module, Op};
-use kiln::passes::memory_planning::{plan_memory, MemoryPlan};
 use kiln::passes::PassContext;
 use kiln::{Model, OptLevel, PassManager, Tensor};
 use proptest::prelude::*;
@@ -385,152 +384,4 @@ fn random_elementwise_chains_do_fuse() {
         }
     }
     assert!(fused >= 24, "only {fused} of 32 graphs fused");
-}
-
-// ----- memory planning -----
-
-fn plan_all(model: &Model, bind: &[(String, i64)]) -> Vec<MemoryPlan> {
-    model
-        .module()
-        .funcs
-        .iter()
-        .map(|g| {
-            let plan = plan_memory(g, bind).unwrap_or_else(|e| panic!("@{}: {e}", g.name));
-            plan.validate()
-                .unwrap_or_else(|e| panic!("{}: @{}: invalid plan: {e}", model.origin(), g.name));
-            plan
-        })
-        .collect()
-}
-
-#[test]
-fn memory_plans_are_valid_for_every_family_at_o0_and_o2() {
-    let b = bind(&[("B", 1), ("T", 16), ("S", 16)]);
-    for family in FAMILIES {
-        let model = hf_model(family);
-        for level in [OptLevel::O0, OptLevel::O2] {
-            let m = model.optimize(level).expect("pipeline runs");
-            for plan in plan_all(&m, &b) {
-                assert!(plan.arena_bytes > 0, "{family}");
-                assert!(
-                    plan.arena_bytes <= plan.total_bytes + 64 * plan.buffers.len() as u64,
-                    "{family}: arena {} vs sum {}",
-                    plan.arena_bytes,
-                    plan.total_bytes
-                );
-                assert!(plan.arena_bytes >= plan.max_live_bytes(), "{family}");
-            }
-        }
-    }
-}
-
-/// The GPT-2 test model as built (-O0), B = 1, T = 16.
-#[test]
-fn memory_plan_report_of_the_gpt2_test_model() {
-    let model = hf_model("gpt2");
-    let plans = plan_all(&model, &bind(&[("B", 1), ("T", 16)]));
-    insta::assert_snapshot!(plans[0].report());
-}
-
-/// GPT-2 small (124M) with B = 1, T = 128: the arena against one buffer per
-/// intermediate. The snapshot holds the graph as built (-O0) and after
-/// elementwise fusion alone (its pass and DCE), so that it changes only when
-/// the frontend or this pass changes; the full -O2 figures are printed.
-#[test]
-fn memory_plan_of_gpt2_small() {
-    let cfg = Gpt2Config {
-        vocab_size: 50257,
-        n_positions: 1024,
-        n_embd: 768,
-        n_layer: 12,
-        n_head: 12,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        activation: kiln::ir::UnaryOp::GeluTanh,
-    };
-    let graph = build_gpt2(&cfg).expect("GPT-2 small builds");
-    let b = bind(&[("B", 1), ("T", 128)]);
-    let after = |pm: PassManager| -> Graph {
-        let mut module = Module {
-            funcs: vec![graph.clone()],
-        };
-        pm.run(&mut module, &mut PassContext::new(None))
-            .expect("passes run");
-        module.funcs.remove(0)
-    };
-    let mut snapshot = String::new();
-    for (label, g) in [
-        ("-O0", graph.clone()),
-        ("elementwise-fusion, dce", after(fusion())),
-        ("-O2", after(PassManager::pipeline(OptLevel::O2))),
-    ] {
-        let plan = plan_memory(&g, &b).expect("plan");
-        plan.validate().expect("valid plan");
-        println!(
-            "GPT-2 small, B=1, T=128, {label}: peak arena {} bytes vs sum of intermediates {} bytes ({} buffers, arena/sum {:.4})",
-            plan.arena_bytes,
-            plan.total_bytes,
-            plan.buffers.len(),
-            plan.arena_bytes as f64 / plan.total_bytes as f64
-        );
-        if label != "-O2" {
-            snapshot.push_str(&format!("// ----- {label} -----\n{}\n", plan.report()));
-        }
-    }
-    insta::assert_snapshot!(snapshot);
-}
-
-proptest! {
-    #![proptest_config(seeded(64, 0x6b69_6c6e_6d65_6d70))]
-
-    #[test]
-    fn memory_plans_of_random_graphs_are_valid(
-        ops in prop::collection::vec(any::<u32>(), 1..40),
-        floats in prop::collection::vec(float_attr(), 1..6),
-        batch in 1i64..4,
-        len in 1i64..9,
-    ) {
-        let graph = random_graph(&ops, &floats);
-        let b = bind(&[("B", batch), ("T", len)]);
-        let plan = plan_memory(&graph, &b).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        plan.validate().map_err(|e| TestCaseError::fail(format!("{e}\n{}", kiln::ir::print_graph(&graph))))?;
-        prop_assert!(plan.arena_bytes >= plan.max_live_bytes());
-        let mut module = Module { funcs: vec![graph] };
-        fusion().run(&mut module, &mut PassContext::new(None)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let fused = plan_memory(&module.funcs[0], &b).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        fused.validate().map_err(TestCaseError::fail)?;
-    }
-}
-
-// ----- kiln ir --stats --bind -----
-
-#[test]
-fn cli_ir_stats_prints_the_memory_plan() {
-    let (code, out, err) =
-        support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1,T=128"]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(out.starts_with("func @gpt2("), "{out}");
-    assert!(
-        out.contains("// ----- memory plan of @gpt2 (B=1, T=128) -----"),
-        "{out}"
-    );
-    assert!(out.contains("// peak arena:"), "{out}");
-    assert!(out.contains("// sum of intermediates:"), "{out}");
-    assert!(out.contains("// largest buffers:"), "{out}");
-    // The report is made of comments: the output still parses as IR.
-    kiln::ir::parse_module(&out).expect("IR with the report parses");
-}
-
-#[test]
-fn cli_ir_stats_with_an_unbound_symbol_exits_2() {
-    let (code, out, err) = support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=1"]);
-    assert_eq!(code, 2, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(err.contains("unbound symbol `T`"), "{err}");
-    assert!(err.contains("--bind T=<int>"), "{err}");
-    let (code, _, err) = support::kiln(&["ir", "tests/data/hf/gpt2", "--stats", "--bind", "B=one"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("`B=one` is not a binding such as T=128"),
-        "{err}"
-    );
 }

@@ -1,0 +1,173 @@
+//! Sessions: entry points that share state between calls.
+//!
+//! A split decoder has `@prefill` (the prompt → logits and caches) and
+//! `@decode` (new tokens + caches → logits and longer caches). Their
+//! signatures say which inputs are caches (`cache=key_cache`) and which are
+//! values computed once (`carried`); a [`Session`] supplies those itself, so a
+//! caller passes only the data inputs (the tokens) and gets back only the
+//! other outputs (the logits). Where the caches live is the backend's
+//! business: [`TensorSession`] passes them as tensors (each decode step copies
+//! them), the reference backend keeps them in place in buffers of fixed
+//! capacity, a GPU backend keeps them on the device.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_ir::{Graph, InputRole, NodeKind};
+
+use crate::{Executable, RunError, Tensor};
+
+/// Entry points sharing caches and carried values between calls.
+pub trait Session {
+    /// Runs entry point `entry` on its data inputs (its inputs that are
+    /// neither `cache=` nor `carried`, in signature order); returns its outputs
+    /// that are neither caches nor carried values, by name.
+    fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError>;
+
+    /// Positions held in the caches now (0 before the first call).
+    fn cache_len(&self) -> usize;
+
+    /// Positions the caches can hold.
+    fn capacity(&self) -> usize;
+}
+
+/// The names of the values `funcs` carry from one entry point to another.
+pub(crate) fn carried_names(funcs: &[&Graph]) -> BTreeSet<String> {
+    funcs
+        .iter()
+        .flat_map(|g| {
+            g.inputs()
+                .iter()
+                .filter_map(|&v| match (g.input_role(v), &g.node(v).kind) {
+                    (InputRole::Carried, NodeKind::Input { name }) => Some(name.clone()),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+/// The name of input `v`.
+pub(crate) fn input_name(g: &Graph, v: kiln_ir::ValueId) -> String {
+    match &g.node(v).kind {
+        NodeKind::Input { name } => name.clone(),
+        _ => format!("#{}", v.index()),
+    }
+}
+
+/// The entry point `entry` of `graphs`, or an error listing them.
+pub(crate) fn find_entry<'a, T>(
+    entries: &'a mut [(Graph, T)],
+    entry: &str,
+) -> Result<&'a mut (Graph, T), RunError> {
+    let names: Vec<String> = entries
+        .iter()
+        .map(|(g, _)| format!("@{}", g.name))
+        .collect();
+    entries
+        .iter_mut()
+        .find(|(g, _)| g.name == entry)
+        .ok_or_else(|| {
+            RunError::Session(format!(
+                "no entry point @{entry} (there are {})",
+                names.join(", ")
+            ))
+        })
+}
+
+/// The data inputs of `g` checked against what the caller gave.
+pub(crate) fn check_data_count(g: &Graph, data: &[Tensor]) -> Result<(), RunError> {
+    let expected = g
+        .inputs()
+        .iter()
+        .filter(|&&v| *g.input_role(v) == InputRole::Data)
+        .count();
+    if expected != data.len() {
+        return Err(RunError::InputCount {
+            func: g.name.clone(),
+            expected,
+            got: data.len(),
+        });
+    }
+    Ok(())
+}
+
+/// A session that passes caches and carried values as host tensors; works on
+/// any backend (the graph interpreter uses it).
+pub struct TensorSession {
+    entries: Vec<(Graph, Box<dyn Executable>)>,
+    carried_names: BTreeSet<String>,
+    caches: BTreeMap<String, Tensor>,
+    carried: BTreeMap<String, Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl TensorSession {
+    /// A session over compiled entry points.
+    pub fn new(entries: Vec<(Graph, Box<dyn Executable>)>, capacity: usize) -> TensorSession {
+        let graphs: Vec<&Graph> = entries.iter().map(|(g, _)| g).collect();
+        TensorSession {
+            carried_names: carried_names(&graphs),
+            entries,
+            caches: BTreeMap::new(),
+            carried: BTreeMap::new(),
+            len: 0,
+            capacity,
+        }
+    }
+}
+
+impl Session for TensorSession {
+    fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let (caches, carried) = (&self.caches, &self.carried);
+        let (g, exe) = find_entry(&mut self.entries, entry)?;
+        check_data_count(g, data)?;
+        let mut data_iter = data.iter();
+        let mut inputs = Vec::with_capacity(g.inputs().len());
+        for &v in g.inputs() {
+            let name = input_name(g, v);
+            let t = match g.input_role(v) {
+                InputRole::Data => data_iter.next(),
+                InputRole::Cache { output } => caches.get(output),
+                InputRole::Carried => carried.get(&name),
+            };
+            let t = t.ok_or_else(|| {
+                RunError::Session(format!(
+                    "@{entry} reads %{name}, which no earlier call produced (call the entry point that returns it first)"
+                ))
+            })?;
+            inputs.push(t.clone());
+        }
+        let outs = exe.run(&inputs)?;
+        let mut result = Vec::new();
+        let mut len = self.len;
+        let mut new_caches = Vec::new();
+        for ((name, _), t) in g.outputs().iter().zip(outs) {
+            if let Some(axis) = g.cache_axis(name) {
+                let n = t.shape().get(axis).copied().unwrap_or(0);
+                if n > self.capacity {
+                    return Err(RunError::CacheFull {
+                        capacity: self.capacity,
+                        needed: n,
+                    });
+                }
+                len = n;
+                new_caches.push((name.clone(), t));
+            } else if self.carried_names.contains(name) {
+                self.carried.insert(name.clone(), t);
+            } else {
+                result.push((name.clone(), t));
+            }
+        }
+        self.caches.extend(new_caches);
+        self.len = len;
+        Ok(result)
+    }
+
+    fn cache_len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
