@@ -594,7 +594,11 @@ impl Model {
     }
 
     /// Runs the main function on `target`; returns the named outputs.
-    pub fn run_on(&self, target: Target, inputs: &RunInputs) -> Result<Vec<(String, Tensor)>, Error> {
+    pub fn run_on(
+        &self,
+        target: Target,
+        inputs: &RunInputs,
+    ) -> Result<Vec<(String, Tensor)>, Error> {
         let mut exe = self.compile(target)?;
         self.run_with(exe.as_mut(), inputs)
     }

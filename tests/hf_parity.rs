@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use kiln::{GenerateOptions, Model, RunInputs, Sampling, Tensor};
 use serde_json::Value;
 use support::{
-    deviation, BACKENDS, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
+    deviation, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
+    BACKENDS,
 };
 
 /// The measured relative errors are 1.7e-7 to 1.1e-6; issue 7 found that 1e-4
@@ -92,7 +93,10 @@ fn check_causal_lm(name: &str) {
 fn check_greedy(name: &str, model: &Model, greedy: &Value, prompt: Value) {
     let prompt = reference_ids(&prompt);
     let want = reference_ids(&greedy["new_tokens"]);
-    for (kv_cache, backend) in [false, true].into_iter().flat_map(|k| BACKENDS.map(|b| (k, b))) {
+    for (kv_cache, backend) in [false, true]
+        .into_iter()
+        .flat_map(|k| BACKENDS.map(|b| (k, b)))
+    {
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             sampling: Sampling::Greedy,

@@ -12,86 +12,61 @@ use kiln::adapter::LoraMode;
 use kiln::backends::lower::{self, verify, ArenaPlan, BufferKind, Kernel};
 use kiln::backends::{Backend, Interpreter, Reference};
 use kiln::ir::{Graph, ShapeCx};
-use kiln::{Model, OptLevel, RunInputs, Target, Tensor};
+use kiln::{Model, OptLevel, RunInputs, Tensor};
 use proptest::prelude::*;
+use support::{check_property, Case, NonFinite, Tolerance, BACKENDS};
 
-/// Where two runs may differ: every output of the same shape and dtype, NaN
-/// and infinities at the same places, finite values within `rel_tol` of the
-/// largest finite magnitude; integer and bool outputs identical. With
-/// `finite`, any NaN or infinity is an error too.
-fn compare(a: &[Tensor], b: &[Tensor], rel_tol: f64, finite: bool) -> Result<f64, String> {
-    if a.len() != b.len() {
-        return Err(format!("{} outputs vs {}", a.len(), b.len()));
-    }
-    let mut worst = 0f64;
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        if x.shape() != y.shape() || x.dtype() != y.dtype() {
-            return Err(format!("output {k}: {x} vs {y}"));
-        }
-        let (Some(p), Some(q)) = (x.as_f32(), y.as_f32()) else {
-            if x != y {
-                return Err(format!("output {k}: integer or bool outputs differ"));
-            }
-            continue;
-        };
-        let scale = p
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(0f64, |m, v| {
-                if (*v as f64).abs() > m {
-                    (*v as f64).abs()
-                } else {
-                    m
-                }
-            })
-            .max(f64::MIN_POSITIVE);
-        for (i, (&u, &v)) in p.iter().zip(q).enumerate() {
-            if finite && !(u.is_finite() && v.is_finite()) {
-                return Err(format!("output {k}[{i}]: non-finite {u} vs {v}"));
-            }
-            if u.is_nan() || v.is_nan() || u.is_infinite() || v.is_infinite() {
-                if !(u.is_nan() && v.is_nan()) && u != v {
-                    return Err(format!("output {k}[{i}]: {u} vs {v}"));
-                }
-                continue;
-            }
-            let rel = (u as f64 - v as f64).abs() / scale;
-            if rel.partial_cmp(&worst) == Some(std::cmp::Ordering::Greater) {
-                worst = rel;
-            }
-        }
-    }
-    if worst <= rel_tol {
-        Ok(worst)
-    } else {
-        Err(format!("relative error {worst:.3e} > {rel_tol:e}"))
-    }
+/// How far `got` is from the interpreter's `want` (outputs of `graph`):
+/// NaN and infinities fail, or with [`NonFinite::MatchReference`] must be
+/// where the reference has them; the relative error must be within `rel_tol`.
+fn compare(
+    graph: &Graph,
+    want: Vec<Tensor>,
+    got: Vec<Tensor>,
+    rel_tol: f64,
+    policy: NonFinite,
+) -> Result<f64, String> {
+    let (want, got) = (support::named(graph, want), support::named(graph, got));
+    support::outputs_deviation(&got, &want, &|_| policy)
+        .and_then(|d| d.within(Tolerance::Relative(rel_tol)))
+        .map(|d| d.relative())
+        .map_err(|e| e.to_string())
 }
 
-/// Runs `model`'s function `name` on both the interpreter and the Program.
-fn both(model: &Model, name: &str, inputs: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
-    let mut a = model
-        .compile_function(name, Target::Interp)
-        .unwrap_or_else(|e| panic!("{}: {e}", model.origin()));
-    let mut b = model
-        .compile_function(name, Target::Reference)
-        .unwrap_or_else(|e| panic!("{} @{name}: lowering: {e}", model.origin()));
-    let x = a.run(inputs).unwrap_or_else(|e| panic!("interp: {e}"));
-    let y = b
+/// Runs `model`'s function `name` on the interpreter (the oracle) and on
+/// every other backend, and checks each against it.
+fn check_backends(model: &Model, name: &str, inputs: &[Tensor], rel_tol: f64, what: &str) -> f64 {
+    let graph = model.function(name).expect("function");
+    let mut oracle = model
+        .compile_function(name, BACKENDS[0])
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = oracle
         .run(inputs)
-        .unwrap_or_else(|e| panic!("{} @{name}: program: {e}", model.origin()));
-    (x, y)
+        .unwrap_or_else(|e| panic!("{what}: interp: {e}"));
+    let mut worst = 0f64;
+    for backend in &BACKENDS[1..] {
+        let b = backend.name();
+        let mut exe = model
+            .compile_function(name, *backend)
+            .unwrap_or_else(|e| panic!("{what} @{name} on {b}: {e}"));
+        let got = exe
+            .run(inputs)
+            .unwrap_or_else(|e| panic!("{what} @{name} on {b}: {e}"));
+        let err = compare(graph, want.clone(), got, rel_tol, NonFinite::Reject)
+            .unwrap_or_else(|e| panic!("{what} @{name} on {b}: {e}"));
+        worst = worst.max(err);
+    }
+    worst
 }
 
-/// The Program executor matches the interpreter on `model`'s main function.
-/// The tolerance is 0 where the Program computes exactly what the graph says
-/// (same f64 sums, same per-op rounding); LoRA's unmerged form rounds `x·a`
-/// and `x·w` to f32 before adding them, where the interpreter keeps f64.
+/// Every backend matches the interpreter on `model`'s main function. The
+/// tolerance is 0 where a Program computes exactly what the graph says (same
+/// f64 sums, same per-op rounding); LoRA's unmerged form rounds `x·a` and
+/// `x·w` to f32 before adding them, where the interpreter keeps f64.
 fn check_program(model: &Model, inputs: &RunInputs, rel_tol: f64, what: &str) -> f64 {
     let tensors = model.prepare_inputs(inputs).expect("inputs");
     let name = model.main().expect("main").name.clone();
-    let (x, y) = both(model, &name, &tensors);
-    compare(&x, &y, rel_tol, true).unwrap_or_else(|e| panic!("{what}: {e}"))
+    check_backends(model, &name, &tensors, rel_tol, what)
 }
 
 #[test]
@@ -149,8 +124,11 @@ fn prefill_and_decode_programs_match_the_interpreter() {
             inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
         }
         let prefill_inputs = split.prepare_inputs(&inputs).expect("inputs");
-        let (x, y) = both(&split, "prefill", &prefill_inputs);
-        compare(&x, &y, 0.0, true).unwrap_or_else(|e| panic!("{family} prefill: {e}"));
+        check_backends(&split, "prefill", &prefill_inputs, 0.0, family);
+        let x = split
+            .compile_function("prefill", BACKENDS[0])
+            .and_then(|mut e| Ok(e.run(&prefill_inputs)?))
+            .expect("prefill");
         // One decode step on the prefill's outputs, by input name.
         let decode = split.function("decode").expect("decode");
         let prefill = split.function("prefill").expect("prefill");
@@ -192,8 +170,7 @@ fn prefill_and_decode_programs_match_the_interpreter() {
                 }
             })
             .collect();
-        let (x, y) = both(&split, "decode", &step_inputs);
-        compare(&x, &y, 0.0, true).unwrap_or_else(|e| panic!("{family} decode: {e}"));
+        check_backends(&split, "decode", &step_inputs, 0.0, family);
     }
 }
 
@@ -281,8 +258,11 @@ fn movement_becomes_views_and_loops_write_in_place() {
     )
     .unwrap();
     let mut oracle = Interpreter.compile(&g, &Default::default()).unwrap();
-    let (want, got) = (oracle.run(&[x.clone()]).unwrap(), exe.run(&[x]).unwrap());
-    compare(&want, &got, 0.0, true).unwrap();
+    let (want, got) = (
+        oracle.run(std::slice::from_ref(&x)).unwrap(),
+        exe.run(&[x]).unwrap(),
+    );
+    compare(&g, want, got, 0.0, NonFinite::Reject).unwrap();
 }
 
 #[test]
@@ -307,7 +287,7 @@ fn a_transposed_merge_copies_once_and_concat_parts_are_written_in_place() {
     let mut oracle = Interpreter.compile(&g, &Default::default()).unwrap();
     let inputs = support::random_inputs(&g, 2, 3, 5);
     let (want, got) = (oracle.run(&inputs).unwrap(), exe.run(&inputs).unwrap());
-    compare(&want, &got, 0.0, true).unwrap();
+    compare(&g, want, got, 0.0, NonFinite::Reject).unwrap();
 }
 
 fn small_program() -> (lower::Program, ShapeCx) {
@@ -411,10 +391,10 @@ fn interesting_float() -> impl Strategy<Value = f64> {
     prop_oneof![Just(0.0), Just(-0.0), Just(1.0), Just(-2.0), -4.0f64..4.0]
 }
 
-/// One random graph, optionally through -O2, run on the interpreter and as a
-/// Program; `Ok(false)` when the interpreter cannot run it (a cast to f16),
-/// which says nothing about the lowering.
-fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bool, TestCaseError> {
+/// One random graph, optionally through -O2, run on the interpreter and on
+/// every other backend; skipped when the interpreter cannot run it (a cast
+/// to f16), which says nothing about the lowering.
+fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<Case, TestCaseError> {
     let mut graph = support::random_graph::random_graph(ops, floats);
     let mut weights = kiln::frontends::gpt2::random_weights(&graph, seed).expect("weights");
     if fused {
@@ -432,7 +412,7 @@ fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bo
         .compile(&graph, &weights)
         .and_then(|mut e| e.run(&inputs))
     else {
-        return Ok(false);
+        return Ok(Case::Skipped("the interpreter cannot run it"));
     };
     let text = kiln::ir::print_graph(&graph);
     let mut exe = Reference
@@ -441,18 +421,18 @@ fn random_case(ops: &[u32], floats: &[f64], seed: u64, fused: bool) -> Result<bo
     let got = exe
         .run(&inputs)
         .map_err(|e| TestCaseError::fail(format!("program: {e}\n{text}")))?;
-    compare(&want, &got, 1e-6, false).map_err(|e| {
+    compare(&graph, want, got, 1e-6, NonFinite::MatchReference).map_err(|e| {
         let program = lower::lower(&graph)
             .map(|p| p.to_text(None))
             .unwrap_or_default();
         TestCaseError::fail(format!("{e}\n{text}\n{program}"))
     })?;
-    Ok(true)
+    Ok(Case::Ran)
 }
 
 #[test]
 fn random_graphs_run_the_same_as_programs() {
-    use proptest::test_runner::{Config, RngAlgorithm, RngSeed, TestRunner};
+    use proptest::test_runner::{Config, RngAlgorithm, RngSeed};
     let config = Config {
         cases: 128,
         rng_algorithm: RngAlgorithm::ChaCha,
@@ -460,30 +440,16 @@ fn random_graphs_run_the_same_as_programs() {
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(config);
-    let (ran, skipped) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
     let strategy = (
         prop::collection::vec(any::<u32>(), 1..30),
         prop::collection::vec(interesting_float(), 1..8),
         any::<u64>(),
         any::<bool>(),
     );
-    runner
-        .run(&strategy, |(ops, floats, seed, fused)| {
-            let counter = if random_case(&ops, &floats, seed, fused)? {
-                &ran
-            } else {
-                &skipped
-            };
-            counter.set(counter.get() + 1);
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (ran, skipped) = (ran.get(), skipped.get());
-    println!("random graphs: {ran} ran, {skipped} skipped");
-    assert!(
-        ran * 10 >= (ran + skipped) * 8,
-        "only {ran} of {} random graphs ran",
-        ran + skipped
+    check_property(
+        "random_graphs_run_the_same_as_programs",
+        config,
+        strategy,
+        |(ops, floats, seed, fused)| random_case(&ops, &floats, seed, fused),
     );
 }

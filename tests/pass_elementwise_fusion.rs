@@ -5,13 +5,13 @@
 mod support;
 
 use kiln::backends::{Backend, Interpreter};
-use kiln::frontends::gpt2::{build_gpt2, random_weights, Gpt2Config};
+use kiln::frontends::gpt2::random_weights;
 use kiln::ir::{Graph, Module, Op};
 use kiln::passes::PassContext;
 use kiln::{Model, OptLevel, PassManager, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
-use support::random_graph::{random_graph, random_interpretable_graph};
+use support::random_graph::random_interpretable_graph;
 use support::{
     check_outputs_finite, check_preserves, check_property, family_inputs, hf_model, named,
     outputs_deviation, random_inputs, Case, NonFinite, Side, Tolerance, FAMILIES,
@@ -46,10 +46,6 @@ fn kernel_count(module: &Module) -> usize {
         .flat_map(|g| g.node_ids().into_iter().map(move |v| g.op(v).cloned()))
         .filter(|op| matches!(op, Some(Op::Kernel { .. })))
         .count()
-}
-
-fn bind(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
-    pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
 }
 
 /// Runs `graph` on the interpreter; `Err` carries the interpreter's message.
