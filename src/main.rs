@@ -533,6 +533,16 @@ fn preview(t: &kiln::Tensor) -> String {
         kiln::backends::TensorData::I32(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
         kiln::backends::TensorData::I64(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
         kiln::backends::TensorData::Bool(v) => v.iter().take(4).map(|x| x.to_string()).collect(),
+        kiln::backends::TensorData::F16(v) => v
+            .iter()
+            .take(4)
+            .map(|x| format!("{:.5}", x.to_f32()))
+            .collect(),
+        kiln::backends::TensorData::BF16(v) => v
+            .iter()
+            .take(4)
+            .map(|x| format!("{:.5}", x.to_f32()))
+            .collect(),
     };
     format!(
         "[{}{}]",

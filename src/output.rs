@@ -43,6 +43,14 @@ fn write_scalar(s: &mut String, data: &TensorData, i: usize) {
         TensorData::I32(v) => write!(s, "{}", v.get(i).copied().unwrap_or_default()),
         TensorData::I64(v) => write!(s, "{}", v.get(i).copied().unwrap_or_default()),
         TensorData::Bool(v) => write!(s, "{}", v.get(i).copied().unwrap_or_default()),
+        TensorData::F16(v) => match v.get(i).map(|x| x.to_f32()) {
+            Some(x) if x.is_finite() => write!(s, "{x}"),
+            _ => write!(s, "null"),
+        },
+        TensorData::BF16(v) => match v.get(i).map(|x| x.to_f32()) {
+            Some(x) if x.is_finite() => write!(s, "{x}"),
+            _ => write!(s, "null"),
+        },
     };
 }
 

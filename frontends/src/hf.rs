@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use kiln_ir::{Graph, Tensor};
 use safetensors::{Dtype, SafeTensors};
@@ -187,7 +188,8 @@ pub fn read_weights(
         path: path.to_path_buf(),
         message,
     };
-    let mmap = map_file(path)?;
+    let mmap: Arc<memmap2::Mmap> = Arc::new(map_file(path)?);
+    let source: Arc<dyn kiln_ir::tensor::ByteSource> = mmap.clone();
     let st = parse_safetensors(path, &mmap)?;
     let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
 
@@ -233,14 +235,8 @@ pub fn read_weights(
             ));
             continue;
         }
-        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            werr(format!(
-                "tensor `{file_name}` has dtype {:?}; weights must be F32, F16 or BF16",
-                view.dtype()
-            ))
-        })?;
-        let t = Tensor::f32(expected, values)
-            .map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+        let t = mapped_tensor(&source, &mmap, &view, expected)
+            .map_err(|m| werr(format!("tensor `{file_name}`: {m}")))?;
         out.insert(name.clone(), t);
     }
     for n in &names {
@@ -257,15 +253,46 @@ pub fn read_weights(
     Ok(out)
 }
 
+/// A float tensor of a mapped safetensors file, read in place (f16 and bf16
+/// stay 16-bit; a backend widens them as it reads). Copied only when the file
+/// places it at an offset not aligned for its element type.
+fn mapped_tensor(
+    source: &Arc<dyn kiln_ir::tensor::ByteSource>,
+    mmap: &memmap2::Mmap,
+    view: &safetensors::tensor::TensorView<'_>,
+    shape: Vec<usize>,
+) -> Result<Tensor, String> {
+    let dtype = match view.dtype() {
+        Dtype::F32 => kiln_ir::DType::F32,
+        Dtype::F16 => kiln_ir::DType::F16,
+        Dtype::BF16 => kiln_ir::DType::BF16,
+        other => {
+            return Err(format!(
+                "has dtype {other:?}; weights must be F32, F16 or BF16"
+            ))
+        }
+    };
+    let data = view.data();
+    let offset = (data.as_ptr() as usize)
+        .checked_sub(mmap.as_ptr() as usize)
+        .filter(|o| o + data.len() <= mmap.len())
+        .ok_or("lies outside the mapped file")?;
+    let len = data.len() / dtype.size_bytes();
+    let data = kiln_ir::TensorData::from_source(dtype, source.clone(), offset, len)
+        .ok_or("its bytes do not hold its elements")?;
+    Tensor::new(shape, data).map_err(|e| e.to_string())
+}
+
 /// Memory-maps a weight file for reading.
 pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap, FrontendError> {
     let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    // SAFETY: the map is read-only and lives only while the caller parses and
-    // copies from it; a file truncated underneath us is the documented hazard of
-    // memory maps, accepted here as for every mmap-based weight loader.
+    // SAFETY: the map is read-only; weights are read in place for as long as
+    // the model lives. A file truncated or rewritten underneath a running
+    // process is the documented hazard of memory maps, accepted here as by
+    // every mmap-based weight loader (candle, llama.cpp, safetensors' own).
     unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
         path: path.to_path_buf(),
         source,

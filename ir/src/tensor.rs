@@ -1,9 +1,12 @@
-//! Host tensors: a row-major shape plus typed element storage.
+//! Host tensors: a row-major shape plus bytes of one dtype.
 //!
 //! A [`Tensor`] keeps its invariant (the storage holds exactly `numel()` elements
 //! of its dtype) by construction: the fields are private and every constructor
-//! checks the length. Storage is reference-counted, so cloning a tensor (a weight
-//! bound into an executable, a reshape) copies no elements.
+//! checks the length. Storage is bytes shared by reference count — an owned
+//! allocation or a range of a memory-mapped weight file, read in place — so
+//! cloning a tensor (a weight bound into an executable, a reshape) copies no
+//! elements, and f16/bf16 weights stay 16-bit. Strided views are the lowered
+//! Program's business (`kiln_backends::lower`); host tensors are contiguous.
 
 use std::fmt;
 use std::sync::Arc;
@@ -43,17 +46,183 @@ pub enum TensorError {
     },
 }
 
-/// Typed element storage of a tensor, row-major.
+// Tensor bytes are little-endian on disk (safetensors) and read in place.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "kiln reads weights in place and needs a little-endian target"
+);
+
+/// Bytes a tensor can live in: an owned allocation or a memory-mapped file
+/// (anything that lends out a byte slice and can be shared across threads).
+pub trait ByteSource: Send + Sync + std::panic::RefUnwindSafe + 'static {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+impl<T: AsRef<[u8]> + Send + Sync + std::panic::RefUnwindSafe + 'static> ByteSource for T {
+    fn bytes(&self) -> &[u8] {
+        self.as_ref()
+    }
+}
+
+/// An element type whose bytes can be read in place.
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value,
+/// except for `bool`, whose bytes [`Buf::from_source`] checks.
+pub unsafe trait Pod:
+    Copy + Send + Sync + std::panic::RefUnwindSafe + std::fmt::Debug + PartialEq + 'static
+{
+    /// The kiln dtype of this element type.
+    const DTYPE: DType;
+}
+
+// SAFETY: every bit pattern is a valid f32, i32, i64, f16 and bf16; bool's
+// bytes are checked where they come from outside Rust.
+unsafe impl Pod for f32 {
+    const DTYPE: DType = DType::F32;
+}
+unsafe impl Pod for i32 {
+    const DTYPE: DType = DType::I32;
+}
+unsafe impl Pod for i64 {
+    const DTYPE: DType = DType::I64;
+}
+unsafe impl Pod for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+unsafe impl Pod for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+unsafe impl Pod for bool {
+    const DTYPE: DType = DType::Bool;
+}
+
+/// An owned vector lent out as bytes.
+struct VecBytes<T: Pod>(Vec<T>);
+
+impl<T: Pod> ByteSource for VecBytes<T> {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the vector's elements are plain data; viewing them as bytes
+        // is always valid (u8 has no alignment or validity requirement).
+        unsafe {
+            std::slice::from_raw_parts(
+                self.0.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(self.0.as_slice()),
+            )
+        }
+    }
+}
+
+/// `len` elements of type `T` stored as bytes, shared (cloning copies no
+/// element): in an owned allocation or in place in a mapped file.
+#[derive(Clone)]
+pub struct Buf<T: Pod> {
+    source: Arc<dyn ByteSource>,
+    offset: usize,
+    len: usize,
+    mapped: bool,
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: Pod> Buf<T> {
+    /// `len` elements at byte `offset` of `source`, read in place when they
+    /// are aligned for `T`, else copied (decoded little-endian). `None` when
+    /// the range is outside the source, or a `bool` byte is neither 0 nor 1.
+    pub fn from_source(source: Arc<dyn ByteSource>, offset: usize, len: usize) -> Option<Buf<T>> {
+        let size = std::mem::size_of::<T>();
+        let end = offset.checked_add(len.checked_mul(size)?)?;
+        let bytes = source.bytes().get(offset..end)?;
+        if T::DTYPE == DType::Bool && bytes.iter().any(|&b| b > 1) {
+            return None;
+        }
+        if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+            let mut v: Vec<T> = Vec::with_capacity(len);
+            for chunk in bytes.chunks_exact(size) {
+                // SAFETY: `chunk` holds `size_of::<T>()` bytes of a valid `T`
+                // (checked above for bool); read_unaligned has no alignment need.
+                v.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) });
+            }
+            return Some(Buf::from(v));
+        }
+        Some(Buf {
+            source,
+            offset,
+            len,
+            mapped: true,
+            _elem: std::marker::PhantomData,
+        })
+    }
+
+    /// Whether the elements are read in place from a shared source (a mapped
+    /// file) rather than owned.
+    pub fn is_borrowed(&self) -> bool {
+        self.mapped
+    }
+
+    /// The elements as bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.source.bytes()[self.offset..self.offset + self.len * std::mem::size_of::<T>()]
+    }
+}
+
+impl<T: Pod> std::ops::Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        let bytes = self.bytes();
+        // SAFETY: `from_source` and `From<Vec<T>>` only build a Buf over
+        // bytes that are in range, aligned for `T` and valid `T` values.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), self.len) }
+    }
+}
+
+impl<T: Pod> From<Vec<T>> for Buf<T> {
+    fn from(v: Vec<T>) -> Buf<T> {
+        let len = v.len();
+        Buf {
+            source: Arc::new(VecBytes(v)),
+            offset: 0,
+            len,
+            mapped: false,
+            _elem: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Pod> FromIterator<T> for Buf<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Buf<T> {
+        Buf::from(iter.into_iter().collect::<Vec<T>>())
+    }
+}
+
+impl<T: Pod> PartialEq for Buf<T> {
+    fn eq(&self, other: &Buf<T>) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Pod> fmt::Debug for Buf<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// Typed element storage of a tensor, row-major: bytes of one dtype, owned or
+/// read in place from a mapped file (see [`Buf`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorData {
-    /// 32-bit floats (f16/bf16 weights are converted to this on load).
-    F32(Arc<[f32]>),
+    /// 32-bit floats.
+    F32(Buf<f32>),
+    /// 16-bit IEEE floats, kept 16-bit (kernels widen them as they read).
+    F16(Buf<half::f16>),
+    /// bfloat16, kept 16-bit.
+    BF16(Buf<half::bf16>),
     /// 32-bit signed integers.
-    I32(Arc<[i32]>),
+    I32(Buf<i32>),
     /// 64-bit signed integers (token ids, positions).
-    I64(Arc<[i64]>),
+    I64(Buf<i64>),
     /// Booleans (masks).
-    Bool(Arc<[bool]>),
+    Bool(Buf<bool>),
 }
 
 impl TensorData {
@@ -61,6 +230,8 @@ impl TensorData {
     pub fn dtype(&self) -> DType {
         match self {
             TensorData::F32(_) => DType::F32,
+            TensorData::F16(_) => DType::F16,
+            TensorData::BF16(_) => DType::BF16,
             TensorData::I32(_) => DType::I32,
             TensorData::I64(_) => DType::I64,
             TensorData::Bool(_) => DType::Bool,
@@ -71,6 +242,8 @@ impl TensorData {
     pub fn len(&self) -> usize {
         match self {
             TensorData::F32(d) => d.len(),
+            TensorData::F16(d) => d.len(),
+            TensorData::BF16(d) => d.len(),
             TensorData::I32(d) => d.len(),
             TensorData::I64(d) => d.len(),
             TensorData::Bool(d) => d.len(),
@@ -81,12 +254,40 @@ impl TensorData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the elements are read in place from a mapped file.
+    pub fn is_borrowed(&self) -> bool {
+        match self {
+            TensorData::F32(d) => d.is_borrowed(),
+            TensorData::F16(d) => d.is_borrowed(),
+            TensorData::BF16(d) => d.is_borrowed(),
+            TensorData::I32(d) => d.is_borrowed(),
+            TensorData::I64(d) => d.is_borrowed(),
+            TensorData::Bool(d) => d.is_borrowed(),
+        }
+    }
+
+    /// `len` elements of `dtype` at byte `offset` of `source` (see
+    /// [`Buf::from_source`]); `None` when out of range or not valid values.
+    pub fn from_source(
+        dtype: DType,
+        source: Arc<dyn ByteSource>,
+        offset: usize,
+        len: usize,
+    ) -> Option<TensorData> {
+        Some(match dtype {
+            DType::F32 => TensorData::F32(Buf::from_source(source, offset, len)?),
+            DType::F16 => TensorData::F16(Buf::from_source(source, offset, len)?),
+            DType::BF16 => TensorData::BF16(Buf::from_source(source, offset, len)?),
+            DType::I32 => TensorData::I32(Buf::from_source(source, offset, len)?),
+            DType::I64 => TensorData::I64(Buf::from_source(source, offset, len)?),
+            DType::Bool => TensorData::Bool(Buf::from_source(source, offset, len)?),
+        })
+    }
 }
 
 /// An element type a [`Tensor`] can store; lets shape-moving code be written once.
-pub trait Element: Copy + 'static {
-    /// The kiln dtype of this element type.
-    const DTYPE: DType;
+pub trait Element: Pod {
     /// The elements of `data` when it holds this type.
     fn slice(data: &TensorData) -> Option<&[Self]>;
     /// Wraps a vector of this type as storage.
@@ -94,9 +295,8 @@ pub trait Element: Copy + 'static {
 }
 
 macro_rules! element {
-    ($t:ty, $variant:ident, $dtype:expr) => {
+    ($t:ty, $variant:ident) => {
         impl Element for $t {
-            const DTYPE: DType = $dtype;
             fn slice(data: &TensorData) -> Option<&[Self]> {
                 match data {
                     TensorData::$variant(d) => Some(d),
@@ -110,10 +310,12 @@ macro_rules! element {
     };
 }
 
-element!(f32, F32, DType::F32);
-element!(i32, I32, DType::I32);
-element!(i64, I64, DType::I64);
-element!(bool, Bool, DType::Bool);
+element!(f32, F32);
+element!(i32, I32);
+element!(i64, I64);
+element!(bool, Bool);
+element!(half::f16, F16);
+element!(half::bf16, BF16);
 
 /// The number of elements of `shape`, or `None` when it overflows `usize`.
 pub fn checked_numel(shape: &[usize]) -> Option<usize> {
@@ -178,15 +380,11 @@ impl Tensor {
         })?;
         let data = match dtype {
             DType::F32 => TensorData::F32(vec![0.0; n].into()),
+            DType::F16 => TensorData::F16(vec![half::f16::ZERO; n].into()),
+            DType::BF16 => TensorData::BF16(vec![half::bf16::ZERO; n].into()),
             DType::I32 => TensorData::I32(vec![0; n].into()),
             DType::I64 => TensorData::I64(vec![0; n].into()),
             DType::Bool => TensorData::Bool(vec![false; n].into()),
-            DType::F16 | DType::BF16 => {
-                return Err(TensorError::UnsupportedDType {
-                    what: "Tensor::zeros".into(),
-                    dtype,
-                })
-            }
         };
         Ok(Tensor { shape, data })
     }
@@ -254,6 +452,35 @@ impl Tensor {
         bool::slice(&self.data)
     }
 
+    /// The elements as f32: borrowed for an f32 tensor, widened (a copy) for
+    /// f16 and bf16; `None` for other dtypes.
+    pub fn to_f32(&self) -> Option<std::borrow::Cow<'_, [f32]>> {
+        use std::borrow::Cow;
+        match &self.data {
+            TensorData::F32(d) => Some(Cow::Borrowed(&d[..])),
+            TensorData::F16(d) => Some(Cow::Owned(d.iter().map(|x| x.to_f32()).collect())),
+            TensorData::BF16(d) => Some(Cow::Owned(d.iter().map(|x| x.to_f32()).collect())),
+            _ => None,
+        }
+    }
+
+    /// Whether the elements are read in place from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_borrowed()
+    }
+
+    /// The elements' bytes (little-endian, row-major).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            TensorData::F32(d) => d.bytes(),
+            TensorData::F16(d) => d.bytes(),
+            TensorData::BF16(d) => d.bytes(),
+            TensorData::I32(d) => d.bytes(),
+            TensorData::I64(d) => d.bytes(),
+            TensorData::Bool(d) => d.bytes(),
+        }
+    }
+
     /// The same elements under another shape with the same element count.
     pub fn reshaped(&self, shape: Vec<usize>) -> Result<Tensor, TensorError> {
         Tensor::new(shape, self.data.clone())
@@ -293,7 +520,8 @@ mod tests {
     fn zeros_and_tokens() {
         let z = Tensor::zeros(DType::Bool, vec![2, 2]).unwrap();
         assert_eq!(z.as_bool(), Some(&[false; 4][..]));
-        assert!(Tensor::zeros(DType::F16, vec![1]).is_err());
+        let h = Tensor::zeros(DType::F16, vec![3]).unwrap();
+        assert_eq!(h.to_f32().as_deref(), Some(&[0.0f32; 3][..]));
         let t = Tensor::from_tokens(&[[1, 2, 3], [4, 5, 6]]).unwrap();
         assert_eq!(t.shape(), &[2, 3]);
         assert_eq!(t.as_i64(), Some(&[1i64, 2, 3, 4, 5, 6][..]));

@@ -33,7 +33,7 @@ pub(super) fn padding_mask(n: &NodeCx<'_>, m: &Tensor) -> Result<Tensor, RunErro
         TensorData::I32(d) => d.iter().map(|&v| v != 0).collect(),
         TensorData::I64(d) => d.iter().map(|&v| v != 0).collect(),
         TensorData::Bool(d) => d.to_vec(),
-        TensorData::F32(_) => {
+        TensorData::F32(_) | TensorData::F16(_) | TensorData::BF16(_) => {
             return Err(n.invalid(format!("attention mask must be integer or bool, got {m}")))
         }
     };

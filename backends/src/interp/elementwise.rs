@@ -40,6 +40,14 @@ impl IntElement for i64 {
     }
 }
 
+/// The interpreter computes in f32: a 16-bit weight is widened before an op
+/// reads it, so a 16-bit operand here is a value the graph computed in 16 bits.
+fn half_value(n: &NodeCx<'_>, x: &Tensor) -> RunError {
+    n.invalid(format!(
+        "the interpreter computes in f32, but an operand is {x} (cast it to f32 first)"
+    ))
+}
+
 /// `u(x)` elementwise.
 pub(super) fn unary(n: &NodeCx<'_>, u: UnaryOp, x: &Tensor) -> Result<Tensor, RunError> {
     let data = match x.data() {
@@ -55,6 +63,7 @@ pub(super) fn unary(n: &NodeCx<'_>, u: UnaryOp, x: &Tensor) -> Result<Tensor, Ru
             UnaryOp::Not => TensorData::Bool(d.iter().map(|&v| !v).collect()),
             _ => return Err(n.invalid(format!("{} does not apply to bool", u.name()))),
         },
+        TensorData::F16(_) | TensorData::BF16(_) => return Err(half_value(n, x)),
     };
     Ok(Tensor::new(x.shape().to_vec(), data)?)
 }
@@ -319,6 +328,8 @@ pub(super) fn cast(n: &NodeCx<'_>, x: &Tensor, to: DType) -> Result<Tensor, RunE
         TensorData::I32(d) => convert(n, d.iter().map(|&v| Scalar::Int(v as i64)), to)?,
         TensorData::I64(d) => convert(n, d.iter().map(|&v| Scalar::Int(v)), to)?,
         TensorData::Bool(d) => convert(n, d.iter().map(|&v| Scalar::Bool(v)), to)?,
+        TensorData::F16(d) => convert(n, d.iter().map(|&v| Scalar::Float(v.to_f64())), to)?,
+        TensorData::BF16(d) => convert(n, d.iter().map(|&v| Scalar::Float(v.to_f64())), to)?,
     };
     Ok(Tensor::new(x.shape().to_vec(), data)?)
 }

@@ -90,6 +90,8 @@ pub(crate) fn take(data: &TensorData, indices: &[usize]) -> TensorData {
         TensorData::I32(d) => pick(d, indices),
         TensorData::I64(d) => pick(d, indices),
         TensorData::Bool(d) => pick(d, indices),
+        TensorData::F16(d) => pick(d, indices),
+        TensorData::BF16(d) => pick(d, indices),
     }
 }
 

@@ -175,7 +175,7 @@ impl Executable for InterpExecutable {
                 cx: &cx,
             };
             let out = {
-                let args = step
+                let stored = step
                     .operands
                     .iter()
                     .map(|&o| {
@@ -184,6 +184,15 @@ impl Executable for InterpExecutable {
                             .ok_or_else(|| node.invalid("an operand was freed before its last use"))
                     })
                     .collect::<Result<Vec<&Tensor>, RunError>>()?;
+                // 16-bit weights stay 16-bit; each op reads them widened to f32
+                // (a copy that lives only while the op runs).
+                let widened: Vec<Option<Tensor>> =
+                    stored.iter().map(|t| widen(t)).collect::<Result<_, _>>()?;
+                let args: Vec<&Tensor> = stored
+                    .iter()
+                    .zip(&widened)
+                    .map(|(t, w)| w.as_ref().unwrap_or(t))
+                    .collect();
                 eval_op(&node, &step.op, &args)?
             };
             if out.shape() != node.out_shape || out.dtype() != step.dtype {
@@ -214,6 +223,17 @@ impl Executable for InterpExecutable {
                 })
             })
             .collect()
+    }
+}
+
+/// An f32 copy of a 16-bit tensor; `None` for any other dtype.
+fn widen(t: &Tensor) -> Result<Option<Tensor>, RunError> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => match t.to_f32() {
+            Some(v) => Ok(Some(Tensor::f32(t.shape().to_vec(), v.into_owned())?)),
+            None => Ok(None),
+        },
+        _ => Ok(None),
     }
 }
 

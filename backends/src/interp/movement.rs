@@ -104,6 +104,8 @@ pub(super) fn concat(n: &NodeCx<'_>, xs: &[&Tensor], axis: i64) -> Result<Tensor
         TensorData::I32(_) => join::<i32>(xs, a, outer),
         TensorData::I64(_) => join::<i64>(xs, a, outer),
         TensorData::Bool(_) => join::<bool>(xs, a, outer),
+        TensorData::F16(_) => join::<half::f16>(xs, a, outer),
+        TensorData::BF16(_) => join::<half::bf16>(xs, a, outer),
     };
     Ok(Tensor::new(shape, data)?)
 }

@@ -90,6 +90,11 @@ pub(super) fn reduce(
         TensorData::I32(d) => int_reduce(n, kind, d, &target, out_len)?,
         TensorData::I64(d) => int_reduce(n, kind, d, &target, out_len)?,
         TensorData::Bool(_) => return Err(n.invalid("cannot reduce bool")),
+        TensorData::F16(_) | TensorData::BF16(_) => {
+            return Err(n.invalid(format!(
+                "cannot reduce {x} in 16 bits (cast it to f32 first)"
+            )))
+        }
     };
     Ok(Tensor::new(shape, data)?)
 }

@@ -90,7 +90,9 @@ pub(crate) fn check_weights(
                 expected: describe_type(ty, &cx),
             });
         };
-        if w.dtype() != ty.dtype {
+        // A 16-bit weight for an f32 parameter stays 16-bit; kernels widen it.
+        let widens = ty.dtype == DType::F32 && matches!(w.dtype(), DType::F16 | DType::BF16);
+        if w.dtype() != ty.dtype && !widens {
             return Err(RunError::WeightDType {
                 name: name.clone(),
                 expected: ty.to_string(),

@@ -160,6 +160,8 @@ pub(crate) fn tensor_elem(t: &Tensor, i: usize) -> Option<Scalar> {
         TensorData::I32(d) => Scalar::Int(*d.get(i)? as i64),
         TensorData::I64(d) => Scalar::Int(*d.get(i)?),
         TensorData::Bool(d) => Scalar::Bool(*d.get(i)?),
+        TensorData::F16(d) => Scalar::Float(d.get(i)?.to_f64()),
+        TensorData::BF16(d) => Scalar::Float(d.get(i)?.to_f64()),
     })
 }
 
