@@ -1,0 +1,101 @@
+//! Weights as bytes: safetensors weights are read in place from the mapped
+//! file (never copied), and f16/bf16 checkpoints stay 16-bit in memory while
+//! every backend widens them as it reads.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use kiln::ir::DType;
+use kiln::{Model, OptLevel, Target};
+use safetensors::{Dtype, SafeTensors};
+use support::{outputs_deviation, NonFinite, Tolerance, BACKENDS};
+
+#[test]
+fn weights_are_read_in_place_from_the_mapped_file() {
+    for family in support::FAMILIES {
+        let model = support::hf_model(family);
+        let weights = model.weights().expect("weights");
+        let copied: Vec<&String> = weights
+            .iter()
+            .filter(|(_, t)| !t.is_mapped())
+            .map(|(n, _)| n)
+            .collect();
+        assert!(copied.is_empty(), "{family}: copied instead of mapped: {copied:?}");
+    }
+}
+
+/// A copy of the test folder `name` whose float weights are stored as `dtype`.
+fn sixteen_bit_copy(name: &str, dtype: Dtype) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf").join(name);
+    let dst = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{dtype:?}"));
+    std::fs::create_dir_all(&dst).expect("temp folder");
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("weights");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let data = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    match dtype {
+                        Dtype::F16 => half::f16::from_f32(x).to_le_bytes(),
+                        _ => half::bf16::from_f32(x).to_le_bytes(),
+                    }
+                })
+                .collect(),
+            _ => view.data().to_vec(),
+        };
+        tensors.push((name, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("view");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).expect("write");
+    dst
+}
+
+#[test]
+fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
+    for (st_dtype, dtype) in [(Dtype::F16, DType::F16), (Dtype::BF16, DType::BF16)] {
+        let dir = sixteen_bit_copy("llama", st_dtype);
+        let model = Model::load(&dir).expect("loads");
+        let weights = model.weights().expect("weights");
+        assert!(
+            weights.values().all(|t| t.dtype() == dtype && t.is_mapped()),
+            "{dtype}: every weight stays {dtype} and mapped"
+        );
+        let f32_model = support::hf_model("llama");
+        let inputs = support::family_inputs(&f32_model);
+        let want = f32_model.run(&inputs).expect("f32 runs");
+        let m = model.optimize(OptLevel::O2).expect("O2");
+        let mut first: Option<Vec<(String, kiln::Tensor)>> = None;
+        for backend in BACKENDS {
+            let got = m.run_on(backend, &inputs).unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
+            // Rounding the weights to 16 bits moves the logits by about the
+            // format's precision (2^-11 for f16, 2^-8 for bf16) relative.
+            let tol = if dtype == DType::F16 { 1e-2 } else { 5e-2 };
+            let d = outputs_deviation(&got, &want, &|_| NonFinite::Reject)
+                .and_then(|d| d.within(Tolerance::Relative(tol)))
+                .unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
+            println!("{dtype} weights on {}: {d}", backend.name());
+            // Every backend widens the same 16-bit values: identical results.
+            match &first {
+                None => first = Some(got),
+                Some(f) => {
+                    outputs_deviation(&got, f, &|_| NonFinite::Reject)
+                        .and_then(|d| d.within(Tolerance::Relative(0.0)))
+                        .unwrap_or_else(|e| panic!("{dtype}: backends differ: {e}"));
+                }
+            }
+        }
+        assert_eq!(BACKENDS[0], Target::Interp);
+    }
+}
