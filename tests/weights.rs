@@ -21,13 +21,18 @@ fn weights_are_read_in_place_from_the_mapped_file() {
             .filter(|(_, t)| !t.is_mapped())
             .map(|(n, _)| n)
             .collect();
-        assert!(copied.is_empty(), "{family}: copied instead of mapped: {copied:?}");
+        assert!(
+            copied.is_empty(),
+            "{family}: copied instead of mapped: {copied:?}"
+        );
     }
 }
 
 /// A copy of the test folder `name` whose float weights are stored as `dtype`.
 fn sixteen_bit_copy(name: &str, dtype: Dtype) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf").join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
     let dst = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{dtype:?}"));
     std::fs::create_dir_all(&dst).expect("temp folder");
     std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
@@ -54,7 +59,8 @@ fn sixteen_bit_copy(name: &str, dtype: Dtype) -> PathBuf {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("view");
+            let view =
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("view");
             (n.clone(), view)
         })
         .collect();
@@ -69,7 +75,9 @@ fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
         let model = Model::load(&dir).expect("loads");
         let weights = model.weights().expect("weights");
         assert!(
-            weights.values().all(|t| t.dtype() == dtype && t.is_mapped()),
+            weights
+                .values()
+                .all(|t| t.dtype() == dtype && t.is_mapped()),
             "{dtype}: every weight stays {dtype} and mapped"
         );
         let f32_model = support::hf_model("llama");
@@ -78,7 +86,9 @@ fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
         let m = model.optimize(OptLevel::O2).expect("O2");
         let mut first: Option<Vec<(String, kiln::Tensor)>> = None;
         for backend in BACKENDS {
-            let got = m.run_on(backend, &inputs).unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
+            let got = m
+                .run_on(backend, &inputs)
+                .unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
             // Rounding the weights to 16 bits moves the logits by about the
             // format's precision (2^-11 for f16, 2^-8 for bf16) relative.
             let tol = if dtype == DType::F16 { 1e-2 } else { 5e-2 };
