@@ -49,7 +49,7 @@ pub(crate) fn carried_names(funcs: &[&Graph]) -> BTreeSet<String> {
 pub(crate) fn input_name(g: &Graph, v: kiln_ir::ValueId) -> String {
     match &g.node(v).kind {
         NodeKind::Input { name } => name.clone(),
-        _ => format!("#{}", v.index()),
+        _ => g.describe(v),
     }
 }
 

@@ -10,6 +10,7 @@ use petgraph::Direction;
 
 use crate::dim::Dim;
 use crate::op::Op;
+use crate::shape::{ShapeCx, ShapeError};
 use crate::types::TensorType;
 
 /// A value: the one result of a node (an input, a parameter or an op).
@@ -146,6 +147,45 @@ impl Graph {
             self.dag.add_edge(v.0, n, i);
         }
         ValueId(n)
+    }
+
+    /// Adds an op node typed by its shape rule under `cx` (the graph's
+    /// bindings, as [`crate::verify`] returns them): the one checked way to add
+    /// an op.
+    pub fn add_op_inferred(
+        &mut self,
+        op: Op,
+        operands: &[ValueId],
+        name: Option<String>,
+        cx: &ShapeCx,
+    ) -> Result<ValueId, ShapeError> {
+        let ty = self.infer(&op, operands, cx)?;
+        Ok(self.add_op(op, operands, ty, name))
+    }
+
+    /// Makes op node `id` compute `op(operands)`, re-inferring its type by the
+    /// op's shape rule under `cx`; on an error nothing changes. The one way to
+    /// replace an op.
+    pub fn replace_op(
+        &mut self,
+        id: ValueId,
+        op: Op,
+        operands: &[ValueId],
+        cx: &ShapeCx,
+    ) -> Result<(), ShapeError> {
+        let ty = self.infer(&op, operands, cx)?;
+        let node = self.node_mut(id);
+        if let NodeKind::Op { op: slot, .. } = &mut node.kind {
+            *slot = op;
+        }
+        node.ty = ty;
+        self.set_operands(id, operands);
+        Ok(())
+    }
+
+    fn infer(&self, op: &Op, operands: &[ValueId], cx: &ShapeCx) -> Result<TensorType, ShapeError> {
+        let types: Vec<TensorType> = operands.iter().map(|&o| self.ty(o).clone()).collect();
+        op.infer(&types, cx)
     }
 
     /// Sets the outputs, in order.

@@ -50,6 +50,13 @@ impl Namer {
     }
 }
 
+impl Graph {
+    /// Node `v` as it prints in messages: `%7 = matmul(%6, @w)`, `input %x`.
+    pub fn describe(&self, v: ValueId) -> String {
+        Namer::new(self).node_header(self, v)
+    }
+}
+
 /// Prints one function.
 pub fn print_graph(graph: &Graph) -> String {
     let namer = Namer::new(graph);

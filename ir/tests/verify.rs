@@ -111,3 +111,39 @@ fn a_cache_must_grow_into_its_output_along_its_axis() {
     let bad_axis = parse_graph(&CACHED.replace("cache_axis=1", "cache_axis=7")).unwrap_err();
     insta::assert_snapshot!(bad_axis.to_string(), @"1:146: cache_axis=7 is not an axis of f32[B, S + T, 4]");
 }
+
+#[test]
+fn replace_op_re_infers_the_type_and_changes_nothing_on_an_error() {
+    let mut g = parse_graph(
+        "func @f(%x: f32[B, 4], %m: i64[B, 4]) -> (y: f32[B, 4]) {
+  %y = exp(%x) : f32[B, 4]
+  return %y
+}",
+    )
+    .expect("parses");
+    let cx = verify(&g).expect("verifies");
+    let (x, m) = (g.inputs()[0], g.inputs()[1]);
+    let y = g.outputs()[0].1;
+    let sum = Op::Reduce {
+        kind: kiln_ir::ReduceKind::Sum,
+        axes: vec![1],
+        keepdim: false,
+    };
+    g.replace_op(y, sum, &[x], &cx)
+        .expect("a reduction of %x types");
+    assert_eq!(g.ty(y).to_string(), "f32[B]");
+    let before = kiln_ir::print_graph(&g);
+    let err = g
+        .replace_op(y, Op::Binary(kiln_ir::BinaryOp::Add), &[x, m], &cx)
+        .unwrap_err();
+    assert!(err.to_string().contains("i64"), "{err}");
+    assert_eq!(
+        kiln_ir::print_graph(&g),
+        before,
+        "a failed replace changes nothing"
+    );
+    let added = g
+        .add_op_inferred(Op::Unary(UnaryOp::Neg), &[x], None, &cx)
+        .expect("neg types");
+    assert_eq!(g.ty(added).to_string(), "f32[B, 4]");
+}

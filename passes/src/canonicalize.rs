@@ -34,9 +34,7 @@
 //! bit-identical before and after; the graph still verifies; inputs, parameters
 //! and output names are untouched. Notes list how often each rule fired.
 
-use kiln_ir::{
-    BinaryOp, DType, Graph, Module, NodeKind, Op, ShapeCx, TensorType, UnaryOp, ValueId,
-};
+use kiln_ir::{BinaryOp, DType, Graph, Module, Op, ShapeCx, TensorType, UnaryOp, ValueId};
 
 use crate::{Changed, Pass, PassContext, PassError};
 
@@ -137,13 +135,6 @@ fn forward(graph: &mut Graph, v: ValueId, x: ValueId) {
     graph.remove_node(v);
 }
 
-/// Replaces the op of node `v`, keeping its name and stored type.
-fn set_op(graph: &mut Graph, v: ValueId, new_op: Op) {
-    if let NodeKind::Op { op, .. } = &mut graph.node_mut(v).kind {
-        *op = new_op;
-    }
-}
-
 /// What one rule did to a node.
 struct Applied {
     rule: Rule,
@@ -195,8 +186,7 @@ fn rewrite(graph: &mut Graph, cx: &ShapeCx, v: ValueId) -> Option<Applied> {
                 let composed: Option<Vec<usize>> =
                     outer.iter().map(|&o| inner.get(o).copied()).collect();
                 if let Some(perm) = composed.filter(|c| c.len() == inner.len()) {
-                    set_op(graph, v, Op::Permute { perm });
-                    graph.set_operands(v, &[src]);
+                    graph.replace_op(v, Op::Permute { perm }, &[src], cx).ok()?;
                     return in_place(Rule::PermuteOfPermute);
                 }
             }
@@ -300,9 +290,9 @@ fn canonicalize_graph(graph: &mut Graph, cx: &ShapeCx) -> Result<Vec<(Rule, usiz
         let order = graph.topo_order().map_err(|v| PassError::Failed {
             pass: "canonicalize",
             message: format!(
-                "@{}: the graph has a cycle through node #{}",
+                "@{}: the graph has a cycle through {}",
                 graph.name,
-                v.index()
+                graph.describe(v)
             ),
         })?;
         let mut changed = false;

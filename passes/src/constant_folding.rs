@@ -288,9 +288,9 @@ pub fn fold_constants(graph: &mut Graph) -> Result<usize, PassError> {
     let order = graph.topo_order().map_err(|v| PassError::Failed {
         pass: "constant-folding",
         message: format!(
-            "@{}: the graph has a cycle through node #{}",
+            "@{}: the graph has a cycle through {}",
             graph.name,
-            v.index()
+            graph.describe(v)
         ),
     })?;
     let mut count = 0;

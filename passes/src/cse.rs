@@ -59,9 +59,9 @@ fn sweep(graph: &mut Graph) -> Result<usize, PassError> {
     let order = graph.topo_order().map_err(|v| PassError::Failed {
         pass: "cse",
         message: format!(
-            "@{}: the graph has a cycle through node #{}",
+            "@{}: the graph has a cycle through {}",
             graph.name,
-            v.index()
+            graph.describe(v)
         ),
     })?;
     // Candidates bucketed by op name and operands; within a bucket, in the

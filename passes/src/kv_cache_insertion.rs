@@ -30,7 +30,7 @@
 //! original forward computes for the last token of `x ++ next`; both functions
 //! verify, with the cache length a checked symbol like every other dim.
 
-use kiln_ir::{Dim, Graph, InputRole, Module, NodeKind, Op, TensorType, ValueId};
+use kiln_ir::{Dim, Graph, InputRole, Module, NodeKind, Op, ShapeCx, TensorType, ValueId};
 
 use crate::{Changed, Pass, PassContext, PassError};
 
@@ -72,8 +72,27 @@ fn fresh_symbol(graph: &Graph, base: &str) -> String {
     name
 }
 
+/// `op(operands)` added to `graph`, typed by its shape rule.
+fn add(
+    graph: &mut Graph,
+    cx: &ShapeCx,
+    op: Op,
+    operands: &[ValueId],
+    name: Option<&str>,
+) -> Result<ValueId, PassError> {
+    let what = op.name();
+    graph
+        .add_op_inferred(op, operands, name.map(str::to_string), cx)
+        .map_err(|e| fail(format!("the {what} it inserts does not type: {e}")))
+}
+
 /// Stacks per-layer `[B, hk, len, dh]` tensors into `[L, B, hk, len, dh]`.
-fn stack(graph: &mut Graph, layers: &[ValueId], name: &str) -> Result<ValueId, PassError> {
+fn stack(
+    graph: &mut Graph,
+    cx: &ShapeCx,
+    layers: &[ValueId],
+    name: &str,
+) -> Result<ValueId, PassError> {
     let mut parts = Vec::new();
     let first = graph.ty(layers[0]).clone();
     for &v in layers {
@@ -86,24 +105,9 @@ fn stack(graph: &mut Graph, layers: &[ValueId], name: &str) -> Result<ValueId, P
         }
         let mut shape = vec![Dim::constant(1)];
         shape.extend(ty.shape.iter().cloned());
-        let r = graph.add_op(
-            Op::Reshape {
-                shape: shape.clone(),
-            },
-            &[v],
-            TensorType::new(ty.dtype, shape),
-            None,
-        );
-        parts.push(r);
+        parts.push(add(graph, cx, Op::Reshape { shape }, &[v], None)?);
     }
-    let mut shape = vec![Dim::constant(layers.len() as i64)];
-    shape.extend(first.shape.iter().cloned());
-    Ok(graph.add_op(
-        Op::Concat { axis: 0 },
-        &parts,
-        TensorType::new(first.dtype, shape),
-        Some(name.to_string()),
-    ))
+    add(graph, cx, Op::Concat { axis: 0 }, &parts, Some(name))
 }
 
 /// Checks the preconditions and returns the attention nodes and the token-count symbol.
@@ -119,16 +123,16 @@ fn analyse(graph: &Graph) -> Result<(Vec<ValueId>, Dim), PassError> {
         let ops = graph.operands(a);
         if ops.len() != 3 {
             return Err(fail(format!(
-                "attention node #{} has a mask operand; caching masked (padded) attention is not supported",
-                a.index()
+                "{} has a mask operand; caching masked (padded) attention is not supported",
+                graph.describe(a)
             )));
         }
         let q = graph.ty(ops[0]);
         let k = graph.ty(ops[1]);
         if q.shape[2] != k.shape[2] {
             return Err(fail(format!(
-                "attention node #{} is not self-attention (query length {} vs key length {})",
-                a.index(),
+                "{} is not self-attention (query length {} vs key length {})",
+                graph.describe(a),
                 q.shape[2],
                 k.shape[2]
             )));
@@ -238,13 +242,13 @@ fn check_no_other_mixing(graph: &Graph, t: &str) -> Result<(), PassError> {
     Ok(())
 }
 
-fn build_prefill(src: &Graph, attns: &[ValueId]) -> Result<Graph, PassError> {
+fn build_prefill(src: &Graph, cx: &ShapeCx, attns: &[ValueId]) -> Result<Graph, PassError> {
     let mut g = src.clone();
     g.name = "prefill".to_string();
     let keys: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[1]).collect();
     let values: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[2]).collect();
-    let kc = stack(&mut g, &keys, "key_cache")?;
-    let vc = stack(&mut g, &values, "value_cache")?;
+    let kc = stack(&mut g, cx, &keys, "key_cache")?;
+    let vc = stack(&mut g, cx, &values, "value_cache")?;
     let mut outs = g.outputs().to_vec();
     outs.push(("key_cache".into(), kc));
     outs.push(("value_cache".into(), vc));
@@ -257,7 +261,12 @@ fn build_prefill(src: &Graph, attns: &[ValueId]) -> Result<Graph, PassError> {
 /// The length axis of the stacked caches `[L, B, hk, S, dh]`.
 const CACHE_AXIS: usize = 3;
 
-fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, PassError> {
+fn build_decode(
+    src: &Graph,
+    cx: &ShapeCx,
+    attns: &[ValueId],
+    len: &Dim,
+) -> Result<Graph, PassError> {
     let mut g = src.clone();
     g.name = "decode".to_string();
     let s = fresh_symbol(&g, "S");
@@ -309,7 +318,6 @@ fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, Pass
             }
         }
     }
-    let total = past.add(len).map_err(|e| fail(e.to_string()))?;
     let mut new_keys = Vec::new();
     let mut new_values = Vec::new();
     for (l, &a) in attns.iter().enumerate() {
@@ -318,49 +326,33 @@ fn build_decode(src: &Graph, attns: &[ValueId], len: &Dim) -> Result<Graph, Pass
         for (which, cache) in [(1usize, past_keys), (2usize, past_values)] {
             let cur = ops[which];
             let ty = g.ty(cur).clone();
-            let ct = g.ty(cache).clone();
-            let mut sl_shape = ct.shape.clone();
-            sl_shape[0] = Dim::constant(1);
-            let sl = g.add_op(
-                Op::Slice {
-                    axis: 0,
-                    start: Dim::constant(l as i64),
-                    end: Dim::constant(l as i64 + 1),
-                },
-                &[cache],
-                TensorType::new(ct.dtype, sl_shape),
-                None,
-            );
+            let slice = Op::Slice {
+                axis: 0,
+                start: Dim::constant(l as i64),
+                end: Dim::constant(l as i64 + 1),
+            };
+            let sl = add(&mut g, cx, slice, &[cache], None)?;
             let layer_shape = vec![
                 ty.shape[0].clone(),
                 ty.shape[1].clone(),
                 past.clone(),
                 ty.shape[3].clone(),
             ];
-            let past_l = g.add_op(
-                Op::Reshape {
-                    shape: layer_shape.clone(),
-                },
-                &[sl],
-                TensorType::new(ty.dtype, layer_shape),
-                None,
-            );
-            let mut full_shape = ty.shape.clone();
-            full_shape[2] = total.clone();
-            let full = g.add_op(
+            let past_l = add(&mut g, cx, Op::Reshape { shape: layer_shape }, &[sl], None)?;
+            grown.push(add(
+                &mut g,
+                cx,
                 Op::Concat { axis: 2 },
                 &[past_l, cur],
-                TensorType::new(ty.dtype, full_shape),
                 None,
-            );
-            grown.push(full);
+            )?);
         }
         g.set_operands(a, &[ops[0], grown[0], grown[1]]);
         new_keys.push(grown[0]);
         new_values.push(grown[1]);
     }
-    let kc = stack(&mut g, &new_keys, "key_cache")?;
-    let vc = stack(&mut g, &new_values, "value_cache")?;
+    let kc = stack(&mut g, cx, &new_keys, "key_cache")?;
+    let vc = stack(&mut g, cx, &new_values, "value_cache")?;
     let mut outs = g.outputs().to_vec();
     outs.push(("key_cache".into(), kc));
     outs.push(("value_cache".into(), vc));
@@ -444,8 +436,9 @@ impl Pass for KvCacheInsertion {
         }
         let src = &module.funcs[0];
         let (attns, len) = analyse(src)?;
-        let mut prefill = build_prefill(src, &attns)?;
-        let mut decode = build_decode(src, &attns, &len)?;
+        let scx = kiln_ir::verify(src).map_err(|e| fail(e.to_string()))?;
+        let mut prefill = build_prefill(src, &scx, &attns)?;
+        let mut decode = build_decode(src, &scx, &attns, &len)?;
         let hoisted = hoist_static(&mut prefill, &mut decode, &len);
         cx.note(format!(
             "split @{} into @prefill and @decode with a {}-layer key/value cache",

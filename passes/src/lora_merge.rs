@@ -24,8 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_ir::{
-    BinaryOp, Graph, Module, NodeKind, Op, ShapeCx, Tensor, TensorType, ValueId, WeightLayout,
-    Weights,
+    BinaryOp, Graph, Module, NodeKind, Op, ShapeCx, Tensor, ValueId, WeightLayout, Weights,
 };
 
 use crate::{Changed, Pass, PassContext, PassError};
@@ -264,20 +263,9 @@ fn rewrite(
     op: Op,
     operands: &[ValueId],
 ) -> Result<(), PassError> {
-    let ty = infer(g, cx, &op, operands)?;
-    let node = g.node_mut(u);
-    if let NodeKind::Op { op: slot, .. } = &mut node.kind {
-        *slot = op;
-    }
-    node.ty = ty;
-    g.set_operands(u, operands);
-    Ok(())
-}
-
-fn infer(g: &Graph, cx: &ShapeCx, op: &Op, operands: &[ValueId]) -> Result<TensorType, PassError> {
-    let tys: Vec<TensorType> = operands.iter().map(|&o| g.ty(o).clone()).collect();
-    op.infer(&tys, cx)
-        .map_err(|e| failed(format!("the merged {} does not type: {e}", op.name())))
+    let name = op.name();
+    g.replace_op(u, op, operands, cx)
+        .map_err(|e| failed(format!("the merged {name} does not type: {e}")))
 }
 
 /// Removes `v` when it is a dead parameter or a dead `concat` of parameters
@@ -424,8 +412,9 @@ impl Pass for LoraMerge {
                 match ops.get(4) {
                     None => rewrite(g, gcx, u, mm, &[ops[0], w_param])?,
                     Some(&bias) => {
-                        let ty = infer(g, gcx, &mm, &[ops[0], w_param])?;
-                        let product = g.add_op(mm, &[ops[0], w_param], ty, None);
+                        let product = g
+                            .add_op_inferred(mm, &[ops[0], w_param], None, gcx)
+                            .map_err(|e| failed(format!("the merged matmul does not type: {e}")))?;
                         rewrite(g, gcx, u, Op::Binary(BinaryOp::Add), &[product, bias])?;
                     }
                 }

@@ -80,7 +80,7 @@ impl InterpExecutable {
     pub fn new(graph: &Graph, weights: &Weights) -> Result<InterpExecutable, RunError> {
         kiln_ir::verify(graph)?;
         let order = graph.topo_order().map_err(|v| RunError::Invalid {
-            node: format!("node #{}", v.index()),
+            node: graph.describe(v),
             message: "the graph has a cycle through this node".into(),
         })?;
         let names = signature::node_names(graph, &order);
@@ -89,7 +89,7 @@ impl InterpExecutable {
             order.iter().enumerate().map(|(i, v)| (*v, i)).collect();
         let slot = |v: ValueId| -> Result<usize, RunError> {
             slot_of.get(&v).copied().ok_or_else(|| RunError::Invalid {
-                node: format!("node #{}", v.index()),
+                node: graph.describe(v),
                 message: "refers to a value that is not in the graph".into(),
             })
         };

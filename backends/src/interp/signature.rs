@@ -135,7 +135,7 @@ pub(crate) fn check_weight_at_run_time(
     }
     let name = match &graph.node(v).kind {
         NodeKind::Param { name } => name.clone(),
-        _ => format!("#{}", v.index()),
+        _ => graph.describe(v),
     };
     Err(RunError::WeightShape {
         name,
@@ -167,7 +167,7 @@ pub(crate) fn bind_shapes(
     }
     let input_name = |v: ValueId| match &graph.node(v).kind {
         NodeKind::Input { name } => name.clone(),
-        _ => format!("#{}", v.index()),
+        _ => graph.describe(v),
     };
     for (&v, &(dtype, shape)) in graph.inputs().iter().zip(inputs) {
         let ty = graph.ty(v);

@@ -45,7 +45,7 @@ struct Lowerer<'g> {
 pub fn lower(graph: &Graph) -> Result<Program, RunError> {
     let cx = kiln_ir::verify(graph)?;
     let order = graph.topo_order().map_err(|v| RunError::Invalid {
-        node: format!("node #{}", v.index()),
+        node: graph.describe(v),
         message: "the graph has a cycle through this node".into(),
     })?;
     let mut lw = Lowerer {
