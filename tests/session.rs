@@ -1,0 +1,166 @@
+//! Sessions: `@prefill` then `@decode` calls sharing caches the backend keeps.
+//! On every backend a session decodes what the uncached forward computes; the
+//! reference backend's decode Program writes only the new positions of its
+//! cache; bad calls are clear errors.
+
+mod support;
+
+use kiln::backends::lower::{BufferKind, Kernel};
+use kiln::{Model, OptLevel, Tensor};
+use support::{outputs_deviation, NonFinite, Tolerance, BACKENDS};
+
+fn split(family: &str) -> Model {
+    support::hf_model(family)
+        .optimize(OptLevel::O2)
+        .expect("O2")
+        .kv_split()
+        .expect("split")
+}
+
+fn tokens(rows: &[&[i64]]) -> Tensor {
+    Tensor::from_tokens(rows).expect("tokens")
+}
+
+/// Logits of the last position of every row, from a full forward.
+fn full_forward_last(model: &Model, rows: &[Vec<i64>]) -> Vec<(String, Tensor)> {
+    let outs = model
+        .run(&kiln::RunInputs::tokens(rows.to_vec()))
+        .expect("forward");
+    let logits = &outs.iter().find(|(n, _)| n == "logits").expect("logits").1;
+    let &[b, t, v] = logits.shape() else {
+        panic!("logits rank")
+    };
+    let data = logits.as_f32().expect("f32");
+    let last: Vec<f32> = (0..b)
+        .flat_map(|r| data[(r * t + t - 1) * v..(r * t + t) * v].to_vec())
+        .collect();
+    vec![("logits".into(), Tensor::f32(vec![b, 1, v], last).unwrap())]
+}
+
+#[test]
+fn decode_steps_match_the_full_forward_on_every_backend() {
+    for family in ["gpt2", "llama", "llama_tied"] {
+        let model = support::hf_model(family).optimize(OptLevel::O2).unwrap();
+        let s = split(family);
+        for backend in BACKENDS {
+            let mut session = s.session(backend, 12).expect("session");
+            let mut rows = vec![vec![5i64, 17, 42], vec![88, 12, 7]];
+            session
+                .call("prefill", &[Tensor::from_tokens(&rows).unwrap()])
+                .expect("prefill");
+            assert_eq!(session.cache_len(), 3);
+            for (step, next) in [[3i64, 9], [60, 1], [2, 77]].into_iter().enumerate() {
+                let got = session
+                    .call("decode", &[tokens(&[&[next[0]], &[next[1]]])])
+                    .expect("decode");
+                rows[0].push(next[0]);
+                rows[1].push(next[1]);
+                let want = full_forward_last(&model, &rows);
+                let d = outputs_deviation(&got, &want, &|_| NonFinite::Reject)
+                    .and_then(|d| d.within(Tolerance::Relative(1e-6)))
+                    .unwrap_or_else(|e| panic!("{family} {} step {step}: {e}", backend.name()));
+                println!("{family} {} step {step}: {d}", backend.name());
+                assert_eq!(session.cache_len(), 4 + step);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_decode_program_writes_only_the_new_positions_of_its_cache() {
+    for family in ["gpt2", "llama", "bart"] {
+        let programs = split(family).lower().expect("lowers");
+        let decode = programs
+            .iter()
+            .find(|p| p.name == "decode")
+            .expect("decode");
+        assert_eq!(decode.states.len(), 2, "{family}: key and value caches");
+        for st in &decode.states {
+            assert!(st.input.is_some(), "{family}: {} is read in place", st.name);
+            // Every step that writes the cache writes a view whose length
+            // axis is the new tokens (`T`), never the past (`S`).
+            for s in &decode.steps {
+                if decode.root(s.output) != st.root {
+                    continue;
+                }
+                let out = decode.buffer(s.output);
+                let len = out
+                    .shape
+                    .iter()
+                    .find(|d| d.symbols().iter().any(|x| x.starts_with('S')));
+                assert!(
+                    len.is_none(),
+                    "{family}: {} writes {:?} of {}",
+                    s.origin,
+                    out.shape,
+                    st.name
+                );
+                assert!(
+                    matches!(s.kernel, Kernel::Copy | Kernel::Rope { .. }),
+                    "{family}: {}",
+                    s.origin
+                );
+            }
+            // No step copies the past out of the cache.
+            for s in &decode.steps {
+                let reads_cache = s.inputs.iter().any(|&b| decode.root(b) == st.root);
+                assert!(
+                    !(reads_cache && s.kernel == Kernel::Copy),
+                    "{family}: {} copies the cache",
+                    s.origin
+                );
+            }
+        }
+        assert!(decode
+            .buffers
+            .iter()
+            .any(|b| matches!(b.kind, BufferKind::State { .. })));
+    }
+}
+
+#[test]
+fn bad_session_calls_are_clear_errors() {
+    let s = split("llama");
+    for backend in BACKENDS {
+        let b = backend.name();
+        let mut session = s.session(backend, 6).expect("session");
+        let err = session
+            .call("decode", &[tokens(&[&[1]])])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no earlier call produced"), "{b}: {err}");
+        let err = session
+            .call("forward", &[tokens(&[&[1]])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no entry point @forward (there are @prefill, @decode)"),
+            "{b}: {err}"
+        );
+        let err = session.call("prefill", &[]).unwrap_err().to_string();
+        assert!(err.contains("takes 1 inputs, got 0"), "{b}: {err}");
+        session
+            .call("prefill", &[tokens(&[&[1, 2, 3, 4, 5]])])
+            .expect("prefill");
+        session
+            .call("decode", &[tokens(&[&[6]])])
+            .expect("a step that fits");
+        let err = session
+            .call("decode", &[tokens(&[&[7]])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the KV cache holds 6 positions, but this call needs 7"),
+            "{b}: {err}"
+        );
+        let err = session
+            .call("decode", &[tokens(&[&[7], &[8]])])
+            .unwrap_err()
+            .to_string();
+        println!("{b}: {err}");
+        assert!(
+            err.contains("axis 1 is `B`, which is 2"),
+            "{b}: a batch of 2 against a cache of 1 row: {err}"
+        );
+    }
+}
