@@ -453,3 +453,17 @@ fn random_graphs_run_the_same_as_programs() {
         |(ops, floats, seed, fused)| random_case(&ops, &floats, seed, fused),
     );
 }
+
+#[test]
+fn an_op_that_cannot_lower_is_an_error_naming_it() {
+    // A LoRA rank known only at run time: the scale alpha / r cannot be folded.
+    let g = graph(
+        "func @f(%x: f32[B, 8], %a: f32[8, R], %b: f32[R, 4]) -> (y: f32[B, 4]) {
+  param @w: f32[8, 4]
+  %y = lora_linear(%x, @w, %a, %b) alpha=16.0 layout=in_out : f32[B, 4]
+  return %y
+}",
+    );
+    let err = lower::lower(&g).unwrap_err().to_string();
+    insta::assert_snapshot!(err, @"%y = lora_linear(%x, @w, %a, %b) (line 3): cannot lower: the LoRA rank `R` must be a compile-time constant");
+}

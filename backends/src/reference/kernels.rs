@@ -15,6 +15,19 @@ pub(super) enum StepError {
     Gather { id: i64, rows: usize },
 }
 
+impl StepError {
+    /// The error as a message, for callers that name the step themselves.
+    fn into_message(self) -> String {
+        match self {
+            StepError::Message(m) => m,
+            StepError::Run(e) => e.to_string(),
+            StepError::Gather { id, rows } => {
+                format!("id {id} is out of range for a table of {rows} rows")
+            }
+        }
+    }
+}
+
 impl From<String> for StepError {
     fn from(m: String) -> StepError {
         StepError::Message(m)
@@ -367,11 +380,7 @@ pub(super) fn write_tensor(
         k += 1;
         Ok(m.write(v, v.at(idx), x)?)
     });
-    r.map_err(|e| match e {
-        StepError::Message(m) => m,
-        StepError::Run(e) => e.to_string(),
-        StepError::Gather { .. } => "gather".into(),
-    })
+    r.map_err(StepError::into_message)
 }
 
 /// The elements of view `v` as a host tensor.
@@ -381,11 +390,7 @@ pub(super) fn read_tensor(m: &Memory<'_>, v: &CView) -> Result<kiln_ir::Tensor, 
         vals.push(m.read(v, v.at(idx))?);
         Ok(())
     });
-    r.map_err(|e| match e {
-        StepError::Message(m) => m,
-        StepError::Run(e) => e.to_string(),
-        StepError::Gather { .. } => "gather".into(),
-    })?;
+    r.map_err(StepError::into_message)?;
     let shape = v.shape.clone();
     let bad = |x: &Scalar| format!("element {x:?} does not match dtype {}", v.dtype);
     let t = match v.dtype {
