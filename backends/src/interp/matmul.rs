@@ -89,20 +89,50 @@ pub(super) fn matmul(
 ) -> Result<Tensor, RunError> {
     let p = plan(nc, a, b, ta, tb)?;
     let data = match (a.data(), b.data()) {
-        (TensorData::F32(x), TensorData::F32(y)) => TensorData::F32(
-            products(&p, |ba, bb, i, j| {
-                let dot: f64 = (0..p.k)
-                    .map(|q| x[p.a_at(ba, i, q)] as f64 * y[p.b_at(bb, q, j)] as f64)
-                    .sum();
-                dot as f32
-            })
-            .into(),
-        ),
+        (x, y) if x.dtype().is_float() && y.dtype().is_float() => {
+            // A 16-bit weight is read as stored, each element widened as it is read.
+            let (x, y) = (Floats::of(x), Floats::of(y));
+            TensorData::F32(
+                products(&p, |ba, bb, i, j| {
+                    let dot: f64 = (0..p.k)
+                        .map(|q| x.get(p.a_at(ba, i, q)) * y.get(p.b_at(bb, q, j)))
+                        .sum();
+                    dot as f32
+                })
+                .into(),
+            )
+        }
         (TensorData::I32(x), TensorData::I32(y)) => int_matmul(&p, x, y),
         (TensorData::I64(x), TensorData::I64(y)) => int_matmul(&p, x, y),
         _ => return Err(nc.invalid(format!("matmul cannot multiply {a} by {b}"))),
     };
     Ok(Tensor::new(p.shape.clone(), data)?)
+}
+
+/// The elements of a float tensor of any width, read as f64.
+enum Floats<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl<'a> Floats<'a> {
+    fn of(d: &'a TensorData) -> Floats<'a> {
+        match d {
+            TensorData::F16(v) => Floats::F16(v),
+            TensorData::BF16(v) => Floats::BF16(v),
+            TensorData::F32(v) => Floats::F32(v),
+            _ => Floats::F32(&[]),
+        }
+    }
+
+    fn get(&self, i: usize) -> f64 {
+        match self {
+            Floats::F32(v) => v[i] as f64,
+            Floats::F16(v) => v[i].to_f64(),
+            Floats::BF16(v) => v[i].to_f64(),
+        }
+    }
 }
 
 /// Every output element, batch by batch, row by row.

@@ -184,16 +184,25 @@ impl Executable for InterpExecutable {
                             .ok_or_else(|| node.invalid("an operand was freed before its last use"))
                     })
                     .collect::<Result<Vec<&Tensor>, RunError>>()?;
-                // 16-bit weights stay 16-bit; each op reads them widened to f32
-                // (a copy that lives only while the op runs).
-                let widened: Vec<Option<Tensor>> =
-                    stored.iter().map(|t| widen(t)).collect::<Result<_, _>>()?;
+                // 16-bit weights stay 16-bit. Matrix products read them as
+                // stored and a gather picks its rows first; any other op reads
+                // them widened to f32 (a copy that lives only while it runs).
+                let reads_16_bit = matches!(step.op, Op::MatMul { .. } | Op::Gather);
+                let widened: Vec<Option<Tensor>> = if reads_16_bit {
+                    vec![None; stored.len()]
+                } else {
+                    stored.iter().map(|t| widen(t)).collect::<Result<_, _>>()?
+                };
                 let args: Vec<&Tensor> = stored
                     .iter()
                     .zip(&widened)
                     .map(|(t, w)| w.as_ref().unwrap_or(t))
                     .collect();
-                eval_op(&node, &step.op, &args)?
+                let out = eval_op(&node, &step.op, &args)?;
+                match (step.dtype, widen(&out)?) {
+                    (DType::F32, Some(wide)) => wide,
+                    _ => out,
+                }
             };
             if out.shape() != node.out_shape || out.dtype() != step.dtype {
                 return Err(RunError::ResultType {
