@@ -1,0 +1,361 @@
+//! The closed set of ops: the `Op` enum and its parts, each op's name and arity.
+//! The attribute text codec is in `attrs.rs`, the shape rules in `infer.rs`.
+
+use crate::dim::Dim;
+use crate::types::DType;
+
+mod attrs;
+mod infer;
+
+pub use attrs::{closest, AttrValue};
+
+/// Elementwise ops of one operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Sigmoid,
+    Abs,
+    Recip,
+    Erf,
+    /// GELU, exact form `x * Φ(x)` with the error function.
+    Gelu,
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+    Silu,
+    Relu,
+    /// Logical not, on bool.
+    Not,
+}
+
+/// Elementwise ops of two operands, broadcast numpy-style.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Max,
+    Min,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+/// Reductions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceKind {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// How a linear layer's weights are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// `w: [in, out]`, `a: [in, r]`, `b: [r, out]` (GPT-2 `Conv1D`).
+    InOut,
+    /// `w: [out, in]`, `a: [r, in]`, `b: [out, r]` (`nn.Linear`, PEFT).
+    OutIn,
+}
+
+/// One scalar instruction of a fused elementwise [`Op::Kernel`]. Arguments
+/// index the kernel's values: its operands first (`0..n`), then the results of
+/// earlier instructions (`n + i` for instruction `i`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelOp {
+    /// An elementwise unary op.
+    Unary(UnaryOp, usize),
+    /// An elementwise binary op.
+    Binary(BinaryOp, usize, usize),
+    /// `where(cond, a, b)`.
+    Where(usize, usize, usize),
+    /// A dtype conversion.
+    Cast(DType, usize),
+    /// A scalar constant.
+    Const(f64, DType),
+}
+
+impl KernelOp {
+    /// The values this instruction reads.
+    pub fn args(&self) -> Vec<usize> {
+        match self {
+            KernelOp::Unary(_, a) | KernelOp::Cast(_, a) => vec![*a],
+            KernelOp::Binary(_, a, b) => vec![*a, *b],
+            KernelOp::Where(c, a, b) => vec![*c, *a, *b],
+            KernelOp::Const(..) => vec![],
+        }
+    }
+}
+
+/// One operation. Every op produces exactly one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Elementwise unary op.
+    Unary(UnaryOp),
+    /// Elementwise binary op with broadcasting.
+    Binary(BinaryOp),
+    /// `where(cond, a, b)`: elementwise select, all three broadcast.
+    Where,
+    /// Elementwise dtype conversion.
+    Cast { to: DType },
+    /// A tensor filled with one value.
+    Constant {
+        value: f64,
+        dtype: DType,
+        shape: Vec<Dim>,
+    },
+    /// `start, start + 1, …, start + len - 1` (positions).
+    Arange { start: Dim, len: Dim, dtype: DType },
+    /// Batched matrix product; batch dims broadcast.
+    MatMul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
+    /// Reduction over `axes`.
+    Reduce {
+        kind: ReduceKind,
+        axes: Vec<i64>,
+        keepdim: bool,
+    },
+    /// Softmax along `axis`.
+    Softmax { axis: i64 },
+    /// `layer_norm(x, weight[, bias])` over the last axis.
+    LayerNorm { eps: f64 },
+    /// `rms_norm(x, weight)` over the last axis.
+    RmsNorm { eps: f64 },
+    /// Reinterprets the dims; the element count must not change.
+    Reshape { shape: Vec<Dim> },
+    /// Reorders the axes: output axis `i` is input axis `perm[i]`.
+    Permute { perm: Vec<usize> },
+    /// Broadcasts to `shape` (size-1 axes stretch, new axes on the left).
+    Expand { shape: Vec<Dim> },
+    /// `start..end` along `axis`.
+    Slice { axis: i64, start: Dim, end: Dim },
+    /// Concatenation along `axis`.
+    Concat { axis: i64 },
+    /// `gather(table, ids)`: rows of `table` picked by integer `ids` (embedding).
+    Gather,
+    /// `bool[queries, keys]`, true where query `i` may see key `j`, i.e.
+    /// `j <= i + keys - queries` (the queries are the last ones).
+    CausalMask { queries: Dim, keys: Dim },
+    /// `padding_mask(m: int[B, S])` → `bool[B, 1, 1, S]`, true where `m != 0`.
+    PaddingMask,
+    /// Rotary position embedding (rotate-half form) of `x[..., T, dh]` at
+    /// integer positions `pos[T]` or `pos[B, T]`.
+    Rope { theta: f64 },
+    /// `attention(q, k, v[, mask])` with `q: [B, h, T, dh]`, `k: [B, hk, S, dh]`,
+    /// `v: [B, hk, S, dv]`, `h` a multiple of `hk` (GQA/MQA), mask bool
+    /// broadcastable to `[B, h, T, S]`; `causal` hides keys after each query
+    /// (aligned bottom-right when `S > T`).
+    Attention { causal: bool, scale: f64 },
+    /// `lora_linear(x, w, a, b[, bias])`: `x·w + (alpha / r)·(x·a)·b (+ bias)`.
+    LoraLinear { alpha: f64, layout: WeightLayout },
+    /// A fused chain of elementwise ops: the operands broadcast together and
+    /// `body` runs per element; the result is the last instruction's value,
+    /// broadcast to the operands' common shape.
+    Kernel { body: Vec<KernelOp> },
+}
+
+const UNARY: [(UnaryOp, &str); 15] = [
+    (UnaryOp::Neg, "neg"),
+    (UnaryOp::Exp, "exp"),
+    (UnaryOp::Log, "log"),
+    (UnaryOp::Sqrt, "sqrt"),
+    (UnaryOp::Rsqrt, "rsqrt"),
+    (UnaryOp::Tanh, "tanh"),
+    (UnaryOp::Sigmoid, "sigmoid"),
+    (UnaryOp::Abs, "abs"),
+    (UnaryOp::Recip, "recip"),
+    (UnaryOp::Erf, "erf"),
+    (UnaryOp::Gelu, "gelu"),
+    (UnaryOp::GeluTanh, "gelu_tanh"),
+    (UnaryOp::Silu, "silu"),
+    (UnaryOp::Relu, "relu"),
+    (UnaryOp::Not, "not"),
+];
+
+const BINARY: [(BinaryOp, &str); 15] = [
+    (BinaryOp::Add, "add"),
+    (BinaryOp::Sub, "sub"),
+    (BinaryOp::Mul, "mul"),
+    (BinaryOp::Div, "div"),
+    (BinaryOp::Pow, "pow"),
+    (BinaryOp::Max, "max"),
+    (BinaryOp::Min, "min"),
+    (BinaryOp::Eq, "eq"),
+    (BinaryOp::Ne, "ne"),
+    (BinaryOp::Lt, "lt"),
+    (BinaryOp::Le, "le"),
+    (BinaryOp::Gt, "gt"),
+    (BinaryOp::Ge, "ge"),
+    (BinaryOp::And, "and"),
+    (BinaryOp::Or, "or"),
+];
+
+impl UnaryOp {
+    /// Every unary op.
+    pub const ALL: [UnaryOp; 15] = {
+        let mut out = [UnaryOp::Neg; 15];
+        let mut i = 0;
+        while i < 15 {
+            out[i] = UNARY[i].0;
+            i += 1;
+        }
+        out
+    };
+
+    /// The text-IR name.
+    pub fn name(self) -> &'static str {
+        UNARY
+            .iter()
+            .find(|(op, _)| *op == self)
+            .map_or("?", |(_, n)| n)
+    }
+}
+
+impl UnaryOp {
+    /// The op's meaning on one float, in f64 (`None` for `not`, which is bool
+    /// only). The single definition the interpreter and constant folding share.
+    pub fn float_fn(self) -> Option<fn(f64) -> f64> {
+        use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_PI};
+        fn sigmoid(x: f64) -> f64 {
+            1.0 / (1.0 + (-x).exp())
+        }
+        Some(match self {
+            UnaryOp::Neg => |x| -x,
+            UnaryOp::Exp => f64::exp,
+            UnaryOp::Log => f64::ln,
+            UnaryOp::Sqrt => f64::sqrt,
+            UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
+            UnaryOp::Tanh => f64::tanh,
+            UnaryOp::Sigmoid => sigmoid,
+            UnaryOp::Abs => f64::abs,
+            UnaryOp::Recip => |x| 1.0 / x,
+            UnaryOp::Erf => libm::erf,
+            UnaryOp::Gelu => |x| 0.5 * x * (1.0 + libm::erf(x * FRAC_1_SQRT_2)),
+            UnaryOp::GeluTanh => {
+                |x| 0.5 * x * (1.0 + (FRAC_2_PI.sqrt() * (x + 0.044715 * x * x * x)).tanh())
+            }
+            UnaryOp::Silu => |x| x * sigmoid(x),
+            // `x < 0` is false for NaN, so NaN passes through as in PyTorch.
+            UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
+            UnaryOp::Not => return None,
+        })
+    }
+}
+
+impl BinaryOp {
+    /// Every binary op.
+    pub const ALL: [BinaryOp; 15] = {
+        let mut out = [BinaryOp::Add; 15];
+        let mut i = 0;
+        while i < 15 {
+            out[i] = BINARY[i].0;
+            i += 1;
+        }
+        out
+    };
+
+    /// The text-IR name.
+    pub fn name(self) -> &'static str {
+        BINARY
+            .iter()
+            .find(|(op, _)| *op == self)
+            .map_or("?", |(_, n)| n)
+    }
+
+    /// Whether the result is bool (comparisons and logic).
+    pub fn is_predicate(self) -> bool {
+        use BinaryOp::*;
+        matches!(self, Eq | Ne | Lt | Le | Gt | Ge | And | Or)
+    }
+}
+
+impl ReduceKind {
+    fn name(self) -> &'static str {
+        match self {
+            ReduceKind::Sum => "reduce_sum",
+            ReduceKind::Mean => "reduce_mean",
+            ReduceKind::Max => "reduce_max",
+        }
+    }
+}
+
+impl WeightLayout {
+    fn name(self) -> &'static str {
+        match self {
+            WeightLayout::InOut => "in_out",
+            WeightLayout::OutIn => "out_in",
+        }
+    }
+}
+
+impl Op {
+    /// The text-IR name of the op.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Where => "where",
+            Op::Cast { .. } => "cast",
+            Op::Constant { .. } => "constant",
+            Op::Arange { .. } => "arange",
+            Op::MatMul { .. } => "matmul",
+            Op::Reduce { kind, .. } => kind.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Expand { .. } => "expand",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather => "gather",
+            Op::CausalMask { .. } => "causal_mask",
+            Op::PaddingMask => "padding_mask",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::LoraLinear { .. } => "lora_linear",
+            Op::Kernel { .. } => "kernel",
+        }
+    }
+
+    /// Whether the op is elementwise (a candidate for fusion).
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. }
+        )
+    }
+
+    /// The number of operands the op takes, as a range.
+    pub fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Unary(_) | Op::Cast { .. } | Op::Reduce { .. } | Op::Softmax { .. } => (1, 1),
+            Op::Reshape { .. } | Op::Permute { .. } | Op::Expand { .. } | Op::Slice { .. } => {
+                (1, 1)
+            }
+            Op::PaddingMask => (1, 1),
+            Op::Binary(_) | Op::MatMul { .. } | Op::Gather | Op::RmsNorm { .. } => (2, 2),
+            Op::Rope { .. } => (2, 2),
+            Op::Where => (3, 3),
+            Op::LayerNorm { .. } => (2, 3),
+            Op::Attention { .. } => (3, 4),
+            Op::LoraLinear { .. } => (4, 5),
+            Op::Constant { .. } | Op::Arange { .. } | Op::CausalMask { .. } => (0, 0),
+            Op::Concat { .. } => (1, usize::MAX),
+            Op::Kernel { .. } => (0, usize::MAX),
+        }
+    }
+}
