@@ -104,20 +104,6 @@ fn unary(u: UnaryOp, a: Scalar) -> Option<Scalar> {
     })
 }
 
-/// The predicate of a comparison on the ordering of its operands (`None`: NaN).
-fn compare(op: BinaryOp, o: Option<std::cmp::Ordering>) -> Option<bool> {
-    use std::cmp::Ordering::{Equal, Greater, Less};
-    Some(match op {
-        BinaryOp::Eq => o == Some(Equal),
-        BinaryOp::Ne => o != Some(Equal),
-        BinaryOp::Lt => o == Some(Less),
-        BinaryOp::Le => matches!(o, Some(Less | Equal)),
-        BinaryOp::Gt => o == Some(Greater),
-        BinaryOp::Ge => matches!(o, Some(Greater | Equal)),
-        _ => return None,
-    })
-}
-
 fn float_binary(op: BinaryOp, p: f64, q: f64) -> Option<f64> {
     Some(match op {
         BinaryOp::Add => p + q,
@@ -136,7 +122,7 @@ fn float_binary(op: BinaryOp, p: f64, q: f64) -> Option<f64> {
 /// `p op q` on integers widened to i64 (`None`: not folded).
 fn int_binary(op: BinaryOp, p: i64, q: i64) -> Option<IntResult> {
     if op.is_predicate() {
-        return compare(op, Some(p.cmp(&q))).map(IntResult::Bool);
+        return op.compare(Some(p.cmp(&q))).map(IntResult::Bool);
     }
     Some(IntResult::Int(match op {
         BinaryOp::Add => p.wrapping_add(q),
@@ -162,7 +148,7 @@ fn binary(op: BinaryOp, a: Scalar, b: Scalar) -> Option<Scalar> {
         (Scalar::F32(x), Scalar::F32(y)) => {
             let (p, q) = (x as f64, y as f64);
             if op.is_predicate() {
-                compare(op, p.partial_cmp(&q)).map(Scalar::Bool)
+                op.compare(p.partial_cmp(&q)).map(Scalar::Bool)
             } else {
                 float_binary(op, p, q).map(|r| Scalar::F32(r as f32))
             }

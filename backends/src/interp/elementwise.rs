@@ -113,8 +113,12 @@ pub(super) fn binary(
         (TensorData::F32(x), TensorData::F32(y)) => {
             let pairs = ia.iter().zip(ib).map(|(&i, &j)| (x[i] as f64, y[j] as f64));
             if op.is_predicate() {
-                let f = compare(n, op, DType::F32)?;
-                TensorData::Bool(pairs.map(|(p, q)| f(p.partial_cmp(&q))).collect())
+                comparison(n, op, DType::F32)?;
+                TensorData::Bool(
+                    pairs
+                        .map(|(p, q)| op.compare(p.partial_cmp(&q)) == Some(true))
+                        .collect(),
+                )
             } else {
                 let f = float_binary(n, op)?;
                 TensorData::F32(pairs.map(|(p, q)| f(p, q) as f32).collect())
@@ -172,21 +176,12 @@ fn float_binary(n: &NodeCx<'_>, op: BinaryOp) -> Result<fn(f64, f64) -> f64, Run
 }
 
 /// The predicate of a comparison, on the ordering of its operands (`None`: unordered, NaN).
-fn compare(
-    n: &NodeCx<'_>,
-    op: BinaryOp,
-    dtype: DType,
-) -> Result<fn(Option<std::cmp::Ordering>) -> bool, RunError> {
-    use std::cmp::Ordering::{Equal, Greater, Less};
-    Ok(match op {
-        BinaryOp::Eq => |o| o == Some(Equal),
-        BinaryOp::Ne => |o| o != Some(Equal),
-        BinaryOp::Lt => |o| o == Some(Less),
-        BinaryOp::Le => |o| matches!(o, Some(Less | Equal)),
-        BinaryOp::Gt => |o| o == Some(Greater),
-        BinaryOp::Ge => |o| matches!(o, Some(Greater | Equal)),
-        _ => return Err(n.invalid(format!("{} does not apply to {dtype}", op.name()))),
-    })
+/// Checks that `op` is a comparison (`and`/`or` are not, on numbers).
+fn comparison(n: &NodeCx<'_>, op: BinaryOp, dtype: DType) -> Result<(), RunError> {
+    match op.compare(None) {
+        Some(_) => Ok(()),
+        None => Err(n.invalid(format!("{} does not apply to {dtype}", op.name()))),
+    }
 }
 
 fn int_binary<T: IntElement>(
@@ -202,9 +197,11 @@ fn int_binary<T: IntElement>(
         .zip(ib)
         .map(|(&i, &j)| (x[i].to_i64(), y[j].to_i64()));
     if op.is_predicate() {
-        let f = compare(n, op, T::DTYPE)?;
+        comparison(n, op, T::DTYPE)?;
         return Ok(TensorData::Bool(
-            pairs.map(|(p, q)| f(Some(p.cmp(&q)))).collect(),
+            pairs
+                .map(|(p, q)| op.compare(Some(p.cmp(&q))) == Some(true))
+                .collect(),
         ));
     }
     let f: fn(i64, i64) -> i64 = match op {

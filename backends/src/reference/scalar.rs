@@ -89,24 +89,11 @@ fn unary(u: UnaryOp, x: Scalar) -> Result<Scalar, String> {
     }
 }
 
-fn compare(op: BinaryOp, o: Option<std::cmp::Ordering>) -> Option<bool> {
-    use std::cmp::Ordering::{Equal, Greater, Less};
-    Some(match op {
-        BinaryOp::Eq => o == Some(Equal),
-        BinaryOp::Ne => o != Some(Equal),
-        BinaryOp::Lt => o == Some(Less),
-        BinaryOp::Le => matches!(o, Some(Less | Equal)),
-        BinaryOp::Gt => o == Some(Greater),
-        BinaryOp::Ge => matches!(o, Some(Greater | Equal)),
-        _ => return None,
-    })
-}
-
 fn binary(op: BinaryOp, a: Scalar, b: Scalar) -> Result<Scalar, String> {
     let bad = || format!("{} does not apply to {a:?} and {b:?}", op.name());
     match (a, b) {
         (Scalar::Float(p), Scalar::Float(q)) => {
-            if let Some(c) = compare(op, p.partial_cmp(&q)) {
+            if let Some(c) = op.compare(p.partial_cmp(&q)) {
                 return Ok(Scalar::Bool(c));
             }
             let nan = p.is_nan() || q.is_nan();
@@ -124,7 +111,7 @@ fn binary(op: BinaryOp, a: Scalar, b: Scalar) -> Result<Scalar, String> {
             }))
         }
         (Scalar::Int(p), Scalar::Int(q)) => {
-            if let Some(c) = compare(op, Some(p.cmp(&q))) {
+            if let Some(c) = op.compare(Some(p.cmp(&q))) {
                 return Ok(Scalar::Bool(c));
             }
             Ok(Scalar::Int(match op {

@@ -280,6 +280,22 @@ impl BinaryOp {
         use BinaryOp::*;
         matches!(self, Eq | Ne | Lt | Le | Gt | Ge | And | Or)
     }
+
+    /// A comparison's result on the ordering of its operands (`None` when
+    /// unordered: a NaN, which only `ne` holds for); `None` for other ops.
+    /// The one definition every executor and constant folding share.
+    pub fn compare(self, o: Option<std::cmp::Ordering>) -> Option<bool> {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        Some(match self {
+            BinaryOp::Eq => o == Some(Equal),
+            BinaryOp::Ne => o != Some(Equal),
+            BinaryOp::Lt => o == Some(Less),
+            BinaryOp::Le => matches!(o, Some(Less | Equal)),
+            BinaryOp::Gt => o == Some(Greater),
+            BinaryOp::Ge => matches!(o, Some(Greater | Equal)),
+            _ => return None,
+        })
+    }
 }
 
 impl ReduceKind {
