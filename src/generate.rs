@@ -8,7 +8,7 @@
 //! self-attention is cached and the encoder runs once, in `prefill`. With
 //! `kv_cache: false` every step re-runs the whole prefix.
 
-use kiln_backends::{Backend, Executable, Session, Tensor};
+use kiln_backends::{Executable, Session, Tensor};
 
 use kiln_passes::PassManager;
 
@@ -316,10 +316,7 @@ impl Model {
         ];
         let none = kiln_backends::Weights::new();
         let weights = self.weights().unwrap_or(&none);
-        Ok(match target {
-            Target::Interp => kiln_backends::Interpreter.session(&funcs, weights, capacity)?,
-            Target::Reference => kiln_backends::Reference.session(&funcs, weights, capacity)?,
-        })
+        Ok(target.backend().session(&funcs, weights, capacity)?)
     }
 
     /// Prefill once, then one `decode` step per token, in a session whose

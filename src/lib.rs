@@ -97,14 +97,25 @@ pub enum Target {
     Interp,
     /// The lowered Program, run by the reference Program executor.
     Reference,
+    /// The lowered Program, run by the CPU backend's native kernels.
+    Cpu {
+        /// Threads (0: every core).
+        threads: usize,
+    },
 }
 
 impl Target {
     /// The backend's name as the CLI spells it.
     pub fn name(self) -> &'static str {
+        self.backend().name()
+    }
+
+    /// The backend this target names.
+    pub fn backend(self) -> Box<dyn Backend> {
         match self {
-            Target::Interp => "interp",
-            Target::Reference => "reference",
+            Target::Interp => Box::new(Interpreter),
+            Target::Reference => Box::new(Reference),
+            Target::Cpu { threads } => Box::new(kiln_backends::Cpu { threads }),
         }
     }
 }
@@ -376,10 +387,7 @@ impl Model {
                 )))
             }
         };
-        match target {
-            Target::Interp => Ok(Interpreter.compile(graph, weights)?),
-            Target::Reference => Ok(Reference.compile(graph, weights)?),
-        }
+        Ok(target.backend().compile(graph, weights)?)
     }
 
     /// Every function lowered to a [`Program`] (verified), in module order.

@@ -236,6 +236,8 @@ enum BackendArg {
     Interp,
     /// The lowered Program, run by the reference Program executor.
     Reference,
+    /// The lowered Program, run by the CPU backend's native kernels.
+    Cpu,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -284,6 +286,7 @@ fn target(b: BackendArg) -> kiln::Target {
     match b {
         BackendArg::Interp => kiln::Target::Interp,
         BackendArg::Reference => kiln::Target::Reference,
+        BackendArg::Cpu => kiln::Target::Cpu { threads: 0 },
     }
 }
 

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod interp;
 pub mod lower;
 pub mod reference;
@@ -28,6 +29,7 @@ pub mod session;
 
 use kiln_ir::{DType, Dim, Graph, ShapeCx, ShapeError, VerifyErrors};
 
+pub use cpu::Cpu;
 pub use interp::Interpreter;
 pub use kiln_ir::{Element, Tensor, TensorData, TensorError, Weights};
 pub use lower::{lower, Program};

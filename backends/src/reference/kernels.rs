@@ -9,7 +9,7 @@ use crate::lower::{FillOp, Kernel, RowOp};
 use crate::RunError;
 
 /// Why a step failed; the caller names the step.
-pub(super) enum StepError {
+pub(crate) enum StepError {
     Run(RunError),
     Message(String),
     Gather { id: i64, rows: usize },
@@ -34,10 +34,10 @@ impl From<String> for StepError {
     }
 }
 
-type R = Result<(), StepError>;
+pub(crate) type R = Result<(), StepError>;
 
 /// Calls `f` with every multi-index of `shape`, row-major.
-fn each_index(shape: &[usize], mut f: impl FnMut(&[usize]) -> R) -> R {
+pub(crate) fn each_index(shape: &[usize], mut f: impl FnMut(&[usize]) -> R) -> R {
     if shape.contains(&0) {
         return Ok(());
     }
@@ -59,7 +59,7 @@ fn each_index(shape: &[usize], mut f: impl FnMut(&[usize]) -> R) -> R {
     }
 }
 
-pub(super) fn run_step(
+pub(crate) fn run_step(
     m: &mut Memory<'_>,
     kernel: &Kernel,
     ins: &[&CView],

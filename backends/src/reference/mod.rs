@@ -7,7 +7,7 @@
 //! Arithmetic follows the interpreter: f64 accumulation in every sum, float
 //! results rounded to f32 per instruction, integers wrapping in i64.
 
-mod kernels;
+pub(crate) mod kernels;
 pub(crate) mod scalar;
 
 use std::collections::HashMap;
@@ -54,6 +54,24 @@ pub struct ReferenceExecutable {
     weights: Vec<Tensor>,
     /// Arena plans by the values of the run-time symbols, each verified once.
     plans: HashMap<Vec<i64>, ArenaPlan>,
+    /// Which kernels run the steps.
+    kernels: KernelSet,
+    /// Steps of the last run that the scalar kernels ran.
+    scalar_steps: usize,
+}
+
+/// Which kernels run a Program's steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KernelSet {
+    /// Plain scalar loops over every dtype: the reference.
+    Scalar,
+    /// The CPU backend's native kernels (f32) and GEMM library on `threads`
+    /// threads; a step whose dtypes they do not cover (integer positions,
+    /// masks, 16-bit weights) runs the scalar kernels and is counted.
+    Native {
+        /// Threads for the GEMM library and the split kernels.
+        threads: usize,
+    },
 }
 
 /// The largest arena or output a run may allocate (as the interpreter's cap).
@@ -100,7 +118,26 @@ impl ReferenceExecutable {
             program,
             weights,
             plans: HashMap::new(),
+            kernels: KernelSet::Scalar,
+            scalar_steps: 0,
         })
+    }
+
+    /// The same, its steps run by `kernels`.
+    pub(crate) fn with_kernels(
+        graph: &Graph,
+        weights: &Weights,
+        kernels: KernelSet,
+    ) -> Result<ReferenceExecutable, RunError> {
+        let mut exe = ReferenceExecutable::new(graph, weights)?;
+        exe.kernels = kernels;
+        Ok(exe)
+    }
+
+    /// How many steps of the last run the scalar kernels ran (with native
+    /// kernels: the steps whose dtypes the native kernels do not cover).
+    pub fn scalar_steps(&self) -> usize {
+        self.scalar_steps
     }
 
     /// The Program this executable runs.
@@ -123,7 +160,7 @@ enum Place {
 /// A view resolved under one binding: root buffer, sizes, strides, offset (elements).
 #[derive(Clone, Debug)]
 pub(crate) struct CView {
-    root: usize,
+    pub(crate) root: usize,
     pub(crate) shape: Vec<usize>,
     pub(crate) strides: Vec<usize>,
     pub(crate) offset: usize,
@@ -142,15 +179,54 @@ impl CView {
     }
 }
 
+/// Zeroed bytes aligned for every element type (8 bytes), so kernels may
+/// read and write them as typed elements.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    /// A pointer to the first byte (no reference to the contents is made).
+    pub(crate) fn base_ptr(&mut self) -> *mut u8 {
+        self.words.as_mut_ptr().cast::<u8>()
+    }
+
+    /// `len` zero bytes.
+    pub(crate) fn zeroed(len: usize) -> AlignedBytes {
+        AlignedBytes {
+            words: vec![0u64; len.div_ceil(8)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the words hold at least `len` initialized bytes; u8 has no
+        // alignment or validity requirement.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, and the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
 /// The memory of one run.
 pub(crate) struct Memory<'a> {
     places: Vec<Place>,
     dtypes: Vec<DType>,
     inputs: &'a [Tensor],
     weights: &'a [Tensor],
-    outputs: Vec<Vec<u8>>,
-    states: Vec<Vec<u8>>,
-    arena: Vec<u8>,
+    outputs: Vec<AlignedBytes>,
+    states: Vec<AlignedBytes>,
+    arena: AlignedBytes,
 }
 
 pub(crate) fn tensor_elem(t: &Tensor, i: usize) -> Option<Scalar> {
@@ -196,6 +272,42 @@ fn encode(bytes: &mut [u8], at: usize, dtype: DType, v: Scalar) -> Option<()> {
 }
 
 impl Memory<'_> {
+    /// A raw pointer to the bytes of root buffer `root`, their length, and
+    /// the dtype they really hold (a 16-bit weight bound to an f32 parameter
+    /// holds f16), for kernels that read and write typed elements in place.
+    /// Only outputs, caches and the arena may be written through it; the
+    /// Program verifier proved every view of a root stays inside it.
+    pub(crate) fn raw(&mut self, root: usize) -> Option<(*mut u8, usize, DType)> {
+        let dtype = self.dtypes[root];
+        // `Vec::as_mut_ptr` materializes no reference, so pointers into the
+        // same buffer taken for a step's inputs and its output may coexist.
+        match self.places[root] {
+            Place::Input(k) => self
+                .inputs
+                .get(k)
+                .map(|t| (t.bytes().as_ptr().cast_mut(), t.bytes().len(), t.dtype())),
+            Place::Param(k) => self
+                .weights
+                .get(k)
+                .map(|t| (t.bytes().as_ptr().cast_mut(), t.bytes().len(), t.dtype())),
+            Place::Output(k) => self
+                .outputs
+                .get_mut(k)
+                .map(|b| (b.base_ptr(), b.len, dtype)),
+            Place::State(k) => self.states.get_mut(k).map(|b| (b.base_ptr(), b.len, dtype)),
+            Place::Arena(at) if at <= self.arena.len => {
+                // SAFETY: `at` is within the arena (checked), so the offset
+                // pointer stays inside its allocation.
+                Some((
+                    unsafe { self.arena.base_ptr().add(at) },
+                    self.arena.len - at,
+                    dtype,
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// Element `i` of the root of `v`.
     pub(crate) fn read(&self, v: &CView, i: usize) -> Result<Scalar, String> {
         let dtype = self.dtypes[v.root];
@@ -236,13 +348,13 @@ pub(crate) struct CallInputs<'a> {
     /// Per Program input: the tensor, or `None` for a cache input read in place.
     pub tensors: Vec<Option<&'a Tensor>>,
     /// One byte buffer per [`Program::states`], sized for the capacity.
-    pub states: Vec<Vec<u8>>,
+    pub states: Vec<AlignedBytes>,
 }
 
 /// What a call leaves: the states (to keep for the next call) and, per
 /// output, its value as a host tensor when it was asked for.
 pub(crate) struct CallResult {
-    pub states: Vec<Vec<u8>>,
+    pub states: Vec<AlignedBytes>,
     pub outputs: Vec<Option<Tensor>>,
 }
 
@@ -394,7 +506,7 @@ impl ReferenceExecutable {
                                     MAX_BYTES >> 30
                                 ),
                             })?;
-                    outputs.push(vec![0u8; bytes as usize]);
+                    outputs.push(AlignedBytes::zeroed(bytes as usize));
                     Place::Output(outputs.len() - 1)
                 }
                 BufferKind::Temp => match plan.offset_of(p, lower::BufferId(i as u32)) {
@@ -417,7 +529,7 @@ impl ReferenceExecutable {
             weights: &self.weights,
             outputs,
             states: call.states,
-            arena: vec![0u8; plan.peak_bytes as usize],
+            arena: AlignedBytes::zeroed(plan.peak_bytes as usize),
         };
         // A cache input given as a host tensor is copied into its state first.
         for (i, t) in call.tensors.iter().enumerate() {
@@ -433,22 +545,35 @@ impl ReferenceExecutable {
                 })?;
             }
         }
+        let kernel_set = self.kernels;
+        let mut scalar_steps = 0;
         for s in &p.steps {
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
-            kernels::run_step(&mut mem, &s.kernel, &ins, &views[s.output.index()], cx).map_err(
-                |e| match e {
-                    kernels::StepError::Run(e) => e,
-                    kernels::StepError::Message(message) => RunError::Invalid {
-                        node: s.origin.clone(),
-                        message,
-                    },
-                    kernels::StepError::Gather { id, rows } => RunError::GatherIndex {
-                        node: s.origin.clone(),
-                        id,
-                        rows,
-                    },
+            let out = &views[s.output.index()];
+            let ran = match kernel_set {
+                KernelSet::Scalar => kernels::run_step(&mut mem, &s.kernel, &ins, out, cx),
+                KernelSet::Native { threads } => {
+                    match crate::cpu::run_step(&mut mem, &s.kernel, &ins, out, threads) {
+                        Some(r) => r,
+                        None => {
+                            scalar_steps += 1;
+                            kernels::run_step(&mut mem, &s.kernel, &ins, out, cx)
+                        }
+                    }
+                }
+            };
+            ran.map_err(|e| match e {
+                kernels::StepError::Run(e) => e,
+                kernels::StepError::Message(message) => RunError::Invalid {
+                    node: s.origin.clone(),
+                    message,
                 },
-            )?;
+                kernels::StepError::Gather { id, rows } => RunError::GatherIndex {
+                    node: s.origin.clone(),
+                    id,
+                    rows,
+                },
+            })?;
         }
         let mut result = Vec::with_capacity(p.outputs.len());
         for (k, (name, b)) in p.outputs.iter().enumerate() {
@@ -463,6 +588,7 @@ impl ReferenceExecutable {
                 })?;
             result.push(Some(t));
         }
+        self.scalar_steps = scalar_steps;
         Ok(CallResult {
             states: mem.states,
             outputs: result,
@@ -478,7 +604,7 @@ impl Executable for ReferenceExecutable {
         let states = self
             .state_bytes(&cx)?
             .into_iter()
-            .map(|n| vec![0u8; n])
+            .map(AlignedBytes::zeroed)
             .collect();
         let call = CallInputs {
             tensors: inputs.iter().map(Some).collect(),
@@ -497,7 +623,7 @@ pub struct ReferenceSession {
     carried: BTreeMap<String, Tensor>,
     /// Each cache's memory by name, allocated by the first call that writes
     /// it from position 0 (a prefill) and kept across calls.
-    states: BTreeMap<String, Vec<u8>>,
+    states: BTreeMap<String, AlignedBytes>,
     /// Each cache's shape as the last call left it.
     shapes: BTreeMap<String, Vec<usize>>,
     len: usize,
@@ -511,9 +637,24 @@ impl ReferenceSession {
         weights: &Weights,
         capacity: usize,
     ) -> Result<ReferenceSession, RunError> {
+        ReferenceSession::with_kernels(funcs, weights, capacity, KernelSet::Scalar)
+    }
+
+    /// The same, its steps run by `kernels`.
+    pub(crate) fn with_kernels(
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+        kernels: KernelSet,
+    ) -> Result<ReferenceSession, RunError> {
         let entries = funcs
             .iter()
-            .map(|g| Ok((g.clone(), ReferenceExecutable::new(g, weights)?)))
+            .map(|g| {
+                Ok((
+                    g.clone(),
+                    ReferenceExecutable::with_kernels(g, weights, kernels)?,
+                ))
+            })
             .collect::<Result<Vec<_>, RunError>>()?;
         Ok(ReferenceSession {
             carried_names: sess::carried_names(&funcs.iter().collect::<Vec<_>>()),
@@ -579,7 +720,7 @@ impl Session for ReferenceSession {
                 }
                 // A call that writes the cache from position 0 starts a new sequence.
                 (None, Some(mem)) if mem.len() == size => mem,
-                (None, _) => vec![0u8; size],
+                (None, _) => AlignedBytes::zeroed(size),
             };
             states.push(mem);
         }
