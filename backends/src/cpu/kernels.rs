@@ -290,6 +290,11 @@ fn gemm(
             break;
         }
     }
+    if m == 1 && batch == 0 && k > 0 {
+        if let Some(r) = matvec(a, b, o, k, n, threads) {
+            return finish(r, epilogue, extras, o);
+        }
+    }
     let par = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 1 << 15 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -342,12 +347,57 @@ fn gemm(
         }
         Ok(())
     });
+    finish(ran, epilogue, extras, o)
+}
+
+/// The epilogue of a product already written to `o`.
+fn finish(ran: R, epilogue: &[KernelOp], extras: Vec<Fv<'_>>, o: Fv<'_>) -> Option<R> {
     if ran.is_err() || epilogue.is_empty() {
         return Some(ran);
     }
     let mut operands = vec![o];
     operands.extend(extras);
     Some(elementwise(epilogue, &operands, o))
+}
+
+/// One row times a matrix whose rows or columns are contiguous: the native
+/// matrix–vector kernels, reading each weight once (`None`: another layout).
+fn matvec(a: Fv<'_>, b: Fv<'_>, o: Fv<'_>, k: usize, n: usize, threads: usize) -> Option<R> {
+    let r = a.v.shape.len();
+    if a.v.strides[r - 1] != 1 {
+        return None;
+    }
+    let (b_k, b_n) = (b.v.strides[r - 2], b.v.strides[r - 1]);
+    let (a0, b0) = (a.v.offset, b.v.offset);
+    // The extent of B the product reads, in elements from its first one.
+    let span = (k - 1) * b_k + (n.max(1) - 1) * b_n + 1;
+    if a0 + k > a.len || b0 + span > b.len {
+        return Some(Err(StepError::Message(
+            "a product reads outside its operands".into(),
+        )));
+    }
+    // SAFETY: both ranges are inside their roots (checked above), and the
+    // output (written below) is never the root of an operand.
+    let (x, w) = unsafe {
+        (
+            std::slice::from_raw_parts(a.base.add(a0).cast_const(), k),
+            std::slice::from_raw_parts(b.base.add(b0).cast_const(), span),
+        )
+    };
+    let mut y = vec![0f32; n];
+    if b_k == 1 {
+        super::matvec::rows(x, w, b_n, &mut y, threads);
+    } else if b_n == 1 {
+        super::matvec::cols(x, w, b_k, &mut y, threads);
+    } else {
+        return None;
+    }
+    let os = o.v.strides[r - 1];
+    for (j, &v) in y.iter().enumerate() {
+        // SAFETY: inside the output view (verified).
+        unsafe { o.set(o.v.offset + j * os, v) };
+    }
+    Some(Ok(()))
 }
 
 fn row(mem: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> Option<R> {

@@ -18,6 +18,7 @@
 //! caches and arena slots. Debug builds re-check each address.
 
 mod kernels;
+mod matvec;
 
 use kiln_ir::Graph;
 
