@@ -1,0 +1,150 @@
+//! Review of the lowering layer: small graphs on which the reference executor
+//! (a lowered Program) disagrees with the graph interpreter, the oracle. Each
+//! test names the decision of the lowering it catches.
+
+mod support;
+
+use kiln::backends::lower;
+use kiln::backends::{Backend, Interpreter, Reference};
+use kiln::ir::Graph;
+use kiln::Tensor;
+use support::{NonFinite, Tolerance};
+
+fn graph(text: &str) -> Graph {
+    kiln::ir::parse_graph(text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Seeded inputs for `g` with its run-time symbols bound by `sizes`.
+fn inputs(g: &Graph, sizes: &[(&str, i64)]) -> Vec<Tensor> {
+    support::seeded_inputs(g, sizes, |u| (u * 5.0) as i64, 7)
+}
+
+/// Runs `text` on the interpreter and on the reference executor and checks
+/// that the outputs agree exactly (the Program is printed on failure).
+fn check(text: &str, sizes: &[(&str, i64)]) {
+    let g = graph(text);
+    let ins = inputs(&g, sizes);
+    check_on(&g, &ins);
+}
+
+fn check_on(g: &Graph, ins: &[Tensor]) {
+    let program = lower::lower(g)
+        .map(|p| p.to_text(None))
+        .unwrap_or_else(|e| format!("does not lower: {e}"));
+    let want = Interpreter
+        .compile(g, &Default::default())
+        .and_then(|mut e| e.run(ins))
+        .unwrap_or_else(|e| panic!("interp: {e}"));
+    let got = Reference
+        .compile(g, &Default::default())
+        .and_then(|mut e| e.run(ins))
+        .unwrap_or_else(|e| panic!("reference: {e}\n{program}"));
+    let (want, got) = (support::named(g, want), support::named(g, got));
+    support::outputs_deviation(&got, &want, &|_| NonFinite::Reject)
+        .and_then(|d| d.within(Tolerance::Relative(0.0)))
+        .unwrap_or_else(|e| panic!("{e}\n{program}"));
+}
+
+/// A cache output that puts the new positions *before* the past: the concat
+/// writes into the cache in place (`result_place`), so its first copy (the new
+/// rows, to positions 0..T) overwrites the past before the second copy reads it.
+#[test]
+fn prepending_to_a_cache_reads_the_past_before_overwriting_it() {
+    check(
+        "func @f(%new: f32[1, 2, T, 4], %past: f32[1, 2, S, 4] cache=kc) -> (kc: f32[1, 2, T + S, 4] cache_axis=2) {
+  %kc = concat(%new, %past) axis=2 : f32[1, 2, T + S, 4]
+  return %kc
+}",
+        &[("T", 2), ("S", 3)],
+    );
+}
+
+/// A cache output computed by a loop: copy elimination redirects the loop to
+/// write straight into the cache, at the loop's step, while a later step
+/// still reads the past from the same positions of the cache.
+#[test]
+fn a_cache_output_written_early_does_not_clobber_the_past_a_later_step_reads() {
+    check(
+        "func @f(%new: f32[1, 2, T, 4], %past: f32[1, 2, S, 4] cache=kc) -> (kc: f32[1, 2, T + S, 4] cache_axis=2, y: f32[1, 2, S, 4]) {
+  %c = concat(%new, %past) axis=2 : f32[1, 2, T + S, 4]
+  %e = exp(%c) : f32[1, 2, T + S, 4]
+  %y = neg(%past) : f32[1, 2, S, 4]
+  return %e, %y
+}",
+        &[("T", 2), ("S", 3)],
+    );
+}
+
+/// Two concats onto the same past: the first is appended in place; the
+/// second (the cache output) is placed in the cache too and writes its new
+/// rows over the first one's, which `y` still returns.
+#[test]
+fn two_concats_onto_one_past_keep_both_values() {
+    check(
+        "func @f(%n1: f32[1, 2, T, 4], %n2: f32[1, 2, T, 4], %past: f32[1, 2, S, 4] cache=kc) -> (kc: f32[1, 2, S + T, 4] cache_axis=2, y: f32[1, 2, S + T, 4]) {
+  %a = concat(%past, %n1) axis=2 : f32[1, 2, S + T, 4]
+  %b = concat(%past, %n2) axis=2 : f32[1, 2, S + T, 4]
+  return %b, %a
+}",
+        &[("T", 2), ("S", 3)],
+    );
+}
+
+/// Two in-place appends onto overlapping regions of one cache (the whole
+/// past, and the past of head 0 only): `appended` compares exact layouts, so
+/// the second append writes over the first one's new rows of head 0.
+#[test]
+fn appends_onto_overlapping_parts_of_a_cache_do_not_overwrite_each_other() {
+    check(
+        "func @f(%n1: f32[1, 2, T, 4], %n2: f32[1, 1, T, 4], %past: f32[1, 2, S, 4] cache=kc) -> (kc: f32[1, 2, S + T, 4] cache_axis=2, y: f32[1, 1, S + T, 4]) {
+  %a = concat(%past, %n1) axis=2 : f32[1, 2, S + T, 4]
+  %p0 = slice(%past) axis=1 start=0 end=1 : f32[1, 1, S, 4]
+  %b = concat(%p0, %n2) axis=2 : f32[1, 1, S + T, 4]
+  return %a, %b
+}",
+        &[("T", 2), ("S", 3)],
+    );
+}
+
+/// A slice whose symbolic end lies past its operand (a slice of a slice)
+/// but inside the root buffer: the interpreter rejects the run; the Program
+/// verifier checks views against their root only, so the reference executor
+/// silently reads the next row.
+#[test]
+fn a_slice_past_the_end_of_a_view_is_an_error_not_the_next_row() {
+    let g = graph(
+        "func @f(%x: f32[3, T], %n: f32[S]) -> (y: f32[1, S]) {
+  %a = slice(%x) axis=0 start=0 end=1 : f32[1, T]
+  %b = slice(%a) axis=1 start=0 end=S : f32[1, S]
+  %y = neg(%b) : f32[1, S]
+  return %y
+}",
+    );
+    let ins = inputs(&g, &[("T", 2), ("S", 4)]);
+    let interp = Interpreter
+        .compile(&g, &Default::default())
+        .and_then(|mut e| e.run(&ins));
+    assert!(interp.is_err(), "the oracle rejects the slice");
+    let got = Reference
+        .compile(&g, &Default::default())
+        .and_then(|mut e| e.run(&ins));
+    assert!(
+        got.is_err(),
+        "the reference executor read past the slice's operand: {got:?}"
+    );
+}
+
+/// A reshape between zero-size shapes whose groups do not line up: no view
+/// expresses it, and the copy fallback then fails to view its contiguous
+/// destination, so a graph the interpreter runs does not lower.
+#[test]
+fn a_reshape_of_zero_elements_lowers() {
+    check(
+        "func @f(%x: f32[2, 0]) -> (y: f32[0, 5]) {
+  %r = reshape(%x) shape=[0, 5] : f32[0, 5]
+  %y = neg(%r) : f32[0, 5]
+  return %y
+}",
+        &[],
+    );
+}
