@@ -148,3 +148,83 @@ fn a_reshape_of_zero_elements_lowers() {
         &[],
     );
 }
+
+/// An append in place that is not the cache output: the cache's capacity is
+/// sized for the outputs (`S` here), but the append writes positions
+/// `S..S+T`, outside it, so a graph the interpreter runs fails to run.
+#[test]
+fn an_append_that_is_not_the_cache_output_stays_inside_the_cache() {
+    check(
+        "func @f(%n1: f32[1, 2, T, 4], %past: f32[1, 2, S, 4] cache=kc) -> (kc: f32[1, 2, S, 4] cache_axis=2, y: f32[1, 2, S + T, 4]) {
+  %a = concat(%past, %n1) axis=2 : f32[1, 2, S + T, 4]
+  return %past, %a
+}",
+        &[("T", 2), ("S", 3)],
+    );
+}
+
+/// A decode step that fails (a token id outside the vocabulary) must leave
+/// the session as it was: the interpreter's session does, but the reference
+/// session has already taken its caches out of the session when the step
+/// fails, and the next (good) step then reports a cache of another layout.
+#[test]
+fn a_failed_decode_step_leaves_the_session_usable() {
+    use kiln::OptLevel;
+    let split = support::hf_model("llama")
+        .optimize(OptLevel::O2)
+        .expect("O2")
+        .kv_split()
+        .expect("split");
+    let tokens = |rows: &[&[i64]]| Tensor::from_tokens(rows).expect("tokens");
+    let mut logits = Vec::new();
+    for backend in support::BACKENDS {
+        let b = backend.name();
+        let mut session = split.session(backend, 8).expect("session");
+        session
+            .call("prefill", &[tokens(&[&[5, 17, 42]])])
+            .expect("prefill");
+        let err = session.call("decode", &[tokens(&[&[1_000_000]])]);
+        assert!(err.is_err(), "{b}: an id outside the vocabulary is an error");
+        let got = session
+            .call("decode", &[tokens(&[&[3]])])
+            .unwrap_or_else(|e| panic!("{b}: the step after a failed one: {e}"));
+        logits.push(got);
+    }
+    support::outputs_deviation(&logits[1], &logits[0], &|_| NonFinite::Reject)
+        .and_then(|d| d.within(Tolerance::Relative(1e-6)))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Bytes whose first read (the one `Buf::from_source` validates) differs
+/// from every later one (the ones `Deref` turns into `&[T]`): a safe
+/// `ByteSource` may do this, since the trait is not `unsafe`.
+struct Flipping(std::sync::atomic::AtomicUsize);
+
+impl AsRef<[u8]> for Flipping {
+    fn as_ref(&self) -> &[u8] {
+        if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            &[1]
+        } else {
+            &[2]
+        }
+    }
+}
+
+/// `Buf::from_source` checks the bytes of a bool buffer once, but `Deref`
+/// re-reads the source and builds `&[bool]` from whatever it lends then, so
+/// safe code can make a `&[bool]` holding the byte 2 (undefined behaviour).
+#[test]
+fn a_bool_buffer_derefs_only_the_bytes_it_validated() {
+    use kiln::ir::tensor::{ByteSource, Buf};
+    let source: std::sync::Arc<dyn ByteSource> =
+        std::sync::Arc::new(Flipping(std::sync::atomic::AtomicUsize::new(0)));
+    let Some(buf) = Buf::<bool>::from_source(source, 0, 1) else {
+        return;
+    };
+    // `*buf` would now be `&[bool]` over the byte 2; its bytes show it safely.
+    assert!(
+        buf.bytes().iter().all(|&b| b <= 1),
+        "Deref builds &[bool] over {:?}, which from_source never checked",
+        buf.bytes()
+    );
+}
