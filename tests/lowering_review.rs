@@ -28,6 +28,10 @@ fn check(text: &str, sizes: &[(&str, i64)]) {
 }
 
 fn check_on(g: &Graph, ins: &[Tensor]) {
+    check_with(g, ins, NonFinite::Reject);
+}
+
+fn check_with(g: &Graph, ins: &[Tensor], policy: NonFinite) {
     let program = lower::lower(g)
         .map(|p| p.to_text(None))
         .unwrap_or_else(|e| format!("does not lower: {e}"));
@@ -40,7 +44,7 @@ fn check_on(g: &Graph, ins: &[Tensor]) {
         .and_then(|mut e| e.run(ins))
         .unwrap_or_else(|e| panic!("reference: {e}\n{program}"));
     let (want, got) = (support::named(g, want), support::named(g, got));
-    support::outputs_deviation(&got, &want, &|_| NonFinite::Reject)
+    support::outputs_deviation(&got, &want, &|_| policy)
         .and_then(|d| d.within(Tolerance::Relative(0.0)))
         .unwrap_or_else(|e| panic!("{e}\n{program}"));
 }
@@ -226,5 +230,20 @@ fn a_bool_buffer_derefs_only_the_bytes_it_validated() {
         buf.bytes().iter().all(|&b| b <= 1),
         "Deref builds &[bool] over {:?}, which from_source never checked",
         buf.bytes()
+    );
+}
+
+/// Rope of a rank-2 input with `[B, T]` positions (so B = T = axis 0): the
+/// interpreter reads position `[t, t]` for row `t`; the lowering builds the
+/// positions view with `strides[0]` set twice (axes 0 and r - 2 coincide),
+/// so the reference reads `[0, t]`.
+#[test]
+fn rope_of_a_rank_two_input_with_batched_positions() {
+    check(
+        "func @f(%x: f32[4, 8], %p: i64[4, 4]) -> (y: f32[4, 8]) {
+  %y = rope(%x, %p) theta=10000.0 : f32[4, 8]
+  return %y
+}",
+        &[],
     );
 }
