@@ -247,3 +247,33 @@ fn rope_of_a_rank_two_input_with_batched_positions() {
         &[],
     );
 }
+
+/// A cache output shorter than its input (a window that drops its oldest
+/// position): without a session the capacity is sized for the outputs only
+/// (`cache_need`), so the `cache=` input's view (`S` positions) does not fit
+/// in the `S - 1` positions allocated.
+#[test]
+fn a_cache_that_shrinks_fits_its_input() {
+    check(
+        "func @f(%past: f32[2, S, 4] cache=kc) -> (kc: f32[2, S - 1, 4] cache_axis=1) {
+  %kc = slice(%past) axis=1 start=1 end=S : f32[2, S - 1, 4]
+  return %kc
+}",
+        &[("S", 3)],
+    );
+}
+
+/// Two `cache=` inputs naming one cache: the verifier accepts it, and the
+/// lowering views both in the same state buffer, so the second input's
+/// tensor overwrites the first's before any step reads it.
+#[test]
+fn two_inputs_of_one_cache_do_not_share_memory_silently() {
+    check(
+        "func @f(%p1: f32[2, S, 4] cache=kc, %p2: f32[2, S, 4] cache=kc, %n: f32[2, T, 4]) -> (kc: f32[2, S + T, 4] cache_axis=1, y: f32[2, S, 4]) {
+  %kc = concat(%p1, %n) axis=1 : f32[2, S + T, 4]
+  %y = neg(%p2) : f32[2, S, 4]
+  return %kc, %y
+}",
+        &[("S", 3), ("T", 2)],
+    );
+}
