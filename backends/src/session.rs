@@ -138,10 +138,8 @@ impl Session for TensorSession {
             inputs.push(t.clone());
         }
         let outs = exe.run(&inputs)?;
-        let mut result = Vec::new();
-        let mut len = self.len;
-        let mut new_caches = Vec::new();
-        for ((name, _), t) in g.outputs().iter().zip(outs) {
+        // Check before changing anything: a refused call leaves the session as it was.
+        for ((name, _), t) in g.outputs().iter().zip(&outs) {
             if let Some(axis) = g.cache_axis(name) {
                 let n = t.shape().get(axis).copied().unwrap_or(0);
                 if n > self.capacity {
@@ -150,7 +148,14 @@ impl Session for TensorSession {
                         needed: n,
                     });
                 }
-                len = n;
+            }
+        }
+        let mut result = Vec::new();
+        let mut len = self.len;
+        let mut new_caches = Vec::new();
+        for ((name, _), t) in g.outputs().iter().zip(outs) {
+            if let Some(axis) = g.cache_axis(name) {
+                len = t.shape().get(axis).copied().unwrap_or(0);
                 new_caches.push((name.clone(), t));
             } else if self.carried_names.contains(name) {
                 self.carried.insert(name.clone(), t);

@@ -188,7 +188,7 @@ pub fn read_weights(
         path: path.to_path_buf(),
         message,
     };
-    let mmap: Arc<memmap2::Mmap> = Arc::new(map_file(path)?);
+    let mmap: Arc<MappedFile> = Arc::new(MappedFile(map_file(path)?));
     let source: Arc<dyn kiln_ir::tensor::ByteSource> = mmap.clone();
     let st = parse_safetensors(path, &mmap)?;
     let cx = kiln_ir::verify(graph).map_err(|e| FrontendError::Ir(e.into()))?;
@@ -253,12 +253,31 @@ pub fn read_weights(
     Ok(out)
 }
 
+/// A read-only memory map lent to tensors that read their bytes in place.
+pub(crate) struct MappedFile(memmap2::Mmap);
+
+// SAFETY: the map is read-only and never remapped, so `bytes` returns the same
+// slice on every call (a file changed underneath the process is the hazard
+// `map_file` documents).
+unsafe impl kiln_ir::tensor::ByteSource for MappedFile {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A float tensor of a mapped safetensors file, read in place (f16 and bf16
 /// stay 16-bit; a backend widens them as it reads). Copied only when the file
 /// places it at an offset not aligned for its element type.
 fn mapped_tensor(
     source: &Arc<dyn kiln_ir::tensor::ByteSource>,
-    mmap: &memmap2::Mmap,
+    mmap: &MappedFile,
     view: &safetensors::tensor::TensorView<'_>,
     shape: Vec<usize>,
 ) -> Result<Tensor, String> {

@@ -52,17 +52,15 @@ const _: () = assert!(
     "kiln reads weights in place and needs a little-endian target"
 );
 
-/// Bytes a tensor can live in: an owned allocation or a memory-mapped file
-/// (anything that lends out a byte slice and can be shared across threads).
-pub trait ByteSource: Send + Sync + std::panic::RefUnwindSafe + 'static {
+/// Bytes a tensor can live in: an owned allocation or a memory-mapped file.
+///
+/// # Safety
+/// [`ByteSource::bytes`] must return the same slice (same address, length
+/// and contents) on every call for as long as the source lives: a [`Buf`]
+/// checks alignment and validity once and then reads the bytes in place.
+pub unsafe trait ByteSource: Send + Sync + std::panic::RefUnwindSafe + 'static {
     /// The bytes.
     fn bytes(&self) -> &[u8];
-}
-
-impl<T: AsRef<[u8]> + Send + Sync + std::panic::RefUnwindSafe + 'static> ByteSource for T {
-    fn bytes(&self) -> &[u8] {
-        self.as_ref()
-    }
 }
 
 /// An element type whose bytes can be read in place.
@@ -101,7 +99,9 @@ unsafe impl Pod for bool {
 /// An owned vector lent out as bytes.
 struct VecBytes<T: Pod>(Vec<T>);
 
-impl<T: Pod> ByteSource for VecBytes<T> {
+// SAFETY: the vector is never changed after it is wrapped, so `bytes` returns
+// the same slice on every call.
+unsafe impl<T: Pod> ByteSource for VecBytes<T> {
     fn bytes(&self) -> &[u8] {
         // SAFETY: the vector's elements are plain data; viewing them as bytes
         // is always valid (u8 has no alignment or validity requirement).

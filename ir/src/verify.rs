@@ -348,12 +348,17 @@ fn check_caches(ck: &mut Checker<'_>, cx: &ShapeCx) {
             );
         }
     }
+    let mut named: BTreeSet<String> = BTreeSet::new();
     for &input in graph.inputs() {
         let crate::graph::InputRole::Cache { output } = graph.input_role(input) else {
             continue;
         };
         let loc = format!("input {}", ck.namer.name(input));
         let span = graph.span(input);
+        if !named.insert(output.clone()) {
+            ck.report(loc, span, format!("a second input reads the cache {output} (one `cache={output}` input per cache)"));
+            continue;
+        }
         let Some(axis) = graph.cache_axis(output) else {
             ck.report(
                 loc,

@@ -14,7 +14,8 @@ use kiln_ir::{
 };
 
 use super::{
-    Buffer, BufferId, BufferKind, FillOp, Kernel, Layout, Liveness, Program, RowOp, State, Step,
+    Buffer, BufferId, BufferKind, FillOp, Kernel, Layout, Liveness, Program, RowOp, SizeCheck,
+    State, Step,
 };
 use crate::RunError;
 
@@ -34,11 +35,12 @@ struct Lowerer<'g> {
     views: HashMap<(BufferId, Layout), BufferId>,
     vals: HashMap<ValueId, Val>,
     states: Vec<State>,
+    checks: Vec<SizeCheck>,
     /// For each state, the layout of its output (the first `S + T` positions).
     state_outputs: Vec<Layout>,
-    /// The cache regions already appended to in place, as (root, layout of
-    /// the part before the append): a second append there must copy.
-    appended: Vec<(BufferId, Layout)>,
+    /// The cache layers already appended to in place, as (root, leading
+    /// index): a second append there must copy.
+    appended: Vec<(BufferId, i64)>,
 }
 
 /// Lowers one verified function to a [`Program`].
@@ -57,6 +59,7 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
         views: HashMap::new(),
         vals: HashMap::new(),
         states: Vec::new(),
+        checks: Vec::new(),
         state_outputs: Vec::new(),
         appended: Vec::new(),
     };
@@ -102,6 +105,7 @@ pub fn lower(graph: &Graph) -> Result<Program, RunError> {
         outputs,
         liveness: Liveness::default(),
         states: lw.states,
+        checks: lw.checks,
         capacity,
     };
     compact(&mut program);
@@ -179,7 +183,7 @@ impl Lowerer<'_> {
 
     /// Where `v`'s result goes: its cache's output view when `v` is returned
     /// (once) as a cache output, else a new temporary.
-    fn result_place(&mut self, v: ValueId) -> Result<Val, RunError> {
+    fn result_place(&mut self, v: ValueId, parts: &[Val], axis: usize) -> Result<Val, RunError> {
         let g = self.graph;
         let returned: Vec<&String> = g
             .outputs()
@@ -191,6 +195,24 @@ impl Lowerer<'_> {
             [n] => self.states.iter().position(|s| s.name == **n),
             _ => None,
         };
+        // Writing the parts straight into the cache is safe only when no part
+        // reads the cache from elsewhere: either every part already sits where
+        // it belongs (the layers a decode step appended in place), or no part
+        // reads the cache at all (a prefill writing it from position 0).
+        let cache = cache.filter(|&k| {
+            let (root, whole) = (self.states[k].root, &self.state_outputs[k]);
+            let mut at = Dim::constant(0);
+            parts.iter().all(|part| {
+                let Ok(end) = at.add(&part.layout.shape[axis]) else {
+                    return false;
+                };
+                let in_place = whole
+                    .slice(axis, &at, &end)
+                    .is_ok_and(|d| d.normalized() == part.layout.normalized());
+                at = end;
+                part.root != root || in_place
+            }) && (self.states[k].input.is_none() || parts.iter().all(|p| p.root == root))
+        });
         let val = match cache {
             Some(k) => Val {
                 root: self.states[k].root,
@@ -221,26 +243,40 @@ impl Lowerer<'_> {
         };
         let root_shape = self.buffers[state.root.index()].shape.clone();
         let state_axis = state.axis;
+        let k = self
+            .states
+            .iter()
+            .position(|s| s.root == past.root)
+            .unwrap_or(0);
+        let out_len = self.state_outputs[k].shape[state_axis].clone();
         let whole = self.contiguous(v, &root_shape)?;
         let input_len = self.graph.ty(self.graph.inputs()[input]).shape[state_axis].clone();
         let input_len = self.dim(v, &input_len)?;
-        if past.layout.strides[axis] != whole.strides[state_axis]
-            || past.layout.shape[axis] != input_len
-            || self.appended.contains(&(past.root, past.layout.clone()))
-        {
-            return Ok(false);
-        }
         let n = past.layout.shape[axis].clone();
         let end = n
             .add(&new.layout.shape[axis])
             .map_err(|e| self.error(v, e.to_string()))?;
+        // The past must be one layer's first positions (the leading index `c`
+        // of the cache, every other axis stepping within a layer), appended to
+        // once, and the append must end where the cache output ends (so it
+        // fits the capacity). Anything else concatenates by copying.
+        let Some(layer) = one_layer(&past.layout, &whole, state_axis) else {
+            return Ok(false);
+        };
+        if past.layout.strides[axis] != whole.strides[state_axis]
+            || past.layout.shape[axis] != input_len
+            || end != out_len
+            || self.appended.contains(&(past.root, layer))
+        {
+            return Ok(false);
+        }
         let dst = past
             .layout
             .slice(axis, &n, &end)
             .map_err(|e| self.error(v, e.to_string()))?;
         let mut grown = past.layout.clone();
         grown.shape[axis] = end;
-        self.appended.push((past.root, past.layout.clone()));
+        self.appended.push((past.root, layer));
         let dst = self.view(past.root, dst);
         let src = self.view_of(new);
         self.emit(v, Kernel::Copy, vec![src], dst);
@@ -485,6 +521,16 @@ impl Lowerer<'_> {
                             },
                         );
                     }
+                    None if shape.iter().any(|d| d.is_const(0)) => {
+                        // No elements: any layout holds them; the fill writes none.
+                        let out = self.temp(v)?;
+                        self.emit(
+                            v,
+                            Kernel::Fill(FillOp::Constant { value: 0.0 }),
+                            vec![],
+                            out,
+                        );
+                    }
                     None => {
                         // The strides cannot express it: copy into a contiguous temporary.
                         let src = self.view_of(&args[0]);
@@ -528,6 +574,23 @@ impl Lowerer<'_> {
                 let a = normalize_axis("slice", *axis, rank(0))
                     .map_err(|e| self.error(v, e.to_string()))?;
                 let (s, e) = (self.dim(v, start)?, self.dim(v, end)?);
+                // Symbolic bounds are checked when the symbols are bound:
+                // 0 <= start <= end <= the axis.
+                let size = args[0].layout.shape[a].clone();
+                let what = self.header(v);
+                for (lo, hi, name) in [
+                    (Dim::constant(0), s.clone(), "start"),
+                    (s.clone(), e.clone(), "end"),
+                    (e.clone(), size, "end"),
+                ] {
+                    if lo.as_const().zip(hi.as_const()).is_none() {
+                        self.checks.push(SizeCheck {
+                            lhs: lo,
+                            rhs: hi,
+                            what: format!("{what}: slice {name}"),
+                        });
+                    }
+                }
                 let layout = args[0]
                     .layout
                     .slice(a, &s, &e)
@@ -551,7 +614,7 @@ impl Lowerer<'_> {
                 let Val {
                     root: out,
                     layout: whole,
-                } = self.result_place(v)?;
+                } = self.result_place(v, &args, a)?;
                 let mut at = Dim::constant(0);
                 for part in &args {
                     let end = at
@@ -584,8 +647,12 @@ impl Lowerer<'_> {
                     1 => p.broadcast_to(rows),
                     2 => {
                         let mut strides = vec![Dim::constant(0); r - 1];
+                        // For `x: [T, dh]` the batch axis is the token axis:
+                        // position `(t, t)`, so the two strides add.
                         strides[0] = p.strides[0].clone();
-                        strides[r - 2] = p.strides[1].clone();
+                        strides[r - 2] = strides[r - 2]
+                            .add(&p.strides[1])
+                            .map_err(|e| self.error(v, e.to_string()))?;
                         Layout {
                             shape: rows.to_vec(),
                             strides,
@@ -748,7 +815,16 @@ impl Lowerer<'_> {
     /// weight, a value output twice) is copied.
     fn lower_outputs(&mut self) -> Result<Vec<(String, BufferId)>, RunError> {
         let mut out = Vec::new();
-        for (index, (name, v)) in self.graph.outputs().iter().enumerate() {
+        // Caches last: a copy into a cache may overwrite positions another
+        // output still reads (a value appended in place that is not the cache).
+        let outputs = self.graph.outputs();
+        let is_cache = |n: &String| self.states.iter().any(|s| s.name == *n);
+        let order: Vec<usize> = (0..outputs.len())
+            .filter(|&i| !is_cache(&outputs[i].0))
+            .chain((0..outputs.len()).filter(|&i| is_cache(&outputs[i].0)))
+            .collect();
+        for index in order {
+            let (name, v) = &outputs[index];
             let val = self.val(*v)?;
             if let Some(k) = self.states.iter().position(|s| s.name == *name) {
                 let (root, layout) = (self.states[k].root, self.state_outputs[k].clone());
@@ -784,7 +860,17 @@ impl Lowerer<'_> {
             self.emit(*v, Kernel::Copy, vec![src], dst);
             out.push((name.clone(), dst));
         }
-        Ok(out)
+        // In signature order.
+        let mut named: Vec<(usize, (String, BufferId))> = Vec::new();
+        for (name, b) in out {
+            let i = outputs
+                .iter()
+                .position(|(n, _)| *n == name)
+                .unwrap_or(usize::MAX);
+            named.push((i, (name, b)));
+        }
+        named.sort_by_key(|(i, _)| *i);
+        Ok(named.into_iter().map(|(_, o)| o).collect())
     }
 
     /// Turns temporary `r` into output `index` of `shape` (same elements, maybe
@@ -863,6 +949,14 @@ impl Lowerer<'_> {
         }
         let dst_root = root(dst);
         if self.steps[*w].inputs.iter().any(|&b| root(b) == dst_root) {
+            return None;
+        }
+        // Writing at the producer's step, earlier than the copy, must not
+        // change what a step in between reads (a cache's past, another part).
+        let read_between = self.steps[*w + 1..c]
+            .iter()
+            .any(|s| s.inputs.iter().any(|&b| root(b) == dst_root));
+        if read_between {
             return None;
         }
         let rb = &self.buffers[r.index()];
@@ -965,6 +1059,28 @@ impl Lowerer<'_> {
             _ => None,
         }
     }
+}
+
+/// When `view` lies inside one index `c` of the leading axis of a cache laid
+/// out as `whole` (its offset is `c` whole layers and no axis steps from one
+/// layer to the next), `c`. The cache axis must not be the leading one.
+fn one_layer(view: &Layout, whole: &Layout, cache_axis: usize) -> Option<i64> {
+    if cache_axis == 0 || whole.shape.is_empty() {
+        return None;
+    }
+    let layer = &whole.strides[0];
+    let c = view.offset.div(layer).ok()?.as_const()?;
+    if Dim::constant(c).mul(layer).ok()? != view.offset {
+        return None;
+    }
+    let inner = &whole.strides[1..];
+    let norm = view.normalized();
+    let steps: Vec<&Dim> = norm.strides.iter().filter(|s| !s.is_const(0)).collect();
+    let distinct = steps
+        .iter()
+        .enumerate()
+        .all(|(i, s)| !steps[..i].contains(s));
+    (distinct && steps.iter().all(|s| inner.contains(s))).then_some(c)
 }
 
 /// `k` with its value indices renamed by `f`.

@@ -259,6 +259,20 @@ pub struct Program {
     /// The run-time symbol sizing every cache's length axis (its capacity),
     /// when there are caches.
     pub capacity: Option<String>,
+    /// Size relations the Program relies on that only a binding can decide
+    /// (a slice whose end is symbolic stays inside its axis).
+    pub checks: Vec<SizeCheck>,
+}
+
+/// `lhs <= rhs` must hold under a binding (checked before a run).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SizeCheck {
+    /// The smaller side.
+    pub lhs: Dim,
+    /// The larger side.
+    pub rhs: Dim,
+    /// Where it comes from: the node and what it bounds.
+    pub what: String,
 }
 
 impl Program {
@@ -294,13 +308,14 @@ impl Program {
     pub fn cache_need(&self, cx: &kiln_ir::ShapeCx) -> Result<usize, crate::RunError> {
         let mut need = 0;
         for st in &self.states {
-            let b = self.outputs[st.output].1;
-            let d = &self.buffer(b).shape[st.axis];
-            need = need.max(crate::eval_size_in(
-                cx,
-                d,
-                &format!("the cache {}", st.name),
-            )?);
+            // The cache holds its input's positions and its output's.
+            let mut views = vec![self.outputs[st.output].1];
+            views.extend(st.input.map(|i| self.inputs[i]));
+            for b in views {
+                let d = &self.buffer(b).shape[st.axis];
+                let what = format!("the cache {}", st.name);
+                need = need.max(crate::eval_size_in(cx, d, &what)?);
+            }
         }
         Ok(need)
     }

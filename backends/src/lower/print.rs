@@ -140,6 +140,9 @@ pub fn program_text(p: &Program, binding: Option<&ShapeCx>) -> String {
         };
         let _ = writeln!(s, "    b{i} = {kind} {}: {ty}", b.value);
     }
+    for c in &p.checks {
+        let _ = writeln!(s, "  check {} <= {}  # {}", c.lhs, c.rhs, c.what);
+    }
     let _ = writeln!(s, "  steps:");
     for (i, st) in p.steps.iter().enumerate() {
         let args: Vec<String> = st.inputs.iter().map(|b| b.to_string()).collect();

@@ -223,6 +223,136 @@ fn eval(cx: &ShapeCx, d: &Dim) -> Result<i64, String> {
         .ok_or_else(|| format!("`{d}` does not evaluate to a number (is a symbol unbound?)"))
 }
 
+/// Most elements [`check_written`] visits before it leaves the rest to the
+/// per-buffer check of [`verify_structure`].
+const WRITTEN_CHECK_LIMIT: usize = 1 << 26;
+
+/// Calls `f` with every element address of a view.
+fn each_address(
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+    mut f: impl FnMut(usize) -> bool,
+) {
+    if shape.contains(&0) {
+        return;
+    }
+    let mut idx = vec![0usize; shape.len()];
+    let mut at = offset;
+    loop {
+        if !f(at) {
+            return;
+        }
+        let mut k = shape.len();
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            idx[k] += 1;
+            at += strides[k];
+            if idx[k] < shape[k] {
+                break;
+            }
+            at -= strides[k] * shape[k];
+            idx[k] = 0;
+        }
+    }
+}
+
+/// Element by element: no step reads an element of a temporary, an output
+/// or a cache before a step wrote it (a cache's input positions count as
+/// written). Catches a buffer only partly written, which the per-buffer
+/// check of [`verify_structure`] cannot.
+fn check_written(p: &Program, cx: &ShapeCx, errors: &mut Vec<String>) {
+    type View = (usize, Vec<usize>, Vec<usize>, usize);
+    let resolve = |b: BufferId| -> Option<View> {
+        let l = p.layout(b).ok()?;
+        let ev = |d: &Dim| eval(cx, d).ok().and_then(|v| usize::try_from(v).ok());
+        let shape = l.shape.iter().map(ev).collect::<Option<Vec<_>>>()?;
+        let strides = l.strides.iter().map(ev).collect::<Option<Vec<_>>>()?;
+        Some((p.root(b).index(), shape, strides, ev(&l.offset)?))
+    };
+    let tracked = |r: usize| {
+        matches!(
+            p.buffers[r].kind,
+            BufferKind::Temp | BufferKind::Output { .. } | BufferKind::State { .. }
+        )
+    };
+    let mut written: Vec<Option<Vec<bool>>> = vec![None; p.buffers.len()];
+    let mut budget = WRITTEN_CHECK_LIMIT;
+    for (r, b) in p.buffers.iter().enumerate() {
+        if !tracked(r) {
+            continue;
+        }
+        let Some((_, shape, _, _)) = resolve(BufferId(r as u32)) else {
+            return;
+        };
+        let n: usize = shape.iter().product();
+        let Some(left) = budget.checked_sub(n) else {
+            return;
+        };
+        budget = left;
+        let _ = b;
+        written[r] = Some(vec![false; n]);
+    }
+    for st in &p.states {
+        if let Some(&input) = st.input.and_then(|i| p.inputs.get(i)) {
+            let Some((r, shape, strides, offset)) = resolve(input) else {
+                return;
+            };
+            if let Some(w) = written[r].as_mut() {
+                each_address(&shape, &strides, offset, |a| {
+                    if let Some(x) = w.get_mut(a) {
+                        *x = true;
+                    }
+                    true
+                });
+            }
+        }
+    }
+    for (i, s) in p.steps.iter().enumerate() {
+        for &b in &s.inputs {
+            let Some((r, shape, strides, offset)) = resolve(b) else {
+                return;
+            };
+            let n: usize = shape.iter().product();
+            let Some(left) = budget.checked_sub(n) else {
+                return;
+            };
+            budget = left;
+            let Some(w) = written[r].as_ref() else {
+                continue;
+            };
+            let mut unwritten = None;
+            each_address(&shape, &strides, offset, |a| {
+                if !w.get(a).copied().unwrap_or(false) {
+                    unwritten = Some(a);
+                    return false;
+                }
+                true
+            });
+            if let Some(a) = unwritten {
+                errors.push(format!(
+                    "s{i} ({}): reads element {a} of b{r} ({}) before any step writes it",
+                    s.origin, p.buffers[r].value
+                ));
+            }
+        }
+        let Some((r, shape, strides, offset)) = resolve(s.output) else {
+            return;
+        };
+        if let Some(w) = written[r].as_mut() {
+            each_address(&shape, &strides, offset, |a| {
+                if let Some(x) = w.get_mut(a) {
+                    *x = true;
+                }
+                true
+            });
+        }
+    }
+}
+
 /// Checks the views and the arena plan of `p` under one binding.
 pub fn verify_binding(p: &Program, cx: &ShapeCx, plan: &ArenaPlan) -> Result<(), RunError> {
     let mut errors = Vec::new();
@@ -280,6 +410,17 @@ pub fn verify_binding(p: &Program, cx: &ShapeCx, plan: &ArenaPlan) -> Result<(),
                 "b{i} ({}): view reaches elements {lo}..={hi} of {base}, which has {size}",
                 b.value
             ));
+        }
+    }
+    check_written(p, cx, &mut errors);
+    for c in &p.checks {
+        match (eval(cx, &c.lhs), eval(cx, &c.rhs)) {
+            (Ok(l), Ok(r)) if l > r => errors.push(format!(
+                "{}: `{}` = {l} exceeds `{}` = {r}",
+                c.what, c.lhs, c.rhs
+            )),
+            (Err(e), _) | (_, Err(e)) => errors.push(format!("{}: {e}", c.what)),
+            _ => {}
         }
     }
     let live = &p.liveness;

@@ -225,7 +225,7 @@ pub(crate) struct Memory<'a> {
     inputs: &'a [Tensor],
     weights: &'a [Tensor],
     outputs: Vec<AlignedBytes>,
-    states: Vec<AlignedBytes>,
+    states: &'a mut [AlignedBytes],
     arena: AlignedBytes,
 }
 
@@ -347,15 +347,9 @@ fn size(cx: &ShapeCx, d: &kiln_ir::Dim, what: &str) -> Result<usize, RunError> {
 pub(crate) struct CallInputs<'a> {
     /// Per Program input: the tensor, or `None` for a cache input read in place.
     pub tensors: Vec<Option<&'a Tensor>>,
-    /// One byte buffer per [`Program::states`], sized for the capacity.
-    pub states: Vec<AlignedBytes>,
-}
-
-/// What a call leaves: the states (to keep for the next call) and, per
-/// output, its value as a host tensor when it was asked for.
-pub(crate) struct CallResult {
-    pub states: Vec<AlignedBytes>,
-    pub outputs: Vec<Option<Tensor>>,
+    /// One byte buffer per [`Program::states`], sized for the capacity;
+    /// the caller keeps them whether or not the call succeeds.
+    pub states: &'a mut [AlignedBytes],
 }
 
 impl ReferenceExecutable {
@@ -430,7 +424,7 @@ impl ReferenceExecutable {
         cx: &ShapeCx,
         call: CallInputs<'_>,
         want: &[bool],
-    ) -> Result<CallResult, RunError> {
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
         let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
             let plan = ArenaPlan::place(&self.program, cx)?;
@@ -589,10 +583,7 @@ impl ReferenceExecutable {
             result.push(Some(t));
         }
         self.scalar_steps = scalar_steps;
-        Ok(CallResult {
-            states: mem.states,
-            outputs: result,
-        })
+        Ok(result)
     }
 }
 
@@ -605,13 +596,14 @@ impl Executable for ReferenceExecutable {
             .state_bytes(&cx)?
             .into_iter()
             .map(AlignedBytes::zeroed)
-            .collect();
+            .collect::<Vec<_>>();
+        let mut states = states;
         let call = CallInputs {
             tensors: inputs.iter().map(Some).collect(),
-            states,
+            states: &mut states,
         };
-        let done = self.execute(&cx, call, &[])?;
-        Ok(done.outputs.into_iter().flatten().collect())
+        let outputs = self.execute(&cx, call, &[])?;
+        Ok(outputs.into_iter().flatten().collect())
     }
 }
 
@@ -729,10 +721,22 @@ impl Session for ReferenceSession {
             .iter()
             .map(|(n, _)| g.cache_axis(n).is_none())
             .collect();
-        let call = CallInputs { tensors, states };
-        let done = exe.execute(&cx, call, &want)?;
-        for (st, mem) in exe.program.states.iter().zip(done.states) {
+        let call = CallInputs {
+            tensors,
+            states: &mut states,
+        };
+        let result = exe.execute(&cx, call, &want);
+        // The caches stay with the session whether or not the call succeeded.
+        // A failed call that writes a cache from position 0 (a prefill) may
+        // have overwritten it: that cache is then gone, and a decode says so.
+        for (st, mem) in exe.program.states.iter().zip(states) {
             self.states.insert(st.name.clone(), mem);
+            if result.is_err() && st.input.is_none() {
+                self.shapes.remove(&st.name);
+            }
+        }
+        let outputs = result?;
+        for st in &exe.program.states {
             let out = exe.program.outputs[st.output].1;
             let shape = exe
                 .program
@@ -745,7 +749,7 @@ impl Session for ReferenceSession {
             self.shapes.insert(st.name.clone(), shape);
         }
         let mut result = Vec::new();
-        for ((name, _), t) in g.outputs().iter().zip(done.outputs) {
+        for ((name, _), t) in g.outputs().iter().zip(outputs) {
             let Some(t) = t else { continue };
             if self.carried_names.contains(name) {
                 self.carried.insert(name.clone(), t);
