@@ -32,6 +32,9 @@ macro_rules! outln {
 #[derive(Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
 struct Cli {
+    /// Threads of the CPU backend (default: every core).
+    #[arg(long, global = true, value_name = "N", value_parser = parse_threads)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,7 +103,7 @@ enum Command {
         #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
         opt: kiln::OptLevel,
         /// Where to run.
-        #[arg(long, value_enum, default_value = "interp")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Output format.
         #[arg(long, value_enum, default_value = "summary")]
@@ -147,7 +150,7 @@ enum Command {
         #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
         opt: kiln::OptLevel,
         /// Where to run.
-        #[arg(long, value_enum, default_value = "interp")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Output format.
         #[arg(long, value_enum, default_value = "summary")]
@@ -172,7 +175,7 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         iters: usize,
         /// Where to run.
-        #[arg(long, value_enum, default_value = "interp")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
     },
 }
@@ -282,15 +285,25 @@ fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
         .collect()
 }
 
-fn target(b: BackendArg) -> kiln::Target {
+fn target(b: BackendArg, threads: Option<usize>) -> kiln::Target {
     match b {
         BackendArg::Interp => kiln::Target::Interp,
         BackendArg::Reference => kiln::Target::Reference,
-        BackendArg::Cpu => kiln::Target::Cpu { threads: 0 },
+        BackendArg::Cpu => kiln::Target::Cpu {
+            threads: threads.unwrap_or(0),
+        },
+    }
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a thread count from 1 to 1024")),
     }
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    let threads = cli.threads;
     match cli.command {
         Command::Check { model } => {
             let m = Model::load(&model)?;
@@ -383,7 +396,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let m = m
                 .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
                 .0;
-            let mut exe = m.compile(target(backend))?;
+            let mut exe = m.compile(target(backend, threads))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
             match output {
                 OutputArg::Json => outln!("{}", kiln::output::outputs_json(&outs)),
@@ -434,7 +447,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 sampling,
                 stop_at_eos: !ignore_eos,
                 kv_cache: !no_kv_cache,
-                backend: target(backend),
+                backend: target(backend, threads),
             };
             let new = m.generate(&inputs.to_inputs(), &opts)?;
             let lists: Vec<String> = new
@@ -469,11 +482,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 Some(p) => Model::load(&p)?,
                 None => Model::demo()?,
             };
-            let rows = kiln::bench::bench_decode(&m, target(backend), &cache_lengths, iters)?;
+            let rows =
+                kiln::bench::bench_decode(&m, target(backend, threads), &cache_lengths, iters)?;
             outln!(
                 "model: {} (backend: {}, batch 1, median of {iters})",
                 m.origin(),
-                target(backend).name()
+                target(backend, threads).name()
             );
             outln!("| cache S | decode step (ms) | full forward S+1 (ms) | full / decode |");
             outln!("|---------|------------------|-----------------------|---------------|");
@@ -510,20 +524,42 @@ fn run(cli: Cli) -> Result<(), Error> {
                 outln!("  {}: {}", r.pass, r.notes.join("; "));
             }
             let prompt: Vec<Vec<i64>> = vec![vec![10, 200, 31, 7], vec![1, 2, 3, 4]];
-            let outs = m.run(&RunInputs::tokens(prompt.clone()))?;
-            outln!("\nrun on the interpreter with tokens {prompt:?}:");
+            let cpu = kiln::Target::Cpu {
+                threads: threads.unwrap_or(0),
+            };
+            let started = std::time::Instant::now();
+            let mut exe = m.compile(cpu)?;
+            let compile_s = started.elapsed().as_secs_f64();
+            let outs = m.run_with(exe.as_mut(), &RunInputs::tokens(prompt.clone()))?;
+            outln!(
+                "\nlowered and compiled for the CPU in {:.1} ms; run with tokens {prompt:?}:",
+                compile_s * 1e3
+            );
             for (name, t) in &outs {
                 outln!("  {name}: {t}");
             }
+            let max_new_tokens = 32;
             let opts = GenerateOptions {
-                max_new_tokens: 5,
+                max_new_tokens,
                 sampling: Sampling::Greedy,
                 stop_at_eos: false,
                 kv_cache: true,
-                backend: kiln::Target::Interp,
+                backend: cpu,
             };
-            let new = m.generate(&RunInputs::tokens(prompt), &opts)?;
-            outln!("  greedy next tokens (KV-cache decoding): {new:?}");
+            let started = std::time::Instant::now();
+            let new = m.generate(&RunInputs::tokens(prompt.clone()), &opts)?;
+            let secs = started.elapsed().as_secs_f64();
+            let count: usize = new.iter().map(Vec::len).sum();
+            outln!(
+                "  greedy generation with the KV cache: {count} tokens in {:.1} ms ({:.0} tokens/s, batch {})",
+                secs * 1e3,
+                count as f64 / secs.max(1e-9),
+                prompt.len()
+            );
+            outln!(
+                "  first tokens: {:?}",
+                new.iter().map(|r| &r[..r.len().min(8)]).collect::<Vec<_>>()
+            );
         }
     }
     Ok(())

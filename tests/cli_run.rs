@@ -453,6 +453,17 @@ fn review_regressions_on_inputs_and_configs() {
     .unwrap();
     check_fails(
         &["run", big.to_str().unwrap(), "--tokens", "1"],
+        "needs more than the 8 GiB a run may allocate",
+    );
+    check_fails(
+        &[
+            "run",
+            big.to_str().unwrap(),
+            "--tokens",
+            "1",
+            "--backend",
+            "interp",
+        ],
         "needs more than the interpreter's 8 GiB per tensor",
     );
 }
