@@ -177,6 +177,24 @@ enum Command {
         /// Where to run.
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
+        /// `json`: instead of the cache-length report, one JSON object
+        /// `{"backend", "threads", "compile_s", "prefill_tok_s", "decode_tok_s",
+        /// "peak_rss_mb"}` (an encoder: `"forward_seq_s"` instead of the two
+        /// token rates), medians over `--reps` after one warm-up.
+        #[arg(long, value_enum, default_value = "summary")]
+        output: OutputArg,
+        /// Rows of the throughput benchmark.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Prompt (sequence) length of the throughput benchmark.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Greedy decode steps with the cache after the prompt.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Timed repetitions of the throughput benchmark.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
 }
 
@@ -477,11 +495,27 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             cache_lengths,
             iters,
+            output,
+            batch,
+            prompt_len,
+            decode,
+            reps,
         } => {
             let m = match model {
                 Some(p) => Model::load(&p)?,
                 None => Model::demo()?,
             };
+            if output == OutputArg::Json {
+                let w = kiln::bench::Workload {
+                    batch,
+                    prompt_len,
+                    decode,
+                    reps,
+                };
+                let t = kiln::bench::bench_throughput(&m, target(backend, threads), &w)?;
+                outln!("{}", t.to_json());
+                return Ok(());
+            }
             let rows =
                 kiln::bench::bench_decode(&m, target(backend, threads), &cache_lengths, iters)?;
             outln!(

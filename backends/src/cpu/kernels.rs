@@ -521,22 +521,30 @@ fn attention(
     }
     let group = h / hk;
     let mut scores = vec![0f64; s];
+    let mut acc = vec![0f64; dv];
+    let (qs, ks, vs) = (q.v.strides[3], k.v.strides[3], v.v.strides[3]);
+    let (k_row, v_row) = (k.v.strides[2], v.v.strides[2]);
+    let os = o.v.strides[3];
     for bi in 0..b {
         for hi in 0..h {
             let kv = hi / group;
+            let (k0, v0) = (k.at(&[bi, kv, 0, 0]), v.at(&[bi, kv, 0, 0]));
             for ti in 0..t {
                 let qb = q.at(&[bi, hi, ti, 0]);
-                let qs = q.v.strides[3];
+                // Keys after this query's position are hidden (bottom-right).
+                let visible = if causal {
+                    ((ti as i128 + s as i128 - t as i128 + 1).clamp(0, s as i128)) as usize
+                } else {
+                    s
+                };
                 for (j, score) in scores.iter_mut().enumerate() {
-                    let visible = !causal || j as i128 <= ti as i128 + s as i128 - t as i128;
                     // SAFETY: inside the mask view (verified).
-                    let allowed =
-                        mask.is_none_or(|m| unsafe { m.get(m.v.at(&[bi, hi, ti, j])) } != 0);
-                    *score = if !(visible && allowed) {
+                    let allowed = j < visible
+                        && mask.is_none_or(|m| unsafe { m.get(m.v.at(&[bi, hi, ti, j])) } != 0);
+                    *score = if !allowed {
                         f64::NEG_INFINITY
                     } else {
-                        let kb = k.at(&[bi, kv, j, 0]);
-                        let ks = k.v.strides[3];
+                        let kb = k0 + j * k_row;
                         let mut dot = 0f64;
                         for c in 0..dh {
                             // SAFETY: inside the q and k views (verified).
@@ -546,16 +554,21 @@ fn attention(
                     };
                 }
                 let probs = softmax_row(&scores);
-                for c in 0..dv {
-                    let mut acc = 0f64;
-                    for (j, &p) in probs.iter().enumerate() {
-                        if scores[j] != f64::NEG_INFINITY {
-                            // SAFETY: inside the v view (verified).
-                            acc += p * unsafe { v.get(v.at(&[bi, kv, j, c])) } as f64;
-                        }
+                acc.fill(0.0);
+                for (j, &p) in probs.iter().enumerate() {
+                    if scores[j] == f64::NEG_INFINITY {
+                        continue;
                     }
+                    let vb = v0 + j * v_row;
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: inside the v view (verified).
+                        *a += p * unsafe { v.get(vb + c * vs) } as f64;
+                    }
+                }
+                let ob = o.at(&[bi, hi, ti, 0]);
+                for (c, &a) in acc.iter().enumerate() {
                     // SAFETY: inside the output view (verified).
-                    unsafe { o.set(o.at(&[bi, hi, ti, c]), acc as f32) };
+                    unsafe { o.set(ob + c * os, a as f32) };
                 }
             }
         }

@@ -361,6 +361,15 @@ fn rope(m: &mut Memory<'_>, ins: &[&CView], out: &CView, theta: f64) -> R {
     })
 }
 
+/// Row-major strides of `shape`.
+fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
 /// Writes host tensor `t` into the view `v` (a cache given as an input).
 pub(super) fn write_tensor(
     m: &mut Memory<'_>,
@@ -385,6 +394,17 @@ pub(super) fn write_tensor(
 
 /// The elements of view `v` as a host tensor.
 pub(super) fn read_tensor(m: &Memory<'_>, v: &CView) -> Result<kiln_ir::Tensor, String> {
+    // A contiguous f32 view: decode its bytes in one pass.
+    if v.dtype == DType::F32 && v.strides == contiguous(&v.shape) {
+        let n: usize = v.shape.iter().product();
+        if let Some(bytes) = m.bytes_of(v.root, v.offset * 4, n * 4) {
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            return kiln_ir::Tensor::f32(v.shape.clone(), values).map_err(|e| e.to_string());
+        }
+    }
     let mut vals = Vec::with_capacity(v.shape.iter().product());
     let r = each_index(&v.shape, |idx| {
         vals.push(m.read(v, v.at(idx))?);

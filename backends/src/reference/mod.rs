@@ -52,8 +52,9 @@ pub struct ReferenceExecutable {
     program: Program,
     /// The weight of each parameter buffer, in [`Program::params`] order.
     weights: Vec<Tensor>,
-    /// Arena plans by the values of the run-time symbols, each verified once.
-    plans: HashMap<Vec<i64>, ArenaPlan>,
+    /// Arena plans and resolved views by the values of the run-time
+    /// symbols, each verified once.
+    plans: HashMap<Vec<i64>, (ArenaPlan, Vec<CView>)>,
     /// Which kernels run the steps.
     kernels: KernelSet,
     /// Steps of the last run that the scalar kernels ran.
@@ -308,6 +309,18 @@ impl Memory<'_> {
         }
     }
 
+    /// `len` bytes at byte `at` of a root written by steps (an output, a
+    /// cache, an arena slot), when they are there and really of its dtype.
+    pub(crate) fn bytes_of(&self, root: usize, at: usize, len: usize) -> Option<&[u8]> {
+        let bytes: &[u8] = match self.places[root] {
+            Place::Output(k) => self.outputs.get(k)?,
+            Place::State(k) => self.states.get(k)?,
+            Place::Arena(base) => self.arena.get(base..)?,
+            _ => return None,
+        };
+        bytes.get(at..at.checked_add(len)?)
+    }
+
     /// Element `i` of the root of `v`.
     pub(crate) fn read(&self, v: &CView, i: usize) -> Result<Scalar, String> {
         let dtype = self.dtypes[v.root];
@@ -439,11 +452,11 @@ impl ReferenceExecutable {
                     ),
                 });
             }
-            self.plans.insert(key.clone(), plan);
+            let views = self.views(cx)?;
+            self.plans.insert(key.clone(), (plan, views));
         }
-        let views = self.views(cx)?;
         let p = &self.program;
-        let plan = &self.plans[&key];
+        let (plan, views) = &self.plans[&key];
         for (&b, w) in p.params.iter().zip(&self.weights) {
             if views[b.index()].shape != w.shape() {
                 return Err(RunError::WeightShape {
