@@ -171,7 +171,12 @@ pub fn bench_throughput(model: &Model, target: Target, w: &Workload) -> Result<T
             "--batch and --prompt-len must be at least 1".into(),
         ));
     }
-    let positions = w.prompt_len.saturating_add(w.decode);
+    let decode = if info.family.is_generative() {
+        w.decode
+    } else {
+        0
+    };
+    let positions = w.prompt_len.saturating_add(decode);
     if let Some(max) = info.max_positions {
         if positions as i64 > max {
             return Err(Error::Input(format!(

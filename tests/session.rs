@@ -168,3 +168,70 @@ fn bad_session_calls_are_clear_errors() {
         );
     }
 }
+
+#[test]
+fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
+    let (code, out, err) = support::kiln(&[
+        "bench",
+        "tests/data/hf/llama",
+        "--output",
+        "json",
+        "--prompt-len",
+        "8",
+        "--decode",
+        "4",
+        "--reps",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    for key in [
+        "backend",
+        "threads",
+        "compile_s",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_rss_mb",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing in {out}");
+    }
+    assert_eq!(v["backend"], "cpu");
+    assert!(
+        v["prefill_tok_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{out}"
+    );
+    let (code, out, err) = support::kiln(&[
+        "bench",
+        "tests/data/hf/bert",
+        "--output",
+        "json",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--reps",
+        "1",
+        "--backend",
+        "interp",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert!(
+        v["forward_seq_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{out}"
+    );
+    assert_eq!(v["backend"], "interp");
+    assert!(v.get("prefill_tok_s").is_none(), "{out}");
+    let (code, _, err) = support::kiln(&[
+        "bench",
+        "tests/data/hf/gpt2",
+        "--output",
+        "json",
+        "--prompt-len",
+        "1000",
+        "--decode",
+        "4",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("more than the model's"), "{err}");
+}
