@@ -139,7 +139,7 @@ pub(super) fn run(
             Some(elementwise(body, &views, o))
         }
         Kernel::Row(op) => row(mem, op, ins, out),
-        Kernel::Attention { causal, scale } => attention(mem, ins, out, *causal, *scale),
+        Kernel::Attention { causal, scale } => attention(mem, ins, out, *causal, *scale, threads),
         Kernel::Gather => gather(mem, ins, out),
         Kernel::Rope { theta } => rope(mem, ins, out, *theta),
         Kernel::Copy => copy(mem, ins[0], out),
@@ -493,12 +493,116 @@ fn reduce(kind: ReduceKind, values: &[f64]) -> Result<f64, StepError> {
     Ok(acc)
 }
 
+/// Raw views shared by the threads of one step, each writing its own part
+/// of the output.
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+
+// SAFETY: the views point into buffers that outlive the step; threads read
+// the operands and write disjoint output elements (one (batch, head) each).
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T: Copy> Shared<T> {
+    /// The views (a method, so that a closure captures the whole wrapper).
+    fn get(&self) -> T {
+        self.0
+    }
+}
+
+/// Attention over contiguous head vectors, one task per (batch, head): SIMD
+/// dot products for the scores, softmax in f64, SIMD multiply-adds of the
+/// value rows.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(
+    q: Fv<'_>,
+    k: Fv<'_>,
+    v: Fv<'_>,
+    o: Fv<'_>,
+    mask: Option<Iv<'_>>,
+    causal: bool,
+    scale: f64,
+    threads: usize,
+) -> R {
+    use rayon::prelude::*;
+    let [b, h, t, dh] = q.v.shape[..] else {
+        return Err(StepError::Message("attention needs rank-4 q".into()));
+    };
+    let (hk, s, dv) = (k.v.shape[1], k.v.shape[2], v.v.shape[3]);
+    if hk == 0 || h % hk != 0 {
+        return Err(StepError::Message(format!(
+            "{h} query heads do not group over {hk} kv heads"
+        )));
+    }
+    let group = h / hk;
+    let level = super::matvec::level();
+    let shared = Shared((q, k, v, o, mask));
+    let task = move |job: usize| {
+        let (q, k, v, o, mask) = shared.get();
+        let (bi, hi) = (job / h, job % h);
+        let kv = hi / group;
+        let (k0, v0) = (k.at(&[bi, kv, 0, 0]), v.at(&[bi, kv, 0, 0]));
+        let (k_row, v_row) = (k.v.strides[2], v.v.strides[2]);
+        let mut scores = vec![0f64; s];
+        let mut acc = vec![0f32; dv];
+        for ti in 0..t {
+            let qb = q.at(&[bi, hi, ti, 0]);
+            // SAFETY: a head vector of q inside its view (verified).
+            let qr = unsafe { std::slice::from_raw_parts(q.base.add(qb).cast_const(), dh) };
+            let visible = if causal {
+                (ti as i128 + s as i128 - t as i128 + 1).clamp(0, s as i128) as usize
+            } else {
+                s
+            };
+            for (j, score) in scores.iter_mut().enumerate() {
+                // SAFETY: inside the mask view (verified).
+                let allowed = j < visible
+                    && mask.is_none_or(|m| unsafe { m.get(m.v.at(&[bi, hi, ti, j])) } != 0);
+                *score = if allowed {
+                    // SAFETY: a key row inside its view (verified).
+                    let kr = unsafe {
+                        std::slice::from_raw_parts(k.base.add(k0 + j * k_row).cast_const(), dh)
+                    };
+                    scale * super::matvec::dot(level, qr, kr) as f64
+                } else {
+                    f64::NEG_INFINITY
+                };
+            }
+            let probs = softmax_row(&scores);
+            acc.fill(0.0);
+            for (j, &p) in probs.iter().enumerate() {
+                if scores[j] == f64::NEG_INFINITY {
+                    continue;
+                }
+                // SAFETY: a value row inside its view (verified).
+                let vr = unsafe {
+                    std::slice::from_raw_parts(v.base.add(v0 + j * v_row).cast_const(), dv)
+                };
+                super::matvec::axpy(level, &mut acc, p as f32, vr);
+            }
+            let ob = o.at(&[bi, hi, ti, 0]);
+            for (c, &a) in acc.iter().enumerate() {
+                // SAFETY: this task's own output row (verified in bounds).
+                unsafe { o.set(ob + c, a) };
+            }
+        }
+    };
+    if threads > 1 && b * h > 1 && t * s * dh >= 1 << 12 {
+        (0..b * h).into_par_iter().for_each(task);
+    } else {
+        (0..b * h).for_each(task);
+    }
+    Ok(())
+}
+
 fn attention(
     mem: &mut Memory<'_>,
     ins: &[&CView],
     out: &CView,
     causal: bool,
     scale: f64,
+    threads: usize,
 ) -> Option<R> {
     let (q, k, v) = (
         f32_view(mem, ins[0])?,
@@ -510,6 +614,10 @@ fn attention(
         None => None,
     };
     let o = f32_view(mem, out)?;
+    let unit = |f: &Fv<'_>| f.v.strides.get(3) == Some(&1);
+    if unit(&q) && unit(&k) && unit(&v) && unit(&o) {
+        return Some(attention_rows(q, k, v, o, mask, causal, scale, threads));
+    }
     let [b, h, t, dh] = q.v.shape[..] else {
         return None;
     };

@@ -59,13 +59,13 @@ fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// The SIMD level of this host, detected once.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
+pub(super) enum Level {
     Avx512,
     Avx2,
     Portable,
 }
 
-fn level() -> Level {
+pub(super) fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -79,7 +79,7 @@ fn level() -> Level {
     Level::Portable
 }
 
-fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     match level {
         // SAFETY: the host has the features (detected above).
         #[cfg(target_arch = "x86_64")]
@@ -91,7 +91,7 @@ fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-fn axpy(level: Level, y: &mut [f32], a: f32, x: &[f32]) {
+pub(super) fn axpy(level: Level, y: &mut [f32], a: f32, x: &[f32]) {
     match level {
         // SAFETY: the host has the features (detected above).
         #[cfg(target_arch = "x86_64")]
