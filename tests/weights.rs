@@ -96,13 +96,15 @@ fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
                 .and_then(|d| d.within(Tolerance::Relative(tol)))
                 .unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
             println!("{dtype} weights on {}: {d}", backend.name());
-            // Every backend widens the same 16-bit values: identical results.
+            // Every backend widens the same 16-bit values: the interpreter's
+            // results, within what the backend's own arithmetic allows.
             match &first {
                 None => first = Some(got),
                 Some(f) => {
+                    let tol = support::tolerance_vs_oracle(backend);
                     outputs_deviation(&got, f, &|_| NonFinite::Reject)
-                        .and_then(|d| d.within(Tolerance::Relative(0.0)))
-                        .unwrap_or_else(|e| panic!("{dtype}: backends differ: {e}"));
+                        .and_then(|d| d.within(Tolerance::Relative(tol)))
+                        .unwrap_or_else(|e| panic!("{dtype} on {}: {e}", backend.name()));
                 }
             }
         }

@@ -461,6 +461,14 @@ impl Graph {
         self.declared_outputs.insert(i, (ty, span));
     }
 
+    /// Changes the type recorded for output `i`'s declaration (a pass that
+    /// changes an output's type keeps its source position).
+    pub fn redeclare_output_type(&mut self, i: usize, ty: TensorType) {
+        if let Some((t, _)) = self.declared_outputs.get_mut(&i) {
+            *t = ty;
+        }
+    }
+
     /// The type the text signature declared for output `i`, if parsed.
     pub fn declared_output_type(&self, i: usize) -> Option<&(TensorType, Span)> {
         self.declared_outputs.get(&i)

@@ -8,7 +8,9 @@
 //! Produces two functions:
 //! - `@prefill`: the original forward, plus outputs `key_cache` and
 //!   `value_cache` of type `[L, B, hk, T, dh]` (every attention layer's keys and
-//!   values stacked in layer order).
+//!   values stacked in layer order). Generation reads only the last
+//!   position's logits, so when the logits are `matmul(x, w)`, prefill
+//!   returns them for the last position only (`[B, 1, V]`).
 //! - `@decode`: the same forward for `T` new tokens after `S` cached ones: extra
 //!   inputs `past_keys`/`past_values: [L, B, hk, S, dh]`; every position
 //!   `arange` starts `S` later; each attention reads
@@ -242,9 +244,60 @@ fn check_no_other_mixing(graph: &Graph, t: &str) -> Result<(), PassError> {
     Ok(())
 }
 
-fn build_prefill(src: &Graph, cx: &ShapeCx, attns: &[ValueId]) -> Result<Graph, PassError> {
+/// Generation reads only the last position's logits: when the `logits`
+/// output is `matmul(x, w)` over a `[B, T, d]` input, `@prefill` multiplies
+/// only the last position (`slice(x, T-1..T)`), so the LM head's cost does
+/// not grow with the prompt. Returns whether it did.
+fn last_position_logits(g: &mut Graph, cx: &ShapeCx, len: &Dim) -> Result<bool, PassError> {
+    let Some(&(_, logits)) = g.outputs().iter().find(|(n, _)| n == "logits") else {
+        return Ok(false);
+    };
+    let Some(Op::MatMul {
+        transpose_a: false,
+        transpose_b,
+    }) = g.op(logits).cloned()
+    else {
+        return Ok(false);
+    };
+    let ops = g.operands(logits);
+    let (x, w) = (ops[0], ops[1]);
+    let xt = g.ty(x).clone();
+    if xt.rank() != 3 || xt.shape[1] != *len || g.users(logits).len() > 1 {
+        return Ok(false);
+    }
+    let start = len
+        .sub(&Dim::constant(1))
+        .map_err(|e| fail(e.to_string()))?;
+    let slice = Op::Slice {
+        axis: 1,
+        start,
+        end: len.clone(),
+    };
+    let last = add(g, cx, slice, &[x], None)?;
+    let mm = Op::MatMul {
+        transpose_a: false,
+        transpose_b,
+    };
+    g.replace_op(logits, mm, &[last, w], cx)
+        .map_err(|e| fail(format!("the last-position logits do not type: {e}")))?;
+    let ty = g.ty(logits).clone();
+    for i in 0..g.outputs().len() {
+        if g.outputs()[i].1 == logits {
+            g.redeclare_output_type(i, ty.clone());
+        }
+    }
+    Ok(true)
+}
+
+fn build_prefill(
+    src: &Graph,
+    cx: &ShapeCx,
+    attns: &[ValueId],
+    len: &Dim,
+) -> Result<Graph, PassError> {
     let mut g = src.clone();
     g.name = "prefill".to_string();
+    last_position_logits(&mut g, cx, len)?;
     let keys: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[1]).collect();
     let values: Vec<ValueId> = attns.iter().map(|&a| g.operands(a)[2]).collect();
     let kc = stack(&mut g, cx, &keys, "key_cache")?;
@@ -437,7 +490,7 @@ impl Pass for KvCacheInsertion {
         let src = &module.funcs[0];
         let (attns, len) = analyse(src)?;
         let scx = kiln_ir::verify(src).map_err(|e| fail(e.to_string()))?;
-        let mut prefill = build_prefill(src, &scx, &attns)?;
+        let mut prefill = build_prefill(src, &scx, &attns, &len)?;
         let mut decode = build_decode(src, &scx, &attns, &len)?;
         let hoisted = hoist_static(&mut prefill, &mut decode, &len);
         cx.note(format!(
