@@ -1,0 +1,59 @@
+//! The CPU backend's kernels read and write raw memory; valgrind's memcheck
+//! watches every access of a whole `kiln run` and `kiln generate` of each
+//! family and must find nothing (no read or write outside an allocation, no
+//! use of uninitialized memory). Valgrind's CPU has no AVX-512, so the
+//! kernels' AVX2 paths are the ones checked here; debug builds also assert
+//! every address the native kernels touch.
+
+mod support;
+
+use std::process::Command;
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+fn memcheck(args: &[&str]) {
+    let out = Command::new("valgrind")
+        .args(["--error-exitcode=99", "-q", "--leak-check=no"])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("valgrind runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "memcheck of kiln {}:\n{stderr}",
+        args.join(" ")
+    );
+}
+
+#[test]
+fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        assert!(!in_ci(), "valgrind is missing; CI must run this test");
+        println!("skipping: valgrind is not installed");
+        return;
+    }
+    let cpu = ["--backend", "cpu"];
+    let runs: [&[&str]; 5] = [
+        &["run", "tests/data/hf/gpt2", "--tokens", "5,17,42", "--tokens", "8,1,9"],
+        &["run", "tests/data/hf/llama", "--tokens", "5,17,42,99"],
+        &["run", "tests/data/hf/llama_tied", "--tokens", "5,17"],
+        &[
+            "run", "tests/data/hf/bert", "--tokens", "5,17,42", "--tokens", "8,1,9",
+            "--attention-mask", "1,1,1", "--attention-mask", "1,1,0",
+        ],
+        &["run", "tests/data/hf/bart", "--tokens", "5,17,42", "--decoder-tokens", "2,0"],
+    ];
+    for args in runs {
+        memcheck(&[args, &cpu[..]].concat());
+    }
+    for model in ["tests/data/hf/gpt2", "tests/data/hf/llama", "tests/data/hf/bart"] {
+        memcheck(&[
+            "generate", model, "--tokens", "5,17,42", "--max-new-tokens", "3", "--backend", "cpu",
+        ]);
+    }
+}
