@@ -39,21 +39,54 @@ fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
     }
     let cpu = ["--backend", "cpu"];
     let runs: [&[&str]; 5] = [
-        &["run", "tests/data/hf/gpt2", "--tokens", "5,17,42", "--tokens", "8,1,9"],
+        &[
+            "run",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "5,17,42",
+            "--tokens",
+            "8,1,9",
+        ],
         &["run", "tests/data/hf/llama", "--tokens", "5,17,42,99"],
         &["run", "tests/data/hf/llama_tied", "--tokens", "5,17"],
         &[
-            "run", "tests/data/hf/bert", "--tokens", "5,17,42", "--tokens", "8,1,9",
-            "--attention-mask", "1,1,1", "--attention-mask", "1,1,0",
+            "run",
+            "tests/data/hf/bert",
+            "--tokens",
+            "5,17,42",
+            "--tokens",
+            "8,1,9",
+            "--attention-mask",
+            "1,1,1",
+            "--attention-mask",
+            "1,1,0",
         ],
-        &["run", "tests/data/hf/bart", "--tokens", "5,17,42", "--decoder-tokens", "2,0"],
+        &[
+            "run",
+            "tests/data/hf/bart",
+            "--tokens",
+            "5,17,42",
+            "--decoder-tokens",
+            "2,0",
+        ],
     ];
     for args in runs {
         memcheck(&[args, &cpu[..]].concat());
     }
-    for model in ["tests/data/hf/gpt2", "tests/data/hf/llama", "tests/data/hf/bart"] {
+    for model in [
+        "tests/data/hf/gpt2",
+        "tests/data/hf/llama",
+        "tests/data/hf/bart",
+    ] {
         memcheck(&[
-            "generate", model, "--tokens", "5,17,42", "--max-new-tokens", "3", "--backend", "cpu",
+            "generate",
+            model,
+            "--tokens",
+            "5,17,42",
+            "--max-new-tokens",
+            "3",
+            "--backend",
+            "cpu",
         ]);
     }
 }

@@ -67,6 +67,45 @@ fn f32_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Fv<'a>> {
     })
 }
 
+/// The f32 view of `v`; a 16-bit weight bound to an f32 parameter is widened
+/// into a buffer `keep` owns for the step (the weight itself stays 16-bit).
+fn f32_or_widened<'a>(
+    mem: &mut Memory<'_>,
+    v: &'a CView,
+    keep: &mut Vec<Vec<f32>>,
+) -> Option<Fv<'a>> {
+    if let Some(f) = f32_view(mem, v) {
+        return Some(f);
+    }
+    let (ptr, bytes, dtype) = mem.raw(v.root)?;
+    if v.dtype != DType::F32
+        || !matches!(dtype, DType::F16 | DType::BF16)
+        || (ptr as usize) % 2 != 0
+    {
+        return None;
+    }
+    // SAFETY: the root holds `bytes / 2` 16-bit values, aligned (checked).
+    let bits = unsafe { std::slice::from_raw_parts(ptr.cast::<u16>().cast_const(), bytes / 2) };
+    let wide: Vec<f32> = match dtype {
+        DType::F16 => bits
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect(),
+        _ => bits
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect(),
+    };
+    keep.push(wide);
+    let w = keep.last_mut()?;
+    // The heap buffer stays put when `keep` grows; it lives until the step ends.
+    Some(Fv {
+        base: w.as_mut_ptr(),
+        len: w.len(),
+        v,
+    })
+}
+
 /// A view of integer or bool elements, read only.
 #[derive(Clone, Copy)]
 struct Iv<'a> {
@@ -263,11 +302,10 @@ fn gemm(
     out: &CView,
     threads: usize,
 ) -> Option<R> {
-    let (a, b, o) = (
-        f32_view(mem, ins[0])?,
-        f32_view(mem, ins[1])?,
-        f32_view(mem, out)?,
-    );
+    let mut widened = Vec::new();
+    let a = f32_or_widened(mem, ins[0], &mut widened)?;
+    let b = f32_or_widened(mem, ins[1], &mut widened)?;
+    let o = f32_view(mem, out)?;
     let extras: Vec<Fv<'_>> = ins[2..]
         .iter()
         .map(|v| f32_view(mem, v))
