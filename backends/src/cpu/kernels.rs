@@ -10,11 +10,11 @@
 //! blocked order, which is where the CPU backend differs from the oracle
 //! (about 1e-6 relative).
 
-use kiln_ir::{BinaryOp, DType, KernelOp, ReduceKind};
+use kiln_ir::{BinaryOp, DType, KernelOp};
 
 use crate::interp::softmax_row;
 use crate::lower::{Kernel, RowOp};
-use crate::reference::kernels::{each_index, StepError, R};
+use crate::reference::kernels::{each_index, norm_stats, reduce_floats, StepError, R};
 use crate::reference::scalar::body_dtypes;
 use crate::reference::{CView, Memory};
 
@@ -467,7 +467,7 @@ fn row(mem: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> Option<
         })?;
         match op {
             RowOp::Reduce { kind, .. } => {
-                let v = reduce(*kind, &values)?;
+                let v = reduce_floats(*kind, &values)?;
                 // SAFETY: inside the output view (verified).
                 unsafe { o.set(o.at(oi), v as f32) };
             }
@@ -478,15 +478,8 @@ fn row(mem: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> Option<
                 }
             }
             RowOp::LayerNorm { eps } | RowOp::RmsNorm { eps } => {
-                let n = values.len() as f64;
                 let layer = matches!(op, RowOp::LayerNorm { .. });
-                let mean = if layer {
-                    values.iter().sum::<f64>() / n
-                } else {
-                    0.0
-                };
-                let var = values.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n;
-                let inv = 1.0 / (var + eps).sqrt();
+                let (mean, inv) = norm_stats(&values, layer, *eps);
                 for (j, (&v, &at)) in values.iter().zip(&places).enumerate() {
                     // SAFETY: norm parameters are [width] views (verified).
                     let w = unsafe { params[0].get(params[0].at(&[j])) } as f64;
@@ -507,28 +500,6 @@ fn row(mem: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> Option<
         }
         Ok(())
     }))
-}
-
-fn reduce(kind: ReduceKind, values: &[f64]) -> Result<f64, StepError> {
-    if kind == ReduceKind::Max && values.is_empty() {
-        return Err(StepError::Message("reduce_max over an empty axis".into()));
-    }
-    let mut acc = if kind == ReduceKind::Max {
-        f64::NEG_INFINITY
-    } else {
-        0.0
-    };
-    for &v in values {
-        acc = match kind {
-            ReduceKind::Sum | ReduceKind::Mean => acc + v,
-            ReduceKind::Max if v.is_nan() || acc.is_nan() => f64::NAN,
-            ReduceKind::Max => acc.max(v),
-        };
-    }
-    if kind == ReduceKind::Mean {
-        acc /= values.len() as f64;
-    }
-    Ok(acc)
 }
 
 /// Raw views shared by the threads of one step, each writing its own part

@@ -197,15 +197,8 @@ fn row(m: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> R {
             }
             RowOp::LayerNorm { eps } | RowOp::RmsNorm { eps } => {
                 let row: Vec<f64> = values.iter().map(|v| v.float()).collect::<Result<_, _>>()?;
-                let n = width as f64;
                 let layer = matches!(op, RowOp::LayerNorm { .. });
-                let mean = if layer {
-                    row.iter().sum::<f64>() / n
-                } else {
-                    0.0
-                };
-                let var = row.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n;
-                let inv = 1.0 / (var + eps).sqrt();
+                let (mean, inv) = norm_stats(&row, layer, *eps);
                 for (j, (&v, &at)) in row.iter().zip(&positions).enumerate() {
                     let w = m.read(ins[1], ins[1].at(&[j]))?.float()?;
                     let b = match ins.get(2) {
@@ -225,6 +218,43 @@ fn row(m: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> R {
     })
 }
 
+/// A float reduction with the interpreter's rules: sums in f64, NaN
+/// propagating through max, an empty max an error, an empty mean NaN.
+pub(crate) fn reduce_floats(kind: ReduceKind, values: &[f64]) -> Result<f64, StepError> {
+    if kind == ReduceKind::Max && values.is_empty() {
+        return Err(StepError::Message("reduce_max over an empty axis".into()));
+    }
+    let mut acc = if kind == ReduceKind::Max {
+        f64::NEG_INFINITY
+    } else {
+        0.0
+    };
+    for &v in values {
+        acc = match kind {
+            ReduceKind::Sum | ReduceKind::Mean => acc + v,
+            ReduceKind::Max if v.is_nan() || acc.is_nan() => f64::NAN,
+            ReduceKind::Max => acc.max(v),
+        };
+    }
+    if kind == ReduceKind::Mean {
+        acc /= values.len() as f64;
+    }
+    Ok(acc)
+}
+
+/// The mean (0 for an RMS norm) and the inverse deviation of one row, as
+/// layer_norm and rms_norm define them over the last axis.
+pub(crate) fn norm_stats(row: &[f64], layer: bool, eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = if layer {
+        row.iter().sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = row.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 fn reduce(kind: ReduceKind, values: &[Scalar]) -> Result<Scalar, StepError> {
     match values.first() {
         Some(Scalar::Int(_)) => {
@@ -239,26 +269,8 @@ fn reduce(kind: ReduceKind, values: &[Scalar]) -> Result<Scalar, StepError> {
         }
         Some(Scalar::Bool(_)) => Err("cannot reduce bool".to_string().into()),
         _ => {
-            if kind == ReduceKind::Max && values.is_empty() {
-                return Err("reduce_max over an empty axis".to_string().into());
-            }
-            let mut acc = if kind == ReduceKind::Max {
-                f64::NEG_INFINITY
-            } else {
-                0.0
-            };
-            for v in values {
-                let v = v.float()?;
-                acc = match kind {
-                    ReduceKind::Sum | ReduceKind::Mean => acc + v,
-                    ReduceKind::Max if v.is_nan() || acc.is_nan() => f64::NAN,
-                    ReduceKind::Max => acc.max(v),
-                };
-            }
-            if kind == ReduceKind::Mean {
-                acc /= values.len() as f64;
-            }
-            Ok(Scalar::Float(acc))
+            let floats: Vec<f64> = values.iter().map(|v| v.float()).collect::<Result<_, _>>()?;
+            Ok(Scalar::Float(reduce_floats(kind, &floats)?))
         }
     }
 }
