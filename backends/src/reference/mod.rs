@@ -57,6 +57,8 @@ pub struct ReferenceExecutable {
     plans: HashMap<Vec<i64>, (ArenaPlan, Vec<CView>)>,
     /// Which kernels run the steps.
     kernels: KernelSet,
+    /// Whether a binding has had the element-by-element written check.
+    verified_elements: bool,
     /// Steps of the last run that the scalar kernels ran.
     scalar_steps: usize,
 }
@@ -74,6 +76,9 @@ pub(crate) enum KernelSet {
         threads: usize,
     },
 }
+
+/// Bindings whose plans an executable keeps at once.
+const MAX_PLANS: usize = 16;
 
 /// The largest arena or output a run may allocate (as the interpreter's cap).
 const MAX_BYTES: u64 = 8 << 30;
@@ -120,6 +125,7 @@ impl ReferenceExecutable {
             weights,
             plans: HashMap::new(),
             kernels: KernelSet::Scalar,
+            verified_elements: false,
             scalar_steps: 0,
         })
     }
@@ -441,7 +447,14 @@ impl ReferenceExecutable {
         let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
             let plan = ArenaPlan::place(&self.program, cx)?;
-            verify::verify_binding(&self.program, cx, &plan)?;
+            let first = !self.verified_elements;
+            verify::verify_binding_with(&self.program, cx, &plan, first)?;
+            self.verified_elements = true;
+            // A decode step binds a new cache length each call: keep the plans
+            // of the last few bindings, not one per length ever seen.
+            if self.plans.len() >= MAX_PLANS {
+                self.plans.clear();
+            }
             if plan.peak_bytes > MAX_BYTES {
                 return Err(RunError::Size {
                     what: format!("the arena of @{}", self.program.name),
