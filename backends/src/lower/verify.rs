@@ -281,7 +281,7 @@ fn check_written(p: &Program, cx: &ShapeCx, errors: &mut Vec<String>) {
     };
     let mut written: Vec<Option<Vec<bool>>> = vec![None; p.buffers.len()];
     let mut budget = WRITTEN_CHECK_LIMIT;
-    for (r, b) in p.buffers.iter().enumerate() {
+    for r in 0..p.buffers.len() {
         if !tracked(r) {
             continue;
         }
@@ -293,7 +293,6 @@ fn check_written(p: &Program, cx: &ShapeCx, errors: &mut Vec<String>) {
             return;
         };
         budget = left;
-        let _ = b;
         written[r] = Some(vec![false; n]);
     }
     for st in &p.states {
