@@ -281,7 +281,7 @@ fn check_written(p: &Program, cx: &ShapeCx, errors: &mut Vec<String>) {
     };
     let mut written: Vec<Option<Vec<bool>>> = vec![None; p.buffers.len()];
     let mut budget = WRITTEN_CHECK_LIMIT;
-    for r in 0..p.buffers.len() {
+    for (r, slot) in written.iter_mut().enumerate() {
         if !tracked(r) {
             continue;
         }
@@ -293,7 +293,7 @@ fn check_written(p: &Program, cx: &ShapeCx, errors: &mut Vec<String>) {
             return;
         };
         budget = left;
-        written[r] = Some(vec![false; n]);
+        *slot = Some(vec![false; n]);
     }
     for st in &p.states {
         if let Some(&input) = st.input.and_then(|i| p.inputs.get(i)) {
