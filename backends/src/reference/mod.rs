@@ -466,20 +466,26 @@ impl ReferenceExecutable {
                 });
             }
             let views = self.views(cx)?;
+            // The weights fit this binding's parameter shapes: checked once per binding.
+            for (&b, w) in self.program.params.iter().zip(&self.weights) {
+                if views[b.index()].shape != w.shape() {
+                    return Err(RunError::WeightShape {
+                        name: self
+                            .program
+                            .buffer(b)
+                            .value
+                            .trim_start_matches('@')
+                            .to_string(),
+                        expected: format!("{:?}", views[b.index()].shape),
+                        axis: None,
+                        got: w.shape().to_vec(),
+                    });
+                }
+            }
             self.plans.insert(key.clone(), (plan, views));
         }
         let p = &self.program;
         let (plan, views) = &self.plans[&key];
-        for (&b, w) in p.params.iter().zip(&self.weights) {
-            if views[b.index()].shape != w.shape() {
-                return Err(RunError::WeightShape {
-                    name: p.buffer(b).value.trim_start_matches('@').to_string(),
-                    expected: format!("{:?}", views[b.index()].shape),
-                    axis: None,
-                    got: w.shape().to_vec(),
-                });
-            }
-        }
         let mut places = vec![Place::None; p.buffers.len()];
         let mut outputs = Vec::new();
         let host: Vec<Tensor> = call
@@ -502,12 +508,8 @@ impl ReferenceExecutable {
                     Some(k) => Place::Input(k),
                     None => Place::None,
                 },
-                BufferKind::Param { .. } => Place::Param(
-                    p.params
-                        .iter()
-                        .position(|x| x.index() == i)
-                        .unwrap_or(usize::MAX),
-                ),
+                // Set below, from the parameter list.
+                BufferKind::Param { .. } => Place::None,
                 BufferKind::Output { .. } => {
                     let bytes = views[i]
                         .shape
@@ -541,6 +543,9 @@ impl ReferenceExecutable {
                 }
                 BufferKind::View { .. } => Place::None,
             };
+        }
+        for (k, &b) in p.params.iter().enumerate() {
+            places[b.index()] = Place::Param(k);
         }
         let mut mem = Memory {
             places,
