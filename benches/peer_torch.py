@@ -5,7 +5,9 @@ Prints one JSON object with the same keys kiln's bench prints, for the same
 workloads: a causal LM's prefill of B x T tokens (last-position logits only,
 `logits_to_keep=1`) and greedy decode of N tokens with the cache after it; an
 encoder's forward of B x T (sequences/s). Medians over --reps after one
-warm-up; 2 intra-op threads unless --threads says otherwise.
+warm-up; 2 intra-op threads unless --threads says otherwise. For a causal LM,
+"first_tokens" is row 0's first 8 greedy tokens (the prefill's argmax, then
+each decode step's), to check tokens against the other runtimes.
 
   python3 benches/peer_torch.py target/bench-models/llama_768 --prompt-len 128 --decode 64
 """
@@ -55,10 +57,12 @@ def main():
                 r = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 p = time.perf_counter() - t
                 cache, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+                toks = [nxt]
                 t = time.perf_counter()
                 for _ in range(a.decode):
                     r = model(input_ids=nxt, past_key_values=cache, use_cache=True)
                     cache, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+                    toks.append(nxt)
                 d = time.perf_counter() - t
                 if rep:
                     pre.append(p)
@@ -66,6 +70,7 @@ def main():
             out["prefill_tok_s"] = a.batch * a.prompt_len / statistics.median(pre)
             if a.decode:
                 out["decode_tok_s"] = a.batch * a.decode / statistics.median(dec)
+            out["first_tokens"] = [int(x[0, 0]) for x in toks[:8]]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 

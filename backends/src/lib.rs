@@ -66,6 +66,13 @@ pub trait Backend {
 pub trait Executable {
     /// Runs the graph once; input shapes bind the run-time symbols (`B`, `T`, …).
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError>;
+
+    /// Steps of the last run that a compiled backend could not cover with
+    /// its own code and ran on the reference kernels instead, described;
+    /// empty when everything ran as compiled.
+    fn fallback_steps(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Everything that can go wrong compiling or running a graph.
@@ -262,6 +269,15 @@ pub enum RunError {
     /// A tensor that cannot be formed (wrong element count, ragged token rows).
     #[error("{0}")]
     Tensor(#[from] kiln_ir::TensorError),
+    /// A backend that cannot serve this host or model (code generation
+    /// failed, a device is missing).
+    #[error("the {backend} backend: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 fn describe_axis(axis: Option<usize>) -> String {

@@ -28,6 +28,12 @@ pub trait Session {
 
     /// Positions the caches can hold.
     fn capacity(&self) -> usize;
+
+    /// Steps of the last calls that ran on the reference kernels although
+    /// the backend compiles them (see [`crate::Executable::fallback_steps`]).
+    fn fallback_steps(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The names of the values `funcs` carry from one entry point to another.

@@ -1,21 +1,22 @@
-//! The native kernels: f32 over raw strided memory, matrix products through
-//! the `gemm` library. Each returns `None` before touching memory when it
+//! Step dispatch of the CPU backend: matrix products through the `gemm`
+//! library (matrix–vector products and epilogues through generated code),
+//! attention natively, every other kind through the generated kernels of
+//! [`super::codegen`]. Each returns `None` before touching memory when it
 //! does not cover a step's dtypes.
 //!
-//! Arithmetic matches the interpreter wherever the order of operations is
-//! the same: elementwise ops round each instruction to f32 (`+ - * /` in f32
-//! equal the interpreter's f64-then-round; transcendental functions go
-//! through the same f64 definitions), and row, norm and attention sums
-//! accumulate in f64. Matrix products accumulate in f32 in the library's
-//! blocked order, which is where the CPU backend differs from the oracle
-//! (about 1e-6 relative).
+//! Arithmetic: `+ - * /` in f32 equal the interpreter's f64-then-round;
+//! transcendental functions are f32 approximations within a few ulp; row,
+//! norm and attention sums accumulate in f64. Matrix products accumulate in
+//! f32 in the library's blocked order, which is where the CPU backend
+//! differs most from the oracle (about 1e-6 relative).
 
-use kiln_ir::{BinaryOp, DType, KernelOp};
+use kiln_ir::{DType, KernelOp, ShapeCx};
 
+use super::codegen::{self, StepCache};
+use super::jit::kernels::MatvecLayout;
 use crate::interp::softmax_row;
-use crate::lower::{Kernel, RowOp};
-use crate::reference::kernels::{each_index, norm_stats, reduce_floats, StepError, R};
-use crate::reference::scalar::body_dtypes;
+use crate::lower::Kernel;
+use crate::reference::kernels::{each_index, StepError, R};
 use crate::reference::{CView, Memory};
 
 /// A view of f32 elements read and written in place.
@@ -160,179 +161,58 @@ fn offset_of(v: &CView, idx: &[usize]) -> usize {
 pub(super) fn run(
     mem: &mut Memory<'_>,
     kernel: &Kernel,
+    cache: &mut StepCache,
     ins: &[&CView],
     out: &CView,
+    cx: &ShapeCx,
     threads: usize,
 ) -> Option<R> {
     match kernel {
-        Kernel::Gemm { epilogue } => gemm(mem, epilogue, ins, out, threads),
-        Kernel::Loop { body } => {
-            if !covered(body, ins.len()) {
-                return None;
-            }
-            let views: Vec<Fv<'_>> = ins
-                .iter()
-                .map(|v| f32_view(mem, v))
-                .collect::<Option<_>>()?;
-            let o = f32_view(mem, out)?;
-            Some(elementwise(body, &views, o))
-        }
-        Kernel::Row(op) => row(mem, op, ins, out),
+        Kernel::Gemm { epilogue } => gemm(mem, cache, epilogue, ins, out, threads),
+        Kernel::Loop { body } => codegen::run_loop(mem, cache, body, ins, out, threads),
+        Kernel::Row(op) => codegen::run_row(mem, cache, op, ins, out, threads),
         Kernel::Attention { causal, scale } => attention(mem, ins, out, *causal, *scale, threads),
-        Kernel::Gather => gather(mem, ins, out),
-        Kernel::Rope { theta } => rope(mem, ins, out, *theta),
-        Kernel::Copy => copy(mem, ins[0], out),
-        Kernel::Fill(_) => None,
+        Kernel::Gather => codegen::run_gather(mem, cache, ins, out, threads),
+        Kernel::Rope { theta } => codegen::run_rope(mem, cache, *theta, ins, out, threads),
+        Kernel::Copy => codegen::run_loop(mem, cache, &[], ins, out, threads),
+        Kernel::Fill(f) => codegen::run_fill(mem, cache, f, out, cx, threads),
     }
-}
-
-/// Whether the f32 loop covers `body` on `operands` f32 operands: every value f32.
-fn covered(body: &[KernelOp], operands: usize) -> bool {
-    body_dtypes(body, &vec![DType::F32; operands])
-        .iter()
-        .all(|&t| t == DType::F32)
-        && !body.iter().any(|k| matches!(k, KernelOp::Where(..)))
-}
-
-/// Elements per chunk of the loop kernel: each instruction runs over a chunk.
-const CHUNK: usize = 256;
-
-/// A fused elementwise body over the output's shape, one chunk of the last
-/// axis at a time: load the operands, run each instruction over the chunk,
-/// store the last value.
-fn elementwise(body: &[KernelOp], ins: &[Fv<'_>], out: Fv<'_>) -> R {
-    let r = out.v.shape.len();
-    let (outer, last) = match r {
-        0 => (&[][..], 1),
-        _ => (&out.v.shape[..r - 1], out.v.shape[r - 1]),
-    };
-    let last_stride = |v: &CView| if r == 0 { 0 } else { v.strides[r - 1] };
-    let n = ins.len();
-    let mut vals = vec![[0f32; CHUNK]; n + body.len()];
-    let mut bases = vec![0usize; n];
-    each_index(outer, |idx| {
-        for (b, f) in bases.iter_mut().zip(ins) {
-            *b = offset_of(f.v, idx);
-        }
-        let out_base = offset_of(out.v, idx);
-        let mut c0 = 0;
-        while c0 < last {
-            let len = CHUNK.min(last - c0);
-            for (k, f) in ins.iter().enumerate() {
-                let s = last_stride(f.v);
-                for (j, slot) in vals[k][..len].iter_mut().enumerate() {
-                    // SAFETY: the address is inside the view (verified).
-                    *slot = unsafe { f.get(bases[k] + (c0 + j) * s) };
-                }
-            }
-            for (i, op) in body.iter().enumerate() {
-                let (src, dst) = vals.split_at_mut(n + i);
-                instruction(op, src, &mut dst[0][..len])?;
-            }
-            let s = last_stride(out.v);
-            let result = &vals[n + body.len() - 1];
-            for (j, &x) in result[..len].iter().enumerate() {
-                // SAFETY: the address is inside the output view (verified).
-                unsafe { out.set(out_base + (c0 + j) * s, x) };
-            }
-            c0 += len;
-        }
-        Ok(())
-    })
-}
-
-/// One f32 instruction over a chunk: `dst[j] = op(src[a][j], …)`.
-fn instruction(op: &KernelOp, src: &[[f32; CHUNK]], dst: &mut [f32]) -> R {
-    let len = dst.len();
-    match *op {
-        KernelOp::Unary(u, a) => {
-            let f = u
-                .float_fn()
-                .ok_or_else(|| StepError::Message(format!("{} on f32", u.name())))?;
-            for (d, &x) in dst.iter_mut().zip(&src[a][..len]) {
-                *d = f(x as f64) as f32;
-            }
-        }
-        KernelOp::Binary(b, x, y) => {
-            let (xs, ys) = (&src[x][..len], &src[y][..len]);
-            let pairs = dst.iter_mut().zip(xs.iter().zip(ys));
-            match b {
-                BinaryOp::Add => pairs.for_each(|(d, (&p, &q))| *d = p + q),
-                BinaryOp::Sub => pairs.for_each(|(d, (&p, &q))| *d = p - q),
-                BinaryOp::Mul => pairs.for_each(|(d, (&p, &q))| *d = p * q),
-                BinaryOp::Div => pairs.for_each(|(d, (&p, &q))| *d = p / q),
-                BinaryOp::Pow => {
-                    pairs.for_each(|(d, (&p, &q))| *d = (p as f64).powf(q as f64) as f32)
-                }
-                // NaN propagates, as in the interpreter (and torch.maximum).
-                BinaryOp::Max => pairs.for_each(|(d, (&p, &q))| {
-                    *d = if p.is_nan() || q.is_nan() {
-                        f32::NAN
-                    } else {
-                        p.max(q)
-                    }
-                }),
-                BinaryOp::Min => pairs.for_each(|(d, (&p, &q))| {
-                    *d = if p.is_nan() || q.is_nan() {
-                        f32::NAN
-                    } else {
-                        p.min(q)
-                    }
-                }),
-                other => {
-                    return Err(StepError::Message(format!(
-                        "{} is not an f32 op",
-                        other.name()
-                    )))
-                }
-            }
-        }
-        KernelOp::Cast(_, a) => dst.copy_from_slice(&src[a][..len]),
-        KernelOp::Const(v, _) => dst.fill(v as f32),
-        KernelOp::Where(..) => return Err(StepError::Message("where is not an f32 op".into())),
-    }
-    Ok(())
 }
 
 /// Batched `A·B` through the `gemm` library, then the epilogue in place.
 fn gemm(
     mem: &mut Memory<'_>,
+    cache: &mut StepCache,
     epilogue: &[KernelOp],
     ins: &[&CView],
     out: &CView,
     threads: usize,
 ) -> Option<R> {
-    let mut widened = Vec::new();
-    let a = f32_or_widened(mem, ins[0], &mut widened)?;
-    let b = f32_or_widened(mem, ins[1], &mut widened)?;
     let o = f32_view(mem, out)?;
-    let extras: Vec<Fv<'_>> = ins[2..]
-        .iter()
-        .map(|v| f32_view(mem, v))
-        .collect::<Option<_>>()?;
-    if !epilogue.is_empty() && !covered(epilogue, 1 + extras.len()) {
-        return None;
-    }
+    let (av, bv) = (ins[0], ins[1]);
     let r = out.shape.len();
-    let (mut m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.v.shape[r - 1]);
+    let (mut m, n, k) = (out.shape[r - 2], out.shape[r - 1], av.shape[r - 1]);
     // Batch axes along which A and the output step by whole matrices and B
     // does not move fold into M: one larger product instead of many.
     let mut batch = r - 2;
     while batch > 0 {
         let ax = batch - 1;
-        let (sa, so) = (a.v.strides[ax], out.strides[ax]);
-        if b.v.strides[ax] == 0 && sa == m * a.v.strides[r - 2] && so == m * out.strides[r - 2] {
+        let (sa, so) = (av.strides[ax], out.strides[ax]);
+        if bv.strides[ax] == 0 && sa == m * av.strides[r - 2] && so == m * out.strides[r - 2] {
             m *= out.shape[ax];
             batch -= 1;
         } else {
             break;
         }
     }
-    if m == 1 && batch == 0 && k > 0 {
-        if let Some(r) = matvec(a, b, o, k, n, threads) {
-            return finish(r, epilogue, extras, o);
+    if m == 1 && batch == 0 && k > 0 && n > 0 {
+        if let Some(ran) = matvec(mem, cache, av, bv, o, k, n, threads) {
+            return finish(mem, cache, ran, epilogue, ins, out, threads);
         }
     }
+    let mut widened = Vec::new();
+    let a = f32_or_widened(mem, av, &mut widened)?;
+    let b = f32_or_widened(mem, bv, &mut widened)?;
     let par = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 1 << 15 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -385,121 +265,100 @@ fn gemm(
         }
         Ok(())
     });
-    finish(ran, epilogue, extras, o)
+    drop(widened);
+    finish(mem, cache, ran, epilogue, ins, out, threads)
 }
 
-/// The epilogue of a product already written to `o`.
-fn finish(ran: R, epilogue: &[KernelOp], extras: Vec<Fv<'_>>, o: Fv<'_>) -> Option<R> {
+/// The epilogue of a product already written to `out`: the generated loop
+/// kernel, in place (`None`: not covered, the step runs on the scalar
+/// kernels from the start).
+fn finish(
+    mem: &mut Memory<'_>,
+    cache: &mut StepCache,
+    ran: R,
+    epilogue: &[KernelOp],
+    ins: &[&CView],
+    out: &CView,
+    threads: usize,
+) -> Option<R> {
     if ran.is_err() || epilogue.is_empty() {
         return Some(ran);
     }
-    let mut operands = vec![o];
-    operands.extend(extras);
-    Some(elementwise(epilogue, &operands, o))
+    let mut operands = vec![out];
+    operands.extend(&ins[2..]);
+    codegen::run_loop(mem, cache, epilogue, &operands, out, threads)
 }
 
-/// One row times a matrix whose rows or columns are contiguous: the native
-/// matrix–vector kernels, reading each weight once (`None`: another layout).
-fn matvec(a: Fv<'_>, b: Fv<'_>, o: Fv<'_>, k: usize, n: usize, threads: usize) -> Option<R> {
-    let r = a.v.shape.len();
-    if a.v.strides[r - 1] != 1 {
+/// One row times a weight whose rows or columns are contiguous: the
+/// generated matrix–vector kernel, reading the weight once as stored
+/// (`None`: another layout or dtype).
+#[allow(clippy::too_many_arguments)]
+fn matvec(
+    mem: &mut Memory<'_>,
+    cache: &mut StepCache,
+    av: &CView,
+    bv: &CView,
+    o: Fv<'_>,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> Option<R> {
+    let a = f32_view(mem, av)?;
+    let (wp, w_bytes, wdt) = mem.raw(bv.root)?;
+    if bv.dtype != DType::F32 || (wp as usize) % wdt.size_bytes() != 0 {
         return None;
     }
-    let (b_k, b_n) = (b.v.strides[r - 2], b.v.strides[r - 1]);
-    let (a0, b0) = (a.v.offset, b.v.offset);
+    let r = av.shape.len();
+    if av.strides[r - 1] != 1 && k > 1 {
+        return None;
+    }
+    let (b_k, b_n) = (bv.strides[r - 2], bv.strides[r - 1]);
+    let (layout, ldw) = if b_k == 1 {
+        (MatvecLayout::Rows, b_n)
+    } else if b_n == 1 {
+        (MatvecLayout::Cols, b_k)
+    } else {
+        return None;
+    };
     // The extent of B the product reads, in elements from its first one.
-    let span = (k - 1) * b_k + (n.max(1) - 1) * b_n + 1;
-    if a0 + k > a.len || b0 + span > b.len {
+    let span = (k - 1) * b_k + (n - 1) * b_n + 1;
+    if av.offset + k > a.len || bv.offset + span > w_bytes / wdt.size_bytes() {
         return Some(Err(StepError::Message(
             "a product reads outside its operands".into(),
         )));
     }
-    // SAFETY: both ranges are inside their roots (checked above), and the
-    // output (written below) is never the root of an operand.
-    let (x, w) = unsafe {
-        (
-            std::slice::from_raw_parts(a.base.add(a0).cast_const(), k),
-            std::slice::from_raw_parts(b.base.add(b0).cast_const(), span),
-        )
-    };
-    let mut y = vec![0f32; n];
-    if b_k == 1 {
-        super::matvec::rows(x, w, b_n, &mut y, threads);
-    } else if b_n == 1 {
-        super::matvec::cols(x, w, b_k, &mut y, threads);
+    let os = out_stride(o);
+    let mut temp = Vec::new();
+    let y = if os == 1 {
+        // SAFETY: n elements from the view's offset, inside the output (verified).
+        unsafe { o.base.add(o.v.offset) }
     } else {
-        return None;
-    }
-    let os = o.v.strides[r - 1];
-    for (j, &v) in y.iter().enumerate() {
+        temp.resize(n, 0f32);
+        temp.as_mut_ptr()
+    };
+    // SAFETY: x has k elements and the weight the span checked above; the
+    // output (written) is never the root of an operand.
+    let ran = codegen::run_matvec(
+        cache,
+        unsafe { a.base.add(av.offset).cast_const() },
+        unsafe { wp.add(bv.offset * wdt.size_bytes()).cast_const() },
+        wdt,
+        layout,
+        ldw,
+        y,
+        k,
+        n,
+        threads,
+    )?;
+    for (j, &v) in temp.iter().enumerate() {
         // SAFETY: inside the output view (verified).
         unsafe { o.set(o.v.offset + j * os, v) };
     }
-    Some(Ok(()))
+    Some(ran)
 }
 
-fn row(mem: &mut Memory<'_>, op: &RowOp, ins: &[&CView], out: &CView) -> Option<R> {
-    let x = f32_view(mem, ins[0])?;
-    let o = f32_view(mem, out)?;
-    let params: Vec<Fv<'_>> = ins[1..]
-        .iter()
-        .map(|v| f32_view(mem, v))
-        .collect::<Option<_>>()?;
-    let shape = &x.v.shape;
-    let outer_rank = match op {
-        RowOp::Reduce { axes, .. } => shape.len() - axes,
-        _ => shape.len().saturating_sub(1),
-    };
-    let (outer, row_shape) = shape.split_at(outer_rank);
-    let mut values: Vec<f64> = Vec::new();
-    let mut places: Vec<usize> = Vec::new();
-    let mut xi = vec![0usize; shape.len()];
-    Some(each_index(outer, |oi| {
-        xi[..outer_rank].copy_from_slice(oi);
-        values.clear();
-        places.clear();
-        each_index(row_shape, |ri| {
-            xi[outer_rank..].copy_from_slice(ri);
-            // SAFETY: inside the input view (verified).
-            values.push(unsafe { x.get(x.at(&xi)) } as f64);
-            places.push(o.at(&xi[..o.v.shape.len()]));
-            Ok(())
-        })?;
-        match op {
-            RowOp::Reduce { kind, .. } => {
-                let v = reduce_floats(*kind, &values)?;
-                // SAFETY: inside the output view (verified).
-                unsafe { o.set(o.at(oi), v as f32) };
-            }
-            RowOp::Softmax => {
-                for (p, &at) in softmax_row(&values).into_iter().zip(&places) {
-                    // SAFETY: inside the output view (verified).
-                    unsafe { o.set(at, p as f32) };
-                }
-            }
-            RowOp::LayerNorm { eps } | RowOp::RmsNorm { eps } => {
-                let layer = matches!(op, RowOp::LayerNorm { .. });
-                let (mean, inv) = norm_stats(&values, layer, *eps);
-                for (j, (&v, &at)) in values.iter().zip(&places).enumerate() {
-                    // SAFETY: norm parameters are [width] views (verified).
-                    let w = unsafe { params[0].get(params[0].at(&[j])) } as f64;
-                    let b = match params.get(1) {
-                        // SAFETY: as above.
-                        Some(bv) => (unsafe { bv.get(bv.at(&[j])) }) as f64,
-                        None => 0.0,
-                    };
-                    let y = if layer {
-                        (v - mean) * inv * w + b
-                    } else {
-                        v * inv * w
-                    };
-                    // SAFETY: inside the output view (verified).
-                    unsafe { o.set(at, y as f32) };
-                }
-            }
-        }
-        Ok(())
-    }))
+fn out_stride(o: Fv<'_>) -> usize {
+    o.v.strides.last().copied().unwrap_or(1)
 }
 
 /// Raw views shared by the threads of one step, each writing its own part
@@ -691,88 +550,4 @@ fn attention(
         }
     }
     Some(Ok(()))
-}
-
-fn gather(mem: &mut Memory<'_>, ins: &[&CView], out: &CView) -> Option<R> {
-    let table = f32_view(mem, ins[0])?;
-    let ids = int_view(mem, ins[1])?;
-    if ids.dtype == DType::Bool {
-        return None;
-    }
-    let o = f32_view(mem, out)?;
-    let rows = table.v.shape.first().copied().unwrap_or(0);
-    let lead = ids.v.shape.len();
-    let rest = &table.v.shape[1..];
-    let mut ti = vec![0usize; table.v.shape.len()];
-    let mut oi = vec![0usize; out.shape.len()];
-    Some(each_index(&ids.v.shape, |idx| {
-        // SAFETY: inside the ids view (verified).
-        let id = unsafe { ids.get(ids.v.at(idx)) };
-        let r = usize::try_from(id)
-            .ok()
-            .filter(|&r| r < rows)
-            .ok_or(StepError::Gather { id, rows })?;
-        ti[0] = r;
-        oi[..lead].copy_from_slice(idx);
-        each_index(rest, |ri| {
-            ti[1..].copy_from_slice(ri);
-            oi[lead..].copy_from_slice(ri);
-            // SAFETY: `r` is a row of the table (checked above); both
-            // addresses are inside their views (verified).
-            unsafe { o.set(o.at(&oi), table.get(table.at(&ti))) };
-            Ok(())
-        })
-    }))
-}
-
-fn rope(mem: &mut Memory<'_>, ins: &[&CView], out: &CView, theta: f64) -> Option<R> {
-    let x = f32_view(mem, ins[0])?;
-    let pos = int_view(mem, ins[1])?;
-    let o = f32_view(mem, out)?;
-    let r = x.v.shape.len();
-    let dh = x.v.shape[r - 1];
-    if dh % 2 != 0 {
-        return Some(Err(StepError::Message(format!(
-            "rope needs an even head dim, got {dh}"
-        ))));
-    }
-    let half = dh / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| theta.powf(-(2.0 * i as f64) / dh as f64))
-        .collect();
-    let (xs, os) = (x.v.strides[r - 1], out.strides[r - 1]);
-    Some(each_index(&x.v.shape[..r - 1], |row| {
-        // SAFETY: inside the positions view (verified).
-        let p = unsafe { pos.get(pos.v.at(row)) } as f64;
-        let (xb, ob) = (offset_of(x.v, row), offset_of(out, row));
-        for (i, f) in inv_freq.iter().enumerate() {
-            let (sin, cos) = (p * f).sin_cos();
-            // SAFETY: both halves are inside the views (verified).
-            unsafe {
-                let lo = x.get(xb + i * xs) as f64;
-                let hi = x.get(xb + (i + half) * xs) as f64;
-                o.set(ob + i * os, (lo * cos - hi * sin) as f32);
-                o.set(ob + (i + half) * os, (hi * cos + lo * sin) as f32);
-            }
-        }
-        Ok(())
-    }))
-}
-
-/// A strided copy of any dtype whose bytes the source really holds.
-fn copy(mem: &mut Memory<'_>, src: &CView, dst: &CView) -> Option<R> {
-    let (sp, s_bytes, s_dtype) = mem.raw(src.root)?;
-    let (dp, d_bytes, _) = mem.raw(dst.root)?;
-    if s_dtype != src.dtype || src.dtype != dst.dtype {
-        return None;
-    }
-    let size = src.dtype.size_bytes();
-    Some(each_index(&dst.shape, |idx| {
-        let (from, to) = (src.at(idx) * size, dst.at(idx) * size);
-        debug_assert!(from + size <= s_bytes && to + size <= d_bytes);
-        // SAFETY: both elements are inside their views (verified); `copy`
-        // allows the two roots to be the same buffer.
-        unsafe { std::ptr::copy(sp.add(from), dp.add(to), size) };
-        Ok(())
-    }))
 }

@@ -1,9 +1,6 @@
-//! Matrix–vector products (one row of `A`: every decode step's linear
-//! layers). Bandwidth-bound: each weight is read once, in its stored order,
-//! with SIMD fused multiply-adds chosen at run time (AVX-512, AVX2+FMA, or
-//! portable code), the output columns split over threads.
-
-use rayon::prelude::*;
+//! Dot products and multiply-adds of f32 vectors for the native attention
+//! kernel, with SIMD chosen at run time (AVX-512, AVX2+FMA, or portable
+//! code).
 
 /// Accumulators per dot product: enough independent chains to hide the FMA
 /// latency and fill 512-bit registers.
@@ -100,83 +97,5 @@ pub(super) fn axpy(level: Level, y: &mut [f32], a: f32, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { axpy_avx2(y, a, x) },
         _ => axpy_portable(y, a, x),
-    }
-}
-
-/// Columns per task: large enough that a task outweighs its scheduling.
-const COLS_PER_TASK: usize = 64;
-
-/// `out[j] = Σ_k x[k]·w[j·ldw + k]`: each output a dot product with one
-/// contiguous weight row (`nn.Linear`'s `[out, in]` read transposed).
-pub(super) fn rows(x: &[f32], w: &[f32], ldw: usize, out: &mut [f32], threads: usize) {
-    let level = level();
-    let k = x.len();
-    let run = |(c, chunk): (usize, &mut [f32])| {
-        for (i, o) in chunk.iter_mut().enumerate() {
-            let j = c * COLS_PER_TASK + i;
-            *o = dot(level, x, &w[j * ldw..j * ldw + k]);
-        }
-    };
-    if threads > 1 && out.len() > COLS_PER_TASK {
-        out.par_chunks_mut(COLS_PER_TASK).enumerate().for_each(run);
-    } else {
-        out.chunks_mut(COLS_PER_TASK).enumerate().for_each(run);
-    }
-}
-
-/// `out[j] = Σ_k x[k]·w[k·ldw + j]`: the weight read row by row (GPT-2's
-/// `Conv1D` `[in, out]`), each task owning a block of output columns.
-pub(super) fn cols(x: &[f32], w: &[f32], ldw: usize, out: &mut [f32], threads: usize) {
-    let level = level();
-    const BLOCK: usize = 256;
-    let run = |(c, chunk): (usize, &mut [f32])| {
-        chunk.fill(0.0);
-        let j0 = c * BLOCK;
-        for (kk, &xv) in x.iter().enumerate() {
-            let row = &w[kk * ldw + j0..kk * ldw + j0 + chunk.len()];
-            axpy(level, chunk, xv, row);
-        }
-    };
-    if threads > 1 && out.len() > BLOCK {
-        out.par_chunks_mut(BLOCK).enumerate().for_each(run);
-    } else {
-        out.chunks_mut(BLOCK).enumerate().for_each(run);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn both_layouts_give_the_product() {
-        let (k, n) = (70, 130);
-        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
-        // w as [n, k] rows, and its transpose as [k, n].
-        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-        let want: Vec<f64> = (0..n)
-            .map(|j| (0..k).map(|q| x[q] as f64 * w[j * k + q] as f64).sum())
-            .collect();
-        for threads in [1, 2] {
-            let mut a = vec![0f32; n];
-            rows(&x, &w, k, &mut a, threads);
-            let mut b = vec![0f32; n];
-            cols(&x, &wt, n, &mut b, threads);
-            for j in 0..n {
-                assert!(
-                    (a[j] as f64 - want[j]).abs() < 1e-4,
-                    "rows {j}: {} vs {}",
-                    a[j],
-                    want[j]
-                );
-                assert!(
-                    (b[j] as f64 - want[j]).abs() < 1e-4,
-                    "cols {j}: {} vs {}",
-                    b[j],
-                    want[j]
-                );
-            }
-        }
     }
 }

@@ -17,6 +17,8 @@
 //! view inside its root; roots sized by the plan), and only writes outputs,
 //! caches and arena slots. Debug builds re-check each address.
 
+pub(crate) mod codegen;
+pub mod jit;
 mod kernels;
 mod matvec;
 
@@ -78,14 +80,16 @@ impl Backend for Cpu {
     }
 }
 
-/// Runs one step with the native kernels; `None` when they do not cover its
-/// dtypes (the caller runs the scalar kernels).
+/// Runs one step with the generated and native kernels; `None` when they do
+/// not cover its dtypes (the caller runs the scalar kernels and counts it).
 pub(crate) fn run_step(
     mem: &mut Memory<'_>,
     kernel: &crate::lower::Kernel,
+    cache: &mut codegen::StepCache,
     ins: &[&CView],
     out: &CView,
+    cx: &kiln_ir::ShapeCx,
     threads: usize,
 ) -> Option<Result<(), StepError>> {
-    kernels::run(mem, kernel, ins, out, threads)
+    kernels::run(mem, kernel, cache, ins, out, cx, threads)
 }

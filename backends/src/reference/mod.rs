@@ -60,7 +60,9 @@ pub struct ReferenceExecutable {
     /// Whether a binding has had the element-by-element written check.
     verified_elements: bool,
     /// Steps of the last run that the scalar kernels ran.
-    scalar_steps: usize,
+    scalar_steps: Vec<usize>,
+    /// The generated kernels each step has used (CPU backend).
+    step_code: Vec<crate::cpu::codegen::StepCache>,
 }
 
 /// Which kernels run a Program's steps.
@@ -126,7 +128,8 @@ impl ReferenceExecutable {
             plans: HashMap::new(),
             kernels: KernelSet::Scalar,
             verified_elements: false,
-            scalar_steps: 0,
+            scalar_steps: Vec::new(),
+            step_code: Vec::new(),
         })
     }
 
@@ -138,13 +141,47 @@ impl ReferenceExecutable {
     ) -> Result<ReferenceExecutable, RunError> {
         let mut exe = ReferenceExecutable::new(graph, weights)?;
         exe.kernels = kernels;
+        if let KernelSet::Native { .. } = kernels {
+            exe.step_code = exe
+                .program
+                .steps
+                .iter()
+                .map(|_| Default::default())
+                .collect();
+            crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
+                .map_err(|e| RunError::Backend {
+                    backend: "cpu".into(),
+                    message: e.to_string(),
+                })?;
+        }
         Ok(exe)
     }
 
     /// How many steps of the last run the scalar kernels ran (with native
     /// kernels: the steps whose dtypes the native kernels do not cover).
     pub fn scalar_steps(&self) -> usize {
+        self.scalar_steps.len()
+    }
+
+    /// The steps of the last run that the scalar kernels ran although the
+    /// executable was compiled for native kernels, described (`s12 loop
+    /// (%x = add(…))`).
+    pub fn fallback_steps(&self) -> Vec<String> {
+        if self.kernels == KernelSet::Scalar {
+            return Vec::new();
+        }
         self.scalar_steps
+            .iter()
+            .map(|&i| {
+                let s = &self.program.steps[i];
+                format!(
+                    "@{} s{i} {} ({})",
+                    self.program.name,
+                    s.kernel.kind_name(),
+                    s.origin
+                )
+            })
+            .collect()
     }
 
     /// The Program this executable runs.
@@ -571,17 +608,23 @@ impl ReferenceExecutable {
             }
         }
         let kernel_set = self.kernels;
-        let mut scalar_steps = 0;
-        for s in &p.steps {
+        let mut scalar_steps = Vec::new();
+        for (si, s) in p.steps.iter().enumerate() {
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
             let out = &views[s.output.index()];
             let ran = match kernel_set {
                 KernelSet::Scalar => kernels::run_step(&mut mem, &s.kernel, &ins, out, cx),
                 KernelSet::Native { threads } => {
-                    match crate::cpu::run_step(&mut mem, &s.kernel, &ins, out, threads) {
+                    let Some(code) = self.step_code.get_mut(si) else {
+                        return Err(RunError::Invalid {
+                            node: s.origin.clone(),
+                            message: "a step without generated code".into(),
+                        });
+                    };
+                    match crate::cpu::run_step(&mut mem, &s.kernel, code, &ins, out, cx, threads) {
                         Some(r) => r,
                         None => {
-                            scalar_steps += 1;
+                            scalar_steps.push(si);
                             kernels::run_step(&mut mem, &s.kernel, &ins, out, cx)
                         }
                     }
@@ -619,6 +662,10 @@ impl ReferenceExecutable {
 }
 
 impl Executable for ReferenceExecutable {
+    fn fallback_steps(&self) -> Vec<String> {
+        ReferenceExecutable::fallback_steps(self)
+    }
+
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let cx = signature::bind_inputs(&self.graph, inputs)?;
         // Without a session, the caches are sized for this call's outputs.
@@ -692,6 +739,13 @@ impl ReferenceSession {
 }
 
 impl Session for ReferenceSession {
+    fn fallback_steps(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .flat_map(|(_, e)| e.fallback_steps())
+            .collect()
+    }
+
     fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError> {
         let capacity = self.capacity;
         let (carried, shapes) = (&self.carried, &self.shapes);

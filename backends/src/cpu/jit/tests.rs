@@ -1,0 +1,267 @@
+//! The generated kernels against the interpreter's scalar definitions, op
+//! by op, in both the vector and the scalar form, special values included.
+
+use kiln_ir::{BinaryOp, DType, KernelOp, UnaryOp};
+
+use super::kernels::{loop_kernel, LoopSpec, Step};
+use crate::reference::scalar::{body_dtypes, run_body, Scalar};
+
+/// Runs `body` over `n` elements of contiguous f32 operands.
+fn run_f32(body: &[KernelOp], ins: &[Vec<f32>], steps: Vec<Step>) -> Vec<f32> {
+    let n = ins[0].len();
+    let spec = LoopSpec {
+        body,
+        declared: vec![DType::F32; ins.len()],
+        stored: vec![DType::F32; ins.len()],
+        out: DType::F32,
+        steps,
+    };
+    let f = loop_kernel(&spec).expect("jit").expect("covered");
+    let mut out = vec![0f32; n];
+    let mut ptrs: Vec<*mut u8> = ins.iter().map(|v| v.as_ptr().cast_mut().cast()).collect();
+    ptrs.push(out.as_mut_ptr().cast());
+    let strides = vec![1i64; ptrs.len()];
+    // SAFETY: every operand holds n elements.
+    let code = unsafe { f(ptrs.as_ptr(), strides.as_ptr(), n as i64) };
+    assert_eq!(code, 0);
+    out
+}
+
+/// The interpreter's value of `body` on one element.
+fn oracle(body: &[KernelOp], xs: &[f32]) -> f32 {
+    let dtypes = body_dtypes(body, &vec![DType::F32; xs.len()]);
+    let mut vals: Vec<Scalar> = xs.iter().map(|&x| Scalar::Float(x as f64)).collect();
+    match run_body(body, &dtypes, &mut vals).expect("body") {
+        Scalar::Float(v) => v as f32,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn inputs() -> Vec<f32> {
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1e-30,
+        -1e-30,
+        1e-7,
+        f32::MIN_POSITIVE,
+        1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        88.0,
+        88.72,
+        89.0,
+        -86.0,
+        -87.0,
+        -104.0,
+        1e30,
+        -1e30,
+        0.5,
+        -0.5,
+        0.625,
+        -0.625,
+    ];
+    // A dense sweep over the range activations live in, then a sparse one.
+    for i in -4000..=4000 {
+        v.push(i as f32 * 0.0025);
+    }
+    for i in -300..=300 {
+        v.push(i as f32 * 0.31);
+    }
+    v
+}
+
+/// Compares `got` with `want`: identical NaN-ness and infinities, and
+/// `|got - want| <= rel·|want| + abs`.
+fn check(name: &str, x: &[f32], got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    for ((&x, &g), &w) in x.iter().zip(got).zip(want) {
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            (g - w).abs() <= rel * w.abs() + abs
+        };
+        assert!(ok, "{name}({x:e}) = {g:e}, the interpreter gives {w:e}");
+    }
+}
+
+#[test]
+fn unary_ops_match_the_interpreter() {
+    let x = inputs();
+    // Bounds: relative for functions computed with range reduction (a few
+    // ulp), plus an absolute floor where a function crosses or nears zero
+    // (the A–S erf and the tanh form of gelu_tanh are absolute-accurate).
+    let cases: &[(UnaryOp, f32, f32)] = &[
+        (UnaryOp::Neg, 0.0, 0.0),
+        (UnaryOp::Abs, 0.0, 0.0),
+        (UnaryOp::Relu, 0.0, 0.0),
+        (UnaryOp::Sqrt, 0.0, 0.0),
+        (UnaryOp::Recip, 0.0, 0.0),
+        (UnaryOp::Rsqrt, 2.5e-7, 0.0),
+        (UnaryOp::Exp, 5e-7, 1e-35),
+        (UnaryOp::Log, 5e-7, 1e-7),
+        (UnaryOp::Tanh, 6e-7, 1e-7),
+        (UnaryOp::Sigmoid, 6e-7, 1e-35),
+        (UnaryOp::Silu, 6e-7, 1e-35),
+        (UnaryOp::Erf, 6e-7, 3e-7),
+        (UnaryOp::Gelu, 6e-7, 4e-7),
+        (UnaryOp::GeluTanh, 6e-7, 2e-7),
+    ];
+    for &(u, rel, abs) in cases {
+        let body = [KernelOp::Unary(u, 0)];
+        let want: Vec<f32> = x.iter().map(|&v| oracle(&body, &[v])).collect();
+        // Vector form with a scalar tail (the length is not a multiple of 4).
+        let got = run_f32(&body, &[x.clone()], vec![Step::Contig, Step::Contig]);
+        check(u.name(), &x, &got, &want, rel, abs);
+        // Scalar form only (strided operands).
+        let got = run_f32(&body, &[x.clone()], vec![Step::Strided, Step::Strided]);
+        check(u.name(), &x, &got, &want, rel, abs);
+    }
+}
+
+#[test]
+fn binary_ops_and_fused_bodies_match_the_interpreter() {
+    let x = inputs();
+    let y: Vec<f32> = x.iter().rev().copied().collect();
+    for op in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ] {
+        let body = [KernelOp::Binary(op, 0, 1)];
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| oracle(&body, &[a, b]))
+            .collect();
+        let got = run_f32(
+            &body,
+            &[x.clone(), y.clone()],
+            vec![Step::Contig, Step::Contig, Step::Contig],
+        );
+        // Exactly rounded in both: bit-identical.
+        check(op.name(), &x, &got, &want, 0.0, 0.0);
+    }
+    // where(x > y, x·2, y - 1) through a mask, and a cast of a comparison.
+    let body = [
+        KernelOp::Binary(BinaryOp::Gt, 0, 1),
+        KernelOp::Const(2.0, DType::F32),
+        KernelOp::Binary(BinaryOp::Mul, 0, 3),
+        KernelOp::Const(1.0, DType::F32),
+        KernelOp::Binary(BinaryOp::Sub, 1, 5),
+        KernelOp::Where(2, 4, 6),
+        KernelOp::Binary(BinaryOp::Le, 0, 1),
+        KernelOp::Cast(DType::F32, 8),
+        KernelOp::Binary(BinaryOp::Add, 7, 9),
+    ];
+    let want: Vec<f32> = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &b)| oracle(&body, &[a, b]))
+        .collect();
+    for steps in [
+        vec![Step::Contig, Step::Contig, Step::Contig],
+        vec![Step::Strided, Step::Contig, Step::Contig],
+    ] {
+        let got = run_f32(&body, &[x.clone(), y.clone()], steps);
+        check("where", &x, &got, &want, 0.0, 0.0);
+    }
+}
+
+#[test]
+fn integer_bodies_follow_the_interpreter_and_never_trap() {
+    // ids / d with d = 0 fails the call; i64::MIN / -1 wraps.
+    let body = [KernelOp::Binary(BinaryOp::Div, 0, 1)];
+    let spec = LoopSpec {
+        body: &body,
+        declared: vec![DType::I64, DType::I64],
+        stored: vec![DType::I64, DType::I64],
+        out: DType::I64,
+        steps: vec![Step::Contig, Step::Contig, Step::Contig],
+    };
+    let f = loop_kernel(&spec).expect("jit").expect("covered");
+    let run = |a: Vec<i64>, b: Vec<i64>| {
+        let mut out = vec![0i64; a.len()];
+        let ptrs: Vec<*mut u8> = vec![
+            a.as_ptr().cast_mut().cast(),
+            b.as_ptr().cast_mut().cast(),
+            out.as_mut_ptr().cast(),
+        ];
+        let strides = [1i64; 3];
+        // SAFETY: every operand holds a.len() elements.
+        let code = unsafe { f(ptrs.as_ptr(), strides.as_ptr(), a.len() as i64) };
+        (code, out)
+    };
+    assert_eq!(
+        run(vec![7, -7, i64::MIN, 9], vec![2, 2, -1, -3]),
+        (0, vec![3, -3, i64::MIN, -3])
+    );
+    assert_eq!(run(vec![1, 2], vec![1, 0]).0, 1);
+    // padding_mask: ids != 0 as bool, and a bool cast to f32.
+    let body = [
+        KernelOp::Const(0.0, DType::I64),
+        KernelOp::Binary(BinaryOp::Ne, 0, 1),
+    ];
+    let spec = LoopSpec {
+        body: &body,
+        declared: vec![DType::I64],
+        stored: vec![DType::I64],
+        out: DType::Bool,
+        steps: vec![Step::Contig, Step::Contig],
+    };
+    let f = loop_kernel(&spec).expect("jit").expect("covered");
+    let ids = [5i64, 0, -1, 0, 3];
+    let mut out = [9u8; 5];
+    let ptrs: Vec<*mut u8> = vec![ids.as_ptr().cast_mut().cast(), out.as_mut_ptr()];
+    // SAFETY: five elements each.
+    assert_eq!(unsafe { f(ptrs.as_ptr(), [1i64; 2].as_ptr(), 5) }, 0);
+    assert_eq!(out, [1, 0, 1, 0, 1]);
+}
+
+#[test]
+fn sixteen_bit_operands_are_widened_in_the_kernel() {
+    let vals: Vec<f32> = inputs().into_iter().filter(|v| v.abs() < 6e4).collect();
+    let f16: Vec<u16> = vals
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let bf16: Vec<u16> = vals
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    for (dt, bits) in [(DType::F16, &f16), (DType::BF16, &bf16)] {
+        let want: Vec<f32> = bits
+            .iter()
+            .map(|&b| match dt {
+                DType::F16 => half::f16::from_bits(b).to_f32(),
+                _ => half::bf16::from_bits(b).to_f32(),
+            })
+            .collect();
+        for step in [Step::Contig, Step::Strided] {
+            let spec = LoopSpec {
+                body: &[],
+                declared: vec![DType::F32],
+                stored: vec![dt],
+                out: DType::F32,
+                steps: vec![step, step],
+            };
+            let f = loop_kernel(&spec).expect("jit").expect("covered");
+            let mut out = vec![0f32; bits.len()];
+            let ptrs: Vec<*mut u8> = vec![bits.as_ptr().cast_mut().cast(), out.as_mut_ptr().cast()];
+            // SAFETY: both hold bits.len() elements.
+            unsafe { f(ptrs.as_ptr(), [1i64; 2].as_ptr(), bits.len() as i64) };
+            for (g, w) in out.iter().zip(&want) {
+                assert!(
+                    g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan(),
+                    "{dt:?}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}

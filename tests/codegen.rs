@@ -1,0 +1,101 @@
+//! The CPU backend runs every step of every family with its own code:
+//! Cranelift-generated kernels (loop, row, gather, rope, copy, fill, decode's
+//! matrix–vector products), the GEMM library and the native attention kernel.
+//! No step falls back to the reference kernels, with or without LoRA (merged
+//! and unmerged), with or without the KV cache.
+
+mod support;
+
+use std::path::Path;
+
+use kiln::{Model, OptLevel, Target, Tensor};
+
+const CPU: Target = Target::Cpu { threads: 0 };
+
+/// Tests of this file run one at a time: one counts the kernels the
+/// process-wide JIT compiles.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn adapter(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name)
+}
+
+fn assert_compiled(what: &str, model: &Model) {
+    let inputs = support::family_inputs(model);
+    let mut exe = model.compile(CPU).unwrap_or_else(|e| panic!("{what}: {e}"));
+    model
+        .run_with(exe.as_mut(), &inputs)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        exe.fallback_steps(),
+        Vec::<String>::new(),
+        "{what}: steps the CPU backend did not compile"
+    );
+}
+
+#[test]
+fn every_family_runs_without_a_fallback_step() {
+    let _one = serial();
+    for family in ["gpt2", "llama", "llama_tied", "bert", "bart"] {
+        let model = support::hf_model(family);
+        assert_compiled(&format!("{family} -O0"), &model);
+        let o2 = model.optimize(OptLevel::O2).expect("O2");
+        assert_compiled(&format!("{family} -O2"), &o2);
+    }
+    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
+        let unmerged = support::hf_model(base)
+            .with_adapter(adapter(lora))
+            .expect("adapter");
+        assert_compiled(&format!("{lora} unmerged"), &unmerged);
+        let merged = unmerged.merge_adapters().expect("merge");
+        assert_compiled(
+            &format!("{lora} merged"),
+            &merged.optimize(OptLevel::O2).expect("O2"),
+        );
+    }
+}
+
+#[test]
+fn sessions_decode_without_a_fallback_step() {
+    let _one = serial();
+    for family in ["gpt2", "llama", "llama_tied"] {
+        let split = support::hf_model(family)
+            .optimize(OptLevel::O2)
+            .expect("O2")
+            .kv_split()
+            .expect("split");
+        let mut session = split.session(CPU, 8).expect("session");
+        let rows = Tensor::from_tokens(&[vec![5i64, 17, 42], vec![88, 12, 7]]).unwrap();
+        session.call("prefill", &[rows]).expect("prefill");
+        for next in [[3i64, 9], [60, 1]] {
+            let t = Tensor::from_tokens(&[vec![next[0]], vec![next[1]]]).unwrap();
+            session.call("decode", &[t]).expect("decode");
+        }
+        assert_eq!(
+            session.fallback_steps(),
+            Vec::<String>::new(),
+            "{family}: decode steps the CPU backend did not compile"
+        );
+    }
+}
+
+#[test]
+fn generated_kernels_are_shared_between_entry_points() {
+    let _one = serial();
+    let split = support::hf_model("llama")
+        .optimize(OptLevel::O2)
+        .expect("O2")
+        .kv_split()
+        .expect("split");
+    split.session(CPU, 8).expect("session");
+    let after_first = kiln::backends::cpu::jit::kernels_compiled();
+    // The same model again: every kernel is already compiled.
+    split.session(CPU, 8).expect("session");
+    assert_eq!(kiln::backends::cpu::jit::kernels_compiled(), after_first);
+}
