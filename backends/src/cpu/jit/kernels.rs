@@ -205,22 +205,25 @@ fn build_loop(b: &mut FunctionBuilder<'_>, t: &Tools, spec: &LoopSpec<'_>, vecto
         })
         .collect();
     let types_all = body_dtypes(spec.body, &spec.declared);
-    let run = |e: &mut E<'_, '_>, i: Value, vec: bool| {
+    // Operands that move (not hoisted), each with a pointer variable.
+    let moving: Vec<usize> = (0..=nops)
+        .filter(|&k| k == nops || hoisted[k].is_none())
+        .collect();
+    let vars: Vec<_> = moving.iter().map(|&k| ptr_var(e.b, bases[k])).collect();
+    let run = |e: &mut E<'_, '_>, cur: &[Value], vec: bool| {
+        let at = |k: usize| moving.iter().position(|&m| m == k).map(|i| cur[i]);
         let mut vals = Vec::new();
         for k in 0..nops {
-            vals.push(match hoisted[k] {
-                Some((s, v)) => {
+            vals.push(match (hoisted[k], at(k)) {
+                (Some((s, v)), _) => {
                     if vec {
                         v
                     } else {
                         s
                     }
                 }
-                None => {
-                    let off = e.b.ins().imul(i, bstrides[k]);
-                    let a = e.b.ins().iadd(bases[k], off);
-                    load_value(e, spec.declared[k], spec.stored[k], vec, a)
-                }
+                (None, Some(a)) => load_value(e, spec.declared[k], spec.stored[k], vec, a),
+                (None, None) => V::F(zero),
             });
         }
         for (idx, op) in spec.body.iter().enumerate() {
@@ -235,22 +238,34 @@ fn build_loop(b: &mut FunctionBuilder<'_>, t: &Tools, spec: &LoopSpec<'_>, vecto
         } else {
             cast_value(e, last, spec.out, vec)
         };
-        let off = e.b.ins().imul(i, bstrides[nops]);
-        let a = e.b.ins().iadd(bases[nops], off);
-        store_value(e, spec.out, vec, out, a);
+        if let Some(a) = at(nops) {
+            store_value(e, spec.out, vec, out, a);
+        }
     };
-    let rest = if vector {
-        for_range(e.b, zero, n, 4, |b, i| {
-            let mut e = E { b, t };
-            run(&mut e, i, true)
-        })
+    let steps_of = |e: &mut E<'_, '_>, lanes: i64| -> Vec<(cranelift_frontend::Variable, Value)> {
+        moving
+            .iter()
+            .zip(&vars)
+            .map(|(&k, &v)| {
+                let s = if lanes == 1 {
+                    bstrides[k]
+                } else {
+                    e.b.ins().imul_imm_s(bstrides[k], lanes)
+                };
+                (v, s)
+            })
+            .collect()
+    };
+    let tail = if vector {
+        let n4 = e.b.ins().ushr_imm_s(n, 2);
+        let steps = steps_of(&mut e, 4);
+        for_ptrs_dyn(e.b, n4, &steps, |b, cur| run(&mut E { b, t }, cur, true));
+        e.b.ins().band_imm_s(n, 3)
     } else {
-        zero
+        n
     };
-    for_range(e.b, rest, n, 1, |b, i| {
-        let mut e = E { b, t };
-        run(&mut e, i, false)
-    });
+    let steps = steps_of(&mut e, 1);
+    for_ptrs_dyn(e.b, tail, &steps, |b, cur| run(&mut E { b, t }, cur, false));
     let ok = e.b.ins().iconst(types::I32, 0);
     e.b.ins().return_(&[ok]);
     e.b.switch_to_block(fail);
@@ -1095,8 +1110,89 @@ pub(crate) fn matvec_kernel(
     Ok(Some(unsafe { std::mem::transmute::<usize, MatvecFn>(p) }))
 }
 
-/// Four weight rows at a time, each with its own accumulator, so every
-/// load of x serves four rows; then the rows left one at a time.
+/// A loop over `count` iterations whose pointers advance by fixed byte
+/// steps: `body(b, ptrs)` sees each pointer's current value. Keeping the
+/// addresses in loop-carried variables (no index multiplication) leaves
+/// the loop body loads and multiply-adds only.
+fn for_ptrs(
+    b: &mut FunctionBuilder<'_>,
+    count: Value,
+    ptrs: &[(cranelift_frontend::Variable, i64)],
+    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
+) {
+    let n = b.declare_var(types::I64);
+    b.def_var(n, count);
+    let head = b.create_block();
+    let block = b.create_block();
+    let exit = b.create_block();
+    b.ins().jump(head, &[]);
+    b.switch_to_block(head);
+    let left = b.use_var(n);
+    b.ins().brif(left, block, &[], exit, &[]);
+    b.switch_to_block(block);
+    let cur: Vec<Value> = ptrs.iter().map(|&(v, _)| b.use_var(v)).collect();
+    body(b, &cur);
+    for (&(v, step), &p) in ptrs.iter().zip(&cur) {
+        let next = b.ins().iadd_imm_s(p, step);
+        b.def_var(v, next);
+    }
+    let left = b.use_var(n);
+    let left = b.ins().iadd_imm_s(left, -1);
+    b.def_var(n, left);
+    b.ins().jump(head, &[]);
+    b.switch_to_block(exit);
+}
+
+/// [`for_ptrs`] with run-time steps.
+fn for_ptrs_dyn(
+    b: &mut FunctionBuilder<'_>,
+    count: Value,
+    ptrs: &[(cranelift_frontend::Variable, Value)],
+    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
+) {
+    let n = b.declare_var(types::I64);
+    b.def_var(n, count);
+    let head = b.create_block();
+    let block = b.create_block();
+    let exit = b.create_block();
+    b.ins().jump(head, &[]);
+    b.switch_to_block(head);
+    let left = b.use_var(n);
+    b.ins().brif(left, block, &[], exit, &[]);
+    b.switch_to_block(block);
+    let cur: Vec<Value> = ptrs.iter().map(|&(v, _)| b.use_var(v)).collect();
+    body(b, &cur);
+    for (&(v, step), &p) in ptrs.iter().zip(&cur) {
+        let next = b.ins().iadd(p, step);
+        b.def_var(v, next);
+    }
+    let left = b.use_var(n);
+    let left = b.ins().iadd_imm_s(left, -1);
+    b.def_var(n, left);
+    b.ins().jump(head, &[]);
+    b.switch_to_block(exit);
+}
+
+fn ptr_var(b: &mut FunctionBuilder<'_>, v: Value) -> cranelift_frontend::Variable {
+    let var = b.declare_var(types::I64);
+    b.def_var(var, v);
+    var
+}
+
+/// Sums the four lanes of an `f32x4`.
+fn hsum(e: &mut E<'_, '_>, v: Value) -> Value {
+    let mut s = e.b.ins().extractlane(v, 0);
+    for l in 1..4u8 {
+        let x = e.b.ins().extractlane(v, l);
+        s = e.b.ins().fadd(s, x);
+    }
+    s
+}
+
+/// `ROWS` weight rows at a time, two vector accumulators each (eight
+/// elements per iteration), so every load of x serves every row and the
+/// multiply-add chains overlap; then four elements, then one; rows left
+/// over one at a time.
 fn build_matvec_rows(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
@@ -1105,55 +1201,82 @@ fn build_matvec_rows(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
     let (x, w, y, k, j0, j1, ldw) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let ws = size(wdt);
     let row_bytes = b.ins().imul_imm_s(ldw, ws);
-    let zero = b.ins().iconst(types::I64, 0);
+    let k8 = b.ins().ushr_imm_s(k, 3);
+    let k_rest = b.ins().band_imm_s(k, 7);
+    let k4 = b.ins().ushr_imm_s(k_rest, 2);
+    let k1 = b.ins().band_imm_s(k, 3);
     let rows_of = |rows: usize| {
         move |b: &mut FunctionBuilder<'_>, j: Value| {
             let mut e = E { b, t };
-            let z = e.f(types::F32X4, 0.0);
-            let mut bases = Vec::new();
-            let mut accs = Vec::new();
+            let off = e.b.ins().imul(j, row_bytes);
+            let w0 = e.b.ins().iadd(w, off);
+            let mut ptrs = vec![(ptr_var(e.b, x), 32)];
             for r in 0..rows {
-                let jr = e.b.ins().iadd_imm_s(j, r as i64);
-                let off = e.b.ins().imul(jr, row_bytes);
-                bases.push(e.b.ins().iadd(w, off));
-                let v = e.b.declare_var(types::F32X4);
-                e.b.def_var(v, z);
-                accs.push(v);
+                let extra = e.b.ins().imul_imm_s(row_bytes, r as i64);
+                let pr = e.b.ins().iadd(w0, extra);
+                ptrs.push((ptr_var(e.b, pr), 8 * ws));
             }
-            let rest = for_range(e.b, zero, k, 4, |b, i| {
+            let z = e.f(types::F32X4, 0.0);
+            let accs: Vec<_> = (0..2 * rows)
+                .map(|_| {
+                    let v = e.b.declare_var(types::F32X4);
+                    e.b.def_var(v, z);
+                    v
+                })
+                .collect();
+            for_ptrs(e.b, k8, &ptrs, |b, cur| {
                 let mut e = E { b, t };
-                let ax = e.addr(x, i, 4);
-                let xv = e.load_float(DType::F32, true, ax);
+                let x0 = e.b.ins().load(types::F32X4, mem(), cur[0], 0);
+                let x1 = e.b.ins().load(types::F32X4, mem(), cur[0], 16);
                 for r in 0..rows {
-                    let aw = e.addr(bases[r], i, ws);
-                    let wv = e.load_float(wdt, true, aw);
-                    let acc = e.b.use_var(accs[r]);
-                    let s = e.madd(xv, wv, acc);
-                    e.b.def_var(accs[r], s);
+                    for (h, xv) in [x0, x1].into_iter().enumerate() {
+                        let a = e.b.ins().iadd_imm_s(cur[1 + r], 4 * ws * h as i64);
+                        let wv = e.load_float(wdt, true, a);
+                        let acc = e.b.use_var(accs[2 * r + h]);
+                        let s = e.madd(xv, wv, acc);
+                        e.b.def_var(accs[2 * r + h], s);
+                    }
                 }
             });
-            let mut sums = Vec::new();
-            for &var in &accs {
-                let acc = e.b.use_var(var);
-                let mut s = e.b.ins().extractlane(acc, 0);
-                for l in 1..4u8 {
-                    let v = e.b.ins().extractlane(acc, l);
-                    s = e.b.ins().fadd(s, v);
-                }
-                let sv = e.b.declare_var(types::F32);
-                e.b.def_var(sv, s);
-                sums.push(sv);
-            }
-            for_range(e.b, rest, k, 1, |b, i| {
+            let steps4: Vec<_> = ptrs
+                .iter()
+                .enumerate()
+                .map(|(i, &(v, _))| (v, if i == 0 { 16 } else { 4 * ws }))
+                .collect();
+            for_ptrs(e.b, k4, &steps4, |b, cur| {
                 let mut e = E { b, t };
-                let ax = e.addr(x, i, 4);
-                let xv = e.load_float(DType::F32, false, ax);
+                let xv = e.b.ins().load(types::F32X4, mem(), cur[0], 0);
                 for r in 0..rows {
-                    let aw = e.addr(bases[r], i, ws);
-                    let wv = e.load_float(wdt, false, aw);
-                    let s = e.b.use_var(sums[r]);
+                    let wv = e.load_float(wdt, true, cur[1 + r]);
+                    let acc = e.b.use_var(accs[2 * r]);
+                    let s = e.madd(xv, wv, acc);
+                    e.b.def_var(accs[2 * r], s);
+                }
+            });
+            let sums: Vec<_> = (0..rows)
+                .map(|r| {
+                    let a = e.b.use_var(accs[2 * r]);
+                    let c = e.b.use_var(accs[2 * r + 1]);
+                    let v = e.b.ins().fadd(a, c);
+                    let s = hsum(&mut e, v);
+                    let var = e.b.declare_var(types::F32);
+                    e.b.def_var(var, s);
+                    var
+                })
+                .collect();
+            let steps1: Vec<_> = ptrs
+                .iter()
+                .enumerate()
+                .map(|(i, &(v, _))| (v, if i == 0 { 4 } else { ws }))
+                .collect();
+            for_ptrs(e.b, k1, &steps1, |b, cur| {
+                let mut e = E { b, t };
+                let xv = e.b.ins().load(types::F32, mem(), cur[0], 0);
+                for (r, &sum) in sums.iter().enumerate() {
+                    let wv = e.load_float(wdt, false, cur[1 + r]);
+                    let s = e.b.use_var(sum);
                     let s = e.madd(xv, wv, s);
-                    e.b.def_var(sums[r], s);
+                    e.b.def_var(sum, s);
                 }
             });
             for (r, &sum) in sums.iter().enumerate() {
@@ -1170,7 +1293,8 @@ fn build_matvec_rows(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
 }
 
 /// Sixteen output features at a time in four vector accumulators, over
-/// every input feature; then the features left one at a time.
+/// every input feature (the weight pointer steps a row per feature); then
+/// four features, then one.
 fn build_matvec_cols(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
@@ -1179,7 +1303,6 @@ fn build_matvec_cols(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
     let (x, w, y, k, j0, j1, ldw) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let ws = size(wdt);
     let row_bytes = b.ins().imul_imm_s(ldw, ws);
-    let zero = b.ins().iconst(types::I64, 0);
     let cols_of = |vecs: usize, vector: bool| {
         move |b: &mut FunctionBuilder<'_>, j: Value| {
             let mut e = E { b, t };
@@ -1194,17 +1317,18 @@ fn build_matvec_cols(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
                 })
                 .collect();
             let col = e.addr(w, j, ws);
-            for_range(e.b, zero, k, 1, |b, i| {
+            let xp = ptr_var(e.b, x);
+            let wp = ptr_var(e.b, col);
+            // The weight pointer steps by a run-time row: advanced by hand.
+            for_ptrs(e.b, k, &[(xp, 4)], |b, cur| {
                 let mut e = E { b, t };
-                let ax = e.addr(x, i, 4);
-                let xs = e.b.ins().load(types::F32, mem(), ax, 0);
+                let xs = e.b.ins().load(types::F32, mem(), cur[0], 0);
                 let xv = if vector {
                     e.b.ins().splat(types::F32X4, xs)
                 } else {
                     xs
                 };
-                let off = e.b.ins().imul(i, row_bytes);
-                let row = e.b.ins().iadd(col, off);
+                let row = e.b.use_var(wp);
                 for (c, &acc) in accs.iter().enumerate() {
                     let aw = e.b.ins().iadd_imm_s(row, (c * lanes) as i64 * ws);
                     let wv = e.load_float(wdt, vector, aw);
@@ -1212,6 +1336,8 @@ fn build_matvec_cols(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
                     let s = e.madd(xv, wv, a);
                     e.b.def_var(acc, s);
                 }
+                let next = e.b.ins().iadd(row, row_bytes);
+                e.b.def_var(wp, next);
             });
             for (c, &acc) in accs.iter().enumerate() {
                 let jc = e.b.ins().iadd_imm_s(j, (c * lanes) as i64);

@@ -159,7 +159,14 @@ impl Jit {
             .module
             .declare_function(&name, Linkage::Local, &self.ctx.func.signature)
             .map_err(|e| err(&e))?;
+        let dump = std::env::var_os("KILN_DUMP_KERNELS").is_some();
+        self.ctx.set_disasm(dump);
         let defined = self.module.define_function(id, &mut self.ctx);
+        if dump {
+            if let Some(code) = self.ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+                eprintln!("kernel {name} ({key}):\n{code}");
+            }
+        }
         self.module.clear_context(&mut self.ctx);
         defined.map_err(|e| err(&format!("{e:?}")))?;
         self.module.finalize_definitions().map_err(|e| err(&e))?;
