@@ -379,6 +379,190 @@ impl<T: Copy> Shared<T> {
     }
 }
 
+/// Queries from which attention runs tiled (prefill); fewer (decode) run
+/// row by row over the cache.
+const TILED_MIN_QUERIES: usize = 4;
+/// Queries and keys per tile.
+const TILE_Q: usize = 64;
+const TILE_K: usize = 128;
+
+/// Flash-style attention, one task per (batch, head): for each tile of
+/// queries, each tile of keys not hidden by the causal mask gives a score
+/// tile (a GEMM), an online softmax (running max and sum per query,
+/// earlier partial sums rescaled), and its probabilities times the value
+/// tile added to the output tile (a GEMM). No `[T, S]` buffer: a task holds
+/// one `TILE_Q × TILE_K` score tile and one `TILE_Q × dv` accumulator.
+/// Scores and sums in f32 (the row-by-row kernel and the interpreter use
+/// f64): a few ulp apart.
+#[allow(clippy::too_many_arguments)]
+fn attention_tiled(
+    q: Fv<'_>,
+    k: Fv<'_>,
+    v: Fv<'_>,
+    o: Fv<'_>,
+    mask: Option<Iv<'_>>,
+    causal: bool,
+    scale: f64,
+    threads: usize,
+    exp_row: super::jit::kernels::ExpRowFn,
+) -> R {
+    use rayon::prelude::*;
+    let [b, h, t, dh] = q.v.shape[..] else {
+        return Err(StepError::Message("attention needs rank-4 q".into()));
+    };
+    let (hk, s, dv) = (k.v.shape[1], k.v.shape[2], v.v.shape[3]);
+    if hk == 0 || h % hk != 0 {
+        return Err(StepError::Message(format!(
+            "{h} query heads do not group over {hk} kv heads"
+        )));
+    }
+    let group = h / hk;
+    let scale = scale as f32;
+    let shared = Shared((q, k, v, o, mask));
+    let task = move |job: usize| {
+        let (q, k, v, o, mask) = shared.get();
+        let (bi, hi) = (job / h, job % h);
+        let kv = hi / group;
+        let mut scores = vec![0f32; TILE_Q * TILE_K];
+        let mut acc = vec![0f32; TILE_Q * dv];
+        let mut mx = [f32::NEG_INFINITY; TILE_Q];
+        let mut sum = [0f32; TILE_Q];
+        let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
+        for q0 in (0..t).step_by(TILE_Q) {
+            let tq = TILE_Q.min(t - q0);
+            acc[..tq * dv].fill(0.0);
+            mx[..tq].fill(f32::NEG_INFINITY);
+            sum[..tq].fill(0.0);
+            // Keys any query of the tile sees (bottom-right causal alignment).
+            let visible = |ti: usize| {
+                if causal {
+                    (ti as i128 + s as i128 - t as i128 + 1).clamp(0, s as i128) as usize
+                } else {
+                    s
+                }
+            };
+            let last = visible(q0 + tq - 1);
+            for k0 in (0..last).step_by(TILE_K) {
+                let tk = TILE_K.min(last - k0);
+                // SAFETY: the tile's rows of q and k are inside their views
+                // (verified); the score tile is this task's own buffer.
+                unsafe {
+                    gemm::gemm(
+                        tq,
+                        tk,
+                        dh,
+                        scores.as_mut_ptr(),
+                        1,
+                        TILE_K as isize,
+                        false,
+                        q.base.add(q.at(&[bi, hi, q0, 0])).cast_const(),
+                        1,
+                        q_row as isize,
+                        k.base.add(k.at(&[bi, kv, k0, 0])).cast_const(),
+                        k_row as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for i in 0..tq {
+                    let ti = q0 + i;
+                    let row = &mut scores[i * TILE_K..i * TILE_K + tk];
+                    let vis = visible(ti);
+                    let mut m = mx[i];
+                    for (j, x) in row.iter_mut().enumerate() {
+                        let kj = k0 + j;
+                        // SAFETY: inside the mask view (verified).
+                        let allowed = kj < vis
+                            && mask.is_none_or(
+                                |mv| unsafe { mv.get(mv.v.at(&[bi, hi, ti, kj])) } != 0,
+                            );
+                        *x = if allowed {
+                            *x * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        if x.is_nan() || m.is_nan() {
+                            m = f32::NAN;
+                        } else if *x > m {
+                            m = *x;
+                        }
+                    }
+                    if m == f32::NEG_INFINITY {
+                        // Nothing visible yet: the row's probabilities are 0.
+                        row.fill(0.0);
+                        continue;
+                    }
+                    // SAFETY: `row` holds `tk` values.
+                    let tile_sum = unsafe { exp_row(row.as_mut_ptr(), tk as i64, m) };
+                    let alpha = if mx[i] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (mx[i] - m).exp()
+                    };
+                    sum[i] = sum[i] * alpha + tile_sum;
+                    if alpha != 1.0 {
+                        acc[i * dv..(i + 1) * dv]
+                            .iter_mut()
+                            .for_each(|a| *a *= alpha);
+                    }
+                    mx[i] = m;
+                }
+                // SAFETY: the value tile is inside its view (verified); the
+                // accumulator is this task's own buffer.
+                unsafe {
+                    gemm::gemm(
+                        tq,
+                        dv,
+                        tk,
+                        acc.as_mut_ptr(),
+                        1,
+                        dv as isize,
+                        true,
+                        scores.as_ptr(),
+                        1,
+                        TILE_K as isize,
+                        v.base.add(v.at(&[bi, kv, k0, 0])).cast_const(),
+                        1,
+                        v_row as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            for i in 0..tq {
+                let ob = o.at(&[bi, hi, q0 + i, 0]);
+                let inv = if sum[i] > 0.0 { 1.0 / sum[i] } else { 0.0 };
+                for c in 0..dv {
+                    let a = acc[i * dv + c];
+                    // A query that sees no key gets zeros, as in the interpreter.
+                    let y = if sum[i] > 0.0 || sum[i].is_nan() {
+                        a * inv
+                    } else {
+                        0.0
+                    };
+                    // SAFETY: this task's own output row (verified in bounds).
+                    unsafe { o.set(ob + c, y) };
+                }
+            }
+        }
+    };
+    if threads > 1 && b * h > 1 {
+        (0..b * h).into_par_iter().for_each(task);
+    } else {
+        (0..b * h).for_each(task);
+    }
+    Ok(())
+}
+
 /// Attention over contiguous head vectors, one task per (batch, head): SIMD
 /// dot products for the scores, softmax in f64, SIMD multiply-adds of the
 /// value rows.
@@ -484,6 +668,15 @@ fn attention(
     let o = f32_view(mem, out)?;
     let unit = |f: &Fv<'_>| f.v.strides.get(3) == Some(&1);
     if unit(&q) && unit(&k) && unit(&v) && unit(&o) {
+        if q.v.shape.get(2).is_some_and(|&t| t >= TILED_MIN_QUERIES) {
+            let exp_row = match super::jit::kernels::exp_row_kernel() {
+                Ok(f) => f,
+                Err(e) => return Some(Err(StepError::Message(e.to_string()))),
+            };
+            return Some(attention_tiled(
+                q, k, v, o, mask, causal, scale, threads, exp_row,
+            ));
+        }
         return Some(attention_rows(q, k, v, o, mask, causal, scale, threads));
     }
     let [b, h, t, dh] = q.v.shape[..] else {

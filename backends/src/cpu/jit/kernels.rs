@@ -1199,7 +1199,13 @@ fn hsum(e: &mut E<'_, '_>, v: Value) -> Value {
 /// `block` weight rows at a time, `vecs` vector accumulators each, so every
 /// load of x serves every row and the multiply-add chains overlap; then
 /// four elements, then one; rows left over one at a time.
-fn build_matvec_rows(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType, block: usize, vecs: usize) {
+fn build_matvec_rows(
+    b: &mut FunctionBuilder<'_>,
+    t: &Tools,
+    wdt: DType,
+    block: usize,
+    vecs: usize,
+) {
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
@@ -1384,4 +1390,59 @@ fn build_matvec_cols(b: &mut FunctionBuilder<'_>, t: &Tools, wdt: DType) {
     let rest = for_range(b, zero, k, BLOCK as i64, rows_of(BLOCK));
     for_range(b, rest, k, 1, rows_of(1));
     b.ins().return_(&[]);
+}
+
+pub(crate) type ExpRowFn = unsafe extern "C" fn(*mut f32, i64, f32) -> f32;
+
+/// The compiled `row[j] = exp(row[j] - max)` over `n` f32 in place,
+/// returning the sum of the new values (attention's softmax tiles).
+pub(crate) fn exp_row_kernel() -> Result<ExpRowFn, JitError> {
+    let p = with_jit(|j| {
+        let sig = j.signature(2, &[types::F32], Some(types::F32));
+        j.function("exp_row", sig, |b, t| {
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let p = b.block_params(entry).to_vec();
+            let (row, n, mx) = (p[0], p[1], p[2]);
+            let mut e = E { b, t };
+            let z4 = e.f(types::F32X4, 0.0);
+            let acc4 = e.b.declare_var(types::F32X4);
+            e.b.def_var(acc4, z4);
+            let z1 = e.f(types::F32, 0.0);
+            let acc1 = e.b.declare_var(types::F32);
+            e.b.def_var(acc1, z1);
+            let m4 = e.b.ins().splat(types::F32X4, mx);
+            let n4 = e.b.ins().ushr_imm_s(n, 2);
+            let n1 = e.b.ins().band_imm_s(n, 3);
+            let rp = ptr_var(e.b, row);
+            for_ptrs(e.b, n4, &[(rp, 16)], |b, cur| {
+                let mut e = E { b, t };
+                let v = e.b.ins().load(types::F32X4, mem(), cur[0], 0);
+                let d = e.sub(v, m4);
+                let y = e.exp(d);
+                e.b.ins().store(mem(), y, cur[0], 0);
+                let a = e.b.use_var(acc4);
+                let a = e.add(a, y);
+                e.b.def_var(acc4, a);
+            });
+            for_ptrs(e.b, n1, &[(rp, 4)], |b, cur| {
+                let mut e = E { b, t };
+                let v = e.b.ins().load(types::F32, mem(), cur[0], 0);
+                let d = e.sub(v, mx);
+                let y = e.exp(d);
+                e.b.ins().store(mem(), y, cur[0], 0);
+                let a = e.b.use_var(acc1);
+                let a = e.add(a, y);
+                e.b.def_var(acc1, a);
+            });
+            let a4 = e.b.use_var(acc4);
+            let s = hsum(&mut e, a4);
+            let a1 = e.b.use_var(acc1);
+            let s = e.add(s, a1);
+            e.b.ins().return_(&[s]);
+        })
+    })?;
+    // SAFETY: built with this signature.
+    Ok(unsafe { std::mem::transmute::<usize, ExpRowFn>(p) })
 }

@@ -289,32 +289,65 @@ fn matvec_bandwidth() {
         let reps = 20;
         for _ in 0..reps {
             // SAFETY: sizes as allocated.
-            unsafe { f(x.as_ptr(), w.as_ptr().cast(), y.as_mut_ptr(), k as i64, 0, n as i64, ldw as i64) };
+            unsafe {
+                f(
+                    x.as_ptr(),
+                    w.as_ptr().cast(),
+                    y.as_mut_ptr(),
+                    k as i64,
+                    0,
+                    n as i64,
+                    ldw as i64,
+                )
+            };
         }
         let s = t.elapsed().as_secs_f64();
-        println!("{layout:?}: {:.1} GB/s", (k * n * 4 * reps) as f64 / s / 1e9);
+        println!(
+            "{layout:?}: {:.1} GB/s",
+            (k * n * 4 * reps) as f64 / s / 1e9
+        );
     }
     // Two threads, each half of the rows.
-    let f = matvec_kernel(MatvecLayout::Rows, DType::F32).unwrap().unwrap();
+    let f = matvec_kernel(MatvecLayout::Rows, DType::F32)
+        .unwrap()
+        .unwrap();
     let t = std::time::Instant::now();
     for _ in 0..20 {
-        let (wp, xp, yp) = (w.as_ptr() as usize, x.as_ptr() as usize, y.as_mut_ptr() as usize);
+        let (wp, xp, yp) = (
+            w.as_ptr() as usize,
+            x.as_ptr() as usize,
+            y.as_mut_ptr() as usize,
+        );
         std::thread::scope(|s| {
             for h in 0..2i64 {
                 s.spawn(move || {
                     // SAFETY: sizes as allocated; halves disjoint.
                     unsafe {
-                        f(xp as *const f32, wp as *const u8, yp as *mut f32, k as i64, h * n as i64 / 2, (h + 1) * n as i64 / 2, k as i64)
+                        f(
+                            xp as *const f32,
+                            wp as *const u8,
+                            yp as *mut f32,
+                            k as i64,
+                            h * n as i64 / 2,
+                            (h + 1) * n as i64 / 2,
+                            k as i64,
+                        )
                     }
                 });
             }
         });
     }
-    println!("Rows, 2 threads: {:.1} GB/s", (k * n * 4 * 20) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    println!(
+        "Rows, 2 threads: {:.1} GB/s",
+        (k * n * 4 * 20) as f64 / t.elapsed().as_secs_f64() / 1e9
+    );
     let t = std::time::Instant::now();
     let mut acc = 0f32;
     for _ in 0..20 {
         acc += w.iter().sum::<f32>();
     }
-    println!("rust sum: {:.1} GB/s ({acc})", (k * n * 4 * 20) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    println!(
+        "rust sum: {:.1} GB/s ({acc})",
+        (k * n * 4 * 20) as f64 / t.elapsed().as_secs_f64() / 1e9
+    );
 }
