@@ -213,8 +213,8 @@ fn build_loop(b: &mut FunctionBuilder<'_>, t: &Tools, spec: &LoopSpec<'_>, vecto
     let run = |e: &mut E<'_, '_>, cur: &[Value], vec: bool| {
         let at = |k: usize| moving.iter().position(|&m| m == k).map(|i| cur[i]);
         let mut vals = Vec::new();
-        for k in 0..nops {
-            vals.push(match (hoisted[k], at(k)) {
+        for (k, &h) in hoisted.iter().enumerate() {
+            vals.push(match (h, at(k)) {
                 (Some((s, v)), _) => {
                     if vec {
                         v
