@@ -263,6 +263,22 @@ unsafe impl kiln_ir::tensor::ByteSource for MappedFile {
     fn bytes(&self) -> &[u8] {
         &self.0
     }
+
+    #[cfg(unix)]
+    fn release(&self, offset: usize, len: usize) {
+        if offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.0.len())
+        {
+            // SAFETY: a read-only file mapping: dropped pages are read from
+            // the file again on the next access, so every byte a reader
+            // sees stays the same.
+            let _ = unsafe {
+                self.0
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+    }
 }
 
 impl std::ops::Deref for MappedFile {

@@ -61,6 +61,11 @@ const _: () = assert!(
 pub unsafe trait ByteSource: Send + Sync + std::panic::RefUnwindSafe + 'static {
     /// The bytes.
     fn bytes(&self) -> &[u8];
+
+    /// A hint that `len` bytes at `offset` will not be read for a while (a
+    /// backend copied them into its own layout): a mapped file may drop
+    /// those pages from memory; reading them again brings them back.
+    fn release(&self, _offset: usize, _len: usize) {}
 }
 
 /// An element type whose bytes can be read in place.
@@ -136,7 +141,7 @@ impl<T: Pod> Buf<T> {
         if T::DTYPE == DType::Bool && bytes.iter().any(|&b| b > 1) {
             return None;
         }
-        if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             let mut v: Vec<T> = Vec::with_capacity(len);
             for chunk in bytes.chunks_exact(size) {
                 // SAFETY: `chunk` holds `size_of::<T>()` bytes of a valid `T`
@@ -163,6 +168,15 @@ impl<T: Pod> Buf<T> {
     /// The elements as bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.source.bytes()[self.offset..self.offset + self.len * std::mem::size_of::<T>()]
+    }
+
+    /// Tells a mapped source its pages for these elements may be dropped
+    /// (see [`ByteSource::release`]); nothing for an owned allocation.
+    pub fn release(&self) {
+        if self.mapped {
+            self.source
+                .release(self.offset, self.len * std::mem::size_of::<T>());
+        }
     }
 }
 
@@ -253,6 +267,18 @@ impl TensorData {
     /// Whether no elements are stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// See [`Buf::release`].
+    pub fn release(&self) {
+        match self {
+            TensorData::F32(d) => d.release(),
+            TensorData::F16(d) => d.release(),
+            TensorData::BF16(d) => d.release(),
+            TensorData::I32(d) => d.release(),
+            TensorData::I64(d) => d.release(),
+            TensorData::Bool(d) => d.release(),
+        }
     }
 
     /// Whether the elements are read in place from a mapped file.
@@ -462,6 +488,13 @@ impl Tensor {
             TensorData::BF16(d) => Some(Cow::Owned(d.iter().map(|x| x.to_f32()).collect())),
             _ => None,
         }
+    }
+
+    /// Tells a mapped file that this tensor's pages may be dropped from
+    /// memory (a backend holds its own copy); reading them again maps them
+    /// back. Nothing for an owned tensor.
+    pub fn release_pages(&self) {
+        self.data().release();
     }
 
     /// Whether the elements are read in place from a mapped file.

@@ -44,6 +44,8 @@ enum Key {
 pub(crate) struct StepCache {
     fns: Vec<(Key, Option<usize>)>,
     rope: Option<RopeTable>,
+    /// A product's weight, packed at compile time (AVX-512 hosts).
+    pub(crate) packed: Option<std::sync::Arc<super::packed::PackedB>>,
 }
 
 impl std::fmt::Debug for StepCache {
@@ -117,7 +119,7 @@ fn parts_for(work: usize, threads: usize) -> usize {
 /// A root's base pointer and stored dtype, when it is aligned for it.
 fn root(mem: &mut Memory<'_>, v: &CView) -> Option<(*mut u8, DType)> {
     let (p, _, stored) = mem.raw(v.root)?;
-    ((p as usize) % stored.size_bytes() == 0).then_some((p, stored))
+    ((p as usize).is_multiple_of(stored.size_bytes())).then_some((p, stored))
 }
 
 fn step_of(stride: usize) -> Step {
@@ -818,6 +820,42 @@ pub(crate) fn run_matvec(
     }))
 }
 
+/// The packed form of a product's right operand when it is a 2-D view of
+/// an f32 weight with constant offset and strides (a linear layer); the
+/// weight's mapped pages are released once packed.
+fn pack_weight(
+    program: &Program,
+    weights: &[kiln_ir::Tensor],
+    b: crate::lower::BufferId,
+) -> Option<std::sync::Arc<super::packed::PackedB>> {
+    let buf = program.buffer(b);
+    let (root, offset, strides) = match &buf.kind {
+        BufferKind::View {
+            base,
+            offset,
+            strides,
+        } => (*base, offset.as_const()?, strides.clone()),
+        BufferKind::Param { .. } => (b, 0, crate::lower::contiguous_strides(&buf.shape).ok()?),
+        _ => return None,
+    };
+    let k = program.params.iter().position(|&p| p == root)?;
+    let w = weights.get(k)?;
+    let r = buf.shape.len();
+    if r < 2 || w.dtype() != DType::F32 {
+        return None;
+    }
+    // Batch axes must not move through the weight.
+    if strides[..r - 2].iter().any(|s| !s.is_const(0)) {
+        return None;
+    }
+    let (kk, n) = (buf.shape[r - 2].as_const()?, buf.shape[r - 1].as_const()?);
+    let (sk, sn) = (strides[r - 2].as_const()?, strides[r - 1].as_const()?);
+    let usz = |v: i64| usize::try_from(v).ok();
+    let packed = super::packed::shared(w, usz(offset)?, usz(sk)?, usz(sn)?, usz(kk)?, usz(n)?)?;
+    w.release_pages();
+    Some(packed)
+}
+
 /// Generates the kernels of `program`'s steps for the layouts its symbolic
 /// strides promise, so that compile time includes code generation; the
 /// weights' stored dtypes come from `weights` (in parameter order).
@@ -872,6 +910,12 @@ pub(crate) fn precompile(
             })?;
             Ok(())
         };
+        if matches!(s.kernel, Kernel::Gemm { .. })
+            && super::packed::available()
+            && std::env::var_os("KILN_NO_PACK").is_none()
+        {
+            cache.packed = pack_weight(program, weights, s.inputs[1]);
+        }
         let mut steps: Vec<Step> = s.inputs.iter().map(|&b| last_step(b)).collect();
         steps.push(last_step(s.output));
         match &s.kernel {

@@ -61,11 +61,13 @@ impl Fv<'_> {
 /// The f32 view of `v`, when its root really holds f32.
 fn f32_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Fv<'a>> {
     let (ptr, bytes, dtype) = mem.raw(v.root)?;
-    (dtype == DType::F32 && v.dtype == DType::F32 && (ptr as usize) % 4 == 0).then_some(Fv {
-        base: ptr.cast(),
-        len: bytes / 4,
-        v,
-    })
+    (dtype == DType::F32 && v.dtype == DType::F32 && (ptr as usize).is_multiple_of(4)).then_some(
+        Fv {
+            base: ptr.cast(),
+            len: bytes / 4,
+            v,
+        },
+    )
 }
 
 /// The f32 view of `v`; a 16-bit weight bound to an f32 parameter is widened
@@ -81,7 +83,7 @@ fn f32_or_widened<'a>(
     let (ptr, bytes, dtype) = mem.raw(v.root)?;
     if v.dtype != DType::F32
         || !matches!(dtype, DType::F16 | DType::BF16)
-        || (ptr as usize) % 2 != 0
+        || !(ptr as usize).is_multiple_of(2)
     {
         return None;
     }
@@ -139,7 +141,7 @@ fn int_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Iv<'a>> {
     let (ptr, bytes, dtype) = mem.raw(v.root)?;
     let ok = matches!(dtype, DType::I64 | DType::I32 | DType::Bool)
         && dtype == v.dtype
-        && (ptr as usize) % dtype.size_bytes() == 0;
+        && (ptr as usize).is_multiple_of(dtype.size_bytes());
     ok.then_some(Iv {
         base: ptr,
         bytes,
@@ -203,6 +205,11 @@ fn gemm(
             batch -= 1;
         } else {
             break;
+        }
+    }
+    if batch == 0 && k > 0 && n > 0 && m > 0 {
+        if let Some(ran) = packed_product(mem, cache, av, o, m, k, n, threads) {
+            return finish(mem, cache, ran, epilogue, ins, out, threads);
         }
     }
     if m == 1 && batch == 0 && k > 0 && n > 0 {
@@ -305,7 +312,7 @@ fn matvec(
 ) -> Option<R> {
     let a = f32_view(mem, av)?;
     let (wp, w_bytes, wdt) = mem.raw(bv.root)?;
-    if bv.dtype != DType::F32 || (wp as usize) % wdt.size_bytes() != 0 {
+    if bv.dtype != DType::F32 || !(wp as usize).is_multiple_of(wdt.size_bytes()) {
         return None;
     }
     let r = av.shape.len();
@@ -355,6 +362,82 @@ fn matvec(
         unsafe { o.set(o.v.offset + j * os, v) };
     }
     Some(ran)
+}
+
+/// The product through the weight packed at compile time (`None`: not
+/// packed, or A or the output not row-major with unit columns).
+#[allow(clippy::too_many_arguments)]
+fn packed_product(
+    mem: &mut Memory<'_>,
+    cache: &mut StepCache,
+    av: &CView,
+    o: Fv<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> Option<R> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+        let pb = cache.packed.clone()?;
+        if pb.k != k || pb.n != n {
+            return None;
+        }
+        let a = f32_view(mem, av)?;
+        let r = av.shape.len();
+        let unit = |s: &[usize]| s[r - 1] == 1;
+        if !unit(&av.strides) && k > 1 || !unit(&o.v.strides) && n > 1 {
+            return None;
+        }
+        let (lda, ldc) = (av.strides[r - 2], o.v.strides[r - 2]);
+        // The last row's extent, checked against the roots (the verifier
+        // proved the views; this guards the folded batch axes).
+        if av.offset + (m - 1) * lda + k > a.len || o.v.offset + (m - 1) * ldc + n > o.len {
+            return Some(Err(StepError::Message(
+                "a product reads outside its operands".into(),
+            )));
+        }
+        let panels = pb.panels();
+        let parts = if threads > 1 && m * n * k >= 1 << 15 {
+            threads.min(panels)
+        } else {
+            1
+        };
+        let per = panels.div_ceil(parts);
+        // SAFETY: offsets inside the roots (checked above).
+        let (ap, cp) = unsafe {
+            (
+                a.base.add(av.offset) as usize,
+                o.base.add(o.v.offset) as usize,
+            )
+        };
+        let run = |part: usize| {
+            let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
+            // SAFETY: A holds m rows of k at stride lda and C m rows of n
+            // at stride ldc (checked); threads write disjoint panels of
+            // columns; the output is never an operand's root; AVX-512 was
+            // checked when the weight was packed.
+            unsafe {
+                if m == 1 {
+                    super::packed::matvec(&pb, ap as *const f32, cp as *mut f32, p0, p1);
+                } else {
+                    super::packed::gemm(&pb, m, ap as *const f32, lda, cp as *mut f32, ldc, p0, p1);
+                }
+            }
+        };
+        if parts > 1 {
+            (0..parts).into_par_iter().for_each(run);
+        } else {
+            run(0);
+        }
+        Some(Ok(()))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (mem, cache, av, o, m, k, n, threads);
+        None
+    }
 }
 
 fn out_stride(o: Fv<'_>) -> usize {

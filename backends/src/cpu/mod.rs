@@ -21,6 +21,7 @@ pub(crate) mod codegen;
 pub mod jit;
 mod kernels;
 mod matvec;
+pub(crate) mod packed;
 
 use kiln_ir::Graph;
 

@@ -351,3 +351,61 @@ fn matvec_bandwidth() {
         (k * n * 4 * 20) as f64 / t.elapsed().as_secs_f64() / 1e9
     );
 }
+
+/// The GEMM library on BERT's shapes, with the weight as stored by
+/// PyTorch ([out, in], read transposed) and pre-transposed ([in, out]):
+/// `cargo test --release -p kiln-backends gemm_layouts -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn gemm_layouts() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (m, k, n) in [
+        (1024usize, 768usize, 768usize),
+        (1024, 768, 3072),
+        (1024, 3072, 768),
+        (128, 768, 2048),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect();
+        let mut c = vec![0f32; m * n];
+        for (name, (bcs, brs)) in [
+            ("[out,in]", (k as isize, 1isize)),
+            ("[in,out]", (1, n as isize)),
+        ] {
+            let reps = 10;
+            let mut best = f64::MAX;
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                // SAFETY: sizes as allocated.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        w.as_ptr(),
+                        bcs,
+                        brs,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    );
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{m}x{k}x{n} {name}: {:.0} GFLOP/s",
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
+        }
+    }
+}
