@@ -6,6 +6,14 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::{Error, GenerateOptions, Model, RunInputs, Sampling};
 
+mod progress;
+
+/// Loads a model folder or IR file, with a spinner on a terminal.
+fn load(path: &std::path::Path) -> Result<Model, Error> {
+    let _spin = progress::Spinner::start(&format!("loading {}", path.display()));
+    Model::load(path)
+}
+
 /// Writes to stdout; a reader that went away (`kiln ir … | head`) ends the
 /// program quietly instead of panicking.
 fn emit(text: &str) {
@@ -324,7 +332,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     let threads = cli.threads;
     match cli.command {
         Command::Check { model } => {
-            let m = Model::load(&model)?;
+            let m = load(&model)?;
             let trace = m.shape_trace()?;
             outln!("{}: all shape contracts hold\n", m.origin());
             out!("{trace}");
@@ -347,7 +355,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     bad.clone(),
                 )));
             }
-            let m = adapter.apply(Model::load(&model)?)?;
+            let m = adapter.apply(load(&model)?)?;
             let pm = match &passes {
                 Some(names) => kiln::PassManager::from_names(names).map_err(Error::Pass)?,
                 None => kiln::adapter::pipeline(opt, adapter.lora_mode)?,
@@ -406,7 +414,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             output,
         } => {
-            let mut m = Model::load(&model)?;
+            let mut m = load(&model)?;
             if let Some(w) = weights {
                 m = m.with_weights_file(&w)?;
             }
@@ -441,7 +449,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             output,
         } => {
-            let m = adapter.apply(Model::load(&model)?)?;
+            let m = adapter.apply(load(&model)?)?;
             let m = m
                 .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
                 .0;
@@ -502,7 +510,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             reps,
         } => {
             let m = match model {
-                Some(p) => Model::load(&p)?,
+                Some(p) => load(&p)?,
                 None => Model::demo()?,
             };
             if output == OutputArg::Json {
@@ -626,6 +634,7 @@ fn preview(t: &kiln::Tensor) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    progress::install();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

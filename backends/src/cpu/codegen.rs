@@ -888,7 +888,13 @@ pub(crate) fn precompile(
             _ => Step::Contig,
         }
     };
-    for (s, cache) in program.steps.iter().zip(caches.iter_mut()) {
+    let total = program.steps.len() as u64;
+    for (i, (s, cache)) in program.steps.iter().zip(caches.iter_mut()).enumerate() {
+        crate::progress::report(
+            &format!("compiling @{} (code, packed weights)", program.name),
+            i as u64 + 1,
+            total,
+        );
         let declared: Vec<DType> = s.inputs.iter().map(|&b| program.buffer(b).dtype).collect();
         let stored: Vec<DType> = s.inputs.iter().map(|&b| stored_of(b)).collect();
         let out = program.buffer(s.output).dtype;
