@@ -412,18 +412,53 @@ fn packed_product(
                 o.base.add(o.v.offset) as usize,
             )
         };
+        let mv = if m == 1 {
+            match super::jit::kernels::packed_matvec_kernel() {
+                Ok(f) => Some(f),
+                Err(e) => return Some(Err(StepError::Message(e.to_string()))),
+            }
+        } else {
+            None
+        };
+        let full = n / super::packed::NR;
         let run = |part: usize| {
             let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
+            if let Some(f) = mv {
+                // Generated code for whole panels; the last, partial one
+                // through a 32-column scratch row.
+                let whole = p1.min(full);
+                let (x, y) = (ap as *const f32, cp as *mut f32);
+                // SAFETY: panels p0..whole are whole (32 columns of y each);
+                // x holds k elements.
+                unsafe {
+                    if whole > p0 {
+                        f(
+                            x,
+                            pb.panel(p0),
+                            y.add(p0 * super::packed::NR),
+                            k as i64,
+                            (whole - p0) as i64,
+                        );
+                    }
+                    if p1 > whole {
+                        let mut tail = [0f32; super::packed::NR];
+                        f(x, pb.panel(whole), tail.as_mut_ptr(), k as i64, 1);
+                        let cols = n - whole * super::packed::NR;
+                        std::ptr::copy_nonoverlapping(
+                            tail.as_ptr(),
+                            y.add(whole * super::packed::NR),
+                            cols,
+                        );
+                    }
+                }
+                return;
+            }
             // SAFETY: A holds m rows of k at stride lda and C m rows of n
             // at stride ldc (checked); threads write disjoint panels of
             // columns; the output is never an operand's root; AVX-512 was
             // checked when the weight was packed.
             unsafe {
-                if m == 1 {
-                    super::packed::matvec(&pb, ap as *const f32, cp as *mut f32, p0, p1);
-                } else {
-                    super::packed::gemm(&pb, m, ap as *const f32, lda, cp as *mut f32, ldc, p0, p1);
-                }
+                super::packed::gemm(&pb, m, ap as *const f32, lda, cp as *mut f32, ldc, p0, p1);
             }
         };
         if parts > 1 {

@@ -1446,3 +1446,58 @@ pub(crate) fn exp_row_kernel() -> Result<ExpRowFn, JitError> {
     // SAFETY: built with this signature.
     Ok(unsafe { std::mem::transmute::<usize, ExpRowFn>(p) })
 }
+
+pub(crate) type PackedMatvecFn = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i64);
+
+/// The compiled matrix–vector product over packed panels (see
+/// [`crate::cpu::packed`]): `(x, panels, y, k, count)` computes `count`
+/// consecutive panels of 32 columns, each `k × 32` f32 read front to back
+/// into eight vector accumulators, and writes 32 outputs per panel.
+pub(crate) fn packed_matvec_kernel() -> Result<PackedMatvecFn, JitError> {
+    let p = with_jit(|j| {
+        let sig = j.signature(5, &[], None);
+        j.function("matvec packed", sig, |b, t| {
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let p = b.block_params(entry).to_vec();
+            let (x, w, y, k, count) = (p[0], p[1], p[2], p[3], p[4]);
+            let wp = ptr_var(b, w);
+            let yp = ptr_var(b, y);
+            let panel = |b: &mut FunctionBuilder<'_>, _: &[Value]| {
+                let mut e = E { b, t };
+                let z = e.f(types::F32X4, 0.0);
+                let accs: Vec<_> = (0..8)
+                    .map(|_| {
+                        let v = e.b.declare_var(types::F32X4);
+                        e.b.def_var(v, z);
+                        v
+                    })
+                    .collect();
+                let xp = ptr_var(e.b, x);
+                for_ptrs(e.b, k, &[(xp, 4), (wp, 128)], |b, cur| {
+                    let mut e = E { b, t };
+                    let xs = e.b.ins().load(types::F32, mem(), cur[0], 0);
+                    let xv = e.b.ins().splat(types::F32X4, xs);
+                    for (c, &acc) in accs.iter().enumerate() {
+                        let wv = e.b.ins().load(types::F32X4, mem(), cur[1], 16 * c as i32);
+                        let a = e.b.use_var(acc);
+                        let s = e.madd(xv, wv, a);
+                        e.b.def_var(acc, s);
+                    }
+                });
+                let out = e.b.use_var(yp);
+                for (c, &acc) in accs.iter().enumerate() {
+                    let a = e.b.use_var(acc);
+                    e.b.ins().store(mem(), a, out, 16 * c as i32);
+                }
+            };
+            // The weight pointer runs on through the panels (advanced by the
+            // inner loop); the output pointer steps 32 columns per panel.
+            for_ptrs(b, count, &[(yp, 128)], panel);
+            b.ins().return_(&[]);
+        })
+    })?;
+    // SAFETY: built with this signature.
+    Ok(unsafe { std::mem::transmute::<usize, PackedMatvecFn>(p) })
+}
