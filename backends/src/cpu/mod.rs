@@ -1,16 +1,14 @@
-//! The CPU backend: runs the lowered Program with native kernels.
+//! The CPU backend: compiles the lowered Program to machine code.
 //!
 //! It shares the Program machinery of the reference executor (views resolved
 //! per binding, the arena the memory plan lays out, caches kept in place by
-//! sessions) and replaces its scalar kernels with native ones: matrix products
-//! through the `gemm` library (blocked, SIMD, threaded), and f32 loop, row,
-//! attention, gather, rope and copy kernels over raw strided memory. A step
-//! whose dtypes the native kernels do not cover (integer positions, bool
-//! masks, 16-bit weights) runs the scalar kernels; `ReferenceExecutable::
-//! scalar_steps` counts them, and the tests assert how many there are.
-//!
-//! Code generation with Cranelift (fused loop bodies, decode's matrix–vector
-//! products) is the next step; these kernels are what it replaces.
+//! sessions) and runs every step with compiled code: Cranelift-generated
+//! loop, row, gather, rope, copy and fill kernels and matrix–vector products
+//! ([`jit`], driven by `codegen`), kiln's AVX-512 GEMM over weights packed at
+//! compile time (`packed`) or the `gemm` library, and a flash-style attention
+//! kernel. A step the compiled code does not cover would run the scalar
+//! reference kernels and be listed by `Executable::fallback_steps`; the tests
+//! assert that no step of any model family does.
 //!
 //! Safety: every kernel reads and writes through raw pointers into buffers
 //! whose extent the Program verifier checked for the current binding (every
