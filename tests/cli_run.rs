@@ -467,3 +467,22 @@ fn review_regressions_on_inputs_and_configs() {
         "needs more than the interpreter's 8 GiB per tensor",
     );
 }
+
+#[test]
+fn progress_bars_stay_off_when_stderr_is_not_a_terminal() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama");
+    let dir = dir.to_str().expect("utf-8 path");
+    for args in [
+        vec!["run", dir, "--tokens", "1,2,3", "--output", "json"],
+        vec!["generate", dir, "--tokens", "1,2,3", "--max-new-tokens", "2"],
+    ] {
+        let (code, out, err) = kiln(&args);
+        assert_eq!(code, 0, "{err}");
+        for (what, text) in [("stdout", &out), ("stderr", &err)] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\r'),
+                "kiln {args:?}: control characters on {what}: {text:?}"
+            );
+        }
+    }
+}

@@ -464,3 +464,73 @@ mod speed {
         }
     }
 }
+
+/// The packed kernels next to guard pages: an access one element past any
+/// operand faults (valgrind cannot run AVX-512 code, so these paths are
+/// checked here rather than under memcheck).
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
+mod guard_pages {
+    use super::*;
+
+    /// `len` f32 that end exactly where an inaccessible page begins.
+    struct Guarded {
+        base: *mut libc::c_void,
+        total: usize,
+        ptr: *mut f32,
+    }
+
+    impl Guarded {
+        fn new(len: usize, fill: impl Fn(usize) -> f32) -> Guarded {
+            let page = 4096;
+            let bytes = (len * 4).next_multiple_of(page);
+            let total = bytes + page;
+            // SAFETY: a fresh anonymous mapping; the last page is made
+            // inaccessible and the data placed to end right before it.
+            unsafe {
+                let base = libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(base, libc::MAP_FAILED);
+                let guard = base.cast::<u8>().add(bytes);
+                assert_eq!(libc::mprotect(guard.cast(), page, libc::PROT_NONE), 0);
+                let ptr = guard.cast::<f32>().sub(len);
+                for i in 0..len {
+                    *ptr.add(i) = fill(i);
+                }
+                Guarded { base, total, ptr }
+            }
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`.
+            unsafe { libc::munmap(self.base, self.total) };
+        }
+    }
+
+    #[test]
+    fn packed_kernels_stay_inside_their_operands() {
+        if !available() {
+            return;
+        }
+        let f = crate::cpu::jit::kernels::packed_matvec_kernel().unwrap();
+        for (m, k, n) in [(13, 257, 64), (1, 5, 32), (25, 300, 96)] {
+            let b = PackedB::pack(k, n, |kk, j| (kk + j) as f32 * 0.01);
+            let a = Guarded::new(m * k, |i| (i % 7) as f32);
+            let c = Guarded::new(m * n, |_| 0.0);
+            // SAFETY: A holds m×k, C m×n, both ending at a guard page.
+            unsafe { gemm(&b, m, a.ptr, k, c.ptr, n, 0, b.panels()) };
+            // Whole panels only (n is a multiple of 32 here).
+            let y = Guarded::new(n, |_| 0.0);
+            let x = Guarded::new(k, |i| i as f32);
+            // SAFETY: x holds k, y n = panels·32, both ending at a guard page.
+            unsafe { f(x.ptr, b.panel(0), y.ptr, k as i64, b.panels() as i64) };
+        }
+    }
+}
