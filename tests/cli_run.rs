@@ -474,7 +474,14 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal() {
     let dir = dir.to_str().expect("utf-8 path");
     for args in [
         vec!["run", dir, "--tokens", "1,2,3", "--output", "json"],
-        vec!["generate", dir, "--tokens", "1,2,3", "--max-new-tokens", "2"],
+        vec![
+            "generate",
+            dir,
+            "--tokens",
+            "1,2,3",
+            "--max-new-tokens",
+            "2",
+        ],
     ] {
         let (code, out, err) = kiln(&args);
         assert_eq!(code, 0, "{err}");

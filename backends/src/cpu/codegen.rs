@@ -841,7 +841,7 @@ fn pack_weight(
     let k = program.params.iter().position(|&p| p == root)?;
     let w = weights.get(k)?;
     let r = buf.shape.len();
-    if r < 2 || w.dtype() != DType::F32 {
+    if r < 2 || !matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         return None;
     }
     // Batch axes must not move through the weight.

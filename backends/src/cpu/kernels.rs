@@ -413,7 +413,7 @@ fn packed_product(
             )
         };
         let mv = if m == 1 {
-            match super::jit::kernels::packed_matvec_kernel() {
+            match super::jit::kernels::packed_matvec_kernel(pb.dtype) {
                 Ok(f) => Some(f),
                 Err(e) => return Some(Err(StepError::Message(e.to_string()))),
             }

@@ -25,6 +25,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use kiln_ir::DType;
+
 /// Columns per panel: two 16-lane vectors.
 pub(crate) const NR: usize = 32;
 /// Rows of A per microkernel call.
@@ -35,41 +37,76 @@ const KC: usize = 256;
 /// passes).
 const MC: usize = 120;
 
+/// The panels' elements, in the weight's own dtype (16-bit weights stay
+/// 16-bit and are widened inside the kernels).
+#[derive(Debug, PartialEq)]
+enum Panels {
+    F32(Vec<f32>),
+    /// f16 or bf16 bit patterns.
+    Half(Vec<u16>),
+}
+
 /// A `K × N` matrix in column panels.
 #[derive(Debug)]
 pub(crate) struct PackedB {
     pub(crate) k: usize,
     pub(crate) n: usize,
-    data: Vec<f32>,
+    /// The stored element type: f32, f16 or bf16.
+    pub(crate) dtype: DType,
+    data: Panels,
+}
+
+/// Fills `k × NR` panels of `B[kk, j] = values[offset + kk·sk + j·sn]`
+/// (in range: checked by the caller), in parallel, with straight copies for
+/// the two layouts of linear weights (`sk = 1`: `[out, in]`; `sn = 1`:
+/// `[in, out]`).
+fn fill_panels<T: Copy + Default + Send + Sync>(
+    values: &[T],
+    offset: usize,
+    sk: usize,
+    sn: usize,
+    k: usize,
+    n: usize,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let panels = n.div_ceil(NR);
+    let mut data = zeroed::<T>(panels * k * NR);
+    if k == 0 {
+        return data;
+    }
+    data.par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let cols = NR.min(n - p * NR);
+            if sn == 1 {
+                for kk in 0..k {
+                    let start = offset + kk * sk + p * NR;
+                    panel[kk * NR..kk * NR + cols].copy_from_slice(&values[start..start + cols]);
+                }
+            } else {
+                // Column by column: a weight stored `[out, in]` (sk = 1) is
+                // read along its rows.
+                for c in 0..cols {
+                    let start = offset + (p * NR + c) * sn;
+                    for kk in 0..k {
+                        panel[kk * NR + c] = values[start + kk * sk];
+                    }
+                }
+            }
+        });
+    data
 }
 
 impl PackedB {
-    /// Packs `B[kk, j] = src(kk, j)` for `kk < k`, `j < n`, panels in
-    /// parallel; within a panel, column by column (a weight stored
-    /// `[out, in]` is then read along its rows).
-    pub(crate) fn pack(k: usize, n: usize, src: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
-        use rayon::prelude::*;
-        let panels = n.div_ceil(NR);
-        let mut data = zeroed(panels * k * NR);
-        if k > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for c in 0..NR.min(n - p * NR) {
-                        let j = p * NR + c;
-                        for kk in 0..k {
-                            panel[kk * NR + c] = src(kk, j);
-                        }
-                    }
-                });
-        }
-        PackedB { k, n, data }
+    /// Packs the f32 matrix `B[kk, j] = values[kk·n + j]` (tests).
+    #[cfg(test)]
+    fn pack(k: usize, n: usize, src: impl Fn(usize, usize) -> f32) -> PackedB {
+        let values: Vec<f32> = (0..k * n).map(|i| src(i / n, i % n)).collect();
+        PackedB::from_f32(&values, 0, n, 1, k, n)
     }
 
-    /// Packs `B[kk, j] = values[offset + kk·sk + j·sn]` (in range: checked
-    /// by the caller), with straight copies for the two layouts of linear
-    /// weights (`sk = 1`: `[out, in]`; `sn = 1`: `[in, out]`).
-    fn from_strided(
+    /// Packs `B[kk, j] = values[offset + kk·sk + j·sn]` (in range).
+    fn from_f32(
         values: &[f32],
         offset: usize,
         sk: usize,
@@ -77,34 +114,30 @@ impl PackedB {
         k: usize,
         n: usize,
     ) -> PackedB {
-        use rayon::prelude::*;
-        if sk != 1 && sn != 1 {
-            return PackedB::pack(k, n, |kk, j| values[offset + kk * sk + j * sn]);
+        PackedB {
+            k,
+            n,
+            dtype: DType::F32,
+            data: Panels::F32(fill_panels(values, offset, sk, sn, k, n)),
         }
-        let panels = n.div_ceil(NR);
-        let mut data = zeroed(panels * k * NR);
-        if k > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let cols = NR.min(n - p * NR);
-                    if sk == 1 {
-                        for c in 0..cols {
-                            let start = offset + (p * NR + c) * sn;
-                            for (kk, &v) in values[start..start + k].iter().enumerate() {
-                                panel[kk * NR + c] = v;
-                            }
-                        }
-                    } else {
-                        for kk in 0..k {
-                            let start = offset + kk * sk + p * NR;
-                            panel[kk * NR..kk * NR + cols]
-                                .copy_from_slice(&values[start..start + cols]);
-                        }
-                    }
-                });
+    }
+
+    /// The same from 16-bit patterns of `dtype` (f16 or bf16).
+    fn from_half(
+        dtype: DType,
+        values: &[u16],
+        offset: usize,
+        sk: usize,
+        sn: usize,
+        k: usize,
+        n: usize,
+    ) -> PackedB {
+        PackedB {
+            k,
+            n,
+            dtype,
+            data: Panels::Half(fill_panels(values, offset, sk, sn, k, n)),
         }
-        PackedB { k, n, data }
     }
 
     /// Panels of this matrix.
@@ -112,11 +145,17 @@ impl PackedB {
         self.n.div_ceil(NR)
     }
 
-    /// The first element of panel `p` (`k × NR` f32 from here).
-    pub(crate) fn panel(&self, p: usize) -> *const f32 {
+    /// The first byte of panel `p` (`k × NR` elements of `dtype` from here).
+    pub(crate) fn panel(&self, p: usize) -> *const u8 {
         debug_assert!(p < self.panels());
+        let at = p * self.k * NR;
         // SAFETY: p < panels: inside the allocation.
-        unsafe { self.data.as_ptr().add(p * self.k * NR) }
+        unsafe {
+            match &self.data {
+                Panels::F32(d) => d.as_ptr().add(at).cast(),
+                Panels::Half(d) => d.as_ptr().add(at).cast(),
+            }
+        }
     }
 }
 
@@ -124,13 +163,13 @@ impl PackedB {
 /// (`madvise`), before the pages are first touched: packing a large model
 /// then takes 512 times fewer page faults, and the kernels streaming the
 /// panels fewer TLB misses.
-fn zeroed(len: usize) -> Vec<f32> {
-    let v = vec![0f32; len];
+fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
+    let v = vec![T::default(); len];
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (v.as_ptr() as usize + len * 4) / HUGE * HUGE;
+        let end = (v.as_ptr() as usize + std::mem::size_of_val(v.as_slice())) / HUGE * HUGE;
         if end > start {
             // SAFETY: advice only (no change to the contents); the range is
             // inside the vector's allocation.
@@ -168,18 +207,29 @@ pub(crate) fn shared(
     k: usize,
     n: usize,
 ) -> Option<Arc<PackedB>> {
-    let values = w.as_f32()?;
+    let bytes = w.bytes();
+    let size = w.dtype().size_bytes();
+    let count = bytes.len() / size;
     let span = offset + (k.max(1) - 1) * sk + (n.max(1) - 1) * sn;
-    if k == 0 || n == 0 || span >= values.len() {
+    if k == 0 || n == 0 || span >= count || !(bytes.as_ptr() as usize).is_multiple_of(size) {
         return None;
     }
-    let key = (values.as_ptr() as usize, values.len(), offset, sk, sn, k, n);
+    let key = (bytes.as_ptr() as usize, bytes.len(), offset, sk, sn, k, n);
     let mut guard = PACKED.lock().unwrap_or_else(|p| p.into_inner());
     let map = guard.get_or_insert_with(HashMap::new);
     if let Some(p) = map.get(&key).and_then(Weak::upgrade) {
         return Some(p);
     }
-    let packed = Arc::new(PackedB::from_strided(values, offset, sk, sn, k, n));
+    let packed = match w.dtype() {
+        DType::F32 => PackedB::from_f32(w.as_f32()?, offset, sk, sn, k, n),
+        d @ (DType::F16 | DType::BF16) => {
+            // SAFETY: the tensor's bytes are `count` aligned 16-bit values.
+            let halves = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), count) };
+            PackedB::from_half(d, halves, offset, sk, sn, k, n)
+        }
+        _ => return None,
+    };
+    let packed = Arc::new(packed);
     map.retain(|_, v| v.strong_count() > 0);
     map.insert(key, Arc::downgrade(&packed));
     Some(packed)
@@ -187,7 +237,8 @@ pub(crate) fn shared(
 
 /// `C[i, j] = Σ_k A[i, k]·B[k, j]` for rows `0..m` and the panels
 /// `p0..p1`; A row-major with row stride `lda` (unit column stride), C with
-/// row stride `ldc` and unit column stride.
+/// row stride `ldc` and unit column stride. 16-bit panels are widened as
+/// the microkernel loads them.
 ///
 /// # Safety
 /// `a` holds `m` rows of `b.k` elements at stride `lda`; `c` holds `m` rows
@@ -204,6 +255,7 @@ pub(crate) unsafe fn gemm(
     p0: usize,
     p1: usize,
 ) {
+    let size = b.dtype.size_bytes();
     for k0 in (0..b.k).step_by(KC) {
         let kc = KC.min(b.k - k0);
         let first = k0 == 0;
@@ -212,33 +264,136 @@ pub(crate) unsafe fn gemm(
             for p in p0..p1 {
                 let cols = NR.min(b.n - p * NR);
                 // SAFETY: the block of panel p from row k0.
-                let bp = unsafe { b.panel(p).add(k0 * NR) };
+                let bp = unsafe { b.panel(p).add(k0 * NR * size) };
                 let mut i = i0;
                 while i < i1 {
                     let rows = MR.min(i1 - i);
+                    let t = Tile {
+                        a: a.wrapping_add(i * lda + k0),
+                        lda,
+                        b: bp,
+                        kc,
+                        c: c.wrapping_add(i * ldc + p * NR),
+                        ldc,
+                        cols,
+                        first,
+                    };
                     // SAFETY: rows i..i+rows of A (from column k0) and of C
                     // (from column p·NR) are inside the caller's buffers.
                     unsafe {
-                        let ap = a.add(i * lda + k0);
-                        let cp = c.add(i * ldc + p * NR);
-                        match rows {
-                            12 => micro::<12>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            11 => micro::<11>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            10 => micro::<10>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            9 => micro::<9>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            8 => micro::<8>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            7 => micro::<7>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            6 => micro::<6>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            5 => micro::<5>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            4 => micro::<4>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            3 => micro::<3>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            2 => micro::<2>(ap, lda, bp, kc, cp, ldc, cols, first),
-                            _ => micro::<1>(ap, lda, bp, kc, cp, ldc, cols, first),
+                        match b.dtype {
+                            DType::F16 => rows_micro::<HALF>(rows, &t),
+                            DType::BF16 => rows_micro::<BRAIN>(rows, &t),
+                            _ => rows_micro::<SINGLE>(rows, &t),
                         }
                     }
                     i += rows;
                 }
             }
+        }
+    }
+}
+
+/// Panel element types, as the microkernel's const parameter.
+const SINGLE: u8 = 0;
+const HALF: u8 = 1;
+const BRAIN: u8 = 2;
+
+/// One microkernel call's operands.
+#[cfg(target_arch = "x86_64")]
+struct Tile {
+    a: *const f32,
+    lda: usize,
+    b: *const u8,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+}
+
+/// [`micro`] for `rows` (1..=MR) rows.
+///
+/// # Safety
+/// As for [`micro`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_micro<const DT: u8>(rows: usize, t: &Tile) {
+    // SAFETY: forwarded.
+    unsafe {
+        match rows {
+            12 => micro::<12, DT>(t),
+            11 => micro::<11, DT>(t),
+            10 => micro::<10, DT>(t),
+            9 => micro::<9, DT>(t),
+            8 => micro::<8, DT>(t),
+            7 => micro::<7, DT>(t),
+            6 => micro::<6, DT>(t),
+            5 => micro::<5, DT>(t),
+            4 => micro::<4, DT>(t),
+            3 => micro::<3, DT>(t),
+            2 => micro::<2, DT>(t),
+            _ => micro::<1, DT>(t),
+        }
+    }
+}
+
+/// Sixteen panel elements of type `DT` at `p` as f32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16<const DT: u8>(p: *const u8) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's panel holds sixteen elements at `p`.
+    unsafe {
+        match DT {
+            SINGLE => _mm512_loadu_ps(p.cast()),
+            HALF => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                16,
+            )),
+        }
+    }
+}
+
+/// `R` rows of A (row stride `lda`) times one panel block: `R × 32`
+/// accumulators in registers over `kc` steps, then stored (`first`) or
+/// added to C, the columns past `cols` masked off.
+///
+/// # Safety
+/// The panel block holds `kc` rows of 32 elements of `DT`; A's `R` rows
+/// hold `kc` elements each from `a`; C's `R` rows hold `cols` from `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let size = if DT == SINGLE { 4 } else { 2 };
+    let mut acc0 = [_mm512_setzero_ps(); R];
+    let mut acc1 = [_mm512_setzero_ps(); R];
+    for kk in 0..t.kc {
+        // SAFETY: as the caller promised.
+        unsafe {
+            let row = t.b.add(kk * NR * size);
+            let b0 = load16::<DT>(row);
+            let b1 = load16::<DT>(row.add(16 * size));
+            for r in 0..R {
+                let x = _mm512_set1_ps(*t.a.add(r * t.lda + kk));
+                acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
+            }
+        }
+    }
+    let (m0, m1) = masks(t.cols);
+    for r in 0..R {
+        // SAFETY: row r of C holds `cols` elements from here (masked).
+        unsafe {
+            let cp = t.c.add(r * t.ldc);
+            let (mut v0, mut v1) = (acc0[r], acc1[r]);
+            if !t.first {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+            }
+            _mm512_mask_storeu_ps(cp, m0, v0);
+            _mm512_mask_storeu_ps(cp.add(16), m1, v1);
         }
     }
 }
@@ -259,55 +414,6 @@ fn masks(cols: usize) -> (u16, u16) {
         0
     };
     (m0, m1)
-}
-
-/// `R` rows of A (row stride `lda`) times one panel block: `R × 32`
-/// accumulators in registers
-/// over `kc` steps, then stored (`first`) or added to C, the columns past
-/// `cols` masked off.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro<const R: usize>(
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    kc: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    first: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc0 = [_mm512_setzero_ps(); R];
-    let mut acc1 = [_mm512_setzero_ps(); R];
-    for kk in 0..kc {
-        // SAFETY: the panel block holds kc rows of 32; each of A's rows
-        // holds kc elements from here.
-        unsafe {
-            let b0 = _mm512_loadu_ps(b.add(kk * NR));
-            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
-            for r in 0..R {
-                let x = _mm512_set1_ps(*a.add(r * lda + kk));
-                acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
-            }
-        }
-    }
-    let (m0, m1) = masks(cols);
-    for r in 0..R {
-        // SAFETY: row r of C holds `cols` elements from here (masked).
-        unsafe {
-            let cp = c.add(r * ldc);
-            let (mut v0, mut v1) = (acc0[r], acc1[r]);
-            if !first {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
-            }
-            _mm512_mask_storeu_ps(cp, m0, v0);
-            _mm512_mask_storeu_ps(cp.add(16), m1, v1);
-        }
-    }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -349,8 +455,8 @@ mod tests {
             let packed = PackedB::pack(k, n, |kk, j| b[kk * n + j]);
             // The straight-copy packings of both weight layouts agree.
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            assert_eq!(PackedB::from_strided(&b, 0, n, 1, k, n).data, packed.data);
-            assert_eq!(PackedB::from_strided(&bt, 0, 1, k, k, n).data, packed.data);
+            assert_eq!(PackedB::from_f32(&b, 0, n, 1, k, n).data, packed.data);
+            assert_eq!(PackedB::from_f32(&bt, 0, 1, k, k, n).data, packed.data);
             let mut c = vec![f32::NAN; m * n];
             // SAFETY: sizes as allocated; AVX-512 checked.
             unsafe {
@@ -373,7 +479,7 @@ mod tests {
                 );
             }
             // The generated matrix–vector kernel over the same panels.
-            let f = crate::cpu::jit::kernels::packed_matvec_kernel().unwrap();
+            let f = crate::cpu::jit::kernels::packed_matvec_kernel(DType::F32).unwrap();
             let mut y = vec![f32::NAN; packed.panels() * NR];
             // SAFETY: y holds every panel's 32 columns; x holds k.
             unsafe {
@@ -390,6 +496,52 @@ mod tests {
                     ((*g as f64) - w).abs() <= 1e-5 * scale,
                     "matvec {k}x{n}: {g} vs {w}"
                 );
+            }
+            // 16-bit weights: packed as stored, widened in the kernels.
+            for dt in [DType::F16, DType::BF16] {
+                let halves: Vec<u16> = b
+                    .iter()
+                    .map(|&v| match dt {
+                        DType::F16 => half::f16::from_f32(v).to_bits(),
+                        _ => half::bf16::from_f32(v).to_bits(),
+                    })
+                    .collect();
+                let wide: Vec<f32> = halves
+                    .iter()
+                    .map(|&h| match dt {
+                        DType::F16 => half::f16::from_bits(h).to_f32(),
+                        _ => half::bf16::from_bits(h).to_f32(),
+                    })
+                    .collect();
+                let want = reference(m, k, n, &a, &wide);
+                let p16 = PackedB::from_half(dt, &halves, 0, n, 1, k, n);
+                let mut c = vec![f32::NAN; m * n];
+                // SAFETY: sizes as allocated; AVX-512 checked.
+                unsafe { gemm(&p16, m, a.as_ptr(), k, c.as_mut_ptr(), n, 0, p16.panels()) };
+                for (g, w) in c.iter().zip(&want) {
+                    assert!(
+                        ((*g as f64) - w).abs() <= 1e-5 * scale,
+                        "{dt:?} {m}x{k}x{n}: {g} vs {w}"
+                    );
+                }
+                let f = crate::cpu::jit::kernels::packed_matvec_kernel(dt).unwrap();
+                let mut y = vec![f32::NAN; p16.panels() * NR];
+                // SAFETY: y holds every panel's 32 columns; x holds k.
+                unsafe {
+                    f(
+                        a.as_ptr(),
+                        p16.panel(0),
+                        y.as_mut_ptr(),
+                        k as i64,
+                        p16.panels() as i64,
+                    )
+                };
+                for (g, w) in y.iter().zip(&want[..n]) {
+                    assert!(
+                        ((*g as f64) - w).abs() <= 1e-5 * scale,
+                        "{dt:?} matvec: {g} vs {w}"
+                    );
+                }
             }
         }
     }
@@ -519,7 +671,7 @@ mod guard_pages {
         if !available() {
             return;
         }
-        let f = crate::cpu::jit::kernels::packed_matvec_kernel().unwrap();
+        let f = crate::cpu::jit::kernels::packed_matvec_kernel(DType::F32).unwrap();
         for (m, k, n) in [(13, 257, 64), (1, 5, 32), (25, 300, 96)] {
             let b = PackedB::pack(k, n, |kk, j| (kk + j) as f32 * 0.01);
             let a = Guarded::new(m * k, |i| (i % 7) as f32);

@@ -1447,16 +1447,19 @@ pub(crate) fn exp_row_kernel() -> Result<ExpRowFn, JitError> {
     Ok(unsafe { std::mem::transmute::<usize, ExpRowFn>(p) })
 }
 
-pub(crate) type PackedMatvecFn = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i64);
+pub(crate) type PackedMatvecFn = unsafe extern "C" fn(*const f32, *const u8, *mut f32, i64, i64);
 
 /// The compiled matrix–vector product over packed panels (see
 /// [`crate::cpu::packed`]): `(x, panels, y, k, count)` computes `count`
 /// consecutive panels of 32 columns, each `k × 32` f32 read front to back
-/// into eight vector accumulators, and writes 32 outputs per panel.
-pub(crate) fn packed_matvec_kernel() -> Result<PackedMatvecFn, JitError> {
+/// into eight vector accumulators, and writes 32 outputs per panel; panel
+/// elements are stored as `wdt` (16-bit ones widened as loaded).
+pub(crate) fn packed_matvec_kernel(wdt: DType) -> Result<PackedMatvecFn, JitError> {
+    let ws = size(wdt);
+    let key = format!("matvec packed {wdt:?}");
     let p = with_jit(|j| {
         let sig = j.signature(5, &[], None);
-        j.function("matvec packed", sig, |b, t| {
+        j.function(&key, sig, |b, t| {
             let entry = b.create_block();
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
@@ -1475,12 +1478,13 @@ pub(crate) fn packed_matvec_kernel() -> Result<PackedMatvecFn, JitError> {
                     })
                     .collect();
                 let xp = ptr_var(e.b, x);
-                for_ptrs(e.b, k, &[(xp, 4), (wp, 128)], |b, cur| {
+                for_ptrs(e.b, k, &[(xp, 4), (wp, 32 * ws)], |b, cur| {
                     let mut e = E { b, t };
                     let xs = e.b.ins().load(types::F32, mem(), cur[0], 0);
                     let xv = e.b.ins().splat(types::F32X4, xs);
                     for (c, &acc) in accs.iter().enumerate() {
-                        let wv = e.b.ins().load(types::F32X4, mem(), cur[1], 16 * c as i32);
+                        let at = e.b.ins().iadd_imm_s(cur[1], 4 * ws * c as i64);
+                        let wv = e.load_float(wdt, true, at);
                         let a = e.b.use_var(acc);
                         let s = e.madd(xv, wv, a);
                         e.b.def_var(acc, s);
