@@ -112,6 +112,9 @@ pub struct Throughput {
     pub forward_seq_s: Option<f64>,
     /// The process's peak resident set, in MB (`None` where unknown).
     pub peak_rss_mb: Option<f64>,
+    /// A causal LM: row 0's first greedy tokens (the prefill's, then each
+    /// decode step's; at most 8), to check runtimes agree.
+    pub first_tokens: Vec<i64>,
 }
 
 impl Throughput {
@@ -133,6 +136,9 @@ impl Throughput {
             "peak_rss_mb".into(),
             self.peak_rss_mb.map_or(serde_json::Value::Null, Into::into),
         );
+        if !self.first_tokens.is_empty() {
+            o.insert("first_tokens".into(), self.first_tokens.clone().into());
+        }
         serde_json::Value::Object(o).to_string()
     }
 }
@@ -222,6 +228,7 @@ pub fn bench_throughput(model: &Model, target: Target, w: &Workload) -> Result<T
             decode_tok_s: None,
             forward_seq_s: Some(w.batch as f64 / median(times).max(1e-12)),
             peak_rss_mb: peak_rss_mb(),
+            first_tokens: Vec::new(),
         });
     }
     if info.decoder_start_token_id.is_some() {
@@ -235,6 +242,7 @@ pub fn bench_throughput(model: &Model, target: Target, w: &Workload) -> Result<T
     let compile_s = started.elapsed().as_secs_f64();
     let prompt = Tensor::from_tokens(&rows).map_err(run_err)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut first_tokens = Vec::new();
     for rep in 0..=reps {
         let t = Instant::now();
         let outs = session.call("prefill", std::slice::from_ref(&prompt))?;
@@ -245,8 +253,14 @@ pub fn bench_throughput(model: &Model, target: Target, w: &Workload) -> Result<T
             .map(|(_, t)| t)
             .ok_or_else(|| Error::Unsupported("no logits output".into()))?;
         let t = Instant::now();
-        for _ in 0..w.decode {
+        for step in 0..=w.decode {
             let next = greedy_last(&logits)?;
+            if rep == 0 && first_tokens.len() < 8 {
+                first_tokens.push(next[0]);
+            }
+            if step == w.decode {
+                break;
+            }
             let tokens = Tensor::from_tokens(&next.iter().map(|&t| [t]).collect::<Vec<_>>())
                 .map_err(run_err)?;
             let outs = session.call("decode", &[tokens])?;
@@ -271,6 +285,7 @@ pub fn bench_throughput(model: &Model, target: Target, w: &Workload) -> Result<T
         decode_tok_s: (w.decode > 0).then(|| tokens(w.decode, decode)),
         forward_seq_s: None,
         peak_rss_mb: peak_rss_mb(),
+        first_tokens,
     })
 }
 

@@ -200,6 +200,15 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         v["prefill_tok_s"].as_f64().is_some_and(|x| x > 0.0),
         "{out}"
     );
+    // Row 0's greedy tokens (prefill, then each of the 4 decode steps), the
+    // ones `kiln generate` prints for that prompt.
+    let first: Vec<i64> = v["first_tokens"]
+        .as_array()
+        .expect("first_tokens")
+        .iter()
+        .map(|t| t.as_i64().expect("id"))
+        .collect();
+    assert_eq!(first.len(), 5, "{out}");
     let (code, out, err) = support::kiln(&[
         "bench",
         "tests/data/hf/bert",
