@@ -63,6 +63,10 @@ pub struct ReferenceExecutable {
     scalar_steps: Vec<usize>,
     /// The generated kernels each step has used (CPU backend).
     step_code: Vec<crate::cpu::codegen::StepCache>,
+    /// The arena of the last run, reused by the next one that fits in it
+    /// (no step reads an arena element before writing it: verified), so a
+    /// run does not fault in and clear fresh pages.
+    arena: AlignedBytes,
 }
 
 /// Which kernels run a Program's steps.
@@ -130,6 +134,7 @@ impl ReferenceExecutable {
             verified_elements: false,
             scalar_steps: Vec::new(),
             step_code: Vec::new(),
+            arena: AlignedBytes::default(),
         })
     }
 
@@ -591,7 +596,13 @@ impl ReferenceExecutable {
             weights: &self.weights,
             outputs,
             states: call.states,
-            arena: AlignedBytes::zeroed(plan.peak_bytes as usize),
+            arena: {
+                let need = plan.peak_bytes as usize;
+                if self.arena.len < need {
+                    self.arena = AlignedBytes::zeroed(need);
+                }
+                std::mem::take(&mut self.arena)
+            },
         };
         // A cache input given as a host tensor is copied into its state first.
         for (i, t) in call.tensors.iter().enumerate() {
@@ -657,6 +668,7 @@ impl ReferenceExecutable {
             result.push(Some(t));
         }
         self.scalar_steps = scalar_steps;
+        self.arena = std::mem::take(&mut mem.arena);
         Ok(result)
     }
 }
