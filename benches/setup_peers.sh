@@ -32,7 +32,9 @@
 #             tokens, and the peer feeds token ids). Skipped while the GGUF is
 #             newer than model.safetensors.
 #   candle    builds benches/peer_candle (a standalone crate with its own
-#             [workspace] and Cargo.lock; crates.io) in release mode.
+#             [workspace] and Cargo.lock; candle 0.11.1 from crates.io) in
+#             release mode with RUSTFLAGS="-C target-cpu=native" (unless
+#             RUSTFLAGS is set). About 5 minutes on 2 cores.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36   # vendors llama.cpp with gguf-py 0.19.0
@@ -96,7 +98,10 @@ step_gguf() {
 }
 
 step_candle() {
-    cargo build --release -j "$JOBS" --manifest-path benches/peer_candle/Cargo.toml
+    # -C target-cpu=native as candle's own repository builds (its .cargo/config.toml):
+    # candle's element-wise and reduction kernels pick AVX paths at compile time.
+    RUSTFLAGS="${RUSTFLAGS:--C target-cpu=native}" \
+        cargo build --release --locked -j "$JOBS" --manifest-path benches/peer_candle/Cargo.toml
     echo "candle peer: $CARGO_TARGET_DIR/release/peer_candle"
 }
 

@@ -276,6 +276,36 @@ pub(crate) fn run_loop(
     })
 }
 
+/// The loop kernel of `body` reading `views` (stored as `stored`) and
+/// writing `out`, along their last axis (a gemm epilogue: the output is also
+/// its first operand); `None` when generated code does not cover it.
+pub(crate) fn loop_for(
+    cache: &mut StepCache,
+    body: &[KernelOp],
+    views: &[&CView],
+    stored: &[DType],
+    out: &CView,
+) -> Option<LoopFn> {
+    let r = out.shape.len();
+    let mut steps: Vec<Step> = views.iter().map(|v| step_of(v.strides[r - 1])).collect();
+    steps.push(step_of(out.strides[r - 1]));
+    let st = stored.to_vec();
+    let f = cache
+        .get(Key::Loop(st.clone(), steps.clone()), || {
+            let spec = LoopSpec {
+                body,
+                declared: views.iter().map(|v| v.dtype).collect(),
+                stored: st.clone(),
+                out: out.dtype,
+                steps: steps.clone(),
+            };
+            Ok(jk::loop_kernel(&spec)?.map(|f| f as usize))
+        })
+        .ok()??;
+    // SAFETY: the cache holds this step's loop kernels only.
+    Some(unsafe { std::mem::transmute::<usize, LoopFn>(f) })
+}
+
 /// Whether the trailing `axes` axes of `v` are one contiguous run.
 fn contiguous_tail(v: &CView, axes: usize) -> bool {
     let r = v.shape.len();

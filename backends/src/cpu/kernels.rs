@@ -208,7 +208,13 @@ fn gemm(
         }
     }
     if batch == 0 && k > 0 && n > 0 && m > 0 {
-        if let Some(ran) = packed_product(mem, cache, av, o, m, k, n, threads) {
+        let fused = (m > 1 && !epilogue.is_empty())
+            .then(|| TileEpilogue::new(mem, cache, epilogue, ins, out))
+            .flatten();
+        if let Some(ran) = packed_product(mem, cache, av, o, m, k, n, threads, fused.as_ref()) {
+            if fused.is_some() {
+                return Some(ran.and_then(|()| fused.map_or(Ok(()), |f| f.result())));
+            }
             return finish(mem, cache, ran, epilogue, ins, out, threads);
         }
     }
@@ -376,6 +382,7 @@ fn packed_product(
     k: usize,
     n: usize,
     threads: usize,
+    epilogue: Option<&TileEpilogue<'_>>,
 ) -> Option<R> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -457,8 +464,22 @@ fn packed_product(
             // at stride ldc (checked); threads write disjoint panels of
             // columns; the output is never an operand's root; AVX-512 was
             // checked when the weight was packed.
+            let epi = epilogue.map(|e| {
+                move |i: usize, rows: usize, j: usize, cols: usize| e.tile(i, rows, j, cols)
+            });
             unsafe {
-                super::packed::gemm(&pb, m, ap as *const f32, lda, cp as *mut f32, ldc, p0, p1);
+                super::packed::gemm(
+                    &pb,
+                    m,
+                    ap as *const f32,
+                    lda,
+                    cp as *mut f32,
+                    ldc,
+                    p0,
+                    p1,
+                    epi.as_ref()
+                        .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
+                );
             }
         };
         if parts > 1 {
@@ -474,6 +495,100 @@ fn packed_product(
         None
     }
 }
+
+/// A gemm step's elementwise epilogue, run by the packed GEMM on each
+/// output tile as it completes (in L1) instead of as a pass over the whole
+/// output afterwards: the generated loop kernel over each row of the tile.
+struct TileEpilogue<'a> {
+    f: super::jit::kernels::LoopFn,
+    /// The output, then the epilogue's extra operands: root base, element
+    /// size, view.
+    operands: Vec<(usize, usize, &'a CView)>,
+    inner: Vec<i64>,
+    /// The output's leading axes (rows of the folded product).
+    lead: Vec<usize>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> TileEpilogue<'a> {
+    fn new(
+        mem: &mut Memory<'_>,
+        cache: &mut StepCache,
+        body: &[KernelOp],
+        ins: &[&'a CView],
+        out: &'a CView,
+    ) -> Option<TileEpilogue<'a>> {
+        // The loop kernel's operands: the product (the output), the extras,
+        // then the output it writes.
+        let views: Vec<&CView> = std::iter::once(out)
+            .chain(ins[2..].iter().copied())
+            .collect();
+        if views.len() + 1 > 8 {
+            return None;
+        }
+        let mut operands = Vec::new();
+        let mut stored = Vec::new();
+        for v in views.iter().chain(std::iter::once(&out)) {
+            let (p, _, s) = mem.raw(v.root)?;
+            if !(p as usize).is_multiple_of(s.size_bytes()) {
+                return None;
+            }
+            operands.push((p as usize, s.size_bytes(), *v));
+            stored.push(s);
+        }
+        stored.pop();
+        let r = out.shape.len();
+        let inner: Vec<i64> = operands
+            .iter()
+            .map(|(_, _, v)| v.strides[r - 1] as i64)
+            .collect();
+        let f = codegen::loop_for(cache, body, &views, &stored, out)?;
+        Some(TileEpilogue {
+            f,
+            operands,
+            inner,
+            lead: out.shape[..r - 1].to_vec(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Rows `i..i + rows`, columns `j..j + cols` of the (folded) output.
+    fn tile(&self, i: usize, rows: usize, j: usize, cols: usize) {
+        let mut ptrs = [std::ptr::null_mut::<u8>(); 8];
+        let count = self.operands.len().min(ptrs.len());
+        for row in i..i + rows {
+            for (slot, &(base, size, v)) in ptrs.iter_mut().zip(&self.operands) {
+                // The row's multi-index over the output's leading axes.
+                let mut rem = row;
+                let mut e = v.offset + j * v.strides[self.lead.len()];
+                for ax in (0..self.lead.len()).rev() {
+                    e += (rem % self.lead[ax]) * v.strides[ax];
+                    rem /= self.lead[ax];
+                }
+                *slot = (base + e * size) as *mut u8;
+            }
+            // SAFETY: the tile's elements of every operand view are inside
+            // their roots (verified views; the tile is inside the output).
+            let code =
+                unsafe { (self.f)(ptrs[..count].as_ptr(), self.inner.as_ptr(), cols as i64) };
+            if code != 0 {
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn result(&self) -> R {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StepError::Message("integer division by zero".into()));
+        }
+        Ok(())
+    }
+}
+
+// SAFETY: the epilogue's operands are raw addresses into buffers that outlive
+// the step; tiles (disjoint per thread) write only their own elements.
+unsafe impl Sync for TileEpilogue<'_> {}
 
 fn out_stride(o: Fv<'_>) -> usize {
     o.v.strides.last().copied().unwrap_or(1)

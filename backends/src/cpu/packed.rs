@@ -238,7 +238,9 @@ pub(crate) fn shared(
 /// `C[i, j] = Σ_k A[i, k]·B[k, j]` for rows `0..m` and the panels
 /// `p0..p1`; A row-major with row stride `lda` (unit column stride), C with
 /// row stride `ldc` and unit column stride. 16-bit panels are widened as
-/// the microkernel loads them.
+/// the microkernel loads them. After the last block of inner steps of each
+/// tile, `epilogue(row, rows, col, cols)` runs on it while it is in L1 (the
+/// gemm step's fused elementwise body: bias, activation, residual).
 ///
 /// # Safety
 /// `a` holds `m` rows of `b.k` elements at stride `lda`; `c` holds `m` rows
@@ -254,6 +256,7 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     p0: usize,
     p1: usize,
+    epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
 ) {
     let size = b.dtype.size_bytes();
     for k0 in (0..b.k).step_by(KC) {
@@ -286,6 +289,9 @@ pub(crate) unsafe fn gemm(
                             DType::BF16 => rows_micro::<BRAIN>(rows, &t),
                             _ => rows_micro::<SINGLE>(rows, &t),
                         }
+                    }
+                    if let Some(epi) = epilogue.filter(|_| k0 + kc == b.k) {
+                        epi(i, rows, p * NR, cols);
                     }
                     i += rows;
                 }
@@ -517,7 +523,19 @@ mod tests {
                 let p16 = PackedB::from_half(dt, &halves, 0, n, 1, k, n);
                 let mut c = vec![f32::NAN; m * n];
                 // SAFETY: sizes as allocated; AVX-512 checked.
-                unsafe { gemm(&p16, m, a.as_ptr(), k, c.as_mut_ptr(), n, 0, p16.panels()) };
+                unsafe {
+                    gemm(
+                        &p16,
+                        m,
+                        a.as_ptr(),
+                        k,
+                        c.as_mut_ptr(),
+                        n,
+                        0,
+                        p16.panels(),
+                        None,
+                    )
+                };
                 for (g, w) in c.iter().zip(&want) {
                     assert!(
                         ((*g as f64) - w).abs() <= 1e-5 * scale,
@@ -577,7 +595,7 @@ mod speed {
                 (0..threads).into_par_iter().for_each(|th| {
                     let (p0, p1) = ((th * per).min(panels), ((th + 1) * per).min(panels));
                     // SAFETY: sizes as allocated; disjoint panels per thread.
-                    unsafe { gemm(&b, m, a.as_ptr(), k, cp as *mut f32, n, p0, p1) };
+                    unsafe { gemm(&b, m, a.as_ptr(), k, cp as *mut f32, n, p0, p1, None) };
                 });
                 best = best.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
@@ -677,7 +695,7 @@ mod guard_pages {
             let a = Guarded::new(m * k, |i| (i % 7) as f32);
             let c = Guarded::new(m * n, |_| 0.0);
             // SAFETY: A holds m×k, C m×n, both ending at a guard page.
-            unsafe { gemm(&b, m, a.ptr, k, c.ptr, n, 0, b.panels()) };
+            unsafe { gemm(&b, m, a.ptr, k, c.ptr, n, 0, b.panels(), None) };
             // Whole panels only (n is a multiple of 32 here).
             let y = Guarded::new(n, |_| 0.0);
             let x = Guarded::new(k, |i| i as f32);
