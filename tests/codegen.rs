@@ -163,3 +163,28 @@ fn tiled_attention_matches_the_interpreter_over_many_tiles() {
         println!("causal={causal} t={t} s={s} masked={masked}: {d}");
     }
 }
+
+#[test]
+fn rope_matches_the_interpreter_at_any_position() {
+    use kiln::backends::{Backend, Cpu, Interpreter};
+    let _one = serial();
+    // Positions inside the shared table, far past its limit, and negative.
+    let src = "func @r(%x: f32[B, 2, T, 10], %pos: i64[B, T]) -> (out: f32[B, 2, T, 10]) {\n  \
+               %o = rope(%x, %pos) theta=10000.0 : f32[B, 2, T, 10]\n  return %o\n}\n";
+    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let pos = Tensor::i64(vec![1, 5], vec![0, 7, 70_000, 1 << 40, -3]).unwrap();
+    let inputs = vec![noise(vec![1, 2, 5, 10], 9), pos];
+    let weights = kiln::Weights::new();
+    let want = Interpreter
+        .compile(&graph, &weights)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let mut exe = Cpu { threads: 0 }.compile(&graph, &weights).unwrap();
+    let got = exe.run(&inputs).unwrap();
+    assert!(exe.fallback_steps().is_empty());
+    let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
+    support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
+        .and_then(|d| d.within(support::Tolerance::Relative(1e-6)))
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -38,12 +38,10 @@ enum Key {
     Rope,
 }
 
-/// The kernels one step has used (`None`: not covered by generated code),
-/// and its rope table.
+/// The kernels one step has used (`None`: not covered by generated code).
 #[derive(Default)]
 pub(crate) struct StepCache {
     fns: Vec<(Key, Option<usize>)>,
-    rope: Option<RopeTable>,
     /// A product's weight, packed at compile time (AVX-512 hosts).
     pub(crate) packed: Option<std::sync::Arc<super::packed::PackedB>>,
 }
@@ -569,7 +567,7 @@ fn readable_as(declared: DType, stored: DType) -> bool {
 const ROPE_TABLE_MAX: usize = 1 << 16;
 
 /// cos and sin of `p · θ^(-2i/dh)` by position, rounded to f32 from f64.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RopeTable {
     theta: f64,
     half: usize,
@@ -602,6 +600,43 @@ impl RopeTable {
             );
         }
     }
+}
+
+/// Rope tables by (θ, half head dim), shared by every rope step of the
+/// process; growing one replaces it (steps holding the old keep using it).
+static ROPE_TABLES: std::sync::Mutex<Vec<std::sync::Arc<RopeTable>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The table for (θ, `half`) covering at least `rows` positions.
+fn rope_table(theta: f64, half: usize, rows: usize) -> std::sync::Arc<RopeTable> {
+    let mut tables = ROPE_TABLES.lock().unwrap_or_else(|p| p.into_inner());
+    let at = tables
+        .iter()
+        .position(|t| t.theta.to_bits() == theta.to_bits() && t.half == half);
+    if let Some(i) = at {
+        if tables[i].rows() >= rows {
+            return tables[i].clone();
+        }
+    }
+    // Grow geometrically, so a decode loop rebuilds the table log(n) times.
+    let old = at.map(|i| tables.swap_remove(i));
+    let target = rows
+        .max(old.as_ref().map_or(0, |t| t.rows() * 2))
+        .min(ROPE_TABLE_MAX)
+        .max(rows);
+    let mut table = match old {
+        Some(t) => std::sync::Arc::unwrap_or_clone(t),
+        None => RopeTable {
+            theta,
+            half,
+            cos: Vec::new(),
+            sin: Vec::new(),
+        },
+    };
+    table.grow(target);
+    let table = std::sync::Arc::new(table);
+    tables.push(table.clone());
+    table
 }
 
 /// The rotary embedding, one kernel call per head vector.
@@ -667,21 +702,7 @@ pub(crate) fn run_rope(
         }
         Ok(())
     });
-    let table = cache.rope.get_or_insert_with(|| RopeTable {
-        theta,
-        half,
-        cos: Vec::new(),
-        sin: Vec::new(),
-    });
-    if table.theta.to_bits() != theta.to_bits() || table.half != half {
-        *table = RopeTable {
-            theta,
-            half,
-            cos: Vec::new(),
-            sin: Vec::new(),
-        };
-    }
-    table.grow(need);
+    let table = rope_table(theta, half, need);
     let table = &*table;
     let shared = Shared((xp, op_, pp));
     Some(split(rows, parts_for(rows * dh, threads), |lo, hi| {
