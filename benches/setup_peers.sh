@@ -38,6 +38,9 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36   # vendors llama.cpp with gguf-py 0.19.0
+# The build backend and tools pip fetches into llama-cpp-python's isolated build
+# environment, and gguf-py's dependencies, pinned through a constraints file.
+PINS=(scikit-build-core==1.1.2 cmake==4.4.5 ninja==1.13.2 tqdm==4.70.1 pyyaml==6.0.4 requests==2.34.2)
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -51,6 +54,9 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(llamacpp gguf candle)
 
 sdist_dir="$PEER_SRC/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+mkdir -p "$PEER_SRC"
+printf '%s\n' "${PINS[@]}" > "$PEER_SRC/constraints.txt"
+export PIP_CONSTRAINT="$(cd "$PEER_SRC" && pwd)/constraints.txt"   # also read by the isolated build's pip
 
 fetch_sdist() {
     if [ ! -f "$sdist_dir/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
@@ -90,7 +96,7 @@ step_gguf() {
     # gguf-py's own dependencies (numpy, tqdm, pyyaml, requests) and the
     # converter's (torch) come with the venv; sentencepiece is only needed for
     # folders with a tokenizer.model.
-    "$PY" -m pip install --quiet "tqdm" "pyyaml" "requests"
+    "$PY" -m pip install --quiet tqdm pyyaml requests
     LLAMA_CPP_SRC="$sdist_dir/vendor/llama.cpp" \
         "$PY" benches/gguf_convert.py "$src" --outtype f32 --outfile "$out.tmp"
     mv "$out.tmp" "$out"

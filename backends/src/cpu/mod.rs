@@ -79,6 +79,27 @@ impl Backend for Cpu {
     }
 }
 
+/// The thread pool of `threads` threads the CPU backend's steps run on
+/// (one per thread count, made on first use; `None` if the system refuses
+/// threads, and the steps run on the caller's thread and the global pool).
+pub(crate) fn pool(threads: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    use std::sync::{Arc, Mutex};
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Some(p.clone());
+    }
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kiln-cpu-{i}"))
+            .build()
+            .ok()?,
+    );
+    pools.push((threads, pool.clone()));
+    Some(pool)
+}
+
 /// Runs one step with the generated and native kernels; `None` when they do
 /// not cover its dtypes (the caller runs the scalar kernels and counts it).
 pub(crate) fn run_step(

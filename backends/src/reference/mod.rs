@@ -486,6 +486,28 @@ impl ReferenceExecutable {
         call: CallInputs<'_>,
         want: &[bool],
     ) -> Result<Vec<Option<Tensor>>, RunError> {
+        match self.kernels {
+            // The CPU backend's steps run on a worker of its thread pool: a
+            // split step then runs one part on this thread and hands the
+            // others to the pool, instead of waking every worker and waiting.
+            KernelSet::Native { threads }
+                if threads > 1 && std::env::var_os("KILN_NO_POOL").is_none() =>
+            {
+                match crate::cpu::pool(threads) {
+                    Some(pool) => pool.install(|| self.execute_steps(cx, call, want)),
+                    None => self.execute_steps(cx, call, want),
+                }
+            }
+            _ => self.execute_steps(cx, call, want),
+        }
+    }
+
+    fn execute_steps(
+        &mut self,
+        cx: &ShapeCx,
+        call: CallInputs<'_>,
+        want: &[bool],
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
         let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
             let plan = ArenaPlan::place(&self.program, cx)?;
