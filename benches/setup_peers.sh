@@ -22,7 +22,7 @@
 #             and installs it from source into $VENV with -DGGML_NATIVE=ON
 #             (-march=native: AVX-512 where the CPU has it), CPU only, without
 #             the multimodal (mtmd/llava) library the benchmark does not use.
-#             About 15-25 minutes on 2 cores.
+#             About 7 minutes on 2 cores.
 #   gguf      converts $MODELS/llama_768 to an f32 GGUF,
 #             $MODELS/gguf/llama_768-f32.gguf, with the convert_hf_to_gguf.py
 #             and gguf-py that the same sdist vendors (vendor/llama.cpp/),
@@ -34,7 +34,7 @@
 #   candle    builds benches/peer_candle (a standalone crate with its own
 #             [workspace] and Cargo.lock; candle 0.11.1 from crates.io) in
 #             release mode with RUSTFLAGS="-C target-cpu=native" (unless
-#             RUSTFLAGS is set). About 5 minutes on 2 cores.
+#             RUSTFLAGS is set). About 7 minutes on 2 cores.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36   # vendors llama.cpp with gguf-py 0.19.0

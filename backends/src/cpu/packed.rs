@@ -475,6 +475,7 @@ mod tests {
                     n,
                     0,
                     packed.panels(),
+                    None,
                 )
             };
             let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1.0);
