@@ -113,10 +113,18 @@ fn unary_ops_match_the_interpreter() {
         let body = [KernelOp::Unary(u, 0)];
         let want: Vec<f32> = x.iter().map(|&v| oracle(&body, &[v])).collect();
         // Vector form with a scalar tail (the length is not a multiple of 4).
-        let got = run_f32(&body, &[x.clone()], vec![Step::Contig, Step::Contig]);
+        let got = run_f32(
+            &body,
+            std::slice::from_ref(&x),
+            vec![Step::Contig, Step::Contig],
+        );
         check(u.name(), &x, &got, &want, rel, abs);
         // Scalar form only (strided operands).
-        let got = run_f32(&body, &[x.clone()], vec![Step::Strided, Step::Strided]);
+        let got = run_f32(
+            &body,
+            std::slice::from_ref(&x),
+            vec![Step::Strided, Step::Strided],
+        );
         check(u.name(), &x, &got, &want, rel, abs);
     }
 }
