@@ -93,14 +93,16 @@ fn split(n: usize, parts: usize, f: impl Fn(usize, usize) -> R + Sync) -> R {
     if parts == 1 {
         return f(0, n);
     }
-    use rayon::prelude::*;
     let per = n.div_ceil(parts);
-    (0..parts)
-        .into_par_iter()
-        .map(|p| f((p * per).min(n), ((p + 1) * per).min(n)))
-        .collect::<Vec<R>>()
+    let results: Vec<std::sync::Mutex<R>> =
+        (0..parts).map(|_| std::sync::Mutex::new(Ok(()))).collect();
+    super::par(parts, &|p| {
+        let r = f((p * per).min(n), ((p + 1) * per).min(n));
+        *results[p].lock().unwrap_or_else(|e| e.into_inner()) = r;
+    });
+    results
         .into_iter()
-        .collect()
+        .try_for_each(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Work below this many elements runs on one thread.

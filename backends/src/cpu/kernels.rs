@@ -386,7 +386,6 @@ fn packed_product(
 ) -> Option<R> {
     #[cfg(target_arch = "x86_64")]
     {
-        use rayon::prelude::*;
         let pb = cache.packed.clone()?;
         if pb.k != k || pb.n != n {
             return None;
@@ -482,11 +481,7 @@ fn packed_product(
                 );
             }
         };
-        if parts > 1 {
-            (0..parts).into_par_iter().for_each(run);
-        } else {
-            run(0);
-        }
+        super::par(parts, &run);
         Some(Ok(()))
     }
     #[cfg(not(target_arch = "x86_64"))]

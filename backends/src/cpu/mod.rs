@@ -20,6 +20,43 @@ pub mod jit;
 mod kernels;
 mod matvec;
 pub(crate) mod packed;
+pub(crate) mod team;
+
+thread_local! {
+    /// The team the steps running on this thread split their work over
+    /// (set for the duration of a CPU-backend run).
+    static CURRENT: std::cell::RefCell<Option<std::sync::Arc<team::Team>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the team of `threads` threads as this thread's current one.
+pub(crate) fn with_team<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let t = if std::env::var_os("KILN_NO_TEAM").is_some() {
+        None
+    } else {
+        team::team(threads)
+    };
+    let old = CURRENT.with(|c| c.replace(t));
+    let out = f();
+    CURRENT.with(|c| *c.borrow_mut() = old);
+    out
+}
+
+/// Runs `f(0) … f(parts - 1)` in parallel: on the current team when there
+/// is one, else on the rayon pool.
+pub(crate) fn par(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    if parts <= 1 {
+        (0..parts).for_each(f);
+        return;
+    }
+    match CURRENT.with(|c| c.borrow().clone()) {
+        Some(t) => t.run(parts, f),
+        None => {
+            use rayon::prelude::*;
+            (0..parts).into_par_iter().for_each(f);
+        }
+    }
+}
 
 use kiln_ir::Graph;
 
@@ -77,27 +114,6 @@ impl Backend for Cpu {
             self.kernels(),
         )?))
     }
-}
-
-/// The thread pool of `threads` threads the CPU backend's steps run on
-/// (one per thread count, made on first use; `None` if the system refuses
-/// threads, and the steps run on the caller's thread and the global pool).
-pub(crate) fn pool(threads: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-    use std::sync::{Arc, Mutex};
-    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
-    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
-        return Some(p.clone());
-    }
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("kiln-cpu-{i}"))
-            .build()
-            .ok()?,
-    );
-    pools.push((threads, pool.clone()));
-    Some(pool)
 }
 
 /// Runs one step with the generated and native kernels; `None` when they do

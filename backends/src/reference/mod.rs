@@ -487,16 +487,11 @@ impl ReferenceExecutable {
         want: &[bool],
     ) -> Result<Vec<Option<Tensor>>, RunError> {
         match self.kernels {
-            // The CPU backend's steps run on a worker of its thread pool: a
-            // split step then runs one part on this thread and hands the
-            // others to the pool, instead of waking every worker and waiting.
-            KernelSet::Native { threads }
-                if threads > 1 && std::env::var_os("KILN_NO_POOL").is_none() =>
-            {
-                match crate::cpu::pool(threads) {
-                    Some(pool) => pool.install(|| self.execute_steps(cx, call, want)),
-                    None => self.execute_steps(cx, call, want),
-                }
+            // The CPU backend's split steps run on its spinning thread team
+            // (`cpu::team`): a decode step's many small parallel jobs start
+            // on every core without waiting for sleeping workers to wake.
+            KernelSet::Native { threads } if threads > 1 => {
+                crate::cpu::with_team(threads, || self.execute_steps(cx, call, want))
             }
             _ => self.execute_steps(cx, call, want),
         }

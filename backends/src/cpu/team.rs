@@ -1,0 +1,185 @@
+//! A team of spinning worker threads for the CPU backend's split steps.
+//!
+//! A decode step is dozens of small parallel jobs a few microseconds apart
+//! (each matrix–vector product split over the cores). A thread pool whose
+//! idle workers sleep pays a wake-up of tens of microseconds per job; the
+//! team's workers spin for a while after each job (then sleep), so a job
+//! posted while they are hot starts on every core at once. The calling
+//! thread runs parts too and returns when every part has run.
+//!
+//! Protocol: a job is posted under a mutex with a new epoch; parts are
+//! claimed from one atomic word holding `(epoch, next part)`, so a worker
+//! that is late for a job can never claim a part of the next one with the
+//! old job's closure; the caller waits until every part of its job is done
+//! before the closure goes out of scope.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A job's closure, its lifetime erased: valid while its epoch's parts are
+/// not all done (the poster waits for that).
+type JobRef = &'static (dyn Fn(usize) + Sync);
+
+struct Shared {
+    /// The current job and its epoch.
+    job: Mutex<(u64, Option<JobRef>, usize)>,
+    posted: Condvar,
+    /// `epoch << 32 | next part index`.
+    claim: AtomicU64,
+    /// Parts of the current job not yet finished.
+    left: AtomicUsize,
+    /// The epoch of the latest job (read without the lock while spinning).
+    epoch: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The team: `workers` threads besides the caller.
+pub(crate) struct Team {
+    shared: Arc<Shared>,
+    /// Serializes posters (one job at a time).
+    post: Mutex<()>,
+}
+
+/// How long a worker spins for the next job before sleeping.
+const SPIN: Duration = Duration::from_millis(2);
+
+impl Team {
+    /// A team of `workers` spinning threads (`None` if they cannot start).
+    pub(crate) fn new(workers: usize) -> Option<Team> {
+        let shared = Arc::new(Shared {
+            job: Mutex::new((0, None, 0)),
+            posted: Condvar::new(),
+            claim: AtomicU64::new(0),
+            left: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        for i in 0..workers {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("kiln-team-{i}"))
+                .spawn(move || worker(&s))
+                .ok()?;
+        }
+        Some(Team {
+            shared,
+            post: Mutex::new(()),
+        })
+    }
+
+    /// Runs `f(0) … f(parts - 1)` on the team and the calling thread.
+    pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        if parts <= 1 {
+            (0..parts).for_each(f);
+            return;
+        }
+        let _one = self.post.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &*self.shared;
+        // SAFETY: the reference is used only for parts of this job, and
+        // this function returns only after every one of them has finished.
+        let job: JobRef = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), JobRef>(f) };
+        let epoch = {
+            let mut j = s.job.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = j.0 + 1;
+            s.left.store(parts, Ordering::SeqCst);
+            s.claim.store(epoch << 32, Ordering::SeqCst);
+            *j = (epoch, Some(job), parts);
+            s.epoch.store(epoch, Ordering::SeqCst);
+            s.posted.notify_all();
+            epoch
+        };
+        run_parts(s, epoch, job, parts);
+        while s.left.load(Ordering::Acquire) > 0 {
+            std::hint::spin_loop();
+        }
+        let mut j = s.job.lock().unwrap_or_else(|p| p.into_inner());
+        j.1 = None;
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _j = self.shared.job.lock();
+        self.shared.posted.notify_all();
+    }
+}
+
+/// Claims and runs parts of job `epoch` until none is left.
+fn run_parts(s: &Shared, epoch: u64, job: JobRef, parts: usize) {
+    loop {
+        let c = s.claim.load(Ordering::Acquire);
+        if c >> 32 != epoch || (c & 0xffff_ffff) as usize >= parts {
+            return;
+        }
+        if s.claim
+            .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            job((c & 0xffff_ffff) as usize);
+            s.left.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        // Spin for a new epoch, then sleep until one is posted.
+        let started = Instant::now();
+        let mut spins = 0u32;
+        while s.epoch.load(Ordering::Acquire) == seen && !s.stop.load(Ordering::Relaxed) {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
+                let j = s.job.lock().unwrap_or_else(|p| p.into_inner());
+                let _j = s
+                    .posted
+                    .wait_while(j, |j| j.0 == seen && !s.stop.load(Ordering::Relaxed))
+                    .unwrap_or_else(|p| p.into_inner());
+                break;
+            }
+        }
+        if s.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (epoch, job, parts) = *s.job.lock().unwrap_or_else(|p| p.into_inner());
+        seen = epoch;
+        if let Some(job) = job {
+            run_parts(s, epoch, job, parts);
+        }
+    }
+}
+
+/// The team for `threads` threads (the caller and `threads - 1` workers),
+/// made on first use; `None` when the system refuses threads.
+pub(crate) fn team(threads: usize) -> Option<Arc<Team>> {
+    static TEAMS: Mutex<Vec<(usize, Arc<Team>)>> = Mutex::new(Vec::new());
+    let mut teams = TEAMS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, t)) = teams.iter().find(|(n, _)| *n == threads) {
+        return Some(t.clone());
+    }
+    let t = Arc::new(Team::new(threads.saturating_sub(1))?);
+    teams.push((threads, t.clone()));
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_runs_once_per_job() {
+        let t = Team::new(3).expect("threads");
+        for parts in [1usize, 2, 5, 64] {
+            for _ in 0..200 {
+                let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+                t.run(parts, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+}
