@@ -634,7 +634,6 @@ fn attention_tiled(
     threads: usize,
     exp_row: super::jit::kernels::ExpRowFn,
 ) -> R {
-    use rayon::prelude::*;
     let [b, h, t, dh] = q.v.shape[..] else {
         return Err(StepError::Message("attention needs rank-4 q".into()));
     };
@@ -784,7 +783,7 @@ fn attention_tiled(
         }
     };
     if threads > 1 && b * h > 1 {
-        (0..b * h).into_par_iter().for_each(task);
+        super::par(b * h, &task);
     } else {
         (0..b * h).for_each(task);
     }
@@ -805,7 +804,6 @@ fn attention_rows(
     scale: f64,
     threads: usize,
 ) -> R {
-    use rayon::prelude::*;
     let [b, h, t, dh] = q.v.shape[..] else {
         return Err(StepError::Message("attention needs rank-4 q".into()));
     };
@@ -869,7 +867,7 @@ fn attention_rows(
         }
     };
     if threads > 1 && b * h > 1 && t * s * dh >= 1 << 12 {
-        (0..b * h).into_par_iter().for_each(task);
+        super::par(b * h, &task);
     } else {
         (0..b * h).for_each(task);
     }
