@@ -23,6 +23,7 @@ use kiln_ir::{DType, KernelOp, ShapeCx};
 
 use super::jit::kernels::{self as jk, LoopFn, LoopSpec, MatvecLayout, RowKind, Step};
 use super::jit::JitError;
+use super::kernels::Shared;
 use crate::lower::{BufferKind, FillOp, Kernel, Program, RowOp};
 use crate::reference::kernels::{StepError, R};
 use crate::reference::{CView, Memory};
@@ -69,21 +70,6 @@ impl StepCache {
 
 fn jit_err(e: JitError) -> StepError {
     StepError::Message(e.to_string())
-}
-
-/// Raw pointers shared by the threads of one step, each writing its own
-/// part of the output.
-#[derive(Clone, Copy)]
-struct Shared<T>(T);
-// SAFETY: the pointers are into buffers that outlive the step; threads
-// write disjoint output elements.
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Shared<T> {}
-impl<T: Copy> Shared<T> {
-    fn get(&self) -> T {
-        self.0
-    }
 }
 
 /// Runs `f(lo, hi)` over `0..n` split in up to `parts` ranges on the

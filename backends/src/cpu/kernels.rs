@@ -589,20 +589,21 @@ fn out_stride(o: Fv<'_>) -> usize {
     o.v.strides.last().copied().unwrap_or(1)
 }
 
-/// Raw views shared by the threads of one step, each writing its own part
-/// of the output.
+/// Raw views or pointers shared by the threads of one step, each writing its
+/// own part of the output.
 #[derive(Clone, Copy)]
-struct Shared<T>(T);
+pub(super) struct Shared<T>(pub(super) T);
 
 // SAFETY: the views point into buffers that outlive the step; threads read
-// the operands and write disjoint output elements (one (batch, head) each).
+// the operands and write disjoint output elements (rows, panels or (batch,
+// head) pairs each).
 unsafe impl<T> Send for Shared<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for Shared<T> {}
 
 impl<T: Copy> Shared<T> {
     /// The views (a method, so that a closure captures the whole wrapper).
-    fn get(&self) -> T {
+    pub(super) fn get(&self) -> T {
         self.0
     }
 }

@@ -1125,29 +1125,13 @@ fn for_ptrs(
     b: &mut FunctionBuilder<'_>,
     count: Value,
     ptrs: &[(cranelift_frontend::Variable, i64)],
-    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
+    body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
 ) {
-    let n = b.declare_var(types::I64);
-    b.def_var(n, count);
-    let head = b.create_block();
-    let block = b.create_block();
-    let exit = b.create_block();
-    b.ins().jump(head, &[]);
-    b.switch_to_block(head);
-    let left = b.use_var(n);
-    b.ins().brif(left, block, &[], exit, &[]);
-    b.switch_to_block(block);
-    let cur: Vec<Value> = ptrs.iter().map(|&(v, _)| b.use_var(v)).collect();
-    body(b, &cur);
-    for (&(v, step), &p) in ptrs.iter().zip(&cur) {
-        let next = b.ins().iadd_imm_s(p, step);
-        b.def_var(v, next);
-    }
-    let left = b.use_var(n);
-    let left = b.ins().iadd_imm_s(left, -1);
-    b.def_var(n, left);
-    b.ins().jump(head, &[]);
-    b.switch_to_block(exit);
+    let steps: Vec<_> = ptrs
+        .iter()
+        .map(|&(v, step)| (v, b.ins().iconst(types::I64, step)))
+        .collect();
+    for_ptrs_dyn(b, count, &steps, body);
 }
 
 /// [`for_ptrs`] with run-time steps.
