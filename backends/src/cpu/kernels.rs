@@ -406,7 +406,11 @@ fn packed_product(
         }
         let panels = pb.panels();
         let parts = if threads > 1 && m * n * k >= 1 << 15 {
-            threads.min(panels)
+            // A matrix–vector product is bandwidth-bound and the cores'
+            // bandwidth differs from moment to moment: smaller parts,
+            // claimed as they finish, keep every core busy to the end.
+            let per_thread = if m == 1 { MATVEC_PARTS_PER_THREAD } else { 1 };
+            (threads * per_thread).min(panels)
         } else {
             1
         };
@@ -591,6 +595,9 @@ fn out_stride(o: Fv<'_>) -> usize {
 
 /// Raw views or pointers shared by the threads of one step, each writing its
 /// own part of the output.
+/// Parts per thread of a split matrix–vector product.
+const MATVEC_PARTS_PER_THREAD: usize = 4;
+
 #[derive(Clone, Copy)]
 pub(super) struct Shared<T>(pub(super) T);
 
