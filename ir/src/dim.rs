@@ -276,6 +276,41 @@ impl Dim {
         })
     }
 
+    /// The value of this dim when every symbol in it is bound to a constant
+    /// in `env` (`Ok(None)` when one is not): the arithmetic of
+    /// [`Dim::substitute`] without building the intermediate polynomials,
+    /// for the run-time evaluation of sizes. An error here (a division that
+    /// is not exact, an overflow) is the one `substitute` reports too.
+    pub fn eval_const(&self, env: &BTreeMap<String, Dim>) -> Result<Option<i64>, DimError> {
+        let mut acc = 0i64;
+        for t in &self.terms {
+            let mut prod = t.coef;
+            for a in &t.atoms {
+                let v = match a {
+                    Atom::Sym(s) => match env.get(s).and_then(Dim::as_const) {
+                        Some(v) => v,
+                        None => return Ok(None),
+                    },
+                    Atom::Div(n, d) => {
+                        let (Some(n), Some(d)) = (n.eval_const(env)?, d.eval_const(env)?) else {
+                            return Ok(None);
+                        };
+                        if d == 0 {
+                            return Err(DimError::DivisionByZero);
+                        }
+                        if n.checked_rem(d).ok_or(DimError::Overflow)? != 0 {
+                            return Err(DimError::NotDivisible { num: n, den: d });
+                        }
+                        n.checked_div(d).ok_or(DimError::Overflow)?
+                    }
+                };
+                prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
+            }
+            acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
+        }
+        Ok(Some(acc))
+    }
+
     /// Replaces bound symbols by their values and renormalizes.
     pub fn substitute(&self, env: &BTreeMap<String, Dim>) -> Result<Dim, DimError> {
         let mut acc = Dim::default();
@@ -536,6 +571,53 @@ mod tests {
         );
         assert_eq!(s("S").add(&c(1)).unwrap().to_string(), "S + 1");
         assert_eq!(c(1).sub(&s("S")).unwrap().to_string(), "-S + 1");
+    }
+
+    #[test]
+    fn integer_evaluation_agrees_with_substitution() {
+        // Dims over S, d, h with divisions; every binding of small values
+        // (zero and negatives included) gives substitute's constant or its
+        // error, and an unbound symbol gives None.
+        let q = s("d").div(&s("h")).unwrap();
+        let dims = [
+            s("S").add(&c(1)).unwrap(),
+            s("S").mul(&q).unwrap().add(&c(-3)).unwrap(),
+            q.mul(&q).unwrap().sub(&s("S")).unwrap(),
+            s("S").add(&s("d")).unwrap().div(&s("h")).unwrap(),
+            c(7),
+            Dim::default(),
+        ];
+        for d in &dims {
+            for sv in [-2i64, 0, 1, 5, 64] {
+                for dv in [0i64, 6, 12, 768] {
+                    for hv in [-3i64, 0, 1, 4, 12] {
+                        let env: BTreeMap<String, Dim> = [("S", sv), ("d", dv), ("h", hv)]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), c(v)))
+                            .collect();
+                        let want = d.substitute(&env);
+                        match d.eval_const(&env) {
+                            Ok(Some(v)) => {
+                                assert_eq!(want, Ok(c(v)), "{d} at S={sv} d={dv} h={hv}")
+                            }
+                            Ok(None) => panic!("{d}: every symbol is bound"),
+                            Err(e) => assert_eq!(want, Err(e), "{d} at S={sv} d={dv} h={hv}"),
+                        }
+                    }
+                }
+            }
+            let partial: BTreeMap<String, Dim> = [("S".to_string(), c(3))].into_iter().collect();
+            if d.as_const().is_none() && *d != s("S").add(&c(1)).unwrap() {
+                assert_eq!(d.eval_const(&partial), Ok(None), "{d}");
+            }
+        }
+        assert_eq!(
+            c(i64::MAX)
+                .mul(&s("S"))
+                .unwrap()
+                .eval_const(&[("S".to_string(), c(2))].into_iter().collect()),
+            Err(DimError::Overflow)
+        );
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl ShapeCx {
 
     /// `d` with every bound symbol replaced by its value, divisions checked.
     pub fn eval(&self, d: &Dim) -> Result<Dim, ShapeError> {
+        // Fully bound (every run-time size): plain integer arithmetic. An
+        // error takes the symbolic path, which reports it the same way.
+        if let Ok(Some(v)) = d.eval_const(&self.env) {
+            return Ok(Dim::constant(v));
+        }
         d.substitute(&self.env).map_err(|source| ShapeError::Dim {
             expr: d.to_string(),
             source,

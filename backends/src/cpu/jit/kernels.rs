@@ -1448,6 +1448,27 @@ const MATVEC_STREAMS: i64 = 4;
 /// bandwidth-bound product needs (measured here: one 128-bit stream reads
 /// ~17 GB/s on two cores, four ~21); the rows left over run after them.
 pub(crate) fn packed_matvec_kernel(wdt: DType) -> Result<PackedMatvecFn, JitError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Every decode product asks for this kernel: remember it per weight
+    // type rather than formatting its key and taking the JIT's lock.
+    static MADE: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+    let slot = match wdt {
+        DType::F32 => &MADE[0],
+        DType::F16 => &MADE[1],
+        DType::BF16 => &MADE[2],
+        _ => return build_packed_matvec(wdt),
+    };
+    let f = slot.load(Ordering::Acquire);
+    if f != 0 {
+        // SAFETY: stored below from a kernel built with this signature.
+        return Ok(unsafe { std::mem::transmute::<usize, PackedMatvecFn>(f) });
+    }
+    let f = build_packed_matvec(wdt)?;
+    slot.store(f as usize, Ordering::Release);
+    Ok(f)
+}
+
+fn build_packed_matvec(wdt: DType) -> Result<PackedMatvecFn, JitError> {
     let ws = size(wdt);
     let key = format!("matvec packed {wdt:?} streams {MATVEC_STREAMS}");
     let p = with_jit(|j| {
