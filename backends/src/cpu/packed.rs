@@ -258,12 +258,56 @@ pub(crate) unsafe fn gemm(
     p1: usize,
     epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
 ) {
+    thread_local! {
+        /// The calling thread's packed block of A (`MC × KC`).
+        static A_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    A_BLOCK.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.resize(MC * KC, 0.0);
+        // SAFETY: forwarded; the buffer holds a whole block.
+        unsafe { gemm_blocks(b, m, a, lda, c, ldc, p0, p1, epilogue, &mut buf) }
+    })
+}
+
+/// [`gemm`] with the buffer for A's blocks.
+///
+/// Each `MC × KC` block of A is first copied into `MR`-row micro-panels
+/// (`kc × MR`, step-major): the microkernel then reads one sequential
+/// stream instead of `MR` rows at A's stride (a stride that is a multiple
+/// of 4 KiB, as a 3072-wide A has, puts all `MR` rows in one L1 set).
+///
+/// # Safety
+/// As for [`gemm`]; `buf` holds `MC × KC` elements.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_blocks(
+    b: &PackedB,
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    c: *mut f32,
+    ldc: usize,
+    p0: usize,
+    p1: usize,
+    epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
+    buf: &mut [f32],
+) {
     let size = b.dtype.size_bytes();
     for k0 in (0..b.k).step_by(KC) {
         let kc = KC.min(b.k - k0);
         let first = k0 == 0;
         for i0 in (0..m).step_by(MC) {
             let i1 = (i0 + MC).min(m);
+            for i in i0..i1 {
+                let (tile, r) = ((i - i0) / MR, (i - i0) % MR);
+                let dst = &mut buf[tile * MR * kc..(tile + 1) * MR * kc];
+                // SAFETY: row i of A holds k elements from `a + i·lda`.
+                let row = unsafe { std::slice::from_raw_parts(a.add(i * lda + k0), kc) };
+                for (kk, &v) in row.iter().enumerate() {
+                    dst[kk * MR + r] = v;
+                }
+            }
             for p in p0..p1 {
                 let cols = NR.min(b.n - p * NR);
                 // SAFETY: the block of panel p from row k0.
@@ -272,8 +316,7 @@ pub(crate) unsafe fn gemm(
                 while i < i1 {
                     let rows = MR.min(i1 - i);
                     let t = Tile {
-                        a: a.wrapping_add(i * lda + k0),
-                        lda,
+                        a: buf[(i - i0) / MR * MR * kc..].as_ptr(),
                         b: bp,
                         kc,
                         c: c.wrapping_add(i * ldc + p * NR),
@@ -308,8 +351,8 @@ const BRAIN: u8 = 2;
 /// One microkernel call's operands.
 #[cfg(target_arch = "x86_64")]
 struct Tile {
+    /// A's micro-panel: step `kk` of row `r` at `kk·MR + r`.
     a: *const f32,
-    lda: usize,
     b: *const u8,
     kc: usize,
     c: *mut f32,
@@ -382,7 +425,7 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
             let b0 = load16::<DT>(row);
             let b1 = load16::<DT>(row.add(16 * size));
             for r in 0..R {
-                let x = _mm512_set1_ps(*t.a.add(r * t.lda + kk));
+                let x = _mm512_set1_ps(*t.a.add(kk * MR + r));
                 acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
                 acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
             }
