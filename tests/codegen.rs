@@ -188,3 +188,39 @@ fn rope_matches_the_interpreter_at_any_position() {
         .and_then(|d| d.within(support::Tolerance::Relative(1e-6)))
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
+    use kiln::backends::{Backend, Cpu, Interpreter};
+    let _one = serial();
+    // A linear layer with its bias, GELU and residual fused into the
+    // product's epilogue, over more rows than the packed GEMM takes at a
+    // time (960) and a row count that ends mid-tile, with a width that
+    // ends mid-panel; then the same weights for one row (decode's
+    // matrix-vector product).
+    let src = "func @ffn(%x: f32[B, T, 40], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {\n  \
+               param @w: f32[70, 40]\n  param @b: f32[70]\n  \
+               %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
+               %hb = add(%h, @b) : f32[B, T, 70]\n  \
+               %g = gelu(%hb) : f32[B, T, 70]\n  \
+               %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}\n";
+    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let mut weights = kiln::Weights::new();
+    weights.insert("w".into(), noise(vec![70, 40], 11));
+    weights.insert("b".into(), noise(vec![70], 12));
+    for (b, t) in [(3, 401), (1, 1)] {
+        let inputs = vec![noise(vec![b, t, 40], 13), noise(vec![b, t, 70], 14)];
+        let want = Interpreter
+            .compile(&graph, &weights)
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        let mut exe = Cpu { threads: 0 }.compile(&graph, &weights).unwrap();
+        let got = exe.run(&inputs).unwrap();
+        assert!(exe.fallback_steps().is_empty());
+        let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
+        support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
+            .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+            .unwrap_or_else(|e| panic!("{b}x{t}: {e}"));
+    }
+}

@@ -405,12 +405,12 @@ fn packed_product(
             )));
         }
         let panels = pb.panels();
-        let parts = if threads > 1 && m * n * k >= 1 << 15 {
-            // A matrix–vector product is bandwidth-bound and the cores'
-            // bandwidth differs from moment to moment: smaller parts,
-            // claimed as they finish, keep every core busy to the end.
-            let per_thread = if m == 1 { MATVEC_PARTS_PER_THREAD } else { 1 };
-            (threads * per_thread).min(panels)
+        let split = threads > 1 && m * n * k >= 1 << 15;
+        // Parts are claimed as they finish: several per thread keep every
+        // core busy to the end when one is slowed (its bandwidth, or a
+        // neighbour on the machine).
+        let parts = if split {
+            (threads * PARTS_PER_THREAD).min(panels)
         } else {
             1
         };
@@ -422,18 +422,14 @@ fn packed_product(
                 o.base.add(o.v.offset) as usize,
             )
         };
-        let mv = if m == 1 {
-            match super::jit::kernels::packed_matvec_kernel(pb.dtype) {
-                Ok(f) => Some(f),
+        if m == 1 {
+            let f = match super::jit::kernels::packed_matvec_kernel(pb.dtype) {
+                Ok(f) => f,
                 Err(e) => return Some(Err(StepError::Message(e.to_string()))),
-            }
-        } else {
-            None
-        };
-        let full = n / super::packed::NR;
-        let run = |part: usize| {
-            let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
-            if let Some(f) = mv {
+            };
+            let full = n / super::packed::NR;
+            let run = |part: usize| {
+                let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
                 // Generated code for whole panels; the last, partial one
                 // through a 32-column scratch row.
                 let whole = p1.min(full);
@@ -461,31 +457,77 @@ fn packed_product(
                         );
                     }
                 }
-                return;
+            };
+            super::par(parts, &run);
+            return Some(Ok(()));
+        }
+        thread_local! {
+            /// The calling thread's buffer for A in the GEMM's layout.
+            static PACKED_A: std::cell::RefCell<Vec<f32>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PACKED_A.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            // A is packed and multiplied a chunk of rows at a time, which
+            // bounds the buffer whatever the batch.
+            let chunk = GEMM_CHUNK_ROWS.min(m);
+            let len = super::packed::packed_a_len(chunk, k);
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
-            // SAFETY: A holds m rows of k at stride lda and C m rows of n
-            // at stride ldc (checked); threads write disjoint panels of
-            // columns; the output is never an operand's root; AVX-512 was
-            // checked when the weight was packed.
-            let epi = epilogue.map(|e| {
-                move |i: usize, rows: usize, j: usize, cols: usize| e.tile(i, rows, j, cols)
-            });
-            unsafe {
-                super::packed::gemm(
-                    &pb,
-                    m,
-                    ap as *const f32,
-                    lda,
-                    cp as *mut f32,
-                    ldc,
-                    p0,
-                    p1,
-                    epi.as_ref()
-                        .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
-                );
+            let pa = buf.as_mut_ptr() as usize;
+            for r0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - r0);
+                let tiles = super::packed::a_tiles(rows);
+                let packers = if split { threads.min(tiles) } else { 1 };
+                let (a0, c0) = (ap + r0 * lda * 4, cp + r0 * ldc * 4);
+                let pack = |part: usize| {
+                    let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
+                    // SAFETY: A holds m rows of k at stride lda (checked),
+                    // rows r0..r0+rows among them; the buffer holds the
+                    // chunk packed; parts pack disjoint tiles.
+                    unsafe {
+                        super::packed::pack_a(
+                            rows,
+                            k,
+                            a0 as *const f32,
+                            lda,
+                            pa as *mut f32,
+                            t0,
+                            t1,
+                        )
+                    };
+                };
+                super::par(packers, &pack);
+                let run = |part: usize| {
+                    let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
+                    let epi = epilogue.map(|e| {
+                        move |i: usize, rs: usize, j: usize, cols: usize| {
+                            e.tile(r0 + i, rs, j, cols)
+                        }
+                    });
+                    // SAFETY: the chunk of A is packed; C holds m rows of n
+                    // at stride ldc (checked), rows r0..r0+rows among them;
+                    // parts write disjoint panels of columns; the output is
+                    // never an operand's root; AVX-512 was checked when the
+                    // weight was packed.
+                    unsafe {
+                        super::packed::gemm(
+                            &pb,
+                            rows,
+                            pa as *const f32,
+                            c0 as *mut f32,
+                            ldc,
+                            p0,
+                            p1,
+                            epi.as_ref()
+                                .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
+                        );
+                    }
+                };
+                super::par(parts, &run);
             }
-        };
-        super::par(parts, &run);
+        });
         Some(Ok(()))
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -595,8 +637,12 @@ fn out_stride(o: Fv<'_>) -> usize {
 
 /// Raw views or pointers shared by the threads of one step, each writing its
 /// own part of the output.
-/// Parts per thread of a split matrix–vector product.
-const MATVEC_PARTS_PER_THREAD: usize = 4;
+/// Parts per thread of a split product over packed panels.
+const PARTS_PER_THREAD: usize = 4;
+
+/// Rows of A a packed GEMM packs and multiplies at a time (eight of the
+/// GEMM's row blocks).
+const GEMM_CHUNK_ROWS: usize = 960;
 
 #[derive(Clone, Copy)]
 pub(super) struct Shared<T>(pub(super) T);

@@ -235,79 +235,88 @@ pub(crate) fn shared(
     Some(packed)
 }
 
-/// `C[i, j] = Σ_k A[i, k]·B[k, j]` for rows `0..m` and the panels
-/// `p0..p1`; A row-major with row stride `lda` (unit column stride), C with
-/// row stride `ldc` and unit column stride. 16-bit panels are widened as
-/// the microkernel loads them. After the last block of inner steps of each
-/// tile, `epilogue(row, rows, col, cols)` runs on it while it is in L1 (the
-/// gemm step's fused elementwise body: bias, activation, residual).
+/// Elements of A in the layout [`gemm`] reads ([`pack_a`]).
+pub(crate) fn packed_a_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * MR * k
+}
+
+/// Copies the row tiles `t0..t1` (`MR` rows each, the last one short) of A
+/// (`m × k`, row stride `lda`, unit column stride) into the layout [`gemm`]
+/// reads: for each block of [`KC`] steps from `k0`, tile `t`'s micro-panel
+/// (`kc × MR`, step-major) at `k0·m̄ + t·MR·kc`, `m̄` being `m` rounded up to
+/// `MR`. The microkernel then reads one sequential stream instead of `MR`
+/// rows at A's stride (a stride that is a multiple of 4 KiB, as a
+/// 3072-wide A has, put all `MR` rows in one L1 set), and A is copied once
+/// per product, by every thread a share, not once per thread.
 ///
 /// # Safety
-/// `a` holds `m` rows of `b.k` elements at stride `lda`; `c` holds `m` rows
-/// of `b.n` elements at stride `ldc`; the host has AVX-512F ([`available`]).
+/// `a` holds `m` rows of `k` elements at stride `lda`; `dst` holds
+/// [`packed_a_len`]`(m, k)` elements; concurrent callers pack disjoint
+/// tiles.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn pack_a(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    dst: *mut f32,
+    t0: usize,
+    t1: usize,
+) {
+    let m_pad = m.div_ceil(MR) * MR;
+    for t in t0..t1 {
+        let rows = MR.min(m - t * MR);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            // SAFETY: as the caller promised; the micro-panel lies inside
+            // dst (k0·m̄ + (t+1)·MR·kc ≤ (k0 + kc)·m̄).
+            unsafe {
+                pack_a_tile(
+                    a.add(t * MR * lda + k0),
+                    lda,
+                    rows,
+                    kc,
+                    dst.add(k0 * m_pad + t * MR * kc),
+                )
+            };
+        }
+    }
+}
+
+/// Row tiles of an `m`-row A ([`pack_a`]'s unit of work).
+pub(crate) fn a_tiles(m: usize) -> usize {
+    m.div_ceil(MR)
+}
+
+/// `C[i, j] = Σ_k A[i, k]·B[k, j]` for rows `0..m` and the panels
+/// `p0..p1`; A as [`pack_a`] laid it out, C with row stride `ldc` and unit
+/// column stride. 16-bit panels are widened as the microkernel loads them.
+/// After the last block of inner steps of each tile, `epilogue(row, rows,
+/// col, cols)` runs on it while it is in L1 (the gemm step's fused
+/// elementwise body: bias, activation, residual).
+///
+/// # Safety
+/// `pa` holds A (`m × b.k`) packed by [`pack_a`]; `c` holds `m` rows of
+/// `b.n` elements at stride `ldc`; the host has AVX-512F ([`available`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     b: &PackedB,
     m: usize,
-    a: *const f32,
-    lda: usize,
+    pa: *const f32,
     c: *mut f32,
     ldc: usize,
     p0: usize,
     p1: usize,
     epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
-) {
-    thread_local! {
-        /// The calling thread's packed block of A (`MC × KC`).
-        static A_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    A_BLOCK.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        buf.resize(MC * KC, 0.0);
-        // SAFETY: forwarded; the buffer holds a whole block.
-        unsafe { gemm_blocks(b, m, a, lda, c, ldc, p0, p1, epilogue, &mut buf) }
-    })
-}
-
-/// [`gemm`] with the buffer for A's blocks.
-///
-/// Each `MC × KC` block of A is first copied into `MR`-row micro-panels
-/// (`kc × MR`, step-major): the microkernel then reads one sequential
-/// stream instead of `MR` rows at A's stride (a stride that is a multiple
-/// of 4 KiB, as a 3072-wide A has, puts all `MR` rows in one L1 set).
-///
-/// # Safety
-/// As for [`gemm`]; `buf` holds `MC × KC` elements.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_blocks(
-    b: &PackedB,
-    m: usize,
-    a: *const f32,
-    lda: usize,
-    c: *mut f32,
-    ldc: usize,
-    p0: usize,
-    p1: usize,
-    epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
-    buf: &mut [f32],
 ) {
     let size = b.dtype.size_bytes();
+    let m_pad = m.div_ceil(MR) * MR;
     for k0 in (0..b.k).step_by(KC) {
         let kc = KC.min(b.k - k0);
         let first = k0 == 0;
         for i0 in (0..m).step_by(MC) {
             let i1 = (i0 + MC).min(m);
-            for i in i0..i1 {
-                let (tile, r) = ((i - i0) / MR, (i - i0) % MR);
-                let dst = &mut buf[tile * MR * kc..(tile + 1) * MR * kc];
-                // SAFETY: row i of A holds k elements from `a + i·lda`.
-                let row = unsafe { std::slice::from_raw_parts(a.add(i * lda + k0), kc) };
-                for (kk, &v) in row.iter().enumerate() {
-                    dst[kk * MR + r] = v;
-                }
-            }
             for p in p0..p1 {
                 let cols = NR.min(b.n - p * NR);
                 // SAFETY: the block of panel p from row k0.
@@ -316,7 +325,7 @@ unsafe fn gemm_blocks(
                 while i < i1 {
                     let rows = MR.min(i1 - i);
                     let t = Tile {
-                        a: buf[(i - i0) / MR * MR * kc..].as_ptr(),
+                        a: pa.wrapping_add(k0 * m_pad + i * kc),
                         b: bp,
                         kc,
                         c: c.wrapping_add(i * ldc + p * NR),
@@ -324,8 +333,9 @@ unsafe fn gemm_blocks(
                         cols,
                         first,
                     };
-                    // SAFETY: rows i..i+rows of A (from column k0) and of C
-                    // (from column p·NR) are inside the caller's buffers.
+                    // SAFETY: tile i/MR's micro-panel of this block of A
+                    // and rows i..i+rows of C (from column p·NR) are inside
+                    // the caller's buffers.
                     unsafe {
                         match b.dtype {
                             DType::F16 => rows_micro::<HALF>(rows, &t),
@@ -337,6 +347,61 @@ unsafe fn gemm_blocks(
                         epi(i, rows, p * NR, cols);
                     }
                     i += rows;
+                }
+            }
+        }
+    }
+}
+
+/// [`pack_a`] then [`gemm`] on one thread, into a new buffer (tests).
+///
+/// # Safety
+/// As for both.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_unpacked(
+    b: &PackedB,
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    c: *mut f32,
+    ldc: usize,
+    p0: usize,
+    p1: usize,
+) {
+    let mut pa = vec![0f32; packed_a_len(m, b.k)];
+    // SAFETY: forwarded; pa holds the packed A.
+    unsafe {
+        pack_a(m, b.k, a, lda, pa.as_mut_ptr(), 0, a_tiles(m));
+        gemm(b, m, pa.as_ptr(), c, ldc, p0, p1, None);
+    }
+}
+
+/// Copies `rows` (≤ MR) rows of `kc` elements (row stride `lda`) to `d`
+/// as a step-major micro-panel of `MR`-element rows (lanes past `rows`
+/// are left as they are: the microkernel for `rows` rows never reads
+/// them).
+///
+/// # Safety
+/// Each of the rows holds `kc` elements from `a + r·lda`; `d` holds
+/// `kc·MR`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_a_tile(a: *const f32, lda: usize, rows: usize, kc: usize, d: *mut f32) {
+    // Step-major: the writes are sequential, the reads MR streams (a
+    // row-by-row copy stalled on its strided stores).
+    // SAFETY: as the caller promised.
+    unsafe {
+        if rows == MR {
+            let src: [*const f32; MR] = std::array::from_fn(|r| a.add(r * lda));
+            for kk in 0..kc {
+                for (r, s) in src.iter().enumerate() {
+                    *d.add(kk * MR + r) = *s.add(kk);
+                }
+            }
+        } else {
+            for kk in 0..kc {
+                for r in 0..rows {
+                    *d.add(kk * MR + r) = *a.add(r * lda + kk);
                 }
             }
         }
@@ -509,7 +574,7 @@ mod tests {
             let mut c = vec![f32::NAN; m * n];
             // SAFETY: sizes as allocated; AVX-512 checked.
             unsafe {
-                gemm(
+                gemm_unpacked(
                     &packed,
                     m,
                     a.as_ptr(),
@@ -518,7 +583,6 @@ mod tests {
                     n,
                     0,
                     packed.panels(),
-                    None,
                 )
             };
             let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1.0);
@@ -568,17 +632,7 @@ mod tests {
                 let mut c = vec![f32::NAN; m * n];
                 // SAFETY: sizes as allocated; AVX-512 checked.
                 unsafe {
-                    gemm(
-                        &p16,
-                        m,
-                        a.as_ptr(),
-                        k,
-                        c.as_mut_ptr(),
-                        n,
-                        0,
-                        p16.panels(),
-                        None,
-                    )
+                    gemm_unpacked(&p16, m, a.as_ptr(), k, c.as_mut_ptr(), n, 0, p16.panels())
                 };
                 for (g, w) in c.iter().zip(&want) {
                     assert!(
@@ -630,16 +684,24 @@ mod speed {
             let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect();
             let b = PackedB::pack(k, n, |kk, j| w[j * k + kk]);
             let mut c = vec![0f32; m * n];
+            let mut pa = vec![0f32; packed_a_len(m, k)];
             let (mut best, mut best_lib) = (f64::MAX, f64::MAX);
             for _ in 0..10 {
                 let t = std::time::Instant::now();
                 let panels = b.panels();
                 let per = panels.div_ceil(threads);
                 let cp = c.as_mut_ptr() as usize;
+                let tiles = a_tiles(m);
+                let pp = pa.as_mut_ptr() as usize;
+                (0..threads).into_par_iter().for_each(|th| {
+                    let (t0, t1) = (th * tiles / threads, (th + 1) * tiles / threads);
+                    // SAFETY: sizes as allocated; disjoint tiles per thread.
+                    unsafe { pack_a(m, k, a.as_ptr(), k, pp as *mut f32, t0, t1) };
+                });
                 (0..threads).into_par_iter().for_each(|th| {
                     let (p0, p1) = ((th * per).min(panels), ((th + 1) * per).min(panels));
                     // SAFETY: sizes as allocated; disjoint panels per thread.
-                    unsafe { gemm(&b, m, a.as_ptr(), k, cp as *mut f32, n, p0, p1, None) };
+                    unsafe { gemm(&b, m, pp as *const f32, cp as *mut f32, n, p0, p1, None) };
                 });
                 best = best.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
@@ -739,7 +801,7 @@ mod guard_pages {
             let a = Guarded::new(m * k, |i| (i % 7) as f32);
             let c = Guarded::new(m * n, |_| 0.0);
             // SAFETY: A holds m×k, C m×n, both ending at a guard page.
-            unsafe { gemm(&b, m, a.ptr, k, c.ptr, n, 0, b.panels(), None) };
+            unsafe { gemm_unpacked(&b, m, a.ptr, k, c.ptr, n, 0, b.panels()) };
             // Whole panels only (n is a multiple of 32 here).
             let y = Guarded::new(n, |_| 0.0);
             let x = Guarded::new(k, |i| i as f32);
