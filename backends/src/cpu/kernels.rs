@@ -548,6 +548,11 @@ struct TileEpilogue<'a> {
     inner: Vec<i64>,
     /// The output's leading axes (rows of the folded product).
     lead: Vec<usize>,
+    /// Per operand, the element step from one row of the folded product to
+    /// the next, where its leading axes fold into one (every operand of a
+    /// row-major output and a broadcast bias): a row's start is then one
+    /// multiplication, not a division per axis.
+    row_steps: Option<Vec<usize>>,
     failed: std::sync::atomic::AtomicBool,
 }
 
@@ -584,11 +589,31 @@ impl<'a> TileEpilogue<'a> {
             .map(|(_, _, v)| v.strides[r - 1] as i64)
             .collect();
         let f = codegen::loop_for(cache, body, &views, &stored, out)?;
+        let lead = out.shape[..r - 1].to_vec();
+        // Row `row` is element `row·step` of an operand when each leading
+        // axis of more than one row has stride `step` times the rows inside
+        // it (axes of one row do not matter).
+        let fold = |v: &CView| -> Option<usize> {
+            let mut step = None;
+            let mut inside = 1usize;
+            for ax in (0..lead.len()).rev() {
+                if lead[ax] > 1 {
+                    let s = *step.get_or_insert(v.strides[ax] / inside);
+                    if v.strides[ax] != s.checked_mul(inside)? {
+                        return None;
+                    }
+                }
+                inside = inside.checked_mul(lead[ax])?;
+            }
+            Some(step.unwrap_or(0))
+        };
+        let row_steps = operands.iter().map(|(_, _, v)| fold(v)).collect();
         Some(TileEpilogue {
             f,
             operands,
             inner,
-            lead: out.shape[..r - 1].to_vec(),
+            lead,
+            row_steps,
             failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -598,6 +623,31 @@ impl<'a> TileEpilogue<'a> {
         let mut ptrs = [std::ptr::null_mut::<u8>(); 8];
         let count = self.operands.len().min(ptrs.len());
         for row in i..i + rows {
+            if let Some(steps) = &self.row_steps {
+                for ((slot, &(base, size, v)), &step) in
+                    ptrs.iter_mut().zip(&self.operands).zip(steps)
+                {
+                    let e = v.offset + row * step + j * v.strides[self.lead.len()];
+                    *slot = (base + e * size) as *mut u8;
+                }
+            } else {
+                self.row_pointers(row, j, &mut ptrs);
+            }
+            // SAFETY: the tile's elements of every operand view are inside
+            // their roots (verified views; the tile is inside the output).
+            let code =
+                unsafe { (self.f)(ptrs[..count].as_ptr(), self.inner.as_ptr(), cols as i64) };
+            if code != 0 {
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every operand's address of element `(row, j)` of the folded output,
+    /// from the row's multi-index over the leading axes.
+    fn row_pointers(&self, row: usize, j: usize, ptrs: &mut [*mut u8; 8]) {
+        {
             for (slot, &(base, size, v)) in ptrs.iter_mut().zip(&self.operands) {
                 // The row's multi-index over the output's leading axes.
                 let mut rem = row;
@@ -607,14 +657,6 @@ impl<'a> TileEpilogue<'a> {
                     rem /= self.lead[ax];
                 }
                 *slot = (base + e * size) as *mut u8;
-            }
-            // SAFETY: the tile's elements of every operand view are inside
-            // their roots (verified views; the tile is inside the output).
-            let code =
-                unsafe { (self.f)(ptrs[..count].as_ptr(), self.inner.as_ptr(), cols as i64) };
-            if code != 0 {
-                self.failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -635,8 +677,6 @@ fn out_stride(o: Fv<'_>) -> usize {
     o.v.strides.last().copied().unwrap_or(1)
 }
 
-/// Raw views or pointers shared by the threads of one step, each writing its
-/// own part of the output.
 /// Parts per thread of a split product over packed panels.
 const PARTS_PER_THREAD: usize = 4;
 
@@ -644,6 +684,8 @@ const PARTS_PER_THREAD: usize = 4;
 /// GEMM's row blocks).
 const GEMM_CHUNK_ROWS: usize = 960;
 
+/// Raw views or pointers shared by the threads of one step, each writing its
+/// own part of the output.
 #[derive(Clone, Copy)]
 pub(super) struct Shared<T>(pub(super) T);
 

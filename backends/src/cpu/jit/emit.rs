@@ -146,8 +146,7 @@ impl E<'_, '_> {
         let ty = self.b.func.dfg.value_type(x);
         let (hi, lo) = (88.722_83_f32, -86.6_f32);
         let (hi_v, lo_v) = (self.f(ty, hi), self.f(ty, lo));
-        let xc = self.b.ins().fmax(x, lo_v);
-        let xc = self.b.ins().fmin(xc, hi_v);
+        let xc = self.clamp(x, lo, hi);
         let log2e = self.f(ty, std::f32::consts::LOG2_E);
         let t = self.mul(xc, log2e);
         let n = self.b.ins().nearest(t);
@@ -289,51 +288,53 @@ impl E<'_, '_> {
         self.sel(is_small, small, big)
     }
 
-    /// `erf(x)`: its Taylor series below 0.5, Abramowitz–Stegun 7.1.26
-    /// above (absolute error under 1.5e-7), odd.
+    /// `erf(x)` as `x·P(x²)/Q(x²)`, a rational approximation of degree 5
+    /// over 5 in `x²` fitted (relative error, Lawson-weighted least
+    /// squares; `scripts/fit_erf.py`) on `[0, 3.92]` (f32's `erf` is 1 from
+    /// there on), with `x` clamped to `[-4, 4]`, where the rational is just
+    /// past 1, and the result to `[-1, 1]`: so `erf(±∞)` is exactly ±1.
+    /// Odd by construction; NaN stays NaN. Measured in f32
+    /// against f64 `erf`: at most 3.6e-7 absolute and relative (6 ulp),
+    /// in about 20 instructions where the series-or-Abramowitz–Stegun form
+    /// with its `exp` took about 60.
     pub(crate) fn erf(&mut self, x: Value) -> Value {
-        let ty = self.b.func.dfg.value_type(x);
-        let z = self.mul(x, x);
-        // 2/√π · Σ (-1)^k z^k / (k! (2k+1)), k = 0..7.
-        let s = self.poly(
-            z,
-            &[
-                -1.492_565e-5,
-                1.205_533_3e-4,
-                -8.548_327e-4,
-                5.223_977_6e-3,
-                -2.686_617e-2,
-                1.128_379_2e-1,
-                -3.761_263_9e-1,
-                std::f32::consts::FRAC_2_SQRT_PI,
-            ],
-        );
-        let small = self.mul(s, x);
-        let a = self.b.ins().fabs(x);
-        let p = self.f(ty, 0.327_591_1);
-        let one = self.f(ty, 1.0);
-        let d = self.madd(p, a, one);
-        let t = self.div(one, d);
-        let q = self.poly(
-            t,
-            &[
-                1.061_405_4,
-                -1.453_152,
-                1.421_413_7,
-                -0.284_496_74,
-                0.254_829_6,
-                0.0,
-            ],
-        );
-        let na2 = self.mul(a, a);
-        let na2 = self.b.ins().fneg(na2);
-        let e = self.exp(na2);
-        let qe = self.mul(q, e);
-        let big = self.sub(one, qe);
-        let big = self.copysign(big, x);
-        let lim = self.f(ty, 0.5);
-        let is_small = self.fcmp(FloatCC::LessThan, a, lim);
-        self.sel(is_small, small, big)
+        const LIMIT: f32 = 4.0;
+        const P: [f32; 6] = [
+            2.049_999_5e-6,
+            2.848_565_3e-4,
+            3.765_038_9e-3,
+            5.274_685e-2,
+            1.903_948_3e-1,
+            1.128_379_1,
+        ];
+        const Q: [f32; 6] = [
+            3.808_944_2e-5,
+            1.162_371_6e-3,
+            1.496_805_3e-2,
+            1.141_04e-1,
+            5.020_658e-1,
+            1.0,
+        ];
+        let xc = self.clamp(x, -LIMIT, LIMIT);
+        let z = self.mul(xc, xc);
+        let p = self.poly(z, &P);
+        let q = self.poly(z, &Q);
+        let xp = self.mul(xc, p);
+        let r = self.div(xp, q);
+        self.clamp(r, -1.0, 1.0)
+    }
+
+    /// `v` clamped to `[lo, hi]` by compare and select: Cranelift's vector
+    /// `fmin`/`fmax` expand to about eight instructions each for their NaN
+    /// and signed-zero rules. A NaN fails both comparisons and passes
+    /// through.
+    pub(crate) fn clamp(&mut self, v: Value, lo: f32, hi: f32) -> Value {
+        let ty = self.b.func.dfg.value_type(v);
+        let (lo, hi) = (self.f(ty, lo), self.f(ty, hi));
+        let above = self.fcmp(FloatCC::GreaterThan, v, hi);
+        let v = self.sel(above, hi, v);
+        let below = self.fcmp(FloatCC::LessThan, v, lo);
+        self.sel(below, lo, v)
     }
 
     /// Non-negative `mag` with the sign of `x` (bitwise: Cranelift has no

@@ -92,7 +92,7 @@ fn unary_ops_match_the_interpreter() {
     let x = inputs();
     // Bounds: relative for functions computed with range reduction (a few
     // ulp), plus an absolute floor where a function crosses or nears zero
-    // (the A–S erf and the tanh form of gelu_tanh are absolute-accurate).
+    // (the rational erf and the tanh form of gelu_tanh are absolute-accurate).
     let cases: &[(UnaryOp, f32, f32)] = &[
         (UnaryOp::Neg, 0.0, 0.0),
         (UnaryOp::Abs, 0.0, 0.0),
@@ -106,7 +106,10 @@ fn unary_ops_match_the_interpreter() {
         (UnaryOp::Sigmoid, 6e-7, 1e-35),
         (UnaryOp::Silu, 6e-7, 1e-35),
         (UnaryOp::Erf, 6e-7, 3e-7),
-        (UnaryOp::Gelu, 6e-7, 4e-7),
+        // The rational erf is accurate to 3.6e-7 absolute; gelu scales that
+        // by |x|/2 where 1 + erf cancels (x = -5.6: 4.2e-7, at most ~1e-6
+        // before erf clamps to -1), against an output of magnitude |x|.
+        (UnaryOp::Gelu, 6e-7, 1.1e-6),
         (UnaryOp::GeluTanh, 6e-7, 2e-7),
     ];
     for &(u, rel, abs) in cases {
