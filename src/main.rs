@@ -635,7 +635,11 @@ fn preview(t: &kiln::Tensor) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     progress::install();
-    match run(cli) {
+    let result = run(cli);
+    if let Some(table) = kiln_backends::profile::report() {
+        eprint!("{table}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -24,6 +24,7 @@
 pub mod cpu;
 pub mod interp;
 pub mod lower;
+pub mod profile;
 pub mod progress;
 pub mod reference;
 pub mod session;

@@ -640,6 +640,7 @@ impl ReferenceExecutable {
         for (si, s) in p.steps.iter().enumerate() {
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
             let out = &views[s.output.index()];
+            let timer = crate::profile::enabled().then(std::time::Instant::now);
             let ran = match kernel_set {
                 KernelSet::Scalar => kernels::run_step(&mut mem, &s.kernel, &ins, out, cx),
                 KernelSet::Native { threads } => {
@@ -658,6 +659,9 @@ impl ReferenceExecutable {
                     }
                 }
             };
+            if let Some(t) = timer {
+                crate::profile::record(crate::profile::describe(&s.kernel, &out.shape), t.elapsed());
+            }
             ran.map_err(|e| match e {
                 kernels::StepError::Run(e) => e,
                 kernels::StepError::Message(message) => RunError::Invalid {
