@@ -108,6 +108,9 @@ mod tests {
             describe(&Kernel::Gemm { epilogue: vec![] }, &[128, 768]),
             "gemm [128, 768]"
         );
-        assert_eq!(describe(&Kernel::Gather, &[1, 16, 768]), "gather [1, 16, 768]");
+        assert_eq!(
+            describe(&Kernel::Gather, &[1, 16, 768]),
+            "gather [1, 16, 768]"
+        );
     }
 }

@@ -423,39 +423,13 @@ fn packed_product(
             )
         };
         if m == 1 {
-            let f = match super::jit::kernels::packed_matvec_kernel(pb.dtype) {
-                Ok(f) => f,
-                Err(e) => return Some(Err(StepError::Message(e.to_string()))),
-            };
-            let full = n / super::packed::NR;
             let run = |part: usize| {
                 let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
-                // Generated code for whole panels; the last, partial one
-                // through a 32-column scratch row.
-                let whole = p1.min(full);
-                let (x, y) = (ap as *const f32, cp as *mut f32);
-                // SAFETY: panels p0..whole are whole (32 columns of y each);
-                // x holds k elements.
+                // SAFETY: x holds k elements and y n (checked above); parts
+                // write disjoint panels of y; AVX-512 was checked when the
+                // weight was packed.
                 unsafe {
-                    if whole > p0 {
-                        f(
-                            x,
-                            pb.panel(p0),
-                            y.add(p0 * super::packed::NR),
-                            k as i64,
-                            (whole - p0) as i64,
-                        );
-                    }
-                    if p1 > whole {
-                        let mut tail = [0f32; super::packed::NR];
-                        f(x, pb.panel(whole), tail.as_mut_ptr(), k as i64, 1);
-                        let cols = n - whole * super::packed::NR;
-                        std::ptr::copy_nonoverlapping(
-                            tail.as_ptr(),
-                            y.add(whole * super::packed::NR),
-                            cols,
-                        );
-                    }
+                    super::packed::matvec(&pb, ap as *const f32, cp as *mut f32, p0, p1);
                 }
             };
             super::par(parts, &run);

@@ -660,7 +660,10 @@ impl ReferenceExecutable {
                 }
             };
             if let Some(t) = timer {
-                crate::profile::record(crate::profile::describe(&s.kernel, &out.shape), t.elapsed());
+                crate::profile::record(
+                    crate::profile::describe(&s.kernel, &out.shape),
+                    t.elapsed(),
+                );
             }
             ran.map_err(|e| match e {
                 kernels::StepError::Run(e) => e,
