@@ -511,6 +511,108 @@ fn packed_product(
     }
 }
 
+/// [`super::run_group`]: the members' products as one parallel job over
+/// all their panels, then their epilogues in step order.
+pub(super) fn run_group(
+    mem: &mut Memory<'_>,
+    steps: &[crate::lower::Step],
+    caches: &mut [StepCache],
+    views: &[CView],
+    cx: &ShapeCx,
+    threads: usize,
+) -> Option<Result<Vec<usize>, (usize, StepError)>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let av = &views[steps.first()?.inputs.first()?.index()];
+        let a = f32_view(mem, av)?;
+        let r = av.shape.len();
+        let k = *av.shape.last()?;
+        // One row of A, contiguous, inside its root.
+        if k == 0 || av.shape[..r - 1].iter().product::<usize>() != 1 {
+            return None;
+        }
+        if k > 1 && av.strides[r - 1] != 1 || av.offset + k > a.len {
+            return None;
+        }
+        let mut jobs = Vec::with_capacity(steps.len());
+        for (s, cache) in steps.iter().zip(caches.iter()) {
+            let crate::lower::Kernel::Gemm { .. } = &s.kernel else {
+                return None;
+            };
+            let out = &views[s.output.index()];
+            let o = f32_view(mem, out)?;
+            let n = *out.shape.last()?;
+            if n == 0 || out.shape.iter().product::<usize>() != n {
+                return None;
+            }
+            if n > 1 && out.strides[out.shape.len() - 1] != 1 || o.v.offset + n > o.len {
+                return None;
+            }
+            let pb = cache.packed.clone()?;
+            if pb.k != k || pb.n != n {
+                return None;
+            }
+            // SAFETY: the offset is inside the root (checked above).
+            jobs.push((pb, unsafe { o.base.add(o.v.offset) } as usize));
+        }
+        let total: usize = jobs.iter().map(|(pb, _)| pb.panels()).sum();
+        let parts = if threads > 1 && total * k * super::packed::NR >= 1 << 15 {
+            (threads * PARTS_PER_THREAD).min(total)
+        } else {
+            1
+        };
+        let per = total.div_ceil(parts);
+        // SAFETY: inside the root (checked above).
+        let x = unsafe { a.base.add(av.offset) } as usize;
+        let run = |part: usize| {
+            let (g0, g1) = ((part * per).min(total), ((part + 1) * per).min(total));
+            let mut start = 0;
+            for (pb, y) in &jobs {
+                let end = start + pb.panels();
+                if g0 < end && g1 > start {
+                    let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
+                    // SAFETY: x holds k elements and each y its n (checked
+                    // above); parts write disjoint panels; no output is A
+                    // (a product never writes its operand); AVX-512 was
+                    // checked when the weights were packed.
+                    unsafe { super::packed::matvec(pb, x as *const f32, *y as *mut f32, p0, p1) };
+                }
+                start = end;
+            }
+        };
+        super::par(parts, &run);
+        let mut scalar = Vec::new();
+        for (i, (s, cache)) in steps.iter().zip(caches.iter_mut()).enumerate() {
+            let crate::lower::Kernel::Gemm { epilogue } = &s.kernel else {
+                continue;
+            };
+            if epilogue.is_empty() {
+                continue;
+            }
+            let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
+            let out = &views[s.output.index()];
+            let ran = match finish(mem, cache, Ok(()), epilogue, &ins, out, threads) {
+                Some(r) => r,
+                None => {
+                    // The whole step again on the scalar kernels (it
+                    // rewrites every output element).
+                    scalar.push(i);
+                    crate::reference::kernels::run_step(mem, &s.kernel, &ins, out, cx)
+                }
+            };
+            if let Err(e) = ran {
+                return Some(Err((i, e)));
+            }
+        }
+        Some(Ok(scalar))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (mem, steps, caches, views, cx, threads);
+        None
+    }
+}
+
 /// A gemm step's elementwise epilogue, run by the packed GEMM on each
 /// output tile as it completes (in L1) instead of as a pass over the whole
 /// output afterwards: the generated loop kernel over each row of the tile.

@@ -116,6 +116,57 @@ impl Backend for Cpu {
     }
 }
 
+/// Per step of `program`, the end of the group of products that starts
+/// there (`i + 1`: none): consecutive gemm steps reading the same `A`,
+/// none but the last with an epilogue (epilogues run after every product
+/// of the group, so none may read memory a later product writes). Decode's
+/// q/k/v projections and its up/gate pair are such groups: one row times
+/// several weights, run by [`run_group`] as one parallel job instead of
+/// one job each.
+pub(crate) fn product_groups(program: &crate::lower::Program) -> Vec<usize> {
+    use crate::lower::Kernel;
+    let steps = &program.steps;
+    let mut ends: Vec<usize> = (1..=steps.len()).collect();
+    let mut i = 0;
+    while i < steps.len() {
+        let mut j = i;
+        while j < steps.len() {
+            let Kernel::Gemm { epilogue } = &steps[j].kernel else {
+                break;
+            };
+            if steps[j].inputs.first() != steps[i].inputs.first() {
+                break;
+            }
+            j += 1;
+            if !epilogue.is_empty() {
+                break;
+            }
+        }
+        if j > i + 1 {
+            ends[i] = j;
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    ends
+}
+
+/// Runs a group of [`product_groups`] when every member is one row times a
+/// packed weight (`None`: run the steps one by one). `Ok` lists the members
+/// whose epilogue the generated code could not run, run instead by the
+/// scalar kernels; `Err` names the member that failed.
+pub(crate) fn run_group(
+    mem: &mut Memory<'_>,
+    steps: &[crate::lower::Step],
+    caches: &mut [codegen::StepCache],
+    views: &[CView],
+    cx: &kiln_ir::ShapeCx,
+    threads: usize,
+) -> Option<Result<Vec<usize>, (usize, StepError)>> {
+    kernels::run_group(mem, steps, caches, views, cx, threads)
+}
+
 /// Runs one step with the generated and native kernels; `None` when they do
 /// not cover its dtypes (the caller runs the scalar kernels and counts it).
 pub(crate) fn run_step(

@@ -63,6 +63,9 @@ pub struct ReferenceExecutable {
     scalar_steps: Vec<usize>,
     /// The generated kernels each step has used (CPU backend).
     step_code: Vec<crate::cpu::codegen::StepCache>,
+    /// Per step, the end of the group of products sharing its input that
+    /// starts there (CPU backend; `crate::cpu::product_groups`).
+    groups: Vec<usize>,
     /// The arena of the last run, reused by the next one that fits in it
     /// (no step reads an arena element before writing it: verified), so a
     /// run does not fault in and clear fresh pages.
@@ -134,6 +137,7 @@ impl ReferenceExecutable {
             verified_elements: false,
             scalar_steps: Vec::new(),
             step_code: Vec::new(),
+            groups: Vec::new(),
             arena: AlignedBytes::default(),
         })
     }
@@ -158,6 +162,7 @@ impl ReferenceExecutable {
                     backend: "cpu".into(),
                     message: e.to_string(),
                 })?;
+            exe.groups = crate::cpu::product_groups(&exe.program);
         }
         Ok(exe)
     }
@@ -637,7 +642,55 @@ impl ReferenceExecutable {
         }
         let kernel_set = self.kernels;
         let mut scalar_steps = Vec::new();
+        let map_err = |s: &crate::lower::Step, e: kernels::StepError| match e {
+            kernels::StepError::Run(e) => e,
+            kernels::StepError::Message(message) => RunError::Invalid {
+                node: s.origin.clone(),
+                message,
+            },
+            kernels::StepError::Gather { id, rows } => RunError::GatherIndex {
+                node: s.origin.clone(),
+                id,
+                rows,
+            },
+        };
+        let mut next = 0;
         for (si, s) in p.steps.iter().enumerate() {
+            if si < next {
+                // Run with the group that started before it.
+                continue;
+            }
+            // Matrix–vector products sharing their input run as one
+            // parallel job (CPU backend).
+            if let (KernelSet::Native { threads }, Some(&end)) = (kernel_set, self.groups.get(si)) {
+                if end > si + 1 {
+                    let timer = crate::profile::enabled().then(std::time::Instant::now);
+                    let group = crate::cpu::run_group(
+                        &mut mem,
+                        &p.steps[si..end],
+                        &mut self.step_code[si..end],
+                        views,
+                        cx,
+                        threads,
+                    );
+                    if let Some(ran) = group {
+                        if let Some(t) = timer {
+                            let shapes: Vec<_> = p.steps[si..end]
+                                .iter()
+                                .map(|m| views[m.output.index()].shape.last().copied().unwrap_or(1))
+                                .collect();
+                            crate::profile::record(
+                                format!("gemm group of {} (n = {shapes:?}, one row)", end - si),
+                                t.elapsed(),
+                            );
+                        }
+                        let scalar = ran.map_err(|(k, e)| map_err(&p.steps[si + k], e))?;
+                        scalar_steps.extend(scalar.into_iter().map(|k| si + k));
+                        next = end;
+                        continue;
+                    }
+                }
+            }
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
             let out = &views[s.output.index()];
             let timer = crate::profile::enabled().then(std::time::Instant::now);
@@ -665,18 +718,7 @@ impl ReferenceExecutable {
                     t.elapsed(),
                 );
             }
-            ran.map_err(|e| match e {
-                kernels::StepError::Run(e) => e,
-                kernels::StepError::Message(message) => RunError::Invalid {
-                    node: s.origin.clone(),
-                    message,
-                },
-                kernels::StepError::Gather { id, rows } => RunError::GatherIndex {
-                    node: s.origin.clone(),
-                    id,
-                    rows,
-                },
-            })?;
+            ran.map_err(|e| map_err(s, e))?;
         }
         let mut result = Vec::with_capacity(p.outputs.len());
         for (k, (name, b)) in p.outputs.iter().enumerate() {
