@@ -621,8 +621,24 @@ fn row_sum(
     let zv = e.b.ins().splat(types::F64X2, z);
     let acc = e.b.declare_var(types::F64X2);
     e.b.def_var(acc, zv);
+    let acc2 = e.b.declare_var(types::F64X2);
+    e.b.def_var(acc2, zv);
     let t = e.t;
-    let rest = for_range(e.b, zero, n, 2, |b, i| {
+    // Four elements a step into two accumulators (two dependency chains),
+    // then a pair, then one.
+    let rest = for_range(e.b, zero, n, 4, |b, i| {
+        let mut e = E { b, t };
+        for (k, var) in [(0, acc), (8, acc2)] {
+            let a = e.addr(x, i, 4);
+            let a = e.b.ins().iadd_imm_s(a, k);
+            let v = e.load_pair_f64(DType::F32, a);
+            let v = f(&mut e, v);
+            let s = e.b.use_var(var);
+            let s = e.b.ins().fadd(s, v);
+            e.b.def_var(var, s);
+        }
+    });
+    let rest = for_range(e.b, rest, n, 2, |b, i| {
         let mut e = E { b, t };
         let a = e.addr(x, i, 4);
         let v = e.load_pair_f64(DType::F32, a);
@@ -646,6 +662,8 @@ fn row_sum(
         e.b.def_var(tail, s);
     });
     let s = e.b.use_var(acc);
+    let s2 = e.b.use_var(acc2);
+    let s = e.b.ins().fadd(s, s2);
     let l0 = e.b.ins().extractlane(s, 0);
     let l1 = e.b.ins().extractlane(s, 1);
     let s = e.b.ins().fadd(l0, l1);
@@ -683,50 +701,37 @@ fn build_row(b: &mut FunctionBuilder<'_>, t: &Tools, kind: RowKind, wdt: DType) 
             let sd = e.b.ins().sqrt(ve);
             let one = e.b.ins().f64const(1.0);
             let inv = e.b.ins().fdiv(one, sd);
-            let iv = e.b.ins().splat(types::F64X2, inv);
-            // y = (x - mean)·inv·w (+ b), in f64, two lanes at a time.
-            let norm = |e: &mut E<'_, '_>, i: Value, pair: bool| {
+            // y = (x - mean)·inv·w (+ b) in f32, four lanes at a time: the
+            // statistics are f64 sums, rounded to f32 once.
+            let mean32 = e.b.ins().fdemote(types::F32, mean);
+            let inv32 = e.b.ins().fdemote(types::F32, inv);
+            let norm = |e: &mut E<'_, '_>, i: Value, vec: bool| {
                 let ax = e.addr(x, i, 4);
                 let aw = e.addr(w, i, ws);
                 let ao = e.addr(out, i, 4);
-                let (xv, wv, bv) = if pair {
-                    let xv = e.load_pair_f64(DType::F32, ax);
-                    let wv = e.load_pair_f64(wdt, aw);
-                    let bv = has_bias.then(|| {
-                        let ab = e.addr(bias, i, ws);
-                        e.load_pair_f64(wdt, ab)
-                    });
-                    (xv, wv, bv)
+                let (mv, iv) = if vec {
+                    (
+                        e.b.ins().splat(types::F32X4, mean32),
+                        e.b.ins().splat(types::F32X4, inv32),
+                    )
                 } else {
-                    let one = |e: &mut E<'_, '_>, d: DType, a: Value| {
-                        let f = e.load_float(d, false, a);
-                        let f = e.b.ins().fpromote(types::F64, f);
-                        e.b.ins().splat(types::F64X2, f)
-                    };
-                    let xv = one(e, DType::F32, ax);
-                    let wv = one(e, wdt, aw);
-                    let bv = has_bias.then(|| {
-                        let ab = e.addr(bias, i, ws);
-                        one(e, wdt, ab)
-                    });
-                    (xv, wv, bv)
+                    (mean32, inv32)
                 };
-                let d = e.b.ins().fsub(xv, mv);
-                let y = e.b.ins().fmul(d, iv);
-                let y = e.b.ins().fmul(y, wv);
-                let y = match bv {
-                    Some(bv) => e.b.ins().fadd(y, bv),
-                    None => y,
-                };
-                if pair {
-                    e.store_pair_f32(y, ao);
+                let xv = e.load_float(DType::F32, vec, ax);
+                let wv = e.load_float(wdt, vec, aw);
+                let d = e.sub(xv, mv);
+                let y = e.mul(d, iv);
+                let y = e.mul(y, wv);
+                let y = if has_bias {
+                    let ab = e.addr(bias, i, ws);
+                    let bv = e.load_float(wdt, vec, ab);
+                    e.add(y, bv)
                 } else {
-                    let y = e.b.ins().extractlane(y, 0);
-                    let y = e.b.ins().fdemote(types::F32, y);
-                    e.b.ins().store(mem(), y, ao, 0);
-                }
+                    y
+                };
+                e.b.ins().store(mem(), y, ao, 0);
             };
-            let rest = for_range(e.b, zero, n, 2, |b, i| norm(&mut E { b, t }, i, true));
+            let rest = for_range(e.b, zero, n, 4, |b, i| norm(&mut E { b, t }, i, true));
             for_range(e.b, rest, n, 1, |b, i| norm(&mut E { b, t }, i, false));
         }
         RowKind::Softmax => {
