@@ -871,25 +871,40 @@ fn attention_tiled(
                 for i in 0..tq {
                     let ti = q0 + i;
                     let row = &mut scores[i * TILE_K..i * TILE_K + tk];
-                    let vis = visible(ti);
+                    // Keys of the tile this query sees: a prefix (causal),
+                    // then the mask's say.
+                    let seen = visible(ti).saturating_sub(k0).min(tk);
+                    let (shown, hidden) = row.split_at_mut(seen);
+                    hidden.fill(f32::NEG_INFINITY);
+                    // Scale and maximum in one pass the compiler vectorizes;
+                    // a NaN anywhere makes the maximum NaN (checked apart).
                     let mut m = mx[i];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        let kj = k0 + j;
-                        // SAFETY: inside the mask view (verified).
-                        let allowed = kj < vis
-                            && mask.is_none_or(
-                                |mv| unsafe { mv.get(mv.v.at(&[bi, hi, ti, kj])) } != 0,
-                            );
-                        *x = if allowed {
-                            *x * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                        if x.is_nan() || m.is_nan() {
-                            m = f32::NAN;
-                        } else if *x > m {
-                            m = *x;
+                    let mut nan = m.is_nan();
+                    match mask {
+                        None => {
+                            for x in shown.iter_mut() {
+                                *x *= scale;
+                                nan |= x.is_nan();
+                                m = if *x > m { *x } else { m };
+                            }
                         }
+                        Some(mv) => {
+                            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
+                            for (j, x) in shown.iter_mut().enumerate() {
+                                // SAFETY: inside the mask view (verified).
+                                let allowed = unsafe { mv.get(at0 + j * step) } != 0;
+                                *x = if allowed {
+                                    *x * scale
+                                } else {
+                                    f32::NEG_INFINITY
+                                };
+                                nan |= x.is_nan();
+                                m = if *x > m { *x } else { m };
+                            }
+                        }
+                    }
+                    if nan {
+                        m = f32::NAN;
                     }
                     if m == f32::NEG_INFINITY {
                         // Nothing visible yet: the row's probabilities are 0.
