@@ -106,6 +106,19 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
             graph.ty(*v).to_string(),
         ]);
     }
+    // A cell longer than MAX_CELL characters (a generated name of 65,536
+    // characters, say) is shortened in the middle: the table stays
+    // readable and bounded.
+    for r in rows.iter_mut() {
+        for c in r.iter_mut() {
+            let n = c.chars().count();
+            if n > MAX_CELL {
+                let head: String = c.chars().take(MAX_CELL / 2).collect();
+                let tail: String = c.chars().skip(n - (MAX_CELL / 2 - 1)).collect();
+                *c = format!("{head}…{tail}");
+            }
+        }
+    }
     let mut widths = [0usize; 4];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -115,7 +128,9 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
     for (i, r) in rows.iter().enumerate() {
         s.push('|');
         for (w, c) in widths.iter().zip(r) {
-            let _ = write!(s, " {c:<w$} |");
+            // Padded by hand: a format width must fit 16 bits.
+            let pad = w.saturating_sub(c.chars().count());
+            let _ = write!(s, " {c}{} |", " ".repeat(pad));
         }
         s.push('\n');
         if i == 0 {
@@ -128,6 +143,9 @@ pub fn shape_trace(graph: &Graph, cx: &ShapeCx) -> String {
     }
     s
 }
+
+/// Longest cell of the shape-trace table, in characters.
+const MAX_CELL: usize = 160;
 
 fn group_digits(n: i64) -> String {
     let digits = n.to_string();
