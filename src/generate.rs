@@ -212,8 +212,9 @@ impl Model {
         if let Some(max) = info.max_positions {
             if needed as i64 > max || i64::try_from(needed).is_err() {
                 return Err(Error::Input(format!(
-                    "{growing_len} tokens + {} new ones need {needed} positions, more than the model's {max}",
-                    opts.max_new_tokens
+                    "{growing_len} tokens + {} new ones need {needed} positions, more than the model's {max} ({} in config.json)",
+                    opts.max_new_tokens,
+                    info.family.positions_key()
                 )));
             }
         }

@@ -592,8 +592,9 @@ impl Model {
             if let Some(max) = info.max_positions {
                 if row.len() as i64 > max {
                     return Err(Error::Input(format!(
-                        "{flag} row {r} has {} tokens, more than the model's {max} positions",
-                        row.len()
+                        "{flag} row {r} has {} tokens, more than the model's {max} positions ({} in config.json)",
+                        row.len(),
+                        info.family.positions_key()
                     )));
                 }
             }

@@ -64,3 +64,127 @@ fn names_of_any_length_print_a_bounded_shape_trace() {
         );
     }
 }
+
+#[test]
+fn requests_past_the_model_or_the_integers_are_refused_up_front() {
+    let many: Vec<String> = (0..200).map(|i| (i % 50 + 3).to_string()).collect();
+    let many = many.join(",");
+    // 200 tokens on a llama of 64 positions.
+    let (code, _, err) = outcome(&["run", "tests/data/hf/llama", "--tokens", &many]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("64 positions") && err.contains("max_position_embeddings"),
+        "{err}"
+    );
+    // Generating past them, with and without the cache.
+    for extra in [&[][..], &["--no-kv-cache"][..]] {
+        let mut args = vec![
+            "generate",
+            "tests/data/hf/llama",
+            "--tokens",
+            "1,2",
+            "--max-new-tokens",
+            "100",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = outcome(&args);
+        assert_eq!(code, 2, "{err}");
+        assert!(out.is_empty(), "nothing generated half-way: {out}");
+        assert!(
+            err.contains("101 positions") && err.contains("max_position_embeddings"),
+            "{err}"
+        );
+    }
+    // A count that wraps the position arithmetic.
+    let (code, _, err) = outcome(&[
+        "generate",
+        "tests/data/hf/llama",
+        "--tokens",
+        "1,2",
+        "--max-new-tokens",
+        "18446744073709551615",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--max-new-tokens 18446744073709551615 is too large"),
+        "{err}"
+    );
+}
+
+/// Runs kiln, killing it after `limit` (the test then fails: an unbounded
+/// run); returns the exit code and stderr.
+fn bounded(args: &[&str], limit: std::time::Duration) -> (i32, String) {
+    // stderr goes to a file (a pipe nobody drains would block a chatty
+    // child and look like a hang).
+    let err_path = std::env::temp_dir().join(format!(
+        "kiln-bad-input-{}-{}.err",
+        std::process::id(),
+        args.len()
+    ));
+    let err_file = std::fs::File::create(&err_path).expect("a scratch file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file)
+        .spawn()
+        .expect("the kiln binary runs");
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waits") {
+            let err = String::from_utf8_lossy(&std::fs::read(&err_path).unwrap()).to_string();
+            assert!(
+                !err.contains("panicked at"),
+                "kiln {args:?} panicked:\n{err}"
+            );
+            return (status.code().expect("exited, not killed"), err);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("kiln {args:?} ran past {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_undefined_value_hint_costs_a_pass_not_a_product() {
+    // 30,000 defined values then a misspelt use; and an undefined
+    // identifier of 2 MB. The hint compared every pair of characters of
+    // every candidate (23 s for a 300 KB file, gigabytes for a long name).
+    let dir = scratch("hint");
+    let mut src = String::from("func @f(%x: f32[4]) -> f32[4] {\n");
+    let mut prev = "x".to_string();
+    for i in 0..30_000 {
+        src += &format!("  %value_{i} = relu(%{prev}) : f32[4]\n");
+        prev = format!("value_{i}");
+    }
+    src += "  %y = relu(%valeu_29999) : f32[4]\n  return %y\n}\n";
+    let many = dir.join("many.kir");
+    std::fs::write(&many, &src).unwrap();
+    let limit = std::time::Duration::from_secs(60);
+    let (code, err) = bounded(&["check", many.to_str().unwrap()], limit);
+    // A parse error: exit 2, like every input kiln cannot read.
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("did you mean %value_29999?"), "{err}");
+
+    let long = format!(
+        "func @f(%x: f32[4]) -> f32[4] {{\n  %y = relu(%{}) : f32[4]\n  return %y\n}}\n",
+        "z".repeat(2 << 20)
+    );
+    let file = dir.join("long.kir");
+    std::fs::write(&file, long).unwrap();
+    let (code, err) = bounded(&["check", file.to_str().unwrap()], limit);
+    assert_eq!(code, 2, "{}", &err[..err.len().min(500)]);
+    assert!(
+        err.contains("use of undefined value"),
+        "{}",
+        &err[..err.len().min(500)]
+    );
+    assert!(
+        err.len() < 10_000,
+        "the message stays bounded: {} bytes",
+        err.len()
+    );
+}

@@ -33,6 +33,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The `config.json` key of the model's position limit.
+    pub fn positions_key(&self) -> &'static str {
+        match self {
+            Family::Gpt2 => "n_positions",
+            _ => "max_position_embeddings",
+        }
+    }
+
     /// Whether the model predicts next tokens (and so can `generate`).
     pub fn is_generative(self) -> bool {
         !matches!(self, Family::Bert)
@@ -111,7 +119,10 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
             let info = ModelInfo {
                 family: Family::Llama,
                 vocab_size: cfg.vocab_size,
-                max_positions: None,
+                // RoPE has no table to run out of, but the model was made
+                // for this many positions: kiln refuses more rather than
+                // extrapolate silently (transformers only warns).
+                max_positions: Some(cfg.max_position_embeddings),
                 eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: None,
             };

@@ -298,7 +298,7 @@ impl Parser {
         ParseError {
             line: span.line,
             col: span.col,
-            message,
+            message: bounded_message(message),
         }
     }
 
@@ -801,4 +801,21 @@ impl Parser {
             }
         }
     }
+}
+
+/// A parse error's message, at most MAX_MESSAGE characters: the names it
+/// quotes come from the input, and a name of megabytes must not become a
+/// message of megabytes (the middle goes, with a count of what went).
+fn bounded_message(message: String) -> String {
+    const MAX_MESSAGE: usize = 400;
+    let n = message.chars().count();
+    if n <= MAX_MESSAGE {
+        return message;
+    }
+    let head: String = message.chars().take(MAX_MESSAGE / 2).collect();
+    let tail: String = message.chars().skip(n - MAX_MESSAGE / 4).collect();
+    format!(
+        "{head}… ({} characters left out) …{tail}",
+        n - MAX_MESSAGE / 2 - MAX_MESSAGE / 4
+    )
 }

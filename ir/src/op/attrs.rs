@@ -170,18 +170,26 @@ pub fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
         }
         prev[b.len()]
     };
+    // The hint is for names a person typed: past MAX_HINT_CHARS none is
+    // offered, and a candidate whose length alone puts it out of reach is
+    // skipped without the distance table, so a huge file or identifier
+    // costs a pass over the candidates, not a product of their lengths.
+    const MAX_HINT_CHARS: usize = 64;
+    let limit = |c: &str| (c.len() / 3).max(1) + 1;
+    if name.len() > MAX_HINT_CHARS {
+        return None;
+    }
     candidates
-        .map(|c| {
-            (
-                if c.starts_with(name) {
-                    1
-                } else {
-                    dist(name, c)
-                },
-                c,
-            )
+        .filter_map(|c| {
+            if c.starts_with(name) {
+                return Some((1, c));
+            }
+            if c.len() > 2 * MAX_HINT_CHARS || c.len().abs_diff(name.len()) > limit(c) {
+                return None;
+            }
+            Some((dist(name, c), c))
         })
-        .filter(|(d, c)| *d <= (c.len() / 3).max(1) + 1)
+        .filter(|(d, c)| *d <= limit(c))
         .min()
         .map(|(_, c)| c)
 }
