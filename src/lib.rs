@@ -178,20 +178,12 @@ impl Model {
                 info: Some(hf.info),
             });
         }
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let text = String::from_utf8(bytes).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "not UTF-8 text (invalid byte at offset {})",
-                    e.utf8_error().valid_up_to()
-                ),
-            ),
-        })?;
+        let text =
+            kiln_ir::files::read_text_limited(path, kiln_ir::files::TEXT_IR_LIMIT, "text-IR file")
+                .map_err(|source| Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
         Model::from_text(&text, &path.display().to_string())
     }
 

@@ -117,11 +117,10 @@ fn requests_past_the_model_or_the_integers_are_refused_up_front() {
 fn bounded(args: &[&str], limit: std::time::Duration) -> (i32, String) {
     // stderr goes to a file (a pipe nobody drains would block a chatty
     // child and look like a hang).
-    let err_path = std::env::temp_dir().join(format!(
-        "kiln-bad-input-{}-{}.err",
-        std::process::id(),
-        args.len()
-    ));
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let err_path =
+        std::env::temp_dir().join(format!("kiln-bad-input-{}-{run}.err", std::process::id()));
     let err_file = std::fs::File::create(&err_path).expect("a scratch file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -186,5 +185,42 @@ fn the_undefined_value_hint_costs_a_pass_not_a_product() {
         err.len() < 10_000,
         "the message stays bounded: {} bytes",
         err.len()
+    );
+}
+
+#[test]
+fn files_are_read_with_a_limit_fitting_their_kind() {
+    let limit = std::time::Duration::from_secs(60);
+    // A device that never ends, as the model and as a config behind a link.
+    let (code, err) = bounded(&["check", "/dev/zero"], limit);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("more than a text-IR file may be"), "{err}");
+    let dir = scratch("links");
+    let folder = dir.join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(
+        "tests/data/hf/llama/model.safetensors",
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(folder.join("config.json"));
+    std::os::unix::fs::symlink("/dev/zero", folder.join("config.json")).unwrap();
+    let (code, err) = bounded(&["check", folder.to_str().unwrap()], limit);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("more than a model configuration may be"),
+        "{err}"
+    );
+    // A text-IR file of 300 MB (sparse: refused on its size, not read).
+    let big = dir.join("big.kir");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let (code, err) = bounded(&["check", big.to_str().unwrap()], limit);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("314572800 bytes is more than a text-IR file may be"),
+        "{err}"
     );
 }

@@ -23,7 +23,12 @@ pub struct HfConfig {
 impl HfConfig {
     /// Reads and parses `path`.
     pub fn read(path: &Path) -> Result<HfConfig, FrontendError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FrontendError::Io {
+        let text = kiln_ir::files::read_text_limited(
+            path,
+            kiln_ir::files::CONFIG_LIMIT,
+            "model configuration",
+        )
+        .map_err(|source| FrontendError::Io {
             path: path.to_path_buf(),
             source,
         })?;

@@ -7,6 +7,7 @@
 pub mod builder;
 pub mod dim;
 pub mod dot;
+pub mod files;
 pub mod graph;
 pub mod op;
 pub mod parse;

@@ -111,7 +111,12 @@ impl LoraConfig {
 
     /// Reads and checks `adapter_config.json` at `path`.
     pub fn read(path: &Path) -> Result<LoraConfig, FrontendError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FrontendError::Io {
+        let text = kiln_ir::files::read_text_limited(
+            path,
+            kiln_ir::files::CONFIG_LIMIT,
+            "adapter configuration",
+        )
+        .map_err(|source| FrontendError::Io {
             path: path.to_path_buf(),
             source,
         })?;
