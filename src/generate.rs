@@ -243,22 +243,29 @@ impl Model {
             },
             false => None,
         };
-        match split {
+        let ran = match split {
             Some(split) => split.generate_cached(
                 prompt,
                 opts,
                 info.decoder_start_token_id,
                 capacity,
                 &mut picker,
-            )?,
+            ),
             None => self.generate_uncached(
                 prompt,
                 opts.backend,
                 opts.max_new_tokens,
                 info.decoder_start_token_id,
                 &mut picker,
-            )?,
-        }
+            ),
+        };
+        ran.map_err(|e| match e {
+            Error::NonFinite { what, .. } => Error::NonFinite {
+                what: format!("{}: {what}", self.origin()),
+                cause: crate::non_finite_weights(self.weights()),
+            },
+            e => e,
+        })?;
         Ok(picker.new_tokens)
     }
 
@@ -400,6 +407,17 @@ impl Picker<'_> {
         let mut next = Vec::with_capacity(rows);
         for r in 0..rows {
             let row = &data[(r * len + len - 1) * vocab..(r * len + len) * vocab];
+            // NaN, or nothing finite to choose from: an error, not token 0
+            // forever (the caller names the weights at fault).
+            if row.iter().any(|x| x.is_nan()) || !row.iter().any(|x| x.is_finite()) {
+                return Err(Error::NonFinite {
+                    what: format!(
+                        "the logits of row {r} at new token {}",
+                        self.new_tokens[r].len() + 1
+                    ),
+                    cause: String::new(),
+                });
+            }
             let t = pick(row, self.sampling, self.rng);
             if !self.done[r] {
                 self.new_tokens[r].push(t);

@@ -77,6 +77,41 @@ pub enum Error {
     /// Input kiln does not handle (yet), with the reason.
     #[error("{0}")]
     Unsupported(String),
+    /// A run produced NaN or infinite logits where a token must be chosen
+    /// (nothing sensible can be generated from them), with the weights
+    /// that hold non-finite values, if any.
+    #[error("{what} are not finite (NaN or infinite){cause}")]
+    NonFinite {
+        /// Which values, where (`the logits of row 0 at new token 3`).
+        what: String,
+        /// `: weight … holds NaN at element …`, or what else it may be.
+        cause: String,
+    },
+}
+
+/// The first weights (at most three) holding NaN or an infinity, as a
+/// sentence for [`Error::NonFinite`]; an empty set says so too.
+pub fn non_finite_weights(weights: Option<&Weights>) -> String {
+    let Some(weights) = weights else {
+        return String::new();
+    };
+    let mut found = Vec::new();
+    for (name, t) in weights {
+        let Some(values) = t.to_f32() else {
+            continue;
+        };
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            found.push(format!("{name} holds {v} at element {i}"));
+            if found.len() == 3 {
+                break;
+            }
+        }
+    }
+    if found.is_empty() {
+        "; every weight is finite, so the computation overflowed (or an input is extreme)".into()
+    } else {
+        format!(": weight {}", found.join("; weight "))
+    }
 }
 
 impl Error {

@@ -424,6 +424,21 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .0;
             let mut exe = m.compile(target(backend, threads))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
+            // Printed as computed, but not silently: say which outputs hold
+            // NaN or infinities, and which weights do.
+            let bad: Vec<&str> = outs
+                .iter()
+                .filter(|(_, t)| t.to_f32().is_some_and(|v| v.iter().any(|x| !x.is_finite())))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if !bad.is_empty() {
+                eprintln!(
+                    "warning: {}: output {} holds NaN or infinite values{}",
+                    m.origin(),
+                    bad.join(", "),
+                    kiln::non_finite_weights(m.weights())
+                );
+            }
             match output {
                 OutputArg::Json => outln!("{}", kiln::output::outputs_json(&outs)),
                 OutputArg::Summary => {

@@ -224,3 +224,59 @@ fn files_are_read_with_a_limit_fitting_their_kind() {
         "{err}"
     );
 }
+
+/// A copy of the tiny llama folder with `value` written over element 5 of
+/// the weight `tensor` (f32).
+fn llama_with(name: &str, tensor: &str, value: f32) -> std::path::PathBuf {
+    let folder = scratch(name).join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(format!("tests/data/hf/llama/{f}"), folder.join(f)).unwrap();
+    }
+    let path = folder.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "F32");
+    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + start + 5 * 4;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    folder
+}
+
+#[test]
+fn nan_weights_stop_generation_with_the_tensor_named() {
+    // A NaN in one weight made every logit NaN and greedy decoding printed
+    // token 0 forever.
+    let tensor = "model.layers.0.mlp.up_proj.weight";
+    for (name, value) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
+        let folder = llama_with(name, tensor, value);
+        for backend in ["cpu", "interp"] {
+            let (code, out, err) = outcome(&[
+                "generate",
+                folder.to_str().unwrap(),
+                "--tokens",
+                "1,2,3",
+                "--max-new-tokens",
+                "5",
+                "--backend",
+                backend,
+            ]);
+            assert_eq!(code, 2, "{backend}: {err}");
+            assert!(out.is_empty(), "{out}");
+            assert!(
+                err.contains("are not finite") && err.contains(&format!("weight {tensor} holds")),
+                "{backend}: {err}"
+            );
+        }
+        // `run` prints what it computed, with a warning naming the weight.
+        let (code, out, err) = outcome(&["run", folder.to_str().unwrap(), "--tokens", "1,2,3"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("logits"), "{out}");
+        assert!(
+            err.contains("warning:") && err.contains(&format!("weight {tensor} holds")),
+            "{err}"
+        );
+    }
+}
