@@ -280,3 +280,39 @@ fn nan_weights_stop_generation_with_the_tensor_named() {
         );
     }
 }
+
+#[test]
+fn fields_that_would_fail_silently_are_refused_by_name() {
+    // eps = NaN in text IR (every output NaN).
+    let dir = scratch("fields");
+    let kir = dir.join("eps.kir");
+    std::fs::write(
+        &kir,
+        "func @f(%x: f32[B, 4]) -> f32[B, 4] {\n  param @g: f32[4]\n  %y = rms_norm(%x, @g) eps=nan : f32[B, 4]\n  return %y\n}\n",
+    )
+    .unwrap();
+    let (code, _, err) = outcome(&["check", kir.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("attribute `eps` must be a finite number"),
+        "{err}"
+    );
+    // An eos_token_id outside the vocabulary (generation could never stop on it).
+    let folder = dir.join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(
+        "tests/data/hf/llama/model.safetensors",
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string("tests/data/hf/llama/config.json").unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["eos_token_id"] = serde_json::json!(100_000);
+    std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    let (code, _, err) = outcome(&["generate", folder.to_str().unwrap(), "--tokens", "1,2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("eos_token_id 100000 is outside the vocabulary"),
+        "{err}"
+    );
+}

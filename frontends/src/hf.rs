@@ -158,6 +158,28 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
         }
     };
     debug_assert_eq!(family, info.family);
+    // A stop token the model can never produce would silently never stop.
+    if let Some(id) = info
+        .eos_token_ids
+        .iter()
+        .find(|&&id| id < 0 || id >= info.vocab_size)
+    {
+        return Err(FrontendError::Config(format!(
+            "{}: eos_token_id {id} is outside the vocabulary (vocab_size {})",
+            config_path.display(),
+            info.vocab_size
+        )));
+    }
+    if let Some(id) = info
+        .decoder_start_token_id
+        .filter(|&id| id < 0 || id >= info.vocab_size)
+    {
+        return Err(FrontendError::Config(format!(
+            "{}: decoder_start_token_id {id} is outside the vocabulary (vocab_size {})",
+            config_path.display(),
+            info.vocab_size
+        )));
+    }
     Ok((graph, info))
 }
 

@@ -246,6 +246,31 @@ impl<'a> AttrReader<'a> {
         }
     }
 
+    /// A number that must be finite and at least `min` (a NaN `eps` or
+    /// `theta` would make every output NaN without a word).
+    fn float_at_least(&mut self, name: &str, min: f64) -> Result<f64, String> {
+        let x = self.float(name)?;
+        if !x.is_finite() || x < min {
+            return Err(format!(
+                "{}: attribute `{name}` must be a finite number of at least {min}, got {x}",
+                self.op
+            ));
+        }
+        Ok(x)
+    }
+
+    /// A number that must be finite.
+    fn finite_float(&mut self, name: &str) -> Result<f64, String> {
+        let x = self.float(name)?;
+        if !x.is_finite() {
+            return Err(format!(
+                "{}: attribute `{name}` must be a finite number, got {x}",
+                self.op
+            ));
+        }
+        Ok(x)
+    }
+
     fn flag(&mut self, name: &str) -> Result<bool, String> {
         match self.get(name) {
             Some(AttrValue::Bool(b)) => Ok(*b),
@@ -450,10 +475,10 @@ impl Op {
                     axis: r.int("axis")?,
                 },
                 "layer_norm" => Op::LayerNorm {
-                    eps: r.float("eps")?,
+                    eps: r.float_at_least("eps", 0.0)?,
                 },
                 "rms_norm" => Op::RmsNorm {
-                    eps: r.float("eps")?,
+                    eps: r.float_at_least("eps", 0.0)?,
                 },
                 "reshape" => Op::Reshape {
                     shape: r.dims("shape")?,
@@ -485,11 +510,11 @@ impl Op {
                 },
                 "padding_mask" => Op::PaddingMask,
                 "rope" => Op::Rope {
-                    theta: r.float("theta")?,
+                    theta: r.float_at_least("theta", f64::MIN_POSITIVE)?,
                 },
                 "attention" => Op::Attention {
                     causal: r.flag("causal")?,
-                    scale: r.float("scale")?,
+                    scale: r.finite_float("scale")?,
                 },
                 "kernel" => match r.get("body") {
                     Some(AttrValue::List(items)) => Op::Kernel {
@@ -508,7 +533,7 @@ impl Op {
                     }
                 },
                 "lora_linear" => Op::LoraLinear {
-                    alpha: r.float("alpha")?,
+                    alpha: r.finite_float("alpha")?,
                     layout: match r.word("layout", &["in_out", "out_in"])?.as_str() {
                         "in_out" => WeightLayout::InOut,
                         _ => WeightLayout::OutIn,
