@@ -303,7 +303,15 @@ fn bad_folders_and_weights_are_clear_errors() {
 
     let dir = scratch_copy("gpt2", "misshaped");
     edit_config(&dir, "\"vocab_size\": 101", "\"vocab_size\": 100");
+    // (The stop token 100 must stay inside the smaller vocabulary.)
+    edit_config(&dir, "\"eos_token_id\": 100", "\"eos_token_id\": 99");
     check_fails(&["run", dir.to_str().unwrap(), "--tokens", "1"], "tensor `transformer.wte.weight` has shape [101, 32] but the model expects [100, 32] (f32[V, d])");
+    // A stop token outside the vocabulary is a config error naming the field.
+    edit_config(&dir, "\"eos_token_id\": 99", "\"eos_token_id\": 100");
+    check_fails(
+        &["run", dir.to_str().unwrap(), "--tokens", "1"],
+        "eos_token_id 100 is outside the vocabulary (vocab_size 100)",
+    );
 
     let dir = scratch_copy("llama", "extra");
     edit_config(&dir, "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
