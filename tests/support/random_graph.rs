@@ -40,6 +40,15 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
     let mut params = 0usize;
     let mut fl = floats.iter().copied().cycle();
     let mut next_float = move || fl.next().unwrap_or(0.5);
+    // Attributes that must be finite (eps, theta, scale, alpha: the parser
+    // refuses NaN and infinities there).
+    fn finite(x: f64) -> f64 {
+        if x.is_finite() {
+            x
+        } else {
+            0.5
+        }
+    }
     for (i, &code) in ops.iter().enumerate() {
         let pick = |k: u32| pool[(k as usize) % pool.len()];
         let a = pick(code >> 8);
@@ -69,7 +78,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                 let bias = param(&mut b, vec![sym("d")]);
                 b.op(
                     Op::LayerNorm {
-                        eps: next_float().abs(),
+                        eps: finite(next_float()).abs(),
                     },
                     &[a, w, bias],
                 )
@@ -127,7 +136,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                 let w = param(&mut b, vec![sym("d")]);
                 b.op(
                     Op::RmsNorm {
-                        eps: next_float().abs(),
+                        eps: finite(next_float()).abs(),
                     },
                     &[a, w],
                 )
@@ -135,7 +144,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
             15 => b.op(
                 Op::Attention {
                     causal: code & 0x100 != 0,
-                    scale: next_float(),
+                    scale: finite(next_float()),
                 },
                 &[a, a, a],
             ),
@@ -164,7 +173,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                 match pos {
                     Ok(p) => b.op(
                         Op::Rope {
-                            theta: next_float().abs() + 1.0,
+                            theta: finite(next_float().abs() + 1.0),
                         },
                         &[a, p],
                     ),
@@ -177,7 +186,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                 let lb = param(&mut b, vec![sym("d"), Dim::constant(4)]);
                 b.op(
                     Op::LoraLinear {
-                        alpha: next_float(),
+                        alpha: finite(next_float()),
                         layout: WeightLayout::OutIn,
                     },
                     &[a, w, la, lb],

@@ -251,8 +251,13 @@ impl<'a> AttrReader<'a> {
     fn float_at_least(&mut self, name: &str, min: f64) -> Result<f64, String> {
         let x = self.float(name)?;
         if !x.is_finite() || x < min {
+            let bound = if min > 0.0 {
+                "positive".to_string()
+            } else {
+                format!("at least {min}")
+            };
             return Err(format!(
-                "{}: attribute `{name}` must be a finite number of at least {min}, got {x}",
+                "{}: attribute `{name}` must be a finite number, {bound}, got {x}",
                 self.op
             ));
         }
