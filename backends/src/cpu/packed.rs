@@ -102,6 +102,7 @@ fn fill_panels<T: Copy + Default + Send + Sync>(
                 }
             }
         });
+    advise_huge_pages(&data);
     data
 }
 
@@ -167,24 +168,33 @@ impl PackedB {
     }
 }
 
-/// `len` zeros, on transparent huge pages where the kernel offers them
-/// (`madvise`), before the pages are first touched: packing a large model
-/// then takes 512 times fewer page faults, and the kernels streaming the
-/// panels fewer TLB misses.
+/// `len` zeros (pages the kernel maps on first touch).
 fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
-    let v = vec![T::default(); len];
+    vec![T::default(); len]
+}
+
+/// Advises the kernel to back the filled panels with transparent huge pages
+/// (fewer TLB misses for kernels streaming them), *after* they are written:
+/// advised before the first touch, each fault compacted memory for a huge
+/// page on the spot (`defrag = madvise`, the usual setting) and packing the
+/// 124.7M model took 0.56–0.67 s instead of 0.29 s in a fresh process
+/// (first touch of 400 MB measured 870–1270 ms on huge pages against 170 ms
+/// on small ones); advised after, the collapse happens in the background
+/// and decode speed is the same (interleaved runs: ratio 1.01).
+fn advise_huge_pages<T>(v: &[T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (v.as_ptr() as usize + std::mem::size_of_val(v.as_slice())) / HUGE * HUGE;
+        let end = (v.as_ptr() as usize + std::mem::size_of_val(v)) / HUGE * HUGE;
         if end > start {
             // SAFETY: advice only (no change to the contents); the range is
-            // inside the vector's allocation.
+            // inside the slice.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    v
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 /// Whether the host runs the packed kernels.
