@@ -316,3 +316,34 @@ fn fields_that_would_fail_silently_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn adapter_messages_quote_the_config_not_rust_debug_text() {
+    // target_modules naming a module the model lacks printed
+    // `Names(["does_not_exist"])`.
+    let dir = scratch("adapter").join("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        "tests/data/hf/llama_lora/adapter_model.safetensors",
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string("tests/data/hf/llama_lora/adapter_config.json").unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["target_modules"] = serde_json::json!(["does_not_exist"]);
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let (code, _, err) = outcome(&[
+        "run",
+        "tests/data/hf/llama",
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(r#"`target_modules` ["does_not_exist"]"#),
+        "{err}"
+    );
+    assert!(!err.contains("Names("), "{err}");
+}

@@ -72,6 +72,20 @@ pub enum TargetModules {
     Pattern(String),
 }
 
+/// As written in `adapter_config.json`: `["q_proj", "v_proj"]` or the
+/// pattern in quotes (messages must not show Rust's debug text).
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetModules::Names(names) => {
+                let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+                write!(f, "[{}]", quoted.join(", "))
+            }
+            TargetModules::Pattern(p) => write!(f, "{p:?}"),
+        }
+    }
+}
+
 impl TargetModules {
     /// Whether the names select the module at `path` (patterns select all).
     pub(super) fn selects(&self, path: &str) -> bool {

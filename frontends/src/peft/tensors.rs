@@ -162,7 +162,7 @@ fn pair_tensors(
         }
         if !config.target_modules.selects(&module) {
             problems.push(format!(
-                "module `{module}` has tensors but `target_modules` {:?} does not select it",
+                "module `{module}` has tensors but `target_modules` {} does not select it",
                 config.target_modules
             ));
             continue;
