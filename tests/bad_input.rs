@@ -2,15 +2,9 @@
 //! bounded answer; none panics, aborts or runs without bound (issue 9's
 //! catalogue, one test per class as it is fixed).
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the kiln binary runs")
-}
+mod support;
 
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-bad-input-{}-{name}", std::process::id()));
@@ -21,18 +15,21 @@ fn scratch(name: &str) -> std::path::PathBuf {
 /// Exit code, stdout, stderr; panics (the test fails) on a Rust panic or a
 /// signal.
 fn outcome(args: &[&str]) -> (i32, String, String) {
-    let out = kiln(args);
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| panic!("kiln {args:?} was killed by a signal\n{stderr}"));
+    let (code, stdout, stderr) = support::kiln(args);
+    assert!(code != -1, "kiln {args:?} was killed by a signal\n{stderr}");
     assert!(
         !stderr.contains("panicked at"),
         "kiln {args:?} panicked:\n{stderr}"
     );
     (code, stdout, stderr)
+}
+
+/// Rewrites the JSON file at `path` through `edit`.
+fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
 }
 
 #[test]
@@ -195,15 +192,8 @@ fn files_are_read_with_a_limit_fitting_their_kind() {
     let (code, err) = bounded(&["check", "/dev/zero"], limit);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("more than a text-IR file may be"), "{err}");
-    let dir = scratch("links");
-    let folder = dir.join("model");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::copy(
-        "tests/data/hf/llama/model.safetensors",
-        folder.join("model.safetensors"),
-    )
-    .unwrap();
-    let _ = std::fs::remove_file(folder.join("config.json"));
+    let folder = support::scratch_copy("llama", "bad-input-links");
+    std::fs::remove_file(folder.join("config.json")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", folder.join("config.json")).unwrap();
     let (code, err) = bounded(&["check", folder.to_str().unwrap()], limit);
     assert_eq!(code, 2, "{err}");
@@ -212,7 +202,7 @@ fn files_are_read_with_a_limit_fitting_their_kind() {
         "{err}"
     );
     // A text-IR file of 300 MB (sparse: refused on its size, not read).
-    let big = dir.join("big.kir");
+    let big = scratch("links").join("big.kir");
     std::fs::File::create(&big)
         .unwrap()
         .set_len(300 << 20)
@@ -228,11 +218,7 @@ fn files_are_read_with_a_limit_fitting_their_kind() {
 /// A copy of the tiny llama folder with `value` written over element 5 of
 /// the weight `tensor` (f32).
 fn llama_with(name: &str, tensor: &str, value: f32) -> std::path::PathBuf {
-    let folder = scratch(name).join("model");
-    std::fs::create_dir_all(&folder).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(format!("tests/data/hf/llama/{f}"), folder.join(f)).unwrap();
-    }
+    let folder = support::scratch_copy("llama", &format!("bad-input-{name}"));
     let path = folder.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -298,17 +284,10 @@ fn fields_that_would_fail_silently_are_refused_by_name() {
         "{err}"
     );
     // An eos_token_id outside the vocabulary (generation could never stop on it).
-    let folder = dir.join("model");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::copy(
-        "tests/data/hf/llama/model.safetensors",
-        folder.join("model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string("tests/data/hf/llama/config.json").unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
-    config["eos_token_id"] = serde_json::json!(100_000);
-    std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    let folder = support::scratch_copy("llama", "bad-input-eos");
+    edit_json(&folder.join("config.json"), |c| {
+        c["eos_token_id"] = serde_json::json!(100_000)
+    });
     let (code, _, err) = outcome(&["generate", folder.to_str().unwrap(), "--tokens", "1,2"]);
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -328,10 +307,14 @@ fn adapter_messages_quote_the_config_not_rust_debug_text() {
         dir.join("adapter_model.safetensors"),
     )
     .unwrap();
-    let config = std::fs::read_to_string("tests/data/hf/llama_lora/adapter_config.json").unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
-    config["target_modules"] = serde_json::json!(["does_not_exist"]);
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        "tests/data/hf/llama_lora/adapter_config.json",
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    edit_json(&dir.join("adapter_config.json"), |c| {
+        c["target_modules"] = serde_json::json!(["does_not_exist"])
+    });
     let (code, _, err) = outcome(&[
         "run",
         "tests/data/hf/llama",

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use support::kiln;
 
@@ -42,20 +42,6 @@ fn edit_config(dir: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(from), "{} has no `{from}`", path.display());
     std::fs::write(path, text.replace(from, to)).unwrap();
-}
-
-/// A scratch copy of a test model folder, to break in one way.
-fn scratch_copy(name: &str, tag: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(name);
-    let dst = std::env::temp_dir().join(format!("kiln-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 #[test]
@@ -281,14 +267,14 @@ fn bad_folders_and_weights_are_clear_errors() {
     );
     check_fails(&["check", "examples/invalid"], "without config.json");
 
-    let dir = scratch_copy("gpt2", "noweights");
+    let dir = support::scratch_copy("gpt2", "noweights");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
         "the folder has no model.safetensors",
     );
 
-    let dir = scratch_copy("gpt2", "truncated");
+    let dir = support::scratch_copy("gpt2", "truncated");
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     check_fails(
@@ -301,7 +287,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         "not a valid safetensors file",
     );
 
-    let dir = scratch_copy("gpt2", "misshaped");
+    let dir = support::scratch_copy("gpt2", "misshaped");
     edit_config(&dir, "\"vocab_size\": 101", "\"vocab_size\": 100");
     // (The stop token 100 must stay inside the smaller vocabulary.)
     edit_config(&dir, "\"eos_token_id\": 100", "\"eos_token_id\": 99");
@@ -313,7 +299,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         "eos_token_id 100 is outside the vocabulary (vocab_size 100)",
     );
 
-    let dir = scratch_copy("llama", "extra");
+    let dir = support::scratch_copy("llama", "extra");
     edit_config(&dir, "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
@@ -325,7 +311,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         "missing tensor `model.layers.2.input_layernorm.weight` (expected f32 [32])",
     );
 
-    let dir = scratch_copy("llama", "ropescaling");
+    let dir = support::scratch_copy("llama", "ropescaling");
     edit_config(
         &dir,
         "\"rope_type\": \"default\"",
@@ -336,7 +322,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         "has rope_type \"yarn\"; only \"default\" is supported",
     );
 
-    let dir = scratch_copy("gpt2", "modeltype");
+    let dir = support::scratch_copy("gpt2", "modeltype");
     edit_config(&dir, "\"model_type\": \"gpt2\"", "\"model_type\": \"t5\"");
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
@@ -348,7 +334,7 @@ fn bad_folders_and_weights_are_clear_errors() {
         "config.json: not valid JSON",
     );
 
-    let dir = scratch_copy("gpt2", "heads");
+    let dir = support::scratch_copy("gpt2", "heads");
     edit_config(&dir, "\"n_head\": 4", "\"n_head\": 5");
     let (code, _, err) = kiln(&["check", dir.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
@@ -437,7 +423,7 @@ fn review_regressions_on_inputs_and_configs() {
         "out of range",
     );
     // Sizes too large for any model are configuration errors (exit 2), not panics.
-    let dir = scratch_copy("bart", "hugepos");
+    let dir = support::scratch_copy("bart", "hugepos");
     edit_config(
         &dir,
         "\"max_position_embeddings\": 64",
@@ -448,7 +434,7 @@ fn review_regressions_on_inputs_and_configs() {
         "`max_position_embeddings` = 9223372036854775807 is larger than kiln accepts",
     );
     // eos_token_id may be a list (Llama 3 style).
-    let dir = scratch_copy("llama", "eoslist");
+    let dir = support::scratch_copy("llama", "eoslist");
     edit_config(&dir, "\"eos_token_id\": 2", "\"eos_token_id\": [2, 3]");
     let m = kiln::Model::load(&dir).unwrap();
     assert_eq!(m.info().unwrap().eos_token_ids, vec![2, 3]);

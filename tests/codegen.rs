@@ -117,9 +117,31 @@ fn noise(shape: Vec<usize>, seed: u64) -> Tensor {
     Tensor::f32(shape, data).unwrap()
 }
 
+/// Runs `graph` (one output, `out`) on the interpreter and on the CPU
+/// backend, which must run every step with its own code, and compares them
+/// within `tol` relative (NaN and infinities rejected).
+fn cpu_matches_interpreter(
+    graph: &kiln::ir::Graph,
+    weights: &kiln::Weights,
+    inputs: &[Tensor],
+    tol: f64,
+) -> Result<support::Deviation, support::Mismatch> {
+    use kiln::backends::{Backend, Cpu, Interpreter};
+    let want = Interpreter
+        .compile(graph, weights)
+        .unwrap()
+        .run(inputs)
+        .unwrap();
+    let mut exe = Cpu { threads: 0 }.compile(graph, weights).unwrap();
+    let got = exe.run(inputs).unwrap();
+    assert!(exe.fallback_steps().is_empty());
+    let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
+    support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
+        .and_then(|d| d.within(support::Tolerance::Relative(tol)))
+}
+
 #[test]
 fn tiled_attention_matches_the_interpreter_over_many_tiles() {
-    use kiln::backends::{Backend, Cpu, Interpreter};
     let _one = serial();
     // Query and key counts that span several tiles and end mid-tile; GQA
     // (4 query heads over 2 kv heads); causal with more keys than queries
@@ -146,27 +168,14 @@ fn tiled_attention_matches_the_interpreter_over_many_tiles() {
             let m: Vec<bool> = (0..2 * s).map(|i| i < s || i % s < 37).collect();
             inputs.push(Tensor::bool(vec![2, 1, 1, s], m).unwrap());
         }
-        let weights = kiln::Weights::new();
-        let want = Interpreter
-            .compile(&graph, &weights)
-            .unwrap()
-            .run(&inputs)
-            .unwrap();
-        let mut exe = Cpu { threads: 0 }.compile(&graph, &weights).unwrap();
-        let got = exe.run(&inputs).unwrap();
-        assert!(exe.fallback_steps().is_empty());
-        let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
-        let d =
-            support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
-                .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
-                .unwrap_or_else(|e| panic!("causal={causal} t={t} s={s}: {e}"));
+        let d = cpu_matches_interpreter(&graph, &kiln::Weights::new(), &inputs, 1e-5)
+            .unwrap_or_else(|e| panic!("causal={causal} t={t} s={s}: {e}"));
         println!("causal={causal} t={t} s={s} masked={masked}: {d}");
     }
 }
 
 #[test]
 fn rope_matches_the_interpreter_at_any_position() {
-    use kiln::backends::{Backend, Cpu, Interpreter};
     let _one = serial();
     // Positions inside the shared table, far past its limit, and negative.
     let src = "func @r(%x: f32[B, 2, T, 10], %pos: i64[B, T]) -> (out: f32[B, 2, T, 10]) {\n  \
@@ -174,24 +183,12 @@ fn rope_matches_the_interpreter_at_any_position() {
     let graph = kiln::ir::parse_graph(src).expect("parses");
     let pos = Tensor::i64(vec![1, 5], vec![0, 7, 70_000, 1 << 40, -3]).unwrap();
     let inputs = vec![noise(vec![1, 2, 5, 10], 9), pos];
-    let weights = kiln::Weights::new();
-    let want = Interpreter
-        .compile(&graph, &weights)
-        .unwrap()
-        .run(&inputs)
-        .unwrap();
-    let mut exe = Cpu { threads: 0 }.compile(&graph, &weights).unwrap();
-    let got = exe.run(&inputs).unwrap();
-    assert!(exe.fallback_steps().is_empty());
-    let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
-    support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
-        .and_then(|d| d.within(support::Tolerance::Relative(1e-6)))
+    cpu_matches_interpreter(&graph, &kiln::Weights::new(), &inputs, 1e-6)
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
 fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
-    use kiln::backends::{Backend, Cpu, Interpreter};
     let _one = serial();
     // A linear layer with its bias, GELU and residual fused into the
     // product's epilogue, over more rows than the packed GEMM takes at a
@@ -210,17 +207,7 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
     weights.insert("b".into(), noise(vec![70], 12));
     for (b, t) in [(3, 401), (1, 1)] {
         let inputs = vec![noise(vec![b, t, 40], 13), noise(vec![b, t, 70], 14)];
-        let want = Interpreter
-            .compile(&graph, &weights)
-            .unwrap()
-            .run(&inputs)
-            .unwrap();
-        let mut exe = Cpu { threads: 0 }.compile(&graph, &weights).unwrap();
-        let got = exe.run(&inputs).unwrap();
-        assert!(exe.fallback_steps().is_empty());
-        let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
-        support::outputs_deviation(&named(got), &named(want), &|_| support::NonFinite::Reject)
-            .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+        cpu_matches_interpreter(&graph, &weights, &inputs, 1e-5)
             .unwrap_or_else(|e| panic!("{b}x{t}: {e}"));
     }
 }

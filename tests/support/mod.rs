@@ -35,6 +35,21 @@ pub fn kiln(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A scratch copy of the test model folder `tests/data/hf/<name>`
+/// (`config.json` and `model.safetensors`), to break in one way.
+pub fn scratch_copy(name: &str, tag: &str) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
+    let dst = std::env::temp_dir().join(format!("kiln-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
 /// Every backend, the oracle first: parity and differential tests run on each
 /// (a new backend joins with one line here).
 pub const BACKENDS: [kiln::Target; 3] = [

@@ -78,7 +78,7 @@ fn fill_panels<T: Copy + Default + Send + Sync>(
 ) -> Vec<T> {
     use rayon::prelude::*;
     let panels = n.div_ceil(NR);
-    let mut data = zeroed::<T>(panels * k * NR);
+    let mut data = vec![T::default(); panels * k * NR];
     if k == 0 {
         return data;
     }
@@ -166,11 +166,6 @@ impl PackedB {
             }
         }
     }
-}
-
-/// `len` zeros (pages the kernel maps on first touch).
-fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
-    vec![T::default(); len]
 }
 
 /// Advises the kernel to back the filled panels with transparent huge pages
