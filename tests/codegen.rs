@@ -146,22 +146,25 @@ fn tiled_attention_matches_the_interpreter_over_many_tiles() {
     // Query and key counts that span several tiles and end mid-tile; GQA
     // (4 query heads over 2 kv heads); causal with more keys than queries
     // (a cache), and non-causal with a padding mask hiding whole rows.
-    for (causal, t, s, masked) in [
-        (true, 150, 150, false),
-        (true, 70, 300, false),
-        (false, 150, 300, true),
+    // Head widths below one 32-column panel and across two that end
+    // mid-panel.
+    for (causal, t, s, masked, dh, dv) in [
+        (true, 150, 150, false, 16, 8),
+        (true, 70, 300, false, 16, 8),
+        (false, 150, 300, true, 16, 8),
+        (true, 130, 200, false, 72, 40),
     ] {
         let mask_param = if masked { ", %m: bool[B, 1, 1, S]" } else { "" };
         let mask_arg = if masked { ", %m" } else { "" };
         let src = format!(
-            "func @att(%q: f32[B, 4, T, 16], %k: f32[B, 2, S, 16], %v: f32[B, 2, S, 8]{mask_param}) -> (out: f32[B, 4, T, 8]) {{\n  \
-             %o = attention(%q, %k, %v{mask_arg}) causal={causal} scale=0.25 : f32[B, 4, T, 8]\n  return %o\n}}\n"
+            "func @att(%q: f32[B, 4, T, {dh}], %k: f32[B, 2, S, {dh}], %v: f32[B, 2, S, {dv}]{mask_param}) -> (out: f32[B, 4, T, {dv}]) {{\n  \
+             %o = attention(%q, %k, %v{mask_arg}) causal={causal} scale=0.25 : f32[B, 4, T, {dv}]\n  return %o\n}}\n"
         );
         let graph = kiln::ir::parse_graph(&src).expect("parses");
         let mut inputs = vec![
-            noise(vec![2, 4, t, 16], 1),
-            noise(vec![2, 2, s, 16], 2),
-            noise(vec![2, 2, s, 8], 3),
+            noise(vec![2, 4, t, dh], 1),
+            noise(vec![2, 2, s, dh], 2),
+            noise(vec![2, 2, s, dv], 3),
         ];
         if masked {
             // Row 1 sees only its first 37 keys.

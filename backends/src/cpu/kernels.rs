@@ -786,6 +786,96 @@ const TILED_MIN_QUERIES: usize = 4;
 const TILE_Q: usize = 64;
 const TILE_K: usize = 128;
 
+/// Scales the visible scores of one row of a tile (the mask's hidden ones
+/// set to −∞) and returns the row's running maximum, from `prev`; NaN when
+/// any score is NaN.
+#[allow(clippy::too_many_arguments)]
+fn row_max(
+    shown: &mut [f32],
+    mask: Option<Iv<'_>>,
+    bi: usize,
+    hi: usize,
+    ti: usize,
+    k0: usize,
+    scale: f32,
+    prev: f32,
+) -> f32 {
+    // Scale and maximum in one pass; a NaN anywhere makes the maximum NaN
+    // (checked apart).
+    let mut m = prev;
+    let mut nan = m.is_nan();
+    match mask {
+        None => {
+            for x in shown.iter_mut() {
+                *x *= scale;
+                nan |= x.is_nan();
+                m = if *x > m { *x } else { m };
+            }
+        }
+        Some(mv) => {
+            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
+            for (j, x) in shown.iter_mut().enumerate() {
+                // SAFETY: inside the mask view (verified).
+                let allowed = unsafe { mv.get(at0 + j * step) } != 0;
+                *x = if allowed {
+                    *x * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                nan |= x.is_nan();
+                m = if *x > m { *x } else { m };
+            }
+        }
+    }
+    if nan {
+        f32::NAN
+    } else {
+        m
+    }
+}
+
+/// [`row_max`] with the AVX-512 passes (a byte mask of unit stride read
+/// sixteen at a time).
+#[allow(clippy::too_many_arguments)]
+fn row_max_simd(
+    shown: &mut [f32],
+    mask: Option<Iv<'_>>,
+    bi: usize,
+    hi: usize,
+    ti: usize,
+    k0: usize,
+    scale: f32,
+    prev: f32,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(mv) = mask {
+            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
+            if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) {
+                // SAFETY: the row's mask bytes are inside the view
+                // (verified); AVX-512 checked by the caller.
+                unsafe { super::softmax::mask_bytes(shown, mv.base.add(at0)) };
+            } else {
+                for (j, x) in shown.iter_mut().enumerate() {
+                    // SAFETY: inside the mask view (verified).
+                    if unsafe { mv.get(at0 + j * step) } == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        // SAFETY: AVX-512 checked by the caller.
+        let m = unsafe { super::softmax::scale_max(shown, scale) };
+        if m.is_nan() || prev.is_nan() {
+            f32::NAN
+        } else {
+            m.max(prev)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    row_max(shown, mask, bi, hi, ti, k0, scale, prev)
+}
+
 /// Flash-style attention, one task per (batch, head): for each tile of
 /// queries, each tile of keys not hidden by the causal mask gives a score
 /// tile (a GEMM), an online softmax (running max and sum per query,
@@ -824,9 +914,12 @@ fn attention_tiled(
         let kv = hi / group;
         let mut scores = vec![0f32; TILE_Q * TILE_K];
         let mut acc = vec![0f32; TILE_Q * dv];
+        let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
+        // The SIMD passes mask before they scale: a positive scale keeps
+        // −∞ where it is.
+        let simd = super::softmax::available() && scale > 0.0;
         let mut mx = [f32::NEG_INFINITY; TILE_Q];
         let mut sum = [0f32; TILE_Q];
-        let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
         for q0 in (0..t).step_by(TILE_Q) {
             let tq = TILE_Q.min(t - q0);
             acc[..tq * dv].fill(0.0);
@@ -876,43 +969,28 @@ fn attention_tiled(
                     let seen = visible(ti).saturating_sub(k0).min(tk);
                     let (shown, hidden) = row.split_at_mut(seen);
                     hidden.fill(f32::NEG_INFINITY);
-                    // Scale and maximum in one pass the compiler vectorizes;
-                    // a NaN anywhere makes the maximum NaN (checked apart).
-                    let mut m = mx[i];
-                    let mut nan = m.is_nan();
-                    match mask {
-                        None => {
-                            for x in shown.iter_mut() {
-                                *x *= scale;
-                                nan |= x.is_nan();
-                                m = if *x > m { *x } else { m };
-                            }
-                        }
-                        Some(mv) => {
-                            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
-                            for (j, x) in shown.iter_mut().enumerate() {
-                                // SAFETY: inside the mask view (verified).
-                                let allowed = unsafe { mv.get(at0 + j * step) } != 0;
-                                *x = if allowed {
-                                    *x * scale
-                                } else {
-                                    f32::NEG_INFINITY
-                                };
-                                nan |= x.is_nan();
-                                m = if *x > m { *x } else { m };
-                            }
-                        }
-                    }
-                    if nan {
-                        m = f32::NAN;
-                    }
+                    let m = if simd {
+                        row_max_simd(shown, mask, bi, hi, ti, k0, scale, mx[i])
+                    } else {
+                        row_max(shown, mask, bi, hi, ti, k0, scale, mx[i])
+                    };
                     if m == f32::NEG_INFINITY {
                         // Nothing visible yet: the row's probabilities are 0.
                         row.fill(0.0);
                         continue;
                     }
-                    // SAFETY: `row` holds `tk` values.
-                    let tile_sum = unsafe { exp_row(row.as_mut_ptr(), tk as i64, m) };
+                    let tile_sum = if simd {
+                        // SAFETY: AVX-512 (checked with `simd`).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            super::softmax::exp_sum(row, m)
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        0.0
+                    } else {
+                        // SAFETY: `row` holds `tk` values.
+                        unsafe { exp_row(row.as_mut_ptr(), tk as i64, m) }
+                    };
                     let alpha = if mx[i] == f32::NEG_INFINITY {
                         0.0
                     } else {

@@ -20,6 +20,7 @@ pub mod jit;
 mod kernels;
 mod matvec;
 pub(crate) mod packed;
+mod softmax;
 pub(crate) mod team;
 
 thread_local! {
