@@ -14,6 +14,7 @@
 //! ```
 
 pub mod adapter;
+pub mod artifact;
 pub mod bench;
 pub mod generate;
 pub mod output;
@@ -77,6 +78,16 @@ pub enum Error {
     /// Input kiln does not handle (yet), with the reason.
     #[error("{0}")]
     Unsupported(String),
+    /// A compiled artifact that cannot be used: truncated, corrupt, or
+    /// written for another kiln or target; `what` says which section and
+    /// offset.
+    #[error("{path}: {what}")]
+    Artifact {
+        /// The artifact.
+        path: PathBuf,
+        /// What is wrong, and where.
+        what: String,
+    },
     /// A run produced NaN or infinite logits where a token must be chosen
     /// (nothing sensible can be generated from them), with the weights
     /// that hold non-finite values, if any.
@@ -186,6 +197,9 @@ pub struct Model {
     origin: String,
     weights: Option<Weights>,
     info: Option<ModelInfo>,
+    /// Set when the model was loaded from a compiled artifact (it is then
+    /// already optimized, and holds the artifact's packed weights).
+    artifact: Option<std::sync::Arc<artifact::Loaded>>,
 }
 
 impl Model {
@@ -193,6 +207,9 @@ impl Model {
     /// (`config.json` + `model.safetensors`).
     pub fn load(path: impl AsRef<Path>) -> Result<Model, Error> {
         let path = path.as_ref();
+        if path.is_file() && artifact::is_artifact(path) {
+            return artifact::load(path);
+        }
         if path.is_dir() {
             if !path.join("config.json").exists() {
                 return Err(Error::Io {
@@ -211,6 +228,7 @@ impl Model {
                 origin: path.display().to_string(),
                 weights: Some(hf.weights),
                 info: Some(hf.info),
+                artifact: None,
             });
         }
         let text =
@@ -233,6 +251,7 @@ impl Model {
             origin: origin.to_string(),
             weights: None,
             info: None,
+            artifact: None,
         })
     }
 
@@ -253,7 +272,44 @@ impl Model {
                 eos_token_ids: Vec::new(),
                 decoder_start_token_id: None,
             }),
+            artifact: None,
         })
+    }
+
+    /// A model loaded from a compiled artifact.
+    pub(crate) fn from_artifact(
+        module: Module,
+        origin: String,
+        weights: Weights,
+        info: Option<ModelInfo>,
+        loaded: std::sync::Arc<artifact::Loaded>,
+    ) -> Model {
+        Model {
+            module,
+            origin,
+            weights: Some(weights),
+            info,
+            artifact: Some(loaded),
+        }
+    }
+
+    /// The model with `funcs` added after its own functions, and the
+    /// weights of `weights` it does not have yet.
+    pub(crate) fn with_functions(&self, funcs: Vec<Graph>, weights: Option<Weights>) -> Model {
+        let mut out = self.clone();
+        out.module.funcs.extend(funcs);
+        if let Some(extra) = weights {
+            let mine = out.weights.get_or_insert_with(Weights::new);
+            for (name, t) in extra {
+                mine.entry(name).or_insert(t);
+            }
+        }
+        out
+    }
+
+    /// The compiled artifact this model was loaded from, if any.
+    pub fn artifact(&self) -> Option<&artifact::Loaded> {
+        self.artifact.as_deref()
     }
 
     /// Where the model came from.
@@ -342,7 +398,12 @@ impl Model {
 
     /// The model after the named optimization pipeline (weights rewritten too,
     /// where a pass folds them).
+    /// A model loaded from an artifact is already optimized (at the level
+    /// it was compiled with) and is returned as it is.
     pub fn optimize(&self, level: OptLevel) -> Result<Model, Error> {
+        if self.artifact.is_some() {
+            return Ok(self.clone());
+        }
         Ok(self.apply_passes(&PassManager::pipeline(level))?.0)
     }
 

@@ -66,9 +66,10 @@ enum Command {
     Ir {
         /// A `.kir` text-IR file or a Hugging Face model folder.
         model: PathBuf,
-        /// Optimization level: 0 (as built), 1 (cleanup), 2 (cleanup + fusion).
-        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
-        opt: kiln::OptLevel,
+        /// Optimization level: 0 (as built), 1 (cleanup), 2 (cleanup + fusion;
+        /// the default). Not for artifacts, which are optimized when compiled.
+        #[arg(short = 'O', value_name = "LEVEL", value_parser = parse_level)]
+        opt: Option<kiln::OptLevel>,
         /// Run exactly these passes instead of a pipeline (comma-separated;
         /// canonicalize, constant-folding, cse, dce, attention-fusion, lora-merge,
         /// elementwise-fusion, kv-cache).
@@ -107,9 +108,10 @@ enum Command {
         weights: Option<PathBuf>,
         #[command(flatten)]
         adapter: AdapterArgs,
-        /// Optimization level of the compiled model: 0 (as built), 1, 2 (default).
-        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
-        opt: kiln::OptLevel,
+        /// Optimization level of the compiled model: 0 (as built), 1, 2 (the
+        /// default). Not for artifacts, which are optimized when compiled.
+        #[arg(short = 'O', value_name = "LEVEL", value_parser = parse_level)]
+        opt: Option<kiln::OptLevel>,
         /// Where to run.
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
@@ -154,15 +156,41 @@ enum Command {
         no_kv_cache: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
-        /// Optimization level of the compiled model: 0 (as built), 1, 2 (default).
-        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = parse_level)]
-        opt: kiln::OptLevel,
+        /// Optimization level of the compiled model: 0 (as built), 1, 2 (the
+        /// default). Not for artifacts, which are optimized when compiled.
+        #[arg(short = 'O', value_name = "LEVEL", value_parser = parse_level)]
+        opt: Option<kiln::OptLevel>,
         /// Where to run.
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Output format.
         #[arg(long, value_enum, default_value = "summary")]
         output: OutputArg,
+    },
+    /// Compile a model once into an artifact that runs without its source.
+    ///
+    /// The artifact holds the optimized IR, every function's lowered Program,
+    /// and the weights both as stored and packed for the CPU backend's GEMM,
+    /// mapped in place when loaded. `run`, `generate`, `check`, `ir` and
+    /// `bench` take it in place of the model. Written to a temporary file and
+    /// renamed: a failed compile leaves nothing behind.
+    Compile {
+        /// A `.kir` file (with `--weights`) or a Hugging Face model folder.
+        model: PathBuf,
+        /// Safetensors weights for a `.kir` model (tensor names = parameter names).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        /// Optimization level: 0 (as built), 1, 2 (the default).
+        #[arg(short = 'O', value_name = "LEVEL", value_parser = parse_level)]
+        opt: Option<kiln::OptLevel>,
+        /// The backend the artifact is for.
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: TargetArg,
+        /// Where to write the artifact (`model.kiln`).
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
     },
     /// Build the built-in GPT-2-style model, check it, print its shape trace, and
     /// run it on the interpreter.
@@ -257,6 +285,45 @@ impl AdapterArgs {
     fn apply(&self, model: Model) -> Result<Model, Error> {
         model.with_adapters(&self.adapters, self.lora_mode)
     }
+
+    /// The model with the adapters applied and the pipeline of `opt` run;
+    /// an artifact as it is (it was optimized when compiled), and an error
+    /// when adapters or `-O` are given for one.
+    fn prepare(&self, model: Model, opt: Option<kiln::OptLevel>) -> Result<Model, Error> {
+        if model.artifact().is_some() {
+            reject_for_artifact(&model, !self.adapters.is_empty(), opt)?;
+            return Ok(model);
+        }
+        let m = self.apply(model)?;
+        let pipeline = kiln::adapter::pipeline(opt.unwrap_or(kiln::OptLevel::O2), self.lora_mode)?;
+        Ok(m.apply_passes(&pipeline)?.0)
+    }
+}
+
+/// `--adapter` and `-O` apply when an artifact is compiled, not when it runs.
+fn reject_for_artifact(
+    model: &Model,
+    adapters: bool,
+    opt: Option<kiln::OptLevel>,
+) -> Result<(), Error> {
+    let Some(a) = model.artifact() else {
+        return Ok(());
+    };
+    let what = match (adapters, opt) {
+        (true, _) => "--adapter",
+        (false, Some(_)) => "-O",
+        (false, None) => return Ok(()),
+    };
+    Err(Error::Input(format!(
+        "{} is a compiled artifact (-O{}, adapters: {}): {what} applies when compiling (`kiln compile`), not to an artifact",
+        model.origin(),
+        a.manifest.opt_level,
+        if a.manifest.adapters.is_empty() {
+            "none".to_string()
+        } else {
+            a.manifest.adapters.join(", ")
+        }
+    )))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -266,6 +333,13 @@ enum BackendArg {
     /// The lowered Program, run by the reference Program executor.
     Reference,
     /// The lowered Program, run by the CPU backend's native kernels.
+    Cpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// The CPU backend (packed weights for its AVX-512 GEMM where the
+    /// compiling host has AVX-512).
     Cpu,
 }
 
@@ -355,10 +429,16 @@ fn run(cli: Cli) -> Result<(), Error> {
                     bad.clone(),
                 )));
             }
-            let m = adapter.apply(load(&model)?)?;
+            let m = load(&model)?;
+            reject_for_artifact(&m, !adapter.adapters.is_empty(), opt)?;
+            let m = adapter.apply(m)?;
             let pm = match &passes {
                 Some(names) => kiln::PassManager::from_names(names).map_err(Error::Pass)?,
-                None => kiln::adapter::pipeline(opt, adapter.lora_mode)?,
+                // An artifact is printed as it was compiled.
+                None if m.artifact().is_some() => kiln::PassManager::from_names::<&str>(&[])?,
+                None => {
+                    kiln::adapter::pipeline(opt.unwrap_or(kiln::OptLevel::O2), adapter.lora_mode)?
+                }
             }
             .print_after(&print_after);
             if let Some(p) = print_after
@@ -418,10 +498,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(w) = weights {
                 m = m.with_weights_file(&w)?;
             }
-            let m = adapter.apply(m)?;
-            let m = m
-                .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
-                .0;
+            let m = adapter.prepare(m, opt)?;
             let mut exe = m.compile(target(backend, threads))?;
             let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
             // Printed as computed, but not silently: say which outputs hold
@@ -464,10 +541,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             output,
         } => {
-            let m = adapter.apply(load(&model)?)?;
-            let m = m
-                .apply_passes(&kiln::adapter::pipeline(opt, adapter.lora_mode)?)?
-                .0;
+            let m = adapter.prepare(load(&model)?, opt)?;
             let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 Sampling::Sample {
                     temperature: temperature.unwrap_or(1.0),
@@ -512,6 +586,43 @@ fn run(cli: Cli) -> Result<(), Error> {
                 OutputArg::Json => outln!("{{\"tokens\": {body}}}"),
                 OutputArg::Summary => outln!("new tokens: {body}"),
             }
+        }
+        Command::Compile {
+            model,
+            weights,
+            adapter,
+            opt,
+            target: TargetArg::Cpu,
+            out,
+        } => {
+            let started = std::time::Instant::now();
+            let mut m = load(&model)?;
+            if let Some(w) = weights {
+                m = m.with_weights_file(&w)?;
+            }
+            let opts = kiln::artifact::CompileOptions {
+                opt: opt.unwrap_or(kiln::OptLevel::O2),
+                adapters: adapter.adapters.clone(),
+                lora_mode: adapter.lora_mode,
+                threads: threads.unwrap_or(0),
+            };
+            let w = {
+                let _spin = progress::Spinner::start(&format!("compiling {}", model.display()));
+                kiln::artifact::compile(&m, &opts, &out)?
+            };
+            outln!(
+                "wrote {}: {:.1} MB, functions {}, {} weights, {} packed for the GEMM, in {:.2} s",
+                out.display(),
+                w.bytes as f64 / 1e6,
+                w.functions
+                    .iter()
+                    .map(|f| format!("@{f}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                w.weights,
+                w.packed,
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Bench {
             model,

@@ -20,6 +20,9 @@ pub mod jit;
 mod kernels;
 mod matvec;
 pub(crate) mod packed;
+pub use packed::{
+    adopt as adopt_packed, available as packed_available, packed_weights, PackedWeight,
+};
 mod softmax;
 pub(crate) mod team;
 

@@ -47,11 +47,47 @@ const MC: usize = 120;
 
 /// The panels' elements, in the weight's own dtype (16-bit weights stay
 /// 16-bit and are widened inside the kernels).
-#[derive(Debug, PartialEq)]
 enum Panels {
     F32(Vec<f32>),
     /// f16 or bf16 bit patterns.
     Half(Vec<u16>),
+    /// Bytes of an artifact, read in place: `len` bytes from `offset` of
+    /// the source, aligned for the element type (checked on adoption).
+    Mapped {
+        /// Kept alive for `at`.
+        _source: Arc<dyn kiln_ir::tensor::ByteSource>,
+        /// The first byte (a source returns the same bytes on every call).
+        at: *const u8,
+        len: usize,
+    },
+}
+
+// SAFETY: the mapped panels are read-only bytes that live as long as their
+// source, which is itself shared between threads.
+unsafe impl Send for Panels {}
+// SAFETY: as above.
+unsafe impl Sync for Panels {}
+
+impl Panels {
+    fn bytes(&self) -> &[u8] {
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain numbers viewed as bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+        }
+        match self {
+            Panels::F32(v) => raw(v),
+            Panels::Half(v) => raw(v),
+            // SAFETY: `len` bytes from `at` inside the source (checked on
+            // adoption), which `_source` keeps alive.
+            Panels::Mapped { at, len, .. } => unsafe { std::slice::from_raw_parts(*at, *len) },
+        }
+    }
+}
+
+impl std::fmt::Debug for Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Panels({} bytes)", self.bytes().len())
+    }
 }
 
 /// A `K × N` matrix in column panels.
@@ -157,14 +193,14 @@ impl PackedB {
     /// The first byte of panel `p` (`k × NR` elements of `dtype` from here).
     pub(crate) fn panel(&self, p: usize) -> *const u8 {
         debug_assert!(p < self.panels());
-        let at = p * self.k * NR;
+        let at = p * self.k * NR * self.dtype.size_bytes();
         // SAFETY: p < panels: inside the allocation.
-        unsafe {
-            match &self.data {
-                Panels::F32(d) => d.as_ptr().add(at).cast(),
-                Panels::Half(d) => d.as_ptr().add(at).cast(),
-            }
-        }
+        unsafe { self.data.bytes().as_ptr().add(at) }
+    }
+
+    /// Bytes of every panel, as the kernels read them.
+    fn byte_len(k: usize, n: usize, dtype: DType) -> usize {
+        n.div_ceil(NR) * k * NR * dtype.size_bytes()
     }
 }
 
@@ -193,7 +229,7 @@ fn advise_huge_pages<T>(v: &[T]) {
 }
 
 /// Whether the host runs the packed kernels.
-pub(crate) fn available() -> bool {
+pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -207,6 +243,140 @@ pub(crate) fn available() -> bool {
 /// What identifies one packing of one weight: the weight's bytes (address
 /// and length) and the view of it the product reads.
 type PackKey = (usize, usize, usize, usize, usize, usize, usize);
+
+/// One packing of one weight that this process holds: what `kiln compile`
+/// stores in an artifact, and what loading it hands back ([`adopt`]).
+#[derive(Clone, Debug)]
+pub struct PackedWeight {
+    /// Address of the weight's first byte (to find it among the weights).
+    pub weight_addr: usize,
+    /// The view of the weight the product reads: `B[kk, j] =
+    /// w[offset + kk·sk + j·sn]`, `k × n`.
+    pub offset: usize,
+    /// Element step along `k`.
+    pub sk: usize,
+    /// Element step along `n`.
+    pub sn: usize,
+    /// Rows of B.
+    pub k: usize,
+    /// Columns of B.
+    pub n: usize,
+    /// The panels' element type (the weight's own).
+    pub dtype: DType,
+    packed: Arc<PackedB>,
+}
+
+impl PackedWeight {
+    /// The panels' bytes, as the kernels read them.
+    pub fn bytes(&self) -> &[u8] {
+        self.packed.data.bytes()
+    }
+
+    /// Whether the panels are read in place from an artifact rather than
+    /// packed by this process.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.packed.data, Panels::Mapped { .. })
+    }
+}
+
+/// Every packing alive in this process (weights packed by executables that
+/// still exist), in a stable order.
+pub fn packed_weights() -> Vec<PackedWeight> {
+    let guard = PACKED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out: Vec<PackedWeight> = guard
+        .iter()
+        .flat_map(|m| m.iter())
+        .filter_map(|(&(addr, _, offset, sk, sn, k, n), w)| {
+            let packed = w.upgrade()?;
+            Some(PackedWeight {
+                weight_addr: addr,
+                offset,
+                sk,
+                sn,
+                k,
+                n,
+                dtype: packed.dtype,
+                packed,
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| (p.weight_addr, p.offset, p.sk, p.sn, p.k, p.n));
+    out
+}
+
+/// Makes `len` bytes at `offset` of `source` (an artifact's packed panels,
+/// read in place) the packing of `w` viewed as `B[kk, j] = w[offset_w +
+/// kk·sk + j·sn]` (`k × n`): executables compiled while the returned
+/// handle lives use these panels instead of packing. An error says what
+/// does not fit (the view outside the weight, a length or alignment the
+/// panels cannot have, a dtype the kernels do not read).
+#[allow(clippy::too_many_arguments)]
+pub fn adopt(
+    w: &kiln_ir::Tensor,
+    offset_w: usize,
+    sk: usize,
+    sn: usize,
+    k: usize,
+    n: usize,
+    source: Arc<dyn kiln_ir::tensor::ByteSource>,
+    offset: usize,
+    len: usize,
+) -> Result<PackedWeight, String> {
+    let dtype = w.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(format!("a {dtype} weight is never packed"));
+    }
+    let count = w.bytes().len() / dtype.size_bytes();
+    let span = (k.max(1) - 1)
+        .checked_mul(sk)
+        .zip((n.max(1) - 1).checked_mul(sn))
+        .and_then(|(a, b)| a.checked_add(b)?.checked_add(offset_w));
+    if k == 0 || n == 0 || span.is_none_or(|s| s >= count) {
+        return Err(format!(
+            "its view ({k} × {n} from element {offset_w}, steps {sk} and {sn}) lies outside the weight's {count} elements"
+        ));
+    }
+    let want = PackedB::byte_len(k, n, dtype);
+    if len != want {
+        return Err(format!(
+            "holds {len} bytes; {k} × {n} {dtype} panels take {want}"
+        ));
+    }
+    let bytes = source.bytes();
+    if offset.checked_add(len).is_none_or(|e| e > bytes.len()) {
+        return Err(format!("bytes {offset}..+{len} lie outside the file"));
+    }
+    if !(bytes.as_ptr() as usize + offset).is_multiple_of(64) {
+        return Err(format!("offset {offset} is not aligned to 64 bytes"));
+    }
+    let packed = Arc::new(PackedB {
+        k,
+        n,
+        dtype,
+        data: Panels::Mapped {
+            // SAFETY: inside the source's bytes (checked above).
+            at: unsafe { bytes.as_ptr().add(offset) },
+            len,
+            _source: source.clone(),
+        },
+    });
+    let wb = w.bytes();
+    let key = (wb.as_ptr() as usize, wb.len(), offset_w, sk, sn, k, n);
+    let mut guard = PACKED.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    map.retain(|_, v| v.strong_count() > 0);
+    map.insert(key, Arc::downgrade(&packed));
+    Ok(PackedWeight {
+        weight_addr: key.0,
+        offset: offset_w,
+        sk,
+        sn,
+        k,
+        n,
+        dtype,
+        packed,
+    })
+}
 
 static PACKED: Mutex<Option<HashMap<PackKey, Weak<PackedB>>>> = Mutex::new(None);
 
@@ -655,8 +825,14 @@ mod tests {
             let packed = PackedB::pack(k, n, |kk, j| b[kk * n + j]);
             // The straight-copy packings of both weight layouts agree.
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            assert_eq!(PackedB::from_f32(&b, 0, n, 1, k, n).data, packed.data);
-            assert_eq!(PackedB::from_f32(&bt, 0, 1, k, k, n).data, packed.data);
+            assert_eq!(
+                PackedB::from_f32(&b, 0, n, 1, k, n).data.bytes(),
+                packed.data.bytes()
+            );
+            assert_eq!(
+                PackedB::from_f32(&bt, 0, 1, k, k, n).data.bytes(),
+                packed.data.bytes()
+            );
             let mut c = vec![f32::NAN; m * n];
             // SAFETY: sizes as allocated; AVX-512 checked.
             unsafe {
