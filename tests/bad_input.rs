@@ -330,3 +330,92 @@ fn adapter_messages_quote_the_config_not_rust_debug_text() {
     );
     assert!(!err.contains("Names("), "{err}");
 }
+
+/// Runs the kiln binary with `KILN_MEMORY_LIMIT` set.
+fn with_memory_limit(limit: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_MEMORY_LIMIT", limit)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the kiln binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn runs_needing_more_memory_than_the_machine_gives_are_refused_with_the_figure() {
+    // A 7.4 GB output (under the per-tensor cap) from a one-element input:
+    // refused before anything is allocated, on every backend, when the
+    // machine has 4 GiB to give; the interpreter also counts the index map
+    // its expand builds.
+    let dir = scratch("memory");
+    let kir = dir.join("big.kir");
+    std::fs::write(
+        &kir,
+        "func @f(%tokens: i64[B, T]) -> (y: i64[100000, 9250]) {\n  \
+         %s = slice(%tokens) axis=1 start=0 end=1 : i64[B, 1]\n  \
+         %t = slice(%s) axis=0 start=0 end=1 : i64[1, 1]\n  \
+         %y = expand(%t) shape=[100000, 9250] : i64[100000, 9250]\n  return %y\n}\n",
+    )
+    .unwrap();
+    let kir = kir.to_str().unwrap();
+    for (backend, figure) in [
+        (
+            "interp",
+            "needs 13.78 GB of memory (the interpreter's live values at their peak)",
+        ),
+        (
+            "reference",
+            "needs 13.78 GB of memory (arena 0 bytes, outputs 6.89 GB and their host copies)",
+        ),
+        (
+            "cpu",
+            "needs 13.78 GB of memory (arena 0 bytes, outputs 6.89 GB and their host copies)",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let (code, err) =
+            with_memory_limit("4G", &["run", kir, "--tokens", "1", "--backend", backend]);
+        assert_eq!(code, 2, "{backend}: {err}");
+        assert!(
+            err.contains(&format!(
+                "@f with B=1, T=1 {figure}; the machine has 4.00 GB available"
+            )),
+            "{backend}: {err}"
+        );
+        assert!(started.elapsed().as_secs() < 20, "{backend}: refused late");
+    }
+    // A real model's arena, outputs and caches count too.
+    for (args, what) in [
+        (
+            vec![
+                "run",
+                "tests/data/hf/llama",
+                "--tokens",
+                "1,2,3",
+                "--backend",
+                "interp",
+            ],
+            "@llama with B=1, T=3 needs",
+        ),
+        (
+            vec!["run", "tests/data/hf/llama", "--tokens", "1,2,3"],
+            "@llama with B=1, T=3 needs",
+        ),
+        (
+            vec!["generate", "tests/data/hf/llama", "--tokens", "1,2,3"],
+            "the cache key_cache of @prefill needs",
+        ),
+    ] {
+        let (code, err) = with_memory_limit("1K", &args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains(what) && err.contains("the machine has 1024 bytes available"),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -24,6 +24,7 @@
 pub mod cpu;
 pub mod interp;
 pub mod lower;
+pub mod memory;
 pub mod profile;
 pub mod progress;
 pub mod reference;
@@ -195,6 +196,19 @@ pub enum RunError {
         /// Why evaluation failed (e.g. a division that is not exact); boxed, it is large.
         #[source]
         source: Box<ShapeError>,
+    },
+    /// A run that needs more memory than the machine can give, refused
+    /// before anything is allocated.
+    #[error("{what} needs {need} of memory ({detail}); the machine has {available} available")]
+    Memory {
+        /// The function and its binding.
+        what: String,
+        /// Bytes needed, readable.
+        need: String,
+        /// What the figure is made of.
+        detail: String,
+        /// Bytes available, readable.
+        available: String,
     },
     /// A size expression that does not evaluate to a non-negative integer.
     #[error("{what}: size `{dim}` {problem}")]

@@ -76,6 +76,68 @@ pub struct InterpExecutable {
 }
 
 impl InterpExecutable {
+    /// Refuses a run whose values, alive at once, need more memory than the
+    /// machine can give: the peak over the steps of the live results (each
+    /// freed after its last use) plus the running step's result and the
+    /// index map a data-movement op builds (8 bytes per element).
+    fn check_memory(&self, shapes: &[Vec<usize>], cx: &ShapeCx) -> Result<(), RunError> {
+        let bytes = |slot: usize| -> u64 {
+            shapes[slot]
+                .iter()
+                .try_fold(
+                    self.graph.ty(self.order[slot]).dtype.size_bytes() as u64,
+                    |a, &d| a.checked_mul(d as u64),
+                )
+                .unwrap_or(u64::MAX)
+        };
+        let mut frees: Vec<Vec<usize>> = vec![Vec::new(); self.steps.len()];
+        for step in &self.steps {
+            if let Some(Some(last)) = self.last_use.get(step.slot) {
+                if let Some(f) = frees.get_mut(*last) {
+                    f.push(step.slot);
+                }
+            }
+        }
+        let (mut live, mut peak) = (0u64, 0u64);
+        for (i, step) in self.steps.iter().enumerate() {
+            let out = bytes(step.slot);
+            let numel = shapes[step.slot].iter().product::<usize>() as u64;
+            let index_map = match step.op {
+                Op::Expand { .. }
+                | Op::Permute { .. }
+                | Op::Slice { .. }
+                | Op::Concat { .. }
+                | Op::Gather => numel.saturating_mul(8),
+                _ => 0,
+            };
+            peak = peak.max(live.saturating_add(out).saturating_add(index_map));
+            if self.last_use[step.slot].is_some() {
+                live = live.saturating_add(out);
+            }
+            for &s in &frees[i] {
+                live = live.saturating_sub(bytes(s));
+            }
+        }
+        let mut binding: Vec<String> = Vec::new();
+        for &v in self.graph.inputs() {
+            for d in &self.graph.ty(v).shape {
+                for s in d.symbols() {
+                    if let Ok(Some(x)) = cx.eval(&kiln_ir::Dim::sym(&s)).map(|d| d.as_const()) {
+                        let b = format!("{s}={x}");
+                        if !binding.contains(&b) {
+                            binding.push(b);
+                        }
+                    }
+                }
+            }
+        }
+        crate::memory::check(
+            &format!("@{} with {}", self.graph.name, binding.join(", ")),
+            peak,
+            "the interpreter's live values at their peak",
+        )
+    }
+
     /// Verifies `graph`, checks `weights` against its parameters and prepares to run it.
     pub fn new(graph: &Graph, weights: &Weights) -> Result<InterpExecutable, RunError> {
         kiln_ir::verify(graph)?;
@@ -156,6 +218,7 @@ impl Executable for InterpExecutable {
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let cx = signature::bind_inputs(&self.graph, inputs)?;
         let shapes = signature::eval_shapes(&self.graph, &self.order, &self.names, &cx)?;
+        self.check_memory(&shapes, &cx)?;
         for (slot, w) in &self.weights {
             signature::check_weight_at_run_time(&self.graph, self.order[*slot], w, &shapes[*slot])?;
         }

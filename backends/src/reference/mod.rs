@@ -467,6 +467,11 @@ impl ReferenceExecutable {
             .iter()
             .map(|st| {
                 let b = lower::plan::buffer_bytes(&self.program, st.root, cx)?;
+                crate::memory::check(
+                    &format!("the cache {} of @{}", st.name, self.program.name),
+                    b,
+                    "one buffer of the session's capacity",
+                )?;
                 if b > MAX_BYTES {
                     return Err(RunError::Size {
                         what: format!("the cache {}", st.name),
@@ -530,6 +535,39 @@ impl ReferenceExecutable {
                 });
             }
             let views = self.views(cx)?;
+            // What this binding allocates on each call: the arena and the
+            // outputs (caches were sized when the session began).
+            let outputs: u64 = self
+                .program
+                .buffers
+                .iter()
+                .zip(&views)
+                .filter(|(b, _)| matches!(b.kind, BufferKind::Output { .. }))
+                .map(|(b, v)| {
+                    v.shape
+                        .iter()
+                        .try_fold(b.dtype.size_bytes() as u64, |acc, &d| {
+                            acc.checked_mul(d as u64)
+                        })
+                        .unwrap_or(u64::MAX)
+                })
+                .fold(0u64, |a, b| a.saturating_add(b));
+            let binding: Vec<String> = self
+                .program
+                .runtime_symbols
+                .iter()
+                .zip(&key)
+                .map(|(s, v)| format!("{s}={v}"))
+                .collect();
+            crate::memory::check(
+                &format!("@{} with {}", self.program.name, binding.join(", ")),
+                plan.peak_bytes.saturating_add(outputs.saturating_mul(2)),
+                &format!(
+                    "arena {}, outputs {} and their host copies",
+                    crate::memory::human(plan.peak_bytes),
+                    crate::memory::human(outputs)
+                ),
+            )?;
             // The weights fit this binding's parameter shapes: checked once per binding.
             for (&b, w) in self.program.params.iter().zip(&self.weights) {
                 if views[b.index()].shape != w.shape() {
