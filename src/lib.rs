@@ -307,6 +307,24 @@ impl Model {
         out
     }
 
+    /// The table a `gather` of input `v` reads, and its rows, when `v`
+    /// indexes a weight (segment ids into `token_type_embeddings`).
+    fn gather_table_of(&self, graph: &Graph, v: kiln_ir::ValueId) -> Option<(String, i64)> {
+        graph.users(v).into_iter().find_map(|u| {
+            let (kiln_ir::Op::Gather, [table, ids]) = (graph.op(u)?, &graph.operands(u)[..]) else {
+                return None;
+            };
+            if *ids != v {
+                return None;
+            }
+            let NodeKind::Param { name } = &graph.node(*table).kind else {
+                return None;
+            };
+            let rows = self.weights.as_ref()?.get(name)?.shape().first().copied()?;
+            Some((name.clone(), i64::try_from(rows).ok()?))
+        })
+    }
+
     /// The compiled artifact this model was loaded from, if any.
     pub fn artifact(&self) -> Option<&artifact::Loaded> {
         self.artifact.as_deref()
@@ -584,6 +602,16 @@ impl Model {
                         check_rows("--token-type-ids", t)?;
                         if shape_of(t) != shape_of(rows) {
                             return Err(Error::Input("--token-type-ids must have the shape of --tokens".into()));
+                        }
+                        if let Some((table, types)) = self.gather_table_of(graph, v) {
+                            if let Some((r, bad)) = t.iter().enumerate().find_map(|(r, row)| {
+                                row.iter().find(|&&x| x < 0 || x >= types).map(|&x| (r, x))
+                            }) {
+                                return Err(Error::Input(format!(
+                                    "--token-type-ids row {r} has segment id {bad}; the model has {types} segment types (ids 0 to {}, rows of @{table})",
+                                    types - 1
+                                )));
+                            }
                         }
                         Tensor::from_tokens(t).map_err(RunError::from)?
                     }

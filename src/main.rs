@@ -768,7 +768,22 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // However large the input made it, an error stays readable.
+            let text = e.to_string();
+            const MAX: usize = 8000;
+            if text.len() > MAX {
+                let mut cut = MAX;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                eprintln!(
+                    "error: {}… ({} more bytes of this message not shown)",
+                    &text[..cut],
+                    text.len() - cut
+                );
+            } else {
+                eprintln!("error: {text}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -419,3 +419,111 @@ fn runs_needing_more_memory_than_the_machine_gives_are_refused_with_the_figure()
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn messages_say_where_and_stay_short() {
+    // A safetensors header whose offsets lie: the tensor is named.
+    let dir = support::scratch_copy("gpt2", "lying-header");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__")
+        .unwrap()
+        .clone();
+    let end = header[&name]["data_offsets"][1].as_u64().unwrap();
+    header[&name]["data_offsets"][1] = (end + 4).into();
+    let mut text = header.to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let (code, _, err) = outcome(&["run", dir.to_str().unwrap(), "--tokens", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("tensor `{name}`")) && err.contains("data_offsets"),
+        "{err}"
+    );
+
+    // A config value of a megabyte: quoted, but cut.
+    let dir = support::scratch_copy("gpt2", "huge-config-value");
+    edit_json(&dir.join("config.json"), |c| {
+        c["n_head"] = (0..200_000).collect::<Vec<i64>>().into();
+    });
+    let (code, _, err) = outcome(&["run", dir.to_str().unwrap(), "--tokens", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`n_head` must be a positive integer"), "{err}");
+    assert!(err.len() < 1000, "{} bytes of stderr", err.len());
+    edit_json(&dir.join("config.json"), |c| {
+        c["n_head"] = 4.into();
+        c["model_type"] = "y".repeat(1 << 20).into();
+    });
+    let (code, _, err) = outcome(&["run", dir.to_str().unwrap(), "--tokens", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not supported") && err.len() < 1000,
+        "{} bytes",
+        err.len()
+    );
+
+    // Segment ids are checked against the model, and the flag is named.
+    let (code, _, err) = outcome(&[
+        "run",
+        "tests/data/hf/bert",
+        "--tokens",
+        "1,2",
+        "--token-type-ids",
+        "5,0",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--token-type-ids row 0 has segment id 5; the model has 2 segment types"),
+        "{err}"
+    );
+
+    // A NaN adapter factor is refused by name.
+    let lora = std::env::temp_dir().join(format!("kiln-nan-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lora);
+    std::fs::create_dir_all(&lora).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama_lora");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        lora.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (name, entry) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
+        .unwrap();
+    let at = 8 + n + entry["data_offsets"][0].as_u64().unwrap() as usize + 4;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(lora.join("adapter_model.safetensors"), bytes).unwrap();
+    let (code, _, err) = outcome(&[
+        "run",
+        "tests/data/hf/llama",
+        "--adapter",
+        lora.to_str().unwrap(),
+        "--tokens",
+        "1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "tensor `{name}` holds NaN at element 1; adapter factors must be finite"
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&lora);
+}

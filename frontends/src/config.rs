@@ -53,7 +53,12 @@ impl HfConfig {
     }
 
     fn err(&self, key: &str, what: &str) -> FrontendError {
-        FrontendError::Config(format!("{}: `{key}` {what}", self.path.display()))
+        FrontendError::Config(format!(
+            "{}: `{}` {}",
+            self.path.display(),
+            clip(key, 80),
+            clip(what, 240)
+        ))
     }
 
     /// The raw value of `key`, `None` when absent or null.
@@ -176,8 +181,9 @@ impl HfConfig {
     pub fn require(&self, key: &str, allowed: &Value, why: &str) -> Result<(), FrontendError> {
         match self.get(key) {
             Some(v) if v != allowed => Err(FrontendError::Unsupported(format!(
-                "{}: `{key}` = {v} is not supported ({why}); kiln supports {allowed}",
-                self.path.display()
+                "{}: `{key}` = {} is not supported ({why}); kiln supports {allowed}",
+                self.path.display(),
+                clip(&v.to_string(), 120)
             ))),
             _ => Ok(()),
         }
@@ -185,6 +191,22 @@ impl HfConfig {
 
     /// An unsupported-feature error about `key`.
     pub fn unsupported(&self, key: &str, why: &str) -> FrontendError {
-        FrontendError::Unsupported(format!("{}: `{key}` {why}", self.path.display()))
+        FrontendError::Unsupported(format!(
+            "{}: `{key}` {}",
+            self.path.display(),
+            clip(why, 240)
+        ))
     }
+}
+
+/// `text` cut to `max` characters, saying how long it was: values quoted
+/// from a config file in messages stay readable however large the file
+/// makes them (a 1 MB string once printed a 1 MB error).
+pub fn clip(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(max).collect();
+    format!("{head}… ({n} characters)")
 }

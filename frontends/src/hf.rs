@@ -152,8 +152,9 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
         }
         other => {
             return Err(FrontendError::Unsupported(format!(
-                "{}: model_type {other:?} is not supported (kiln reads gpt2, llama, bert and bart)",
-                config_path.display()
+                "{}: model_type {} is not supported (kiln reads gpt2, llama, bert and bart)",
+                config_path.display(),
+                crate::config::clip(&format!("{other:?}"), 80)
             )))
         }
     };
@@ -374,8 +375,77 @@ pub(crate) fn parse_safetensors<'a>(
 ) -> Result<SafeTensors<'a>, FrontendError> {
     SafeTensors::deserialize(bytes).map_err(|e| FrontendError::Weights {
         path: path.to_path_buf(),
-        message: format!("not a valid safetensors file: {e}"),
+        message: match header_problem(bytes) {
+            Some(what) => format!("not a valid safetensors file: {what}"),
+            None => format!("not a valid safetensors file: {e}"),
+        },
     })
+}
+
+/// Which entry of a safetensors header is inconsistent, by name (the
+/// library's own error does not say): an unknown dtype, offsets past the
+/// data, or offsets that do not hold the shape's bytes.
+fn header_problem(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let end = n.checked_add(8).filter(|&e| e <= bytes.len())?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..end]).ok()?;
+    let data_len = bytes.len() - end;
+    let clip = |s: &str| -> String {
+        if s.chars().count() > 80 {
+            format!("{}…", s.chars().take(80).collect::<String>())
+        } else {
+            s.to_string()
+        }
+    };
+    for (name, entry) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let name = clip(name);
+        let dtype = entry.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let size = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => {
+                return Some(format!(
+                    "tensor `{name}` has unknown dtype `{}`",
+                    clip(other)
+                ))
+            }
+        };
+        let shape: Option<Vec<u64>> = entry
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let offsets: Option<Vec<u64>> = entry
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let (Some(shape), Some(offsets)) = (shape, offsets) else {
+            return Some(format!(
+                "tensor `{name}` needs a `shape` and two `data_offsets`"
+            ));
+        };
+        let [begin, stop] = offsets[..] else {
+            return Some(format!("tensor `{name}` needs two `data_offsets`"));
+        };
+        if begin > stop || stop > data_len as u64 {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{begin}, {stop}] lie outside the {data_len} bytes of data"
+            ));
+        }
+        let need = shape.iter().try_fold(size as u64, |a, &d| a.checked_mul(d));
+        if need != Some(stop - begin) {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} takes {} bytes, but data_offsets [{begin}, {stop}] hold {}",
+                need.map_or("more than 2^64".to_string(), |b| b.to_string()),
+                stop - begin
+            ));
+        }
+    }
+    None
 }
 
 /// Little-endian float data → f32; `None` for non-float dtypes.

@@ -107,6 +107,13 @@ fn read_f32_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, FrontendErr
                 view.dtype()
             ))
         })?;
+        // A NaN or infinite factor makes every output it touches NaN: refused
+        // here, by name, rather than found in the logits.
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(werr(format!(
+                "tensor `{name}` holds {v} at element {i}; adapter factors must be finite"
+            )));
+        }
         let t = Tensor::f32(view.shape().to_vec(), values)
             .map_err(|e| werr(format!("tensor `{name}`: {e}")))?;
         out.insert(name.to_string(), t);
