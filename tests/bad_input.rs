@@ -438,7 +438,7 @@ fn messages_say_where_and_stay_short() {
     let end = header[&name]["data_offsets"][1].as_u64().unwrap();
     header[&name]["data_offsets"][1] = (end + 4).into();
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
