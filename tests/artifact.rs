@@ -266,52 +266,13 @@ fn an_unmerged_adapter_artifact_still_swaps_adapters_of_the_same_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The artifact's section table: (name, offset, length, first checksum).
-fn sections(bytes: &[u8]) -> Vec<(String, usize, usize, usize)> {
-    let n = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    (0..n)
-        .map(|i| {
-            let e = &bytes[40 + 48 * i..40 + 48 * (i + 1)];
-            let name = String::from_utf8_lossy(&e[..16])
-                .trim_end_matches('\0')
-                .to_string();
-            let off = u64::from_le_bytes(e[16..24].try_into().unwrap()) as usize;
-            let len = u64::from_le_bytes(e[24..32].try_into().unwrap()) as usize;
-            let first = u32::from_le_bytes(e[32..36].try_into().unwrap()) as usize;
-            (name, off, len, first)
-        })
-        .collect()
-}
-
-/// Recomputes every checksum after an edit (a forger's artifact: what the
-/// manifest checks must still catch).
-fn reseal(bytes: &mut [u8]) {
-    let secs = sections(bytes);
-    let n = secs.len();
-    let crcs = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    let base = 40 + 48 * n;
-    for (_, off, len, first) in &secs {
-        for c in 0..len.div_ceil(1 << 20) {
-            let from = off + c * (1 << 20);
-            let to = (from + (1 << 20)).min(off + len);
-            let crc = crc32fast::hash(&bytes[from..to]);
-            let at = base + 4 * (first + c);
-            bytes[at..at + 4].copy_from_slice(&crc.to_le_bytes());
-        }
-    }
-    let meta = crc32fast::hash(&bytes[40..base + 4 * crcs]);
-    bytes[20..24].copy_from_slice(&meta.to_le_bytes());
-    let h = crc32fast::hash(&bytes[..36]);
-    bytes[36..40].copy_from_slice(&h.to_le_bytes());
-}
-
 #[test]
 fn damaged_or_foreign_artifacts_are_refused_with_section_and_offset() {
     let dir = scratch_dir("damaged");
     let art = dir.join("gpt2.kiln");
     compile(&source("gpt2"), &art, &[]);
     let good = std::fs::read(&art).unwrap();
-    let secs = sections(&good);
+    let secs = support::artifact_sections(&good);
     let names: Vec<&str> = secs.iter().map(|s| s.0.as_str()).collect();
     assert_eq!(names, ["manifest", "ir", "weights", "packed"]);
 
@@ -377,7 +338,7 @@ fn damaged_or_foreign_artifacts_are_refused_with_section_and_offset() {
         assert!(text.contains(from), "{from}");
         let text = text.replacen(from, to, 1);
         b[off..off + len].copy_from_slice(text.as_bytes());
-        reseal(&mut b);
+        support::reseal_artifact(&mut b);
         b
     };
     cases.push((

@@ -236,3 +236,42 @@ pub fn seeded_inputs(
         })
         .collect()
 }
+
+/// The artifact's section table: (name, offset, length, first checksum).
+pub fn artifact_sections(bytes: &[u8]) -> Vec<(String, usize, usize, usize)> {
+    let n = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    (0..n)
+        .map(|i| {
+            let e = &bytes[40 + 48 * i..40 + 48 * (i + 1)];
+            let name = String::from_utf8_lossy(&e[..16])
+                .trim_end_matches('\0')
+                .to_string();
+            let off = u64::from_le_bytes(e[16..24].try_into().unwrap()) as usize;
+            let len = u64::from_le_bytes(e[24..32].try_into().unwrap()) as usize;
+            let first = u32::from_le_bytes(e[32..36].try_into().unwrap()) as usize;
+            (name, off, len, first)
+        })
+        .collect()
+}
+
+/// Recomputes every checksum after an edit (a forger's artifact: what the
+/// manifest checks must still catch).
+pub fn reseal_artifact(bytes: &mut [u8]) {
+    let secs = artifact_sections(bytes);
+    let n = secs.len();
+    let crcs = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let base = 40 + 48 * n;
+    for (_, off, len, first) in &secs {
+        for c in 0..len.div_ceil(1 << 20) {
+            let from = off + c * (1 << 20);
+            let to = (from + (1 << 20)).min(off + len);
+            let crc = crc32fast::hash(&bytes[from..to]);
+            let at = base + 4 * (first + c);
+            bytes[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    let meta = crc32fast::hash(&bytes[40..base + 4 * crcs]);
+    bytes[20..24].copy_from_slice(&meta.to_le_bytes());
+    let h = crc32fast::hash(&bytes[..36]);
+    bytes[36..40].copy_from_slice(&h.to_le_bytes());
+}
