@@ -537,7 +537,7 @@ impl ReferenceExecutable {
             let views = self.views(cx)?;
             // What this binding allocates on each call: the arena and the
             // outputs (caches were sized when the session began).
-            let outputs: u64 = self
+            let outputs = self
                 .program
                 .buffers
                 .iter()
@@ -551,7 +551,10 @@ impl ReferenceExecutable {
                         })
                         .unwrap_or(u64::MAX)
                 })
-                .fold(0u64, |a, b| a.saturating_add(b));
+                .collect::<Vec<u64>>();
+            // An output past the per-output cap is refused below, by name.
+            let over_cap = outputs.iter().any(|&b| b > MAX_BYTES);
+            let outputs = outputs.iter().fold(0u64, |a, &b| a.saturating_add(b));
             let binding: Vec<String> = self
                 .program
                 .runtime_symbols
@@ -561,7 +564,11 @@ impl ReferenceExecutable {
                 .collect();
             crate::memory::check(
                 &format!("@{} with {}", self.program.name, binding.join(", ")),
-                plan.peak_bytes.saturating_add(outputs.saturating_mul(2)),
+                if over_cap {
+                    0
+                } else {
+                    plan.peak_bytes.saturating_add(outputs.saturating_mul(2))
+                },
                 &format!(
                     "arena {}, outputs {} and their host copies",
                     crate::memory::human(plan.peak_bytes),
@@ -623,7 +630,13 @@ impl ReferenceExecutable {
                         bytes
                             .filter(|&n| n <= MAX_BYTES)
                             .ok_or_else(|| RunError::Size {
-                                what: format!("output {}", b.value),
+                                what: format!(
+                                    "output {}",
+                                    p.outputs
+                                        .iter()
+                                        .find(|(_, o)| o.index() == i)
+                                        .map_or(b.value.as_str(), |(n, _)| n.as_str())
+                                ),
                                 dim: format!("{:?}", views[i].shape),
                                 problem: format!(
                                     "needs more than the {} GiB a run may allocate",
