@@ -463,7 +463,7 @@ fn write(
     header[36..40].copy_from_slice(&hc.to_le_bytes());
 
     // Write to a temporary file beside the target, then rename.
-    let io = |source: std::io::Error| Error::Io {
+    let io = |source: std::io::Error| Error::Write {
         path: out.to_path_buf(),
         source,
     };

@@ -46,6 +46,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An output file cannot be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The path as given.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// The input is not well-formed text IR.
     #[error("{origin}:{source}")]
     Parse {

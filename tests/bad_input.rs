@@ -527,3 +527,222 @@ fn messages_say_where_and_stay_short() {
     );
     let _ = std::fs::remove_dir_all(&lora);
 }
+
+/// The bad-input catalogue: one row per kind of mistake a user (or a
+/// damaged file) makes, each answered within seconds by one clear error
+/// (exit 2; `error: ` first, at most a few KB) that names what and where.
+/// The classes with more to check have their own tests above.
+#[test]
+fn catalogue_every_bad_input_gets_one_clear_bounded_error() {
+    let dir = scratch("catalogue");
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    let folder = |name: &str, from: &str, edit: &dyn Fn(&std::path::Path)| {
+        let f = dir.join(name);
+        std::fs::create_dir_all(&f).unwrap();
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(from);
+        for e in std::fs::read_dir(&src).unwrap().flatten() {
+            std::fs::copy(e.path(), f.join(e.file_name())).unwrap();
+        }
+        edit(&f);
+    };
+    folder("not-json", "tests/data/hf/gpt2", &|f| {
+        std::fs::write(f.join("config.json"), "{not json").unwrap()
+    });
+    folder("zero-heads", "tests/data/hf/gpt2", &|f| {
+        edit_json(&f.join("config.json"), |c| c["n_head"] = 0.into())
+    });
+    folder("no-weights", "tests/data/hf/gpt2", &|f| {
+        std::fs::remove_file(f.join("model.safetensors")).unwrap()
+    });
+    folder("truncated-weights", "tests/data/hf/gpt2", &|f| {
+        let b = std::fs::read(f.join("model.safetensors")).unwrap();
+        std::fs::write(f.join("model.safetensors"), &b[..3000]).unwrap();
+    });
+    folder("huge-header", "tests/data/hf/gpt2", &|f| {
+        let mut b = std::fs::read(f.join("model.safetensors")).unwrap();
+        b[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        std::fs::write(f.join("model.safetensors"), b).unwrap();
+    });
+    folder("other-modules", "tests/data/hf/llama_lora", &|f| {
+        edit_json(&f.join("adapter_config.json"), |c| {
+            c["target_modules"] = serde_json::json!(["nope"])
+        })
+    });
+    std::fs::create_dir_all(dir.join("empty-dir")).unwrap();
+    std::fs::write(dir.join("empty.kir"), "").unwrap();
+    std::fs::write(dir.join("binary.kir"), [0xffu8, 0xfe, 0, 1, 2, 3]).unwrap();
+    let art = d("gpt2.kiln");
+    let (code, _, err) = outcome(&["compile", "tests/data/hf/gpt2", "-o", &art]);
+    assert_eq!(code, 0, "{err}");
+    let good = std::fs::read(&art).unwrap();
+    std::fs::write(d("half.kiln"), &good[..good.len() / 2]).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 4;
+    std::fs::write(d("flipped.kiln"), flipped).unwrap();
+
+    let (l, b, g) = (
+        "tests/data/hf/llama",
+        "tests/data/hf/bert",
+        "tests/data/hf/gpt2",
+    );
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // Token inputs.
+        (
+            vec!["run", l, "--tokens", "1,x"],
+            "`x` is not an integer token id",
+        ),
+        (
+            vec!["run", l, "--tokens", "999999"],
+            "token id 999999 is out of range (vocabulary size 101)",
+        ),
+        (
+            vec!["run", l, "--tokens", "1,2", "--tokens", "3"],
+            "--tokens row 1 has 1 entries but row 0 has 2",
+        ),
+        (
+            vec!["run", b, "--tokens", "1,2", "--attention-mask", "1,2"],
+            "--attention-mask row 0 has values other than 0 and 1",
+        ),
+        (
+            vec!["run", b, "--tokens", "1,2", "--attention-mask", "0,0"],
+            "--attention-mask row 0 masks every token",
+        ),
+        (
+            vec!["run", b, "--tokens", "1,2", "--token-type-ids", "9,0"],
+            "--token-type-ids row 0 has segment id 9",
+        ),
+        // Generation requests.
+        (
+            vec!["generate", l, "--tokens", "1", "--top-p", "2"],
+            "--top-p must be in (0, 1], got 2",
+        ),
+        (
+            vec!["generate", l, "--tokens", "1", "--temperature", "nan"],
+            "--temperature must be positive, got NaN",
+        ),
+        (
+            vec!["generate", b, "--tokens", "1"],
+            "a Bert encoder does not generate tokens",
+        ),
+        (
+            vec![
+                "generate",
+                l,
+                "--tokens",
+                "1",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "is too large",
+        ),
+        // Other flags.
+        (
+            vec!["run", l, "--tokens", "1", "--threads", "0"],
+            "not a thread count from 1 to 1024",
+        ),
+        (
+            vec!["ir", l, "--lowered", "--bind", "T=-1"],
+            "a size cannot be negative",
+        ),
+        (
+            vec!["ir", l, "--lowered", "--bind", "Q=1"],
+            "no run-time symbol `Q` (it has B, T)",
+        ),
+        (vec!["ir", l, "--passes", "nope"], "unknown pass `nope`"),
+        (
+            vec!["compile", g, "-o", "/dev/null/x.kiln"],
+            "cannot write /dev/null/x.kiln",
+        ),
+        (
+            vec!["compile", g, "-o", &d("x.kiln"), "--target", "cuda"],
+            "invalid value 'cuda' for '--target",
+        ),
+        // Files that are not what they claim.
+        (
+            vec!["check", "/dev/zero"],
+            "is more than a text-IR file may be",
+        ),
+        (
+            vec!["check", "/nonexistent/model"],
+            "cannot read /nonexistent/model",
+        ),
+        (
+            vec!["check", &d("empty-dir")],
+            "is a directory without config.json",
+        ),
+        (
+            vec!["check", &d("empty.kir")],
+            "expected `func`, found end of input",
+        ),
+        (
+            vec!["check", &d("binary.kir")],
+            "not UTF-8 text (invalid byte at offset 0)",
+        ),
+        (
+            vec!["run", "examples/gpt2_decoder.kir", "--tokens", "1"],
+            "has no weights: pass a safetensors file with --weights",
+        ),
+        (
+            vec!["run", g, "--weights", "/dev/zero", "--tokens", "1"],
+            "not a valid safetensors file",
+        ),
+        (
+            vec!["run", &d("not-json"), "--tokens", "1"],
+            "config.json: not valid JSON",
+        ),
+        (
+            vec!["run", &d("zero-heads"), "--tokens", "1"],
+            "`n_head` must be a positive integer, got 0",
+        ),
+        (
+            vec!["run", &d("no-weights"), "--tokens", "1"],
+            "the folder has no model.safetensors",
+        ),
+        (
+            vec!["run", &d("truncated-weights"), "--tokens", "1"],
+            "lie outside the 416 bytes of data",
+        ),
+        (
+            vec!["run", &d("huge-header"), "--tokens", "1"],
+            "header too large",
+        ),
+        (
+            vec!["run", l, "--adapter", &d("empty-dir"), "--tokens", "1"],
+            "adapter_config.json",
+        ),
+        (
+            vec!["run", l, "--adapter", &d("other-modules"), "--tokens", "1"],
+            "`target_modules` [\"nope\"] does not select it",
+        ),
+        // Artifacts.
+        (vec!["run", &d("half.kiln"), "--tokens", "1"], "truncated:"),
+        (
+            vec!["run", &d("flipped.kiln"), "--tokens", "1"],
+            "section `packed` is corrupt at file offset",
+        ),
+        (
+            vec!["run", &art, "--tokens", "1", "-O0"],
+            "-O applies when compiling",
+        ),
+    ]
+    .into_iter()
+    .map(|(a, w)| (a.into_iter().map(String::from).collect(), w))
+    .collect();
+    for (args, want) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = bounded(&args, std::time::Duration::from_secs(30));
+        assert_eq!(code, 2, "kiln {args:?}: {err}");
+        assert!(err.starts_with("error: "), "kiln {args:?}: {err}");
+        assert!(
+            err.len() < 4000,
+            "kiln {args:?}: {} bytes of stderr",
+            err.len()
+        );
+        assert!(
+            err.contains(want),
+            "kiln {args:?}: wanted `{want}` in\n{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
