@@ -104,15 +104,20 @@ LORA_STD = 0.1
 
 def versions():
     import numpy
-    import peft
     import safetensors
     import transformers
 
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:  # models without adapters (--only) do not need it
+        peft_version = None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "peft": peft_version,
         "safetensors": safetensors.__version__,
         "numpy": numpy.__version__,
     }
@@ -513,6 +518,64 @@ def make_bert(seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# BERT with the masked-LM head
+
+
+def build_bert_mlm(seed):
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=MAX_POS, type_vocab_size=2, hidden_act="gelu",
+        pad_token_id=0, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    m = BertForMaskedLM(cfg)
+    m.config._attn_implementation = "eager"
+    reinit_(m, seed)
+    return m.eval()
+
+
+@torch.no_grad()
+def bert_mlm_forward(model):
+    out = {}
+    for key, ids, mask in [("", BATCH_IDS, [[1] * 7] * 2), ("padded_", BERT_PADDED_IDS, BERT_PADDED_MASK)]:
+        ids = torch.tensor(ids)
+        o = model(input_ids=ids, attention_mask=torch.tensor(mask), token_type_ids=torch.zeros_like(ids))
+        out[key + "logits"] = o.logits
+    return out
+
+
+def make_bert_mlm(seed):
+    from transformers import BertForMaskedLM
+
+    name = "bert_mlm"
+    model = build_bert_mlm(seed)
+    out = HF_DIR / name
+    save_model(model, out)
+    outs = bert_mlm_forward(model)
+    reload_check(BertForMaskedLM, out, bert_mlm_forward, outs)
+    rec = base_record(name, seed, model.config)
+    rec["inputs"] = {
+        "input_ids": BATCH_IDS, "attention_mask": [[1] * 7] * 2, "token_type_ids": [[0] * 7] * 2,
+    }
+    rec["outputs"] = {"logits": tolist(outs["logits"])}
+    rec["padded"] = {
+        "inputs": {
+            "input_ids": BERT_PADDED_IDS, "attention_mask": BERT_PADDED_MASK,
+            "token_type_ids": [[0] * 7] * 2,
+        },
+        "outputs": {"logits": tolist(outs["padded_logits"])},
+        "note": "compare only mask==1 positions (padded queries are whatever HF computes)",
+    }
+    rec["note"] = (
+        "BertForMaskedLM: logits = LayerNorm(gelu(dense(h))) @ word_embeddings^T + cls.predictions.bias "
+        "(decoder tied to the word embeddings; the bias stored once)"
+    )
+    write_json(out / "reference.json", rec)
+
+
+# ---------------------------------------------------------------------------------------------
 # BART
 
 BART_ENC = BATCH_IDS
@@ -887,7 +950,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="also record the real all-MiniLM-L6-v2 reference")
     ap.add_argument("--real-only", action="store_true", help="only the real-model part")
+    ap.add_argument("--only", action="append", default=[],
+                    help="make only these tiny models (e.g. --only bert_mlm); the others are left as they are")
     args = ap.parse_args()
+
+    if args.only:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        makers = {"bert_mlm": lambda: make_bert_mlm(1005)}
+        for name in args.only:
+            makers[name]()
+        return
 
     torch.set_num_threads(1)  # bit-for-bit reproducibility of CPU reductions
     torch.use_deterministic_algorithms(True)

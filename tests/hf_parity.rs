@@ -172,6 +172,34 @@ fn bert_matches_transformers_with_and_without_padding() {
 }
 
 #[test]
+fn bert_masked_lm_matches_transformers_with_and_without_padding() {
+    let r = reference("bert_mlm");
+    let base = Model::load(data_dir("bert_mlm")).unwrap();
+    let vocab = 101;
+    for (_, model) in levels(&base) {
+        for case in [&r, &r["padded"]] {
+            let inputs = RunInputs {
+                tokens: rows(&case["inputs"]["input_ids"]),
+                attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
+                token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
+                decoder_tokens: None,
+            };
+            let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+            for backend in BACKENDS {
+                let outs = model.run_on(backend, &inputs).unwrap();
+                assert_eq!(outs.len(), 1, "the masked-LM head's logits only");
+                check_close(
+                    &format!("bert_mlm logits {}", backend.name()),
+                    output(&outs, "logits"),
+                    &case["outputs"]["logits"],
+                    &|i| mask[i / vocab] == 1,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn bart_matches_transformers() {
     let r = reference("bart");
     let base = Model::load(data_dir("bart")).unwrap();

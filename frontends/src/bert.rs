@@ -2,6 +2,11 @@
 //! layers with biases and exact GELU, padding mask from `attention_mask`.
 //! Outputs `last_hidden_state`, the mask-weighted mean-pooled sentence embedding
 //! `pooled`, and the `pooler_output` (tanh dense on the first token).
+//!
+//! `BertForMaskedLM` (`architectures` says so) ends instead in the masked-LM
+//! head: `logits = LayerNorm(act(dense(h))) · Eᵀ + bias`, the decoder tied to
+//! the word embeddings `E` (or `cls.predictions.decoder.weight` when
+//! `tie_word_embeddings` is false), and outputs `logits: f32[B, T, V]`.
 
 use kiln_ir::{
     BinaryOp, DType, Dim, Graph, GraphBuilder, Op, ReduceKind, TensorType, WeightLayout,
@@ -36,6 +41,10 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     /// `hidden_act`.
     pub hidden_act: String,
+    /// The masked-LM head of `BertForMaskedLM` instead of the pooler.
+    pub masked_lm: bool,
+    /// `tie_word_embeddings` (the masked-LM decoder is the word embeddings).
+    pub tie_word_embeddings: bool,
 }
 
 impl BertConfig {
@@ -59,7 +68,19 @@ impl BertConfig {
                 &format!("= {hidden_act:?} is not a supported activation"),
             ));
         }
+        let architectures: Vec<String> = c
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let masked_lm = architectures.iter().any(|a| a == "BertForMaskedLM");
         Ok(BertConfig {
+            masked_lm,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", true)?,
             vocab_size: c.int("vocab_size")?,
             hidden_size: c.int("hidden_size")?,
             intermediate_size: c.int("intermediate_size")?,
@@ -154,6 +175,30 @@ pub fn build_bert(cfg: &BertConfig) -> Result<Graph, FrontendError> {
         let down = linear(&mut b, up, wo2, Some(bo2), out_in, &n("ffn_out"))?;
         let r = b.add_(x, down)?;
         x = b.named(&n("out"), Op::LayerNorm { eps }, &[r, ln2_w, ln2_b])?;
+    }
+
+    if cfg.masked_lm {
+        let dw = b.param(
+            "cls.predictions.transform.dense.weight",
+            f32_syms(&["d", "d"]),
+        );
+        let db = b.param("cls.predictions.transform.dense.bias", f32_syms(&["d"]));
+        let h = linear(&mut b, x, dw, Some(db), out_in, "mlm.dense")?;
+        let h = b.named("mlm.act", Op::Unary(act), &[h])?;
+        let nw = b.param(
+            "cls.predictions.transform.LayerNorm.weight",
+            f32_syms(&["d"]),
+        );
+        let nb = b.param("cls.predictions.transform.LayerNorm.bias", f32_syms(&["d"]));
+        let h = b.named("mlm.norm", Op::LayerNorm { eps }, &[h, nw, nb])?;
+        let decoder = if cfg.tie_word_embeddings {
+            word
+        } else {
+            b.param("cls.predictions.decoder.weight", f32_syms(&["V", "d"]))
+        };
+        let bias = b.param("cls.predictions.bias", f32_syms(&["V"]));
+        let logits = linear(&mut b, h, decoder, Some(bias), out_in, "logits")?;
+        return Ok(b.finish(&[("logits", logits)])?);
     }
 
     // Mask-weighted mean over the sequence: sum(x * m) / sum(m).

@@ -70,7 +70,7 @@ pub fn tolerance_vs_oracle(target: kiln::Target) -> f64 {
 }
 
 /// Every model family with a test folder under `tests/data/hf/`.
-pub const FAMILIES: [&str; 5] = ["gpt2", "llama", "llama_tied", "bert", "bart"];
+pub const FAMILIES: [&str; 6] = ["gpt2", "llama", "llama_tied", "bert", "bert_mlm", "bart"];
 
 /// The test model `tests/data/hf/<name>`.
 pub fn hf_model(name: &str) -> Model {
