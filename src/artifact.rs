@@ -117,6 +117,10 @@ pub struct Manifest {
     pub weights: Vec<WeightRecord>,
     /// Every packed weight, in the packed section.
     pub packed: Vec<PackedRecord>,
+    /// The source folder's `tokenizer.json` and `tokenizer_config.json`
+    /// texts, when it had them.
+    #[serde(default)]
+    pub tokenizer: Option<(String, Option<String>)>,
 }
 
 /// [`ModelInfo`] in the manifest.
@@ -390,6 +394,9 @@ fn write(
         programs,
         weights: records,
         packed,
+        tokenizer: model
+            .tokenizer()
+            .map(|t| (t.files().0.to_string(), t.files().1.map(str::to_string))),
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Unsupported(format!("cannot write the manifest: {e}")))?;
@@ -862,6 +869,14 @@ pub fn load(path: &Path) -> Result<Model, Error> {
             packed.push(p);
         }
     }
+    let tokenizer = match &manifest.tokenizer {
+        Some((json, config)) => Some(crate::text::TextTokenizer::from_json(
+            json.clone(),
+            config.clone(),
+            &format!("{origin} (manifest tokenizer)"),
+        )?),
+        None => None,
+    };
     let model = Model::from_artifact(
         module,
         origin,
@@ -872,6 +887,7 @@ pub fn load(path: &Path) -> Result<Model, Error> {
             manifest,
             _packed: packed,
         }),
+        tokenizer,
     );
     // The Programs this kiln lowers must be the ones the artifact records.
     let programs = programs_of(&model)?;

@@ -18,6 +18,7 @@ pub mod artifact;
 pub mod bench;
 pub mod generate;
 pub mod output;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 
@@ -209,6 +210,10 @@ pub struct Model {
     /// Set when the model was loaded from a compiled artifact (it is then
     /// already optimized, and holds the artifact's packed weights).
     artifact: Option<std::sync::Arc<artifact::Loaded>>,
+    /// The folder's `tokenizer.json`, when it has one (text in and out), or
+    /// why it could not be read (reported when text is asked for: a model
+    /// runs on token ids whatever its tokenizer file holds).
+    tokenizer: Option<Result<std::sync::Arc<text::TextTokenizer>, String>>,
 }
 
 impl Model {
@@ -238,6 +243,9 @@ impl Model {
                 weights: Some(hf.weights),
                 info: Some(hf.info),
                 artifact: None,
+                tokenizer: text::TextTokenizer::from_dir(path)
+                    .transpose()
+                    .map(|t| t.map(std::sync::Arc::new).map_err(|e| e.to_string())),
             });
         }
         let text =
@@ -261,6 +269,7 @@ impl Model {
             weights: None,
             info: None,
             artifact: None,
+            tokenizer: None,
         })
     }
 
@@ -282,6 +291,7 @@ impl Model {
                 decoder_start_token_id: None,
             }),
             artifact: None,
+            tokenizer: None,
         })
     }
 
@@ -292,6 +302,7 @@ impl Model {
         weights: Weights,
         info: Option<ModelInfo>,
         loaded: std::sync::Arc<artifact::Loaded>,
+        tokenizer: Option<text::TextTokenizer>,
     ) -> Model {
         Model {
             module,
@@ -299,6 +310,77 @@ impl Model {
             weights: Some(weights),
             info,
             artifact: Some(loaded),
+            tokenizer: tokenizer.map(|t| Ok(std::sync::Arc::new(t))),
+        }
+    }
+
+    /// The model's tokenizer (`tokenizer.json` of its folder, or stored in
+    /// its artifact), if it has one.
+    pub fn tokenizer(&self) -> Option<&text::TextTokenizer> {
+        self.tokenizer.as_ref()?.as_ref().ok().map(|t| t.as_ref())
+    }
+
+    /// `--prompt` texts as token rows: encoded by the model's tokenizer;
+    /// encoder rows of different lengths padded at the end with the
+    /// padding token and masked (the attention mask is returned then).
+    #[allow(clippy::type_complexity)]
+    pub fn encode_prompts(
+        &self,
+        prompts: &[String],
+    ) -> Result<(Vec<Vec<i64>>, Option<Vec<Vec<i64>>>), Error> {
+        let tok = match &self.tokenizer {
+            Some(Ok(t)) => t,
+            Some(Err(why)) => return Err(Error::Input(format!("--prompt: {why}"))),
+            None => {
+                return Err(Error::Input(format!(
+                    "{} has no tokenizer.json: --prompt needs one (give token ids with --tokens instead)",
+                    self.origin
+                )))
+            }
+        };
+        let rows: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| tok.encode(p))
+            .collect::<Result<_, _>>()?;
+        if let Some(r) = rows.iter().position(|r| r.is_empty()) {
+            return Err(Error::Input(format!("--prompt {r} encodes to no tokens")));
+        }
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if rows.iter().all(|r| r.len() == longest) {
+            return Ok((rows, None));
+        }
+        let encoder = self
+            .info
+            .as_ref()
+            .is_some_and(|i| !i.family.is_generative());
+        match (encoder, tok.pad_id()) {
+            (true, Some(pad)) => {
+                let mask = rows
+                    .iter()
+                    .map(|r| {
+                        let mut m = vec![1i64; r.len()];
+                        m.resize(longest, 0);
+                        m
+                    })
+                    .collect();
+                let rows = rows
+                    .into_iter()
+                    .map(|mut r| {
+                        r.resize(longest, pad);
+                        r
+                    })
+                    .collect();
+                Ok((rows, Some(mask)))
+            }
+            _ => Err(Error::Input(format!(
+                "the prompts encode to {} tokens ({}): give prompts of equal length, or one at a time",
+                rows.iter().map(|r| r.len().to_string()).collect::<Vec<_>>().join(", "),
+                if encoder {
+                    "the tokenizer names no padding token"
+                } else {
+                    "a decoder's rows are not padded"
+                }
+            ))),
         }
     }
 

@@ -238,8 +238,12 @@ enum Command {
 #[derive(Args)]
 struct InputArgs {
     /// Token ids of one batch row, comma-separated (repeat for more rows).
-    #[arg(long, required = true, value_parser = parse_ids)]
+    #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt", value_parser = parse_ids)]
     tokens: Vec<Vec<i64>>,
+    /// Text of one batch row, encoded with the model folder's
+    /// `tokenizer.json` (repeat for more rows).
+    #[arg(long)]
+    prompt: Vec<String>,
     /// Attention mask of one row (1 = token, 0 = padding); one per `--tokens`.
     #[arg(long, value_parser = parse_ids)]
     attention_mask: Vec<Vec<i64>>,
@@ -252,14 +256,26 @@ struct InputArgs {
 }
 
 impl InputArgs {
-    fn to_inputs(&self) -> RunInputs {
+    /// The token rows: `--tokens` as given, or `--prompt` encoded by the
+    /// model's tokenizer (encoders' rows padded and masked).
+    fn to_inputs(&self, model: &Model) -> Result<RunInputs, Error> {
         let opt = |v: &Vec<Vec<i64>>| (!v.is_empty()).then(|| v.clone());
-        RunInputs {
-            tokens: self.tokens.clone(),
-            attention_mask: opt(&self.attention_mask),
+        let (tokens, mask) = if self.prompt.is_empty() {
+            (self.tokens.clone(), None)
+        } else {
+            model.encode_prompts(&self.prompt)?
+        };
+        if mask.is_some() && !self.attention_mask.is_empty() {
+            return Err(Error::Input(
+                "--attention-mask: the prompts were padded to one length; give prompts alone, or --tokens with their mask".into(),
+            ));
+        }
+        Ok(RunInputs {
+            tokens,
+            attention_mask: mask.or_else(|| opt(&self.attention_mask)),
             token_type_ids: opt(&self.token_type_ids),
             decoder_tokens: opt(&self.decoder_tokens),
-        }
+        })
     }
 }
 
@@ -500,7 +516,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             let m = adapter.prepare(m, opt)?;
             let mut exe = m.compile(target(backend, threads))?;
-            let outs = m.run_with(exe.as_mut(), &inputs.to_inputs())?;
+            let outs = m.run_with(exe.as_mut(), &inputs.to_inputs(&m)?)?;
             // Printed as computed, but not silently: say which outputs hold
             // NaN or infinities, and which weights do.
             let bad: Vec<&str> = outs
@@ -564,7 +580,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 kv_cache: !no_kv_cache,
                 backend: target(backend, threads),
             };
-            let new = m.generate(&inputs.to_inputs(), &opts)?;
+            let new = m.generate(&inputs.to_inputs(&m)?, &opts)?;
+            // Text, when the model has a tokenizer: `tokenizer.decode(new_ids)`.
+            let texts: Option<Vec<String>> = match m.tokenizer() {
+                Some(t) => Some(new.iter().map(|r| t.decode(r)).collect::<Result<_, _>>()?),
+                None => None,
+            };
             let lists: Vec<String> = new
                 .iter()
                 .map(|r| {
@@ -582,9 +603,26 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 format!("[{}]", lists.join(", "))
             };
-            match output {
-                OutputArg::Json => outln!("{{\"tokens\": {body}}}"),
-                OutputArg::Summary => outln!("new tokens: {body}"),
+            match (output, &texts) {
+                (OutputArg::Json, None) => outln!("{{\"tokens\": {body}}}"),
+                (OutputArg::Json, Some(t)) => {
+                    let text = if t.len() == 1 {
+                        serde_json::Value::from(t[0].clone())
+                    } else {
+                        serde_json::Value::from(t.clone())
+                    };
+                    outln!("{{\"tokens\": {body}, \"text\": {text}}}")
+                }
+                (OutputArg::Summary, _) => {
+                    outln!("new tokens: {body}");
+                    for (r, t) in texts.iter().flatten().enumerate() {
+                        if texts.as_ref().is_some_and(|v| v.len() > 1) {
+                            outln!("new text {r}: {t}");
+                        } else {
+                            outln!("new text: {t}");
+                        }
+                    }
+                }
             }
         }
         Command::Compile {

@@ -265,6 +265,17 @@ fn real_minilm_matches_transformers() {
         return;
     }
     let model = Model::load(&dir).unwrap();
+    // Its own tokenizer.json, through `--prompt`'s path: the same ids and
+    // padding as transformers' tokenizer gave the reference.
+    let sentences: Vec<String> = r["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let (ids, mask) = model.encode_prompts(&sentences).unwrap();
+    assert_eq!(ids, rows(&r["inputs"]["input_ids"]));
+    assert_eq!(mask, Some(rows(&r["inputs"]["attention_mask"])));
     let inputs = RunInputs {
         tokens: rows(&r["inputs"]["input_ids"]),
         attention_mask: Some(rows(&r["inputs"]["attention_mask"])),

@@ -1,0 +1,239 @@
+//! Text in and out (`--prompt`, generated text) against what transformers
+//! does with the same tokenizer: `scripts/make_tokenizers.py` wrote a tiny
+//! WordPiece `tokenizer.json` into the test model folders and recorded
+//! `tokenizer(text)`, greedy `model.generate` from the text and
+//! `tokenizer.decode(new_ids)` in `tokenizer_reference.json`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use support::kiln;
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name)
+}
+
+fn reference(name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(dir(name).join("tokenizer_reference.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn prompts_encode_and_ids_decode_as_transformers_does() {
+    for name in ["gpt2", "llama", "bert", "bert_mlm"] {
+        let r = reference(name);
+        let model = kiln::Model::load(dir(name)).unwrap();
+        let tok = model.tokenizer().expect("the folder has tokenizer.json");
+        for (p, want) in r["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(r["encode"].as_array().unwrap())
+        {
+            assert_eq!(
+                tok.encode(p.as_str().unwrap()).unwrap(),
+                ids(want),
+                "{name}: {p}"
+            );
+        }
+        for case in r["decode"].as_array().unwrap() {
+            assert_eq!(
+                tok.decode(&ids(&case["ids"])).unwrap(),
+                case["text"].as_str().unwrap(),
+                "{name}: decode {}",
+                case["ids"]
+            );
+        }
+    }
+}
+
+#[test]
+fn generate_from_a_prompt_prints_the_text_transformers_generates() {
+    for name in ["gpt2", "llama"] {
+        let r = reference(name);
+        let n = r["generate"]["max_new_tokens"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        let prompts: Vec<&str> = r["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        let rows = r["generate"]["rows"].as_array().unwrap();
+        let m = dir(name);
+        let m = m.to_str().unwrap();
+        // One prompt at a time.
+        for (p, want) in prompts.iter().zip(rows) {
+            let (code, out, err) = kiln(&[
+                "generate",
+                m,
+                "--prompt",
+                p,
+                "--max-new-tokens",
+                &n,
+                "--ignore-eos",
+                "--output",
+                "json",
+            ]);
+            assert_eq!(code, 0, "{err}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(ids(&v["tokens"]), ids(&want["new_ids"]), "{name}: {p}");
+            assert_eq!(v["text"], want["text"], "{name}: {p}");
+        }
+        // Both as one batch (they encode to the same length): one text per row.
+        let (code, out, err) = kiln(&[
+            "generate",
+            m,
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let texts: Vec<&Value> = rows.iter().map(|r| &r["text"]).collect();
+        assert_eq!(
+            v["text"].as_array().unwrap().iter().collect::<Vec<_>>(),
+            texts,
+            "{name}"
+        );
+        // The summary prints the text too.
+        let (code, out, _) = kiln(&[
+            "generate",
+            m,
+            "--prompt",
+            prompts[0],
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+        ]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains(&format!("new text: {}", rows[0]["text"].as_str().unwrap())),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn encoder_prompts_of_different_lengths_are_padded_and_masked() {
+    let m = dir("bert");
+    let m = m.to_str().unwrap();
+    let model = kiln::Model::load(m).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let (a, b) = ("hello world", "the cat sat on the mat.");
+    let (ea, eb) = (tok.encode(a).unwrap(), tok.encode(b).unwrap());
+    assert!(ea.len() < eb.len());
+    let mut padded = ea.clone();
+    padded.resize(eb.len(), tok.pad_id().unwrap());
+    let mask: Vec<i64> = (0..eb.len()).map(|i| (i < ea.len()) as i64).collect();
+    let join = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let (c1, from_text, e1) = kiln(&["run", m, "--prompt", a, "--prompt", b, "--output", "json"]);
+    let (c2, from_ids, e2) = kiln(&[
+        "run",
+        m,
+        "--tokens",
+        &join(&padded),
+        "--tokens",
+        &join(&eb),
+        "--attention-mask",
+        &join(&mask),
+        "--attention-mask",
+        &join(&vec![1; eb.len()]),
+        "--output",
+        "json",
+    ]);
+    assert_eq!((c1, c2), (0, 0), "{e1} {e2}");
+    assert_eq!(from_text, from_ids);
+}
+
+#[test]
+fn prompts_need_a_tokenizer_and_decoder_rows_of_one_length() {
+    let copy = support::scratch_copy("gpt2", "no-tokenizer");
+    let (code, _, err) = kiln(&["run", copy.to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("has no tokenizer.json: --prompt needs one"),
+        "{err}"
+    );
+    let (code, _, err) = kiln(&[
+        "generate",
+        "tests/data/hf/llama",
+        "--prompt",
+        "hello",
+        "--prompt",
+        "the cat",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("the prompts encode to 1, 2 tokens (a decoder's rows are not padded)"),
+        "{err}"
+    );
+    let (code, _, err) = kiln(&[
+        "run",
+        "tests/data/hf/llama",
+        "--prompt",
+        "hi",
+        "--tokens",
+        "1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    let _ = std::fs::remove_dir_all(copy);
+}
+
+#[test]
+fn an_artifact_keeps_its_tokenizer() {
+    let src = std::env::temp_dir().join(format!("kiln-text-art-src-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    for e in std::fs::read_dir(dir("gpt2")).unwrap().flatten() {
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    let art = std::env::temp_dir().join(format!("kiln-text-{}.kiln", std::process::id()));
+    let (code, _, err) = kiln(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_dir_all(&src).unwrap();
+    let r = reference("gpt2");
+    let p = r["prompts"][0].as_str().unwrap();
+    let (code, out, err) = kiln(&[
+        "generate",
+        art.to_str().unwrap(),
+        "--prompt",
+        p,
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["text"], r["generate"]["rows"][0]["text"]);
+    let _ = std::fs::remove_file(art);
+}
