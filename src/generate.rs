@@ -145,6 +145,17 @@ impl Model {
         prompt: &RunInputs,
         opts: &GenerateOptions,
     ) -> Result<Vec<Vec<i64>>, Error> {
+        self.generate_streaming(prompt, opts, &mut |_| {})
+    }
+
+    /// [`Model::generate`], calling `on_step` with every row's new tokens so
+    /// far after each step (a terminal streams the text from it).
+    pub fn generate_streaming(
+        &self,
+        prompt: &RunInputs,
+        opts: &GenerateOptions,
+        on_step: &mut dyn FnMut(&[Vec<i64>]),
+    ) -> Result<Vec<Vec<i64>>, Error> {
         let info = self.info().cloned().ok_or_else(|| {
             Error::Unsupported(format!(
                 "{}: generation needs a model from a frontend (a Hugging Face folder or the demo)",
@@ -232,6 +243,7 @@ impl Model {
             } else {
                 Vec::new()
             },
+            on_step,
         };
         // A model the kv-cache pass cannot split exactly (see its contract) is
         // decoded without a cache: slower, never different.
@@ -385,6 +397,8 @@ struct Picker<'a> {
     new_tokens: Vec<Vec<i64>>,
     done: Vec<bool>,
     stop: Vec<i64>,
+    /// Told the new tokens after every step.
+    on_step: &'a mut dyn FnMut(&[Vec<i64>]),
 }
 
 impl Picker<'_> {
@@ -425,6 +439,7 @@ impl Picker<'_> {
             }
             next.push(t);
         }
+        (self.on_step)(&self.new_tokens);
         Ok(next)
     }
 

@@ -141,6 +141,7 @@ impl Error {
         match self {
             Error::Contract { .. } => 1,
             Error::Frontend(kiln_frontends::FrontendError::Ir(e)) if e.is_contract_violation() => 1,
+            Error::Frontend(kiln_frontends::FrontendError::ConfigContract(_)) => 1,
             _ => 2,
         }
     }

@@ -580,7 +580,34 @@ fn run(cli: Cli) -> Result<(), Error> {
                 kv_cache: !no_kv_cache,
                 backend: target(backend, threads),
             };
-            let new = m.generate(&inputs.to_inputs(&m)?, &opts)?;
+            // On a terminal, one row's text streams as it is generated (the
+            // decoded text so far, printed where it extends what is shown:
+            // a tokenizer may rewrite the end of a word as it grows).
+            let streaming = output == OutputArg::Summary
+                && std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && m.tokenizer().is_some();
+            let mut shown = String::new();
+            let mut on_step = |rows: &[Vec<i64>]| {
+                let (Some(t), [row]) = (m.tokenizer(), rows) else {
+                    return;
+                };
+                if let Ok(text) = t.decode(row) {
+                    if let Some(more) = text.strip_prefix(shown.as_str()) {
+                        out!("{more}");
+                        let _ = std::io::Write::flush(&mut std::io::stdout());
+                        shown = text;
+                    }
+                }
+            };
+            let inputs = inputs.to_inputs(&m)?;
+            let streamed = streaming && inputs.tokens.len() == 1;
+            let new = if streamed {
+                let new = m.generate_streaming(&inputs, &opts, &mut on_step)?;
+                outln!("");
+                new
+            } else {
+                m.generate(&inputs, &opts)?
+            };
             // Text, when the model has a tokenizer: `tokenizer.decode(new_ids)`.
             let texts: Option<Vec<String>> = match m.tokenizer() {
                 Some(t) => Some(new.iter().map(|r| t.decode(r)).collect::<Result<_, _>>()?),
@@ -615,7 +642,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 (OutputArg::Summary, _) => {
                     outln!("new tokens: {body}");
-                    for (r, t) in texts.iter().flatten().enumerate() {
+                    // A streamed text is already on the screen.
+                    for (r, t) in texts.iter().flatten().enumerate().filter(|_| !streamed) {
                         if texts.as_ref().is_some_and(|v| v.len() > 1) {
                             outln!("new text {r}: {t}");
                         } else {

@@ -563,6 +563,14 @@ fn catalogue_every_bad_input_gets_one_clear_bounded_error() {
         b[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
         std::fs::write(f.join("model.safetensors"), b).unwrap();
     });
+    folder("five-heads", "tests/data/hf/gpt2", &|f| {
+        edit_json(&f.join("config.json"), |c| c["n_head"] = 5.into())
+    });
+    folder("three-kv-heads", "tests/data/hf/llama", &|f| {
+        edit_json(&f.join("config.json"), |c| {
+            c["num_key_value_heads"] = 3.into()
+        })
+    });
     folder("other-modules", "tests/data/hf/llama_lora", &|f| {
         edit_json(&f.join("adapter_config.json"), |c| {
             c["target_modules"] = serde_json::json!(["nope"])
@@ -729,6 +737,15 @@ fn catalogue_every_bad_input_gets_one_clear_bounded_error() {
     .into_iter()
     .map(|(a, w)| (a.into_iter().map(String::from).collect(), w))
     .collect();
+    // Config values that break a shape contract: exit 1, the file and keys named.
+    for (folder, want) in [
+        ("five-heads", "config.json: where dh = d / h: d / h: 32 is not divisible by 5 (d is `n_embd` = 32, h is `n_head` = 5)"),
+        ("three-kv-heads", "4 is not divisible by 3 (h is `num_attention_heads` = 4, hk is `num_key_value_heads` = 3)"),
+    ] {
+        let (code, err) = bounded(&["check", &d(folder)], std::time::Duration::from_secs(30));
+        assert_eq!(code, 1, "{folder}: {err}");
+        assert!(err.contains("shape contract violated by ") && err.contains(want), "{err}");
+    }
     for (args, want) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, err) = bounded(&args, std::time::Duration::from_secs(30));

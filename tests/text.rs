@@ -237,3 +237,37 @@ fn an_artifact_keeps_its_tokenizer() {
     assert_eq!(v["text"], r["generate"]["rows"][0]["text"]);
     let _ = std::fs::remove_file(art);
 }
+
+#[test]
+fn on_a_terminal_the_text_streams_once() {
+    // `script` gives the child a pseudo-terminal (util-linux, on every
+    // Debian); skipped where it is missing.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("skipping: no `script` to make a terminal");
+        return;
+    }
+    let r = reference("gpt2");
+    let p = r["prompts"][0].as_str().unwrap();
+    let want = r["generate"]["rows"][0]["text"].as_str().unwrap();
+    let cmd = format!(
+        "{} generate {} --prompt '{p}' --max-new-tokens 8 --ignore-eos 2>/dev/null",
+        env!("CARGO_BIN_EXE_kiln"),
+        dir("gpt2").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "{text}");
+    // The text once (streamed, then the ids), not again as `new text:`.
+    assert!(
+        text.starts_with(&format!("{want}\nnew tokens: [")),
+        "{text:?}"
+    );
+    assert!(!text.contains("new text:"), "{text:?}");
+}

@@ -91,6 +91,79 @@ fn prefixes(family: Option<Family>) -> &'static [&'static str] {
     }
 }
 
+/// Which `config.json` key each symbol of a family's graph comes from.
+const GPT2_KEYS: &[(&str, &str)] = &[
+    ("V", "vocab_size"),
+    ("P", "n_positions"),
+    ("d", "n_embd"),
+    ("h", "n_head"),
+    ("f", "n_inner"),
+];
+const LLAMA_KEYS: &[(&str, &str)] = &[
+    ("V", "vocab_size"),
+    ("d", "hidden_size"),
+    ("f", "intermediate_size"),
+    ("h", "num_attention_heads"),
+    ("hk", "num_key_value_heads"),
+    ("dh", "head_dim"),
+];
+const BERT_KEYS: &[(&str, &str)] = &[
+    ("V", "vocab_size"),
+    ("P", "max_position_embeddings"),
+    ("G", "type_vocab_size"),
+    ("d", "hidden_size"),
+    ("f", "intermediate_size"),
+    ("h", "num_attention_heads"),
+];
+const BART_KEYS: &[(&str, &str)] = &[
+    ("V", "vocab_size"),
+    ("d", "d_model"),
+    ("he", "encoder_attention_heads"),
+    ("hd", "decoder_attention_heads"),
+    ("fe", "encoder_ffn_dim"),
+    ("fd", "decoder_ffn_dim"),
+];
+
+/// A graph-building error about symbols (`where dh = d / h: 32 is not
+/// divisible by 5`) restated with the config file and the keys the
+/// symbols come from, with their values.
+fn explain(
+    e: FrontendError,
+    config_path: &Path,
+    keys: &[(&str, &str)],
+    c: &HfConfig,
+) -> FrontendError {
+    let FrontendError::Ir(ir) = &e else {
+        return e;
+    };
+    let text = ir.to_string();
+    if !text.starts_with("where ") {
+        return e;
+    }
+    let words: BTreeSet<&str> = text
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .collect();
+    let named: Vec<String> = keys
+        .iter()
+        .filter(|(sym, _)| words.contains(sym))
+        .map(|(sym, key)| match c.get(key) {
+            Some(v) => format!(
+                "{sym} is `{key}` = {}",
+                crate::config::clip(&v.to_string(), 40)
+            ),
+            None => format!("{sym} is `{key}` (absent: its default)"),
+        })
+        .collect();
+    if named.is_empty() {
+        return e;
+    }
+    FrontendError::ConfigContract(format!(
+        "{}: {text} ({})",
+        config_path.display(),
+        named.join(", ")
+    ))
+}
+
 /// Builds the graph and reads the config of the folder `dir`, without weights.
 pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
     let config_path = dir.join("config.json");
@@ -112,7 +185,11 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: None,
             };
-            (Family::Gpt2, build_gpt2(&cfg)?, info)
+            (
+                Family::Gpt2,
+                build_gpt2(&cfg).map_err(|e| explain(e, &config_path, GPT2_KEYS, &c))?,
+                info,
+            )
         }
         "llama" => {
             let cfg = LlamaConfig::from_hf(&c)?;
@@ -126,7 +203,11 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: None,
             };
-            (Family::Llama, build_llama(&cfg)?, info)
+            (
+                Family::Llama,
+                build_llama(&cfg).map_err(|e| explain(e, &config_path, LLAMA_KEYS, &c))?,
+                info,
+            )
         }
         "bert" => {
             let cfg = BertConfig::from_hf(&c)?;
@@ -137,7 +218,11 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 eos_token_ids: Vec::new(),
                 decoder_start_token_id: None,
             };
-            (Family::Bert, build_bert(&cfg)?, info)
+            (
+                Family::Bert,
+                build_bert(&cfg).map_err(|e| explain(e, &config_path, BERT_KEYS, &c))?,
+                info,
+            )
         }
         "bart" => {
             let cfg = BartConfig::from_hf(&c)?;
@@ -148,7 +233,11 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 eos_token_ids: c.ids("eos_token_id")?,
                 decoder_start_token_id: Some(cfg.decoder_start_token_id),
             };
-            (Family::Bart, build_bart(&cfg)?, info)
+            (
+                Family::Bart,
+                build_bart(&cfg).map_err(|e| explain(e, &config_path, BART_KEYS, &c))?,
+                info,
+            )
         }
         other => {
             return Err(FrontendError::Unsupported(format!(

@@ -37,6 +37,11 @@ pub enum FrontendError {
     /// A configuration value that cannot describe a valid model.
     #[error("invalid model configuration: {0}")]
     Config(String),
+    /// Config values that break a shape contract of the model they describe
+    /// (heads that do not divide the width), restated with the file and
+    /// keys: a contract violation, like [`FrontendError::Ir`].
+    #[error("shape contract violated by {0}")]
+    ConfigContract(String),
     /// A configuration kiln understands but does not implement.
     #[error("unsupported model: {0}")]
     Unsupported(String),
