@@ -121,6 +121,9 @@ pub struct Manifest {
     /// texts, when it had them.
     #[serde(default)]
     pub tokenizer: Option<(String, Option<String>)>,
+    /// The source folder's sentence-transformers pipeline, when it had one.
+    #[serde(default)]
+    pub embedding: Option<crate::embed::EmbeddingConfig>,
 }
 
 /// [`ModelInfo`] in the manifest.
@@ -397,6 +400,7 @@ fn write(
         tokenizer: model
             .tokenizer()
             .map(|t| (t.files().0.to_string(), t.files().1.map(str::to_string))),
+        embedding: model.embedding_source(),
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Unsupported(format!("cannot write the manifest: {e}")))?;

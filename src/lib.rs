@@ -16,6 +16,7 @@
 pub mod adapter;
 pub mod artifact;
 pub mod bench;
+pub mod embed;
 pub mod generate;
 pub mod output;
 pub mod text;
@@ -215,6 +216,9 @@ pub struct Model {
     /// why it could not be read (reported when text is asked for: a model
     /// runs on token ids whatever its tokenizer file holds).
     tokenizer: Option<Result<std::sync::Arc<text::TextTokenizer>, String>>,
+    /// The folder's sentence-transformers pipeline (`modules.json`), or why
+    /// it could not be read (reported by `embed`).
+    embedding: Option<Result<embed::EmbeddingConfig, String>>,
 }
 
 impl Model {
@@ -247,6 +251,9 @@ impl Model {
                 tokenizer: text::TextTokenizer::from_dir(path)
                     .transpose()
                     .map(|t| t.map(std::sync::Arc::new).map_err(|e| e.to_string())),
+                embedding: embed::EmbeddingConfig::from_dir(path)
+                    .transpose()
+                    .map(|e| e.map_err(|e| e.to_string())),
             });
         }
         let text =
@@ -271,6 +278,7 @@ impl Model {
             info: None,
             artifact: None,
             tokenizer: None,
+            embedding: None,
         })
     }
 
@@ -293,6 +301,7 @@ impl Model {
             }),
             artifact: None,
             tokenizer: None,
+            embedding: None,
         })
     }
 
@@ -305,6 +314,7 @@ impl Model {
         loaded: std::sync::Arc<artifact::Loaded>,
         tokenizer: Option<text::TextTokenizer>,
     ) -> Model {
+        let embedding = loaded.manifest.embedding.map(Ok);
         Model {
             module,
             origin,
@@ -312,6 +322,33 @@ impl Model {
             info,
             artifact: Some(loaded),
             tokenizer: tokenizer.map(|t| Ok(std::sync::Arc::new(t))),
+            embedding,
+        }
+    }
+
+    /// How `embed` pools and normalises: the folder's sentence-transformers
+    /// modules, or the mask-weighted mean without normalisation.
+    pub fn embedding_config(&self) -> embed::EmbeddingConfig {
+        match &self.embedding {
+            Some(Ok(c)) => *c,
+            _ => embed::EmbeddingConfig::default(),
+        }
+    }
+
+    /// The sentence-transformers pipeline read from the folder, if any.
+    pub(crate) fn embedding_source(&self) -> Option<embed::EmbeddingConfig> {
+        match &self.embedding {
+            Some(Ok(c)) => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// Why the folder's sentence-transformers modules could not be read, if
+    /// they could not.
+    pub fn embedding_problem(&self) -> Option<&str> {
+        match &self.embedding {
+            Some(Err(e)) => Some(e),
+            _ => None,
         }
     }
 

@@ -167,6 +167,24 @@ enum Command {
         #[arg(long, value_enum, default_value = "summary")]
         output: OutputArg,
     },
+    /// Sentence embeddings of an encoder, as sentence-transformers computes them.
+    ///
+    /// The folder's `modules.json` and `1_Pooling/config.json` say how token
+    /// states are pooled (mean, CLS, max, mean·√len over the attention mask)
+    /// and whether the vector is L2-normalised; without them, the masked mean,
+    /// not normalised. `--output json` prints `{"embeddings": [[…], …]}`.
+    Embed {
+        /// An encoder's Hugging Face folder (bert) or its artifact.
+        model: PathBuf,
+        #[command(flatten)]
+        inputs: InputArgs,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "summary")]
+        output: OutputArg,
+    },
     /// Compile a model once into an artifact that runs without its source.
     ///
     /// The artifact holds the optimized IR, every function's lowered Program,
@@ -649,6 +667,39 @@ fn run(cli: Cli) -> Result<(), Error> {
                         } else {
                             outln!("new text: {t}");
                         }
+                    }
+                }
+            }
+        }
+        Command::Embed {
+            model,
+            inputs,
+            backend,
+            output,
+        } => {
+            let m = load(&model)?;
+            let m = if m.artifact().is_some() {
+                m
+            } else {
+                m.optimize(kiln::OptLevel::O2)?
+            };
+            let inputs = inputs.to_inputs(&m)?;
+            let rows = kiln::embed::embed(&m, &inputs, target(backend, threads))?;
+            match output {
+                OutputArg::Json => outln!("{}", serde_json::json!({ "embeddings": rows })),
+                OutputArg::Summary => {
+                    let cfg = m.embedding_config();
+                    outln!(
+                        "{} embeddings of {} ({:?} pooling{})",
+                        rows.len(),
+                        rows.first().map_or(0, Vec::len),
+                        cfg.pooling,
+                        if cfg.normalize { ", L2-normalised" } else { "" }
+                    );
+                    for (r, v) in rows.iter().enumerate() {
+                        let head: Vec<String> =
+                            v.iter().take(4).map(|x| format!("{x:.5}")).collect();
+                        outln!("row {r}: [{}, …]", head.join(", "));
                     }
                 }
             }

@@ -302,3 +302,43 @@ fn real_minilm_matches_transformers() {
         );
     }
 }
+
+/// `kiln embed` on the real all-MiniLM-L6-v2 folder (its tokenizer, its
+/// sentence-transformers modules: mean pooling, Normalize) against
+/// sentence-transformers' embeddings: cosine above 0.99999 per sentence.
+#[test]
+fn real_minilm_embeddings_match_sentence_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/real/minilm_reference.json");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("minilm reference"))
+        .expect("json");
+    let dir = minilm_dir();
+    if !dir.join("model.safetensors").exists() {
+        assert!(!in_ci(), "all-MiniLM-L6-v2 not found in {}", dir.display());
+        println!("skipping: all-MiniLM-L6-v2 not found");
+        return;
+    }
+    let mut args = vec!["embed".to_string(), dir.display().to_string()];
+    for s in r["sentences"].as_array().unwrap() {
+        args.push("--prompt".into());
+        args.push(s.as_str().unwrap().into());
+    }
+    args.extend(["--output".into(), "json".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = support::kiln(&args);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let got = v["embeddings"].as_array().unwrap();
+    let want = r["outputs"]["sentence_embedding_normalized"]
+        .as_array()
+        .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (reference_values(g), reference_values(w));
+        let dot: f64 = g.iter().zip(&w).map(|(a, b)| a * b).sum();
+        let norm = |x: &[f64]| x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let cos = dot / (norm(&g) * norm(&w));
+        println!("sentence {i}: cosine {cos:.9}, norm {:.7}", norm(&g));
+        assert!(cos > 0.99999, "sentence {i}: cosine {cos}");
+        assert!((norm(&g) - 1.0).abs() < 1e-5, "normalised");
+    }
+}

@@ -271,3 +271,128 @@ fn on_a_terminal_the_text_streams_once() {
     );
     assert!(!text.contains("new text:"), "{text:?}");
 }
+
+#[test]
+fn embed_pools_and_normalises_as_the_modules_say() {
+    let m = dir("bert");
+    let floats = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let outs = {
+        let mut a = vec!["run", m.to_str().unwrap()];
+        a.extend(["--tokens", "5,17,42,99", "--tokens", "88,12,7,0"]);
+        a.extend([
+            "--attention-mask",
+            "1,1,1,1",
+            "--attention-mask",
+            "1,1,1,0",
+            "--output",
+            "json",
+        ]);
+        let (code, out, err) = kiln(&a);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                "{what}: {x} vs {y}"
+            );
+        }
+    };
+    // No modules.json: the masked mean, as the `pooled` output.
+    let (code, out, err) = kiln(&[
+        "embed",
+        m.to_str().unwrap(),
+        "--tokens",
+        "5,17,42,99",
+        "--tokens",
+        "88,12,7,0",
+        "--attention-mask",
+        "1,1,1,1",
+        "--attention-mask",
+        "1,1,1,0",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let e: Value = serde_json::from_str(&out).unwrap();
+    for r in 0..2 {
+        close(
+            &floats(&e["embeddings"][r]),
+            &floats(&outs["pooled"][r]),
+            "mean",
+        );
+    }
+    // CLS, then max, with Normalize.
+    let copy = support::scratch_copy("bert", "embed-modules");
+    std::fs::create_dir_all(copy.join("1_Pooling")).unwrap();
+    std::fs::write(
+        copy.join("modules.json"),
+        r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+           {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+           {"idx":2,"name":"2","path":"2_Normalize","type":"sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    let states = &outs["last_hidden_state"];
+    for (mode, pick) in [
+        ("pooling_mode_cls_token", 0usize),
+        ("pooling_mode_max_tokens", 1),
+    ] {
+        std::fs::write(
+            copy.join("1_Pooling/config.json"),
+            format!(r#"{{"word_embedding_dimension": 32, "{mode}": true}}"#),
+        )
+        .unwrap();
+        let (code, out, err) = kiln(&[
+            "embed",
+            copy.to_str().unwrap(),
+            "--tokens",
+            "5,17,42,99",
+            "--tokens",
+            "88,12,7,0",
+            "--attention-mask",
+            "1,1,1,1",
+            "--attention-mask",
+            "1,1,1,0",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let e: Value = serde_json::from_str(&out).unwrap();
+        for r in 0..2 {
+            let rows: Vec<Vec<f64>> = (0..4).map(|t| floats(&states[r][t])).collect();
+            let seen = if r == 0 { 4 } else { 3 };
+            let mut want: Vec<f64> = if pick == 0 {
+                rows[0].clone()
+            } else {
+                (0..32)
+                    .map(|c| {
+                        (0..seen)
+                            .map(|t| rows[t][c])
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    })
+                    .collect()
+            };
+            let n = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+            want.iter_mut().for_each(|x| *x /= n);
+            close(&floats(&e["embeddings"][r]), &want, mode);
+        }
+    }
+    // Two modes at once is refused by name.
+    std::fs::write(
+        copy.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    let (code, _, err) = kiln(&["embed", copy.to_str().unwrap(), "--tokens", "1,2"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("several pooling modes at once"), "{err}");
+    let _ = std::fs::remove_dir_all(copy);
+}
