@@ -59,6 +59,18 @@ def build(with_template):
 
 
 PROMPTS = ["Hello world, kiln compiles models!", "The cat sat on the mat."]
+
+# A chat template in the style of the hub's (a loop over messages, a Python
+# string method, the generation prompt), over this vocabulary: [CLS] opens
+# the chat, [SEP] ends each turn (the end-of-turn token generation stops at).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'].strip() }} "
+    "{{ eos_token }} {% endfor %}{% if add_generation_prompt %}a : {% endif %}"
+)
+CHATS = [
+    [{"role": "user", "content": "  Hello world!  "}],
+    [{"role": "system", "content": "Kiln compiles models."}, {"role": "user", "content": "The cat?"}],
+]
 NEW_TOKENS = 8
 
 
@@ -76,11 +88,14 @@ def main():
     }
     for name, encoder in [("gpt2", False), ("llama", False), ("bert", True), ("bert_mlm", True)]:
         d = HF_DIR / name
+        extra = {} if encoder else {"bos_token": "[CLS]", "eos_token": "[SEP]"}
         fast = PreTrainedTokenizerFast(
             tokenizer_object=build(encoder),
             unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-            mask_token="[MASK]", clean_up_tokenization_spaces=True,
+            mask_token="[MASK]", clean_up_tokenization_spaces=True, **extra,
         )
+        if not encoder:
+            fast.chat_template = CHAT_TEMPLATE
         fast.save_pretrained(d)
         tok = AutoTokenizer.from_pretrained(d)
         rec = {"versions": versions, "prompts": PROMPTS, "encode": [tok(p)["input_ids"] for p in PROMPTS]}
@@ -97,6 +112,27 @@ def main():
                 new = out[0, ids.shape[1]:].tolist()
                 rows.append({"new_ids": new, "text": tok.decode(new)})
             rec["generate"] = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True, "rows": rows}
+            # A chat stops at the model's end-of-sequence ids and the
+            # template's end of turn (the tokenizer's eos_token).
+            eos = model.generation_config.eos_token_id
+            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            stops = sorted(set(eos) | {tok.eos_token_id})
+            chats = []
+            for messages in CHATS:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                t = torch.tensor([list(ids)])
+                with torch.no_grad():
+                    out = model.generate(
+                        t, attention_mask=torch.ones_like(t), max_new_tokens=16, do_sample=False,
+                        eos_token_id=stops, pad_token_id=0,
+                    )
+                new = out[0, t.shape[1]:].tolist()
+                chats.append({"messages": messages, "text": text, "ids": list(ids), "new_ids": new,
+                              "new_text": tok.decode(new)})
+            rec["chat"] = {"max_new_tokens": 16, "stops_at": stops, "cases": chats}
         # Decoding edge cases: specials kept (transformers' default), punctuation cleanup.
         samples = [[2, 20, 33, 70, 3], [74, 73, 72, 21, 71, 22], list(range(0, 101, 7))]
         rec["decode"] = [{"ids": s, "text": tok.decode(s)} for s in samples]

@@ -120,7 +120,7 @@ pub struct Manifest {
     /// The source folder's `tokenizer.json` and `tokenizer_config.json`
     /// texts, when it had them.
     #[serde(default)]
-    pub tokenizer: Option<(String, Option<String>)>,
+    pub tokenizer: Option<(String, Option<String>, Option<String>)>,
     /// The source folder's sentence-transformers pipeline, when it had one.
     #[serde(default)]
     pub embedding: Option<crate::embed::EmbeddingConfig>,
@@ -397,9 +397,14 @@ fn write(
         programs,
         weights: records,
         packed,
-        tokenizer: model
-            .tokenizer()
-            .map(|t| (t.files().0.to_string(), t.files().1.map(str::to_string))),
+        tokenizer: model.tokenizer().map(|t| {
+            let (json, config, chat) = t.files();
+            (
+                json.to_string(),
+                config.map(str::to_string),
+                chat.map(str::to_string),
+            )
+        }),
         embedding: model.embedding_source(),
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
@@ -874,9 +879,10 @@ pub fn load(path: &Path) -> Result<Model, Error> {
         }
     }
     let tokenizer = match &manifest.tokenizer {
-        Some((json, config)) => Some(crate::text::TextTokenizer::from_json(
+        Some((json, config, chat)) => Some(crate::text::TextTokenizer::from_json(
             json.clone(),
             config.clone(),
+            chat.clone(),
             &format!("{origin} (manifest tokenizer)"),
         )?),
         None => None,

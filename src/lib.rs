@@ -352,6 +352,18 @@ impl Model {
         }
     }
 
+    /// The model with `id` among the tokens generation stops at (a chat's
+    /// end of turn).
+    pub fn with_stop_token(&self, id: i64) -> Model {
+        let mut out = self.clone();
+        if let Some(info) = out.info.as_mut() {
+            if !info.eos_token_ids.contains(&id) {
+                info.eos_token_ids.push(id);
+            }
+        }
+        out
+    }
+
     /// The model's tokenizer (`tokenizer.json` of its folder, or stored in
     /// its artifact), if it has one.
     pub fn tokenizer(&self) -> Option<&text::TextTokenizer> {

@@ -132,6 +132,13 @@ enum Command {
         /// How many tokens to generate per row.
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
+        /// Apply the tokenizer's chat template to `--prompt` as a user message
+        /// (with the generation prompt) and stop at its end-of-turn token.
+        #[arg(long, requires = "prompt")]
+        chat: bool,
+        /// A system message before the user's, with `--chat`.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         /// Pick the most likely token each step (the default unless a sampling
         /// option is given).
         #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
@@ -563,6 +570,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             model,
             inputs,
             max_new_tokens,
+            chat,
+            system,
             greedy: _,
             temperature,
             top_k,
@@ -617,7 +626,31 @@ fn run(cli: Cli) -> Result<(), Error> {
                     }
                 }
             };
-            let inputs = inputs.to_inputs(&m)?;
+            let (m, inputs) = if chat {
+                let [user] = &inputs.prompt[..] else {
+                    return Err(Error::Input(
+                        "--chat takes one --prompt (the user's message)".into(),
+                    ));
+                };
+                let tok = m.tokenizer().ok_or_else(|| {
+                    Error::Input(format!(
+                        "{} has no tokenizer.json: --chat needs one",
+                        m.origin()
+                    ))
+                })?;
+                let mut messages: Vec<(&str, &str)> = Vec::new();
+                if let Some(s) = &system {
+                    messages.push(("system", s));
+                }
+                messages.push(("user", user));
+                let (_, ids) = tok.chat(&messages)?;
+                let stop = tok.eos_id();
+                let inputs = RunInputs::tokens(vec![ids]);
+                (stop.map_or(m.clone(), |id| m.with_stop_token(id)), inputs)
+            } else {
+                let inputs = inputs.to_inputs(&m)?;
+                (m.clone(), inputs)
+            };
             let streamed = streaming && inputs.tokens.len() == 1;
             let new = if streamed {
                 let new = m.generate_streaming(&inputs, &opts, &mut on_step)?;

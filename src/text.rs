@@ -23,6 +23,9 @@ pub struct TextTokenizer {
     /// The files as read (an artifact stores them).
     json: String,
     config: Option<String>,
+    /// `chat_template.jinja` (where transformers 5 saves the template), or
+    /// the `chat_template` of `tokenizer_config.json`.
+    chat_template: Option<String>,
     origin: String,
 }
 
@@ -56,7 +59,17 @@ impl TextTokenizer {
         } else {
             None
         };
-        TextTokenizer::from_json(json, config, &path.display().to_string()).map(Some)
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(read(
+                &jinja,
+                kiln_ir::files::CONFIG_LIMIT,
+                "chat_template.jinja",
+            )?)
+        } else {
+            None
+        };
+        TextTokenizer::from_json(json, config, chat_template, &path.display().to_string()).map(Some)
     }
 
     /// A tokenizer from the text of `tokenizer.json` and, optionally,
@@ -64,6 +77,7 @@ impl TextTokenizer {
     pub fn from_json(
         json: String,
         config: Option<String>,
+        chat_template: Option<String>,
         origin: &str,
     ) -> Result<TextTokenizer, Error> {
         let mut inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
@@ -97,12 +111,25 @@ impl TextTokenizer {
                 .or_else(|| v.get("content").and_then(|c| c.as_str()))
         });
         let pad_id = pad_token.and_then(|t| inner.token_to_id(t)).map(i64::from);
+        // The config's template: a string, or named templates (the default).
+        let chat_template = chat_template.or_else(|| {
+            let t = cfg.as_ref()?.get("chat_template")?;
+            t.as_str().map(str::to_string).or_else(|| {
+                t.as_array()?
+                    .iter()
+                    .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))?
+                    .get("template")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+        });
         Ok(TextTokenizer {
             inner,
             cleanup,
             pad_id,
             json,
             config,
+            chat_template,
             origin: origin.to_string(),
         })
     }
@@ -138,14 +165,93 @@ impl TextTokenizer {
         })
     }
 
+    /// `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`
+    /// with the `chat_template` of `tokenizer_config.json`, rendered by
+    /// minijinja (Python string methods such as `.strip()` through its
+    /// pycompat layer), then encoded without added special tokens, as
+    /// transformers does with `tokenize=True`. `messages` are (role,
+    /// content) pairs.
+    pub fn chat(&self, messages: &[(&str, &str)]) -> Result<(String, Vec<i64>), Error> {
+        let cfg: serde_json::Value = self
+            .config
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Input(format!(
+                "--chat: {} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)",
+                self.origin
+            ))
+        })?;
+        let special = |k: &str| -> String {
+            cfg.get(k)
+                .and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                })
+                .unwrap_or("")
+                .to_string()
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => *role, content => *content })
+            .collect();
+        let text = env
+            .render_str(
+                template,
+                minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => true,
+                    bos_token => special("bos_token"),
+                    eos_token => special("eos_token"),
+                },
+            )
+            .map_err(|e| {
+                Error::Input(format!(
+                    "--chat: the chat_template of {} fails: {e}",
+                    self.origin
+                ))
+            })?;
+        let enc = self
+            .inner
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Input(format!("--chat: {}: cannot encode: {e}", self.origin)))?;
+        let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        Ok((text, ids))
+    }
+
+    /// The id of `tokenizer_config.json`'s `eos_token` (a chat's end of
+    /// turn), when it names one the vocabulary has.
+    pub fn eos_id(&self) -> Option<i64> {
+        let cfg: serde_json::Value = serde_json::from_str(self.config.as_deref()?).ok()?;
+        let tok = cfg.get("eos_token")?;
+        let tok = tok.as_str().or_else(|| tok.get("content")?.as_str())?;
+        self.inner.token_to_id(tok).map(i64::from)
+    }
+
     /// The padding token's id, when the tokenizer names one.
     pub fn pad_id(&self) -> Option<i64> {
         self.pad_id
     }
 
     /// The files as read: `tokenizer.json` and `tokenizer_config.json`.
-    pub fn files(&self) -> (&str, Option<&str>) {
-        (&self.json, self.config.as_deref())
+    pub fn files(&self) -> (&str, Option<&str>, Option<&str>) {
+        (
+            &self.json,
+            self.config.as_deref(),
+            self.chat_template.as_deref(),
+        )
     }
 }
 

@@ -396,3 +396,78 @@ fn embed_pools_and_normalises_as_the_modules_say() {
     assert!(err.contains("several pooling modes at once"), "{err}");
     let _ = std::fs::remove_dir_all(copy);
 }
+
+#[test]
+fn chat_templates_render_encode_and_stop_as_transformers_does() {
+    for name in ["gpt2", "llama"] {
+        let r = reference(name);
+        let model = kiln::Model::load(dir(name)).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let m = dir(name);
+        let m = m.to_str().unwrap();
+        for case in r["chat"]["cases"].as_array().unwrap() {
+            let messages: Vec<(&str, &str)> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| (x["role"].as_str().unwrap(), x["content"].as_str().unwrap()))
+                .collect();
+            let (text, ids_) = tok.chat(&messages).unwrap();
+            assert_eq!(text, case["text"].as_str().unwrap(), "{name}: rendered");
+            assert_eq!(ids_, ids(&case["ids"]), "{name}: encoded");
+            let mut args = vec![
+                "generate",
+                m,
+                "--chat",
+                "--max-new-tokens",
+                "16",
+                "--output",
+                "json",
+            ];
+            if let [("system", s), ..] = messages[..] {
+                args.extend(["--system", s]);
+            }
+            let user = messages.last().unwrap().1;
+            args.extend(["--prompt", user]);
+            let (code, out, err) = kiln(&args);
+            assert_eq!(code, 0, "{err}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                ids(&v["tokens"]),
+                ids(&case["new_ids"]),
+                "{name}: {messages:?}"
+            );
+            assert_eq!(v["text"], case["new_text"], "{name}");
+        }
+    }
+    // No template, or several prompts: clear errors.
+    let copy = std::env::temp_dir().join(format!("kiln-no-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(dir("gpt2")).unwrap().flatten() {
+        if e.file_name() != "chat_template.jinja" {
+            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+        }
+    }
+    let (code, _, err) = kiln(&[
+        "generate",
+        copy.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("has no chat template"), "{err}");
+    let (code, _, err) = kiln(&[
+        "generate",
+        "tests/data/hf/gpt2",
+        "--chat",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--chat takes one --prompt"), "{err}");
+    let _ = std::fs::remove_dir_all(copy);
+}
