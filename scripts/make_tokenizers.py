@@ -133,6 +133,14 @@ def main():
                 chats.append({"messages": messages, "text": text, "ids": list(ids), "new_ids": new,
                               "new_text": tok.decode(new)})
             rec["chat"] = {"max_new_tokens": 16, "stops_at": stops, "cases": chats}
+        if name == "bert_mlm":
+            from transformers import pipeline
+
+            fill = pipeline("fill-mask", model=str(d), tokenizer=str(d), top_k=5)
+            rec["fill_mask"] = [
+                {"prompt": p, "top_k": 5, "result": fill(p)}
+                for p in ["Paris is the [MASK] of France.", "The cat sat on the [MASK]."]
+            ]
         # Decoding edge cases: specials kept (transformers' default), punctuation cleanup.
         samples = [[2, 20, 33, 70, 3], [74, 73, 72, 21, 71, 22], list(range(0, 101, 7))]
         rec["decode"] = [{"ids": s, "text": tok.decode(s)} for s in samples]

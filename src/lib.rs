@@ -17,6 +17,7 @@ pub mod adapter;
 pub mod artifact;
 pub mod bench;
 pub mod embed;
+pub mod fill_mask;
 pub mod generate;
 pub mod output;
 pub mod text;

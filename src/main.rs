@@ -192,6 +192,24 @@ enum Command {
         #[arg(long, value_enum, default_value = "summary")]
         output: OutputArg,
     },
+    /// The best fill-ins for the mask token(s) of a prompt (a masked-LM such
+    /// as BertForMaskedLM), as transformers' fill-mask pipeline gives them.
+    FillMask {
+        /// A masked-LM's Hugging Face folder or its artifact.
+        model: PathBuf,
+        /// The text, with the tokenizer's mask token (e.g. `[MASK]`).
+        #[arg(long)]
+        prompt: String,
+        /// Candidates per mask.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "summary")]
+        output: OutputArg,
+    },
     /// Compile a model once into an artifact that runs without its source.
     ///
     /// The artifact holds the optimized IR, every function's lowered Program,
@@ -733,6 +751,41 @@ fn run(cli: Cli) -> Result<(), Error> {
                         let head: Vec<String> =
                             v.iter().take(4).map(|x| format!("{x:.5}")).collect();
                         outln!("row {r}: [{}, …]", head.join(", "));
+                    }
+                }
+            }
+        }
+        Command::FillMask {
+            model,
+            prompt,
+            top_k,
+            backend,
+            output,
+        } => {
+            let m = load(&model)?;
+            let m = if m.artifact().is_some() {
+                m
+            } else {
+                m.optimize(kiln::OptLevel::O2)?
+            };
+            let fills = kiln::fill_mask::fill_mask(&m, &prompt, top_k, target(backend, threads))?;
+            match output {
+                OutputArg::Json => {
+                    let v = if fills.len() == 1 {
+                        serde_json::json!(fills[0])
+                    } else {
+                        serde_json::json!(fills)
+                    };
+                    outln!("{v}");
+                }
+                OutputArg::Summary => {
+                    for (k, mask) in fills.iter().enumerate() {
+                        if fills.len() > 1 {
+                            outln!("mask {k}:");
+                        }
+                        for f in mask {
+                            outln!("{:.4}  {:<12} {}", f.score, f.token_str, f.sequence);
+                        }
                     }
                 }
             }

@@ -147,6 +147,11 @@ impl TextTokenizer {
     /// `tokenizer.decode(ids)`: special tokens kept, spaces cleaned up as
     /// the tokenizer's config says.
     pub fn decode(&self, ids: &[i64]) -> Result<String, Error> {
+        self.decode_with(ids, false)
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=skip)`.
+    pub fn decode_with(&self, ids: &[i64], skip: bool) -> Result<String, Error> {
         let ids: Vec<u32> = ids
             .iter()
             .map(|&i| {
@@ -156,7 +161,7 @@ impl TextTokenizer {
             .collect::<Result<_, _>>()?;
         let text = self
             .inner
-            .decode(&ids, false)
+            .decode(&ids, skip)
             .map_err(|e| Error::Input(format!("{}: cannot decode: {e}", self.origin)))?;
         Ok(if self.cleanup {
             clean_up_tokenization(&text)
@@ -236,6 +241,15 @@ impl TextTokenizer {
     pub fn eos_id(&self) -> Option<i64> {
         let cfg: serde_json::Value = serde_json::from_str(self.config.as_deref()?).ok()?;
         let tok = cfg.get("eos_token")?;
+        let tok = tok.as_str().or_else(|| tok.get("content")?.as_str())?;
+        self.inner.token_to_id(tok).map(i64::from)
+    }
+
+    /// The id of `tokenizer_config.json`'s `mask_token`, when it names one
+    /// the vocabulary has.
+    pub fn mask_id(&self) -> Option<i64> {
+        let cfg: serde_json::Value = serde_json::from_str(self.config.as_deref()?).ok()?;
+        let tok = cfg.get("mask_token")?;
         let tok = tok.as_str().or_else(|| tok.get("content")?.as_str())?;
         self.inner.token_to_id(tok).map(i64::from)
     }

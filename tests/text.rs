@@ -471,3 +471,37 @@ fn chat_templates_render_encode_and_stop_as_transformers_does() {
     assert!(err.contains("--chat takes one --prompt"), "{err}");
     let _ = std::fs::remove_dir_all(copy);
 }
+
+#[test]
+fn fill_mask_gives_what_the_transformers_pipeline_gives() {
+    let r = reference("bert_mlm");
+    let m = dir("bert_mlm");
+    let m = m.to_str().unwrap();
+    for case in r["fill_mask"].as_array().unwrap() {
+        let p = case["prompt"].as_str().unwrap();
+        let (code, out, err) = kiln(&["fill-mask", m, "--prompt", p, "--output", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let got: Value = serde_json::from_str(&out).unwrap();
+        let (got, want) = (got.as_array().unwrap(), case["result"].as_array().unwrap());
+        assert_eq!(got.len(), want.len(), "{p}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["token"], w["token"], "{p}");
+            assert_eq!(g["token_str"], w["token_str"], "{p}");
+            assert_eq!(g["sequence"], w["sequence"], "{p}");
+            let (gs, ws) = (g["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
+            assert!(
+                gs.is_finite() && ((gs - ws) / ws).abs() < 1e-5,
+                "{p}: score {gs} vs {ws}"
+            );
+        }
+    }
+    let (code, _, err) = kiln(&["fill-mask", m, "--prompt", "no mask here."]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--prompt has no mask token `[MASK]` to fill"),
+        "{err}"
+    );
+    let (code, _, err) = kiln(&["fill-mask", "tests/data/hf/bert", "--prompt", "a [MASK] b"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("fill-mask needs a masked-LM"), "{err}");
+}
