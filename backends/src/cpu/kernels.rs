@@ -786,20 +786,44 @@ const TILED_MIN_QUERIES: usize = 4;
 const TILE_Q: usize = 64;
 const TILE_K: usize = 128;
 
-/// Scales the visible scores of one row of a tile (the mask's hidden ones
-/// set to −∞) and returns the row's running maximum, from `prev`; NaN when
-/// any score is NaN.
-#[allow(clippy::too_many_arguments)]
-fn row_max(
+/// Scales the visible scores of one row of a tile (those `mask` hides set
+/// to −∞) and returns the row's running maximum, from `prev`; NaN when any
+/// score is NaN. `mask`: the mask view, the row's first element in it and
+/// its step. With `simd` (AVX-512, checked by the caller; the scale is
+/// positive, so masking before scaling keeps −∞) the passes read sixteen
+/// lanes at a time, a byte mask of unit stride too.
+fn scale_row_max(
     shown: &mut [f32],
-    mask: Option<Iv<'_>>,
-    bi: usize,
-    hi: usize,
-    ti: usize,
-    k0: usize,
+    mask: Option<(Iv<'_>, usize, usize)>,
     scale: f32,
     prev: f32,
+    simd: bool,
 ) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        if let Some((mv, at0, step)) = mask {
+            if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) {
+                // SAFETY: the row's mask bytes are inside the view
+                // (verified); AVX-512 checked by the caller.
+                unsafe { super::softmax::mask_bytes(shown, mv.base.add(at0)) };
+            } else {
+                for (j, x) in shown.iter_mut().enumerate() {
+                    // SAFETY: inside the mask view (verified).
+                    if unsafe { mv.get(at0 + j * step) } == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        // SAFETY: AVX-512 checked by the caller.
+        let m = unsafe { super::softmax::scale_max(shown, scale) };
+        return if m.is_nan() || prev.is_nan() {
+            f32::NAN
+        } else {
+            m.max(prev)
+        };
+    }
+    let _ = simd;
     // Scale and maximum in one pass; a NaN anywhere makes the maximum NaN
     // (checked apart).
     let mut m = prev;
@@ -812,8 +836,7 @@ fn row_max(
                 m = if *x > m { *x } else { m };
             }
         }
-        Some(mv) => {
-            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
+        Some((mv, at0, step)) => {
             for (j, x) in shown.iter_mut().enumerate() {
                 // SAFETY: inside the mask view (verified).
                 let allowed = unsafe { mv.get(at0 + j * step) } != 0;
@@ -832,48 +855,6 @@ fn row_max(
     } else {
         m
     }
-}
-
-/// [`row_max`] with the AVX-512 passes (a byte mask of unit stride read
-/// sixteen at a time).
-#[allow(clippy::too_many_arguments)]
-fn row_max_simd(
-    shown: &mut [f32],
-    mask: Option<Iv<'_>>,
-    bi: usize,
-    hi: usize,
-    ti: usize,
-    k0: usize,
-    scale: f32,
-    prev: f32,
-) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if let Some(mv) = mask {
-            let (at0, step) = (mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]);
-            if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) {
-                // SAFETY: the row's mask bytes are inside the view
-                // (verified); AVX-512 checked by the caller.
-                unsafe { super::softmax::mask_bytes(shown, mv.base.add(at0)) };
-            } else {
-                for (j, x) in shown.iter_mut().enumerate() {
-                    // SAFETY: inside the mask view (verified).
-                    if unsafe { mv.get(at0 + j * step) } == 0 {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        // SAFETY: AVX-512 checked by the caller.
-        let m = unsafe { super::softmax::scale_max(shown, scale) };
-        if m.is_nan() || prev.is_nan() {
-            f32::NAN
-        } else {
-            m.max(prev)
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    row_max(shown, mask, bi, hi, ti, k0, scale, prev)
 }
 
 /// Flash-style attention, one task per (batch, head): for each tile of
@@ -969,11 +950,8 @@ fn attention_tiled(
                     let seen = visible(ti).saturating_sub(k0).min(tk);
                     let (shown, hidden) = row.split_at_mut(seen);
                     hidden.fill(f32::NEG_INFINITY);
-                    let m = if simd {
-                        row_max_simd(shown, mask, bi, hi, ti, k0, scale, mx[i])
-                    } else {
-                        row_max(shown, mask, bi, hi, ti, k0, scale, mx[i])
-                    };
+                    let mask_row = mask.map(|mv| (mv, mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]));
+                    let m = scale_row_max(shown, mask_row, scale, mx[i], simd);
                     if m == f32::NEG_INFINITY {
                         // Nothing visible yet: the row's probabilities are 0.
                         row.fill(0.0);
