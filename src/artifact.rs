@@ -424,61 +424,9 @@ fn write(
     }
     let file_len = offsets[3] + packed_len;
 
-    // Chunk checksums, over each section as it will lie in the file.
-    let section_crcs = |len: usize, bytes_at: &dyn Fn(usize, &mut [u8])| -> Vec<u32> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; CHUNK];
-        for c in 0..len.div_ceil(CHUNK) {
-            let n = CHUNK.min(len - c * CHUNK);
-            bytes_at(c * CHUNK, &mut buf[..n]);
-            out.push(crc32fast::hash(&buf[..n]));
-        }
-        out
-    };
-    let flat = |data: &[u8], from: usize, dst: &mut [u8]| {
-        dst.copy_from_slice(&data[from..from + dst.len()])
-    };
-    let gather = |blobs: &[(usize, &[u8])], from: usize, dst: &mut [u8]| {
-        dst.fill(0);
-        let to = from + dst.len();
-        for &(at, b) in blobs {
-            let (s, e) = (at.max(from), (at + b.len()).min(to));
-            if s < e {
-                dst[s - from..e - from].copy_from_slice(&b[s - at..e - at]);
-            }
-        }
-    };
-    let mut crcs = Vec::with_capacity(n_crcs);
-    crcs.extend(section_crcs(lens[0], &|f, d| flat(&manifest_bytes, f, d)));
-    crcs.extend(section_crcs(lens[1], &|f, d| flat(&ir, f, d)));
-    crcs.extend(section_crcs(lens[2], &|f, d| gather(&blobs, f, d)));
-    crcs.extend(section_crcs(lens[3], &|f, d| gather(&packed_blobs, f, d)));
-
-    let mut meta = Vec::with_capacity(meta_end - HEADER_LEN);
-    let mut first = 0u32;
-    for (i, name) in SECTIONS.iter().enumerate() {
-        let mut e = [0u8; ENTRY_LEN];
-        e[..name.len()].copy_from_slice(name.as_bytes());
-        e[16..24].copy_from_slice(&(offsets[i] as u64).to_le_bytes());
-        e[24..32].copy_from_slice(&(lens[i] as u64).to_le_bytes());
-        e[32..36].copy_from_slice(&first.to_le_bytes());
-        meta.extend_from_slice(&e);
-        first += chunks[i] as u32;
-    }
-    for c in &crcs {
-        meta.extend_from_slice(&c.to_le_bytes());
-    }
-    let mut header = [0u8; HEADER_LEN];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&(SECTIONS.len() as u32).to_le_bytes());
-    header[16..20].copy_from_slice(&(n_crcs as u32).to_le_bytes());
-    header[20..24].copy_from_slice(&crc32fast::hash(&meta).to_le_bytes());
-    header[24..32].copy_from_slice(&(file_len as u64).to_le_bytes());
-    let hc = crc32fast::hash(&header[..36]);
-    header[36..40].copy_from_slice(&hc.to_le_bytes());
-
-    // Write to a temporary file beside the target, then rename.
+    // Write to a temporary file beside the target, then rename. The
+    // sections go first, their chunk checksums taken as they are written;
+    // the header and table, which hold the checksums, last, at the start.
     let io = |source: std::io::Error| Error::Write {
         path: out.to_path_buf(),
         source,
@@ -497,30 +445,52 @@ fn write(
     ));
     let result = (|| -> Result<(), std::io::Error> {
         let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let mut pos = 0usize;
-        let mut put = |w: &mut std::io::BufWriter<std::fs::File>,
-                       at: usize,
-                       bytes: &[u8]|
-         -> Result<(), std::io::Error> {
-            debug_assert!(at >= pos);
-            std::io::copy(&mut std::io::repeat(0).take((at - pos) as u64), w)?;
-            w.write_all(bytes)?;
-            pos = at + bytes.len();
-            Ok(())
-        };
-        put(&mut w, 0, &header)?;
-        put(&mut w, HEADER_LEN, &meta)?;
-        put(&mut w, offsets[0], &manifest_bytes)?;
-        put(&mut w, offsets[1], &ir)?;
-        for &(at, b) in &blobs {
-            put(&mut w, offsets[2] + at, b)?;
+        let mut w = ChunkWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+        let sections: [&[(usize, &[u8])]; 4] = [
+            &[(0, &manifest_bytes[..])],
+            &[(0, &ir[..])],
+            &blobs,
+            &packed_blobs,
+        ];
+        for (i, pieces) in sections.iter().enumerate() {
+            w.pad_to(offsets[i])?;
+            w.hashing = true;
+            for &(at, bytes) in pieces.iter() {
+                w.pad_to(offsets[i] + at)?;
+                w.put(bytes)?;
+            }
+            w.pad_to(offsets[i] + lens[i])?;
+            w.end_section();
         }
-        for &(at, b) in &packed_blobs {
-            put(&mut w, offsets[3] + at, b)?;
+        let crcs = std::mem::take(&mut w.crcs);
+        debug_assert_eq!(crcs.len(), n_crcs);
+        let mut meta = Vec::with_capacity(meta_end - HEADER_LEN);
+        let mut first = 0u32;
+        for (i, name) in SECTIONS.iter().enumerate() {
+            let mut e = [0u8; ENTRY_LEN];
+            e[..name.len()].copy_from_slice(name.as_bytes());
+            e[16..24].copy_from_slice(&(offsets[i] as u64).to_le_bytes());
+            e[24..32].copy_from_slice(&(lens[i] as u64).to_le_bytes());
+            e[32..36].copy_from_slice(&first.to_le_bytes());
+            meta.extend_from_slice(&e);
+            first += chunks[i] as u32;
         }
-        put(&mut w, file_len, &[])?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
+        for c in &crcs {
+            meta.extend_from_slice(&c.to_le_bytes());
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&(SECTIONS.len() as u32).to_le_bytes());
+        header[16..20].copy_from_slice(&(n_crcs as u32).to_le_bytes());
+        header[20..24].copy_from_slice(&crc32fast::hash(&meta).to_le_bytes());
+        header[24..32].copy_from_slice(&(file_len as u64).to_le_bytes());
+        let hc = crc32fast::hash(&header[..36]);
+        header[36..40].copy_from_slice(&hc.to_le_bytes());
+        let mut f = w.w.into_inner().map_err(|e| e.into_error())?;
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&header)?;
+        f.write_all(&meta)?;
         f.sync_all()?;
         Ok(())
     })();
@@ -538,6 +508,70 @@ fn write(
             .map(|e| e.name.clone())
             .collect(),
     })
+}
+
+/// Writes a file front to back, taking the CRC-32 of every [`CHUNK`] of
+/// each section (while `hashing`) as the bytes go by.
+struct ChunkWriter<W: Write> {
+    w: W,
+    pos: usize,
+    hashing: bool,
+    hasher: crc32fast::Hasher,
+    in_chunk: usize,
+    crcs: Vec<u32>,
+}
+
+impl<W: Write> ChunkWriter<W> {
+    fn new(w: W) -> ChunkWriter<W> {
+        ChunkWriter {
+            w,
+            pos: 0,
+            hashing: false,
+            hasher: crc32fast::Hasher::new(),
+            in_chunk: 0,
+            crcs: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(bytes)?;
+        self.pos += bytes.len();
+        while self.hashing && !bytes.is_empty() {
+            let take = (CHUNK - self.in_chunk).min(bytes.len());
+            self.hasher.update(&bytes[..take]);
+            self.in_chunk += take;
+            bytes = &bytes[take..];
+            if self.in_chunk == CHUNK {
+                self.close_chunk();
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeros up to file offset `at`.
+    fn pad_to(&mut self, at: usize) -> std::io::Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        debug_assert!(at >= self.pos);
+        while self.pos < at {
+            let n = (at - self.pos).min(ZEROS.len());
+            self.put(&ZEROS[..n])?;
+        }
+        Ok(())
+    }
+
+    fn close_chunk(&mut self) {
+        let h = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
+        self.crcs.push(h.finalize());
+        self.in_chunk = 0;
+    }
+
+    /// Closes the section's last (short) chunk, and stops hashing.
+    fn end_section(&mut self) {
+        if self.in_chunk > 0 {
+            self.close_chunk();
+        }
+        self.hashing = false;
+    }
 }
 
 /// A read-only map of an artifact, lent to its weights and packed panels.
@@ -564,6 +598,20 @@ fn bad(path: &Path, what: String) -> Error {
         path: path.to_path_buf(),
         what,
     }
+}
+
+/// Refuses a record whose bytes `offset..+len` lie outside its section.
+fn claim(path: &Path, what: &str, offset: usize, len: usize, s: &Section) -> Result<(), Error> {
+    if offset.checked_add(len).is_none_or(|e| e > s.len) {
+        return Err(bad(
+            path,
+            format!(
+                "{what} claims bytes {offset}..+{len} of the {}-byte {} section",
+                s.len, s.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -806,15 +854,7 @@ pub fn load(path: &Path) -> Result<Model, Error> {
                     ),
                 )
             })?;
-        if r.offset.checked_add(r.len).is_none_or(|e| e > w_s.len) {
-            return Err(bad(
-                path,
-                format!(
-                    "weight `{}` claims bytes {}..+{} of the {}-byte weights section",
-                    r.name, r.offset, r.len, w_s.len
-                ),
-            ));
-        }
+        claim(path, &format!("weight `{}`", r.name), r.offset, r.len, w_s)?;
         let data = TensorData::from_source(dtype, source.clone(), w_s.offset + r.offset, numel)
             .ok_or_else(|| {
                 bad(
@@ -854,15 +894,13 @@ pub fn load(path: &Path) -> Result<Model, Error> {
                     format!("packed weight of `{}`: no such weight", r.weight),
                 )
             })?;
-            if r.offset.checked_add(r.len).is_none_or(|e| e > p_s.len) {
-                return Err(bad(
-                    path,
-                    format!(
-                        "packed weight of `{}` claims bytes {}..+{} of the {}-byte packed section",
-                        r.weight, r.offset, r.len, p_s.len
-                    ),
-                ));
-            }
+            claim(
+                path,
+                &format!("packed weight of `{}`", r.weight),
+                r.offset,
+                r.len,
+                p_s,
+            )?;
             let p = kiln_backends::cpu::adopt_packed(
                 w,
                 r.view_offset,
