@@ -18,8 +18,8 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     /// transformers' `clean_up_tokenization_spaces`.
     cleanup: bool,
-    /// The id of the padding token, when the tokenizer names one.
-    pad_id: Option<i64>,
+    /// `tokenizer_config.json`, parsed (`Null` without one).
+    settings: serde_json::Value,
     /// The files as read (an artifact stores them).
     json: String,
     config: Option<String>,
@@ -93,27 +93,21 @@ impl TextTokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| Error::Input(format!("{origin}: {e}")))?;
-        let cfg: Option<serde_json::Value> = match &config {
-            Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+        let settings: serde_json::Value = match &config {
+            Some(text) => serde_json::from_str(text).map_err(|e| {
                 Error::Input(format!(
                     "{origin}: tokenizer_config.json is not valid JSON: {e}"
                 ))
-            })?),
-            None => None,
+            })?,
+            None => serde_json::Value::Null,
         };
-        let cleanup = cfg
-            .as_ref()
-            .and_then(|c| c.get("clean_up_tokenization_spaces"))
+        let cleanup = settings
+            .get("clean_up_tokenization_spaces")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let pad_token = cfg.as_ref().and_then(|c| c.get("pad_token")).and_then(|v| {
-            v.as_str()
-                .or_else(|| v.get("content").and_then(|c| c.as_str()))
-        });
-        let pad_id = pad_token.and_then(|t| inner.token_to_id(t)).map(i64::from);
         // The config's template: a string, or named templates (the default).
         let chat_template = chat_template.or_else(|| {
-            let t = cfg.as_ref()?.get("chat_template")?;
+            let t = settings.get("chat_template")?;
             t.as_str().map(str::to_string).or_else(|| {
                 t.as_array()?
                     .iter()
@@ -126,7 +120,7 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             inner,
             cleanup,
-            pad_id,
+            settings,
             json,
             config,
             chat_template,
@@ -177,26 +171,13 @@ impl TextTokenizer {
     /// transformers does with `tokenize=True`. `messages` are (role,
     /// content) pairs.
     pub fn chat(&self, messages: &[(&str, &str)]) -> Result<(String, Vec<i64>), Error> {
-        let cfg: serde_json::Value = self
-            .config
-            .as_deref()
-            .and_then(|c| serde_json::from_str(c).ok())
-            .unwrap_or_default();
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::Input(format!(
                 "--chat: {} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)",
                 self.origin
             ))
         })?;
-        let special = |k: &str| -> String {
-            cfg.get(k)
-                .and_then(|v| {
-                    v.as_str()
-                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
-                })
-                .unwrap_or("")
-                .to_string()
-        };
+        let special = |k: &str| self.special_token(k).unwrap_or("").to_string();
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -239,24 +220,32 @@ impl TextTokenizer {
     /// The id of `tokenizer_config.json`'s `eos_token` (a chat's end of
     /// turn), when it names one the vocabulary has.
     pub fn eos_id(&self) -> Option<i64> {
-        let cfg: serde_json::Value = serde_json::from_str(self.config.as_deref()?).ok()?;
-        let tok = cfg.get("eos_token")?;
-        let tok = tok.as_str().or_else(|| tok.get("content")?.as_str())?;
-        self.inner.token_to_id(tok).map(i64::from)
+        self.special_id("eos_token")
     }
 
     /// The id of `tokenizer_config.json`'s `mask_token`, when it names one
     /// the vocabulary has.
     pub fn mask_id(&self) -> Option<i64> {
-        let cfg: serde_json::Value = serde_json::from_str(self.config.as_deref()?).ok()?;
-        let tok = cfg.get("mask_token")?;
-        let tok = tok.as_str().or_else(|| tok.get("content")?.as_str())?;
-        self.inner.token_to_id(tok).map(i64::from)
+        self.special_id("mask_token")
     }
 
     /// The padding token's id, when the tokenizer names one.
     pub fn pad_id(&self) -> Option<i64> {
-        self.pad_id
+        self.special_id("pad_token")
+    }
+
+    /// A special token `tokenizer_config.json` names under `key` (a string,
+    /// or an added-token object with its `content`).
+    fn special_token(&self, key: &str) -> Option<&str> {
+        let v = self.settings.get(key)?;
+        v.as_str().or_else(|| v.get("content")?.as_str())
+    }
+
+    /// The id of [`TextTokenizer::special_token`], when the vocabulary has it.
+    fn special_id(&self, key: &str) -> Option<i64> {
+        self.inner
+            .token_to_id(self.special_token(key)?)
+            .map(i64::from)
     }
 
     /// The files as read: `tokenizer.json` and `tokenizer_config.json`.
