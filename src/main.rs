@@ -728,12 +728,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             output,
         } => {
-            let m = load(&model)?;
-            let m = if m.artifact().is_some() {
-                m
-            } else {
-                m.optimize(kiln::OptLevel::O2)?
-            };
+            // (An artifact is returned as it was compiled.)
+            let m = load(&model)?.optimize(kiln::OptLevel::O2)?;
             let inputs = inputs.to_inputs(&m)?;
             let rows = kiln::embed::embed(&m, &inputs, target(backend, threads))?;
             match output {
@@ -762,12 +758,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             backend,
             output,
         } => {
-            let m = load(&model)?;
-            let m = if m.artifact().is_some() {
-                m
-            } else {
-                m.optimize(kiln::OptLevel::O2)?
-            };
+            // (An artifact is returned as it was compiled.)
+            let m = load(&model)?.optimize(kiln::OptLevel::O2)?;
             let fills = kiln::fill_mask::fill_mask(&m, &prompt, top_k, target(backend, threads))?;
             match output {
                 OutputArg::Json => {
