@@ -11,10 +11,7 @@ use std::path::{Path, PathBuf};
 use support::{kiln, scratch_copy};
 
 fn scratch_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-art-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch_dir(&format!("art-{tag}"))
 }
 
 fn source(name: &str) -> String {
@@ -52,11 +49,7 @@ fn artifacts_run_like_their_source_with_the_source_deleted() {
     let dir = scratch_dir("families");
     for family in ["gpt2", "llama", "llama_tied", "bert", "bart"] {
         // The whole folder (tokenizer files too), deleted after compiling.
-        let copy = scratch_copy(family, &format!("art-src-{family}"));
-        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join(source(family));
-        for e in std::fs::read_dir(&from).unwrap().flatten() {
-            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-        }
+        let copy = support::scratch_folder(family, &format!("art-src-{family}"));
         let art = dir.join(format!("{family}.kiln"));
         compile(copy.to_str().unwrap(), &art, &[]);
         std::fs::remove_dir_all(&copy).unwrap();

@@ -46,10 +46,7 @@ fn root() -> PathBuf {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-fuzz2-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch_dir(&format!("fuzz2-{tag}"))
 }
 
 const INTERESTING: [u64; 10] = [
@@ -156,6 +153,24 @@ fn mutate_json(rng: &mut Rng, v: &mut Value) {
     }
 }
 
+/// One to three [`mutate_json`] edits of a JSON file's text.
+fn mutate_json_text(rng: &mut Rng, text: &[u8]) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(text).unwrap();
+    for _ in 0..1 + rng.below(3) {
+        mutate_json(rng, &mut v);
+    }
+    v.to_string().into_bytes()
+}
+
+/// One to three byte mutations of a safetensors file, half of them in its
+/// header.
+fn mutate_safetensors(rng: &mut Rng, w: &mut Vec<u8>) {
+    let header = 8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
+    for _ in 0..1 + rng.below(3) {
+        mutate_bytes(rng, w, header);
+    }
+}
+
 /// Runs `f` on one input; a panic saves the input and fails the test, and
 /// an input slower than `limit` fails it too.
 fn exercise(target: &str, case: usize, input: &[u8], limit: Duration, f: impl FnOnce()) {
@@ -228,17 +243,10 @@ fn fuzz_config_and_safetensors_loaders() {
                 if rng.next().is_multiple_of(3) {
                     mutate_bytes(&mut rng, &mut c, 1 << 20);
                 } else {
-                    let mut v: Value = serde_json::from_slice(&c).unwrap();
-                    for _ in 0..1 + rng.below(3) {
-                        mutate_json(&mut rng, &mut v);
-                    }
-                    c = v.to_string().into_bytes();
+                    c = mutate_json_text(&mut rng, &c);
                 }
             } else {
-                let header = 8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
-                for _ in 0..1 + rng.below(3) {
-                    mutate_bytes(&mut rng, &mut w, header);
-                }
+                mutate_safetensors(&mut rng, &mut w);
             }
             std::fs::write(dir.join("config.json"), &c).unwrap();
             std::fs::write(dir.join("model.safetensors"), &w).unwrap();
@@ -272,16 +280,9 @@ fn fuzz_adapter_loader() {
     for case in 0..n {
         let (mut c, mut w) = (config.clone(), weights.clone());
         if case.is_multiple_of(2) {
-            let mut v: Value = serde_json::from_slice(&c).unwrap();
-            for _ in 0..1 + rng.below(3) {
-                mutate_json(&mut rng, &mut v);
-            }
-            c = v.to_string().into_bytes();
+            c = mutate_json_text(&mut rng, &c);
         } else {
-            let header = 8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
-            for _ in 0..1 + rng.below(3) {
-                mutate_bytes(&mut rng, &mut w, header);
-            }
+            mutate_safetensors(&mut rng, &mut w);
         }
         std::fs::write(dir.join("adapter_config.json"), &c).unwrap();
         std::fs::write(dir.join("adapter_model.safetensors"), &w).unwrap();
@@ -339,11 +340,7 @@ fn fuzz_artifact_loader() {
                 }
                 let mut body = b[off..off + len].to_vec();
                 if name == "manifest" && rng.next().is_multiple_of(2) {
-                    let mut v: Value = serde_json::from_slice(&body).unwrap();
-                    for _ in 0..1 + rng.below(3) {
-                        mutate_json(&mut rng, &mut v);
-                    }
-                    body = v.to_string().into_bytes();
+                    body = mutate_json_text(&mut rng, &body);
                 } else {
                     mutate_bytes(&mut rng, &mut body, 1 << 20);
                 }

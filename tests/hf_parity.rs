@@ -56,6 +56,19 @@ fn output<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
         .1
 }
 
+/// An encoder reference case's inputs (ids, mask, segment ids), and its
+/// mask flattened (which positions are compared).
+fn encoder_inputs(case: &Value) -> (RunInputs, Vec<i64>) {
+    let inputs = RunInputs {
+        tokens: rows(&case["inputs"]["input_ids"]),
+        attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
+        token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
+        decoder_tokens: None,
+    };
+    let mask = inputs.attention_mask.clone().unwrap_or_default().concat();
+    (inputs, mask)
+}
+
 /// The model as loaded and after the default pipeline: both must match torch.
 fn levels(model: &Model) -> Vec<(kiln::OptLevel, Model)> {
     [kiln::OptLevel::O0, kiln::OptLevel::O2]
@@ -137,13 +150,7 @@ fn bert_matches_transformers_with_and_without_padding() {
     let base = Model::load(data_dir("bert")).unwrap();
     for (_, model) in levels(&base) {
         for case in [&r, &r["padded"]] {
-            let inputs = RunInputs {
-                tokens: rows(&case["inputs"]["input_ids"]),
-                attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
-                token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
-                decoder_tokens: None,
-            };
-            let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+            let (inputs, mask) = encoder_inputs(case);
             for backend in BACKENDS {
                 let outs = model.run_on(backend, &inputs).unwrap();
                 let d = 32;
@@ -178,13 +185,7 @@ fn bert_masked_lm_matches_transformers_with_and_without_padding() {
     let vocab = 101;
     for (_, model) in levels(&base) {
         for case in [&r, &r["padded"]] {
-            let inputs = RunInputs {
-                tokens: rows(&case["inputs"]["input_ids"]),
-                attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
-                token_type_ids: Some(rows(&case["inputs"]["token_type_ids"])),
-                decoder_tokens: None,
-            };
-            let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+            let (inputs, mask) = encoder_inputs(case);
             for backend in BACKENDS {
                 let outs = model.run_on(backend, &inputs).unwrap();
                 assert_eq!(outs.len(), 1, "the masked-LM head's logits only");
@@ -276,13 +277,7 @@ fn real_minilm_matches_transformers() {
     let (ids, mask) = model.encode_prompts(&sentences).unwrap();
     assert_eq!(ids, rows(&r["inputs"]["input_ids"]));
     assert_eq!(mask, Some(rows(&r["inputs"]["attention_mask"])));
-    let inputs = RunInputs {
-        tokens: rows(&r["inputs"]["input_ids"]),
-        attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
-        token_type_ids: Some(rows(&r["inputs"]["token_type_ids"])),
-        decoder_tokens: None,
-    };
-    let mask: Vec<i64> = inputs.attention_mask.clone().unwrap_or_default().concat();
+    let (inputs, mask) = encoder_inputs(&r);
     let model = model.optimize(kiln::OptLevel::O2).unwrap();
     for backend in BACKENDS {
         let outs = model.run_on(backend, &inputs).unwrap();

@@ -204,12 +204,7 @@ fn prompts_need_a_tokenizer_and_decoder_rows_of_one_length() {
 
 #[test]
 fn an_artifact_keeps_its_tokenizer() {
-    let src = std::env::temp_dir().join(format!("kiln-text-art-src-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&src);
-    std::fs::create_dir_all(&src).unwrap();
-    for e in std::fs::read_dir(dir("gpt2")).unwrap().flatten() {
-        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
-    }
+    let src = support::scratch_folder("gpt2", "text-art-src");
     let art = std::env::temp_dir().join(format!("kiln-text-{}.kiln", std::process::id()));
     let (code, _, err) = kiln(&[
         "compile",
@@ -282,10 +277,15 @@ fn embed_pools_and_normalises_as_the_modules_say() {
             .map(|x| x.as_f64().unwrap())
             .collect()
     };
-    let outs = {
-        let mut a = vec!["run", m.to_str().unwrap()];
-        a.extend(["--tokens", "5,17,42,99", "--tokens", "88,12,7,0"]);
-        a.extend([
+    // The same two rows (the second padded) for `run` and `embed`.
+    let json_of = |cmd: &str, folder: &Path| -> Value {
+        let (code, out, err) = kiln(&[
+            cmd,
+            folder.to_str().unwrap(),
+            "--tokens",
+            "5,17,42,99",
+            "--tokens",
+            "88,12,7,0",
             "--attention-mask",
             "1,1,1,1",
             "--attention-mask",
@@ -293,10 +293,10 @@ fn embed_pools_and_normalises_as_the_modules_say() {
             "--output",
             "json",
         ]);
-        let (code, out, err) = kiln(&a);
         assert_eq!(code, 0, "{err}");
-        serde_json::from_str::<Value>(&out).unwrap()
+        serde_json::from_str(&out).unwrap()
     };
+    let outs = json_of("run", &m);
     let close = |a: &[f64], b: &[f64], what: &str| {
         assert_eq!(a.len(), b.len(), "{what}");
         for (x, y) in a.iter().zip(b) {
@@ -307,22 +307,7 @@ fn embed_pools_and_normalises_as_the_modules_say() {
         }
     };
     // No modules.json: the masked mean, as the `pooled` output.
-    let (code, out, err) = kiln(&[
-        "embed",
-        m.to_str().unwrap(),
-        "--tokens",
-        "5,17,42,99",
-        "--tokens",
-        "88,12,7,0",
-        "--attention-mask",
-        "1,1,1,1",
-        "--attention-mask",
-        "1,1,1,0",
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let e: Value = serde_json::from_str(&out).unwrap();
+    let e = json_of("embed", &m);
     for r in 0..2 {
         close(
             &floats(&e["embeddings"][r]),
@@ -350,22 +335,7 @@ fn embed_pools_and_normalises_as_the_modules_say() {
             format!(r#"{{"word_embedding_dimension": 32, "{mode}": true}}"#),
         )
         .unwrap();
-        let (code, out, err) = kiln(&[
-            "embed",
-            copy.to_str().unwrap(),
-            "--tokens",
-            "5,17,42,99",
-            "--tokens",
-            "88,12,7,0",
-            "--attention-mask",
-            "1,1,1,1",
-            "--attention-mask",
-            "1,1,1,0",
-            "--output",
-            "json",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        let e: Value = serde_json::from_str(&out).unwrap();
+        let e = json_of("embed", &copy);
         for r in 0..2 {
             let rows: Vec<Vec<f64>> = (0..4).map(|t| floats(&states[r][t])).collect();
             let seen = if r == 0 { 4 } else { 3 };
@@ -441,14 +411,8 @@ fn chat_templates_render_encode_and_stop_as_transformers_does() {
         }
     }
     // No template, or several prompts: clear errors.
-    let copy = std::env::temp_dir().join(format!("kiln-no-chat-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(&copy).unwrap();
-    for e in std::fs::read_dir(dir("gpt2")).unwrap().flatten() {
-        if e.file_name() != "chat_template.jinja" {
-            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-        }
-    }
+    let copy = support::scratch_folder("gpt2", "no-chat");
+    std::fs::remove_file(copy.join("chat_template.jinja")).unwrap();
     let (code, _, err) = kiln(&[
         "generate",
         copy.to_str().unwrap(),

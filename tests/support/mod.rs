@@ -50,6 +50,29 @@ pub fn scratch_copy(name: &str, tag: &str) -> std::path::PathBuf {
     dst
 }
 
+/// An empty scratch folder `kiln-<tag>-<pid>` in the temporary directory
+/// (whatever an earlier run left there is removed).
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A scratch copy of every file of `tests/data/hf/<name>` (tokenizer and
+/// sentence-transformers files too), where [`scratch_copy`] takes only the
+/// config and the weights.
+pub fn scratch_folder(name: &str, tag: &str) -> std::path::PathBuf {
+    let dst = scratch_copy(name, tag);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
+    for e in std::fs::read_dir(src).unwrap().flatten() {
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
 /// Every backend, the oracle first: parity and differential tests run on each
 /// (a new backend joins with one line here).
 pub const BACKENDS: [kiln::Target; 3] = [
