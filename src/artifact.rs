@@ -220,18 +220,11 @@ pub struct Written {
 }
 
 fn family_name(f: Family) -> &'static str {
-    match f {
-        Family::Gpt2 => "gpt2",
-        Family::Llama => "llama",
-        Family::Bert => "bert",
-        Family::Bart => "bart",
-    }
+    f.name()
 }
 
 fn family_of(s: &str) -> Option<Family> {
-    [Family::Gpt2, Family::Llama, Family::Bert, Family::Bart]
-        .into_iter()
-        .find(|f| family_name(*f) == s)
+    Family::ALL.into_iter().find(|f| f.name() == s)
 }
 
 /// Whether the file at `path` starts with the artifact magic.

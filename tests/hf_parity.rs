@@ -145,6 +145,17 @@ fn llama_tied_mqa_matches_transformers() {
 }
 
 #[test]
+fn bloom_with_alibi_matches_transformers() {
+    check_causal_lm("bloom");
+}
+
+#[test]
+fn bloom_with_six_heads_matches_transformers() {
+    // Six heads is not a power of two: the slopes' second series.
+    check_causal_lm("bloom_h6");
+}
+
+#[test]
 fn bert_matches_transformers_with_and_without_padding() {
     let r = reference("bert");
     let base = Model::load(data_dir("bert")).unwrap();
@@ -200,10 +211,11 @@ fn bert_masked_lm_matches_transformers_with_and_without_padding() {
     }
 }
 
-#[test]
-fn bart_matches_transformers() {
-    let r = reference("bart");
-    let base = Model::load(data_dir("bart")).unwrap();
+/// An encoder–decoder's logits on every level and backend, and its greedy
+/// generation, against the reference `name`.
+fn check_seq2seq(name: &str) {
+    let r = reference(name);
+    let base = Model::load(data_dir(name)).unwrap();
     for (_, model) in levels(&base) {
         let inputs = RunInputs {
             tokens: rows(&r["inputs"]["input_ids"]),
@@ -214,19 +226,29 @@ fn bart_matches_transformers() {
         for backend in BACKENDS {
             let outs = model.run_on(backend, &inputs).unwrap();
             check_close(
-                &format!("bart logits {}", backend.name()),
+                &format!("{name} logits {}", backend.name()),
                 output(&outs, "logits"),
                 &r["outputs"]["logits"],
                 &|_| true,
             );
         }
         check_greedy(
-            "bart",
+            name,
             &model,
             &r["greedy"],
             r["greedy"]["encoder_prompt"].clone(),
         );
     }
+}
+
+#[test]
+fn bart_matches_transformers() {
+    check_seq2seq("bart");
+}
+
+#[test]
+fn marian_with_sinusoidal_positions_matches_transformers() {
+    check_seq2seq("marian");
 }
 
 /// Where the all-MiniLM-L6-v2 weights are: `KILN_MINILM_DIR`, else where

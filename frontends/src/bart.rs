@@ -2,8 +2,16 @@
 //! offset by 2, `layernorm_embedding`, post-LN layers with biases, padding mask on
 //! the encoder, causal self-attention and cross-attention in the decoder, LM head
 //! tied to `model.shared` plus `final_logits_bias`.
+//!
+//! Marian (`MarianMTModel`) is the same structure with static sinusoidal
+//! positions (no offset, the table computed from the config by
+//! [`sinusoidal_table`], never read) and no embedding layer norm.
 
-use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphBuilder, Op, TensorType, ValueId, WeightLayout};
+use std::collections::BTreeMap;
+
+use kiln_ir::{
+    BinaryOp, DType, Dim, Graph, GraphBuilder, Op, Tensor, TensorType, ValueId, WeightLayout,
+};
 use serde_json::json;
 
 use crate::blocks::{
@@ -40,6 +48,9 @@ pub struct BartConfig {
     pub scale_embedding: bool,
     /// `decoder_start_token_id`.
     pub decoder_start_token_id: i64,
+    /// Marian: sinusoidal positions without offset and no embedding layer
+    /// norm (BART: learned positions offset by 2, `layernorm_embedding`).
+    pub marian: bool,
 }
 
 /// Position rows before the first real position in BART's learned table.
@@ -79,8 +90,114 @@ impl BartConfig {
             activation_function: act,
             scale_embedding: c.bool_or("scale_embedding", false)?,
             decoder_start_token_id: c.opt_id("decoder_start_token_id")?.unwrap_or(2),
+            marian: false,
         })
     }
+
+    /// Reads a Marian `config.json` (`MarianMTModel`).
+    pub fn from_marian(c: &HfConfig) -> Result<BartConfig, FrontendError> {
+        c.require(
+            "share_encoder_decoder_embeddings",
+            &json!(true),
+            "separate encoder and decoder vocabularies",
+        )?;
+        c.require("tie_word_embeddings", &json!(true), "an untied LM head")?;
+        let vocab = c.int("vocab_size")?;
+        if let Some(dv) = c.opt_int("decoder_vocab_size")? {
+            if dv != vocab {
+                return Err(c.unsupported(
+                    "decoder_vocab_size",
+                    &format!(
+                        "= {dv} differs from vocab_size = {vocab} (separate target vocabularies)"
+                    ),
+                ));
+            }
+        }
+        let act = c.string_or("activation_function", "swish")?;
+        if activation(&act).is_none() {
+            return Err(c.unsupported(
+                "activation_function",
+                &format!("= {act:?} is not a supported activation"),
+            ));
+        }
+        let d_model = c.int("d_model")?;
+        Ok(BartConfig {
+            vocab_size: vocab,
+            d_model,
+            encoder_layers: c.layers("encoder_layers")?,
+            decoder_layers: c.layers("decoder_layers")?,
+            encoder_attention_heads: c.int("encoder_attention_heads")?,
+            decoder_attention_heads: c.int("decoder_attention_heads")?,
+            encoder_ffn_dim: c.int("encoder_ffn_dim")?,
+            decoder_ffn_dim: c.int("decoder_ffn_dim")?,
+            max_position_embeddings: c.int("max_position_embeddings")?,
+            activation_function: act,
+            scale_embedding: c.bool_or("scale_embedding", true)?,
+            // Marian starts decoding from the pad token.
+            decoder_start_token_id: match c.opt_id("decoder_start_token_id")? {
+                Some(id) => id,
+                None => c.opt_id("pad_token_id")?.ok_or_else(|| {
+                    FrontendError::Config(
+                        "decoder_start_token_id and pad_token_id are both missing".into(),
+                    )
+                })?,
+            },
+            marian: true,
+        })
+    }
+
+    fn position_offset(&self) -> i64 {
+        if self.marian {
+            0
+        } else {
+            POSITION_OFFSET
+        }
+    }
+}
+
+/// Marian's static position table `[positions, d]`: row `p` holds
+/// `sin(p / 10000^(2i/d))` in column `i < ⌈d/2⌉` and `cos(p / 10000^(2i/d))`
+/// in column `⌈d/2⌉ + i` (sines first, then cosines; not interleaved),
+/// computed in f64 and rounded to f32 as transformers does.
+pub fn sinusoidal_table(positions: usize, d: usize) -> Vec<f32> {
+    let sin_cols = d.div_ceil(2);
+    let mut out = vec![0f32; positions * d];
+    for p in 0..positions {
+        let row = &mut out[p * d..(p + 1) * d];
+        for j in 0..d {
+            let angle = p as f64 / 10000f64.powf((2 * (j / 2)) as f64 / d as f64);
+            if j % 2 == 0 {
+                row[j / 2] = angle.sin() as f32;
+            } else {
+                row[sin_cols + j / 2] = angle.cos() as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The weights Marian computes instead of reading: both position tables.
+pub fn computed_weights(cfg: &BartConfig) -> Result<BTreeMap<String, Tensor>, FrontendError> {
+    if !cfg.marian {
+        return Ok(BTreeMap::new());
+    }
+    let (p, d) = (cfg.max_position_embeddings, cfg.d_model);
+    let too_big = || {
+        FrontendError::Config(format!(
+            "max_position_embeddings × d_model = {p} × {d} is too large a position table"
+        ))
+    };
+    p.checked_mul(d)
+        .filter(|&n| n <= 1 << 31)
+        .ok_or_else(too_big)?;
+    let table = sinusoidal_table(p as usize, d as usize);
+    let mut out = BTreeMap::new();
+    for side in ["encoder", "decoder"] {
+        let t = Tensor::f32(vec![p as usize, d as usize], table.clone())
+            .map_err(|e| FrontendError::Config(e.to_string()))?;
+        out.insert(format!("model.{side}.embed_positions.weight"), t);
+    }
+    Ok(out)
 }
 
 struct Shared {
@@ -92,12 +209,12 @@ struct Shared {
 /// Builds `@bart(%tokens: i64[B, S], %attention_mask: i64[B, S],
 /// %decoder_tokens: i64[B, T]) -> (logits: f32[B, T, V])`.
 pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
-    let mut b = GraphBuilder::new("bart");
+    let mut b = GraphBuilder::new(if cfg.marian { "marian" } else { "bart" });
     let cerr = |e: kiln_ir::DimError| FrontendError::Config(e.to_string());
     b.bind("V", cfg.vocab_size)?;
     let positions = cfg
         .max_position_embeddings
-        .checked_add(POSITION_OFFSET)
+        .checked_add(cfg.position_offset())
         .ok_or_else(|| FrontendError::Config("max_position_embeddings is too large".into()))?;
     b.bind("P", positions)?;
     b.bind("d", cfg.d_model)?;
@@ -209,8 +326,8 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     Ok(b.finish(&[("logits", logits)])?)
 }
 
-/// Token embedding (times `sqrt(d)` when configured) + learned positions offset
-/// by 2, then `layernorm_embedding`.
+/// Token embedding (times `sqrt(d)` when configured) + positions (learned and
+/// offset by 2, or Marian's sinusoids), then `layernorm_embedding` (BART).
 fn embed(
     b: &mut GraphBuilder,
     cfg: &BartConfig,
@@ -223,14 +340,6 @@ fn embed(
         &format!("model.{side}.embed_positions.weight"),
         f32_syms(&["P", "d"]),
     );
-    let ln_w = b.param(
-        &format!("model.{side}.layernorm_embedding.weight"),
-        f32_syms(&["d"]),
-    );
-    let ln_b = b.param(
-        &format!("model.{side}.layernorm_embedding.bias"),
-        f32_syms(&["d"]),
-    );
     let mut tok = b.named(&format!("{side}.tok_emb"), Op::Gather, &[shared, ids])?;
     if cfg.scale_embedding {
         let s = scalar(
@@ -240,8 +349,23 @@ fn embed(
         )?;
         tok = b.mul(tok, s)?;
     }
-    let pos = positions(b, &format!("{side}.positions"), POSITION_OFFSET, len)?;
+    let pos = positions(b, &format!("{side}.positions"), cfg.position_offset(), len)?;
     let pe = b.named(&format!("{side}.pos_emb"), Op::Gather, &[pos_table, pos])?;
+    if cfg.marian {
+        return Ok(b.named(
+            &format!("{side}.embed"),
+            Op::Binary(BinaryOp::Add),
+            &[tok, pe],
+        )?);
+    }
+    let ln_w = b.param(
+        &format!("model.{side}.layernorm_embedding.weight"),
+        f32_syms(&["d"]),
+    );
+    let ln_b = b.param(
+        &format!("model.{side}.layernorm_embedding.bias"),
+        f32_syms(&["d"]),
+    );
     let e = b.add_(tok, pe)?;
     Ok(b.named(
         &format!("{side}.embed"),

@@ -14,6 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::bart::{build_bart, BartConfig};
 use crate::bert::{build_bert, BertConfig};
+use crate::bloom::{build_bloom, BloomConfig};
 use crate::config::HfConfig;
 use crate::gpt2::{build_gpt2, Gpt2Config};
 use crate::llama::{build_llama, LlamaConfig};
@@ -30,9 +31,35 @@ pub enum Family {
     Bert,
     /// `BartForConditionalGeneration`.
     Bart,
+    /// `BloomForCausalLM`.
+    Bloom,
+    /// `MarianMTModel`.
+    Marian,
 }
 
 impl Family {
+    /// Every family, in the order the README lists them.
+    pub const ALL: [Family; 6] = [
+        Family::Gpt2,
+        Family::Llama,
+        Family::Bert,
+        Family::Bart,
+        Family::Marian,
+        Family::Bloom,
+    ];
+
+    /// The `model_type` it is read from.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Gpt2 => "gpt2",
+            Family::Llama => "llama",
+            Family::Bert => "bert",
+            Family::Bart => "bart",
+            Family::Bloom => "bloom",
+            Family::Marian => "marian",
+        }
+    }
+
     /// The `config.json` key of the model's position limit.
     pub fn positions_key(&self) -> &'static str {
         match self {
@@ -68,7 +95,8 @@ pub struct ModelInfo {
 pub struct HfModel {
     /// The forward graph.
     pub graph: Graph,
-    /// Every parameter of the graph, by name, as f32.
+    /// Every parameter of the graph, by name (the checkpoint's and those the
+    /// family computes, like ALiBi slopes).
     pub weights: BTreeMap<String, Tensor>,
     /// Family and token limits.
     pub info: ModelInfo,
@@ -87,7 +115,8 @@ fn is_buffer(name: &str) -> bool {
 fn prefixes(family: Option<Family>) -> &'static [&'static str] {
     match family {
         Some(Family::Bert) => &["", "bert."],
-        Some(Family::Gpt2 | Family::Llama | Family::Bart) | None => &[""],
+        Some(Family::Bloom) => &["transformer.", ""],
+        Some(Family::Gpt2 | Family::Llama | Family::Bart | Family::Marian) | None => &[""],
     }
 }
 
@@ -164,8 +193,20 @@ fn explain(
     ))
 }
 
+/// A family's graph, what running it needs to know, and the weights it
+/// computes rather than reads.
+pub struct HfGraph {
+    /// The forward graph.
+    pub graph: Graph,
+    /// Family and token limits.
+    pub info: ModelInfo,
+    /// Parameters computed from the config (ALiBi slopes, sinusoidal
+    /// tables); a checkpoint that also holds one must agree with it.
+    pub computed: BTreeMap<String, Tensor>,
+}
+
 /// Builds the graph and reads the config of the folder `dir`, without weights.
-pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
+pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
     let config_path = dir.join("config.json");
     if !dir.is_dir() {
         return Err(FrontendError::Io {
@@ -175,6 +216,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
     }
     let c = HfConfig::read(&config_path)?;
     let model_type = c.model_type()?;
+    let mut computed = BTreeMap::new();
     let (family, graph, info) = match model_type.as_str() {
         "gpt2" => {
             let cfg = Gpt2Config::from_hf(&c)?;
@@ -239,9 +281,37 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
                 info,
             )
         }
+        "marian" => {
+            let cfg = BartConfig::from_marian(&c)?;
+            let info = ModelInfo {
+                family: Family::Marian,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.max_position_embeddings),
+                eos_token_ids: c.ids("eos_token_id")?,
+                decoder_start_token_id: Some(cfg.decoder_start_token_id),
+            };
+            let graph = build_bart(&cfg).map_err(|e| explain(e, &config_path, BART_KEYS, &c))?;
+            computed = crate::bart::computed_weights(&cfg)?;
+            (Family::Marian, graph, info)
+        }
+        "bloom" => {
+            let cfg = BloomConfig::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::Bloom,
+                vocab_size: cfg.vocab_size,
+                // ALiBi has no table to run out of and BLOOM configs name no limit.
+                max_positions: None,
+                eos_token_ids: c.ids("eos_token_id")?,
+                decoder_start_token_id: None,
+            };
+            let keys = BloomConfig::keys(&c);
+            let graph = build_bloom(&cfg).map_err(|e| explain(e, &config_path, &keys, &c))?;
+            computed = crate::bloom::computed_weights(&cfg)?;
+            (Family::Bloom, graph, info)
+        }
         other => {
             return Err(FrontendError::Unsupported(format!(
-                "{}: model_type {} is not supported (kiln reads gpt2, llama, bert and bart)",
+                "{}: model_type {} is not supported (kiln reads gpt2, llama, bert, bart, marian and bloom)",
                 config_path.display(),
                 crate::config::clip(&format!("{other:?}"), 80)
             )))
@@ -270,12 +340,20 @@ pub fn load_hf_graph(dir: &Path) -> Result<(Graph, ModelInfo), FrontendError> {
             info.vocab_size
         )));
     }
-    Ok((graph, info))
+    Ok(HfGraph {
+        graph,
+        info,
+        computed,
+    })
 }
 
 /// Loads a Hugging Face model folder: graph, checked weights and token limits.
 pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
-    let (graph, info) = load_hf_graph(dir)?;
+    let HfGraph {
+        graph,
+        info,
+        computed,
+    } = load_hf_graph(dir)?;
     let weights_path = dir.join("model.safetensors");
     if !weights_path.exists() {
         let sharded = dir.join("model.safetensors.index.json").exists();
@@ -292,7 +370,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
             message: why.to_string(),
         });
     }
-    let weights = read_weights(&weights_path, &graph, Some(info.family))?;
+    let weights = read_checkpoint(&weights_path, &graph, Some(info.family), computed)?;
     Ok(HfModel {
         graph,
         weights,
@@ -306,6 +384,18 @@ pub fn read_weights(
     path: &Path,
     graph: &Graph,
     family: Option<Family>,
+) -> Result<BTreeMap<String, Tensor>, FrontendError> {
+    read_checkpoint(path, graph, family, BTreeMap::new())
+}
+
+/// [`read_weights`], with the parameters in `computed` taken from it: a
+/// tensor of the same name in the file must hold the same values (within
+/// 1e-6 relative: the file's copy was computed by other code, in f32).
+fn read_checkpoint(
+    path: &Path,
+    graph: &Graph,
+    family: Option<Family>,
+    computed: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>, FrontendError> {
     let werr = |message: String| FrontendError::Weights {
         path: path.to_path_buf(),
@@ -339,6 +429,21 @@ pub fn read_weights(
             .iter()
             .map(|pre| format!("{pre}{name}"))
             .find(|n| names.contains(n.as_str()));
+        if let Some(value) = computed.get(name) {
+            if let Some(file_name) = &found {
+                used.insert(names.get(file_name.as_str()).copied().unwrap_or_default());
+                let view = st
+                    .tensor(file_name)
+                    .map_err(|e| werr(format!("tensor `{file_name}`: {e}")))?;
+                if let Some(why) = disagreement(&view, value) {
+                    problems.push(format!(
+                        "tensor `{file_name}` is computed from the config, and the file's copy disagrees: {why}"
+                    ));
+                }
+            }
+            out.insert(name.clone(), value.clone());
+            continue;
+        }
         let Some(file_name) = found else {
             problems.push(format!(
                 "missing tensor `{name}` (expected {} {:?})",
@@ -374,6 +479,29 @@ pub fn read_weights(
         return Err(werr(problems.join("\n  ")));
     }
     Ok(out)
+}
+
+/// Where a file's copy of a computed tensor differs from it, if it does.
+fn disagreement(view: &safetensors::tensor::TensorView<'_>, value: &Tensor) -> Option<String> {
+    if view.shape() != value.shape() {
+        return Some(format!(
+            "shape {:?}, computed {:?}",
+            view.shape(),
+            value.shape()
+        ));
+    }
+    let Some(file) = to_f32(view.dtype(), view.data()) else {
+        return Some(format!("dtype {:?} is not a float type", view.dtype()));
+    };
+    let want = value.as_f32()?;
+    let tol = match view.dtype() {
+        Dtype::F32 => 1e-6,
+        _ => 1e-2, // f16 / bf16 copies are rounded
+    };
+    file.iter().zip(want).enumerate().find_map(|(i, (&a, &b))| {
+        let ok = (a - b).abs() as f64 <= tol * (1.0 + b.abs() as f64);
+        (!ok).then(|| format!("element {i} is {a}, computed {b}"))
+    })
 }
 
 /// A read-only memory map lent to tensors that read their bytes in place.

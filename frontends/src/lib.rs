@@ -8,6 +8,7 @@
 pub mod bart;
 pub mod bert;
 pub mod blocks;
+pub mod bloom;
 pub mod config;
 pub mod gpt2;
 pub mod hf;

@@ -50,7 +50,9 @@
 //! untouched. The scale is taken at f32 precision, the precision of the
 //! constants it comes from.
 
-use kiln_ir::{verify, BinaryOp, DType, Graph, Module, NodeKind, Op, ShapeCx, TensorType, ValueId};
+use kiln_ir::{
+    verify, BinaryOp, DType, Dim, Graph, Module, NodeKind, Op, ShapeCx, TensorType, ValueId,
+};
 
 use crate::{Changed, Pass, PassContext, PassError};
 
@@ -67,6 +69,7 @@ struct Fusion {
     operands: Vec<ValueId>,
     causal: bool,
     scale: f64,
+    alibi: bool,
     /// Softmax first, scores matmul last: the order in which they become dead.
     chain: Vec<ValueId>,
 }
@@ -110,6 +113,7 @@ fn apply(graph: &mut Graph, f: Fusion) {
         *op = Op::Attention {
             causal: f.causal,
             scale: f.scale,
+            alibi: f.alibi,
         };
     }
     graph.set_operands(f.ctx, &f.operands);
@@ -225,6 +229,70 @@ fn unrepeat_kv(graph: &Graph, cx: &ShapeCx, x: ValueId) -> Option<ValueId> {
     (unit_axis && expand_rep && merge).then_some(k)
 }
 
+/// The slopes `[h]` when `bias` is an ALiBi bias of the `[B, h, T, S]`
+/// scores: `mul` (either order) of `reshape(slopes)` to `[h, 1, 1]` or
+/// `[1, h, 1, 1]` and the key positions `0, 1, …, S − 1` as f32 (an f32
+/// `arange` or a cast of an integer one), so that head `i`'s score of key `j`
+/// gains `slopes[i] · j`, the fused op's ALiBi rule.
+fn alibi_slopes(
+    graph: &Graph,
+    cx: &ShapeCx,
+    bias: ValueId,
+    scores: &TensorType,
+) -> Option<ValueId> {
+    let same = |a: &Dim, b: &Dim| cx.same(a, b).unwrap_or(false);
+    let one = |d: &Dim| cx.is_const(d, 1).unwrap_or(false);
+    let Some(Op::Binary(BinaryOp::Mul)) = graph.op(bias) else {
+        return None;
+    };
+    let &[a, b] = graph.operands(bias).as_slice() else {
+        return None;
+    };
+    let key_positions = |p: ValueId| {
+        let p = match graph.op(p) {
+            Some(Op::Cast { to: DType::F32 }) => *graph.operands(p).first()?,
+            Some(Op::Arange {
+                dtype: DType::F32, ..
+            }) => p,
+            _ => return None,
+        };
+        match graph.op(p) {
+            Some(Op::Arange { start, len, .. })
+                if cx.is_const(start, 0).unwrap_or(false) && same(len, &scores.shape[3]) =>
+            {
+                Some(())
+            }
+            _ => None,
+        }
+    };
+    let slopes_of = |r: ValueId| {
+        let Some(Op::Reshape { shape }) = graph.op(r) else {
+            return None;
+        };
+        let src = *graph.operands(r).first()?;
+        let st = graph.ty(src);
+        let heads_at = shape.len().checked_sub(3)?;
+        let fits = st.rank() == 1
+            && st.dtype == DType::F32
+            && (shape.len() == 3 || shape.len() == 4)
+            && shape.iter().enumerate().all(|(i, d)| {
+                if i == heads_at {
+                    same(d, &scores.shape[1])
+                } else {
+                    one(d)
+                }
+            });
+        fits.then_some(src)
+    };
+    let (r, p) = match (slopes_of(a), slopes_of(b)) {
+        (Some(sl), None) => (sl, b),
+        (None, Some(sl)) => (sl, a),
+        _ => return None,
+    };
+    let pt = graph.ty(p);
+    (pt.rank() == 1 && pt.dtype == DType::F32 && key_positions(p).is_some()).then_some(r)
+}
+
 /// Whether `m` is `causal_mask` with exactly the scores' query and key lengths,
 /// i.e. the `attention` op's own causal rule.
 fn is_standard_causal(graph: &Graph, cx: &ShapeCx, m: ValueId, scores: &TensorType) -> bool {
@@ -292,6 +360,7 @@ fn match_chain(graph: &Graph, cx: &ShapeCx, s: ValueId) -> Option<Fusion> {
     // Scales met before the where when walking back are applied after it.
     let mut scales_after_mask: Vec<f64> = Vec::new();
     let mut masking: Option<Masking> = None;
+    let mut slopes: Option<ValueId> = None;
     let mut x = *graph.operands(s).first()?;
     let scores = loop {
         let consumer = *chain.last()?;
@@ -303,6 +372,23 @@ fn match_chain(graph: &Graph, cx: &ShapeCx, s: ValueId) -> Option<Fusion> {
                 transpose_a: false,
                 transpose_b: true,
             } => break x,
+            // ALiBi: a bias added after every scale (none met yet walking
+            // back), at most once.
+            Op::Binary(BinaryOp::Add) if slopes.is_none() && scale == 1.0 => {
+                let &[a, b] = graph.operands(x).as_slice() else {
+                    return None;
+                };
+                let (y, sl) = match (
+                    alibi_slopes(graph, cx, b, &probs_ty),
+                    alibi_slopes(graph, cx, a, &probs_ty),
+                ) {
+                    (Some(sl), _) => (a, sl),
+                    (None, Some(sl)) => (b, sl),
+                    (None, None) => return None,
+                };
+                slopes = Some(sl);
+                y
+            }
             Op::Binary(BinaryOp::Mul | BinaryOp::Div) => {
                 let (y, c) = scaled_by_constant(graph, cx, x)?;
                 scale *= c;
@@ -367,9 +453,11 @@ fn match_chain(graph: &Graph, cx: &ShapeCx, s: ValueId) -> Option<Fusion> {
     for (k, v, scale) in candidates {
         let mut operands = vec![q, k, v];
         operands.extend(masking.mask);
+        operands.extend(slopes);
         let op = Op::Attention {
             causal: masking.causal,
             scale,
+            alibi: slopes.is_some(),
         };
         let types: Vec<TensorType> = operands.iter().map(|&o| graph.ty(o).clone()).collect();
         match op.infer(&types, cx) {
@@ -379,6 +467,7 @@ fn match_chain(graph: &Graph, cx: &ShapeCx, s: ValueId) -> Option<Fusion> {
                     operands,
                     causal: masking.causal,
                     scale,
+                    alibi: slopes.is_some(),
                     chain,
                 })
             }

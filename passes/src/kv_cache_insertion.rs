@@ -123,7 +123,11 @@ fn analyse(graph: &Graph) -> Result<(Vec<ValueId>, Dim), PassError> {
     let mut len: Option<Dim> = None;
     for &a in &attns {
         let ops = graph.operands(a);
-        if ops.len() != 3 {
+        let mask = graph
+            .op(a)
+            .and_then(|op| op.attention_extras(ops.len()))
+            .and_then(|(mask, _)| mask);
+        if mask.is_some() {
             return Err(fail(format!(
                 "{} has a mask operand; caching masked (padded) attention is not supported",
                 graph.describe(a)
@@ -400,7 +404,11 @@ fn build_decode(
                 None,
             )?);
         }
-        g.set_operands(a, &[ops[0], grown[0], grown[1]]);
+        // ALiBi slopes (the op's last operand after k and v) stay: the
+        // keys' positions are their places in the grown cache.
+        let mut operands = vec![ops[0], grown[0], grown[1]];
+        operands.extend_from_slice(&ops[3..]);
+        g.set_operands(a, &operands);
         new_keys.push(grown[0]);
         new_values.push(grown[1]);
     }

@@ -145,6 +145,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                 Op::Attention {
                     causal: code & 0x100 != 0,
                     scale: finite(next_float()),
+                    alibi: false,
                 },
                 &[a, a, a],
             ),

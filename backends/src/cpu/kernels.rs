@@ -173,7 +173,11 @@ pub(super) fn run(
         Kernel::Gemm { epilogue } => gemm(mem, cache, epilogue, ins, out, threads),
         Kernel::Loop { body } => codegen::run_loop(mem, cache, body, ins, out, threads),
         Kernel::Row(op) => codegen::run_row(mem, cache, op, ins, out, threads),
-        Kernel::Attention { causal, scale } => attention(mem, ins, out, *causal, *scale, threads),
+        Kernel::Attention {
+            causal,
+            scale,
+            alibi,
+        } => attention(mem, ins, out, *causal, *scale, *alibi, threads),
         Kernel::Gather => codegen::run_gather(mem, cache, ins, out, threads),
         Kernel::Rope { theta } => codegen::run_rope(mem, cache, *theta, ins, out, threads),
         Kernel::Copy => codegen::run_loop(mem, cache, &[], ins, out, threads),
@@ -872,6 +876,7 @@ fn attention_tiled(
     v: Fv<'_>,
     o: Fv<'_>,
     mask: Option<Iv<'_>>,
+    slopes: Option<&[f32]>,
     causal: bool,
     scale: f64,
     threads: usize,
@@ -893,6 +898,7 @@ fn attention_tiled(
         let (q, k, v, o, mask) = shared.get();
         let (bi, hi) = (job / h, job % h);
         let kv = hi / group;
+        let slope = slopes.map(|sl| sl[hi]);
         let mut scores = vec![0f32; TILE_Q * TILE_K];
         let mut acc = vec![0f32; TILE_Q * dv];
         let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
@@ -951,7 +957,17 @@ fn attention_tiled(
                     let (shown, hidden) = row.split_at_mut(seen);
                     hidden.fill(f32::NEG_INFINITY);
                     let mask_row = mask.map(|mv| (mv, mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]));
-                    let m = scale_row_max(shown, mask_row, scale, mx[i], simd);
+                    let m = match slope {
+                        // ALiBi: scaled score plus `slope · key`, then the
+                        // mask and the maximum at scale 1.
+                        Some(sl) => {
+                            for (j, x) in shown.iter_mut().enumerate() {
+                                *x = *x * scale + sl * (k0 + j) as f32;
+                            }
+                            scale_row_max(shown, mask_row, 1.0, mx[i], simd)
+                        }
+                        None => scale_row_max(shown, mask_row, scale, mx[i], simd),
+                    };
                     if m == f32::NEG_INFINITY {
                         // Nothing visible yet: the row's probabilities are 0.
                         row.fill(0.0);
@@ -1043,6 +1059,7 @@ fn attention_rows(
     v: Fv<'_>,
     o: Fv<'_>,
     mask: Option<Iv<'_>>,
+    slopes: Option<&[f32]>,
     causal: bool,
     scale: f64,
     threads: usize,
@@ -1063,6 +1080,7 @@ fn attention_rows(
         let (q, k, v, o, mask) = shared.get();
         let (bi, hi) = (job / h, job % h);
         let kv = hi / group;
+        let slope = slopes.map_or(0.0, |sl| sl[hi] as f64);
         let (k0, v0) = (k.at(&[bi, kv, 0, 0]), v.at(&[bi, kv, 0, 0]));
         let (k_row, v_row) = (k.v.strides[2], v.v.strides[2]);
         let mut scores = vec![0f64; s];
@@ -1085,7 +1103,7 @@ fn attention_rows(
                     let kr = unsafe {
                         std::slice::from_raw_parts(k.base.add(k0 + j * k_row).cast_const(), dh)
                     };
-                    scale * super::matvec::dot(level, qr, kr) as f64
+                    scale * super::matvec::dot(level, qr, kr) as f64 + slope * j as f64
                 } else {
                     f64::NEG_INFINITY
                 };
@@ -1123,6 +1141,7 @@ fn attention(
     out: &CView,
     causal: bool,
     scale: f64,
+    alibi: bool,
     threads: usize,
 ) -> Option<R> {
     let (q, k, v) = (
@@ -1130,6 +1149,18 @@ fn attention(
         f32_view(mem, ins[1])?,
         f32_view(mem, ins[2])?,
     );
+    let (ins, slopes) = if alibi {
+        let sv = ins.last()?;
+        let f = f32_view(mem, sv)?;
+        // SAFETY: inside the slopes view (verified).
+        let values: Vec<f32> = (0..sv.shape[0])
+            .map(|i| unsafe { f.get(sv.at(&[i])) })
+            .collect();
+        (&ins[..ins.len() - 1], Some(values))
+    } else {
+        (ins, None)
+    };
+    let slopes = slopes.as_deref();
     let mask = match ins.get(3) {
         Some(m) => Some(int_view(mem, m)?),
         None => None,
@@ -1143,10 +1174,12 @@ fn attention(
                 Err(e) => return Some(Err(StepError::Message(e.to_string()))),
             };
             return Some(attention_tiled(
-                q, k, v, o, mask, causal, scale, threads, exp_row,
+                q, k, v, o, mask, slopes, causal, scale, threads, exp_row,
             ));
         }
-        return Some(attention_rows(q, k, v, o, mask, causal, scale, threads));
+        return Some(attention_rows(
+            q, k, v, o, mask, slopes, causal, scale, threads,
+        ));
     }
     let [b, h, t, dh] = q.v.shape[..] else {
         return None;

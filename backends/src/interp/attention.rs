@@ -104,16 +104,22 @@ pub(super) fn rope(
 
 /// `attention(q[B,h,T,dh], k[B,hk,S,dh], v[B,hk,S,dv] [, mask])`: query head `i`
 /// reads kv head `i / (h / hk)`; scores `scale · q·kᵀ`; a key is excluded where
-/// the mask is false or (when `causal`) `j > i + S − T`; softmax over the
+/// the mask is false or (when `causal`) `j > i + S − T`; with ALiBi `slopes[h]`,
+/// head `i`'s score of key `j` gains `slopes[i] · j`; softmax over the
 /// remaining keys; a query with every key excluded outputs zeros.
 pub(super) fn attention(
     n: &NodeCx<'_>,
     [q, k, v]: [&Tensor; 3],
     mask: Option<&Tensor>,
+    slopes: Option<&Tensor>,
     causal: bool,
     scale: f64,
 ) -> Result<Tensor, RunError> {
     let (qd, kd, vd) = (n.f32s(q, "query")?, n.f32s(k, "key")?, n.f32s(v, "value")?);
+    let slopes = match slopes {
+        Some(sl) => Some(n.f32s(sl, "ALiBi slopes")?),
+        None => None,
+    };
     let (&[b, h, t, dh], &[kb, hk, s, kdh], &[vb, vhk, vs, dv]) = (q.shape(), k.shape(), v.shape())
     else {
         return Err(n.invalid(format!("attention needs rank-4 q, k, v, got {q}, {k}, {v}")));
@@ -126,6 +132,11 @@ pub(super) fn attention(
         || (h > 0 && (hk == 0 || h % hk != 0))
     {
         return Err(n.invalid(format!("attention shapes disagree: q {q}, k {k}, v {v}")));
+    }
+    if slopes.as_ref().is_some_and(|sl| sl.len() != h) {
+        return Err(n.invalid(format!(
+            "attention needs {h} ALiBi slopes, one per query head"
+        )));
     }
     let group = h.checked_div(hk).unwrap_or(1);
     let scores_shape = [b, h, t, s];
@@ -155,12 +166,14 @@ pub(super) fn attention(
                         f64::NEG_INFINITY
                     } else {
                         let krow = &kd[(kv * s + j) * dh..][..dh];
+                        let bias = slopes.as_ref().map_or(0.0, |sl| sl[hi] as f64 * j as f64);
                         scale
                             * qrow
                                 .iter()
                                 .zip(krow)
                                 .map(|(&a, &c)| a as f64 * c as f64)
                                 .sum::<f64>()
+                            + bias
                     };
                 }
                 // Excluded keys are -inf, so they get weight 0, and an all-excluded

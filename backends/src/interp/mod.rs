@@ -395,13 +395,17 @@ fn eval_op(n: &NodeCx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, RunError
         Op::CausalMask { queries, keys } => attention::causal_mask(n, queries, keys),
         Op::PaddingMask => attention::padding_mask(n, args[0]),
         Op::Rope { theta } => attention::rope(n, args[0], args[1], *theta),
-        Op::Attention { causal, scale } => attention::attention(
-            n,
-            [args[0], args[1], args[2]],
-            args.get(3).copied(),
-            *causal,
-            *scale,
-        ),
+        Op::Attention { causal, scale, .. } => {
+            let (mask, slopes) = op.attention_extras(args.len()).unwrap_or_default();
+            attention::attention(
+                n,
+                [args[0], args[1], args[2]],
+                mask.map(|i| args[i]),
+                slopes.map(|i| args[i]),
+                *causal,
+                *scale,
+            )
+        }
         Op::LoraLinear { alpha, layout } => matmul::lora_linear(
             n,
             [args[0], args[1], args[2], args[3]],

@@ -666,19 +666,28 @@ impl Lowerer<'_> {
                 self.emit(v, Kernel::Rope { theta: *theta }, vec![x, pos], out);
                 Ok(())
             }
-            Op::Attention { causal, scale } => {
+            Op::Attention {
+                causal,
+                scale,
+                alibi,
+            } => {
                 let shape = self.shape_of(v)?;
+                let (mask, slopes) = op.attention_extras(args.len()).unwrap_or_default();
                 let mut inputs: Vec<BufferId> = args[..3].iter().map(|a| self.view_of(a)).collect();
-                if let Some(mask) = args.get(3) {
+                if let Some(mask) = mask.map(|i| &args[i]) {
                     let mut scores = shape[..3].to_vec();
                     scores.push(args[1].layout.shape[2].clone());
                     let m = mask.layout.broadcast_to(&scores);
                     inputs.push(self.view(mask.root, m));
                 }
+                if let Some(slopes) = slopes.map(|i| &args[i]) {
+                    inputs.push(self.view_of(slopes));
+                }
                 let out = self.temp(v)?;
                 let kernel = Kernel::Attention {
                     causal: *causal,
                     scale: *scale,
+                    alibi: *alibi,
                 };
                 self.emit(v, kernel, inputs, out);
                 Ok(())

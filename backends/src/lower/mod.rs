@@ -168,12 +168,16 @@ pub enum Kernel {
         epilogue: Vec<KernelOp>,
     },
     /// Operands: `q [B, h, T, dh]`, `k [B, hk, S, dh]`, `v [B, hk, S, dv]`,
-    /// optionally a bool mask viewed as `[B, h, T, S]`; output `[B, h, T, dv]`.
+    /// optionally a bool mask viewed as `[B, h, T, S]`, then with `alibi` the
+    /// slopes `[h]`; output `[B, h, T, dv]`.
     Attention {
         /// Hide keys after each query (aligned bottom-right).
         causal: bool,
         /// Multiplies the scores.
         scale: f64,
+        /// The last operand holds one ALiBi slope per head: the score of key
+        /// `j` gains `slope · j`.
+        alibi: bool,
     },
     /// Operands: `table [R, rest…]`, integer `ids [idx…]`; output `[idx…, rest…]`.
     Gather,

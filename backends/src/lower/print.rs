@@ -52,9 +52,17 @@ pub fn kernel_text(k: &Kernel) -> (String, String) {
         },
         Kernel::Gemm { epilogue } if epilogue.is_empty() => ("gemm".into(), String::new()),
         Kernel::Gemm { epilogue } => ("gemm".into(), format!("epilogue={}", body_text(epilogue))),
-        Kernel::Attention { causal, scale } => (
+        Kernel::Attention {
+            causal,
+            scale,
+            alibi,
+        } => (
             "attention".into(),
-            format!("causal={causal} scale={scale:?}"),
+            if *alibi {
+                format!("causal={causal} scale={scale:?} alibi")
+            } else {
+                format!("causal={causal} scale={scale:?}")
+            },
         ),
         Kernel::Gather => ("gather".into(), String::new()),
         Kernel::Rope { theta } => ("rope".into(), format!("theta={theta:?}")),

@@ -193,9 +193,19 @@ fn check_step(p: &Program, k: &Kernel, ins: &[BufferId], out: BufferId) -> Resul
             }
             Ok(())
         }
-        Kernel::Attention { .. } => {
-            count(3, 4)?;
-            if ins
+        Kernel::Attention { alibi, .. } => {
+            let tensors = if *alibi {
+                count(4, 5)?;
+                let (q, slopes) = (shape(ins[0]), shape(ins[ins.len() - 1]));
+                if slopes.len() != 1 || q.get(1) != slopes.first() {
+                    return Err("ALiBi slopes must be [heads] of the query".into());
+                }
+                &ins[..ins.len() - 1]
+            } else {
+                count(3, 4)?;
+                ins
+            };
+            if tensors
                 .iter()
                 .chain(std::iter::once(&out))
                 .any(|&b| shape(b).len() != 4)

@@ -75,7 +75,11 @@ pub(crate) fn run_step(
         Kernel::Fill(f) => fill(m, f, out, cx),
         Kernel::Gemm { epilogue } => gemm(m, epilogue, ins, out),
         Kernel::Row(r) => row(m, r, ins, out),
-        Kernel::Attention { causal, scale } => attention(m, ins, out, *causal, *scale),
+        Kernel::Attention {
+            causal,
+            scale,
+            alibi,
+        } => attention(m, ins, out, *causal, *scale, *alibi),
         Kernel::Gather => gather(m, ins, out),
         Kernel::Rope { theta } => rope(m, ins, out, *theta),
     }
@@ -275,8 +279,20 @@ fn reduce(kind: ReduceKind, values: &[Scalar]) -> Result<Scalar, StepError> {
     }
 }
 
-fn attention(m: &mut Memory<'_>, ins: &[&CView], out: &CView, causal: bool, scale: f64) -> R {
+fn attention(
+    m: &mut Memory<'_>,
+    ins: &[&CView],
+    out: &CView,
+    causal: bool,
+    scale: f64,
+    alibi: bool,
+) -> R {
     let (q, k, v) = (ins[0], ins[1], ins[2]);
+    let (ins, slopes) = if alibi {
+        (&ins[..ins.len() - 1], ins.last())
+    } else {
+        (ins, None)
+    };
     let mask = ins.get(3);
     let [b, h, t, dh] = q.shape[..] else {
         return Err("attention needs rank-4 q".to_string().into());
@@ -290,6 +306,10 @@ fn attention(m: &mut Memory<'_>, ins: &[&CView], out: &CView, causal: bool, scal
     for bi in 0..b {
         for hi in 0..h {
             let kv = hi / group;
+            let slope = match slopes {
+                Some(sv) => m.read(sv, sv.at(&[hi]))?.float()?,
+                None => 0.0,
+            };
             for ti in 0..t {
                 for (j, score) in scores.iter_mut().enumerate() {
                     let visible = !causal || j as i128 <= ti as i128 + s as i128 - t as i128;
@@ -307,7 +327,7 @@ fn attention(m: &mut Memory<'_>, ins: &[&CView], out: &CView, causal: bool, scal
                             dot += m.read(q, q.at(&[bi, hi, ti, c]))?.float()?
                                 * m.read(k, k.at(&[bi, kv, j, c]))?.float()?;
                         }
-                        scale * dot
+                        scale * dot + slope * j as f64
                     };
                 }
                 let probs = softmax_row(&scores);

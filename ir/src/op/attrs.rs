@@ -419,8 +419,15 @@ impl Op {
                 ("keys", AttrValue::Dim(keys.clone())),
             ],
             Op::Rope { theta } => vec![("theta", AttrValue::Float(*theta))],
-            Op::Attention { causal, scale } => {
+            Op::Attention {
+                causal,
+                scale,
+                alibi,
+            } => {
                 let mut v = vec![];
+                if *alibi {
+                    v.push(("alibi", AttrValue::Bool(true)));
+                }
                 if *causal {
                     v.push(("causal", AttrValue::Bool(true)));
                 }
@@ -520,6 +527,7 @@ impl Op {
                 "attention" => Op::Attention {
                     causal: r.flag("causal")?,
                     scale: r.finite_float("scale")?,
+                    alibi: r.flag("alibi")?,
                 },
                 "kernel" => match r.get("body") {
                     Some(AttrValue::List(items)) => Op::Kernel {

@@ -324,7 +324,10 @@ impl Op {
                 }
                 Ok(x.clone())
             }
-            Op::Attention { .. } => infer_attention(inputs, cx),
+            Op::Attention { .. } => {
+                let (mask, slopes) = self.attention_extras(inputs.len()).unwrap_or_default();
+                infer_attention(inputs, mask, slopes, cx)
+            }
             Op::LoraLinear { layout, .. } => infer_lora(inputs, *layout, cx),
             Op::Kernel { body } => infer_kernel(inputs, body, cx),
         }
@@ -485,7 +488,12 @@ fn infer_matmul(
     Ok(TensorType::new(a.dtype, shape))
 }
 
-fn infer_attention(inputs: &[TensorType], cx: &ShapeCx) -> Result<TensorType, ShapeError> {
+fn infer_attention(
+    inputs: &[TensorType],
+    mask: Option<usize>,
+    slopes: Option<usize>,
+    cx: &ShapeCx,
+) -> Result<TensorType, ShapeError> {
     let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
     for (role, t) in [("query", q), ("key", k), ("value", v)] {
         let what = format!("attention {role} [B, heads, len, head_dim]");
@@ -544,7 +552,20 @@ fn infer_attention(inputs: &[TensorType], cx: &ShapeCx) -> Result<TensorType, Sh
             })
         }
     }
-    if let Some(mask) = inputs.get(3) {
+    if let Some(slopes) = slopes.map(|i| &inputs[i]) {
+        expect_float("attention ALiBi slopes", slopes)?;
+        if slopes.rank() != 1 {
+            return Err(rank_error("attention ALiBi slopes [heads]", "1", slopes));
+        }
+        cx.expect_same(
+            "attention ALiBi needs one slope per query head",
+            &slopes.shape[0],
+            &q.shape[1],
+            slopes,
+            q,
+        )?;
+    }
+    if let Some(mask) = mask.map(|i| &inputs[i]) {
         expect_dtype("attention mask", mask, "bool", |d| d == DType::Bool)?;
         let scores = vec![
             q.shape[0].clone(),

@@ -154,11 +154,19 @@ pub enum Op {
     /// Rotary position embedding (rotate-half form) of `x[..., T, dh]` at
     /// integer positions `pos[T]` or `pos[B, T]`.
     Rope { theta: f64 },
-    /// `attention(q, k, v[, mask])` with `q: [B, h, T, dh]`, `k: [B, hk, S, dh]`,
-    /// `v: [B, hk, S, dv]`, `h` a multiple of `hk` (GQA/MQA), mask bool
-    /// broadcastable to `[B, h, T, S]`; `causal` hides keys after each query
-    /// (aligned bottom-right when `S > T`).
-    Attention { causal: bool, scale: f64 },
+    /// `attention(q, k, v[, mask][, slopes])` with `q: [B, h, T, dh]`,
+    /// `k: [B, hk, S, dh]`, `v: [B, hk, S, dv]`, `h` a multiple of `hk`
+    /// (GQA/MQA), mask bool broadcastable to `[B, h, T, S]`; `causal` hides
+    /// keys after each query (aligned bottom-right when `S > T`). With
+    /// `alibi`, the last operand is `slopes: [h]` and head `i`'s score of key
+    /// `j` gains `slopes[i] · j` (ALiBi, as BLOOM adds it: the same as
+    /// `−slopes[i] · (query − key)` up to a per-row constant, which the
+    /// softmax ignores).
+    Attention {
+        causal: bool,
+        scale: f64,
+        alibi: bool,
+    },
     /// `lora_linear(x, w, a, b[, bias])`: `x·w + (alpha / r)·(x·a)·b (+ bias)`.
     LoraLinear { alpha: f64, layout: WeightLayout },
     /// A fused chain of elementwise ops: the operands broadcast together and
@@ -355,6 +363,16 @@ impl Op {
         )
     }
 
+    /// Which operands of an `attention` op with `n` operands are the mask
+    /// and the ALiBi slopes (`None` for other ops).
+    pub fn attention_extras(&self, n: usize) -> Option<(Option<usize>, Option<usize>)> {
+        match self {
+            Op::Attention { alibi: false, .. } => Some(((n > 3).then_some(3), None)),
+            Op::Attention { alibi: true, .. } => Some(((n > 4).then_some(3), Some(n - 1))),
+            _ => None,
+        }
+    }
+
     /// The number of operands the op takes, as a range.
     pub fn arity(&self) -> (usize, usize) {
         match self {
@@ -367,7 +385,8 @@ impl Op {
             Op::Rope { .. } => (2, 2),
             Op::Where => (3, 3),
             Op::LayerNorm { .. } => (2, 3),
-            Op::Attention { .. } => (3, 4),
+            Op::Attention { alibi: false, .. } => (3, 4),
+            Op::Attention { alibi: true, .. } => (4, 5),
             Op::LoraLinear { .. } => (4, 5),
             Op::Constant { .. } | Op::Arange { .. } | Op::CausalMask { .. } => (0, 0),
             Op::Concat { .. } => (1, usize::MAX),
