@@ -145,6 +145,11 @@ fn llama_tied_mqa_matches_transformers() {
 }
 
 #[test]
+fn mixtral_with_sparse_experts_matches_transformers() {
+    check_causal_lm("mixtral");
+}
+
+#[test]
 fn bloom_with_alibi_matches_transformers() {
     check_causal_lm("bloom");
 }

@@ -28,6 +28,7 @@ pub mod memory;
 pub mod profile;
 pub mod progress;
 pub mod reference;
+pub mod routing;
 pub mod session;
 
 use kiln_ir::{DType, Dim, Graph, ShapeCx, ShapeError, VerifyErrors};

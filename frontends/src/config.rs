@@ -61,6 +61,11 @@ impl HfConfig {
         ))
     }
 
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The raw value of `key`, `None` when absent or null.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.value.get(key).filter(|v| !v.is_null())

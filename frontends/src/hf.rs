@@ -35,13 +35,16 @@ pub enum Family {
     Bloom,
     /// `MarianMTModel`.
     Marian,
+    /// `MixtralForCausalLM`.
+    Mixtral,
 }
 
 impl Family {
     /// Every family, in the order the README lists them.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Gpt2,
         Family::Llama,
+        Family::Mixtral,
         Family::Bert,
         Family::Bart,
         Family::Marian,
@@ -57,6 +60,7 @@ impl Family {
             Family::Bart => "bart",
             Family::Bloom => "bloom",
             Family::Marian => "marian",
+            Family::Mixtral => "mixtral",
         }
     }
 
@@ -116,7 +120,8 @@ fn prefixes(family: Option<Family>) -> &'static [&'static str] {
     match family {
         Some(Family::Bert) => &["", "bert."],
         Some(Family::Bloom) => &["transformer.", ""],
-        Some(Family::Gpt2 | Family::Llama | Family::Bart | Family::Marian) | None => &[""],
+        Some(Family::Gpt2 | Family::Llama | Family::Mixtral | Family::Bart | Family::Marian)
+        | None => &[""],
     }
 }
 
@@ -203,6 +208,9 @@ pub struct HfGraph {
     /// Parameters computed from the config (ALiBi slopes, sinusoidal
     /// tables); a checkpoint that also holds one must agree with it.
     pub computed: BTreeMap<String, Tensor>,
+    /// Parameters the checkpoint stores in parts (one tensor per expert),
+    /// stacked along a new first axis when read.
+    pub stacked: Vec<(String, Vec<String>)>,
 }
 
 /// Builds the graph and reads the config of the folder `dir`, without weights.
@@ -217,6 +225,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
     let c = HfConfig::read(&config_path)?;
     let model_type = c.model_type()?;
     let mut computed = BTreeMap::new();
+    let mut stacked = Vec::new();
     let (family, graph, info) = match model_type.as_str() {
         "gpt2" => {
             let cfg = Gpt2Config::from_hf(&c)?;
@@ -281,6 +290,21 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
                 info,
             )
         }
+        "mixtral" => {
+            let cfg = LlamaConfig::from_mixtral(&c)?;
+            let info = ModelInfo {
+                family: Family::Mixtral,
+                vocab_size: cfg.vocab_size,
+                max_positions: Some(cfg.max_position_embeddings),
+                eos_token_ids: c.ids("eos_token_id")?,
+                decoder_start_token_id: None,
+            };
+            let mut keys = LLAMA_KEYS.to_vec();
+            keys.push(("E", "num_local_experts"));
+            let graph = build_llama(&cfg).map_err(|e| explain(e, &config_path, &keys, &c))?;
+            stacked = crate::llama::expert_stacks(&cfg);
+            (Family::Mixtral, graph, info)
+        }
         "marian" => {
             let cfg = BartConfig::from_marian(&c)?;
             let info = ModelInfo {
@@ -311,7 +335,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
         }
         other => {
             return Err(FrontendError::Unsupported(format!(
-                "{}: model_type {} is not supported (kiln reads gpt2, llama, bert, bart, marian and bloom)",
+                "{}: model_type {} is not supported (kiln reads gpt2, llama, mixtral, bert, bart, marian and bloom)",
                 config_path.display(),
                 crate::config::clip(&format!("{other:?}"), 80)
             )))
@@ -344,6 +368,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
         graph,
         info,
         computed,
+        stacked,
     })
 }
 
@@ -353,6 +378,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
         graph,
         info,
         computed,
+        stacked,
     } = load_hf_graph(dir)?;
     let weights_path = dir.join("model.safetensors");
     if !weights_path.exists() {
@@ -370,7 +396,8 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel, FrontendError> {
             message: why.to_string(),
         });
     }
-    let weights = read_checkpoint(&weights_path, &graph, Some(info.family), computed)?;
+    let sources = Sources { computed, stacked };
+    let weights = read_checkpoint(&weights_path, &graph, Some(info.family), &sources)?;
     Ok(HfModel {
         graph,
         weights,
@@ -385,7 +412,16 @@ pub fn read_weights(
     graph: &Graph,
     family: Option<Family>,
 ) -> Result<BTreeMap<String, Tensor>, FrontendError> {
-    read_checkpoint(path, graph, family, BTreeMap::new())
+    read_checkpoint(path, graph, family, &Sources::default())
+}
+
+/// Parameters that are not one checkpoint tensor each.
+#[derive(Default)]
+struct Sources {
+    /// Computed from the config.
+    computed: BTreeMap<String, Tensor>,
+    /// Stacked from parts.
+    stacked: Vec<(String, Vec<String>)>,
 }
 
 /// [`read_weights`], with the parameters in `computed` taken from it: a
@@ -395,8 +431,9 @@ fn read_checkpoint(
     path: &Path,
     graph: &Graph,
     family: Option<Family>,
-    computed: BTreeMap<String, Tensor>,
+    sources: &Sources,
 ) -> Result<BTreeMap<String, Tensor>, FrontendError> {
+    let computed = &sources.computed;
     let werr = |message: String| FrontendError::Weights {
         path: path.to_path_buf(),
         message,
@@ -429,6 +466,18 @@ fn read_checkpoint(
             .iter()
             .map(|pre| format!("{pre}{name}"))
             .find(|n| names.contains(n.as_str()));
+        if let Some((_, parts)) = sources.stacked.iter().find(|(n, _)| n == name) {
+            match stack_parts(&st, &names, family, parts, &expected) {
+                Ok((t, part_names)) => {
+                    for p in part_names {
+                        used.insert(names.get(p.as_str()).copied().unwrap_or_default());
+                    }
+                    out.insert(name.clone(), t);
+                }
+                Err(why) => problems.push(why),
+            }
+            continue;
+        }
         if let Some(value) = computed.get(name) {
             if let Some(file_name) = &found {
                 used.insert(names.get(file_name.as_str()).copied().unwrap_or_default());
@@ -479,6 +528,56 @@ fn read_checkpoint(
         return Err(werr(problems.join("\n  ")));
     }
     Ok(out)
+}
+
+/// The tensors `parts` (each `expected` without its first axis) stacked
+/// along a new first axis, as f32, and the file names they were found under.
+fn stack_parts(
+    st: &SafeTensors<'_>,
+    names: &BTreeSet<&str>,
+    family: Option<Family>,
+    parts: &[String],
+    expected: &[usize],
+) -> Result<(Tensor, Vec<String>), String> {
+    let part_shape = expected.get(1..).unwrap_or_default();
+    if expected.first() != Some(&parts.len()) {
+        return Err(format!(
+            "{} parts for a stack of shape {expected:?}",
+            parts.len()
+        ));
+    }
+    let mut data = Vec::with_capacity(expected.iter().product());
+    let mut found = Vec::new();
+    for part in parts {
+        let Some(file_name) = prefixes(family)
+            .iter()
+            .map(|pre| format!("{pre}{part}"))
+            .find(|n| names.contains(n.as_str()))
+        else {
+            return Err(format!(
+                "missing tensor `{part}` (expected f32 {part_shape:?})"
+            ));
+        };
+        let view = st
+            .tensor(&file_name)
+            .map_err(|e| format!("tensor `{file_name}`: {e}"))?;
+        if view.shape() != part_shape {
+            return Err(format!(
+                "tensor `{file_name}` has shape {:?} but the model expects {part_shape:?}",
+                view.shape()
+            ));
+        }
+        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            format!(
+                "tensor `{file_name}` has dtype {:?}; weights must be F32, F16 or BF16",
+                view.dtype()
+            )
+        })?;
+        data.extend_from_slice(&values);
+        found.push(file_name);
+    }
+    let t = Tensor::f32(expected.to_vec(), data).map_err(|e| e.to_string())?;
+    Ok((t, found))
 }
 
 /// Where a file's copy of a computed tensor differs from it, if it does.

@@ -1,6 +1,11 @@
 //! LLaMA (`LlamaForCausalLM`): RMSNorm, rotary positions (rotate-half, `rope_theta`),
 //! SwiGLU MLP, grouped-query attention (`num_key_value_heads`), `nn.Linear`
 //! weights `[out, in]` without biases, LM head tied or separate.
+//!
+//! Mixtral (`MixtralForCausalLM`) is the same decoder with a sparse mixture of
+//! SwiGLU experts in place of the MLP: one `moe` op per layer over the experts'
+//! weights stacked `[E, f, d]` (the checkpoint stores them one expert at a
+//! time; [`expert_stacks`] says which tensors make each stack).
 
 use kiln_ir::{BinaryOp, DType, Graph, GraphBuilder, Op, TensorType, UnaryOp, WeightLayout};
 use serde_json::json;
@@ -37,6 +42,37 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// `tie_word_embeddings`.
     pub tie_word_embeddings: bool,
+    /// Mixtral's experts, `None` for a dense MLP.
+    pub moe: Option<MoeConfig>,
+}
+
+/// A sparse mixture of experts (Mixtral).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// `num_local_experts`.
+    pub experts: i64,
+    /// `num_experts_per_tok`.
+    pub top_k: i64,
+}
+
+/// Which checkpoint tensors make each stacked expert parameter of a Mixtral
+/// graph: `model.layers.L.block_sparse_moe.experts.w1` is `experts.0.w1.weight`,
+/// `experts.1.w1.weight`, … stacked along a new first axis.
+pub fn expert_stacks(cfg: &LlamaConfig) -> Vec<(String, Vec<String>)> {
+    let Some(moe) = cfg.moe else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        for w in ["w1", "w3", "w2"] {
+            let p = format!("model.layers.{i}.block_sparse_moe.experts");
+            let parts = (0..moe.experts)
+                .map(|e| format!("{p}.{e}.{w}.weight"))
+                .collect();
+            out.push((format!("{p}.{w}"), parts));
+        }
+    }
+    out
 }
 
 impl LlamaConfig {
@@ -92,18 +128,57 @@ impl LlamaConfig {
             rms_norm_eps: c.non_negative_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+            moe: None,
         })
+    }
+
+    /// Reads a Mixtral `config.json`: LLaMA's fields plus the experts.
+    pub fn from_mixtral(c: &HfConfig) -> Result<LlamaConfig, FrontendError> {
+        let mut cfg = LlamaConfig::from_hf(c)?;
+        if let Some(w) = c.opt_int("sliding_window")? {
+            if w < cfg.max_position_embeddings {
+                return Err(c.unsupported(
+                    "sliding_window",
+                    &format!(
+                        "= {w} is shorter than max_position_embeddings = {}; sliding-window attention is not supported",
+                        cfg.max_position_embeddings
+                    ),
+                ));
+            }
+        }
+        let experts_key = if c.get("num_local_experts").is_some() {
+            "num_local_experts"
+        } else {
+            "num_experts"
+        };
+        let experts = c.int(experts_key)?;
+        let top_k = c.int("num_experts_per_tok")?;
+        if top_k > experts {
+            return Err(FrontendError::ConfigContract(format!(
+                "{}: num_experts_per_tok = {top_k} chooses more experts than {experts_key} = {experts}",
+                c.path().display()
+            )));
+        }
+        cfg.moe = Some(MoeConfig { experts, top_k });
+        Ok(cfg)
     }
 }
 
 /// Builds `@llama(%tokens: i64[B, T]) -> (logits: f32[B, T, V])`.
 pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
-    let mut b = GraphBuilder::new("llama");
+    let mut b = GraphBuilder::new(if cfg.moe.is_some() {
+        "mixtral"
+    } else {
+        "llama"
+    });
     b.bind("V", cfg.vocab_size)?;
     b.bind("d", cfg.hidden_size)?;
     b.bind("f", cfg.intermediate_size)?;
     b.bind("h", cfg.num_attention_heads)?;
     b.bind("hk", cfg.num_key_value_heads)?;
+    if let Some(moe) = cfg.moe {
+        b.bind("E", moe.experts)?;
+    }
     match cfg.head_dim {
         Some(dh) => b.bind("dh", dh)?,
         None => b.bind(
@@ -167,9 +242,6 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
             f32_of(vec![sym("d"), q_width.clone()]),
         );
         let ln2 = b.param(&p("post_attention_layernorm.weight"), f32_syms(&["d"]));
-        let wg = b.param(&p("mlp.gate_proj.weight"), f32_syms(&["f", "d"]));
-        let wu = b.param(&p("mlp.up_proj.weight"), f32_syms(&["f", "d"]));
-        let wd = b.param(&p("mlp.down_proj.weight"), f32_syms(&["d", "f"]));
 
         let hn = b.named(&n("input_norm"), Op::RmsNorm { eps }, &[x, ln1])?;
         let q = linear(&mut b, hn, wq, None, out_in, &n("q"))?;
@@ -194,6 +266,22 @@ pub fn build_llama(cfg: &LlamaConfig) -> Result<Graph, FrontendError> {
         x = b.named(&n("resid_attn"), Op::Binary(BinaryOp::Add), &[x, o])?;
 
         let hn = b.named(&n("post_norm"), Op::RmsNorm { eps }, &[x, ln2])?;
+        if let Some(moe) = cfg.moe {
+            let e = |b: &mut GraphBuilder, w: &str, dims: &[&str]| {
+                b.param(&p(&format!("block_sparse_moe.experts.{w}")), f32_syms(dims))
+            };
+            let router = b.param(&p("block_sparse_moe.gate.weight"), f32_syms(&["E", "d"]));
+            let w1 = e(&mut b, "w1", &["E", "f", "d"]);
+            let w3 = e(&mut b, "w3", &["E", "f", "d"]);
+            let w2 = e(&mut b, "w2", &["E", "d", "f"]);
+            let top_k = moe.top_k as usize;
+            let y = b.named(&n("moe"), Op::Moe { top_k }, &[hn, router, w1, w3, w2])?;
+            x = b.named(&n("out"), Op::Binary(BinaryOp::Add), &[x, y])?;
+            continue;
+        }
+        let wg = b.param(&p("mlp.gate_proj.weight"), f32_syms(&["f", "d"]));
+        let wu = b.param(&p("mlp.up_proj.weight"), f32_syms(&["f", "d"]));
+        let wd = b.param(&p("mlp.down_proj.weight"), f32_syms(&["d", "f"]));
         let g = linear(&mut b, hn, wg, None, out_in, &n("gate"))?;
         let u = linear(&mut b, hn, wu, None, out_in, &n("up"))?;
         let g = b.named(&n("silu"), Op::Unary(UnaryOp::Silu), &[g])?;

@@ -21,10 +21,10 @@ use crate::reference::{CView, Memory};
 
 /// A view of f32 elements read and written in place.
 #[derive(Clone, Copy)]
-struct Fv<'a> {
-    base: *mut f32,
+pub(super) struct Fv<'a> {
+    pub(super) base: *mut f32,
     /// Elements in the root buffer (every address of the view is below it).
-    len: usize,
+    pub(super) len: usize,
     v: &'a CView,
 }
 
@@ -35,7 +35,7 @@ impl Fv<'_> {
     /// `e < self.len` (the Program verifier proved every address of a view
     /// is inside its root for this binding).
     #[inline]
-    unsafe fn get(&self, e: usize) -> f32 {
+    pub(super) unsafe fn get(&self, e: usize) -> f32 {
         debug_assert!(e < self.len, "read {e} of {}", self.len);
         // SAFETY: the caller keeps `e` inside the root.
         unsafe { *self.base.add(e) }
@@ -46,7 +46,7 @@ impl Fv<'_> {
     /// # Safety
     /// As for [`Fv::get`]; the root is an output, a cache or an arena slot.
     #[inline]
-    unsafe fn set(&self, e: usize, x: f32) {
+    pub(super) unsafe fn set(&self, e: usize, x: f32) {
         debug_assert!(e < self.len, "write {e} of {}", self.len);
         // SAFETY: the caller keeps `e` inside the root.
         unsafe { *self.base.add(e) = x }
@@ -59,7 +59,7 @@ impl Fv<'_> {
 }
 
 /// The f32 view of `v`, when its root really holds f32.
-fn f32_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Fv<'a>> {
+pub(super) fn f32_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Fv<'a>> {
     let (ptr, bytes, dtype) = mem.raw(v.root)?;
     (dtype == DType::F32 && v.dtype == DType::F32 && (ptr as usize).is_multiple_of(4)).then_some(
         Fv {
@@ -72,7 +72,7 @@ fn f32_view<'a>(mem: &mut Memory<'_>, v: &'a CView) -> Option<Fv<'a>> {
 
 /// The f32 view of `v`; a 16-bit weight bound to an f32 parameter is widened
 /// into a buffer `keep` owns for the step (the weight itself stays 16-bit).
-fn f32_or_widened<'a>(
+pub(super) fn f32_or_widened<'a>(
     mem: &mut Memory<'_>,
     v: &'a CView,
     keep: &mut Vec<Vec<f32>>,
@@ -179,6 +179,7 @@ pub(super) fn run(
             alibi,
         } => attention(mem, ins, out, *causal, *scale, *alibi, threads),
         Kernel::Gather => codegen::run_gather(mem, cache, ins, out, threads),
+        Kernel::Moe { top_k } => super::moe::moe(mem, ins, out, *top_k, threads),
         Kernel::Rope { theta } => codegen::run_rope(mem, cache, *theta, ins, out, threads),
         Kernel::Copy => codegen::run_loop(mem, cache, &[], ins, out, threads),
         Kernel::Fill(f) => codegen::run_fill(mem, cache, f, out, cx, threads),

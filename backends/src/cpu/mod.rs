@@ -19,6 +19,7 @@ pub(crate) mod codegen;
 pub mod jit;
 mod kernels;
 mod matvec;
+mod moe;
 pub(crate) mod packed;
 pub use packed::{
     adopt as adopt_packed, available as packed_available, packed_weights, PackedWeight,

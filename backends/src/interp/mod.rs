@@ -15,6 +15,7 @@ mod attention;
 mod elementwise;
 mod index;
 mod matmul;
+mod moe;
 mod movement;
 mod reduce;
 
@@ -406,6 +407,7 @@ fn eval_op(n: &NodeCx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, RunError
                 *scale,
             )
         }
+        Op::Moe { top_k } => moe::moe(n, [args[0], args[1], args[2], args[3], args[4]], *top_k),
         Op::LoraLinear { alpha, layout } => matmul::lora_linear(
             n,
             [args[0], args[1], args[2], args[3]],

@@ -693,6 +693,7 @@ impl Lowerer<'_> {
                 Ok(())
             }
             Op::LoraLinear { alpha, layout } => self.lower_lora(v, &args, *alpha, *layout),
+            Op::Moe { top_k } => self.as_is(v, Kernel::Moe { top_k: *top_k }, &args),
         }
     }
 

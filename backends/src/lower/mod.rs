@@ -181,6 +181,13 @@ pub enum Kernel {
     },
     /// Operands: `table [R, rest…]`, integer `ids [idx…]`; output `[idx…, rest…]`.
     Gather,
+    /// Operands: `x […, d]`, `router [E, d]`, `gate [E, f, d]`, `up [E, f, d]`,
+    /// `down [E, d, f]`; output of `x`'s shape: per token, the `top_k` experts
+    /// the router picks, only theirs computed (see [`kiln_ir::Op::Moe`]).
+    Moe {
+        /// Experts per token.
+        top_k: usize,
+    },
     /// Operands: `x […, dh]`, integer positions viewed as `x`'s shape without
     /// its last axis; output of `x`'s shape.
     Rope {
@@ -202,6 +209,7 @@ impl Kernel {
             Kernel::Gemm { .. } => "gemm",
             Kernel::Attention { .. } => "attention",
             Kernel::Gather => "gather",
+            Kernel::Moe { .. } => "moe",
             Kernel::Rope { .. } => "rope",
             Kernel::Copy => "copy",
             Kernel::Fill(_) => "fill",

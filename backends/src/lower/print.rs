@@ -65,6 +65,7 @@ pub fn kernel_text(k: &Kernel) -> (String, String) {
             },
         ),
         Kernel::Gather => ("gather".into(), String::new()),
+        Kernel::Moe { top_k } => ("moe".into(), format!("top_k={top_k}")),
         Kernel::Rope { theta } => ("rope".into(), format!("theta={theta:?}")),
         Kernel::Copy => ("copy".into(), String::new()),
         Kernel::Fill(f) => match f {

@@ -215,6 +215,32 @@ fn check_step(p: &Program, k: &Kernel, ins: &[BufferId], out: BufferId) -> Resul
             Ok(())
         }
         Kernel::Gather => count(2, 2),
+        Kernel::Moe { top_k } => {
+            count(5, 5)?;
+            same(ins[0], "input")?;
+            let (r, g, u, dn) = (shape(ins[1]), shape(ins[2]), shape(ins[3]), shape(ins[4]));
+            let d = o.last();
+            if r.len() != 2 || g.len() != 3 || u != g || dn.len() != 3 {
+                return Err(
+                    "moe weights must be router [E, d], gate/up [E, f, d], down [E, d, f]".into(),
+                );
+            }
+            if r.get(1) != d
+                || g[2..] != r[1..]
+                || g[0] != r[0]
+                || dn[0] != r[0]
+                || dn.get(1) != d
+                || dn[2] != g[1]
+            {
+                return Err("moe weight shapes disagree".into());
+            }
+            match r[0].as_const() {
+                Some(e) if (*top_k as i64) > e || *top_k == 0 => {
+                    Err(format!("moe top_k={top_k} with {e} experts"))
+                }
+                _ => Ok(()),
+            }
+        }
         Kernel::Rope { .. } => {
             count(2, 2)?;
             same(ins[0], "input")?;

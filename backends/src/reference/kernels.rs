@@ -81,6 +81,7 @@ pub(crate) fn run_step(
             alibi,
         } => attention(m, ins, out, *causal, *scale, *alibi),
         Kernel::Gather => gather(m, ins, out),
+        Kernel::Moe { top_k } => moe(m, ins, out, *top_k),
         Kernel::Rope { theta } => rope(m, ins, out, *theta),
     }
 }
@@ -344,6 +345,46 @@ fn attention(
         }
     }
     Ok(())
+}
+
+/// Every element of a view as f64, in row-major order of its shape.
+fn read_all(m: &Memory<'_>, v: &CView) -> Result<Vec<f64>, StepError> {
+    let mut out = Vec::new();
+    each_index(&v.shape, |idx| {
+        out.push(m.read(v, v.at(idx))?.float()?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn moe(m: &mut Memory<'_>, ins: &[&CView], out: &CView, top_k: usize) -> R {
+    let [x, router, gate, up, down] = ins[..] else {
+        return Err("moe takes five operands".to_string().into());
+    };
+    let (e, f, d) = match (&router.shape[..], &gate.shape[..]) {
+        ([e, _], [_, f, d]) => (*e, *f, *d),
+        _ => {
+            return Err("moe needs router [E, d] and gate [E, f, d]"
+                .to_string()
+                .into())
+        }
+    };
+    let vals = [router, gate, up, down]
+        .iter()
+        .map(|v| read_all(m, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let xs = read_all(m, x)?;
+    let y = crate::routing::moe_rows(
+        &xs,
+        [&vals[0], &vals[1], &vals[2], &vals[3]],
+        (e, f, d),
+        top_k,
+    );
+    let mut it = y.into_iter();
+    each_index(&out.shape, |idx| {
+        let v = it.next().unwrap_or(f64::NAN);
+        Ok(m.write(out, out.at(idx), Scalar::Float(v))?)
+    })
 }
 
 fn gather(m: &mut Memory<'_>, ins: &[&CView], out: &CView) -> R {

@@ -111,7 +111,7 @@ impl KernelOp {
 }
 
 /// Op names other than the unary and binary ones.
-const OTHER_OPS: [&str; 23] = [
+const OTHER_OPS: [&str; 24] = [
     "where",
     "cast",
     "constant",
@@ -134,6 +134,7 @@ const OTHER_OPS: [&str; 23] = [
     "rope",
     "attention",
     "lora_linear",
+    "moe",
     "kernel",
 ];
 
@@ -438,6 +439,7 @@ impl Op {
                 ("alpha", AttrValue::Float(*alpha)),
                 ("layout", word(layout.name())),
             ],
+            Op::Moe { top_k } => vec![("top_k", int(*top_k as i64))],
             Op::Kernel { body } => vec![(
                 "body",
                 AttrValue::List(body.iter().map(KernelOp::to_attr).collect()),
@@ -516,6 +518,13 @@ impl Op {
                     axis: r.int("axis")?,
                 },
                 "gather" => Op::Gather,
+                "moe" => {
+                    let k = r.int("top_k")?;
+                    if k < 1 {
+                        return Err(format!("moe: `top_k` must be at least 1, got {k}"));
+                    }
+                    Op::Moe { top_k: k as usize }
+                }
                 "causal_mask" => Op::CausalMask {
                     queries: r.dim("queries")?,
                     keys: r.dim("keys")?,

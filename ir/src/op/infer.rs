@@ -329,6 +329,7 @@ impl Op {
                 infer_attention(inputs, mask, slopes, cx)
             }
             Op::LoraLinear { layout, .. } => infer_lora(inputs, *layout, cx),
+            Op::Moe { top_k } => infer_moe(inputs, *top_k, cx),
             Op::Kernel { body } => infer_kernel(inputs, body, cx),
         }
     }
@@ -600,6 +601,86 @@ fn infer_attention(
             v.shape[3].clone(),
         ],
     ))
+}
+
+fn infer_moe(inputs: &[TensorType], top_k: usize, cx: &ShapeCx) -> Result<TensorType, ShapeError> {
+    let (x, router, gate, up, down) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+    expect_float("input of moe", x)?;
+    let Some(d) = x.shape.last() else {
+        return Err(rank_error("input of moe [..., d]", "at least 1", x));
+    };
+    for (role, t, rank) in [
+        ("router [E, d]", router, 2),
+        ("gate [E, f, d]", gate, 3),
+        ("up [E, f, d]", up, 3),
+        ("down [E, d, f]", down, 3),
+    ] {
+        same_dtype(&format!("moe {role}"), x, t)?;
+        if t.rank() != rank {
+            return Err(rank_error(&format!("moe {role}"), &rank.to_string(), t));
+        }
+    }
+    let experts = &router.shape[0];
+    cx.expect_same(
+        "moe router width differs from the input's",
+        &router.shape[1],
+        d,
+        router,
+        x,
+    )?;
+    for (what, t) in [("gate", gate), ("up", up), ("down", down)] {
+        cx.expect_same(
+            &format!("moe {what} experts differ from the router's"),
+            &t.shape[0],
+            experts,
+            t,
+            router,
+        )?;
+    }
+    cx.expect_same(
+        "moe gate width differs from the input's",
+        &gate.shape[2],
+        d,
+        gate,
+        x,
+    )?;
+    cx.expect_same(
+        "moe up width differs from the input's",
+        &up.shape[2],
+        d,
+        up,
+        x,
+    )?;
+    cx.expect_same(
+        "moe up and gate widths differ",
+        &up.shape[1],
+        &gate.shape[1],
+        up,
+        gate,
+    )?;
+    cx.expect_same(
+        "moe down output differs from the input's width",
+        &down.shape[1],
+        d,
+        down,
+        x,
+    )?;
+    cx.expect_same(
+        "moe down input differs from the gate's width",
+        &down.shape[2],
+        &gate.shape[1],
+        down,
+        gate,
+    )?;
+    if let Some(e) = cx.eval(experts)?.as_const() {
+        if top_k as i64 > e {
+            return Err(ShapeError::Attribute(format!(
+                "moe top_k={top_k} chooses more experts than the router's {e} ({})",
+                router
+            )));
+        }
+    }
+    Ok(x.clone())
 }
 
 fn infer_lora(

@@ -169,6 +169,14 @@ pub enum Op {
     },
     /// `lora_linear(x, w, a, b[, bias])`: `x·w + (alpha / r)·(x·a)·b (+ bias)`.
     LoraLinear { alpha: f64, layout: WeightLayout },
+    /// `moe(x, router, gate, up, down)`: a sparse mixture of SwiGLU experts
+    /// (Mixtral). `x: [..., d]`, `router: [E, d]`, `gate` and `up: [E, f, d]`,
+    /// `down: [E, d, f]` (`nn.Linear` layout, stacked over the experts).
+    /// Per token: `p = softmax(router · x)`, the `top_k` largest `p` (exact ties
+    /// to the lower expert index), their weights renormalised to sum to 1,
+    /// and `Σ w_e · down_e(silu(gate_e · x) ⊙ (up_e · x))` over the chosen
+    /// experts only. Output `[..., d]`; `1 <= top_k <= E`.
+    Moe { top_k: usize },
     /// A fused chain of elementwise ops: the operands broadcast together and
     /// `body` runs per element; the result is the last instruction's value,
     /// broadcast to the operands' common shape.
@@ -351,6 +359,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::LoraLinear { .. } => "lora_linear",
+            Op::Moe { .. } => "moe",
             Op::Kernel { .. } => "kernel",
         }
     }
@@ -388,6 +397,7 @@ impl Op {
             Op::Attention { alibi: false, .. } => (3, 4),
             Op::Attention { alibi: true, .. } => (4, 5),
             Op::LoraLinear { .. } => (4, 5),
+            Op::Moe { .. } => (5, 5),
             Op::Constant { .. } | Op::Arange { .. } | Op::CausalMask { .. } => (0, 0),
             Op::Concat { .. } => (1, usize::MAX),
             Op::Kernel { .. } => (0, usize::MAX),
