@@ -39,6 +39,7 @@ fn run_args(family: &str) -> Vec<&'static str> {
             "1,1,1,0,0",
         ]),
         "bart" => a.extend(["--decoder-tokens", "2,0,14", "--decoder-tokens", "2,0,60"]),
+        "marian" => a.extend(["--decoder-tokens", "1,14", "--decoder-tokens", "1,60"]),
         _ => {}
     }
     a
@@ -47,7 +48,16 @@ fn run_args(family: &str) -> Vec<&'static str> {
 #[test]
 fn artifacts_run_like_their_source_with_the_source_deleted() {
     let dir = scratch_dir("families");
-    for family in ["gpt2", "llama", "llama_tied", "bert", "bart"] {
+    for family in [
+        "gpt2",
+        "llama",
+        "llama_tied",
+        "mixtral",
+        "bloom",
+        "bert",
+        "bart",
+        "marian",
+    ] {
         // The whole folder (tokenizer files too), deleted after compiling.
         let copy = support::scratch_folder(family, &format!("art-src-{family}"));
         let art = dir.join(format!("{family}.kiln"));

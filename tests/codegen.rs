@@ -42,7 +42,7 @@ fn assert_compiled(what: &str, model: &Model) {
 #[test]
 fn every_family_runs_without_a_fallback_step() {
     let _one = serial();
-    for family in ["gpt2", "llama", "llama_tied", "bert", "bert_mlm", "bart"] {
+    for family in support::FAMILIES {
         let model = support::hf_model(family);
         assert_compiled(&format!("{family} -O0"), &model);
         let o2 = model.optimize(OptLevel::O2).expect("O2");

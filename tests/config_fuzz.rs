@@ -94,7 +94,9 @@ fn check_load_never_panics(family: &str, cases: usize) {
 
 #[test]
 fn corrupted_configs_and_weights_never_panic() {
-    for family in ["gpt2", "llama", "bert", "bart"] {
+    for family in [
+        "gpt2", "llama", "mixtral", "bloom", "bert", "bart", "marian",
+    ] {
         check_load_never_panics(family, 60);
     }
 }

@@ -32,7 +32,17 @@ fn builder_errors_name_the_node_and_both_shapes() {
 
 #[test]
 fn hugging_face_family_graphs() {
-    for family in ["gpt2", "llama", "llama_tied", "bert", "bert_mlm", "bart"] {
+    for family in [
+        "gpt2",
+        "llama",
+        "llama_tied",
+        "mixtral",
+        "bloom",
+        "bert",
+        "bert_mlm",
+        "bart",
+        "marian",
+    ] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/hf")
             .join(family);

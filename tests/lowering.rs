@@ -115,12 +115,21 @@ fn programs_match_the_interpreter_with_lora_merged_and_unmerged() {
 
 #[test]
 fn prefill_and_decode_programs_match_the_interpreter() {
-    for family in ["gpt2", "llama", "llama_tied", "bart"] {
+    for family in [
+        "gpt2",
+        "llama",
+        "llama_tied",
+        "mixtral",
+        "bloom",
+        "bart",
+        "marian",
+    ] {
         let model = support::hf_model(family)
             .optimize(OptLevel::O2)
             .expect("O2");
         let split = model.kv_split().expect("kv split");
         let mut inputs = support::family_inputs(&model);
+        let seq2seq = matches!(family, "bart" | "marian");
         if family == "bart" {
             inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
         }
@@ -142,11 +151,7 @@ fn prefill_and_decode_programs_match_the_interpreter() {
                 _ => String::new(),
             })
             .collect();
-        let growing = if family == "bart" {
-            "decoder_tokens"
-        } else {
-            "tokens"
-        };
+        let growing = if seq2seq { "decoder_tokens" } else { "tokens" };
         let step_inputs: Vec<Tensor> = decode
             .inputs()
             .iter()
@@ -191,10 +196,10 @@ fn the_real_minilm_program_matches_when_its_weights_are_present() {
     check_program(&m, &inputs, 0.0, "minilm");
 }
 
-/// `B=1, T=4`, and `S=5` for the encoder length of BART.
+/// `B=1, T=4`, and `S=5` for the encoder length of BART and Marian.
 fn binding(family: &str) -> Vec<(String, i64)> {
     let mut b = vec![("B".to_string(), 1), ("T".to_string(), 4)];
-    if family == "bart" {
+    if matches!(family, "bart" | "marian") {
         b.push(("S".to_string(), 5));
     }
     b

@@ -188,8 +188,10 @@ fn fusion_after_the_o2_pipeline_preserves_every_family() {
             &family_inputs(&model),
             1e-5,
         );
+        // Mixtral's only elementwise ops are lone residual adds (its SwiGLU
+        // is inside the moe op): nothing to chain.
         assert!(
-            kernel_count(after.module()) > 0,
+            kernel_count(after.module()) > 0 || family == "mixtral",
             "{family}: -O2 fused nothing"
         );
     }

@@ -531,7 +531,9 @@ fn read_checkpoint(
 }
 
 /// The tensors `parts` (each `expected` without its first axis) stacked
-/// along a new first axis, as f32, and the file names they were found under.
+/// along a new first axis, and the file names they were found under. The
+/// one copy kiln makes of checkpoint weights (parts are not adjacent in a
+/// safetensors file); it keeps the parts' dtype, so f16/bf16 stay 16-bit.
 fn stack_parts(
     st: &SafeTensors<'_>,
     names: &BTreeSet<&str>,
@@ -546,7 +548,8 @@ fn stack_parts(
             parts.len()
         ));
     }
-    let mut data = Vec::with_capacity(expected.iter().product());
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut dtype = None;
     let mut found = Vec::new();
     for part in parts {
         let Some(file_name) = prefixes(family)
@@ -567,16 +570,51 @@ fn stack_parts(
                 view.shape()
             ));
         }
-        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            format!(
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(format!(
                 "tensor `{file_name}` has dtype {:?}; weights must be F32, F16 or BF16",
                 view.dtype()
-            )
-        })?;
-        data.extend_from_slice(&values);
+            ));
+        }
+        match dtype {
+            None => dtype = Some(view.dtype()),
+            Some(d) if d != view.dtype() => {
+                return Err(format!(
+                    "tensor `{file_name}` is {:?} but `{}` is {d:?}; the experts of one stack must share a dtype",
+                    view.dtype(),
+                    found.first().map_or("", |s: &String| s.as_str())
+                ))
+            }
+            Some(_) => {}
+        }
+        bytes.extend_from_slice(view.data());
         found.push(file_name);
     }
-    let t = Tensor::f32(expected.to_vec(), data).map_err(|e| e.to_string())?;
+    let shape = expected.to_vec();
+    let t = match dtype {
+        Some(Dtype::F16) => Tensor::from_vec(
+            shape,
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        Some(Dtype::BF16) => Tensor::from_vec(
+            shape,
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        _ => Tensor::from_vec(
+            shape,
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+    }
+    .map_err(|e| e.to_string())?;
     Ok((t, found))
 }
 

@@ -93,7 +93,17 @@ pub fn tolerance_vs_oracle(target: kiln::Target) -> f64 {
 }
 
 /// Every model family with a test folder under `tests/data/hf/`.
-pub const FAMILIES: [&str; 6] = ["gpt2", "llama", "llama_tied", "bert", "bert_mlm", "bart"];
+pub const FAMILIES: [&str; 9] = [
+    "gpt2",
+    "llama",
+    "llama_tied",
+    "mixtral",
+    "bloom",
+    "bert",
+    "bert_mlm",
+    "bart",
+    "marian",
+];
 
 /// The test model `tests/data/hf/<name>`.
 pub fn hf_model(name: &str) -> Model {
@@ -111,7 +121,7 @@ pub fn family_inputs(model: &Model) -> RunInputs {
         Some(kiln::Family::Bert) => {
             inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 0, 0]]);
         }
-        Some(kiln::Family::Bart) => {
+        Some(kiln::Family::Bart | kiln::Family::Marian) => {
             inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0]]);
             inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
         }

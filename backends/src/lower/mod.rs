@@ -3,15 +3,16 @@
 //!
 //! A Program is a list of *buffers* (inputs, parameters, outputs, arena
 //! temporaries, and views of those) and a list of *steps*, each one kernel of
-//! one of eight kinds reading operand buffers and writing one buffer. A
-//! backend implements the eight kernel kinds, not every IR op:
+//! one of nine kinds reading operand buffers and writing one buffer. A
+//! backend implements the nine kernel kinds, not every IR op:
 //!
 //! | kind | what it computes | from |
 //! |---|---|---|
 //! | `loop` | a scalar body per element, operands broadcast by their views | unary, binary, where, cast, fused `kernel`, padding_mask |
 //! | `row` | per row: reduce, softmax, layer_norm, rms_norm | reduce_*, softmax, layer_norm, rms_norm |
 //! | `gemm` | batched `A·B` (transposes and broadcasts are strides), optional elementwise epilogue | matmul, lora_linear, a matmul followed by its only elementwise user |
-//! | `attention` | softmax(scale·q·kᵀ, causal, mask)·v with GQA | attention |
+//! | `attention` | softmax(scale·q·kᵀ (+ ALiBi), causal, mask)·v with GQA | attention |
+//! | `moe` | per token, the router's top-k SwiGLU experts, only those | moe |
 //! | `gather` | rows of a table by ids | gather |
 //! | `rope` | rotary embedding at positions | rope |
 //! | `copy` | a strided copy | concat, reshapes the strides do not allow, outputs that are views |

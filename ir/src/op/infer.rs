@@ -675,8 +675,8 @@ fn infer_moe(inputs: &[TensorType], top_k: usize, cx: &ShapeCx) -> Result<Tensor
     if let Some(e) = cx.eval(experts)?.as_const() {
         if top_k as i64 > e {
             return Err(ShapeError::Attribute(format!(
-                "moe top_k={top_k} chooses more experts than the router's {e} ({})",
-                router
+                "moe top_k={top_k} chooses more experts per token than the router has: {} ({router})",
+                cx.describe(experts)
             )));
         }
     }
