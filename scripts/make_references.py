@@ -1367,6 +1367,65 @@ def make_real():
 
 
 # ---------------------------------------------------------------------------------------------
+# Beam search
+
+
+# (num_beams, length_penalty, extra eos ids or None for "no EOS at all")
+BEAM_CASES = {
+    "gpt2": [(4, 1.0, None), (3, 0.5, None), (4, 1.0, [96]), (3, 2.0, [96])],
+    "llama": [(4, 1.0, None), (3, 0.5, None), (4, 1.0, []), (3, 2.0, [])],
+}
+
+
+@torch.no_grad()
+def make_beams():
+    """Beam search references for the committed gpt2 and llama folders (reloaded, not rebuilt):
+    tests/data/hf/{gpt2,llama}/beam_reference.json. Cases with EOS use the config's
+    eos_token_id plus the listed extra ids (chosen so that some beams end early)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    for name, cases in BEAM_CASES.items():
+        folder = HF_DIR / name
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        config_eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+        config_eos = [] if config_eos is None else (config_eos if isinstance(config_eos, list) else [config_eos])
+        x = torch.tensor([PROMPT])
+        records = []
+        for num_beams, length_penalty, extra in cases:
+            eos = None if extra is None else config_eos + extra
+            settings = dict(
+                max_new_tokens=NEW_TOKENS, num_beams=num_beams, num_return_sequences=num_beams,
+                do_sample=False, length_penalty=length_penalty, early_stopping=False,
+                eos_token_id=eos, pad_token_id=0, bos_token_id=None, forced_bos_token_id=None,
+                forced_eos_token_id=None, temperature=None, top_k=None, top_p=None, use_cache=True,
+            )
+            gc = GenerationConfig(**settings, return_dict_in_generate=True, output_scores=True)
+            with model_gen_defaults_cleared(model):
+                out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+            beams = []
+            for seq, idx in zip(out.sequences.tolist(), out.beam_indices.tolist()):
+                n = sum(1 for i in idx if i >= 0)  # generated length (EOS included)
+                beams.append(seq[len(PROMPT):len(PROMPT) + n])
+            records.append({
+                "num_beams": num_beams,
+                "length_penalty": length_penalty,
+                "eos_token_ids": eos,
+                "max_new_tokens": NEW_TOKENS,
+                "beams": beams,
+                "scores": out.sequences_scores.tolist(),
+                "settings": settings,
+            })
+            print(f"beams {name} K={num_beams} lp={length_penalty} eos={eos}: {beams[0]} {out.sequences_scores.tolist()}")
+        write_json(folder / "beam_reference.json", {
+            "model": name,
+            "versions": versions(),
+            "prompt": PROMPT,
+            "call": "model.generate(input_ids=[prompt], attention_mask=ones, generation_config=GenerationConfig(**settings, return_dict_in_generate=True, output_scores=True)); beams = new tokens of each returned sequence up to its generated length (beam_indices >= 0), best first; scores = sequences_scores (sum of log-probs / generated_len ** length_penalty)",
+            "cases": records,
+        })
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main():
@@ -1390,6 +1449,7 @@ def main():
             "bloom": lambda: make_bloom("bloom", 1037, hidden=32, heads=4),
             "bloom_h6": lambda: make_bloom("bloom_h6", 1054, hidden=48, heads=6),
             "mixtral": lambda: make_mixtral(1023),
+            "beams": make_beams,
         }
         for name in args.only:
             makers[name]()

@@ -15,6 +15,7 @@
 
 pub mod adapter;
 pub mod artifact;
+pub mod beam;
 pub mod bench;
 pub mod embed;
 pub mod fill_mask;

@@ -158,6 +158,20 @@ enum Command {
         /// Keep generating after the end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
+        /// Beam search with this many beams (as transformers' `num_beams`,
+        /// without sampling); `--output json` adds every returned beam
+        /// (`"beams"`, best first) and their `"scores"`.
+        #[arg(long, value_name = "K", conflicts_with_all = ["temperature", "top_k", "top_p", "chat"])]
+        num_beams: Option<usize>,
+        /// The exponent of the length dividing a finished beam's summed
+        /// log-probability (transformers' `length_penalty`).
+        #[arg(
+            long,
+            default_value_t = 1.0,
+            requires = "num_beams",
+            allow_negative_numbers = true
+        )]
+        length_penalty: f64,
         /// Re-run the whole prefix every step instead of decoding with a KV cache.
         #[arg(long)]
         no_kv_cache: bool,
@@ -596,6 +610,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             top_p,
             seed,
             ignore_eos,
+            num_beams,
+            length_penalty,
             no_kv_cache,
             adapter,
             opt,
@@ -603,6 +619,19 @@ fn run(cli: Cli) -> Result<(), Error> {
             output,
         } => {
             let m = adapter.prepare(load(&model)?, opt)?;
+            if let Some(num_beams) = num_beams {
+                let inputs = inputs.to_inputs(&m)?;
+                let opts = kiln::beam::BeamOptions {
+                    num_beams,
+                    length_penalty,
+                    max_new_tokens,
+                    stop_at_eos: !ignore_eos,
+                    backend: target(backend, threads),
+                };
+                let rows = m.beam_search(&inputs, &opts)?;
+                print_beams(&m, &rows, output)?;
+                return Ok(());
+            }
             let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 Sampling::Sample {
                     temperature: temperature.unwrap_or(1.0),
@@ -929,6 +958,82 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 /// The first few values of a tensor, for the summary output.
+/// Beam search results: `--output json` gives `tokens` (and `text`) of the
+/// best beam, every returned beam under `beams` and their `scores`, one
+/// entry per prompt row when there are several.
+fn print_beams(
+    m: &kiln::Model,
+    rows: &[Vec<kiln::beam::Beam>],
+    output: OutputArg,
+) -> Result<(), Error> {
+    use serde_json::{json, Value};
+    let decode = |t: &[i64]| -> Result<Option<String>, Error> {
+        match m.tokenizer() {
+            Some(tok) => Ok(Some(tok.decode(t)?)),
+            None => Ok(None),
+        }
+    };
+    let mut objs = Vec::new();
+    for beams in rows {
+        let best: &[i64] = beams.first().map_or(&[], |b| b.tokens.as_slice());
+        let mut o = json!({
+            "tokens": best,
+            "beams": beams.iter().map(|b| b.tokens.clone()).collect::<Vec<_>>(),
+            "scores": beams.iter().map(|b| b.score).collect::<Vec<_>>(),
+        });
+        if let Some(text) = decode(best)? {
+            o["text"] = Value::from(text);
+            let texts = beams
+                .iter()
+                .map(|b| decode(&b.tokens).map(|t| t.unwrap_or_default()))
+                .collect::<Result<Vec<_>, _>>()?;
+            o["beam_texts"] = Value::from(texts);
+        }
+        objs.push(o);
+    }
+    match output {
+        OutputArg::Json => {
+            let v = if objs.len() == 1 {
+                objs.remove(0)
+            } else {
+                let field =
+                    |k: &str| Value::from(objs.iter().map(|o| o[k].clone()).collect::<Vec<_>>());
+                let mut v = json!({
+                    "tokens": field("tokens"),
+                    "beams": field("beams"),
+                    "scores": field("scores"),
+                });
+                if objs.iter().all(|o| o.get("text").is_some()) {
+                    v["text"] = field("text");
+                    v["beam_texts"] = field("beam_texts");
+                }
+                v
+            };
+            outln!("{v}");
+        }
+        OutputArg::Summary => {
+            for (r, beams) in rows.iter().enumerate() {
+                if rows.len() > 1 {
+                    outln!("row {r}:");
+                }
+                for (i, b) in beams.iter().enumerate() {
+                    let ids = b
+                        .tokens
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    match decode(&b.tokens)? {
+                        Some(text) => outln!("beam {i} (score {:.6}): [{ids}] {text:?}", b.score),
+                        None => outln!("beam {i} (score {:.6}): [{ids}]", b.score),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn preview(t: &kiln::Tensor) -> String {
     let head: Vec<String> = match t.data() {
         kiln::backends::TensorData::F32(v) => v.iter().take(4).map(|x| format!("{x:.5}")).collect(),
