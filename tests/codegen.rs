@@ -178,6 +178,65 @@ fn tiled_attention_matches_the_interpreter_over_many_tiles() {
 }
 
 #[test]
+fn position_biases_match_the_interpreter_on_every_attention_path() {
+    let _one = serial();
+    // ALiBi slopes and T5's relative buckets (encoder: bidirectional, no
+    // causality; decoder: causal over a longer cache), on the tiled path
+    // (many queries), the row path (few) and the strided one (q read
+    // through a transposing view).
+    let biases = [
+        ("alibi=true", "%bias: f32[4]", noise(vec![4], 7)),
+        (
+            "rel_buckets=8 rel_max_distance=20 rel_bidirectional=true",
+            "%bias: f32[8, 4]",
+            noise(vec![8, 4], 8),
+        ),
+        (
+            "rel_buckets=6 rel_max_distance=40",
+            "%bias: f32[6, 4]",
+            noise(vec![6, 4], 9),
+        ),
+    ];
+    for (attrs, bias_param, bias) in &biases {
+        for (causal, t, s, strided) in [
+            (true, 150, 150, false),
+            (false, 130, 130, false),
+            (true, 3, 90, false),
+            (true, 40, 64, true),
+        ] {
+            let (q_ty, q_use) = if strided {
+                (
+                    format!("f32[B, 4, 16, {t}]"),
+                    format!("  %qt = permute(%q) perm=[0, 1, 3, 2] : f32[B, 4, {t}, 16]\n"),
+                )
+            } else {
+                (format!("f32[B, 4, {t}, 16]"), String::new())
+            };
+            let q_name = if strided { "%qt" } else { "%q" };
+            let src = format!(
+                "func @att(%q: {q_ty}, %k: f32[B, 2, {s}, 16], %v: f32[B, 2, {s}, 8], {bias_param}) -> (out: f32[B, 4, {t}, 8]) {{\n\
+                 {q_use}  %o = attention({q_name}, %k, %v, %bias) {attrs} causal={causal} scale=0.25 : f32[B, 4, {t}, 8]\n  return %o\n}}\n"
+            );
+            let graph = kiln::ir::parse_graph(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+            let q_shape = if strided {
+                vec![2, 4, 16, t]
+            } else {
+                vec![2, 4, t, 16]
+            };
+            let inputs = vec![
+                noise(q_shape, 1),
+                noise(vec![2, 2, s, 16], 2),
+                noise(vec![2, 2, s, 8], 3),
+                bias.clone(),
+            ];
+            let d = cpu_matches_interpreter(&graph, &kiln::Weights::new(), &inputs, 1e-5)
+                .unwrap_or_else(|e| panic!("{attrs} causal={causal} t={t} s={s}: {e}"));
+            println!("{attrs} causal={causal} t={t} s={s} strided={strided}: {d}");
+        }
+    }
+}
+
+#[test]
 fn rope_matches_the_interpreter_at_any_position() {
     let _one = serial();
     // Positions inside the shared table, far past its limit, and negative.

@@ -21,7 +21,7 @@ pub mod verify;
 pub use builder::GraphBuilder;
 pub use dim::{Dim, DimError};
 pub use graph::{Graph, InputRole, Module, Node, NodeKind, Span, ValueId};
-pub use op::{AttrValue, BinaryOp, KernelOp, Op, ReduceKind, UnaryOp, WeightLayout};
+pub use op::{AttrValue, BinaryOp, KernelOp, Op, ReduceKind, RelativeBias, UnaryOp, WeightLayout};
 pub use parse::{parse_dim, parse_graph, parse_module, parse_type, ParseError};
 pub use print::{print_graph, print_module, Namer};
 pub use shape::{ShapeCx, ShapeError};

@@ -114,6 +114,7 @@ fn apply(graph: &mut Graph, f: Fusion) {
             causal: f.causal,
             scale: f.scale,
             alibi: f.alibi,
+            relative: None,
         };
     }
     graph.set_operands(f.ctx, &f.operands);
@@ -458,6 +459,7 @@ fn match_chain(graph: &Graph, cx: &ShapeCx, s: ValueId) -> Option<Fusion> {
             causal: masking.causal,
             scale,
             alibi: slopes.is_some(),
+            relative: None,
         };
         let types: Vec<TensorType> = operands.iter().map(|&o| graph.ty(o).clone()).collect();
         match op.infer(&types, cx) {

@@ -146,6 +146,7 @@ fn random_graph_casting_to(ops: &[u32], floats: &[f64], cast_targets: &[DType]) 
                     causal: code & 0x100 != 0,
                     scale: finite(next_float()),
                     alibi: false,
+                    relative: None,
                 },
                 &[a, a, a],
             ),

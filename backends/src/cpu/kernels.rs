@@ -173,11 +173,7 @@ pub(super) fn run(
         Kernel::Gemm { epilogue } => gemm(mem, cache, epilogue, ins, out, threads),
         Kernel::Loop { body } => codegen::run_loop(mem, cache, body, ins, out, threads),
         Kernel::Row(op) => codegen::run_row(mem, cache, op, ins, out, threads),
-        Kernel::Attention {
-            causal,
-            scale,
-            alibi,
-        } => attention(mem, ins, out, *causal, *scale, *alibi, threads),
+        Kernel::Attention { .. } => attention(mem, ins, out, kernel, threads),
         Kernel::Gather => codegen::run_gather(mem, cache, ins, out, threads),
         Kernel::Moe { top_k } => super::moe::moe(mem, ins, out, *top_k, threads),
         Kernel::Rope { theta } => codegen::run_rope(mem, cache, *theta, ins, out, threads),
@@ -877,7 +873,7 @@ fn attention_tiled(
     v: Fv<'_>,
     o: Fv<'_>,
     mask: Option<Iv<'_>>,
-    slopes: Option<&[f32]>,
+    bias: Option<&PosBias>,
     causal: bool,
     scale: f64,
     threads: usize,
@@ -899,7 +895,6 @@ fn attention_tiled(
         let (q, k, v, o, mask) = shared.get();
         let (bi, hi) = (job / h, job % h);
         let kv = hi / group;
-        let slope = slopes.map(|sl| sl[hi]);
         let mut scores = vec![0f32; TILE_Q * TILE_K];
         let mut acc = vec![0f32; TILE_Q * dv];
         let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
@@ -958,12 +953,12 @@ fn attention_tiled(
                     let (shown, hidden) = row.split_at_mut(seen);
                     hidden.fill(f32::NEG_INFINITY);
                     let mask_row = mask.map(|mv| (mv, mv.v.at(&[bi, hi, ti, k0]), mv.v.strides[3]));
-                    let m = match slope {
-                        // ALiBi: scaled score plus `slope · key`, then the
-                        // mask and the maximum at scale 1.
-                        Some(sl) => {
+                    let m = match bias {
+                        // A position bias: scaled score plus the bias, then
+                        // the mask and the maximum at scale 1.
+                        Some(pb) => {
                             for (j, x) in shown.iter_mut().enumerate() {
-                                *x = *x * scale + sl * (k0 + j) as f32;
+                                *x = *x * scale + pb.at(hi, ti, k0 + j) as f32;
                             }
                             scale_row_max(shown, mask_row, 1.0, mx[i], simd)
                         }
@@ -1050,6 +1045,62 @@ fn attention_tiled(
     Ok(())
 }
 
+/// A position bias added to the scaled scores (ALiBi or T5's relative
+/// buckets), read by every attention path.
+enum PosBias {
+    /// One slope per head: key `j` gains `slope · j`.
+    Alibi(Vec<f32>),
+    /// T5: `table[bucket(j − position of query), head]`, the buckets of every
+    /// distance of this call precomputed.
+    Relative {
+        table: Vec<f32>,
+        heads: usize,
+        /// Bucket of distance `d` at `d + offset`.
+        buckets: Vec<usize>,
+        offset: i64,
+        /// Query `t` sits at position `t + shift` (bottom-right alignment).
+        shift: i64,
+    },
+}
+
+impl PosBias {
+    fn relative(
+        table: Vec<f32>,
+        heads: usize,
+        rel: kiln_ir::RelativeBias,
+        keys: usize,
+        queries: usize,
+    ) -> PosBias {
+        let offset = keys as i64;
+        let buckets = (-offset..=offset).map(|d| rel.bucket(d)).collect();
+        PosBias::Relative {
+            table,
+            heads,
+            buckets,
+            offset,
+            shift: keys as i64 - queries as i64,
+        }
+    }
+
+    /// The bias of head `hi`, query `ti`, key `j`.
+    #[inline]
+    fn at(&self, hi: usize, ti: usize, j: usize) -> f64 {
+        match self {
+            PosBias::Alibi(sl) => sl[hi] as f64 * j as f64,
+            PosBias::Relative {
+                table,
+                heads,
+                buckets,
+                offset,
+                shift,
+            } => {
+                let d = j as i64 - (ti as i64 + shift);
+                table[buckets[(d + offset) as usize] * heads + hi] as f64
+            }
+        }
+    }
+}
+
 /// Attention over contiguous head vectors, one task per (batch, head): SIMD
 /// dot products for the scores, softmax in f64, SIMD multiply-adds of the
 /// value rows.
@@ -1060,7 +1111,7 @@ fn attention_rows(
     v: Fv<'_>,
     o: Fv<'_>,
     mask: Option<Iv<'_>>,
-    slopes: Option<&[f32]>,
+    bias: Option<&PosBias>,
     causal: bool,
     scale: f64,
     threads: usize,
@@ -1081,7 +1132,6 @@ fn attention_rows(
         let (q, k, v, o, mask) = shared.get();
         let (bi, hi) = (job / h, job % h);
         let kv = hi / group;
-        let slope = slopes.map_or(0.0, |sl| sl[hi] as f64);
         let (k0, v0) = (k.at(&[bi, kv, 0, 0]), v.at(&[bi, kv, 0, 0]));
         let (k_row, v_row) = (k.v.strides[2], v.v.strides[2]);
         let mut scores = vec![0f64; s];
@@ -1104,7 +1154,8 @@ fn attention_rows(
                     let kr = unsafe {
                         std::slice::from_raw_parts(k.base.add(k0 + j * k_row).cast_const(), dh)
                     };
-                    scale * super::matvec::dot(level, qr, kr) as f64 + slope * j as f64
+                    scale * super::matvec::dot(level, qr, kr) as f64
+                        + bias.map_or(0.0, |pb| pb.at(hi, ti, j))
                 } else {
                     f64::NEG_INFINITY
                 };
@@ -1140,28 +1191,46 @@ fn attention(
     mem: &mut Memory<'_>,
     ins: &[&CView],
     out: &CView,
-    causal: bool,
-    scale: f64,
-    alibi: bool,
+    kernel: &Kernel,
     threads: usize,
 ) -> Option<R> {
+    let &Kernel::Attention {
+        causal,
+        scale,
+        alibi,
+        relative,
+    } = kernel
+    else {
+        return None;
+    };
     let (q, k, v) = (
         f32_view(mem, ins[0])?,
         f32_view(mem, ins[1])?,
         f32_view(mem, ins[2])?,
     );
-    let (ins, slopes) = if alibi {
-        let sv = ins.last()?;
-        let f = f32_view(mem, sv)?;
-        // SAFETY: inside the slopes view (verified).
-        let values: Vec<f32> = (0..sv.shape[0])
-            .map(|i| unsafe { f.get(sv.at(&[i])) })
-            .collect();
-        (&ins[..ins.len() - 1], Some(values))
+    let (ins, bias) = if alibi || relative.is_some() {
+        let bv = ins.last()?;
+        let f = f32_view(mem, bv)?;
+        let mut values = Vec::new();
+        let read = each_index(&bv.shape, |idx| {
+            // SAFETY: inside the bias operand's view (verified).
+            values.push(unsafe { f.get(bv.at(idx)) });
+            Ok(())
+        });
+        if let Err(e) = read {
+            return Some(Err(e));
+        }
+        let (s, t) = (k.v.shape[2], q.v.shape[2]);
+        let h = q.v.shape[1];
+        let pb = match relative {
+            Some(rel) => PosBias::relative(values, h, rel, s, t),
+            None => PosBias::Alibi(values),
+        };
+        (&ins[..ins.len() - 1], Some(pb))
     } else {
         (ins, None)
     };
-    let slopes = slopes.as_deref();
+    let bias = bias.as_ref();
     let mask = match ins.get(3) {
         Some(m) => Some(int_view(mem, m)?),
         None => None,
@@ -1175,11 +1244,11 @@ fn attention(
                 Err(e) => return Some(Err(StepError::Message(e.to_string()))),
             };
             return Some(attention_tiled(
-                q, k, v, o, mask, slopes, causal, scale, threads, exp_row,
+                q, k, v, o, mask, bias, causal, scale, threads, exp_row,
             ));
         }
         return Some(attention_rows(
-            q, k, v, o, mask, slopes, causal, scale, threads,
+            q, k, v, o, mask, bias, causal, scale, threads,
         ));
     }
     let [b, h, t, dh] = q.v.shape[..] else {
@@ -1222,7 +1291,7 @@ fn attention(
                             // SAFETY: inside the q and k views (verified).
                             dot += unsafe { q.get(qb + c * qs) as f64 * k.get(kb + c * ks) as f64 };
                         }
-                        scale * dot
+                        scale * dot + bias.map_or(0.0, |pb| pb.at(hi, ti, j))
                     };
                 }
                 let probs = softmax_row(&scores);

@@ -102,6 +102,14 @@ pub(super) fn rope(
     Ok(Tensor::f32(x.shape().to_vec(), out)?)
 }
 
+/// The extra operand of an attention with a position bias.
+pub(super) enum Bias<'a> {
+    /// ALiBi slopes `[h]`.
+    Alibi(&'a Tensor),
+    /// T5's table `[buckets, h]` and its bucketing.
+    Relative(&'a Tensor, kiln_ir::RelativeBias),
+}
+
 /// `attention(q[B,h,T,dh], k[B,hk,S,dh], v[B,hk,S,dv] [, mask])`: query head `i`
 /// reads kv head `i / (h / hk)`; scores `scale · q·kᵀ`; a key is excluded where
 /// the mask is false or (when `causal`) `j > i + S − T`; with ALiBi `slopes[h]`,
@@ -111,14 +119,15 @@ pub(super) fn attention(
     n: &NodeCx<'_>,
     [q, k, v]: [&Tensor; 3],
     mask: Option<&Tensor>,
-    slopes: Option<&Tensor>,
+    bias: Option<Bias<'_>>,
     causal: bool,
     scale: f64,
 ) -> Result<Tensor, RunError> {
     let (qd, kd, vd) = (n.f32s(q, "query")?, n.f32s(k, "key")?, n.f32s(v, "value")?);
-    let slopes = match slopes {
-        Some(sl) => Some(n.f32s(sl, "ALiBi slopes")?),
-        None => None,
+    let (slopes, table) = match bias {
+        Some(Bias::Alibi(sl)) => (Some(n.f32s(sl, "ALiBi slopes")?), None),
+        Some(Bias::Relative(t, rel)) => (None, Some((n.f32s(t, "relative bias table")?, t, rel))),
+        None => (None, None),
     };
     let (&[b, h, t, dh], &[kb, hk, s, kdh], &[vb, vhk, vs, dv]) = (q.shape(), k.shape(), v.shape())
     else {
@@ -137,6 +146,14 @@ pub(super) fn attention(
         return Err(n.invalid(format!(
             "attention needs {h} ALiBi slopes, one per query head"
         )));
+    }
+    if let Some((_, t, rel)) = &table {
+        if t.shape() != [rel.buckets, h] {
+            return Err(n.invalid(format!(
+                "attention needs a relative bias table [{}, {h}], got {t}",
+                rel.buckets
+            )));
+        }
     }
     let group = h.checked_div(hk).unwrap_or(1);
     let scores_shape = [b, h, t, s];
@@ -166,7 +183,14 @@ pub(super) fn attention(
                         f64::NEG_INFINITY
                     } else {
                         let krow = &kd[(kv * s + j) * dh..][..dh];
-                        let bias = slopes.as_ref().map_or(0.0, |sl| sl[hi] as f64 * j as f64);
+                        let bias = match (&slopes, &table) {
+                            (Some(sl), _) => sl[hi] as f64 * j as f64,
+                            (None, Some((td, _, rel))) => {
+                                let query = ti as i64 + s as i64 - t as i64;
+                                td[rel.bucket(j as i64 - query) * h + hi] as f64
+                            }
+                            (None, None) => 0.0,
+                        };
                         scale
                             * qrow
                                 .iter()

@@ -396,13 +396,22 @@ fn eval_op(n: &NodeCx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, RunError
         Op::CausalMask { queries, keys } => attention::causal_mask(n, queries, keys),
         Op::PaddingMask => attention::padding_mask(n, args[0]),
         Op::Rope { theta } => attention::rope(n, args[0], args[1], *theta),
-        Op::Attention { causal, scale, .. } => {
-            let (mask, slopes) = op.attention_extras(args.len()).unwrap_or_default();
+        Op::Attention {
+            causal,
+            scale,
+            relative,
+            ..
+        } => {
+            let (mask, bias) = op.attention_extras(args.len()).unwrap_or_default();
+            let bias = match relative {
+                Some(r) => bias.map(|i| attention::Bias::Relative(args[i], *r)),
+                None => bias.map(|i| attention::Bias::Alibi(args[i])),
+            };
             attention::attention(
                 n,
                 [args[0], args[1], args[2]],
                 mask.map(|i| args[i]),
-                slopes.map(|i| args[i]),
+                bias,
                 *causal,
                 *scale,
             )

@@ -670,6 +670,7 @@ impl Lowerer<'_> {
                 causal,
                 scale,
                 alibi,
+                relative,
             } => {
                 let shape = self.shape_of(v)?;
                 let (mask, slopes) = op.attention_extras(args.len()).unwrap_or_default();
@@ -688,6 +689,7 @@ impl Lowerer<'_> {
                     causal: *causal,
                     scale: *scale,
                     alibi: *alibi,
+                    relative: *relative,
                 };
                 self.emit(v, kernel, inputs, out);
                 Ok(())

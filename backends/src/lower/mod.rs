@@ -179,6 +179,9 @@ pub enum Kernel {
         /// The last operand holds one ALiBi slope per head: the score of key
         /// `j` gains `slope · j`.
         alibi: bool,
+        /// The last operand is T5's bias table `[buckets, h]`, read at each
+        /// (query, key) distance's bucket.
+        relative: Option<kiln_ir::RelativeBias>,
     },
     /// Operands: `table [R, rest…]`, integer `ids [idx…]`; output `[idx…, rest…]`.
     Gather,

@@ -56,14 +56,24 @@ pub fn kernel_text(k: &Kernel) -> (String, String) {
             causal,
             scale,
             alibi,
-        } => (
-            "attention".into(),
-            if *alibi {
-                format!("causal={causal} scale={scale:?} alibi")
-            } else {
-                format!("causal={causal} scale={scale:?}")
-            },
-        ),
+            relative,
+        } => {
+            (
+                "attention".into(),
+                match (alibi, relative) {
+                    (true, _) => format!("causal={causal} scale={scale:?} alibi"),
+                    (false, Some(r)) => {
+                        format!(
+                    "causal={causal} scale={scale:?} relative(buckets={}, max_distance={}{})",
+                    r.buckets,
+                    r.max_distance,
+                    if r.bidirectional { ", bidirectional" } else { "" }
+                )
+                    }
+                    (false, None) => format!("causal={causal} scale={scale:?}"),
+                },
+            )
+        }
         Kernel::Gather => ("gather".into(), String::new()),
         Kernel::Moe { top_k } => ("moe".into(), format!("top_k={top_k}")),
         Kernel::Rope { theta } => ("rope".into(), format!("theta={theta:?}")),

@@ -193,8 +193,22 @@ fn check_step(p: &Program, k: &Kernel, ins: &[BufferId], out: BufferId) -> Resul
             }
             Ok(())
         }
-        Kernel::Attention { alibi, .. } => {
-            let tensors = if *alibi {
+        Kernel::Attention {
+            alibi, relative, ..
+        } => {
+            let tensors = if let Some(r) = relative {
+                count(4, 5)?;
+                let (q, table) = (shape(ins[0]), shape(ins[ins.len() - 1]));
+                if table.len() != 2
+                    || q.get(1) != table.get(1)
+                    || table[0].as_const() != Some(r.buckets as i64)
+                {
+                    return Err(
+                        "the relative bias table must be [buckets, heads of the query]".into(),
+                    );
+                }
+                &ins[..ins.len() - 1]
+            } else if *alibi {
                 count(4, 5)?;
                 let (q, slopes) = (shape(ins[0]), shape(ins[ins.len() - 1]));
                 if slopes.len() != 1 || q.get(1) != slopes.first() {

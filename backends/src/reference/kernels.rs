@@ -79,7 +79,8 @@ pub(crate) fn run_step(
             causal,
             scale,
             alibi,
-        } => attention(m, ins, out, *causal, *scale, *alibi),
+            relative,
+        } => attention(m, ins, out, *causal, *scale, *alibi, *relative),
         Kernel::Gather => gather(m, ins, out),
         Kernel::Moe { top_k } => moe(m, ins, out, *top_k),
         Kernel::Rope { theta } => rope(m, ins, out, *theta),
@@ -287,12 +288,17 @@ fn attention(
     causal: bool,
     scale: f64,
     alibi: bool,
+    relative: Option<kiln_ir::RelativeBias>,
 ) -> R {
     let (q, k, v) = (ins[0], ins[1], ins[2]);
-    let (ins, slopes) = if alibi {
+    let (ins, extra) = if alibi || relative.is_some() {
         (&ins[..ins.len() - 1], ins.last())
     } else {
         (ins, None)
+    };
+    let (slopes, table) = match relative {
+        Some(r) => (None, extra.map(|t| (t, r))),
+        None => (extra, None),
     };
     let mask = ins.get(3);
     let [b, h, t, dh] = q.shape[..] else {
@@ -328,7 +334,15 @@ fn attention(
                             dot += m.read(q, q.at(&[bi, hi, ti, c]))?.float()?
                                 * m.read(k, k.at(&[bi, kv, j, c]))?.float()?;
                         }
-                        scale * dot + slope * j as f64
+                        let rel = match table {
+                            Some((tv, r)) => {
+                                let query = ti as i64 + s as i64 - t as i64;
+                                m.read(tv, tv.at(&[r.bucket(j as i64 - query), hi]))?
+                                    .float()?
+                            }
+                            None => 0.0,
+                        };
+                        scale * dot + slope * j as f64 + rel
                     };
                 }
                 let probs = softmax_row(&scores);

@@ -424,10 +424,18 @@ impl Op {
                 causal,
                 scale,
                 alibi,
+                relative,
             } => {
                 let mut v = vec![];
                 if *alibi {
                     v.push(("alibi", AttrValue::Bool(true)));
+                }
+                if let Some(r) = relative {
+                    v.push(("rel_buckets", int(r.buckets as i64)));
+                    v.push(("rel_max_distance", int(r.max_distance as i64)));
+                    if r.bidirectional {
+                        v.push(("rel_bidirectional", AttrValue::Bool(true)));
+                    }
                 }
                 if *causal {
                     v.push(("causal", AttrValue::Bool(true)));
@@ -533,11 +541,48 @@ impl Op {
                 "rope" => Op::Rope {
                     theta: r.float_at_least("theta", f64::MIN_POSITIVE)?,
                 },
-                "attention" => Op::Attention {
-                    causal: r.flag("causal")?,
-                    scale: r.finite_float("scale")?,
-                    alibi: r.flag("alibi")?,
-                },
+                "attention" => {
+                    let alibi = r.flag("alibi")?;
+                    let relative = match r.get("rel_buckets") {
+                        None => {
+                            if r.get("rel_max_distance").is_some() {
+                                return Err(
+                                    "attention: `rel_max_distance` needs `rel_buckets`".into()
+                                );
+                            }
+                            None
+                        }
+                        Some(_) => {
+                            let buckets = r.int("rel_buckets")?;
+                            let max_distance = r.int("rel_max_distance")?;
+                            if buckets < 1 || max_distance < 1 {
+                                return Err(format!(
+                                    "attention: `rel_buckets` and `rel_max_distance` must be positive, got {buckets} and {max_distance}"
+                                ));
+                            }
+                            let rel = crate::op::RelativeBias {
+                                buckets: buckets as usize,
+                                max_distance: max_distance as usize,
+                                bidirectional: r.flag("rel_bidirectional")?,
+                            };
+                            if let Some(p) = rel.problem() {
+                                return Err(format!("attention: relative position bias: {p}"));
+                            }
+                            Some(rel)
+                        }
+                    };
+                    if alibi && relative.is_some() {
+                        return Err(
+                            "attention takes ALiBi or a relative position bias, not both".into(),
+                        );
+                    }
+                    Op::Attention {
+                        causal: r.flag("causal")?,
+                        scale: r.finite_float("scale")?,
+                        alibi,
+                        relative,
+                    }
+                }
                 "kernel" => match r.get("body") {
                     Some(AttrValue::List(items)) => Op::Kernel {
                         body: items

@@ -324,9 +324,13 @@ impl Op {
                 }
                 Ok(x.clone())
             }
-            Op::Attention { .. } => {
-                let (mask, slopes) = self.attention_extras(inputs.len()).unwrap_or_default();
-                infer_attention(inputs, mask, slopes, cx)
+            Op::Attention { relative, .. } => {
+                let (mask, bias) = self.attention_extras(inputs.len()).unwrap_or_default();
+                let (slopes, table) = match relative {
+                    Some(r) => (None, bias.map(|i| (i, *r))),
+                    None => (bias, None),
+                };
+                infer_attention(inputs, mask, slopes, table, cx)
             }
             Op::LoraLinear { layout, .. } => infer_lora(inputs, *layout, cx),
             Op::Moe { top_k } => infer_moe(inputs, *top_k, cx),
@@ -493,6 +497,7 @@ fn infer_attention(
     inputs: &[TensorType],
     mask: Option<usize>,
     slopes: Option<usize>,
+    table: Option<(usize, crate::op::RelativeBias)>,
     cx: &ShapeCx,
 ) -> Result<TensorType, ShapeError> {
     let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -565,6 +570,31 @@ fn infer_attention(
             slopes,
             q,
         )?;
+    }
+    if let Some((i, rel)) = table {
+        let t = &inputs[i];
+        expect_float("attention relative bias table", t)?;
+        if t.rank() != 2 {
+            return Err(rank_error(
+                "attention relative bias table [buckets, heads]",
+                "2",
+                t,
+            ));
+        }
+        cx.expect_same(
+            "attention relative bias table needs one column per query head",
+            &t.shape[1],
+            &q.shape[1],
+            t,
+            q,
+        )?;
+        if !cx.is_const(&t.shape[0], rel.buckets as i64)? {
+            return Err(ShapeError::Attribute(format!(
+                "attention rel_buckets={} but the bias table {t} has {} rows",
+                rel.buckets,
+                cx.describe(&t.shape[0])
+            )));
+        }
     }
     if let Some(mask) = mask.map(|i| &inputs[i]) {
         expect_dtype("attention mask", mask, "bool", |d| d == DType::Bool)?;

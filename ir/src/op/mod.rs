@@ -69,6 +69,78 @@ pub enum WeightLayout {
     OutIn,
 }
 
+/// T5's relative position bias of an [`Op::Attention`]: head `h`'s score of
+/// key `j` for the query at position `i` gains `table[bucket(j − i), h]`,
+/// with `table: [buckets, heads]` the op's last operand. Positions are
+/// aligned bottom-right like the causal rule: query `t` of `T` sits at
+/// position `t + S − T`, so a decode step over a cache sees the distances of
+/// the whole sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelativeBias {
+    /// Rows of the table (`relative_attention_num_buckets`).
+    pub buckets: usize,
+    /// Distances at or beyond this share the last bucket
+    /// (`relative_attention_max_distance`).
+    pub max_distance: usize,
+    /// Keys before and after the query get buckets of their own (an
+    /// encoder); otherwise only keys at or before it count (a decoder).
+    pub bidirectional: bool,
+}
+
+impl RelativeBias {
+    /// Why these settings describe no bucketing, if they do not: every
+    /// branch of [`RelativeBias::bucket`] needs at least one exact bucket
+    /// and a maximum distance beyond them.
+    pub fn problem(&self) -> Option<String> {
+        let half = if self.bidirectional {
+            self.buckets / 2
+        } else {
+            self.buckets
+        };
+        let exact = half / 2;
+        if exact == 0 {
+            return Some(format!(
+                "{} buckets leave no exact bucket (need at least {})",
+                self.buckets,
+                if self.bidirectional { 4 } else { 2 }
+            ));
+        }
+        if self.max_distance <= exact {
+            return Some(format!(
+                "max_distance {} must exceed the {exact} exact buckets",
+                self.max_distance
+            ));
+        }
+        None
+    }
+
+    /// The bucket of key minus query position `rel`, as transformers'
+    /// `T5Attention._relative_position_bucket` computes it: exact buckets for
+    /// the nearest half, then logarithmically wider ones up to
+    /// `max_distance`, in f32 and truncated as there.
+    pub fn bucket(&self, rel: i64) -> usize {
+        let mut nb = self.buckets as i64;
+        let mut bucket = 0i64;
+        let dist = if self.bidirectional {
+            nb /= 2;
+            if rel > 0 {
+                bucket += nb;
+            }
+            rel.abs()
+        } else {
+            (-rel).max(0)
+        };
+        let exact = nb / 2;
+        if dist < exact {
+            return (bucket + dist) as usize;
+        }
+        let log_ratio = ((self.max_distance as f64) / (exact as f64)).ln() as f32;
+        let scaled = (dist as f32 / exact as f32).ln() / log_ratio * (nb - exact) as f32;
+        let large = (exact + scaled as i64).min(nb - 1);
+        (bucket + large) as usize
+    }
+}
+
 /// One scalar instruction of a fused elementwise [`Op::Kernel`]. Arguments
 /// index the kernel's values: its operands first (`0..n`), then the results of
 /// earlier instructions (`n + i` for instruction `i`).
@@ -161,11 +233,13 @@ pub enum Op {
     /// `alibi`, the last operand is `slopes: [h]` and head `i`'s score of key
     /// `j` gains `slopes[i] · j` (ALiBi, as BLOOM adds it: the same as
     /// `−slopes[i] · (query − key)` up to a per-row constant, which the
-    /// softmax ignores).
+    /// softmax ignores). With `relative`, the last operand is T5's bias
+    /// table `[buckets, h]` (see [`RelativeBias`]); at most one of the two.
     Attention {
         causal: bool,
         scale: f64,
         alibi: bool,
+        relative: Option<RelativeBias>,
     },
     /// `lora_linear(x, w, a, b[, bias])`: `x·w + (alpha / r)·(x·a)·b (+ bias)`.
     LoraLinear { alpha: f64, layout: WeightLayout },
@@ -376,8 +450,12 @@ impl Op {
     /// and the ALiBi slopes (`None` for other ops).
     pub fn attention_extras(&self, n: usize) -> Option<(Option<usize>, Option<usize>)> {
         match self {
-            Op::Attention { alibi: false, .. } => Some(((n > 3).then_some(3), None)),
-            Op::Attention { alibi: true, .. } => Some(((n > 4).then_some(3), Some(n - 1))),
+            Op::Attention {
+                alibi: false,
+                relative: None,
+                ..
+            } => Some(((n > 3).then_some(3), None)),
+            Op::Attention { .. } => Some(((n > 4).then_some(3), Some(n - 1))),
             _ => None,
         }
     }
@@ -394,8 +472,12 @@ impl Op {
             Op::Rope { .. } => (2, 2),
             Op::Where => (3, 3),
             Op::LayerNorm { .. } => (2, 3),
-            Op::Attention { alibi: false, .. } => (3, 4),
-            Op::Attention { alibi: true, .. } => (4, 5),
+            Op::Attention {
+                alibi: false,
+                relative: None,
+                ..
+            } => (3, 4),
+            Op::Attention { .. } => (4, 5),
             Op::LoraLinear { .. } => (4, 5),
             Op::Moe { .. } => (5, 5),
             Op::Constant { .. } | Op::Arange { .. } | Op::CausalMask { .. } => (0, 0),
