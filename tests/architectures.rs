@@ -248,3 +248,43 @@ fn sinusoidal_table_layout_is_sines_then_cosines() {
     assert_eq!(t[3 * 6 + 1], a.sin() as f32);
     assert_eq!(t[3 * 6 + 4], a.cos() as f32);
 }
+
+#[test]
+fn t5_buckets_match_transformers() {
+    // transformers' `_relative_position_bucket` over key − query in
+    // −160..=160, for the test models' 8 buckets / distance 20 and the real
+    // checkpoints' 32 / 128, both directions.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/hf/t5/reference.json"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let table = &r["position_bias_layer0"]["bucket_table"];
+    let rel: Vec<i64> = table["relative_positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let mut checked = 0;
+    for key in ["config", "default_32_128"] {
+        let t = &table[key];
+        for (dir, bidirectional) in [("bidirectional", true), ("unidirectional", false)] {
+            let b = kiln_ir::RelativeBias {
+                buckets: t["num_buckets"].as_u64().unwrap() as usize,
+                max_distance: t["max_distance"].as_u64().unwrap() as usize,
+                bidirectional,
+            };
+            for (d, want) in rel.iter().zip(t[dir].as_array().unwrap()) {
+                assert_eq!(
+                    b.bucket(*d) as u64,
+                    want.as_u64().unwrap(),
+                    "{key} {dir} distance {d}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 4 * 321);
+}

@@ -40,6 +40,7 @@ fn run_args(family: &str) -> Vec<&'static str> {
         ]),
         "bart" => a.extend(["--decoder-tokens", "2,0,14", "--decoder-tokens", "2,0,60"]),
         "marian" => a.extend(["--decoder-tokens", "1,14", "--decoder-tokens", "1,60"]),
+        "t5" | "t5_v11" => a.extend(["--decoder-tokens", "0,14", "--decoder-tokens", "0,60"]),
         _ => {}
     }
     a
@@ -57,6 +58,8 @@ fn artifacts_run_like_their_source_with_the_source_deleted() {
         "bert",
         "bart",
         "marian",
+        "t5",
+        "t5_v11",
     ] {
         // The whole folder (tokenizer files too), deleted after compiling.
         let copy = support::scratch_folder(family, &format!("art-src-{family}"));

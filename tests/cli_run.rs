@@ -323,10 +323,14 @@ fn bad_folders_and_weights_are_clear_errors() {
     );
 
     let dir = support::scratch_copy("gpt2", "modeltype");
-    edit_config(&dir, "\"model_type\": \"gpt2\"", "\"model_type\": \"t5\"");
+    edit_config(
+        &dir,
+        "\"model_type\": \"gpt2\"",
+        "\"model_type\": \"falcon\"",
+    );
     check_fails(
         &["run", dir.to_str().unwrap(), "--tokens", "1"],
-        "model_type \"t5\" is not supported",
+        "model_type \"falcon\" is not supported",
     );
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
     check_fails(

@@ -95,7 +95,7 @@ fn check_load_never_panics(family: &str, cases: usize) {
 #[test]
 fn corrupted_configs_and_weights_never_panic() {
     for family in [
-        "gpt2", "llama", "mixtral", "bloom", "bert", "bart", "marian",
+        "gpt2", "llama", "mixtral", "bloom", "bert", "bart", "marian", "t5",
     ] {
         check_load_never_panics(family, 60);
     }

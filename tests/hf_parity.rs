@@ -216,34 +216,36 @@ fn bert_masked_lm_matches_transformers_with_and_without_padding() {
     }
 }
 
-/// An encoder–decoder's logits on every level and backend, and its greedy
-/// generation, against the reference `name`.
-fn check_seq2seq(name: &str) {
-    let r = reference(name);
+/// An encoder–decoder's logits for the recorded `case` (inputs and
+/// outputs) on every level and backend; with `greedy`, its greedy generation.
+fn check_seq2seq_case(name: &str, what: &str, case: &Value, greedy: Option<&Value>) {
     let base = Model::load(data_dir(name)).unwrap();
     for (_, model) in levels(&base) {
         let inputs = RunInputs {
-            tokens: rows(&r["inputs"]["input_ids"]),
-            attention_mask: Some(rows(&r["inputs"]["attention_mask"])),
+            tokens: rows(&case["inputs"]["input_ids"]),
+            attention_mask: Some(rows(&case["inputs"]["attention_mask"])),
             token_type_ids: None,
-            decoder_tokens: Some(rows(&r["inputs"]["decoder_input_ids"])),
+            decoder_tokens: Some(rows(&case["inputs"]["decoder_input_ids"])),
         };
         for backend in BACKENDS {
             let outs = model.run_on(backend, &inputs).unwrap();
             check_close(
-                &format!("{name} logits {}", backend.name()),
+                &format!("{name} {what} {}", backend.name()),
                 output(&outs, "logits"),
-                &r["outputs"]["logits"],
+                &case["outputs"]["logits"],
                 &|_| true,
             );
         }
-        check_greedy(
-            name,
-            &model,
-            &r["greedy"],
-            r["greedy"]["encoder_prompt"].clone(),
-        );
+        if let Some(g) = greedy {
+            check_greedy(name, &model, g, g["encoder_prompt"].clone());
+        }
     }
+}
+
+/// An encoder–decoder's logits and greedy generation against the reference `name`.
+fn check_seq2seq(name: &str) {
+    let r = reference(name);
+    check_seq2seq_case(name, "logits", &r, Some(&r["greedy"]));
 }
 
 #[test]
@@ -254,6 +256,27 @@ fn bart_matches_transformers() {
 #[test]
 fn marian_with_sinusoidal_positions_matches_transformers() {
     check_seq2seq("marian");
+}
+
+#[test]
+fn t5_v1_0_matches_transformers() {
+    // ReLU FFN, LM head tied to the shared embedding and scaled by d_model^-0.5.
+    check_seq2seq("t5");
+    check_t5_padded("t5");
+}
+
+#[test]
+fn t5_v1_1_matches_transformers() {
+    // Gated-GELU FFN, its own LM head, heads of width d_kv with h·d_kv != d_model.
+    check_seq2seq("t5_v11");
+    check_t5_padded("t5_v11");
+}
+
+/// The recorded padded batch: the encoder mask hides the second row's last
+/// positions, on every level and backend.
+fn check_t5_padded(name: &str) {
+    let r = reference(name);
+    check_seq2seq_case(name, "padded logits", &r["padded"], None);
 }
 
 /// Where the all-MiniLM-L6-v2 weights are: `KILN_MINILM_DIR`, else where

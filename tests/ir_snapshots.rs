@@ -42,6 +42,8 @@ fn hugging_face_family_graphs() {
         "bert_mlm",
         "bart",
         "marian",
+        "t5",
+        "t5_v11",
     ] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/hf")

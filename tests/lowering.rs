@@ -123,13 +123,15 @@ fn prefill_and_decode_programs_match_the_interpreter() {
         "bloom",
         "bart",
         "marian",
+        "t5",
+        "t5_v11",
     ] {
         let model = support::hf_model(family)
             .optimize(OptLevel::O2)
             .expect("O2");
         let split = model.kv_split().expect("kv split");
         let mut inputs = support::family_inputs(&model);
-        let seq2seq = matches!(family, "bart" | "marian");
+        let seq2seq = matches!(family, "bart" | "marian" | "t5" | "t5_v11");
         if family == "bart" {
             inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
         }
@@ -199,7 +201,7 @@ fn the_real_minilm_program_matches_when_its_weights_are_present() {
 /// `B=1, T=4`, and `S=5` for the encoder length of BART and Marian.
 fn binding(family: &str) -> Vec<(String, i64)> {
     let mut b = vec![("B".to_string(), 1), ("T".to_string(), 4)];
-    if matches!(family, "bart" | "marian") {
+    if matches!(family, "bart" | "marian" | "t5" | "t5_v11") {
         b.push(("S".to_string(), 5));
     }
     b

@@ -28,7 +28,7 @@ fn fusion_then_dce() -> PassManager {
 /// encoder self-, 2 decoder self- and 2 cross-attention layers.
 fn expected_attention_layers(family: &str) -> usize {
     match family {
-        "bart" | "marian" => 6,
+        "bart" | "marian" | "t5" | "t5_v11" => 6,
         _ => 2,
     }
 }

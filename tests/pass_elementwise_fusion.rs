@@ -163,7 +163,13 @@ fn fusion_preserves_every_family() {
         let ops_before: usize = model.module().funcs.iter().map(Graph::op_count).sum();
         let ops_after: usize = after.module().funcs.iter().map(Graph::op_count).sum();
         let kernels = kernel_count(after.module());
-        assert!(kernels > 0, "{family}: nothing fused\n{}", after.to_text());
+        // T5 v1.0's only elementwise ops are lone: a ReLU after its matmul,
+        // residual adds (mixtral's see the -O2 test below).
+        assert!(
+            kernels > 0 || family == "t5",
+            "{family}: nothing fused\n{}",
+            after.to_text()
+        );
         let text = after.to_text();
         let reparsed = Model::from_text(&text, family).expect("fused IR reparses");
         assert_eq!(
@@ -189,9 +195,10 @@ fn fusion_after_the_o2_pipeline_preserves_every_family() {
             1e-5,
         );
         // Mixtral's only elementwise ops are lone residual adds (its SwiGLU
-        // is inside the moe op): nothing to chain.
+        // is inside the moe op), T5 v1.0's lone ReLUs and adds: nothing to
+        // chain.
         assert!(
-            kernel_count(after.module()) > 0 || family == "mixtral",
+            kernel_count(after.module()) > 0 || matches!(family, "mixtral" | "t5"),
             "{family}: -O2 fused nothing"
         );
     }

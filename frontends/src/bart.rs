@@ -9,9 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_ir::{
-    BinaryOp, DType, Dim, Graph, GraphBuilder, Op, Tensor, TensorType, ValueId, WeightLayout,
-};
+use kiln_ir::{BinaryOp, Dim, Graph, GraphBuilder, Op, Tensor, ValueId, WeightLayout};
 use serde_json::json;
 
 use crate::blocks::{
@@ -224,18 +222,7 @@ pub fn build_bart(cfg: &BartConfig) -> Result<Graph, FrontendError> {
     b.bind("dhd", sym("d").div(&sym("hd")).map_err(cerr)?)?;
     b.bind("fe", cfg.encoder_ffn_dim)?;
     b.bind("fd", cfg.decoder_ffn_dim)?;
-    let tokens = b.input(
-        "tokens",
-        TensorType::new(DType::I64, vec![sym("B"), sym("S")]),
-    );
-    let attention_mask = b.input(
-        "attention_mask",
-        TensorType::new(DType::I64, vec![sym("B"), sym("S")]),
-    );
-    let decoder_tokens = b.input(
-        "decoder_tokens",
-        TensorType::new(DType::I64, vec![sym("B"), sym("T")]),
-    );
+    let (tokens, attention_mask, decoder_tokens) = crate::blocks::seq2seq_inputs(&mut b);
     let shared_w = b.param("model.shared.weight", f32_syms(&["V", "d"]));
     let neg_inf = scalar(&mut b, "neg_inf", f64::NEG_INFINITY)?;
     let act = activation(&cfg.activation_function).unwrap_or(kiln_ir::UnaryOp::Gelu);

@@ -47,6 +47,16 @@ pub fn positions(
     )
 }
 
+/// An encoder–decoder's inputs: `%tokens: i64[B, S]`, `%attention_mask:
+/// i64[B, S]` (of the encoder) and `%decoder_tokens: i64[B, T]`.
+pub fn seq2seq_inputs(b: &mut GraphBuilder) -> (ValueId, ValueId, ValueId) {
+    let ids = |len: &str| TensorType::new(DType::I64, vec![sym("B"), sym(len)]);
+    let tokens = b.input("tokens", ids("S"));
+    let attention_mask = b.input("attention_mask", ids("S"));
+    let decoder_tokens = b.input("decoder_tokens", ids("T"));
+    (tokens, attention_mask, decoder_tokens)
+}
+
 /// The named scalar `1 / sqrt(dh)` that scales attention scores, for the
 /// head-dim symbol `dh` (which the builder must have bound to a constant).
 pub fn attention_scale(b: &mut GraphBuilder, name: &str, dh: &str) -> Result<ValueId, IrError> {

@@ -18,6 +18,7 @@ use crate::bloom::{build_bloom, BloomConfig};
 use crate::config::HfConfig;
 use crate::gpt2::{build_gpt2, Gpt2Config};
 use crate::llama::{build_llama, LlamaConfig};
+use crate::t5::{build_t5, T5Config};
 use crate::FrontendError;
 
 /// The model families kiln reads from Hugging Face folders.
@@ -37,17 +38,20 @@ pub enum Family {
     Marian,
     /// `MixtralForCausalLM`.
     Mixtral,
+    /// `T5ForConditionalGeneration`.
+    T5,
 }
 
 impl Family {
     /// Every family, in the order the README lists them.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Gpt2,
         Family::Llama,
         Family::Mixtral,
         Family::Bert,
         Family::Bart,
         Family::Marian,
+        Family::T5,
         Family::Bloom,
     ];
 
@@ -61,6 +65,7 @@ impl Family {
             Family::Bloom => "bloom",
             Family::Marian => "marian",
             Family::Mixtral => "mixtral",
+            Family::T5 => "t5",
         }
     }
 
@@ -120,7 +125,14 @@ fn prefixes(family: Option<Family>) -> &'static [&'static str] {
     match family {
         Some(Family::Bert) => &["", "bert."],
         Some(Family::Bloom) => &["transformer.", ""],
-        Some(Family::Gpt2 | Family::Llama | Family::Mixtral | Family::Bart | Family::Marian)
+        Some(
+            Family::Gpt2
+            | Family::Llama
+            | Family::Mixtral
+            | Family::Bart
+            | Family::Marian
+            | Family::T5,
+        )
         | None => &[""],
     }
 }
@@ -305,6 +317,19 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
             stacked = crate::llama::expert_stacks(&cfg);
             (Family::Mixtral, graph, info)
         }
+        "t5" => {
+            let cfg = T5Config::from_hf(&c)?;
+            let info = ModelInfo {
+                family: Family::T5,
+                vocab_size: cfg.vocab_size,
+                // Relative positions have no table to run out of.
+                max_positions: None,
+                eos_token_ids: c.ids("eos_token_id")?,
+                decoder_start_token_id: Some(cfg.decoder_start_token_id),
+            };
+            let graph = build_t5(&cfg).map_err(|e| explain(e, &config_path, T5Config::KEYS, &c))?;
+            (Family::T5, graph, info)
+        }
         "marian" => {
             let cfg = BartConfig::from_marian(&c)?;
             let info = ModelInfo {
@@ -335,7 +360,7 @@ pub fn load_hf_graph(dir: &Path) -> Result<HfGraph, FrontendError> {
         }
         other => {
             return Err(FrontendError::Unsupported(format!(
-                "{}: model_type {} is not supported (kiln reads gpt2, llama, mixtral, bert, bart, marian and bloom)",
+                "{}: model_type {} is not supported (kiln reads gpt2, llama, mixtral, bert, bart, marian, t5 and bloom)",
                 config_path.display(),
                 crate::config::clip(&format!("{other:?}"), 80)
             )))
@@ -517,7 +542,8 @@ fn read_checkpoint(
         out.insert(name.clone(), t);
     }
     for n in &names {
-        if !used.contains(n) && !is_buffer(n) {
+        let t5_copy = family == Some(Family::T5) && crate::t5::ignored(n);
+        if !(used.contains(n) || is_buffer(n) || t5_copy) {
             problems.push(format!(
                 "unexpected tensor `{n}` (the graph @{} has no such parameter)",
                 graph.name

@@ -14,6 +14,7 @@ pub mod gpt2;
 pub mod hf;
 pub mod llama;
 pub mod peft;
+pub mod t5;
 
 use std::path::PathBuf;
 

@@ -93,7 +93,7 @@ pub fn tolerance_vs_oracle(target: kiln::Target) -> f64 {
 }
 
 /// Every model family with a test folder under `tests/data/hf/`.
-pub const FAMILIES: [&str; 9] = [
+pub const FAMILIES: [&str; 11] = [
     "gpt2",
     "llama",
     "llama_tied",
@@ -103,6 +103,8 @@ pub const FAMILIES: [&str; 9] = [
     "bert_mlm",
     "bart",
     "marian",
+    "t5",
+    "t5_v11",
 ];
 
 /// The test model `tests/data/hf/<name>`.
@@ -124,6 +126,10 @@ pub fn family_inputs(model: &Model) -> RunInputs {
         Some(kiln::Family::Bart | kiln::Family::Marian) => {
             inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0]]);
             inputs.decoder_tokens = Some(vec![vec![2, 0, 14], vec![2, 0, 60]]);
+        }
+        Some(kiln::Family::T5) => {
+            inputs.attention_mask = Some(vec![vec![1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0]]);
+            inputs.decoder_tokens = Some(vec![vec![0, 14, 9], vec![0, 60, 3]]);
         }
         _ => {}
     }
