@@ -92,19 +92,7 @@ impl Model {
         prompt: &RunInputs,
         opts: &BeamOptions,
     ) -> Result<Vec<Vec<Beam>>, Error> {
-        let info = self.info().cloned().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{}: beam search needs a model from a frontend (a Hugging Face folder or the demo)",
-                self.origin()
-            ))
-        })?;
-        if !info.family.is_generative() {
-            return Err(Error::Unsupported(format!(
-                "{}: a {:?} encoder does not generate tokens",
-                self.origin(),
-                info.family
-            )));
-        }
+        let info = self.generative_info("beam search")?;
         if opts.num_beams == 0 || opts.num_beams > 256 {
             return Err(Error::Input(format!(
                 "--num-beams must be between 1 and 256, got {}",

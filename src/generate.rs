@@ -156,19 +156,7 @@ impl Model {
         opts: &GenerateOptions,
         on_step: &mut dyn FnMut(&[Vec<i64>]),
     ) -> Result<Vec<Vec<i64>>, Error> {
-        let info = self.info().cloned().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{}: generation needs a model from a frontend (a Hugging Face folder or the demo)",
-                self.origin()
-            ))
-        })?;
-        if !info.family.is_generative() {
-            return Err(Error::Unsupported(format!(
-                "{}: a {:?} encoder does not generate tokens",
-                self.origin(),
-                info.family
-            )));
-        }
+        let info = self.generative_info("generation")?;
         if let Sampling::Sample {
             temperature, top_p, ..
         } = opts.sampling
@@ -279,6 +267,25 @@ impl Model {
             e => e,
         })?;
         Ok(picker.new_tokens)
+    }
+
+    /// The model's family and token limits, when it generates tokens (`what`
+    /// names the request in the error otherwise).
+    pub(crate) fn generative_info(&self, what: &str) -> Result<kiln_frontends::ModelInfo, Error> {
+        let info = self.info().cloned().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: {what} needs a model from a frontend (a Hugging Face folder or the demo)",
+                self.origin()
+            ))
+        })?;
+        if !info.family.is_generative() {
+            return Err(Error::Unsupported(format!(
+                "{}: a {:?} encoder does not generate tokens",
+                self.origin(),
+                info.family
+            )));
+        }
+        Ok(info)
     }
 
     /// Each step runs the whole model on the whole prefix.

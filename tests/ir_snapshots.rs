@@ -1,5 +1,7 @@
 //! Snapshots of printed IR and shape traces of the built-in models.
 
+mod support;
+
 #[test]
 fn demo_gpt2_ir_and_trace() {
     let model = kiln::Model::demo().expect("the demo model builds");
@@ -32,19 +34,7 @@ fn builder_errors_name_the_node_and_both_shapes() {
 
 #[test]
 fn hugging_face_family_graphs() {
-    for family in [
-        "gpt2",
-        "llama",
-        "llama_tied",
-        "mixtral",
-        "bloom",
-        "bert",
-        "bert_mlm",
-        "bart",
-        "marian",
-        "t5",
-        "t5_v11",
-    ] {
+    for family in support::FAMILIES {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/hf")
             .join(family);

@@ -8,15 +8,14 @@
 //! numpy only); they are never committed. Outside CI a missing folder skips
 //! the tests with a note; in CI it fails them.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use kiln::generate::{GenerateOptions, Sampling};
 use kiln::{Model, RunInputs, Target};
 use serde_json::Value;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
+use support::in_ci;
 
 /// `KILN_SMOLLM2_DIR`, else where `.ci/run` makes the folder.
 fn model_dir() -> Option<PathBuf> {

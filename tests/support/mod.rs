@@ -92,6 +92,12 @@ pub fn tolerance_vs_oracle(target: kiln::Target) -> f64 {
     }
 }
 
+/// Whether the tests run in CI (`.ci/run` exports `CI=true`), where a test may
+/// not skip for want of its data.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
 /// Every model family with a test folder under `tests/data/hf/`.
 pub const FAMILIES: [&str; 11] = [
     "gpt2",
