@@ -390,10 +390,18 @@ impl Model {
                 )))
             }
         };
+        if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::Input(format!(
+                "--prompt {r} is empty: give the text to start from"
+            )));
+        }
         let rows: Vec<Vec<i64>> = prompts
             .iter()
             .map(|p| tok.encode(p))
             .collect::<Result<_, _>>()?;
+        for (r, row) in rows.iter().enumerate() {
+            self.check_prompt_len(&format!("--prompt {r}"), row.len())?;
+        }
         if let Some(r) = rows.iter().position(|r| r.is_empty()) {
             return Err(Error::Input(format!("--prompt {r} encodes to no tokens")));
         }
@@ -830,6 +838,22 @@ impl Model {
             }
         }
         Ok(out)
+    }
+
+    /// A prompt of `len` tokens fits the model's positions; `what` names
+    /// the flag (`--prompt 1`, `--chat`).
+    pub fn check_prompt_len(&self, what: &str, len: usize) -> Result<(), Error> {
+        if let Some(info) = &self.info {
+            if let Some(max) = info.max_positions {
+                if len as i64 > max {
+                    return Err(Error::Input(format!(
+                        "{what} encodes to {len} tokens, more than the model's {max} positions ({} in config.json)",
+                        info.family.positions_key()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Token ids below the vocabulary size and sequences within the positions.

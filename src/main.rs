@@ -689,8 +689,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 if let Some(s) = &system {
                     messages.push(("system", s));
                 }
+                if user.is_empty() {
+                    return Err(Error::Input(
+                        "--prompt is empty: --chat needs the user's message".into(),
+                    ));
+                }
                 messages.push(("user", user));
                 let (_, ids) = tok.chat(&messages)?;
+                m.check_prompt_len("--chat (the rendered template)", ids.len())?;
                 let stop = tok.eos_id();
                 let inputs = RunInputs::tokens(vec![ids]);
                 (stop.map_or(m.clone(), |id| m.with_stop_token(id)), inputs)

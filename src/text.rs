@@ -26,6 +26,8 @@ pub struct TextTokenizer {
     /// `chat_template.jinja` (where transformers 5 saves the template), or
     /// the `chat_template` of `tokenizer_config.json`.
     chat_template: Option<String>,
+    /// Where the template came from, for messages.
+    template_origin: String,
     origin: String,
 }
 
@@ -69,7 +71,14 @@ impl TextTokenizer {
         } else {
             None
         };
-        TextTokenizer::from_json(json, config, chat_template, &path.display().to_string()).map(Some)
+        let mut tok =
+            TextTokenizer::from_json(json, config, chat_template, &path.display().to_string())?;
+        tok.template_origin = if jinja.exists() {
+            jinja.display().to_string()
+        } else {
+            config_path.display().to_string()
+        };
+        Ok(Some(tok))
     }
 
     /// A tokenizer from the text of `tokenizer.json` and, optionally,
@@ -124,6 +133,7 @@ impl TextTokenizer {
             json,
             config,
             chat_template,
+            template_origin: format!("{origin} (its chat template)"),
             origin: origin.to_string(),
         })
     }
@@ -178,6 +188,7 @@ impl TextTokenizer {
             ))
         })?;
         let special = |k: &str| self.special_token(k).unwrap_or("").to_string();
+        self.check_template_tokens(template)?;
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -205,8 +216,8 @@ impl TextTokenizer {
             )
             .map_err(|e| {
                 Error::Input(format!(
-                    "--chat: the chat_template of {} fails: {e}",
-                    self.origin
+                    "--chat: the chat template {} fails to render: {e}",
+                    self.template_origin
                 ))
             })?;
         let enc = self
@@ -215,6 +226,51 @@ impl TextTokenizer {
             .map_err(|e| Error::Input(format!("--chat: {}: cannot encode: {e}", self.origin)))?;
         let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         Ok((text, ids))
+    }
+
+    /// Refuses a template whose special tokens the vocabulary lacks: the
+    /// `bos_token`/`eos_token` it uses, named by `tokenizer_config.json`, and
+    /// every `<|name|>` literal in it (ChatML, Llama 3, Phi). Such a token
+    /// would be encoded as plain text pieces — a prompt the model was never
+    /// trained on — and a chat could never stop at its end of turn.
+    fn check_template_tokens(&self, template: &str) -> Result<(), Error> {
+        for key in ["bos_token", "eos_token"] {
+            let Some(token) = self.special_token(key) else {
+                continue;
+            };
+            if (template.contains(key) || key == "eos_token")
+                && self.inner.token_to_id(token).is_none()
+            {
+                return Err(Error::Input(format!(
+                    "--chat: tokenizer_config.json names {key} {token:?}, which {} does not have as a token",
+                    self.origin
+                )));
+            }
+        }
+        let mut rest = template;
+        while let Some(start) = rest.find("<|") {
+            let after = &rest[start + 2..];
+            let Some(end) = after.find("|>") else { break };
+            let name = &after[..end];
+            let literal = name.len() <= 64
+                && !name.is_empty()
+                && !name
+                    .chars()
+                    .any(|c| c.is_whitespace() || "<>|{}'\"".contains(c));
+            if literal {
+                let token = &rest[start..start + 2 + end + 2];
+                if self.inner.token_to_id(token).is_none() {
+                    return Err(Error::Input(format!(
+                        "--chat: the chat template {} uses the special token {token:?}, which {} does not have (it would be encoded as plain text)",
+                        self.template_origin, self.origin
+                    )));
+                }
+                rest = &after[end + 2..];
+            } else {
+                rest = after;
+            }
+        }
+        Ok(())
     }
 
     /// The id of `tokenizer_config.json`'s `eos_token` (a chat's end of

@@ -469,3 +469,89 @@ fn fill_mask_gives_what_the_transformers_pipeline_gives() {
     assert_eq!(code, 2);
     assert!(err.contains("fill-mask needs a masked-LM"), "{err}");
 }
+
+/// Text's bad input: each a clear error (exit 2) naming the flag or the
+/// file — an empty prompt, a prompt longer than the model's positions (as
+/// text and through a chat template), a template using a special token the
+/// vocabulary lacks, an end-of-turn token it lacks, and templates that fail
+/// to render (a syntax error, `raise_exception`).
+#[test]
+fn text_bad_input_names_the_flag_or_the_file() {
+    let g = "tests/data/hf/gpt2";
+    let long = "hello ".repeat(200);
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["generate", g, "--prompt", "hi", "--prompt", ""],
+            "--prompt 1 is empty: give the text to start from".into(),
+        ),
+        (
+            vec!["run", g, "--prompt", ""],
+            "--prompt 0 is empty".into(),
+        ),
+        (
+            vec!["generate", g, "--chat", "--prompt", ""],
+            "--prompt is empty: --chat needs the user's message".into(),
+        ),
+        (
+            vec!["generate", g, "--prompt", &long],
+            "--prompt 0 encodes to 200 tokens, more than the model's 64 positions (n_positions in config.json)".into(),
+        ),
+        (
+            vec!["run", g, "--prompt", "hi", "--prompt", &long],
+            "--prompt 1 encodes to 200 tokens, more than the model's 64 positions".into(),
+        ),
+        (
+            vec!["generate", g, "--chat", "--prompt", &long],
+            "--chat (the rendered template) encodes to 2".into(),
+        ),
+    ];
+    for (args, want) in &cases {
+        let (code, out, err) = kiln(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want.as_str()),
+            "{args:?}: {err}"
+        );
+        assert!(err.len() < 400, "{err}");
+    }
+
+    // Templates: written into a copy of the folder, named in the message.
+    let copy = support::scratch_folder("gpt2", "bad-templates");
+    let c = copy.to_str().unwrap();
+    let jinja = copy.join("chat_template.jinja");
+    let jinja_name = jinja.display().to_string();
+    let templates = [
+        (
+            "<|im_start|>user {{ messages[0]['content'] }}<|im_end|>",
+            format!("the chat template {jinja_name} uses the special token \"<|im_start|>\", which"),
+        ),
+        (
+            "{% for m in messages %}{{ m.content }",
+            format!("the chat template {jinja_name} fails to render: syntax error"),
+        ),
+        (
+            "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Conversations must start with a system message') }}{% endif %}",
+            format!("{jinja_name} fails to render: invalid operation: Conversations must start with a system message"),
+        ),
+    ];
+    for (template, want) in &templates {
+        std::fs::write(&jinja, template).unwrap();
+        let (code, _, err) = kiln(&["generate", c, "--chat", "--prompt", "hi"]);
+        assert_eq!(code, 2, "{template}: {err}");
+        assert!(err.contains(want.as_str()), "{template}: {err}");
+    }
+    // An end-of-turn token the vocabulary lacks: the chat could never stop.
+    std::fs::copy(std::path::Path::new(g).join("chat_template.jinja"), &jinja).unwrap();
+    let config = copy.join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["eos_token"] = "<|eot|>".into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let (code, _, err) = kiln(&["generate", c, "--chat", "--prompt", "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--chat: tokenizer_config.json names eos_token \"<|eot|>\", which")
+            && err.contains("does not have as a token"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(copy);
+}
