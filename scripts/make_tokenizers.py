@@ -59,6 +59,8 @@ def build(with_template):
 
 
 PROMPTS = ["Hello world, kiln compiles models!", "The cat sat on the mat."]
+# A batch of prompts of unequal lengths (7, 4 and 10 tokens).
+RAGGED = ["Hello world, kiln compiles models!", "The cat?", "Paris is the capital of France, a dog runs."]
 
 # A chat template in the style of the hub's (a loop over messages, a Python
 # string method, the generation prompt), over this vocabulary: [CLS] opens
@@ -112,6 +114,23 @@ def main():
                 new = out[0, ids.shape[1]:].tolist()
                 rows.append({"new_ids": new, "text": tok.decode(new)})
             rec["generate"] = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True, "rows": rows}
+            # Prompts of unequal lengths in one batch, left-padded as
+            # transformers pads a decoder's batch for generation.
+            tok.padding_side = "left"
+            batch = tok(RAGGED, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                    pad_token_id=tok.pad_token_id,
+                )
+            width = batch["input_ids"].shape[1]
+            rec["generate_ragged"] = {
+                "prompts": RAGGED,
+                "max_new_tokens": NEW_TOKENS,
+                "ignore_eos": True,
+                "rows": [{"new_ids": r[width:], "text": tok.decode(r[width:])} for r in out.tolist()],
+            }
+            tok.padding_side = "right"
             # A chat stops at the model's end-of-sequence ids and the
             # template's end of turn (the tokenizer's eos_token).
             eos = model.generation_config.eos_token_id

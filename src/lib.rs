@@ -195,6 +195,28 @@ pub struct RunInputs {
 }
 
 impl RunInputs {
+    /// Rows of unequal lengths with nothing else given (no mask, segments or
+    /// decoder tokens), one input of one row each: generation and beam
+    /// search run such rows one by one, which gives what transformers gives
+    /// for the left-padded batch (each row attends to its own tokens only,
+    /// positions counted from its first token) without padding the graph.
+    pub fn ragged_rows(&self) -> Option<Vec<RunInputs>> {
+        let first = self.tokens.first()?.len();
+        if self.tokens.iter().all(|r| r.len() == first)
+            || self.attention_mask.is_some()
+            || self.token_type_ids.is_some()
+            || self.decoder_tokens.is_some()
+        {
+            return None;
+        }
+        Some(
+            self.tokens
+                .iter()
+                .map(|r| RunInputs::tokens(vec![r.clone()]))
+                .collect(),
+        )
+    }
+
     /// Inputs with only token rows.
     pub fn tokens(rows: Vec<Vec<i64>>) -> RunInputs {
         RunInputs {
@@ -413,6 +435,11 @@ impl Model {
             .info
             .as_ref()
             .is_some_and(|i| !i.family.is_generative());
+        if !encoder {
+            // A decoder's rows stay as they are: generation takes rows of
+            // any lengths (see RunInputs::ragged_rows); `run` refuses them.
+            return Ok((rows, None));
+        }
         match (encoder, tok.pad_id()) {
             (true, Some(pad)) => {
                 let mask = rows
@@ -433,13 +460,8 @@ impl Model {
                 Ok((rows, Some(mask)))
             }
             _ => Err(Error::Input(format!(
-                "the prompts encode to {} tokens ({}): give prompts of equal length, or one at a time",
+                "the prompts encode to {} tokens (the tokenizer names no padding token): give prompts of equal length, or one at a time",
                 rows.iter().map(|r| r.len().to_string()).collect::<Vec<_>>().join(", "),
-                if encoder {
-                    "the tokenizer names no padding token"
-                } else {
-                    "a decoder's rows are not padded"
-                }
             ))),
         }
     }

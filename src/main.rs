@@ -316,6 +316,19 @@ impl InputArgs {
     /// The token rows: `--tokens` as given, or `--prompt` encoded by the
     /// model's tokenizer (encoders' rows padded and masked).
     fn to_inputs(&self, model: &Model) -> Result<RunInputs, Error> {
+        let inputs = self.to_ragged_inputs(model)?;
+        if !self.prompt.is_empty() && inputs.ragged_rows().is_some() {
+            return Err(Error::Input(format!(
+                "the prompts encode to {} tokens: a decoder's rows are not padded, so this command takes prompts of one length (generate takes prompts of any lengths)",
+                inputs.tokens.iter().map(|r| r.len().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(inputs)
+    }
+
+    /// [`InputArgs::to_inputs`] where rows of several lengths are taken
+    /// (generation runs them one by one).
+    fn to_ragged_inputs(&self, model: &Model) -> Result<RunInputs, Error> {
         let opt = |v: &Vec<Vec<i64>>| (!v.is_empty()).then(|| v.clone());
         let (tokens, mask) = if self.prompt.is_empty() {
             (self.tokens.clone(), None)
@@ -620,7 +633,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let m = adapter.prepare(load(&model)?, opt)?;
             if let Some(num_beams) = num_beams {
-                let inputs = inputs.to_inputs(&m)?;
+                let inputs = inputs.to_ragged_inputs(&m)?;
                 let opts = kiln::beam::BeamOptions {
                     num_beams,
                     length_penalty,
@@ -701,7 +714,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let inputs = RunInputs::tokens(vec![ids]);
                 (stop.map_or(m.clone(), |id| m.with_stop_token(id)), inputs)
             } else {
-                let inputs = inputs.to_inputs(&m)?;
+                let inputs = inputs.to_ragged_inputs(&m)?;
                 (m.clone(), inputs)
             };
             let streamed = streaming && inputs.tokens.len() == 1;

@@ -169,7 +169,7 @@ fn encoder_prompts_of_different_lengths_are_padded_and_masked() {
 }
 
 #[test]
-fn prompts_need_a_tokenizer_and_decoder_rows_of_one_length() {
+fn prompts_need_a_tokenizer_and_run_takes_decoder_rows_of_one_length() {
     let copy = support::scratch_copy("gpt2", "no-tokenizer");
     let (code, _, err) = kiln(&["run", copy.to_str().unwrap(), "--prompt", "hi"]);
     assert_eq!(code, 2);
@@ -178,7 +178,7 @@ fn prompts_need_a_tokenizer_and_decoder_rows_of_one_length() {
         "{err}"
     );
     let (code, _, err) = kiln(&[
-        "generate",
+        "run",
         "tests/data/hf/llama",
         "--prompt",
         "hello",
@@ -187,7 +187,7 @@ fn prompts_need_a_tokenizer_and_decoder_rows_of_one_length() {
     ]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("the prompts encode to 1, 2 tokens (a decoder's rows are not padded)"),
+        err.contains("the prompts encode to 1, 2 tokens: a decoder's rows are not padded, so this command takes prompts of one length (generate takes prompts of any lengths)"),
         "{err}"
     );
     let (code, _, err) = kiln(&[
@@ -554,4 +554,56 @@ fn text_bad_input_names_the_flag_or_the_file() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(copy);
+}
+
+/// Prompts of unequal lengths in one `generate` give what transformers gives
+/// for the left-padded batch, on every backend, greedy and beam search (one
+/// beam is greedy), with and without the KV cache.
+#[test]
+fn generate_takes_prompts_of_unequal_lengths_as_transformers_left_pads_them() {
+    for name in ["gpt2", "llama"] {
+        let r = &reference(name)["generate_ragged"];
+        let m = dir(name);
+        let want: Vec<Vec<i64>> = r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| ids(&row["new_ids"]))
+            .collect();
+        let texts: Vec<&str> = r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["text"].as_str().unwrap())
+            .collect();
+        for backend in ["interp", "reference", "cpu"] {
+            for extra in [&[][..], &["--no-kv-cache"][..], &["--num-beams", "1"][..]] {
+                let mut args = vec![
+                    "generate",
+                    m.to_str().unwrap(),
+                    "--max-new-tokens",
+                    "8",
+                    "--ignore-eos",
+                    "--backend",
+                    backend,
+                    "--output",
+                    "json",
+                ];
+                for p in r["prompts"].as_array().unwrap() {
+                    args.extend(["--prompt", p.as_str().unwrap()]);
+                }
+                args.extend(extra);
+                let (code, out, err) = kiln(&args);
+                assert_eq!(code, 0, "{name} {backend} {extra:?}: {err}");
+                let v: Value = serde_json::from_str(&out).unwrap();
+                let got: Vec<Vec<i64>> = v["tokens"].as_array().unwrap().iter().map(ids).collect();
+                assert_eq!(got, want, "{name} {backend} {extra:?}");
+                assert_eq!(
+                    v["text"],
+                    serde_json::json!(texts),
+                    "{name} {backend} {extra:?}"
+                );
+            }
+        }
+    }
 }
