@@ -162,6 +162,14 @@ pub enum Target {
         /// Threads (0: every core).
         threads: usize,
     },
+    /// The lowered Program as CUDA kernels on an NVIDIA GPU.
+    Cuda {
+        /// The GPU's ordinal.
+        device: i32,
+    },
+    /// The CUDA backend's kernels on the emulated device (host threads):
+    /// for testing the generated code where there is no GPU; slow.
+    CudaEmulated,
 }
 
 impl Target {
@@ -176,6 +184,8 @@ impl Target {
             Target::Interp => Box::new(Interpreter),
             Target::Reference => Box::new(Reference),
             Target::Cpu { threads } => Box::new(kiln_backends::Cpu { threads }),
+            Target::Cuda { device } => Box::new(kiln_backends::cuda::Cuda { device }),
+            Target::CudaEmulated => Box::new(kiln_backends::cuda::CudaEmulated),
         }
     }
 }

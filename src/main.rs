@@ -420,6 +420,11 @@ enum BackendArg {
     Reference,
     /// The lowered Program, run by the CPU backend's native kernels.
     Cpu,
+    /// The lowered Program as CUDA kernels on the first NVIDIA GPU.
+    Cuda,
+    /// The CUDA kernels on the emulated device (host threads; for testing).
+    #[value(hide = true)]
+    CudaEmu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -478,6 +483,8 @@ fn target(b: BackendArg, threads: Option<usize>) -> kiln::Target {
         BackendArg::Cpu => kiln::Target::Cpu {
             threads: threads.unwrap_or(0),
         },
+        BackendArg::Cuda => kiln::Target::Cuda { device: 0 },
+        BackendArg::CudaEmu => kiln::Target::CudaEmulated,
     }
 }
 

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 pub mod interp;
 pub mod lower;
 pub mod memory;

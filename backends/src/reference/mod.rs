@@ -487,32 +487,10 @@ impl ReferenceExecutable {
             .collect()
     }
 
-    /// Runs the Program under `cx` (every run-time symbol and the capacity
-    /// bound). Returns the calls' states and, per output, its value as a host
-    /// tensor when `want[i]`.
-    pub(crate) fn execute(
-        &mut self,
-        cx: &ShapeCx,
-        call: CallInputs<'_>,
-        want: &[bool],
-    ) -> Result<Vec<Option<Tensor>>, RunError> {
-        match self.kernels {
-            // The CPU backend's split steps run on its spinning thread team
-            // (`cpu::team`): a decode step's many small parallel jobs start
-            // on every core without waiting for sleeping workers to wake.
-            KernelSet::Native { threads } if threads > 1 => {
-                crate::cpu::with_team(threads, || self.execute_steps(cx, call, want))
-            }
-            _ => self.execute_steps(cx, call, want),
-        }
-    }
-
-    fn execute_steps(
-        &mut self,
-        cx: &ShapeCx,
-        call: CallInputs<'_>,
-        want: &[bool],
-    ) -> Result<Vec<Option<Tensor>>, RunError> {
+    /// The arena plan and resolved views of the binding `cx`, made and
+    /// verified once per binding (a few kept); returns the binding's key
+    /// into `plans`.
+    pub(crate) fn prepare_binding(&mut self, cx: &ShapeCx) -> Result<Vec<i64>, RunError> {
         let key = self.plan_key(cx);
         if !self.plans.contains_key(&key) {
             let plan = ArenaPlan::place(&self.program, cx)?;
@@ -593,6 +571,51 @@ impl ReferenceExecutable {
             }
             self.plans.insert(key.clone(), (plan, views));
         }
+        Ok(key)
+    }
+
+    /// The plan and views of a binding [`ReferenceExecutable::prepare_binding`] made.
+    pub(crate) fn plan_of(&self, key: &[i64]) -> Option<&(ArenaPlan, Vec<CView>)> {
+        self.plans.get(key)
+    }
+
+    /// The graph this executable was compiled from.
+    pub(crate) fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The weight bound to each parameter buffer, in [`Program::params`] order.
+    pub(crate) fn weights(&self) -> &[Tensor] {
+        &self.weights
+    }
+
+    /// Runs the Program under `cx` (every run-time symbol and the capacity
+    /// bound). Returns the calls' states and, per output, its value as a host
+    /// tensor when `want[i]`.
+    pub(crate) fn execute(
+        &mut self,
+        cx: &ShapeCx,
+        call: CallInputs<'_>,
+        want: &[bool],
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
+        match self.kernels {
+            // The CPU backend's split steps run on its spinning thread team
+            // (`cpu::team`): a decode step's many small parallel jobs start
+            // on every core without waiting for sleeping workers to wake.
+            KernelSet::Native { threads } if threads > 1 => {
+                crate::cpu::with_team(threads, || self.execute_steps(cx, call, want))
+            }
+            _ => self.execute_steps(cx, call, want),
+        }
+    }
+
+    fn execute_steps(
+        &mut self,
+        cx: &ShapeCx,
+        call: CallInputs<'_>,
+        want: &[bool],
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
+        let key = self.prepare_binding(cx)?;
         let p = &self.program;
         let (plan, views) = &self.plans[&key];
         let mut places = vec![Place::None; p.buffers.len()];

@@ -1,0 +1,285 @@
+//! NVRTC and the CUDA driver through `cudarc` (dynamically loaded: nothing
+//! of CUDA is needed to build kiln). cudarc panics when it cannot find a
+//! library, so every entry point asks `is_culib_present` first and turns a
+//! missing library into an error that names it.
+
+use std::ffi::{c_void, CStr, CString};
+
+use cudarc::driver::{result as cu, sys};
+use cudarc::nvrtc::result as nv;
+
+use super::codegen::{cuda_source, ModuleSource};
+use super::Device;
+
+/// Whether NVRTC can be loaded (`libnvrtc.so.13` or a sibling on the
+/// library path).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Compiles CUDA C to PTX for `arch` (`compute_90`) with NVRTC; the error
+/// carries NVRTC's log.
+pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
+    if !nvrtc_present() {
+        return Err(
+            "NVRTC is not installed (libnvrtc.so.13 or .12 was not found on the library path; `pip install nvidia-cuda-nvrtc` and add its lib folder to LD_LIBRARY_PATH)"
+                .into(),
+        );
+    }
+    let src = CString::new(source).map_err(|_| "the generated source holds a NUL byte")?;
+    let name = CString::new("kiln.cu").map_err(|e| e.to_string())?;
+    let prog = nv::create_program(&src, Some(&name)).map_err(|e| format!("NVRTC: {e:?}"))?;
+    let opts = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--fmad=true".to_string(),
+    ];
+    // SAFETY: `prog` is a live program created above; destroyed below.
+    let compiled = unsafe { nv::compile_program(prog, &opts) };
+    let result = match compiled {
+        Ok(()) => {
+            // SAFETY: the program compiled.
+            unsafe { nv::get_ptx(prog) }
+                .map_err(|e| format!("NVRTC: {e:?}"))
+                .map(|raw| {
+                    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+        }
+        Err(e) => {
+            // SAFETY: as above; the log exists after a failed compile.
+            let log = unsafe { nv::get_program_log(prog) }
+                .map(|raw| {
+                    let bytes: Vec<u8> =
+                        raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .unwrap_or_default();
+            Err(format!("NVRTC rejected the generated CUDA C ({e:?}):\n{log}"))
+        }
+    };
+    // SAFETY: destroyed once.
+    let _ = unsafe { nv::destroy_program(prog) };
+    result
+}
+
+/// A GPU through the driver API: one context (the device's primary one),
+/// the null stream, memory by `cuMemAlloc`.
+pub struct CudaDevice {
+    ordinal: i32,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    name: String,
+    arch: String,
+    module: Option<sys::CUmodule>,
+    functions: Vec<sys::CUfunction>,
+    /// Dynamic shared memory each function was allowed (above 48 KiB).
+    allowed: Vec<u32>,
+}
+
+fn driver_err(what: &str, e: cu::DriverError) -> String {
+    let name = e
+        .error_string()
+        .ok()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("{e:?}"));
+    format!("{what}: {name}")
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: a clear error when the driver library, a GPU
+    /// or a recent enough driver is missing.
+    pub fn open(ordinal: i32) -> Result<CudaDevice, String> {
+        if !driver_present() {
+            return Err(
+                "no CUDA driver: libcuda.so was not found (is an NVIDIA GPU with its driver installed?)"
+                    .into(),
+            );
+        }
+        cu::init().map_err(|e| driver_err("cuInit failed (no usable NVIDIA GPU or driver)", e))?;
+        let count = cu::device::get_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
+        if count <= ordinal {
+            return Err(format!(
+                "no GPU {ordinal}: the driver sees {count} CUDA device(s)"
+            ));
+        }
+        let dev = cu::device::get(ordinal).map_err(|e| driver_err("cuDeviceGet", e))?;
+        // SAFETY: `dev` came from `device::get`.
+        let ctx = unsafe { cu::primary_ctx::retain(dev) }
+            .map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
+        // SAFETY: the context was just retained.
+        unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        let name = cu::device::get_name(dev).unwrap_or_else(|_| "an NVIDIA GPU".into());
+        // SAFETY: valid device and attribute.
+        let (major, minor) = unsafe {
+            (
+                cu::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                ),
+                cu::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                ),
+            )
+        };
+        let (major, minor) = (
+            major.map_err(|e| driver_err("cuDeviceGetAttribute", e))?,
+            minor.map_err(|e| driver_err("cuDeviceGetAttribute", e))?,
+        );
+        Ok(CudaDevice {
+            ordinal,
+            dev,
+            ctx,
+            name,
+            arch: format!("compute_{major}{minor}"),
+            module: None,
+            functions: Vec::new(),
+            allowed: Vec::new(),
+        })
+    }
+
+    fn current(&self) -> Result<(), String> {
+        // SAFETY: the context is retained for the device's lifetime.
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: loaded by `load`, unloaded once.
+            let _ = unsafe { cu::module::unload(m) };
+        }
+        // SAFETY: retained in `open`.
+        let _ = unsafe { cu::primary_ctx::release(self.dev) };
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        format!("GPU {} ({}, {})", self.ordinal, self.name, self.arch)
+    }
+
+    fn load(&mut self, module: &ModuleSource) -> Result<(), String> {
+        self.current()?;
+        let ptx = compile_ptx(&cuda_source(module), &self.arch)?;
+        let image = CString::new(ptx).map_err(|_| "PTX with a NUL byte")?;
+        // SAFETY: a NUL-terminated PTX image.
+        let m = unsafe { cu::module::load_data(image.as_ptr().cast::<c_void>()) }
+            .map_err(|e| driver_err("cuModuleLoadData", e))?;
+        let mut functions = Vec::new();
+        for (name, _) in &module.kernels {
+            let c = CString::new(name.as_str()).map_err(|e| e.to_string())?;
+            // SAFETY: `m` is loaded.
+            let f = unsafe { cu::module::get_function(m, c) }
+                .map_err(|e| driver_err(&format!("cuModuleGetFunction({name})"), e))?;
+            functions.push(f);
+        }
+        if let Some(old) = self.module.replace(m) {
+            // SAFETY: replaced, unloaded once.
+            let _ = unsafe { cu::module::unload(old) };
+        }
+        self.allowed = vec![48 << 10; functions.len()];
+        self.functions = functions;
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
+        self.current()?;
+        let n = bytes.max(1);
+        // SAFETY: plain allocation in the current context.
+        let p = unsafe { cu::malloc_sync(n) }.map_err(|e| {
+            let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
+            driver_err(
+                &format!(
+                    "cannot allocate {n} bytes on the GPU ({free} of {total} bytes free)"
+                ),
+                e,
+            )
+        })?;
+        // SAFETY: `p` holds `n` bytes.
+        unsafe { cu::memset_d8_sync(p, 0, n) }.map_err(|e| driver_err("cuMemsetD8", e))?;
+        Ok(p)
+    }
+
+    fn free(&mut self, addr: u64) {
+        // SAFETY: `addr` came from `alloc` and is freed once.
+        let _ = unsafe { cu::free_sync(addr) };
+    }
+
+    fn upload(&mut self, dst: u64, src: &[u8]) -> Result<(), String> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the executor only names ranges inside its allocations.
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyHtoD", e))
+    }
+
+    fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: as for `upload`.
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyDtoH", e))
+    }
+
+    fn launch(
+        &mut self,
+        kernel: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        words: &[i64],
+    ) -> Result<(), String> {
+        let f = *self
+            .functions
+            .get(kernel)
+            .ok_or_else(|| format!("no kernel {kernel} is loaded"))?;
+        if smem > self.allowed[kernel] {
+            // SAFETY: a loaded function and a valid attribute.
+            unsafe {
+                cu::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+            }
+            .map_err(|e| driver_err(&format!("{smem} bytes of shared memory"), e))?;
+            self.allowed[kernel] = smem;
+        }
+        let mut args: Vec<i64> = words.to_vec();
+        let mut params = [args.as_mut_ptr().cast::<c_void>()];
+        // SAFETY: the kernel takes one `KArgs<N>` whose N words are `args`
+        // (the driver copies them at launch); the addresses in it are live
+        // allocations checked by the Program verifier for this binding.
+        unsafe {
+            cu::launch_kernel(
+                f,
+                (grid[0], grid[1], grid[2]),
+                (block[0], block[1], block[2]),
+                smem,
+                std::ptr::null_mut(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_err("cuLaunchKernel", e))
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        cu::ctx::synchronize().map_err(|e| driver_err("a kernel failed", e))
+    }
+}
+
+/// The CStr of a static string (for messages).
+#[allow(dead_code)]
+fn cstr(s: &CStr) -> String {
+    s.to_string_lossy().into_owned()
+}

@@ -1,0 +1,190 @@
+//! The emulated device: the generated CUDA C built for the host with a C++
+//! compiler and run block by block on host threads (each block on
+//! `blockDim` threads that meet at `__syncthreads`), device memory in host
+//! allocations. It runs the very source NVRTC compiles for a GPU, through
+//! the very executor, so every kernel and every launch is checked against
+//! the interpreter on machines without a GPU. It is a test device: slow,
+//! and never chosen by `--backend cuda`.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+
+use super::codegen::{emulator_source, ModuleSource};
+use super::Device;
+
+type LaunchFn = unsafe extern "C" fn(*const u32, u32, *const i64);
+
+/// A host "device".
+pub struct EmuDevice {
+    /// Allocations by address (8-byte aligned words).
+    allocs: BTreeMap<u64, Vec<u64>>,
+    /// Byte length of each allocation.
+    lens: BTreeMap<u64, usize>,
+    lib: Option<libloading::Library>,
+    launchers: Vec<LaunchFn>,
+}
+
+impl EmuDevice {
+    /// A device with nothing loaded.
+    pub fn new() -> EmuDevice {
+        EmuDevice {
+            allocs: BTreeMap::new(),
+            lens: BTreeMap::new(),
+            lib: None,
+            launchers: Vec::new(),
+        }
+    }
+
+    /// The allocation holding `[addr, addr + len)`, as (base, offset).
+    fn find(&self, addr: u64, len: usize) -> Result<(u64, usize), String> {
+        let (&base, &size) = self
+            .lens
+            .range(..=addr)
+            .next_back()
+            .ok_or_else(|| format!("address {addr:#x} is in no allocation"))?;
+        let off = (addr - base) as usize;
+        if off.checked_add(len).is_none_or(|end| end > size) {
+            return Err(format!(
+                "{len} bytes at {addr:#x} leave the allocation of {size} bytes at {base:#x}"
+            ));
+        }
+        Ok((base, off))
+    }
+}
+
+impl Default for EmuDevice {
+    fn default() -> Self {
+        EmuDevice::new()
+    }
+}
+
+/// Builds `source` into a shared library (cached by its hash in the temp
+/// folder), returning its path.
+fn build(source: &str) -> Result<PathBuf, String> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    source.hash(&mut h);
+    let dir = std::env::temp_dir().join("kiln-cuda-emu");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let lib = dir.join(format!("m{:016x}.so", h.finish()));
+    if lib.exists() {
+        return Ok(lib);
+    }
+    let tag = format!("{}-{:?}", std::process::id(), std::thread::current().id())
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let src = dir.join(format!("m{:016x}-{tag}.cpp", h.finish()));
+    let tmp = dir.join(format!("m{:016x}-{tag}.so", h.finish()));
+    std::fs::write(&src, source).map_err(|e| format!("{}: {e}", src.display()))?;
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let out = std::process::Command::new(&cxx)
+        .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("cannot run the host C++ compiler `{cxx}`: {e}"))?;
+    let _ = std::fs::remove_file(&src);
+    if !out.status.success() {
+        return Err(format!(
+            "the host C++ compiler rejected the generated CUDA C:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        ));
+    }
+    std::fs::rename(&tmp, &lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    Ok(lib)
+}
+
+impl Device for EmuDevice {
+    fn name(&self) -> String {
+        "the CUDA emulator (host threads)".into()
+    }
+
+    fn load(&mut self, module: &ModuleSource) -> Result<(), String> {
+        let path = build(&emulator_source(module))?;
+        // SAFETY: the library is kiln's own generated code; its initialisers
+        // only set up static storage.
+        let lib = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut launchers = Vec::with_capacity(module.kernels.len());
+        for (name, _) in &module.kernels {
+            let sym = format!("{name}_launch");
+            // SAFETY: the generated launcher has exactly this signature.
+            let f: LaunchFn = unsafe {
+                *lib.get::<LaunchFn>(sym.as_bytes())
+                    .map_err(|e| format!("{sym}: {e}"))?
+            };
+            launchers.push(f);
+        }
+        self.launchers = launchers;
+        self.lib = Some(lib);
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
+        let words = vec![0u64; bytes.div_ceil(8).max(1)];
+        let addr = words.as_ptr() as u64;
+        self.allocs.insert(addr, words);
+        self.lens.insert(addr, bytes.max(1));
+        Ok(addr)
+    }
+
+    fn free(&mut self, addr: u64) {
+        self.allocs.remove(&addr);
+        self.lens.remove(&addr);
+    }
+
+    fn upload(&mut self, dst: u64, src: &[u8]) -> Result<(), String> {
+        let (base, off) = self.find(dst, src.len())?;
+        let words = self.allocs.get_mut(&base).ok_or("a freed allocation")?;
+        // SAFETY: `find` checked the range lies inside this allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                words.as_mut_ptr().cast::<u8>().add(off),
+                src.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+        let (base, off) = self.find(src, dst.len())?;
+        let words = self.allocs.get(&base).ok_or("a freed allocation")?;
+        // SAFETY: as for `upload`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                words.as_ptr().cast::<u8>().add(off),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn launch(
+        &mut self,
+        kernel: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        words: &[i64],
+    ) -> Result<(), String> {
+        let f = self
+            .launchers
+            .get(kernel)
+            .ok_or_else(|| format!("no kernel {kernel} is loaded"))?;
+        let dims = [grid[0], grid[1], grid[2], block[0], block[1], block[2]];
+        // SAFETY: the words hold the addresses of live allocations whose
+        // extents the Program verifier checked for this binding, and the
+        // sizes and strides of the views the kernel was generated for.
+        unsafe { f(dims.as_ptr(), smem, words.as_ptr()) };
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
