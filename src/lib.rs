@@ -679,6 +679,27 @@ impl Model {
         Ok(target.backend().compile(graph, weights)?)
     }
 
+    /// The CUDA C of every function (one module each, in module order):
+    /// what `--backend cuda` compiles with NVRTC, with the dtypes the
+    /// weights are stored in.
+    pub fn cuda_modules(
+        &self,
+    ) -> Result<Vec<(String, kiln_backends::cuda::codegen::ModuleSource)>, Error> {
+        self.check()?;
+        let none = Weights::new();
+        let weights = self.weights.as_ref().unwrap_or(&none);
+        self.module
+            .funcs
+            .iter()
+            .map(|g| {
+                Ok((
+                    g.name.clone(),
+                    kiln_backends::cuda::module_source(g, weights)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Every function lowered to a [`Program`] (verified), in module order.
     pub fn lower(&self) -> Result<Vec<Program>, Error> {
         self.check()?;

@@ -37,3 +37,110 @@ fn every_family_runs_on_the_emulated_device_as_on_the_interpreter() {
         }
     }
 }
+
+/// Where NVRTC is installed (CI: `.ci/run` puts the pip wheel's lib folder
+/// on `LD_LIBRARY_PATH`), every module of every family — the main function
+/// at -O0 and -O2, and the prefill and decode of the KV-cache split — compiles
+/// to PTX for the H100/H200 (`compute_90`) with one entry per kernel.
+#[test]
+fn nvrtc_accepts_the_cuda_c_of_every_family() {
+    use kiln::backends::cuda::{codegen, driver};
+    if !driver::nvrtc_present() {
+        assert!(
+            !support::in_ci(),
+            "CI installs NVRTC (nvidia-cuda-nvrtc) and puts it on LD_LIBRARY_PATH"
+        );
+        eprintln!("skipped: NVRTC (libnvrtc.so.13) is not on the library path");
+        return;
+    }
+    let mut kernels = 0;
+    for family in support::FAMILIES {
+        let model = support::hf_model(family);
+        let mut models = vec![
+            model.optimize(OptLevel::O0).unwrap(),
+            model.optimize(OptLevel::O2).unwrap(),
+        ];
+        if let Ok(split) = models[1].kv_split() {
+            models.push(split);
+        }
+        for m in &models {
+            for (name, module) in m.cuda_modules().unwrap() {
+                let ptx = driver::compile_ptx(&codegen::cuda_source(&module), "compute_90")
+                    .unwrap_or_else(|e| panic!("{family} @{name}: {e}"));
+                for (k, _) in &module.kernels {
+                    assert!(
+                        ptx.contains(&format!(".entry {k}(")),
+                        "{family} @{name}: {k} missing"
+                    );
+                }
+                kernels += module.kernels.len();
+            }
+        }
+    }
+    println!("{kernels} kernels compiled by NVRTC");
+}
+
+/// The CUDA C of a small model, reviewed: one LLaMA layer at -O2 (fused
+/// norms and SwiGLU, GEMMs with residual epilogues, rope, GQA attention).
+#[test]
+fn generated_cuda_c_of_a_llama_layer() {
+    let text = std::fs::read_to_string("examples/llama_block.kir").unwrap();
+    let model = kiln::Model::from_text(&text, "llama_block.kir")
+        .unwrap()
+        .optimize(OptLevel::O2)
+        .unwrap();
+    let programs = model.lower().unwrap();
+    let p = &programs[0];
+    let dtypes: Vec<_> = p.buffers.iter().map(|b| b.dtype).collect();
+    let module = kiln::backends::cuda::codegen::generate(p, &dtypes).unwrap();
+    let mut text = String::new();
+    for (i, s) in module.steps.iter().enumerate() {
+        text.push_str(&format!(
+            "// s{i} {} -> {} {:?}\n",
+            p.steps[i].kernel.kind_name(),
+            module.kernels[s.kernel].0,
+            s.grid
+        ));
+    }
+    let body = module
+        .source
+        .split_once("\nextern \"C\"")
+        .map(|(_, rest)| format!("extern \"C\"{rest}"))
+        .unwrap_or_default();
+    insta::assert_snapshot!(format!("{text}\n{body}"));
+}
+
+/// `--backend cuda` where there is no CUDA driver: one clear error, exit 2.
+#[test]
+fn without_a_gpu_the_cuda_backend_says_what_is_missing() {
+    if kiln::backends::cuda::driver::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    for args in [
+        &[
+            "run",
+            "tests/data/hf/gpt2",
+            "--tokens",
+            "1,2",
+            "--backend",
+            "cuda",
+        ][..],
+        &[
+            "generate",
+            "tests/data/hf/llama",
+            "--tokens",
+            "1,2",
+            "--backend",
+            "cuda",
+        ][..],
+    ] {
+        let (code, out, err) = support::kiln(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.starts_with("error: the cuda backend: no CUDA driver: libcuda.so was not found"),
+            "{err}"
+        );
+        assert!(out.is_empty(), "{out}");
+    }
+}

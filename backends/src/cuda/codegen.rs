@@ -231,20 +231,19 @@ __device__ __forceinline__ long long kiln_block_imax(long long v, long long* red
 "#;
 
 /// What the GPU build puts before [`PRELUDE`].
-pub const CUDA_PRELUDE: &str = "#define KILN_SMEM extern __shared__ __align__(16) unsigned char kiln_smem[];\n";
+pub const CUDA_PRELUDE: &str =
+    "#define KILN_SMEM extern __shared__ __align__(16) unsigned char kiln_smem[];\n";
 
 /// What the emulator's host build puts before [`PRELUDE`]: CUDA's
-/// built-ins on host threads (see `super::emu`).
+/// built-ins, a block's threads as fibers on the calling thread (see
+/// `super::emu`).
 pub const EMU_PRELUDE: &str = r#"#include <cmath>
 #include <cstring>
-#include <thread>
 #include <vector>
-#include <mutex>
-#include <condition_variable>
+#include <ucontext.h>
 using std::isnan;
 struct dim3 { unsigned x, y, z; };
-static thread_local dim3 threadIdx, blockIdx;
-static dim3 blockDim, gridDim;
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -253,51 +252,65 @@ static dim3 blockDim, gridDim;
 #define __align__(n) alignas(n)
 static unsigned char* kiln_emu_smem;
 #define KILN_SMEM unsigned char* kiln_smem = kiln_emu_smem;
-struct KilnBarrier {
-  std::mutex m; std::condition_variable cv; unsigned n = 0, count = 0, gen = 0;
-  void wait() {
-    std::unique_lock<std::mutex> l(m);
-    unsigned g = gen;
-    if (++count == n) { count = 0; gen++; cv.notify_all(); }
-    else cv.wait(l, [&] { return gen != g; });
-  }
-};
-static KilnBarrier* kiln_emu_bar;
-static inline void __syncthreads() { kiln_emu_bar->wait(); }
+// The threads of a block are fibers on the calling thread: each runs until
+// its next __syncthreads (or its end), then the next one does; a round
+// ends when every live thread has reached the barrier.
+static ucontext_t kiln_sched;
+static std::vector<ucontext_t> kiln_ctx;
+static std::vector<std::vector<char>> kiln_stacks;
+static std::vector<int> kiln_done;
+static unsigned kiln_cur;
+static void (*kiln_body)(const void*);
+static const void* kiln_args;
+static inline void __syncthreads() { swapcontext(&kiln_ctx[kiln_cur], &kiln_sched); }
+static void kiln_fiber(int t) { kiln_body(kiln_args); kiln_done[t] = 1; }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 static inline double __longlong_as_double(long long i) { double f; std::memcpy(&f, &i, 8); return f; }
 static inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long cmp, unsigned long long v) {
-  __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-  return cmp;
+  unsigned long long old = *p;
+  if (old == cmp) *p = v;
+  return old;
 }
-// Runs every block of the grid in order, each on blockDim host threads that
-// meet at __syncthreads (and after each block, before the next reuses the
-// block's shared memory).
+// Runs every block of the grid in order, its blockDim threads as fibers.
 static void kiln_emu_launch(const unsigned* d, unsigned smem, void (*body)(const void*), const void* args) {
   gridDim = dim3{d[0], d[1], d[2]};
   blockDim = dim3{d[3], d[4], d[5]};
   std::vector<double> sm(smem / 8 + 2);
   kiln_emu_smem = (unsigned char*)sm.data();
-  unsigned nt = d[3] * d[4] * d[5];
-  KilnBarrier bar;
-  bar.n = nt;
-  kiln_emu_bar = &bar;
-  std::vector<std::thread> ts;
-  for (unsigned t = 0; t < nt; t++) {
-    ts.emplace_back([=, &bar] {
-      threadIdx = dim3{t % d[3], (t / d[3]) % d[4], t / (d[3] * d[4])};
-      for (unsigned z = 0; z < d[2]; z++)
-        for (unsigned y = 0; y < d[1]; y++)
-          for (unsigned x = 0; x < d[0]; x++) {
-            blockIdx = dim3{x, y, z};
-            body(args);
-            bar.wait();
+  const unsigned nt = d[3] * d[4] * d[5];
+  const size_t stack = 256 << 10;
+  if (kiln_stacks.size() < nt) kiln_stacks.resize(nt);
+  for (unsigned t = 0; t < nt; t++) if (kiln_stacks[t].size() < stack) kiln_stacks[t].resize(stack);
+  kiln_ctx.resize(nt);
+  kiln_done.assign(nt, 0);
+  kiln_body = body;
+  kiln_args = args;
+  for (unsigned z = 0; z < d[2]; z++)
+    for (unsigned y = 0; y < d[1]; y++)
+      for (unsigned x = 0; x < d[0]; x++) {
+        blockIdx = dim3{x, y, z};
+        for (unsigned t = 0; t < nt; t++) {
+          getcontext(&kiln_ctx[t]);
+          kiln_ctx[t].uc_stack.ss_sp = kiln_stacks[t].data();
+          kiln_ctx[t].uc_stack.ss_size = stack;
+          kiln_ctx[t].uc_link = &kiln_sched;
+          makecontext(&kiln_ctx[t], (void (*)())kiln_fiber, 1, (int)t);
+          kiln_done[t] = 0;
+        }
+        for (;;) {
+          bool live = false;
+          for (unsigned t = 0; t < nt; t++) {
+            if (kiln_done[t]) continue;
+            live = true;
+            kiln_cur = t;
+            threadIdx = dim3{t % d[3], (t / d[3]) % d[4], t / (d[3] * d[4])};
+            swapcontext(&kiln_sched, &kiln_ctx[t]);
           }
-    });
-  }
-  for (auto& t : ts) t.join();
+          if (!live) break;
+        }
+      }
 }
 "#;
 
@@ -662,7 +675,11 @@ impl Types<'_> {
 }
 
 /// A loop kernel (also copy): out[i] = body(ins[i]).
-fn gen_loop(t: &Types<'_>, step: &crate::lower::Step, body: &[KernelOp]) -> Result<(String, Vec<Word>), String> {
+fn gen_loop(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    body: &[KernelOp],
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let out_b = step.output;
     let r = p.buffer(out_b).shape.len();
@@ -677,11 +694,16 @@ fn gen_loop(t: &Types<'_>, step: &crate::lower::Step, body: &[KernelOp]) -> Resu
     if needs_err {
         let e = g.word(Word::Err);
         let s = g.word(Word::Step);
-        let _ = writeln!(g.text, "  long long* err = (long long*)(unsigned long long){e};");
+        let _ = writeln!(
+            g.text,
+            "  long long* err = (long long*)(unsigned long long){e};"
+        );
         let _ = writeln!(g.text, "  const long long step = {s};");
     }
     g.int("n", Word::Count(Operand::Out, 0, r));
-    let sizes: Vec<String> = (0..r).map(|k| g.word(Word::Size(Operand::Out, k))).collect();
+    let sizes: Vec<String> = (0..r)
+        .map(|k| g.word(Word::Size(Operand::Out, k)))
+        .collect();
     let mut offsets: Vec<(String, Vec<Option<String>>)> = Vec::new();
     let os: Vec<Option<String>> = (0..r)
         .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
@@ -735,7 +757,11 @@ fn gen_loop(t: &Types<'_>, step: &crate::lower::Step, body: &[KernelOp]) -> Resu
 }
 
 /// A fill kernel: constant, arange or causal mask over the output's view.
-fn gen_fill(t: &Types<'_>, step: &crate::lower::Step, f: &FillOp) -> Result<(String, Vec<Word>), String> {
+fn gen_fill(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    f: &FillOp,
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let out_b = step.output;
     let r = p.buffer(out_b).shape.len();
@@ -743,7 +769,9 @@ fn gen_fill(t: &Types<'_>, step: &crate::lower::Step, f: &FillOp) -> Result<(Str
     let mut g = Gen::new();
     g.ptr("o", Operand::Out, t.stored(out_b), true);
     g.int("n", Word::Count(Operand::Out, 0, r));
-    let sizes: Vec<String> = (0..r).map(|k| g.word(Word::Size(Operand::Out, k))).collect();
+    let sizes: Vec<String> = (0..r)
+        .map(|k| g.word(Word::Size(Operand::Out, k)))
+        .collect();
     let os: Vec<Option<String>> = (0..r)
         .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
         .collect();
@@ -790,7 +818,11 @@ fn gen_fill(t: &Types<'_>, step: &crate::lower::Step, f: &FillOp) -> Result<(Str
 }
 
 /// A row kernel: one block per row of the input.
-fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(String, Vec<Word>), String> {
+fn gen_row(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    op: &RowOp,
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let x_b = step.inputs[0];
     let out_b = step.output;
@@ -828,10 +860,20 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
         .map(|k| g.word(Word::Size(Operand::In(0), k)))
         .collect();
     let int = matches!(xd, DType::I64 | DType::I32);
-    if matches!(op, RowOp::Reduce { kind: ReduceKind::Max, .. }) && !int {
+    if matches!(
+        op,
+        RowOp::Reduce {
+            kind: ReduceKind::Max,
+            ..
+        }
+    ) && !int
+    {
         let e = g.word(Word::Err);
         let st = g.word(Word::Step);
-        let _ = writeln!(g.text, "  long long* err = (long long*)(unsigned long long){e};");
+        let _ = writeln!(
+            g.text,
+            "  long long* err = (long long*)(unsigned long long){e};"
+        );
         let _ = writeln!(g.text, "  const long long step = {st};");
     }
     let mut s = String::new();
@@ -844,14 +886,15 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
     // Offsets of the row's start in x and out.
     let base: Vec<(&str, Vec<Option<String>>)> = vec![
         ("xb", xs[..outer].iter().cloned().map(Some).collect()),
-        (
-            "ob",
-            (0..outer).map(|k| os.get(k).cloned()).collect(),
-        ),
+        ("ob", (0..outer).map(|k| os.get(k).cloned()).collect()),
     ];
     let _ = writeln!(s, "    long long xb, ob;");
     let _ = writeln!(s, "    {{");
-    s.push_str(&decompose("row", &osizes, &base, "      ").replace("long long xb = 0;", "xb = 0;").replace("long long ob = 0;", "ob = 0;"));
+    s.push_str(
+        &decompose("row", &osizes, &base, "      ")
+            .replace("long long xb = 0;", "xb = 0;")
+            .replace("long long ob = 0;", "ob = 0;"),
+    );
     let _ = writeln!(s, "    }}");
     // Element j of the row: its offset in x (and in out, for norms/softmax).
     let elem = |s: &mut String, j: &str, with_out: bool| {
@@ -867,7 +910,11 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
         RowOp::Reduce { kind, .. } => {
             if int {
                 let (init, comb, fin) = match kind {
-                    ReduceKind::Sum => ("0LL", "acc = kiln_add(acc, v);", "kiln_block_isum(acc, red)"),
+                    ReduceKind::Sum => (
+                        "0LL",
+                        "acc = kiln_add(acc, v);",
+                        "kiln_block_isum(acc, red)",
+                    ),
                     ReduceKind::Max => (
                         "(-9223372036854775807LL - 1)",
                         "acc = v > acc ? v : acc;",
@@ -876,9 +923,16 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
                     ReduceKind::Mean => return Err("reduce_mean needs a float input".into()),
                 };
                 let _ = writeln!(s, "    long long acc = {init};");
-                let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+                let _ = writeln!(
+                    s,
+                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+                );
                 elem(&mut s, "j", false);
-                let _ = writeln!(s, "        {{ const long long v = {}; {comb} }}", ld("xb + xo"));
+                let _ = writeln!(
+                    s,
+                    "        {{ const long long v = {}; {comb} }}",
+                    ld("xb + xo")
+                );
                 let _ = writeln!(s, "    }}");
                 let _ = writeln!(s, "    const long long total = {fin};");
                 let _ = writeln!(
@@ -893,12 +947,27 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
                     "    double acc = {};",
                     if max { "-(double)KILN_INF" } else { "0.0" }
                 );
-                let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+                let _ = writeln!(
+                    s,
+                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+                );
                 elem(&mut s, "j", false);
-                let comb = if max { "acc = kiln_max(acc, v);" } else { "acc += v;" };
-                let _ = writeln!(s, "        {{ const double v = (double){}; {comb} }}", ld("xb + xo"));
+                let comb = if max {
+                    "acc = kiln_max(acc, v);"
+                } else {
+                    "acc += v;"
+                };
+                let _ = writeln!(
+                    s,
+                    "        {{ const double v = (double){}; {comb} }}",
+                    ld("xb + xo")
+                );
                 let _ = writeln!(s, "    }}");
-                let fin = if max { "kiln_block_max(acc, red)" } else { "kiln_block_sum(acc, red)" };
+                let fin = if max {
+                    "kiln_block_max(acc, red)"
+                } else {
+                    "kiln_block_sum(acc, red)"
+                };
                 let _ = writeln!(s, "    double total = {fin};");
                 if *kind == ReduceKind::Mean {
                     let _ = writeln!(s, "    total /= (double)width;");
@@ -912,25 +981,38 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
                 let _ = writeln!(
                     s,
                     "    if (threadIdx.x == 0) o[ob] = {};",
-                    store_value(&convert("(float)total", DType::F32, od), od, t.stored(out_b))
+                    store_value(
+                        &convert("(float)total", DType::F32, od),
+                        od,
+                        t.stored(out_b)
+                    )
                 );
             }
         }
         RowOp::Softmax => {
             let _ = writeln!(s, "    double m = -(double)KILN_INF;");
-            let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+            let _ = writeln!(
+                s,
+                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+            );
             elem(&mut s, "j", false);
             let _ = writeln!(s, "        m = kiln_max(m, (double){});", ld("xb + xo"));
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    m = kiln_block_max(m, red);");
             let _ = writeln!(s, "    double sum = 0.0;");
-            let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+            let _ = writeln!(
+                s,
+                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+            );
             elem(&mut s, "j", false);
             let _ = writeln!(s, "        sum += exp((double){} - m);", ld("xb + xo"));
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    sum = kiln_block_sum(sum, red);");
             let _ = writeln!(s, "    const bool none = (m == -(double)KILN_INF);");
-            let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+            let _ = writeln!(
+                s,
+                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+            );
             elem(&mut s, "j", true);
             let _ = writeln!(
                 s,
@@ -949,20 +1031,33 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
             let eps = double_lit(*eps);
             let _ = writeln!(s, "    double mean = 0.0;");
             if layer {
-                let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+                let _ = writeln!(
+                    s,
+                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+                );
                 elem(&mut s, "j", false);
                 let _ = writeln!(s, "        mean += (double){};", ld("xb + xo"));
                 let _ = writeln!(s, "    }}");
                 let _ = writeln!(s, "    mean = kiln_block_sum(mean, red) / (double)width;");
             }
             let _ = writeln!(s, "    double var = 0.0;");
-            let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+            let _ = writeln!(
+                s,
+                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+            );
             elem(&mut s, "j", false);
-            let _ = writeln!(s, "        const double d = (double){} - mean; var += d * d;", ld("xb + xo"));
+            let _ = writeln!(
+                s,
+                "        const double d = (double){} - mean; var += d * d;",
+                ld("xb + xo")
+            );
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    var = kiln_block_sum(var, red) / (double)width;");
             let _ = writeln!(s, "    const double inv = 1.0 / sqrt(var + {eps});");
-            let _ = writeln!(s, "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{");
+            let _ = writeln!(
+                s,
+                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+            );
             elem(&mut s, "j", true);
             let wd = t.declared(step.inputs[1]);
             let wl = load("w", "j * ws", t.stored(step.inputs[1]), wd);
@@ -970,12 +1065,20 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
                 let b = if step.inputs.len() > 2 {
                     format!(
                         "(double){}",
-                        load("bi", "j * bs", t.stored(step.inputs[2]), t.declared(step.inputs[2]))
+                        load(
+                            "bi",
+                            "j * bs",
+                            t.stored(step.inputs[2]),
+                            t.declared(step.inputs[2])
+                        )
                     )
                 } else {
                     "0.0".into()
                 };
-                format!("((double){} - mean) * inv * (double){wl} + {b}", ld("xb + xo"))
+                format!(
+                    "((double){} - mean) * inv * (double){wl} + {b}",
+                    ld("xb + xo")
+                )
             } else {
                 format!("(double){} * inv * (double){wl}", ld("xb + xo"))
             };
@@ -993,7 +1096,11 @@ fn gen_row(t: &Types<'_>, step: &crate::lower::Step, op: &RowOp) -> Result<(Stri
 }
 
 /// A batched matrix product with its epilogue, tiled in shared memory.
-fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> Result<(String, Vec<Word>), String> {
+fn gen_gemm(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    epilogue: &[KernelOp],
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let (a_b, b_b, out_b) = (step.inputs[0], step.inputs[1], step.output);
     let r = p.buffer(out_b).shape.len();
@@ -1008,7 +1115,12 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
     g.ptr("A", Operand::In(0), t.stored(a_b), false);
     g.ptr("B", Operand::In(1), t.stored(b_b), false);
     for i in 2..step.inputs.len() {
-        g.ptr(&format!("x{i}"), Operand::In(i), t.stored(step.inputs[i]), false);
+        g.ptr(
+            &format!("x{i}"),
+            Operand::In(i),
+            t.stored(step.inputs[i]),
+            false,
+        );
     }
     g.int("M", Word::Size(Operand::Out, r - 2));
     g.int("N", Word::Size(Operand::Out, r - 1));
@@ -1024,10 +1136,18 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
         g.int(&format!("x{i}m"), Word::Stride(Operand::In(i), r - 2));
         g.int(&format!("x{i}n"), Word::Stride(Operand::In(i), r - 1));
     }
-    let bsizes: Vec<String> = (0..batch).map(|k| g.word(Word::Size(Operand::Out, k))).collect();
+    let bsizes: Vec<String> = (0..batch)
+        .map(|k| g.word(Word::Size(Operand::Out, k)))
+        .collect();
     let mut offs: Vec<(String, Vec<Option<String>>)> = Vec::new();
-    for (name, op) in [("ao", Operand::In(0)), ("bo", Operand::In(1)), ("oo", Operand::Out)] {
-        let st = (0..batch).map(|k| Some(g.word(Word::Stride(op, k)))).collect();
+    for (name, op) in [
+        ("ao", Operand::In(0)),
+        ("bo", Operand::In(1)),
+        ("oo", Operand::Out),
+    ] {
+        let st = (0..batch)
+            .map(|k| Some(g.word(Word::Stride(op, k))))
+            .collect();
         offs.push((name.into(), st));
     }
     for i in 2..step.inputs.len() {
@@ -1044,18 +1164,41 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
     let mut s = String::new();
     let _ = writeln!(s, "  __shared__ {acc_t} As[{depth}][{}];", tile + 1);
     let _ = writeln!(s, "  __shared__ {acc_t} Bs[{depth}][{}];", tile + 1);
-    let _ = writeln!(s, "  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;");
+    let _ = writeln!(
+        s,
+        "  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;"
+    );
     let _ = writeln!(s, "  const long long m0 = (long long)blockIdx.y * {tile}, n0 = (long long)blockIdx.x * {tile};");
-    let _ = writeln!(s, "  for (long long z = blockIdx.z; z < batch; z += gridDim.z) {{");
+    let _ = writeln!(
+        s,
+        "  for (long long z = blockIdx.z; z < batch; z += gridDim.z) {{"
+    );
     s.push_str(&decompose("z", &bsizes, &offs_ref, "    "));
     let _ = writeln!(s, "    {acc_t} acc[{per}][{per}];");
-    let _ = writeln!(s, "    for (int i = 0; i < {per}; i++) for (int j = 0; j < {per}; j++) acc[i][j] = 0;");
+    let _ = writeln!(
+        s,
+        "    for (int i = 0; i < {per}; i++) for (int j = 0; j < {per}; j++) acc[i][j] = 0;"
+    );
     let _ = writeln!(s, "    for (long long k0 = 0; k0 < K; k0 += {depth}) {{");
     let (ad, bd) = (t.declared(a_b), t.declared(b_b));
     let comp = if int { DType::I64 } else { DType::F32 };
-    let la = load("A", "ao + (m0 + mm) * am + (k0 + kk) * ak", t.stored(a_b), ad);
-    let lb = load("B", "bo + (k0 + kk) * bk + (n0 + nn) * bn", t.stored(b_b), bd);
-    let _ = writeln!(s, "      for (int e = tid; e < {}; e += 256) {{", depth * tile);
+    let la = load(
+        "A",
+        "ao + (m0 + mm) * am + (k0 + kk) * ak",
+        t.stored(a_b),
+        ad,
+    );
+    let lb = load(
+        "B",
+        "bo + (k0 + kk) * bk + (n0 + nn) * bn",
+        t.stored(b_b),
+        bd,
+    );
+    let _ = writeln!(
+        s,
+        "      for (int e = tid; e < {}; e += 256) {{",
+        depth * tile
+    );
     let _ = writeln!(s, "        const int kk = e / {tile}, mm = e % {tile};");
     let _ = writeln!(
         s,
@@ -1063,7 +1206,11 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
         convert(&la, ad, comp)
     );
     let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "      for (int e = tid; e < {}; e += 256) {{", depth * tile);
+    let _ = writeln!(
+        s,
+        "      for (int e = tid; e < {}; e += 256) {{",
+        depth * tile
+    );
     let _ = writeln!(s, "        const int kk = e / {tile}, nn = e % {tile};");
     let _ = writeln!(
         s,
@@ -1083,10 +1230,21 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "      __syncthreads();");
     let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "    for (int i = 0; i < {per}; i++) for (int j = 0; j < {per}; j++) {{");
-    let _ = writeln!(s, "      const long long m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;");
+    let _ = writeln!(
+        s,
+        "    for (int i = 0; i < {per}; i++) for (int j = 0; j < {per}; j++) {{"
+    );
+    let _ = writeln!(
+        s,
+        "      const long long m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;"
+    );
     let _ = writeln!(s, "      if (m < M && n < N) {{");
-    let _ = writeln!(s, "        const {} p0 = {};", value_type(od), convert("acc[i][j]", comp, od));
+    let _ = writeln!(
+        s,
+        "        const {} p0 = {};",
+        value_type(od),
+        convert("acc[i][j]", comp, od)
+    );
     let mut names = vec!["p0".to_string()];
     let mut types = vec![od];
     for i in 2..step.inputs.len() {
@@ -1096,7 +1254,12 @@ fn gen_gemm(t: &Types<'_>, step: &crate::lower::Step, epilogue: &[KernelOp]) -> 
             s,
             "        const {} e{i} = {};",
             value_type(d),
-            load(&format!("x{i}"), &format!("xo{i} + m * x{i}m + n * x{i}n"), t.stored(b), d)
+            load(
+                &format!("x{i}"),
+                &format!("xo{i} + m * x{i}m + n * x{i}n"),
+                t.stored(b),
+                d
+            )
         );
         names.push(format!("e{i}"));
         types.push(d);
@@ -1150,7 +1313,12 @@ fn gen_attention(
     g.int("HK", Word::Size(Operand::In(1), 1));
     g.int("S", Word::Size(Operand::In(1), 2));
     g.int("DV", Word::Size(Operand::In(2), 3));
-    for (prefix, op) in [("qs", Operand::In(0)), ("ks", Operand::In(1)), ("vs", Operand::In(2)), ("os", Operand::Out)] {
+    for (prefix, op) in [
+        ("qs", Operand::In(0)),
+        ("ks", Operand::In(1)),
+        ("vs", Operand::In(2)),
+        ("os", Operand::Out),
+    ] {
         for ax in 0..4 {
             g.int(&format!("{prefix}{ax}"), Word::Stride(op, ax));
         }
@@ -1171,7 +1339,10 @@ fn gen_attention(
         g.int("tb0", Word::Stride(Operand::In(last), 0));
         g.int("tb1", Word::Stride(Operand::In(last), 1));
         let w = g.word(Word::Buckets);
-        let _ = writeln!(g.text, "  const int* __restrict__ bk = (const int*)(unsigned long long){w};");
+        let _ = writeln!(
+            g.text,
+            "  const int* __restrict__ bk = (const int*)(unsigned long long){w};"
+        );
     }
     let (tq, tk) = (ATT_TQ, ATT_TK);
     let ld = |ptr: &str, off: &str, b: BufferId| load(ptr, off, t.stored(b), t.declared(b));
@@ -1185,29 +1356,48 @@ fn gen_attention(
     let _ = writeln!(s, "  float* smax = ss + {};", tq * tk);
     let _ = writeln!(s, "  float* ssum = smax + {tq};");
     let _ = writeln!(s, "  float* salpha = ssum + {tq};");
-    let _ = writeln!(s, "  const long long b = blockIdx.z, h = blockIdx.y, t0 = (long long)blockIdx.x * {tq};");
+    let _ = writeln!(
+        s,
+        "  const long long b = blockIdx.z, h = blockIdx.y, t0 = (long long)blockIdx.x * {tq};"
+    );
     let _ = writeln!(s, "  const long long kh = h / (H / HK);");
     let _ = writeln!(s, "  const int tid = threadIdx.x, nt = blockDim.x;");
     if alibi {
-        let _ = writeln!(s, "  const float slope = {};", ld("sl", "h * sls", step.inputs[last]));
+        let _ = writeln!(
+            s,
+            "  const float slope = {};",
+            ld("sl", "h * sls", step.inputs[last])
+        );
     }
     let _ = writeln!(s, "  for (long long e = tid; e < {tq} * DH; e += nt) {{");
-    let _ = writeln!(s, "    const long long qi = e / DH, c = e % DH, tq = t0 + qi;");
+    let _ = writeln!(
+        s,
+        "    const long long qi = e / DH, c = e % DH, tq = t0 + qi;"
+    );
     let _ = writeln!(
         s,
         "    sq[e] = tq < T ? {} : 0.0f;",
         ld("q", "b * qs0 + h * qs1 + tq * qs2 + c * qs3", q_b)
     );
     let _ = writeln!(s, "  }}");
-    let _ = writeln!(s, "  for (long long e = tid; e < {tq} * DV; e += nt) so[e] = 0.0f;");
-    let _ = writeln!(s, "  for (int qi = tid; qi < {tq}; qi += nt) {{ smax[qi] = -KILN_INF; ssum[qi] = 0.0f; }}");
+    let _ = writeln!(
+        s,
+        "  for (long long e = tid; e < {tq} * DV; e += nt) so[e] = 0.0f;"
+    );
+    let _ = writeln!(
+        s,
+        "  for (int qi = tid; qi < {tq}; qi += nt) {{ smax[qi] = -KILN_INF; ssum[qi] = 0.0f; }}"
+    );
     let _ = writeln!(s, "  __syncthreads();");
     let _ = writeln!(s, "  for (long long j0 = 0; j0 < S; j0 += {tk}) {{");
     if causal {
         let _ = writeln!(s, "    if (j0 > t0 + {} + S - T) break;", tq - 1);
     }
     let _ = writeln!(s, "    for (long long e = tid; e < {tk} * DH; e += nt) {{");
-    let _ = writeln!(s, "      const long long kj = e / DH, c = e % DH, j = j0 + kj;");
+    let _ = writeln!(
+        s,
+        "      const long long kj = e / DH, c = e % DH, j = j0 + kj;"
+    );
     let _ = writeln!(
         s,
         "      sk[e] = j < S ? {} : 0.0f;",
@@ -1215,7 +1405,10 @@ fn gen_attention(
     );
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "    for (long long e = tid; e < {tk} * DV; e += nt) {{");
-    let _ = writeln!(s, "      const long long kj = e / DV, c = e % DV, j = j0 + kj;");
+    let _ = writeln!(
+        s,
+        "      const long long kj = e / DV, c = e % DV, j = j0 + kj;"
+    );
     let _ = writeln!(
         s,
         "      sv[e] = j < S ? {} : 0.0f;",
@@ -1224,7 +1417,10 @@ fn gen_attention(
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "    for (int e = tid; e < {}; e += nt) {{", tq * tk);
-    let _ = writeln!(s, "      const long long qi = e / {tk}, kj = e % {tk}, tq = t0 + qi, j = j0 + kj;");
+    let _ = writeln!(
+        s,
+        "      const long long qi = e / {tk}, kj = e % {tk}, tq = t0 + qi, j = j0 + kj;"
+    );
     let _ = writeln!(s, "      float sc = -KILN_INF;");
     let _ = writeln!(s, "      if (tq < T && j < S) {{");
     let mut vis = String::from("true");
@@ -1232,7 +1428,15 @@ fn gen_attention(
         vis.push_str(" && j <= tq + S - T");
     }
     if let Some(mi) = mask {
-        let _ = write!(vis, " && {}", ld("mk", "b * ms0 + h * ms1 + tq * ms2 + j * ms3", step.inputs[mi]));
+        let _ = write!(
+            vis,
+            " && {}",
+            ld(
+                "mk",
+                "b * ms0 + h * ms1 + tq * ms2 + j * ms3",
+                step.inputs[mi]
+            )
+        );
     }
     let _ = writeln!(s, "        if ({vis}) {{");
     let _ = writeln!(s, "          float dot = 0.0f;");
@@ -1245,7 +1449,11 @@ fn gen_attention(
         let _ = write!(
             score,
             " + (double){}",
-            ld("tb", "(long long)bk[j - (tq + S - T) + S - 1] * tb0 + h * tb1", step.inputs[last])
+            ld(
+                "tb",
+                "(long long)bk[j - (tq + S - T) + S - 1] * tb0 + h * tb1",
+                step.inputs[last]
+            )
         );
     }
     score.push(')');
@@ -1258,12 +1466,21 @@ fn gen_attention(
     let _ = writeln!(s, "    for (int qi = tid; qi < {tq}; qi += nt) {{");
     let _ = writeln!(s, "      const float mold = smax[qi];");
     let _ = writeln!(s, "      float m = mold;");
-    let _ = writeln!(s, "      for (int kj = 0; kj < {tk}; kj++) m = fmaxf(m, ss[qi * {tk} + kj]);");
-    let _ = writeln!(s, "      const float alpha = (m == -KILN_INF || mold == -KILN_INF) ? 0.0f : expf(mold - m);");
+    let _ = writeln!(
+        s,
+        "      for (int kj = 0; kj < {tk}; kj++) m = fmaxf(m, ss[qi * {tk} + kj]);"
+    );
+    let _ = writeln!(
+        s,
+        "      const float alpha = (m == -KILN_INF || mold == -KILN_INF) ? 0.0f : expf(mold - m);"
+    );
     let _ = writeln!(s, "      float l = ssum[qi] * alpha;");
     let _ = writeln!(s, "      for (int kj = 0; kj < {tk}; kj++) {{");
     let _ = writeln!(s, "        const float x = ss[qi * {tk} + kj];");
-    let _ = writeln!(s, "        const float pr = x == -KILN_INF ? 0.0f : expf(x - m);");
+    let _ = writeln!(
+        s,
+        "        const float pr = x == -KILN_INF ? 0.0f : expf(x - m);"
+    );
     let _ = writeln!(s, "        ss[qi * {tk} + kj] = pr;");
     let _ = writeln!(s, "        l += pr;");
     let _ = writeln!(s, "      }}");
@@ -1280,7 +1497,10 @@ fn gen_attention(
     let _ = writeln!(s, "  }}");
     let od = t.declared(out_b);
     let _ = writeln!(s, "  for (long long e = tid; e < {tq} * DV; e += nt) {{");
-    let _ = writeln!(s, "    const long long qi = e / DV, c = e % DV, tq = t0 + qi;");
+    let _ = writeln!(
+        s,
+        "    const long long qi = e / DV, c = e % DV, tq = t0 + qi;"
+    );
     let _ = writeln!(s, "    if (tq < T) {{");
     let _ = writeln!(s, "      const float l = ssum[qi];");
     let _ = writeln!(s, "      const float y = l > 0.0f ? so[e] / l : 0.0f;");
@@ -1306,13 +1526,20 @@ fn gen_gather(t: &Types<'_>, step: &crate::lower::Step) -> Result<(String, Vec<W
     g.ptr("ids", Operand::In(1), t.stored(ids), false);
     let e = g.word(Word::Err);
     let st = g.word(Word::Step);
-    let _ = writeln!(g.text, "  long long* err = (long long*)(unsigned long long){e};");
+    let _ = writeln!(
+        g.text,
+        "  long long* err = (long long*)(unsigned long long){e};"
+    );
     let _ = writeln!(g.text, "  const long long step = {st};");
     g.int("n", Word::Count(Operand::Out, 0, r));
     g.int("rows", Word::Size(Operand::In(0), 0));
     g.int("ts0", Word::Stride(Operand::In(0), 0));
-    let sizes: Vec<String> = (0..r).map(|k| g.word(Word::Size(Operand::Out, k))).collect();
-    let os: Vec<Option<String>> = (0..r).map(|k| Some(g.word(Word::Stride(Operand::Out, k)))).collect();
+    let sizes: Vec<String> = (0..r)
+        .map(|k| g.word(Word::Size(Operand::Out, k)))
+        .collect();
+    let os: Vec<Option<String>> = (0..r)
+        .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
+        .collect();
     let is: Vec<Option<String>> = (0..r)
         .map(|k| (k < lead).then(|| g.word(Word::Stride(Operand::In(1), k))))
         .collect();
@@ -1327,21 +1554,36 @@ fn gen_gather(t: &Types<'_>, step: &crate::lower::Step) -> Result<(String, Vec<W
     );
     s.push_str(&decompose("i", &sizes, &offs, "    "));
     let idd = t.declared(ids);
-    let _ = writeln!(s, "    const long long id = {};", convert(&load("ids", "io", t.stored(ids), idd), idd, DType::I64));
+    let _ = writeln!(
+        s,
+        "    const long long id = {};",
+        convert(&load("ids", "io", t.stored(ids), idd), idd, DType::I64)
+    );
     let od = t.declared(out_b);
     let td = t.declared(tb);
-    let _ = writeln!(s, "    if (id < 0 || id >= rows) {{ kiln_fail(err, step, id); continue; }}");
+    let _ = writeln!(
+        s,
+        "    if (id < 0 || id >= rows) {{ kiln_fail(err, step, id); continue; }}"
+    );
     let _ = writeln!(
         s,
         "    o[oo] = {};",
-        store_value(&convert(&load("tb", "to + id * ts0", t.stored(tb), td), td, od), od, t.stored(out_b))
+        store_value(
+            &convert(&load("tb", "to + id * ts0", t.stored(tb), td), td, od),
+            od,
+            t.stored(out_b)
+        )
     );
     s.push_str("  }\n");
     Ok(g.finish(&s))
 }
 
 /// Rotary embedding (rotate-half) at integer positions.
-fn gen_rope(t: &Types<'_>, step: &crate::lower::Step, theta: f64) -> Result<(String, Vec<Word>), String> {
+fn gen_rope(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    theta: f64,
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let (x_b, pos_b, out_b) = (step.inputs[0], step.inputs[1], step.output);
     let r = p.buffer(x_b).shape.len();
@@ -1357,10 +1599,18 @@ fn gen_rope(t: &Types<'_>, step: &crate::lower::Step, theta: f64) -> Result<(Str
     g.int("xl", Word::Stride(Operand::In(0), r - 1));
     g.int("ol", Word::Stride(Operand::Out, r - 1));
     let th = g.word(Word::F64(theta));
-    let sizes: Vec<String> = (0..r - 1).map(|k| g.word(Word::Size(Operand::In(0), k))).collect();
-    let xs: Vec<Option<String>> = (0..r - 1).map(|k| Some(g.word(Word::Stride(Operand::In(0), k)))).collect();
-    let os: Vec<Option<String>> = (0..r - 1).map(|k| Some(g.word(Word::Stride(Operand::Out, k)))).collect();
-    let ps: Vec<Option<String>> = (0..r - 1).map(|k| Some(g.word(Word::Stride(Operand::In(1), k)))).collect();
+    let sizes: Vec<String> = (0..r - 1)
+        .map(|k| g.word(Word::Size(Operand::In(0), k)))
+        .collect();
+    let xs: Vec<Option<String>> = (0..r - 1)
+        .map(|k| Some(g.word(Word::Stride(Operand::In(0), k))))
+        .collect();
+    let os: Vec<Option<String>> = (0..r - 1)
+        .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
+        .collect();
+    let ps: Vec<Option<String>> = (0..r - 1)
+        .map(|k| Some(g.word(Word::Stride(Operand::In(1), k))))
+        .collect();
     let offs = vec![("xo", xs), ("oo", os), ("po", ps)];
     let xd = t.declared(x_b);
     let od = t.declared(out_b);
@@ -1379,20 +1629,39 @@ fn gen_rope(t: &Types<'_>, step: &crate::lower::Step, theta: f64) -> Result<(Str
         "    const long long pv = {};",
         convert(&load("ps", "po", t.stored(pos_b), pd), pd, DType::I64)
     );
-    let _ = writeln!(s, "    const double fr = pow(theta, -(2.0 * (double)f) / (double)dh);");
+    let _ = writeln!(
+        s,
+        "    const double fr = pow(theta, -(2.0 * (double)f) / (double)dh);"
+    );
     let _ = writeln!(s, "    const double ang = (double)pv * fr;");
     let _ = writeln!(s, "    const double sn = sin(ang), cs = cos(ang);");
-    let _ = writeln!(s, "    const double lo = (double){};", load("x", "xo + f * xl", t.stored(x_b), xd));
-    let _ = writeln!(s, "    const double hi = (double){};", load("x", "xo + (f + half) * xl", t.stored(x_b), xd));
+    let _ = writeln!(
+        s,
+        "    const double lo = (double){};",
+        load("x", "xo + f * xl", t.stored(x_b), xd)
+    );
+    let _ = writeln!(
+        s,
+        "    const double hi = (double){};",
+        load("x", "xo + (f + half) * xl", t.stored(x_b), xd)
+    );
     let _ = writeln!(
         s,
         "    o[oo + f * ol] = {};",
-        store_value(&convert("(float)(lo * cs - hi * sn)", DType::F32, od), od, t.stored(out_b))
+        store_value(
+            &convert("(float)(lo * cs - hi * sn)", DType::F32, od),
+            od,
+            t.stored(out_b)
+        )
     );
     let _ = writeln!(
         s,
         "    o[oo + (f + half) * ol] = {};",
-        store_value(&convert("(float)(hi * cs + lo * sn)", DType::F32, od), od, t.stored(out_b))
+        store_value(
+            &convert("(float)(hi * cs + lo * sn)", DType::F32, od),
+            od,
+            t.stored(out_b)
+        )
     );
     s.push_str("  }\n");
     Ok(g.finish(&s))
@@ -1400,7 +1669,11 @@ fn gen_rope(t: &Types<'_>, step: &crate::lower::Step, theta: f64) -> Result<(Str
 
 /// A mixture of SwiGLU experts: a block per token routes it (the shared
 /// rule of `crate::routing::route`) and runs only the chosen experts.
-fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(String, Vec<Word>), String> {
+fn gen_moe(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    top_k: usize,
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let x_b = step.inputs[0];
     let out_b = step.output;
@@ -1428,9 +1701,15 @@ fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(St
             g.int(&format!("{n}{ax}"), Word::Stride(Operand::In(i), ax));
         }
     }
-    let sizes: Vec<String> = (0..r - 1).map(|k| g.word(Word::Size(Operand::In(0), k))).collect();
-    let xs: Vec<Option<String>> = (0..r - 1).map(|k| Some(g.word(Word::Stride(Operand::In(0), k)))).collect();
-    let os: Vec<Option<String>> = (0..r - 1).map(|k| Some(g.word(Word::Stride(Operand::Out, k)))).collect();
+    let sizes: Vec<String> = (0..r - 1)
+        .map(|k| g.word(Word::Size(Operand::In(0), k)))
+        .collect();
+    let xs: Vec<Option<String>> = (0..r - 1)
+        .map(|k| Some(g.word(Word::Stride(Operand::In(0), k))))
+        .collect();
+    let os: Vec<Option<String>> = (0..r - 1)
+        .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
+        .collect();
     let offs = vec![("xo", xs), ("oo", os)];
     let ld = |ptr: &str, off: &str, i: usize| {
         let b = step.inputs[i];
@@ -1444,14 +1723,28 @@ fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(St
     let _ = writeln!(s, "  double* yv = hv + F;");
     let _ = writeln!(s, "  double* wt = yv + D;");
     let _ = writeln!(s, "  long long* sel = (long long*)(wt + {top_k});");
-    let _ = writeln!(s, "  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {{");
+    let _ = writeln!(
+        s,
+        "  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {{"
+    );
     s.push_str(&decompose("tok", &sizes, &offs, "    "));
-    let _ = writeln!(s, "    for (long long e = threadIdx.x; e < E; e += blockDim.x) {{");
+    let _ = writeln!(
+        s,
+        "    for (long long e = threadIdx.x; e < E; e += blockDim.x) {{"
+    );
     let _ = writeln!(s, "      double acc = 0.0;");
-    let _ = writeln!(s, "      for (long long c = 0; c < D; c++) acc += {} * {};", ld("rt", "e * r0 + c * r1", 1), ld("x", "xo + c * xl", 0));
+    let _ = writeln!(
+        s,
+        "      for (long long c = 0; c < D; c++) acc += {} * {};",
+        ld("rt", "e * r0 + c * r1", 1),
+        ld("x", "xo + c * xl", 0)
+    );
     let _ = writeln!(s, "      lg[e] = acc;");
     let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "    for (long long c = threadIdx.x; c < D; c += blockDim.x) yv[c] = 0.0;");
+    let _ = writeln!(
+        s,
+        "    for (long long c = threadIdx.x; c < D; c += blockDim.x) yv[c] = 0.0;"
+    );
     let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "    if (threadIdx.x == 0) {{");
     let _ = writeln!(s, "      bool nan = false;");
@@ -1462,14 +1755,26 @@ fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(St
     let _ = writeln!(s, "        for (long long k = 0; k < {top_k}; k++) {{ sel[k] = k < kk ? k : -1; wt[k] = (double)__int_as_float(0x7fc00000); }}");
     let _ = writeln!(s, "      }} else {{");
     let _ = writeln!(s, "        double total = 0.0;");
-    let _ = writeln!(s, "        for (long long e = 0; e < E; e++) {{ lg[e] = exp(lg[e] - mx); total += lg[e]; }}");
+    let _ = writeln!(
+        s,
+        "        for (long long e = 0; e < E; e++) {{ lg[e] = exp(lg[e] - mx); total += lg[e]; }}"
+    );
     let _ = writeln!(s, "        double chosen = 0.0;");
     let _ = writeln!(s, "        for (long long k = 0; k < {top_k}; k++) {{");
     let _ = writeln!(s, "          long long best = -1;");
-    let _ = writeln!(s, "          if (k < kk) for (long long e = 0; e < E; e++) {{");
+    let _ = writeln!(
+        s,
+        "          if (k < kk) for (long long e = 0; e < E; e++) {{"
+    );
     let _ = writeln!(s, "            bool used = false;");
-    let _ = writeln!(s, "            for (long long q = 0; q < k; q++) used = used || sel[q] == e;");
-    let _ = writeln!(s, "            if (!used && (best < 0 || lg[e] > lg[best])) best = e;");
+    let _ = writeln!(
+        s,
+        "            for (long long q = 0; q < k; q++) used = used || sel[q] == e;"
+    );
+    let _ = writeln!(
+        s,
+        "            if (!used && (best < 0 || lg[e] > lg[best])) best = e;"
+    );
     let _ = writeln!(s, "          }}");
     let _ = writeln!(s, "          sel[k] = best;");
     let _ = writeln!(s, "          if (best >= 0) chosen += lg[best] / total;");
@@ -1481,21 +1786,43 @@ fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(St
     let _ = writeln!(s, "    for (int k = 0; k < {top_k}; k++) {{");
     let _ = writeln!(s, "      const long long ex = sel[k];");
     let _ = writeln!(s, "      if (ex >= 0) {{");
-    let _ = writeln!(s, "        for (long long i = threadIdx.x; i < F; i += blockDim.x) {{");
+    let _ = writeln!(
+        s,
+        "        for (long long i = threadIdx.x; i < F; i += blockDim.x) {{"
+    );
     let _ = writeln!(s, "          double gs = 0.0, us = 0.0;");
     let _ = writeln!(s, "          for (long long c = 0; c < D; c++) {{");
-    let _ = writeln!(s, "            const double xv = {};", ld("x", "xo + c * xl", 0));
-    let _ = writeln!(s, "            gs += {} * xv;", ld("gt", "ex * g0 + i * g1 + c * g2", 2));
-    let _ = writeln!(s, "            us += {} * xv;", ld("up", "ex * u0 + i * u1 + c * u2", 3));
+    let _ = writeln!(
+        s,
+        "            const double xv = {};",
+        ld("x", "xo + c * xl", 0)
+    );
+    let _ = writeln!(
+        s,
+        "            gs += {} * xv;",
+        ld("gt", "ex * g0 + i * g1 + c * g2", 2)
+    );
+    let _ = writeln!(
+        s,
+        "            us += {} * xv;",
+        ld("up", "ex * u0 + i * u1 + c * u2", 3)
+    );
     let _ = writeln!(s, "          }}");
     let _ = writeln!(s, "          hv[i] = gs / (1.0 + exp(-gs)) * us;");
     let _ = writeln!(s, "        }}");
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "      __syncthreads();");
     let _ = writeln!(s, "      if (ex >= 0) {{");
-    let _ = writeln!(s, "        for (long long c = threadIdx.x; c < D; c += blockDim.x) {{");
+    let _ = writeln!(
+        s,
+        "        for (long long c = threadIdx.x; c < D; c += blockDim.x) {{"
+    );
     let _ = writeln!(s, "          double acc = 0.0;");
-    let _ = writeln!(s, "          for (long long i = 0; i < F; i++) acc += {} * hv[i];", ld("dn", "ex * d0 + c * d1 + i * d2", 4));
+    let _ = writeln!(
+        s,
+        "          for (long long i = 0; i < F; i++) acc += {} * hv[i];",
+        ld("dn", "ex * d0 + c * d1 + i * d2", 4)
+    );
     let _ = writeln!(s, "          yv[c] += wt[k] * acc;");
     let _ = writeln!(s, "        }}");
     let _ = writeln!(s, "      }}");
@@ -1504,7 +1831,11 @@ fn gen_moe(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> Result<(St
     let _ = writeln!(
         s,
         "    for (long long c = threadIdx.x; c < D; c += blockDim.x) o[oo + c * ol] = {};",
-        store_value(&convert("(float)yv[c]", DType::F32, od), od, t.stored(out_b))
+        store_value(
+            &convert("(float)yv[c]", DType::F32, od),
+            od,
+            t.stored(out_b)
+        )
     );
     let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "  }}");

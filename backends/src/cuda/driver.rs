@@ -3,7 +3,7 @@
 //! library, so every entry point asks `is_culib_present` first and turns a
 //! missing library into an error that names it.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 
 use cudarc::driver::{result as cu, sys};
 use cudarc::nvrtc::result as nv;
@@ -49,7 +49,11 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
             unsafe { nv::get_ptx(prog) }
                 .map_err(|e| format!("NVRTC: {e:?}"))
                 .map(|raw| {
-                    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    let bytes: Vec<u8> = raw
+                        .iter()
+                        .map(|&c| c as u8)
+                        .take_while(|&b| b != 0)
+                        .collect();
                     String::from_utf8_lossy(&bytes).into_owned()
                 })
         }
@@ -57,12 +61,17 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
             // SAFETY: as above; the log exists after a failed compile.
             let log = unsafe { nv::get_program_log(prog) }
                 .map(|raw| {
-                    let bytes: Vec<u8> =
-                        raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    let bytes: Vec<u8> = raw
+                        .iter()
+                        .map(|&c| c as u8)
+                        .take_while(|&b| b != 0)
+                        .collect();
                     String::from_utf8_lossy(&bytes).into_owned()
                 })
                 .unwrap_or_default();
-            Err(format!("NVRTC rejected the generated CUDA C ({e:?}):\n{log}"))
+            Err(format!(
+                "NVRTC rejected the generated CUDA C ({e:?}):\n{log}"
+            ))
         }
     };
     // SAFETY: destroyed once.
@@ -199,9 +208,7 @@ impl Device for CudaDevice {
         let p = unsafe { cu::malloc_sync(n) }.map_err(|e| {
             let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
             driver_err(
-                &format!(
-                    "cannot allocate {n} bytes on the GPU ({free} of {total} bytes free)"
-                ),
+                &format!("cannot allocate {n} bytes on the GPU ({free} of {total} bytes free)"),
                 e,
             )
         })?;
@@ -276,10 +283,4 @@ impl Device for CudaDevice {
     fn sync(&mut self) -> Result<(), String> {
         cu::ctx::synchronize().map_err(|e| driver_err("a kernel failed", e))
     }
-}
-
-/// The CStr of a static string (for messages).
-#[allow(dead_code)]
-fn cstr(s: &CStr) -> String {
-    s.to_string_lossy().into_owned()
 }

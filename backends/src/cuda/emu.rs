@@ -1,7 +1,6 @@
 //! The emulated device: the generated CUDA C built for the host with a C++
-//! compiler and run block by block on host threads (each block on
-//! `blockDim` threads that meet at `__syncthreads`), device memory in host
-//! allocations. It runs the very source NVRTC compiles for a GPU, through
+//! compiler and run block by block, each block's `blockDim` threads as
+//! fibers that meet at `__syncthreads`, device memory in host allocations. It runs the very source NVRTC compiles for a GPU, through
 //! the very executor, so every kernel and every launch is checked against
 //! the interpreter on machines without a GPU. It is a test device: slow,
 //! and never chosen by `--backend cuda`.
@@ -12,6 +11,9 @@ use std::path::PathBuf;
 
 use super::codegen::{emulator_source, ModuleSource};
 use super::Device;
+
+/// Serialises launches (see [`EmuDevice::launch`]).
+static LAUNCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 type LaunchFn = unsafe extern "C" fn(*const u32, u32, *const i64);
 
@@ -77,7 +79,7 @@ fn build(source: &str) -> Result<PathBuf, String> {
     std::fs::write(&src, source).map_err(|e| format!("{}: {e}", src.display()))?;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let out = std::process::Command::new(&cxx)
-        .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o"])
+        .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-o"])
         .arg(&tmp)
         .arg(&src)
         .output()
@@ -177,6 +179,9 @@ impl Device for EmuDevice {
             .get(kernel)
             .ok_or_else(|| format!("no kernel {kernel} is loaded"))?;
         let dims = [grid[0], grid[1], grid[2], block[0], block[1], block[2]];
+        // The host build keeps the launch state (grid, fibers, static shared
+        // memory) in globals: one launch at a time in the process.
+        let _one = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the words hold the addresses of live allocations whose
         // extents the Program verifier checked for this binding, and the
         // sizes and strides of the views the kernel was generated for.

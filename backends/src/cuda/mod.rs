@@ -77,7 +77,11 @@ impl Backend for Cuda {
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
         let device = driver::CudaDevice::open(self.device).map_err(backend_err)?;
-        Ok(Box::new(CudaExecutable::new(graph, weights, Box::new(device))?))
+        Ok(Box::new(CudaExecutable::new(
+            graph,
+            weights,
+            Box::new(device),
+        )?))
     }
 }
 
@@ -174,7 +178,10 @@ fn nbytes(n: usize, dtype: DType) -> Result<usize, RunError> {
 
 /// Calls `f(element offset, element count)` for each contiguous run of the
 /// view (the innermost axes whose strides are row-major merged).
-fn runs(v: &CView, mut f: impl FnMut(usize, usize) -> Result<(), RunError>) -> Result<(), RunError> {
+fn runs(
+    v: &CView,
+    mut f: impl FnMut(usize, usize) -> Result<(), RunError>,
+) -> Result<(), RunError> {
     let r = v.shape.len();
     if v.shape.contains(&0) {
         return Ok(());
@@ -189,7 +196,12 @@ fn runs(v: &CView, mut f: impl FnMut(usize, usize) -> Result<(), RunError>) -> R
     let outer = &v.shape[..k];
     let mut idx = vec![0usize; k];
     loop {
-        let off = v.offset + idx.iter().zip(&v.strides).map(|(i, s)| i * s).sum::<usize>();
+        let off = v.offset
+            + idx
+                .iter()
+                .zip(&v.strides)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
         f(off, inner)?;
         let mut a = k;
         loop {
@@ -272,7 +284,10 @@ impl CudaExecutable {
                 if let Ok(e) = e {
                     device.free(e);
                 }
-                return Err(backend_err(u.err().unwrap_or_else(|| "cannot allocate the error words".into())));
+                return Err(backend_err(
+                    u.err()
+                        .unwrap_or_else(|| "cannot allocate the error words".into()),
+                ));
             }
         };
         Ok(CudaExecutable {
@@ -379,7 +394,11 @@ impl CudaExecutable {
             if t.shape() != v.shape.as_slice() {
                 return Err(RunError::Invalid {
                     node: format!("input {i}"),
-                    message: format!("shape {:?} does not fit the cache view {:?}", t.shape(), v.shape),
+                    message: format!(
+                        "shape {:?} does not fit the cache view {:?}",
+                        t.shape(),
+                        v.shape
+                    ),
                 });
             }
             let size = storage[v.root].size_bytes();
@@ -446,7 +465,11 @@ impl CudaExecutable {
                         continue;
                     }
                     let b = codegen::BLOCK as usize;
-                    ([cap(n.div_ceil(b), 1 << 16), 1, 1], [codegen::BLOCK, 1, 1], 0)
+                    (
+                        [cap(n.div_ceil(b), 1 << 16), 1, 1],
+                        [codegen::BLOCK, 1, 1],
+                        0,
+                    )
                 }
                 Grid::Rows(o, a, b) => {
                     let v = view(*o);
@@ -465,7 +488,11 @@ impl CudaExecutable {
                     }
                     let t = codegen::GEMM_TILE;
                     (
-                        [cap(n.div_ceil(t), 1 << 30), cap(m.div_ceil(t), 65535), cap(batch, 65535)],
+                        [
+                            cap(n.div_ceil(t), 1 << 30),
+                            cap(m.div_ceil(t), 65535),
+                            cap(batch, 65535),
+                        ],
                         [16, 16, 1],
                         0,
                     )
@@ -473,9 +500,15 @@ impl CudaExecutable {
                 Grid::Attention => {
                     let q = ins[0];
                     let (b, h, t, dh) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-                    let dv = ins[2].shape[3];
+                    let (hk, dv) = (ins[1].shape[1], ins[2].shape[3]);
                     if b == 0 || h == 0 || t == 0 {
                         continue;
+                    }
+                    if hk == 0 || h % hk != 0 {
+                        return Err(RunError::Invalid {
+                            node: step.origin.clone(),
+                            message: format!("{h} query heads do not group over {hk} kv heads"),
+                        });
                     }
                     if b > 65535 || h > 65535 {
                         return Err(backend_err(format!(
@@ -500,7 +533,11 @@ impl CudaExecutable {
                     }
                     let (e, f, d) = (ins[1].shape[0], ins[2].shape[1], x.shape[r - 1]);
                     let doubles = e + f + d + 2 * top_k + 1;
-                    ([cap(tokens, 1 << 16), 1, 1], [codegen::BLOCK, 1, 1], (doubles * 8) as u32)
+                    (
+                        [cap(tokens, 1 << 16), 1, 1],
+                        [codegen::BLOCK, 1, 1],
+                        (doubles * 8) as u32,
+                    )
                 }
             };
             run.device
@@ -517,12 +554,19 @@ impl CudaExecutable {
         let detail = i64::from_le_bytes(e[8..].try_into().unwrap_or_default());
         if failed > 0 {
             let si = (failed - 1) as usize;
-            let step = p.steps.get(si).ok_or_else(|| backend_err("a failing step out of range".into()))?;
+            let step = p
+                .steps
+                .get(si)
+                .ok_or_else(|| backend_err("a failing step out of range".into()))?;
             return Err(match &step.kernel {
                 Kernel::Gather => RunError::GatherIndex {
                     node: step.origin.clone(),
                     id: detail,
-                    rows: views[step.inputs[0].index()].shape.first().copied().unwrap_or(0),
+                    rows: views[step.inputs[0].index()]
+                        .shape
+                        .first()
+                        .copied()
+                        .unwrap_or(0),
                 },
                 Kernel::Row(_) => RunError::Invalid {
                     node: step.origin.clone(),
