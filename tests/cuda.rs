@@ -144,3 +144,46 @@ fn without_a_gpu_the_cuda_backend_says_what_is_missing() {
         assert!(out.is_empty(), "{out}");
     }
 }
+
+/// Greedy generation on the emulated device — its decode steps in a
+/// session whose caches stay on the device — gives the interpreter's tokens
+/// for every generative family, with and without the KV cache.
+#[test]
+fn generation_on_the_emulated_device_keeps_its_caches_and_gives_the_interpreters_tokens() {
+    use kiln::generate::{GenerateOptions, Sampling};
+    for family in [
+        "gpt2", "llama", "mixtral", "bloom", "bart", "marian", "t5", "t5_v11",
+    ] {
+        let model = support::hf_model(family).optimize(OptLevel::O2).unwrap();
+        let inputs = kiln::RunInputs::tokens(vec![vec![5, 17, 42, 99, 3], vec![8, 1, 4, 2, 6]]);
+        let opts = |backend, kv_cache| GenerateOptions {
+            max_new_tokens: 10,
+            sampling: Sampling::Greedy,
+            stop_at_eos: false,
+            kv_cache,
+            backend,
+        };
+        let want = model
+            .generate(&inputs, &opts(Target::Interp, true))
+            .unwrap();
+        for kv in [true, false] {
+            let got = model
+                .generate(&inputs, &opts(Target::CudaEmulated, kv))
+                .unwrap_or_else(|e| panic!("{family} kv={kv}: {e}"));
+            assert_eq!(got, want, "{family} kv={kv}");
+        }
+    }
+    // The session keeps its caches on the device: a decode step after the
+    // prefill reads them in place, and a step with another batch is refused.
+    let split = support::hf_model("llama").kv_split().unwrap();
+    let mut s = split.session(Target::CudaEmulated, 16).unwrap();
+    let prompt = kiln::Tensor::i64(vec![1, 3], vec![5, 17, 42]).unwrap();
+    s.call("prefill", &[prompt]).unwrap();
+    assert_eq!(s.cache_len(), 3);
+    let next = kiln::Tensor::i64(vec![1, 1], vec![7]).unwrap();
+    s.call("decode", &[next]).unwrap();
+    assert_eq!(s.cache_len(), 4);
+    let two = kiln::Tensor::i64(vec![2, 1], vec![7, 8]).unwrap();
+    let err = s.call("decode", &[two]).unwrap_err().to_string();
+    assert!(err.contains("axis 1 is `B`, which is 2"), "{err}");
+}

@@ -96,6 +96,50 @@ pub(crate) fn check_data_count(g: &Graph, data: &[Tensor]) -> Result<(), RunErro
     Ok(())
 }
 
+/// The inputs of a call to `g` (`entry`) in a session that keeps its caches
+/// in place: per input, the tensor (data or a carried value) or `None` for a
+/// cache read in place; and the run-time symbols bound from the data, the
+/// carried values and each cache's shape as the last call left it.
+#[allow(clippy::type_complexity)]
+pub(crate) fn bind_call<'a>(
+    g: &Graph,
+    entry: &str,
+    data: &'a [Tensor],
+    carried: &'a BTreeMap<String, Tensor>,
+    shapes: &'a BTreeMap<String, Vec<usize>>,
+) -> Result<(Vec<Option<&'a Tensor>>, kiln_ir::ShapeCx), RunError> {
+    let missing = |name: &str| {
+        RunError::Session(format!(
+            "@{entry} reads %{name}, which no earlier call produced (call the entry point that returns it first)"
+        ))
+    };
+    let mut data_iter = data.iter();
+    let mut tensors: Vec<Option<&Tensor>> = Vec::new();
+    let mut bind: Vec<(kiln_ir::DType, &[usize])> = Vec::new();
+    for &v in g.inputs() {
+        let name = input_name(g, v);
+        match g.input_role(v) {
+            InputRole::Data => {
+                let t = data_iter.next().ok_or_else(|| missing(&name))?;
+                bind.push((t.dtype(), t.shape()));
+                tensors.push(Some(t));
+            }
+            InputRole::Carried => {
+                let t = carried.get(&name).ok_or_else(|| missing(&name))?;
+                bind.push((t.dtype(), t.shape()));
+                tensors.push(Some(t));
+            }
+            InputRole::Cache { output } => {
+                let shape = shapes.get(output).ok_or_else(|| missing(&name))?;
+                bind.push((g.ty(v).dtype, shape));
+                tensors.push(None);
+            }
+        }
+    }
+    let cx = crate::interp::signature::bind_shapes(g, &bind)?;
+    Ok((tensors, cx))
+}
+
 /// A session that passes caches and carried values as host tensors; works on
 /// any backend (the graph interpreter uses it).
 pub struct TensorSession {

@@ -87,10 +87,9 @@ pub struct CudaDevice {
     ctx: sys::CUcontext,
     name: String,
     arch: String,
-    module: Option<sys::CUmodule>,
-    functions: Vec<sys::CUfunction>,
-    /// Dynamic shared memory each function was allowed (above 48 KiB).
-    allowed: Vec<u32>,
+    /// The loaded modules with their functions and the dynamic shared
+    /// memory each function was allowed (above 48 KiB).
+    modules: Vec<(sys::CUmodule, Vec<sys::CUfunction>, Vec<u32>)>,
 }
 
 fn driver_err(what: &str, e: cu::DriverError) -> String {
@@ -149,9 +148,7 @@ impl CudaDevice {
             ctx,
             name,
             arch: format!("compute_{major}{minor}"),
-            module: None,
-            functions: Vec::new(),
-            allowed: Vec::new(),
+            modules: Vec::new(),
         })
     }
 
@@ -163,7 +160,7 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        if let Some(m) = self.module.take() {
+        for (m, _, _) in self.modules.drain(..) {
             // SAFETY: loaded by `load`, unloaded once.
             let _ = unsafe { cu::module::unload(m) };
         }
@@ -177,7 +174,7 @@ impl Device for CudaDevice {
         format!("GPU {} ({}, {})", self.ordinal, self.name, self.arch)
     }
 
-    fn load(&mut self, module: &ModuleSource) -> Result<(), String> {
+    fn load(&mut self, module: &ModuleSource) -> Result<usize, String> {
         self.current()?;
         let ptx = compile_ptx(&cuda_source(module), &self.arch)?;
         let image = CString::new(ptx).map_err(|_| "PTX with a NUL byte")?;
@@ -192,13 +189,9 @@ impl Device for CudaDevice {
                 .map_err(|e| driver_err(&format!("cuModuleGetFunction({name})"), e))?;
             functions.push(f);
         }
-        if let Some(old) = self.module.replace(m) {
-            // SAFETY: replaced, unloaded once.
-            let _ = unsafe { cu::module::unload(old) };
-        }
-        self.allowed = vec![48 << 10; functions.len()];
-        self.functions = functions;
-        Ok(())
+        let allowed = vec![48 << 10; functions.len()];
+        self.modules.push((m, functions, allowed));
+        Ok(self.modules.len() - 1)
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
@@ -240,17 +233,22 @@ impl Device for CudaDevice {
 
     fn launch(
         &mut self,
+        module: usize,
         kernel: usize,
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
         words: &[i64],
     ) -> Result<(), String> {
-        let f = *self
-            .functions
+        self.current()?;
+        let (_, functions, allowed) = self
+            .modules
+            .get_mut(module)
+            .ok_or_else(|| format!("no module {module} is loaded"))?;
+        let f = *functions
             .get(kernel)
-            .ok_or_else(|| format!("no kernel {kernel} is loaded"))?;
-        if smem > self.allowed[kernel] {
+            .ok_or_else(|| format!("no kernel {kernel} of module {module} is loaded"))?;
+        if smem > allowed[kernel] {
             // SAFETY: a loaded function and a valid attribute.
             unsafe {
                 cu::function::set_function_attribute(
@@ -260,7 +258,7 @@ impl Device for CudaDevice {
                 )
             }
             .map_err(|e| driver_err(&format!("{smem} bytes of shared memory"), e))?;
-            self.allowed[kernel] = smem;
+            allowed[kernel] = smem;
         }
         let mut args: Vec<i64> = words.to_vec();
         let mut params = [args.as_mut_ptr().cast::<c_void>()];

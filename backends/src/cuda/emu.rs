@@ -23,8 +23,8 @@ pub struct EmuDevice {
     allocs: BTreeMap<u64, Vec<u64>>,
     /// Byte length of each allocation.
     lens: BTreeMap<u64, usize>,
-    lib: Option<libloading::Library>,
-    launchers: Vec<LaunchFn>,
+    /// The loaded modules: each library with its launchers.
+    modules: Vec<(libloading::Library, Vec<LaunchFn>)>,
 }
 
 impl EmuDevice {
@@ -33,8 +33,7 @@ impl EmuDevice {
         EmuDevice {
             allocs: BTreeMap::new(),
             lens: BTreeMap::new(),
-            lib: None,
-            launchers: Vec::new(),
+            modules: Vec::new(),
         }
     }
 
@@ -104,7 +103,7 @@ impl Device for EmuDevice {
         "the CUDA emulator (host threads)".into()
     }
 
-    fn load(&mut self, module: &ModuleSource) -> Result<(), String> {
+    fn load(&mut self, module: &ModuleSource) -> Result<usize, String> {
         let path = build(&emulator_source(module))?;
         // SAFETY: the library is kiln's own generated code; its initialisers
         // only set up static storage.
@@ -120,9 +119,8 @@ impl Device for EmuDevice {
             };
             launchers.push(f);
         }
-        self.launchers = launchers;
-        self.lib = Some(lib);
-        Ok(())
+        self.modules.push((lib, launchers));
+        Ok(self.modules.len() - 1)
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
@@ -168,6 +166,7 @@ impl Device for EmuDevice {
 
     fn launch(
         &mut self,
+        module: usize,
         kernel: usize,
         grid: [u32; 3],
         block: [u32; 3],
@@ -175,9 +174,10 @@ impl Device for EmuDevice {
         words: &[i64],
     ) -> Result<(), String> {
         let f = self
-            .launchers
-            .get(kernel)
-            .ok_or_else(|| format!("no kernel {kernel} is loaded"))?;
+            .modules
+            .get(module)
+            .and_then(|(_, l)| l.get(kernel))
+            .ok_or_else(|| format!("no kernel {kernel} of module {module} is loaded"))?;
         let dims = [grid[0], grid[1], grid[2], block[0], block[1], block[2]];
         // The host build keeps the launch state (grid, fibers, static shared
         // memory) in globals: one launch at a time in the process.

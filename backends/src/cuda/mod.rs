@@ -16,6 +16,10 @@ pub mod codegen;
 pub mod driver;
 pub mod emu;
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
 use kiln_ir::{DType, Graph, ShapeCx};
 
 use crate::interp::signature;
@@ -29,8 +33,8 @@ use codegen::{Grid, ModuleSource, Operand, Word};
 pub trait Device {
     /// The device, for messages.
     fn name(&self) -> String;
-    /// Compiles and loads `module`'s kernels (replacing any loaded before).
-    fn load(&mut self, module: &ModuleSource) -> Result<(), String>;
+    /// Compiles and loads `module`'s kernels; returns the module's index.
+    fn load(&mut self, module: &ModuleSource) -> Result<usize, String>;
     /// `bytes` zeroed bytes; returns the device address.
     fn alloc(&mut self, bytes: usize) -> Result<u64, String>;
     /// Frees an allocation.
@@ -39,9 +43,10 @@ pub trait Device {
     fn upload(&mut self, dst: u64, src: &[u8]) -> Result<(), String>;
     /// Copies device bytes at `src` to the host.
     fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String>;
-    /// Launches kernel `kernel` of the loaded module.
+    /// Launches kernel `kernel` of loaded module `module`.
     fn launch(
         &mut self,
+        module: usize,
         kernel: usize,
         grid: [u32; 3],
         block: [u32; 3],
@@ -80,6 +85,21 @@ impl Backend for Cuda {
         Ok(Box::new(CudaExecutable::new(
             graph,
             weights,
+            &Shared::new(Box::new(device)),
+        )?))
+    }
+
+    fn session(
+        &self,
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+    ) -> Result<Box<dyn crate::Session>, RunError> {
+        let device = driver::CudaDevice::open(self.device).map_err(backend_err)?;
+        Ok(Box::new(CudaSession::new(
+            funcs,
+            weights,
+            capacity,
             Box::new(device),
         )?))
     }
@@ -91,13 +111,50 @@ impl Backend for CudaEmulated {
     }
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
-        Ok(Box::new(CudaExecutable::new(
-            graph,
-            weights,
-            Box::new(emu::EmuDevice::new()),
+        let shared = Shared::new(Box::new(emu::EmuDevice::new()));
+        Ok(Box::new(CudaExecutable::new(graph, weights, &shared)?))
+    }
+
+    fn session(
+        &self,
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+    ) -> Result<Box<dyn crate::Session>, RunError> {
+        let device = Box::new(emu::EmuDevice::new());
+        Ok(Box::new(CudaSession::new(
+            funcs, weights, capacity, device,
         )?))
     }
 }
+
+/// A device shared by the entry points of a session, with the weights
+/// uploaded to it (once, by name).
+pub struct Shared {
+    device: Box<dyn Device>,
+    weights: HashMap<String, u64>,
+}
+
+impl Shared {
+    /// `device`, with no weights yet.
+    pub fn new(device: Box<dyn Device>) -> SharedDevice {
+        Rc::new(RefCell::new(Shared {
+            device,
+            weights: HashMap::new(),
+        }))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for (_, &a) in self.weights.iter() {
+            self.device.free(a);
+        }
+    }
+}
+
+/// A [`Shared`] device handle.
+pub type SharedDevice = Rc<RefCell<Shared>>;
 
 /// The CUDA C of `graph`'s Program, with the dtypes its weights are stored
 /// in (what `kiln compile --target cuda` keeps, and what CI compiles with NVRTC).
@@ -120,8 +177,10 @@ fn storage_dtypes(p: &Program, weights: &[Tensor]) -> Vec<DType> {
 pub struct CudaExecutable {
     inner: ReferenceExecutable,
     module: ModuleSource,
+    /// The module's index on the device.
+    module_id: usize,
     storage: Vec<DType>,
-    device: Box<dyn Device>,
+    shared: SharedDevice,
     /// The device address of each parameter, in `Program::params` order.
     weights: Vec<u64>,
     /// The arena and its size.
@@ -132,19 +191,17 @@ pub struct CudaExecutable {
 
 impl std::fmt::Debug for CudaExecutable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaExecutable({})", self.device.name())
+        write!(f, "CudaExecutable({})", self.shared.borrow().device.name())
     }
 }
 
 impl Drop for CudaExecutable {
     fn drop(&mut self) {
-        for &w in &self.weights {
-            self.device.free(w);
-        }
+        let mut sh = self.shared.borrow_mut();
         if let Some((a, _)) = self.arena.take() {
-            self.device.free(a);
+            sh.device.free(a);
         }
-        self.device.free(self.err);
+        sh.device.free(self.err);
     }
 }
 
@@ -253,48 +310,45 @@ fn tensor_from(shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> Result<Tensor, 
 }
 
 impl CudaExecutable {
-    /// Lowers `graph`, generates and loads its kernels on `device`, and
-    /// uploads the weights.
+    /// Lowers `graph`, generates and loads its kernels on the shared
+    /// device, and uploads the weights it does not hold yet.
     pub fn new(
         graph: &Graph,
         weights: &Weights,
-        mut device: Box<dyn Device>,
+        shared: &SharedDevice,
     ) -> Result<CudaExecutable, RunError> {
         let inner = ReferenceExecutable::new(graph, weights)?;
         let storage = storage_dtypes(inner.program(), inner.weights());
         let module = codegen::generate(inner.program(), &storage).map_err(backend_err)?;
-        device.load(&module).map_err(backend_err)?;
-        let mut addrs = Vec::new();
-        let upload = |device: &mut Box<dyn Device>, addrs: &mut Vec<u64>| -> Result<(), String> {
-            for w in inner.weights() {
-                let a = device.alloc(w.bytes().len())?;
-                addrs.push(a);
-                device.upload(a, w.bytes())?;
-            }
-            Ok(())
-        };
-        let uploaded = upload(&mut device, &mut addrs);
-        let err = device.alloc(16);
-        let (err, ()) = match (err, uploaded) {
-            (Ok(e), Ok(())) => (e, ()),
-            (e, u) => {
-                for a in addrs {
-                    device.free(a);
+        let mut sh = shared.borrow_mut();
+        let module_id = sh.device.load(&module).map_err(backend_err)?;
+        let p = inner.program();
+        let mut addrs = Vec::with_capacity(p.params.len());
+        for (&b, w) in p.params.iter().zip(inner.weights()) {
+            let name = match &p.buffer(b).kind {
+                BufferKind::Param { name } => name.clone(),
+                _ => b.to_string(),
+            };
+            let a = match sh.weights.get(&name) {
+                Some(&a) => a,
+                None => {
+                    let a = sh.device.alloc(w.bytes().len()).map_err(backend_err)?;
+                    // Owned by the shared device from here on (freed with it).
+                    sh.weights.insert(name, a);
+                    sh.device.upload(a, w.bytes()).map_err(backend_err)?;
+                    a
                 }
-                if let Ok(e) = e {
-                    device.free(e);
-                }
-                return Err(backend_err(
-                    u.err()
-                        .unwrap_or_else(|| "cannot allocate the error words".into()),
-                ));
-            }
-        };
+            };
+            addrs.push(a);
+        }
+        let err = sh.device.alloc(16).map_err(backend_err)?;
+        drop(sh);
         Ok(CudaExecutable {
             inner,
             module,
+            module_id,
             storage,
-            device,
+            shared: shared.clone(),
             weights: addrs,
             arena: None,
             err,
@@ -311,20 +365,31 @@ impl CudaExecutable {
         self.inner.program()
     }
 
-    /// Runs the Program under `cx` on host `inputs` (in signature order; a
-    /// cache input given as a tensor is written into its state first).
-    fn execute(&mut self, cx: &ShapeCx, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+    /// Runs the Program under `cx`: `inputs` per Program input (a tensor,
+    /// or `None` for a cache read in place; a cache given as a tensor is
+    /// written into its state first), `states` the device address of each
+    /// [`Program::states`] buffer (sized by `state_bytes`). Returns each
+    /// output's value when `want[i]` (all when `want` is empty).
+    fn execute(
+        &mut self,
+        cx: &ShapeCx,
+        inputs: &[Option<&Tensor>],
+        states: &[u64],
+        want: &[bool],
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
         let key = self.inner.prepare_binding(cx)?;
-        let state_bytes = self.inner.state_bytes(cx)?;
         let CudaExecutable {
             inner,
             module,
+            module_id,
             storage,
-            device,
+            shared,
             weights,
             arena,
             err,
         } = self;
+        let mut sh = shared.borrow_mut();
+        let device = &mut sh.device;
         let p = inner.program();
         let (plan, views) = inner
             .plan_of(&key)
@@ -354,9 +419,14 @@ impl CudaExecutable {
                         expected: p.inputs.len(),
                         got: inputs.len(),
                     })?;
-                    let a = run.alloc(t.bytes().len())?;
-                    run.device.upload(a, t.bytes()).map_err(backend_err)?;
-                    a
+                    match t {
+                        Some(t) => {
+                            let a = run.alloc(t.bytes().len())?;
+                            run.device.upload(a, t.bytes()).map_err(backend_err)?;
+                            a
+                        }
+                        None => 0,
+                    }
                 }
                 BufferKind::Param { .. } => 0,
                 BufferKind::Output { .. } => {
@@ -373,7 +443,9 @@ impl CudaExecutable {
                         .iter()
                         .position(|s| s.root.index() == i)
                         .ok_or_else(|| backend_err("a state that is no cache".into()))?;
-                    run.alloc(state_bytes[k])?
+                    *states
+                        .get(k)
+                        .ok_or_else(|| backend_err("a state without memory".into()))?
                 }
                 BufferKind::View { .. } => 0,
             };
@@ -386,7 +458,9 @@ impl CudaExecutable {
         };
         // Cache inputs given as tensors (a view of a state): written in place.
         for (i, t) in inputs.iter().enumerate() {
-            let Some(&b) = p.inputs.get(i) else { continue };
+            let (Some(t), Some(&b)) = (t, p.inputs.get(i)) else {
+                continue;
+            };
             if !matches!(p.buffer(b).kind, BufferKind::View { .. }) {
                 continue;
             }
@@ -541,7 +615,7 @@ impl CudaExecutable {
                 }
             };
             run.device
-                .launch(sk.kernel, grid, block, smem, &words)
+                .launch(*module_id, sk.kernel, grid, block, smem, &words)
                 .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
         }
         run.device
@@ -578,7 +652,11 @@ impl CudaExecutable {
             });
         }
         let mut result = Vec::with_capacity(p.outputs.len());
-        for (_, b) in &p.outputs {
+        for (k, (_, b)) in p.outputs.iter().enumerate() {
+            if !want.get(k).copied().unwrap_or(true) {
+                result.push(None);
+                continue;
+            }
             let v = &views[b.index()];
             let dtype = p.buffer(*b).dtype;
             let size = storage[v.root].size_bytes();
@@ -593,7 +671,7 @@ impl CudaExecutable {
                 at += len;
                 Ok(())
             })?;
-            result.push(tensor_from(v.shape.clone(), dtype, &bytes)?);
+            result.push(Some(tensor_from(v.shape.clone(), dtype, &bytes)?));
         }
         Ok(result)
     }
@@ -602,7 +680,175 @@ impl CudaExecutable {
 impl Executable for CudaExecutable {
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let cx = signature::bind_inputs(self.inner.graph(), inputs)?;
+        // Without a session, the caches are sized for this call's outputs.
         let cx = self.inner.program().bind_capacity(&cx, None)?;
-        self.execute(&cx, inputs)
+        let sizes = self.inner.state_bytes(&cx)?;
+        let states = DeviceStates::alloc(&self.shared, &sizes)?;
+        let tensors: Vec<Option<&Tensor>> = inputs.iter().map(Some).collect();
+        let out = self.execute(&cx, &tensors, &states.addrs, &[]);
+        Ok(out?.into_iter().flatten().collect())
+    }
+}
+
+/// Cache buffers on a device, freed with this value.
+struct DeviceStates {
+    shared: SharedDevice,
+    addrs: Vec<u64>,
+}
+
+impl DeviceStates {
+    fn alloc(shared: &SharedDevice, sizes: &[usize]) -> Result<DeviceStates, RunError> {
+        let mut out = DeviceStates {
+            shared: shared.clone(),
+            addrs: Vec::new(),
+        };
+        for &n in sizes {
+            let a = shared.borrow_mut().device.alloc(n).map_err(backend_err)?;
+            out.addrs.push(a);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for DeviceStates {
+    fn drop(&mut self) {
+        let mut sh = self.shared.borrow_mut();
+        for &a in &self.addrs {
+            sh.device.free(a);
+        }
+    }
+}
+
+/// A session whose caches live on the device between calls: one buffer per
+/// cache, of the session's capacity, written by each call only where it
+/// grows (a decode step uploads its new tokens and downloads its logits,
+/// nothing else).
+pub struct CudaSession {
+    shared: SharedDevice,
+    entries: Vec<(Graph, CudaExecutable)>,
+    carried_names: BTreeSet<String>,
+    carried: BTreeMap<String, Tensor>,
+    /// Each cache's device buffer (address, bytes) by name.
+    states: BTreeMap<String, (u64, usize)>,
+    /// Each cache's shape as the last call left it.
+    shapes: BTreeMap<String, Vec<usize>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl CudaSession {
+    /// Compiles every entry point on `device`; caches get `capacity` positions.
+    pub fn new(
+        funcs: &[Graph],
+        weights: &Weights,
+        capacity: usize,
+        device: Box<dyn Device>,
+    ) -> Result<CudaSession, RunError> {
+        let shared = Shared::new(device);
+        let entries = funcs
+            .iter()
+            .map(|g| Ok((g.clone(), CudaExecutable::new(g, weights, &shared)?)))
+            .collect::<Result<Vec<_>, RunError>>()?;
+        Ok(CudaSession {
+            carried_names: crate::session::carried_names(&funcs.iter().collect::<Vec<_>>()),
+            shared,
+            entries,
+            carried: BTreeMap::new(),
+            states: BTreeMap::new(),
+            shapes: BTreeMap::new(),
+            len: 0,
+            capacity,
+        })
+    }
+}
+
+impl Drop for CudaSession {
+    fn drop(&mut self) {
+        let mut sh = self.shared.borrow_mut();
+        for (_, &(a, _)) in self.states.iter() {
+            sh.device.free(a);
+        }
+    }
+}
+
+impl crate::Session for CudaSession {
+    fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let capacity = self.capacity;
+        let (g, exe) = crate::session::find_entry(&mut self.entries, entry)?;
+        crate::session::check_data_count(g, data)?;
+        let (tensors, cx) = crate::session::bind_call(g, entry, data, &self.carried, &self.shapes)?;
+        let cx = exe.inner.program().bind_capacity(&cx, Some(capacity))?;
+        let sizes = exe.inner.state_bytes(&cx)?;
+        let mut addrs = Vec::with_capacity(sizes.len());
+        for (st, &size) in exe.inner.program().states.iter().zip(&sizes) {
+            let kept = self.states.get(&st.name).copied();
+            let a = match (st.input, kept) {
+                (_, Some((a, n))) if n == size => a,
+                (Some(_), _) => {
+                    return Err(RunError::Session(format!(
+                        "@{entry} reads the cache {} with another batch or layout than the call that wrote it; start a new session",
+                        st.name
+                    )))
+                }
+                // A call that writes the cache from position 0 starts a new sequence.
+                (None, old) => {
+                    let mut sh = self.shared.borrow_mut();
+                    if let Some((a, _)) = old {
+                        sh.device.free(a);
+                        self.states.remove(&st.name);
+                    }
+                    let a = sh.device.alloc(size).map_err(backend_err)?;
+                    self.states.insert(st.name.clone(), (a, size));
+                    a
+                }
+            };
+            addrs.push(a);
+        }
+        let want: Vec<bool> = g
+            .outputs()
+            .iter()
+            .map(|(n, _)| g.cache_axis(n).is_none())
+            .collect();
+        let result = exe.execute(&cx, &tensors, &addrs, &want);
+        // A failed call that writes a cache from position 0 (a prefill) may
+        // have overwritten it: that cache is then gone, and a decode says so.
+        if result.is_err() {
+            for st in &exe.inner.program().states {
+                if st.input.is_none() {
+                    self.shapes.remove(&st.name);
+                }
+            }
+        }
+        let outputs = result?;
+        let p = exe.inner.program();
+        for st in &p.states {
+            let out = p.outputs[st.output].1;
+            let shape = p
+                .buffer(out)
+                .shape
+                .iter()
+                .map(|d| crate::eval_size_in(&cx, d, &st.name))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.len = shape.get(st.axis).copied().unwrap_or(0);
+            self.shapes.insert(st.name.clone(), shape);
+        }
+        let mut result = Vec::new();
+        for ((name, _), t) in g.outputs().iter().zip(outputs) {
+            let Some(t) = t else { continue };
+            if self.carried_names.contains(name) {
+                self.carried.insert(name.clone(), t);
+            } else {
+                result.push((name.clone(), t));
+            }
+        }
+        Ok(result)
+    }
+
+    fn cache_len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
     }
 }

@@ -18,7 +18,6 @@ use crate::interp::signature;
 use crate::lower::{self, verify, ArenaPlan, BufferKind, Program};
 use crate::session::{self as sess, Session};
 use crate::{Backend, Executable, RunError, Tensor, Weights};
-use kiln_ir::InputRole;
 use scalar::Scalar;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -903,37 +902,7 @@ impl Session for ReferenceSession {
         let (carried, shapes) = (&self.carried, &self.shapes);
         let (g, exe) = sess::find_entry(&mut self.entries, entry)?;
         sess::check_data_count(g, data)?;
-        let missing = |name: &str| {
-            RunError::Session(format!(
-                "@{entry} reads %{name}, which no earlier call produced (call the entry point that returns it first)"
-            ))
-        };
-        // What binds the run-time symbols: the data, the carried values, and
-        // each cache's shape as the last call left it.
-        let mut data_iter = data.iter();
-        let mut tensors: Vec<Option<&Tensor>> = Vec::new();
-        let mut bind: Vec<(DType, &[usize])> = Vec::new();
-        for &v in g.inputs() {
-            let name = sess::input_name(g, v);
-            match g.input_role(v) {
-                InputRole::Data => {
-                    let t = data_iter.next().ok_or_else(|| missing(&name))?;
-                    bind.push((t.dtype(), t.shape()));
-                    tensors.push(Some(t));
-                }
-                InputRole::Carried => {
-                    let t = carried.get(&name).ok_or_else(|| missing(&name))?;
-                    bind.push((t.dtype(), t.shape()));
-                    tensors.push(Some(t));
-                }
-                InputRole::Cache { output } => {
-                    let shape = shapes.get(output).ok_or_else(|| missing(&name))?;
-                    bind.push((g.ty(v).dtype, shape));
-                    tensors.push(None);
-                }
-            }
-        }
-        let cx = signature::bind_shapes(g, &bind)?;
+        let (tensors, cx) = sess::bind_call(g, entry, data, carried, shapes)?;
         let cx = exe.program.bind_capacity(&cx, Some(capacity))?;
         let sizes = exe.state_bytes(&cx)?;
         let mut states = Vec::with_capacity(sizes.len());
