@@ -68,8 +68,14 @@ const CHUNK: usize = 1 << 20;
 const PAGE: usize = 4096;
 /// Weights start at 64-byte boundaries (an AVX-512 vector).
 const WEIGHT_ALIGN: usize = 64;
-/// The target this kiln compiles artifacts for.
+/// The CPU target (packed GEMM panels).
 pub const TARGET: &str = "cpu";
+/// The CUDA target (every function's CUDA C, and its PTX when NVRTC was
+/// there to make it).
+pub const TARGET_CUDA: &str = "cuda";
+/// The virtual architecture the stored PTX is for: Ampere and every later
+/// GPU JIT-compiles it (H100/H200 included).
+pub const PTX_ARCH: &str = "compute_80";
 /// The packed layout of the CPU backend's AVX-512 GEMM: 32-column panels.
 const PACKED_LAYOUT: &str = "x86_64-avx512f-panels32";
 /// A manifest larger than this is refused before it is parsed.
@@ -87,6 +93,8 @@ pub struct CompileOptions {
     pub lora_mode: crate::adapter::LoraMode,
     /// Threads of the compiling CPU backend.
     pub threads: usize,
+    /// `cpu` or `cuda` ([`TARGET`], [`TARGET_CUDA`]).
+    pub target: &'static str,
 }
 
 /// What the manifest says about the model and how it was compiled.
@@ -124,6 +132,25 @@ pub struct Manifest {
     /// The source folder's sentence-transformers pipeline, when it had one.
     #[serde(default)]
     pub embedding: Option<crate::embed::EmbeddingConfig>,
+    /// A CUDA artifact's kernels: per function, its generated CUDA C and the
+    /// PTX NVRTC made of it (checked against this kiln's code generator on load).
+    #[serde(default)]
+    pub cuda: Vec<CudaRecord>,
+}
+
+/// One function's CUDA kernels in a CUDA artifact.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CudaRecord {
+    /// The function.
+    pub function: String,
+    /// Its generated CUDA C (what NVRTC compiles).
+    pub source: String,
+    /// The kernels' names.
+    pub kernels: Vec<String>,
+    /// The PTX for [`PTX_ARCH`], when NVRTC was installed where it was compiled.
+    pub ptx: Option<String>,
+    /// The PTX's virtual architecture.
+    pub arch: String,
 }
 
 /// [`ModelInfo`] in the manifest.
@@ -269,6 +296,10 @@ pub fn compile(model: &Model, opts: &CompileOptions, out: &Path) -> Result<Writt
     } else {
         m
     };
+    if opts.target == TARGET_CUDA {
+        let cuda = cuda_records(&m)?;
+        return write(&m, opts, &[], cuda, out);
+    }
     let target = Target::Cpu {
         threads: opts.threads,
     };
@@ -288,7 +319,37 @@ pub fn compile(model: &Model, opts: &CompileOptions, out: &Path) -> Result<Writt
     }
     let packings = kiln_backends::cpu::packed_weights();
     drop(held);
-    write(&m, opts, &packings, out)
+    write(&m, opts, &packings, Vec::new(), out)
+}
+
+/// Every function's CUDA C, with its PTX when NVRTC is installed (a
+/// compile error is an error: the artifact would not run).
+fn cuda_records(m: &Model) -> Result<Vec<CudaRecord>, Error> {
+    use kiln_backends::cuda::{codegen, driver};
+    let nvrtc = driver::nvrtc_present();
+    m.cuda_modules()?
+        .into_iter()
+        .map(|(function, module)| {
+            let source = codegen::cuda_source(&module);
+            let ptx = if nvrtc {
+                Some(driver::compile_ptx(&source, PTX_ARCH).map_err(|e| {
+                    Error::Run(kiln_backends::RunError::Backend {
+                        backend: "cuda".into(),
+                        message: format!("@{function}: {e}"),
+                    })
+                })?)
+            } else {
+                None
+            };
+            Ok(CudaRecord {
+                function,
+                kernels: module.kernels.iter().map(|(k, _)| k.clone()).collect(),
+                source,
+                ptx,
+                arch: PTX_ARCH.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Writes the artifact of an optimized `model` with its `packings`.
@@ -296,6 +357,7 @@ fn write(
     model: &Model,
     opts: &CompileOptions,
     packings: &[PackedWeight],
+    cuda: Vec<CudaRecord>,
     out: &Path,
 ) -> Result<Written, Error> {
     let none = kiln_ir::Weights::new();
@@ -353,7 +415,7 @@ fn write(
     let programs = programs_of(&Model::from_text(&ir_text, model.origin())?)?;
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        target: TARGET.to_string(),
+        target: opts.target.to_string(),
         packed_layout: (!packed.is_empty()).then(|| PACKED_LAYOUT.to_string()),
         opt_level: match opts.opt {
             crate::OptLevel::O0 => 0,
@@ -399,6 +461,7 @@ fn write(
             )
         }),
         embedding: model.embedding_source(),
+        cuda,
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Unsupported(format!("cannot write the manifest: {e}")))?;
@@ -796,11 +859,11 @@ pub fn load(path: &Path) -> Result<Model, Error> {
             ),
         ));
     }
-    if manifest.target != TARGET {
+    if manifest.target != TARGET && manifest.target != TARGET_CUDA {
         return Err(bad(
             path,
             format!(
-                "compiled for target `{}`; this kiln loads `{TARGET}` artifacts",
+                "compiled for target `{}`; this kiln loads `{TARGET}` and `{TARGET_CUDA}` artifacts",
                 manifest.target
             ),
         ));
@@ -953,6 +1016,26 @@ pub fn load(path: &Path) -> Result<Model, Error> {
                     p.function
                 ),
             ));
+        }
+    }
+    // A CUDA artifact's kernels must be what this kiln generates.
+    let cuda = model
+        .artifact()
+        .map(|a| a.manifest.cuda.clone())
+        .unwrap_or_default();
+    if !cuda.is_empty() {
+        let modules = model.cuda_modules()?;
+        for ((function, module), r) in modules.iter().zip(&cuda) {
+            if *function != r.function
+                || kiln_backends::cuda::codegen::cuda_source(module) != r.source
+            {
+                return Err(bad(
+                    path,
+                    format!(
+                        "the CUDA C of @{function} differs from the one it records: recompile the model with this kiln"
+                    ),
+                ));
+            }
         }
     }
     Ok(model)

@@ -432,6 +432,9 @@ enum TargetArg {
     /// The CPU backend (packed weights for its AVX-512 GEMM where the
     /// compiling host has AVX-512).
     Cpu,
+    /// The CUDA backend: every function's CUDA C, and its PTX where NVRTC
+    /// is installed (run it with `--backend cuda`).
+    Cuda,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -842,7 +845,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             weights,
             adapter,
             opt,
-            target: TargetArg::Cpu,
+            target: compile_target,
             out,
         } => {
             let started = std::time::Instant::now();
@@ -855,6 +858,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 adapters: adapter.adapters.clone(),
                 lora_mode: adapter.lora_mode,
                 threads: threads.unwrap_or(0),
+                target: match compile_target {
+                    TargetArg::Cpu => kiln::artifact::TARGET,
+                    TargetArg::Cuda => kiln::artifact::TARGET_CUDA,
+                },
             };
             let w = {
                 let _spin = progress::Spinner::start(&format!("compiling {}", model.display()));

@@ -355,7 +355,7 @@ fn damaged_or_foreign_artifacts_are_refused_with_section_and_offset() {
     cases.push((
         "other target".into(),
         manifest("\"target\": \"cpu\"", "\"target\": \"gpu\""),
-        vec!["compiled for target `gpu`; this kiln loads `cpu` artifacts".into()],
+        vec!["compiled for target `gpu`; this kiln loads `cpu` and `cuda` artifacts".into()],
     ));
     let here = env!("CARGO_PKG_VERSION");
     let other = "9".repeat(here.len());

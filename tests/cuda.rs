@@ -187,3 +187,83 @@ fn generation_on_the_emulated_device_keeps_its_caches_and_gives_the_interpreters
     let err = s.call("decode", &[two]).unwrap_err().to_string();
     assert!(err.contains("axis 1 is `B`, which is 2"), "{err}");
 }
+
+/// `kiln compile --target cuda`: the artifact records every function's CUDA
+/// C (and its PTX for compute_80 where NVRTC is installed: one entry per
+/// kernel), runs like its source, and a recorded kernel this kiln would not
+/// generate is refused with the function named.
+#[test]
+fn cuda_artifacts_hold_the_kernels_and_run_like_their_source() {
+    let dir = support::scratch_dir("cuda-artifact");
+    let art = dir.join("llama.kiln");
+    let art = art.to_str().unwrap();
+    let (code, out, err) = support::kiln(&[
+        "compile",
+        "tests/data/hf/llama",
+        "--target",
+        "cuda",
+        "-o",
+        art,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut bytes = std::fs::read(art).unwrap();
+    let (_, off, len, _) = support::artifact_sections(&bytes)[0].clone();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes[off..off + len]).unwrap();
+    assert_eq!(manifest["target"], "cuda");
+    let cuda = manifest["cuda"].as_array().unwrap();
+    let functions: Vec<&str> = cuda
+        .iter()
+        .map(|c| c["function"].as_str().unwrap())
+        .collect();
+    assert_eq!(functions, ["llama", "prefill", "decode"]);
+    for c in cuda {
+        assert!(c["source"]
+            .as_str()
+            .unwrap()
+            .contains("extern \"C\" __global__ void kiln_k0("));
+        match c["ptx"].as_str() {
+            Some(ptx) => {
+                for k in c["kernels"].as_array().unwrap() {
+                    assert!(ptx.contains(&format!(".entry {}(", k.as_str().unwrap())));
+                }
+            }
+            None => assert!(
+                !kiln::backends::cuda::driver::nvrtc_present(),
+                "NVRTC is installed but no PTX was stored"
+            ),
+        }
+    }
+    let gen = |m: &str, backend: &str| {
+        let (code, out, err) = support::kiln(&[
+            "generate",
+            m,
+            "--tokens",
+            "5,17,42",
+            "--max-new-tokens",
+            "6",
+            "--backend",
+            backend,
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(gen(art, "cuda-emu"), gen("tests/data/hf/llama", "interp"));
+    // A forged kernel (checksums recomputed): refused by name.
+    let text = String::from_utf8(bytes[off..off + len].to_vec()).unwrap();
+    let forged = text.replacen("kiln_k0(const KArgs", "kiln_k0(const  KArgs", 1);
+    assert_eq!(forged.len(), text.len() + 1);
+    let forged = forged.replacen("  \"kiln_version\"", " \"kiln_version\"", 1);
+    assert_eq!(forged.len(), text.len(), "the edit keeps the length");
+    bytes[off..off + len].copy_from_slice(forged.as_bytes());
+    support::reseal_artifact(&mut bytes);
+    std::fs::write(art, &bytes).unwrap();
+    let (code, _, err) = support::kiln(&["run", art, "--tokens", "1,2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the CUDA C of @llama differs from the one it records"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
