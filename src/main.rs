@@ -249,9 +249,14 @@ enum Command {
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: PathBuf,
     },
-    /// Build the built-in GPT-2-style model, check it, print its shape trace, and
-    /// run it on the interpreter.
-    Demo,
+    /// Build the built-in GPT-2-style model, check it, print its shape trace,
+    /// optimize it, compile it for the CPU (or `--backend cuda`) and generate
+    /// with the KV cache.
+    Demo {
+        /// Where to run.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+    },
     /// Time a decode step with the KV cache against the full re-run it replaces.
     ///
     /// For each cache length S: the median time of one `decode` step (one token,
@@ -937,7 +942,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
-        Command::Demo => {
+        Command::Demo { backend } => {
+            if let BackendArg::Cuda = backend {
+                let gpu = kiln::backends::cuda::check_available(0)?;
+                outln!("kiln demo on {gpu}");
+            }
             let m = Model::demo()?;
             let trace = m.shape_trace()?;
             outln!("kiln demo: built-in GPT-2-style model (2 layers, symbolic B and T, seeded random weights)");
@@ -949,15 +958,20 @@ fn run(cli: Cli) -> Result<(), Error> {
                 outln!("  {}: {}", r.pass, r.notes.join("; "));
             }
             let prompt: Vec<Vec<i64>> = vec![vec![10, 200, 31, 7], vec![1, 2, 3, 4]];
-            let cpu = kiln::Target::Cpu {
-                threads: threads.unwrap_or(0),
-            };
+            let on = target(backend, threads);
             let started = std::time::Instant::now();
-            let mut exe = m.compile(cpu)?;
+            let mut exe = m.compile(on)?;
             let compile_s = started.elapsed().as_secs_f64();
             let outs = m.run_with(exe.as_mut(), &RunInputs::tokens(prompt.clone()))?;
             outln!(
-                "\nlowered and compiled for the CPU in {:.1} ms; run with tokens {prompt:?}:",
+                "\nlowered and compiled for {} in {:.1} ms; run with tokens {prompt:?}:",
+                match backend {
+                    BackendArg::Cpu => "the CPU",
+                    BackendArg::Cuda => "the GPU (CUDA)",
+                    BackendArg::CudaEmu => "the emulated CUDA device",
+                    BackendArg::Interp => "the interpreter",
+                    BackendArg::Reference => "the reference executor",
+                },
                 compile_s * 1e3
             );
             for (name, t) in &outs {
@@ -969,7 +983,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 sampling: Sampling::Greedy,
                 stop_at_eos: false,
                 kv_cache: true,
-                backend: cpu,
+                backend: on,
             };
             let started = std::time::Instant::now();
             let new = m.generate(&RunInputs::tokens(prompt.clone()), &opts)?;

@@ -134,6 +134,19 @@ fn without_a_gpu_the_cuda_backend_says_what_is_missing() {
             "--backend",
             "cuda",
         ][..],
+        &["demo", "--backend", "cuda"][..],
+        &[
+            "bench",
+            "tests/data/hf/llama",
+            "--backend",
+            "cuda",
+            "--prompt-len",
+            "8",
+            "--decode",
+            "4",
+            "--output",
+            "json",
+        ][..],
     ] {
         let (code, out, err) = support::kiln(args);
         assert_eq!(code, 2, "{args:?}: {out}{err}");

@@ -156,6 +156,13 @@ impl Drop for Shared {
 /// A [`Shared`] device handle.
 pub type SharedDevice = Rc<RefCell<Shared>>;
 
+/// Opens GPU `device` and says what it is (`GPU 0 (NVIDIA H200, compute_90)`),
+/// or why there is none to use.
+pub fn check_available(device: i32) -> Result<String, RunError> {
+    let d = driver::CudaDevice::open(device).map_err(backend_err)?;
+    Ok(d.name())
+}
+
 /// The CUDA C of `graph`'s Program, with the dtypes its weights are stored
 /// in (what `kiln compile --target cuda` keeps, and what CI compiles with NVRTC).
 pub fn module_source(graph: &Graph, weights: &Weights) -> Result<ModuleSource, RunError> {
