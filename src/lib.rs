@@ -166,6 +166,8 @@ pub enum Target {
     Cuda {
         /// The GPU's ordinal.
         device: i32,
+        /// Let cuBLAS use TF32 tensor cores (`--tf32`).
+        tf32: bool,
     },
     /// The CUDA backend's kernels on the emulated device (host threads):
     /// for testing the generated code where there is no GPU; slow.
@@ -184,8 +186,8 @@ impl Target {
             Target::Interp => Box::new(Interpreter),
             Target::Reference => Box::new(Reference),
             Target::Cpu { threads } => Box::new(kiln_backends::Cpu { threads }),
-            Target::Cuda { device } => Box::new(kiln_backends::cuda::Cuda { device }),
-            Target::CudaEmulated => Box::new(kiln_backends::cuda::CudaEmulated),
+            Target::Cuda { device, tf32 } => Box::new(kiln_backends::cuda::Cuda { device, tf32 }),
+            Target::CudaEmulated => Box::new(kiln_backends::cuda::CudaEmulated::default()),
         }
     }
 }

@@ -663,8 +663,8 @@ fn catalogue_every_bad_input_gets_one_clear_bounded_error() {
             "cannot write /dev/null/x.kiln",
         ),
         (
-            vec!["compile", g, "-o", &d("x.kiln"), "--target", "cuda"],
-            "invalid value 'cuda' for '--target",
+            vec!["compile", g, "-o", &d("x.kiln"), "--target", "tpu"],
+            "invalid value 'tpu' for '--target",
         ),
         // Files that are not what they claim.
         (

@@ -7,6 +7,8 @@
 
 mod support;
 
+use kiln::backends::cuda::CudaEmulated;
+use kiln::backends::Backend;
 use kiln::{OptLevel, Target};
 use support::Tolerance;
 
@@ -23,6 +25,7 @@ fn compare(name: &str, want: &[(String, kiln::Tensor)], got: &[(String, kiln::Te
 
 #[test]
 fn every_family_runs_on_the_emulated_device_as_on_the_interpreter() {
+    let blas_before = kiln::backends::cuda::emu::sgemm_calls();
     for family in support::FAMILIES {
         let model = support::hf_model(family);
         let inputs = support::family_inputs(&model);
@@ -33,9 +36,19 @@ fn every_family_runs_on_the_emulated_device_as_on_the_interpreter() {
                 .run_on(Target::CudaEmulated, &inputs)
                 .unwrap_or_else(|e| panic!("{family} {level:?}: {e}"));
             let err = compare(&format!("{family} {level:?}"), &want, &got);
-            println!("{family} {level:?}: {err:.1e}");
+            // Every product on the generated GEMM kernel instead of cuBLAS.
+            let graph = m.main().unwrap();
+            let tensors = m.prepare_inputs(&inputs).unwrap();
+            let mut exe = CudaEmulated { blas: false }
+                .compile(graph, m.weights().unwrap())
+                .unwrap();
+            let own = support::named(graph, exe.run(&tensors).unwrap());
+            let err_own = compare(&format!("{family} {level:?} own GEMM"), &want, &own);
+            println!("{family} {level:?}: {err:.1e} (cuBLAS path), {err_own:.1e} (own GEMM)");
         }
     }
+    // The products took the (emulated) cuBLAS path where their layout allows.
+    assert!(kiln::backends::cuda::emu::sgemm_calls() > blas_before + 100);
 }
 
 /// Where NVRTC is installed (CI: `.ci/run` puts the pip wheel's lib folder
@@ -95,8 +108,13 @@ fn generated_cuda_c_of_a_llama_layer() {
     let module = kiln::backends::cuda::codegen::generate(p, &dtypes).unwrap();
     let mut text = String::new();
     for (i, s) in module.steps.iter().enumerate() {
+        let epilogue = s
+            .epilogue
+            .as_ref()
+            .map(|(k, _)| format!(" (after cuBLAS: epilogue {})", module.kernels[*k].0))
+            .unwrap_or_default();
         text.push_str(&format!(
-            "// s{i} {} -> {} {:?}\n",
+            "// s{i} {} -> {} {:?}{epilogue}\n",
             p.steps[i].kernel.kind_name(),
             module.kernels[s.kernel].0,
             s.grid

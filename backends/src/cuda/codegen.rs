@@ -107,6 +107,10 @@ pub struct StepKernel {
     pub words: Vec<Word>,
     /// How to launch it.
     pub grid: Grid,
+    /// For a GEMM with an epilogue: the kernel (and its words) that applies
+    /// the epilogue in place to a product the device's BLAS wrote (its grid
+    /// is `Elements` over the output).
+    pub epilogue: Option<(usize, Vec<Word>)>,
 }
 
 /// The CUDA C of one Program.
@@ -680,13 +684,52 @@ fn gen_loop(
     step: &crate::lower::Step,
     body: &[KernelOp],
 ) -> Result<(String, Vec<Word>), String> {
+    let operands: Vec<(Operand, BufferId)> = step
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| (Operand::In(i), b))
+        .collect();
+    gen_elementwise(t, step, body, &operands)
+}
+
+/// A GEMM's epilogue applied in place: out[i] = epilogue(out[i], extras[i]).
+fn gen_epilogue(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    body: &[KernelOp],
+) -> Result<(String, Vec<Word>), String> {
+    let mut operands = vec![(Operand::Out, step.output)];
+    operands.extend(
+        step.inputs
+            .iter()
+            .enumerate()
+            .skip(2)
+            .map(|(i, &b)| (Operand::In(i), b)),
+    );
+    gen_elementwise(t, step, body, &operands)
+}
+
+/// `out[i] = body(operands[i])` over the output's elements, the operands
+/// views of the output's shape (the output itself may be one).
+fn gen_elementwise(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    body: &[KernelOp],
+    operands: &[(Operand, BufferId)],
+) -> Result<(String, Vec<Word>), String> {
     let p = t.program;
     let out_b = step.output;
     let r = p.buffer(out_b).shape.len();
     let mut g = Gen::new();
     g.ptr("o", Operand::Out, t.stored(out_b), true);
-    for (i, &b) in step.inputs.iter().enumerate() {
-        g.ptr(&format!("x{i}"), Operand::In(i), t.stored(b), false);
+    for (i, &(op, b)) in operands.iter().enumerate() {
+        if op == Operand::Out {
+            // Read through the output's own pointer.
+            let _ = writeln!(g.text, "  {}* x{i} = o;", storage_type(t.stored(b)));
+        } else {
+            g.ptr(&format!("x{i}"), op, t.stored(b), false);
+        }
     }
     let needs_err = body
         .iter()
@@ -709,10 +752,8 @@ fn gen_loop(
         .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
         .collect();
     offsets.push(("oo".into(), os));
-    for i in 0..step.inputs.len() {
-        let st = (0..r)
-            .map(|k| Some(g.word(Word::Stride(Operand::In(i), k))))
-            .collect();
+    for (i, &(op, _)) in operands.iter().enumerate() {
+        let st = (0..r).map(|k| Some(g.word(Word::Stride(op, k)))).collect();
         offsets.push((format!("o{i}"), st));
     }
     let offs: Vec<(&str, Vec<Option<String>>)> = offsets
@@ -727,7 +768,7 @@ fn gen_loop(
     s.push_str(&decompose("i", &sizes, &offs, "    "));
     let mut names = Vec::new();
     let mut types = Vec::new();
-    for (i, &b) in step.inputs.iter().enumerate() {
+    for (i, &(_, b)) in operands.iter().enumerate() {
         let d = t.declared(b);
         let _ = writeln!(
             s,
@@ -1886,8 +1927,7 @@ pub fn generate(program: &Program, storage: &[DType]) -> Result<ModuleSource, St
             Kernel::Attention { .. } => Grid::Attention,
             Kernel::Moe { top_k } => Grid::Moe { top_k: *top_k },
         };
-        let n = words.len().max(1);
-        let kernel = match seen.get(&text) {
+        let mut add = |text: String, n: usize| match seen.get(&text) {
             Some(&k) => k,
             None => {
                 let k = kernels.len();
@@ -1898,10 +1938,20 @@ pub fn generate(program: &Program, storage: &[DType]) -> Result<ModuleSource, St
                 k
             }
         };
+        let kernel = add(text, words.len().max(1));
+        let epilogue = match &step.kernel {
+            Kernel::Gemm { epilogue } if !epilogue.is_empty() => {
+                let (text, words) = gen_epilogue(&t, step, epilogue)
+                    .map_err(|e| format!("s{si} gemm epilogue ({}): {e}", step.origin))?;
+                Some((add(text, words.len().max(1)), words))
+            }
+            _ => None,
+        };
         steps.push(StepKernel {
             kernel,
             words,
             grid,
+            epilogue,
         });
     }
     let mut source = String::from(PRELUDE);

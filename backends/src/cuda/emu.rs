@@ -25,6 +25,16 @@ pub struct EmuDevice {
     lens: BTreeMap<u64, usize>,
     /// The loaded modules: each library with its launchers.
     modules: Vec<(libloading::Library, Vec<LaunchFn>)>,
+    /// Whether it offers the emulated cuBLAS.
+    blas: bool,
+}
+
+/// Products the emulated cuBLAS ran (in this process).
+static SGEMM_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many products the emulated cuBLAS ran in this process.
+pub fn sgemm_calls() -> usize {
+    SGEMM_CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl EmuDevice {
@@ -34,7 +44,14 @@ impl EmuDevice {
             allocs: BTreeMap::new(),
             lens: BTreeMap::new(),
             modules: Vec::new(),
+            blas: true,
         }
+    }
+
+    /// With or without the emulated cuBLAS.
+    pub fn with_blas(mut self, blas: bool) -> EmuDevice {
+        self.blas = blas;
+        self
     }
 
     /// The allocation holding `[addr, addr + len)`, as (base, offset).
@@ -191,5 +208,52 @@ impl Device for EmuDevice {
 
     fn sync(&mut self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// cuBLAS's column-major semantics on the host (f32 sums in order),
+    /// every matrix's extent checked against its allocation first.
+    fn sgemm(&mut self, g: &super::Sgemm) -> Result<bool, String> {
+        if !self.blas {
+            return Ok(false);
+        }
+        SGEMM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (m, n, k, batch) = (g.m as i64, g.n as i64, g.k as i64, g.batch as i64);
+        // The last element each operand touches, in elements.
+        let extent = |(_, ld, stride): (u64, i32, i64), rows: i64, cols: i64| -> i64 {
+            (batch - 1) * stride + (cols - 1) * ld as i64 + rows
+        };
+        let (ar, ac) = if g.transa { (k, m) } else { (m, k) };
+        let (br, bc) = if g.transb { (n, k) } else { (k, n) };
+        for (x, rows, cols) in [(g.a, ar, ac), (g.b, br, bc), (g.c, m, n)] {
+            self.find(x.0, (extent(x, rows, cols).max(0) as usize) * 4)?;
+        }
+        let (a, b, c) = (g.a.0 as *const f32, g.b.0 as *const f32, g.c.0 as *mut f32);
+        for z in 0..batch {
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0f32;
+                    for p in 0..k {
+                        let ai = if g.transa {
+                            p + i * g.a.1 as i64
+                        } else {
+                            i + p * g.a.1 as i64
+                        };
+                        let bi = if g.transb {
+                            j + p * g.b.1 as i64
+                        } else {
+                            p + j * g.b.1 as i64
+                        };
+                        // SAFETY: every index is inside the extents checked above.
+                        acc += unsafe {
+                            *a.offset((z * g.a.2 + ai) as isize)
+                                * *b.offset((z * g.b.2 + bi) as isize)
+                        };
+                    }
+                    // SAFETY: as above.
+                    unsafe { *c.offset((z * g.c.2 + i + j * g.c.1 as i64) as isize) = acc };
+                }
+            }
+        }
+        Ok(true)
     }
 }

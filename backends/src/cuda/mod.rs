@@ -55,6 +55,126 @@ pub trait Device {
     ) -> Result<(), String>;
     /// Waits for every launch; a fault in a kernel is reported here.
     fn sync(&mut self) -> Result<(), String>;
+    /// A batched f32 product through the device's BLAS (cuBLAS's
+    /// `cublasSgemmStridedBatched`, column-major); `Ok(false)` when the
+    /// device has none, and the generated GEMM kernel runs instead.
+    fn sgemm(&mut self, g: &Sgemm) -> Result<bool, String> {
+        let _ = g;
+        Ok(false)
+    }
+}
+
+/// One `cublasSgemmStridedBatched` call, column-major: per batch entry `z`,
+/// `C = op(A) · op(B)` with `C` m × n (leading dimension `ldc`), `op(A)`
+/// m × k, `op(B)` k × n; `alpha = 1`, `beta = 0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sgemm {
+    /// `op(A) = Aᵀ`.
+    pub transa: bool,
+    /// `op(B) = Bᵀ`.
+    pub transb: bool,
+    /// Rows of C.
+    pub m: i32,
+    /// Columns of C.
+    pub n: i32,
+    /// The inner dimension.
+    pub k: i32,
+    /// A's device address, leading dimension and batch stride (elements).
+    pub a: (u64, i32, i64),
+    /// B's.
+    pub b: (u64, i32, i64),
+    /// C's.
+    pub c: (u64, i32, i64),
+    /// Batch entries.
+    pub batch: i32,
+}
+
+/// The one stride that walks the batch axes of a view as one flattened
+/// axis, if there is one (size-1 axes are free; a broadcast is stride 0).
+fn merged_batch_stride(shape: &[usize], strides: &[usize]) -> Option<usize> {
+    let mut expect: Option<usize> = None;
+    let mut inner = 0usize;
+    for k in (0..shape.len()).rev() {
+        if shape[k] == 1 {
+            continue;
+        }
+        match expect {
+            None => {
+                inner = strides[k];
+                expect = Some(strides[k].checked_mul(shape[k])?);
+            }
+            Some(e) if strides[k] == e => expect = Some(e.checked_mul(shape[k])?),
+            Some(_) => return None,
+        }
+    }
+    Some(inner)
+}
+
+/// The row-major product `out[b] = a[b] · b[b]` (f32 views) as one column-
+/// major strided-batched call: `outᵀ = bᵀ · aᵀ`. `None` when a layout has no
+/// unit stride in its matrix axes, a batch that does not flatten, or sizes
+/// past i32; the generated kernel runs those.
+fn plan_sgemm(a: &CView, b: &CView, out: &CView, addr: impl Fn(&CView) -> u64) -> Option<Sgemm> {
+    let r = out.shape.len();
+    if r < 2 {
+        return None;
+    }
+    let (m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.shape[r - 1]);
+    let (am, ak, bk, bn, om, on) = (
+        a.strides[r - 2],
+        a.strides[r - 1],
+        b.strides[r - 2],
+        b.strides[r - 1],
+        out.strides[r - 2],
+        out.strides[r - 1],
+    );
+    let batch: usize = out.shape[..r - 2].iter().product();
+    let sa = merged_batch_stride(&a.shape[..r - 2], &a.strides[..r - 2])?;
+    let sb = merged_batch_stride(&b.shape[..r - 2], &b.strides[..r - 2])?;
+    let sc = merged_batch_stride(&out.shape[..r - 2], &out.strides[..r - 2])?;
+    // C (cuBLAS's n × ... ) is outᵀ: N rows, leading dimension om.
+    if on != 1 && n > 1 {
+        return None;
+    }
+    let ldc = if m > 1 { om } else { n.max(1) };
+    if ldc < n.max(1) {
+        return None;
+    }
+    // cuBLAS's A is bᵀ (N × K): b's rows are contiguous, or b is stored transposed.
+    let (transa, lda) = if bn == 1 || n == 1 {
+        (false, if k > 1 { bk } else { n.max(1) })
+    } else if bk == 1 || k == 1 {
+        (true, bn)
+    } else {
+        return None;
+    };
+    if lda < if transa { k.max(1) } else { n.max(1) } {
+        return None;
+    }
+    // cuBLAS's B is aᵀ (K × M).
+    let (transb, ldb) = if ak == 1 || k == 1 {
+        (false, if m > 1 { am } else { k.max(1) })
+    } else if am == 1 || m == 1 {
+        (true, ak)
+    } else {
+        return None;
+    };
+    if ldb < if transb { m.max(1) } else { k.max(1) } {
+        return None;
+    }
+    let i = |x: usize| i32::try_from(x).ok();
+    let l = |x: usize| i64::try_from(x).ok();
+    Some(Sgemm {
+        transa,
+        transb,
+        m: i(n)?,
+        n: i(m)?,
+        k: i(k)?,
+        a: (addr(b), i(lda)?, l(sb)?),
+        b: (addr(a), i(ldb)?, l(sa)?),
+        c: (addr(out), i(ldc)?, l(sc)?),
+        batch: i(batch)?,
+    })
 }
 
 /// The CUDA backend on GPU `device`.
@@ -62,11 +182,23 @@ pub trait Device {
 pub struct Cuda {
     /// The GPU's ordinal.
     pub device: i32,
+    /// Let cuBLAS use TF32 tensor cores (off: f32 parity with the interpreter).
+    pub tf32: bool,
 }
 
 /// The CUDA backend on the emulated device (tests; see [`emu`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CudaEmulated;
+#[derive(Clone, Copy, Debug)]
+pub struct CudaEmulated {
+    /// Products through the emulated cuBLAS where their layout allows, as
+    /// on a GPU with cuBLAS (false: every product on the generated kernel).
+    pub blas: bool,
+}
+
+impl Default for CudaEmulated {
+    fn default() -> Self {
+        CudaEmulated { blas: true }
+    }
+}
 
 fn backend_err(message: String) -> RunError {
     RunError::Backend {
@@ -81,7 +213,9 @@ impl Backend for Cuda {
     }
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
-        let device = driver::CudaDevice::open(self.device).map_err(backend_err)?;
+        let device = driver::CudaDevice::open(self.device)
+            .map_err(backend_err)?
+            .with_tf32(self.tf32);
         Ok(Box::new(CudaExecutable::new(
             graph,
             weights,
@@ -95,7 +229,9 @@ impl Backend for Cuda {
         weights: &Weights,
         capacity: usize,
     ) -> Result<Box<dyn crate::Session>, RunError> {
-        let device = driver::CudaDevice::open(self.device).map_err(backend_err)?;
+        let device = driver::CudaDevice::open(self.device)
+            .map_err(backend_err)?
+            .with_tf32(self.tf32);
         Ok(Box::new(CudaSession::new(
             funcs,
             weights,
@@ -111,7 +247,7 @@ impl Backend for CudaEmulated {
     }
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
-        let shared = Shared::new(Box::new(emu::EmuDevice::new()));
+        let shared = Shared::new(Box::new(emu::EmuDevice::new().with_blas(self.blas)));
         Ok(Box::new(CudaExecutable::new(graph, weights, &shared)?))
     }
 
@@ -121,7 +257,7 @@ impl Backend for CudaEmulated {
         weights: &Weights,
         capacity: usize,
     ) -> Result<Box<dyn crate::Session>, RunError> {
-        let device = Box::new(emu::EmuDevice::new());
+        let device = Box::new(emu::EmuDevice::new().with_blas(self.blas));
         Ok(Box::new(CudaSession::new(
             funcs, weights, capacity, device,
         )?))
@@ -410,6 +546,9 @@ impl CudaExecutable {
             *arena = Some((a, need));
         }
         let arena_addr = arena.map_or(0, |(a, _)| a);
+        // `KILN_CUDA_GEMM=kernels`: every product on the generated kernel
+        // (for comparisons with the BLAS path).
+        let no_blas = std::env::var("KILN_CUDA_GEMM").is_ok_and(|v| v == "kernels");
         let err_addr = *err;
         device.upload(err_addr, &[0u8; 16]).map_err(backend_err)?;
         let mut run = RunBuffers {
@@ -517,27 +656,71 @@ impl CudaExecutable {
                 buckets = run.alloc(table.len())?;
                 run.device.upload(buckets, &table).map_err(backend_err)?;
             }
-            let mut words = Vec::with_capacity(sk.words.len().max(1));
-            for w in &sk.words {
-                words.push(match w {
-                    Word::Ptr(o) => {
-                        let v = view(*o);
-                        elem_addr(v, v.offset) as i64
+            let eval = |ws: &[Word]| -> Result<Vec<i64>, RunError> {
+                let mut words = Vec::with_capacity(ws.len().max(1));
+                for w in ws {
+                    words.push(match w {
+                        Word::Ptr(o) => {
+                            let v = view(*o);
+                            elem_addr(v, v.offset) as i64
+                        }
+                        Word::Size(o, k) => view(*o).shape[*k] as i64,
+                        Word::Stride(o, k) => view(*o).strides[*k] as i64,
+                        Word::Count(o, a, b) => {
+                            view(*o).shape[*a..*b].iter().product::<usize>() as i64
+                        }
+                        Word::Int(i) => *i,
+                        Word::F64(x) => x.to_bits() as i64,
+                        Word::Dim(d) => crate::eval_int_in(cx, d, &step.origin)?,
+                        Word::Err => err_addr as i64,
+                        Word::Step => si as i64,
+                        Word::Buckets => buckets as i64,
+                    });
+                }
+                if words.is_empty() {
+                    words.push(0);
+                }
+                Ok(words)
+            };
+            // A product the device's BLAS can take, when it has one; then
+            // the epilogue in place.
+            if let Kernel::Gemm { .. } = &step.kernel {
+                let all_f32 = [ins[0].root, ins[1].root, out.root]
+                    .iter()
+                    .all(|&r| storage[r] == DType::F32);
+                let plan = if all_f32 && !no_blas {
+                    plan_sgemm(ins[0], ins[1], out, |v| elem_addr(v, v.offset))
+                } else {
+                    None
+                };
+                let r = out.shape.len();
+                let empty = out.shape.contains(&0) || ins[0].shape[r - 1] == 0;
+                if let (Some(g), false) = (plan, empty) {
+                    let done = run
+                        .device
+                        .sgemm(&g)
+                        .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+                    if done {
+                        if let Some((k, ws)) = &sk.epilogue {
+                            let words = eval(ws)?;
+                            let n: usize = out.shape.iter().product();
+                            let b = codegen::BLOCK as usize;
+                            run.device
+                                .launch(
+                                    *module_id,
+                                    *k,
+                                    [(n.div_ceil(b).clamp(1, 1 << 16)) as u32, 1, 1],
+                                    [codegen::BLOCK, 1, 1],
+                                    0,
+                                    &words,
+                                )
+                                .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+                        }
+                        continue;
                     }
-                    Word::Size(o, k) => view(*o).shape[*k] as i64,
-                    Word::Stride(o, k) => view(*o).strides[*k] as i64,
-                    Word::Count(o, a, b) => view(*o).shape[*a..*b].iter().product::<usize>() as i64,
-                    Word::Int(i) => *i,
-                    Word::F64(x) => x.to_bits() as i64,
-                    Word::Dim(d) => crate::eval_int_in(cx, d, &step.origin)?,
-                    Word::Err => err_addr as i64,
-                    Word::Step => si as i64,
-                    Word::Buckets => buckets as i64,
-                });
+                }
             }
-            if words.is_empty() {
-                words.push(0);
-            }
+            let words = eval(&sk.words)?;
             let cap = |n: usize, limit: usize| n.clamp(1, limit) as u32;
             let (grid, block, smem) = match &sk.grid {
                 Grid::Elements(o, r) => {
