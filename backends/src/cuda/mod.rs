@@ -269,6 +269,8 @@ impl Backend for CudaEmulated {
 pub struct Shared {
     device: Box<dyn Device>,
     weights: HashMap<String, u64>,
+    /// Per-run buffers kept for the next run, by size.
+    pool: HashMap<usize, Vec<u64>>,
 }
 
 impl Shared {
@@ -277,6 +279,7 @@ impl Shared {
         Rc::new(RefCell::new(Shared {
             device,
             weights: HashMap::new(),
+            pool: HashMap::new(),
         }))
     }
 }
@@ -285,6 +288,11 @@ impl Drop for Shared {
     fn drop(&mut self) {
         for (_, &a) in self.weights.iter() {
             self.device.free(a);
+        }
+        for (_, kept) in self.pool.iter() {
+            for &a in kept {
+                self.device.free(a);
+            }
         }
     }
 }
@@ -348,24 +356,42 @@ impl Drop for CudaExecutable {
     }
 }
 
-/// Per-run allocations, freed when the run ends.
+/// Per-run allocations (inputs, outputs, small tables), returned to the
+/// shared device's pool when the run ends: a decode step reuses the
+/// previous step's buffers instead of allocating (`cuMemAlloc` costs more
+/// than a small model's step).
 struct RunBuffers<'a> {
     device: &'a mut dyn Device,
-    addrs: Vec<u64>,
+    pool: &'a mut HashMap<usize, Vec<u64>>,
+    addrs: Vec<(u64, usize)>,
 }
 
+/// Buffers of one size a pool keeps.
+const POOL_PER_SIZE: usize = 8;
+
 impl RunBuffers<'_> {
+    /// `bytes` bytes, from the pool when it has a buffer of that size.
+    /// Their contents are unspecified: every caller writes them whole
+    /// (uploads) or is a Program output, which its steps write whole.
     fn alloc(&mut self, bytes: usize) -> Result<u64, RunError> {
-        let a = self.device.alloc(bytes).map_err(backend_err)?;
-        self.addrs.push(a);
+        let a = match self.pool.get_mut(&bytes).and_then(Vec::pop) {
+            Some(a) => a,
+            None => self.device.alloc(bytes).map_err(backend_err)?,
+        };
+        self.addrs.push((a, bytes));
         Ok(a)
     }
 }
 
 impl Drop for RunBuffers<'_> {
     fn drop(&mut self) {
-        for &a in &self.addrs {
-            self.device.free(a);
+        for &(a, n) in &self.addrs {
+            let kept = self.pool.entry(n).or_default();
+            if kept.len() < POOL_PER_SIZE {
+                kept.push(a);
+            } else {
+                self.device.free(a);
+            }
         }
     }
 }
@@ -532,7 +558,7 @@ impl CudaExecutable {
             err,
         } = self;
         let mut sh = shared.borrow_mut();
-        let device = &mut sh.device;
+        let Shared { device, pool, .. } = &mut *sh;
         let p = inner.program();
         let (plan, views) = inner
             .plan_of(&key)
@@ -553,6 +579,7 @@ impl CudaExecutable {
         device.upload(err_addr, &[0u8; 16]).map_err(backend_err)?;
         let mut run = RunBuffers {
             device: device.as_mut(),
+            pool,
             addrs: Vec::new(),
         };
         // The device address of every root buffer.
