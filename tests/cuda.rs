@@ -39,9 +39,12 @@ fn every_family_runs_on_the_emulated_device_as_on_the_interpreter() {
             // Every product on the generated GEMM kernel instead of cuBLAS.
             let graph = m.main().unwrap();
             let tensors = m.prepare_inputs(&inputs).unwrap();
-            let mut exe = CudaEmulated { blas: false }
-                .compile(graph, m.weights().unwrap())
-                .unwrap();
+            let mut exe = CudaEmulated {
+                blas: false,
+                ..Default::default()
+            }
+            .compile(graph, m.weights().unwrap())
+            .unwrap();
             let own = support::named(graph, exe.run(&tensors).unwrap());
             let err_own = compare(&format!("{family} {level:?} own GEMM"), &want, &own);
             println!("{family} {level:?}: {err:.1e} (cuBLAS path), {err_own:.1e} (own GEMM)");
@@ -111,7 +114,10 @@ fn generated_cuda_c_of_a_llama_layer() {
         let epilogue = s
             .epilogue
             .as_ref()
-            .map(|(k, _)| format!(" (after cuBLAS: epilogue {})", module.kernels[*k].0))
+            .map(|(k, _)| match p.steps[i].kernel.kind_name() {
+                "attention" => format!(" (split over keys: combine {})", module.kernels[*k].0),
+                _ => format!(" (after cuBLAS: epilogue {})", module.kernels[*k].0),
+            })
             .unwrap_or_default();
         text.push_str(&format!(
             "// s{i} {} -> {} {:?}{epilogue}\n",
@@ -297,4 +303,49 @@ fn cuda_artifacts_hold_the_kernels_and_run_like_their_source() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Attention split over key ranges (what a decode step over a long cache
+/// does on a GPU), forced on tiny models by splitting past 2 keys: every
+/// family's forward, and a llama session's prefill and decode steps, match
+/// the interpreter.
+#[test]
+fn attention_split_over_key_ranges_matches_the_interpreter() {
+    let split = CudaEmulated {
+        blas: true,
+        split_keys: 2,
+    };
+    let before = kiln::backends::cuda::split_attention_runs();
+    for family in support::FAMILIES {
+        let m = support::hf_model(family).optimize(OptLevel::O2).unwrap();
+        let inputs = support::family_inputs(&m);
+        let want = m.run_on(Target::Interp, &inputs).unwrap();
+        let graph = m.main().unwrap();
+        let tensors = m.prepare_inputs(&inputs).unwrap();
+        let mut exe = split.compile(graph, m.weights().unwrap()).unwrap();
+        let got = support::named(graph, exe.run(&tensors).unwrap());
+        compare(&format!("{family} split"), &want, &got);
+    }
+    let m = support::hf_model("llama").kv_split().unwrap();
+    let funcs = vec![
+        m.function("prefill").unwrap().clone(),
+        m.function("decode").unwrap().clone(),
+    ];
+    let mut gpu = split.session(&funcs, m.weights().unwrap(), 32).unwrap();
+    let mut oracle = m.session(Target::Interp, 32).unwrap();
+    let prompt = kiln::Tensor::i64(vec![2, 5], vec![5, 17, 42, 99, 3, 8, 1, 4, 2, 6]).unwrap();
+    let mut call = |entry: &str, t: kiln::Tensor| {
+        let want = oracle.call(entry, std::slice::from_ref(&t)).unwrap();
+        let got = gpu.call(entry, &[t]).unwrap();
+        compare(entry, &want, &got);
+    };
+    call("prefill", prompt);
+    for step in 0..6 {
+        call(
+            "decode",
+            kiln::Tensor::i64(vec![2, 1], vec![7 + step, 30 + step]).unwrap(),
+        );
+    }
+    assert_eq!(gpu.cache_len(), 11);
+    assert!(kiln::backends::cuda::split_attention_runs() > before + 20);
 }

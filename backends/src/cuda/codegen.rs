@@ -76,6 +76,12 @@ pub enum Word {
     /// The device address of this step's relative-position bucket table
     /// (`i32`, one per distance from `-(S - 1)` to `T - 1`).
     Buckets,
+    /// How many key ranges an attention step is split into (1: no split).
+    Splits,
+    /// Keys per range of a split attention step.
+    Chunk,
+    /// The device address of a split attention step's partial results.
+    Scratch,
 }
 
 /// How a step is launched: grid from the views, fixed block and shared memory rule.
@@ -109,7 +115,9 @@ pub struct StepKernel {
     pub grid: Grid,
     /// For a GEMM with an epilogue: the kernel (and its words) that applies
     /// the epilogue in place to a product the device's BLAS wrote (its grid
-    /// is `Elements` over the output).
+    /// is `Elements` over the output); for attention: the kernel that
+    /// combines the partial results of a split over the keys (its grid is
+    /// `Elements` over the output).
     pub epilogue: Option<(usize, Vec<Word>)>,
 }
 
@@ -1385,6 +1393,13 @@ fn gen_attention(
             "  const int* __restrict__ bk = (const int*)(unsigned long long){w};"
         );
     }
+    g.int("NS", Word::Splits);
+    g.int("CH", Word::Chunk);
+    let w = g.word(Word::Scratch);
+    let _ = writeln!(
+        g.text,
+        "  float* __restrict__ scr = (float*)(unsigned long long){w};"
+    );
     let (tq, tk) = (ATT_TQ, ATT_TK);
     let ld = |ptr: &str, off: &str, b: BufferId| load(ptr, off, t.stored(b), t.declared(b));
     let mut s = String::new();
@@ -1399,7 +1414,12 @@ fn gen_attention(
     let _ = writeln!(s, "  float* salpha = ssum + {tq};");
     let _ = writeln!(
         s,
-        "  const long long b = blockIdx.z, h = blockIdx.y, t0 = (long long)blockIdx.x * {tq};"
+        "  const long long b = blockIdx.z, h = blockIdx.y, split = blockIdx.x % NS, t0 = (long long)(blockIdx.x / NS) * {tq};"
+    );
+    // This block's keys: all of them, or its range of a split.
+    let _ = writeln!(
+        s,
+        "  const long long jb = split * CH, je = jb + CH < S ? jb + CH : S;"
     );
     let _ = writeln!(s, "  const long long kh = h / (H / HK);");
     let _ = writeln!(s, "  const int tid = threadIdx.x, nt = blockDim.x;");
@@ -1430,7 +1450,7 @@ fn gen_attention(
         "  for (int qi = tid; qi < {tq}; qi += nt) {{ smax[qi] = -KILN_INF; ssum[qi] = 0.0f; }}"
     );
     let _ = writeln!(s, "  __syncthreads();");
-    let _ = writeln!(s, "  for (long long j0 = 0; j0 < S; j0 += {tk}) {{");
+    let _ = writeln!(s, "  for (long long j0 = jb; j0 < je; j0 += {tk}) {{");
     if causal {
         let _ = writeln!(s, "    if (j0 > t0 + {} + S - T) break;", tq - 1);
     }
@@ -1441,7 +1461,7 @@ fn gen_attention(
     );
     let _ = writeln!(
         s,
-        "      sk[e] = j < S ? {} : 0.0f;",
+        "      sk[e] = j < je ? {} : 0.0f;",
         ld("k", "b * ks0 + kh * ks1 + j * ks2 + c * ks3", k_b)
     );
     let _ = writeln!(s, "    }}");
@@ -1452,7 +1472,7 @@ fn gen_attention(
     );
     let _ = writeln!(
         s,
-        "      sv[e] = j < S ? {} : 0.0f;",
+        "      sv[e] = j < je ? {} : 0.0f;",
         ld("v", "b * vs0 + kh * vs1 + j * vs2 + c * vs3", v_b)
     );
     let _ = writeln!(s, "    }}");
@@ -1463,7 +1483,7 @@ fn gen_attention(
         "      const long long qi = e / {tk}, kj = e % {tk}, tq = t0 + qi, j = j0 + kj;"
     );
     let _ = writeln!(s, "      float sc = -KILN_INF;");
-    let _ = writeln!(s, "      if (tq < T && j < S) {{");
+    let _ = writeln!(s, "      if (tq < T && j < je) {{");
     let mut vis = String::from("true");
     if causal {
         vis.push_str(" && j <= tq + S - T");
@@ -1542,7 +1562,17 @@ fn gen_attention(
         s,
         "    const long long qi = e / DV, c = e % DV, tq = t0 + qi;"
     );
-    let _ = writeln!(s, "    if (tq < T) {{");
+    let _ = writeln!(s, "    if (tq < T && NS > 1) {{");
+    let _ = writeln!(
+        s,
+        "      float* part = scr + (((b * H + h) * T + tq) * NS + split) * (DV + 2);"
+    );
+    let _ = writeln!(
+        s,
+        "      if (c == 0) {{ part[0] = smax[qi]; part[1] = ssum[qi]; }}"
+    );
+    let _ = writeln!(s, "      part[2 + c] = so[e];");
+    let _ = writeln!(s, "    }} else if (tq < T) {{");
     let _ = writeln!(s, "      const float l = ssum[qi];");
     let _ = writeln!(s, "      const float y = l > 0.0f ? so[e] / l : 0.0f;");
     let _ = writeln!(
@@ -1552,6 +1582,67 @@ fn gen_attention(
     );
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "  }}");
+    Ok(g.finish(&s))
+}
+
+/// Combines the partial results of an attention step split over the keys:
+/// per query row, the ranges' running maxima, sums and unnormalised outputs
+/// rescaled to the largest maximum.
+fn gen_attention_combine(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+) -> Result<(String, Vec<Word>), String> {
+    let out_b = step.output;
+    let od = t.declared(out_b);
+    let mut g = Gen::new();
+    g.ptr("o", Operand::Out, t.stored(out_b), true);
+    let w = g.word(Word::Scratch);
+    let _ = writeln!(
+        g.text,
+        "  const float* __restrict__ scr = (const float*)(unsigned long long){w};"
+    );
+    for (name, ax) in [("B", 0), ("H", 1), ("T", 2), ("DV", 3)] {
+        g.int(name, Word::Size(Operand::Out, ax));
+    }
+    g.int("NS", Word::Splits);
+    for ax in 0..4 {
+        g.int(&format!("os{ax}"), Word::Stride(Operand::Out, ax));
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "  const long long n = B * H * T * DV;");
+    let _ = writeln!(
+        s,
+        "  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {{"
+    );
+    let _ = writeln!(s, "    const long long c = i % DV, row = i / DV;");
+    let _ = writeln!(
+        s,
+        "    const long long tq = row % T, h = (row / T) % H, b = row / (T * H);"
+    );
+    let _ = writeln!(s, "    const float* part = scr + row * NS * (DV + 2);");
+    let _ = writeln!(s, "    float m = -KILN_INF;");
+    let _ = writeln!(
+        s,
+        "    for (long long k = 0; k < NS; k++) m = fmaxf(m, part[k * (DV + 2)]);"
+    );
+    let _ = writeln!(s, "    float l = 0.0f, acc = 0.0f;");
+    let _ = writeln!(
+        s,
+        "    if (m != -KILN_INF) for (long long k = 0; k < NS; k++) {{"
+    );
+    let _ = writeln!(s, "      const float* pk = part + k * (DV + 2);");
+    let _ = writeln!(s, "      if (pk[0] == -KILN_INF) continue;");
+    let _ = writeln!(s, "      const float f = expf(pk[0] - m);");
+    let _ = writeln!(s, "      l += pk[1] * f;");
+    let _ = writeln!(s, "      acc += pk[2 + c] * f;");
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    const float y = l > 0.0f ? acc / l : 0.0f;");
+    let _ = writeln!(
+        s,
+        "    o[b * os0 + h * os1 + tq * os2 + c * os3] = {};",
+        store_value(&convert("y", DType::F32, od), od, t.stored(out_b))
+    );
+    s.push_str("  }\n");
     Ok(g.finish(&s))
 }
 
@@ -1943,6 +2034,11 @@ pub fn generate(program: &Program, storage: &[DType]) -> Result<ModuleSource, St
             Kernel::Gemm { epilogue } if !epilogue.is_empty() => {
                 let (text, words) = gen_epilogue(&t, step, epilogue)
                     .map_err(|e| format!("s{si} gemm epilogue ({}): {e}", step.origin))?;
+                Some((add(text, words.len().max(1)), words))
+            }
+            Kernel::Attention { .. } => {
+                let (text, words) = gen_attention_combine(&t, step)
+                    .map_err(|e| format!("s{si} attention combine ({}): {e}", step.origin))?;
                 Some((add(text, words.len().max(1)), words))
             }
             _ => None,

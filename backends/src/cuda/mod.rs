@@ -192,11 +192,16 @@ pub struct CudaEmulated {
     /// Products through the emulated cuBLAS where their layout allows, as
     /// on a GPU with cuBLAS (false: every product on the generated kernel).
     pub blas: bool,
+    /// Keys per block above which attention is split over key ranges.
+    pub split_keys: usize,
 }
 
 impl Default for CudaEmulated {
     fn default() -> Self {
-        CudaEmulated { blas: true }
+        CudaEmulated {
+            blas: true,
+            split_keys: SPLIT_KEYS,
+        }
     }
 }
 
@@ -247,7 +252,10 @@ impl Backend for CudaEmulated {
     }
 
     fn compile(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Executable>, RunError> {
-        let shared = Shared::new(Box::new(emu::EmuDevice::new().with_blas(self.blas)));
+        let shared = Shared::with_split_keys(
+            Box::new(emu::EmuDevice::new().with_blas(self.blas)),
+            self.split_keys,
+        );
         Ok(Box::new(CudaExecutable::new(graph, weights, &shared)?))
     }
 
@@ -258,9 +266,9 @@ impl Backend for CudaEmulated {
         capacity: usize,
     ) -> Result<Box<dyn crate::Session>, RunError> {
         let device = Box::new(emu::EmuDevice::new().with_blas(self.blas));
-        Ok(Box::new(CudaSession::new(
-            funcs, weights, capacity, device,
-        )?))
+        let session = CudaSession::new(funcs, weights, capacity, device)?;
+        session.shared.borrow_mut().split_keys = self.split_keys;
+        Ok(Box::new(session))
     }
 }
 
@@ -271,15 +279,42 @@ pub struct Shared {
     weights: HashMap<String, u64>,
     /// Per-run buffers kept for the next run, by size.
     pool: HashMap<usize, Vec<u64>>,
+    /// Keys per block above which a one-tile attention is split over
+    /// key ranges ([`SPLIT_KEYS`]).
+    split_keys: usize,
+}
+
+/// Keys per block of a decode attention split over the keys: a decode step
+/// at B = 1 has only `h` query rows, so a long cache is spread over more
+/// blocks than heads.
+pub const SPLIT_KEYS: usize = 256;
+/// The most key ranges one attention step is split into.
+const MAX_SPLITS: usize = 128;
+
+/// Attention steps run split over key ranges (in this process).
+static SPLIT_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many attention steps ran split over key ranges in this process.
+pub fn split_attention_runs() -> usize {
+    SPLIT_RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Shared {
+    /// `device` splitting attention over key ranges of `keys` (tests use a
+    /// few keys, to run the split path on tiny models).
+    pub fn with_split_keys(device: Box<dyn Device>, keys: usize) -> SharedDevice {
+        let sh = Shared::new(device);
+        sh.borrow_mut().split_keys = keys;
+        sh
+    }
+
     /// `device`, with no weights yet.
     pub fn new(device: Box<dyn Device>) -> SharedDevice {
         Rc::new(RefCell::new(Shared {
             device,
             weights: HashMap::new(),
             pool: HashMap::new(),
+            split_keys: SPLIT_KEYS,
         }))
     }
 }
@@ -558,7 +593,12 @@ impl CudaExecutable {
             err,
         } = self;
         let mut sh = shared.borrow_mut();
-        let Shared { device, pool, .. } = &mut *sh;
+        let Shared {
+            device,
+            pool,
+            split_keys,
+            ..
+        } = &mut *sh;
         let p = inner.program();
         let (plan, views) = inner
             .plan_of(&key)
@@ -575,6 +615,7 @@ impl CudaExecutable {
         // `KILN_CUDA_GEMM=kernels`: every product on the generated kernel
         // (for comparisons with the BLAS path).
         let no_blas = std::env::var("KILN_CUDA_GEMM").is_ok_and(|v| v == "kernels");
+        let split_keys = *split_keys;
         let err_addr = *err;
         device.upload(err_addr, &[0u8; 16]).map_err(backend_err)?;
         let mut run = RunBuffers {
@@ -683,6 +724,31 @@ impl CudaExecutable {
                 buckets = run.alloc(table.len())?;
                 run.device.upload(buckets, &table).map_err(backend_err)?;
             }
+            // Decode-shaped attention (one query tile) over many keys is
+            // split over key ranges, each a block, then combined.
+            let (mut splits, mut chunk, mut scratch) = (1usize, 0usize, 0u64);
+            if let Kernel::Attention { .. } = &step.kernel {
+                let (b, h, t, s) = (
+                    ins[0].shape[0],
+                    ins[0].shape[1],
+                    ins[0].shape[2],
+                    ins[1].shape[2],
+                );
+                chunk = s;
+                if t <= codegen::ATT_TQ && s > split_keys && split_keys > 0 {
+                    splits = s.div_ceil(split_keys).min(MAX_SPLITS);
+                    chunk = s.div_ceil(splits);
+                    splits = s.div_ceil(chunk);
+                    let dv = ins[2].shape[3];
+                    let floats = [b, h, t, splits, dv + 2]
+                        .iter()
+                        .try_fold(1usize, |a, &x| a.checked_mul(x))
+                        .ok_or_else(|| {
+                            backend_err("attention scratch past the address space".into())
+                        })?;
+                    scratch = run.alloc(nbytes(floats, DType::F32)?)?;
+                }
+            }
             let eval = |ws: &[Word]| -> Result<Vec<i64>, RunError> {
                 let mut words = Vec::with_capacity(ws.len().max(1));
                 for w in ws {
@@ -702,6 +768,9 @@ impl CudaExecutable {
                         Word::Err => err_addr as i64,
                         Word::Step => si as i64,
                         Word::Buckets => buckets as i64,
+                        Word::Splits => splits as i64,
+                        Word::Chunk => chunk as i64,
+                        Word::Scratch => scratch as i64,
                     });
                 }
                 if words.is_empty() {
@@ -810,7 +879,7 @@ impl CudaExecutable {
                     let (tq, tk) = (codegen::ATT_TQ, codegen::ATT_TK);
                     let floats = tq * dh + tk * dh + tk * dv + tq * dv + tq * tk + 3 * tq;
                     (
-                        [cap(t.div_ceil(tq), 1 << 30), h as u32, b as u32],
+                        [cap(t.div_ceil(tq) * splits, 1 << 30), h as u32, b as u32],
                         [codegen::ATT_THREADS, 1, 1],
                         (floats * 4) as u32,
                     )
@@ -834,6 +903,24 @@ impl CudaExecutable {
             run.device
                 .launch(*module_id, sk.kernel, grid, block, smem, &words)
                 .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+            if let (Kernel::Attention { .. }, Some((k, ws)), true) =
+                (&step.kernel, &sk.epilogue, splits > 1)
+            {
+                SPLIT_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let words = eval(ws)?;
+                let n: usize = out.shape.iter().product();
+                let b = codegen::BLOCK as usize;
+                run.device
+                    .launch(
+                        *module_id,
+                        *k,
+                        [cap(n.div_ceil(b), 1 << 16), 1, 1],
+                        [codegen::BLOCK, 1, 1],
+                        0,
+                        &words,
+                    )
+                    .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+            }
         }
         run.device
             .sync()
