@@ -1025,6 +1025,16 @@ pub fn load(path: &Path) -> Result<Model, Error> {
         .unwrap_or_default();
     if !cuda.is_empty() {
         let modules = model.cuda_modules()?;
+        if modules.len() != cuda.len() {
+            return Err(bad(
+                path,
+                format!(
+                    "records the CUDA C of {} functions; its IR has {}",
+                    cuda.len(),
+                    modules.len()
+                ),
+            ));
+        }
         for ((function, module), r) in modules.iter().zip(&cuda) {
             if *function != r.function
                 || kiln_backends::cuda::codegen::cuda_source(module) != r.source
@@ -1035,6 +1045,10 @@ pub fn load(path: &Path) -> Result<Model, Error> {
                         "the CUDA C of @{function} differs from the one it records: recompile the model with this kiln"
                     ),
                 ));
+            }
+            // Its stored PTX spares NVRTC when the GPU loads the module.
+            if let Some(ptx) = &r.ptx {
+                kiln_backends::cuda::driver::register_ptx(&r.source, ptx);
             }
         }
     }

@@ -349,3 +349,33 @@ fn attention_split_over_key_ranges_matches_the_interpreter() {
     assert_eq!(gpu.cache_len(), 11);
     assert!(kiln::backends::cuda::split_attention_runs() > before + 20);
 }
+
+/// Loading a CUDA artifact registers its stored PTX by source, so a GPU
+/// loads the modules without NVRTC (the lookup, checked without a GPU).
+#[test]
+fn a_cuda_artifact_registers_its_ptx_for_the_gpu_to_load() {
+    use kiln::backends::cuda::driver;
+    if !driver::nvrtc_present() {
+        assert!(!support::in_ci(), "CI installs NVRTC");
+        eprintln!("skipped: NVRTC is not installed (the artifact holds no PTX)");
+        return;
+    }
+    let dir = support::scratch_dir("cuda-ptx");
+    let art = dir.join("gpt2.kiln");
+    let (code, out, err) = support::kiln(&[
+        "compile",
+        "tests/data/hf/gpt2",
+        "--target",
+        "cuda",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let model = kiln::Model::load(&art).unwrap();
+    for (name, module) in model.cuda_modules().unwrap() {
+        let source = kiln::backends::cuda::codegen::cuda_source(&module);
+        let ptx = driver::known_ptx(&source).unwrap_or_else(|| panic!("@{name}: no PTX"));
+        assert!(ptx.contains(".target sm_80"), "@{name}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -79,6 +79,28 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
     result
 }
 
+/// PTX made before (a CUDA artifact's), by the exact CUDA C it was made
+/// from: loading a module with a known source uses it instead of NVRTC.
+static KNOWN_PTX: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `ptx` as the compilation of `source` (for every later load of
+/// that source in this process).
+pub fn register_ptx(source: &str, ptx: &str) {
+    let mut known = KNOWN_PTX.lock().unwrap_or_else(|e| e.into_inner());
+    if !known.iter().any(|(s, _)| s == source) {
+        known.push((source.to_string(), ptx.to_string()));
+    }
+}
+
+/// The registered PTX of `source`, if any.
+pub fn known_ptx(source: &str) -> Option<String> {
+    let known = KNOWN_PTX.lock().unwrap_or_else(|e| e.into_inner());
+    known
+        .iter()
+        .find(|(s, _)| s == source)
+        .map(|(_, p)| p.clone())
+}
+
 /// A GPU through the driver API: one context (the device's primary one),
 /// the null stream, memory by `cuMemAlloc`.
 pub struct CudaDevice {
@@ -224,7 +246,13 @@ impl Device for CudaDevice {
 
     fn load(&mut self, module: &ModuleSource) -> Result<usize, String> {
         self.current()?;
-        let ptx = compile_ptx(&cuda_source(module), &self.arch)?;
+        let source = cuda_source(module);
+        // A CUDA artifact's stored PTX (for compute_80, which the driver
+        // JIT-compiles for this GPU), else NVRTC.
+        let ptx = match known_ptx(&source) {
+            Some(p) => p,
+            None => compile_ptx(&source, &self.arch)?,
+        };
         let image = CString::new(ptx).map_err(|_| "PTX with a NUL byte")?;
         // SAFETY: a NUL-terminated PTX image.
         let m = unsafe { cu::module::load_data(image.as_ptr().cast::<c_void>()) }
