@@ -379,3 +379,45 @@ fn a_cuda_artifact_registers_its_ptx_for_the_gpu_to_load() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Non-finite scores propagate as in the interpreter: a NaN (or +inf) in a
+/// query row makes that row NaN, a fully masked row is 0, on the one-tile
+/// and the split paths.
+#[test]
+fn attention_propagates_nan_as_the_interpreter_does() {
+    let src = "func @f(%q: f32[1, 2, 3, 4], %k: f32[1, 2, 5, 4], %v: f32[1, 2, 5, 4]) -> (o: f32[1, 2, 3, 4]) {\n  %o = attention(%q, %k, %v) causal=true scale=0.5 : f32[1, 2, 3, 4]\n  return %o\n}\n";
+    let graph = kiln::ir::parse_graph(src).unwrap();
+    let mut q: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+    q[5] = f32::NAN; // head 0, query 1
+    q[16] = f32::INFINITY; // head 1, query 1
+    let kv: Vec<f32> = (0..40).map(|i| (i as f32 * 0.21).cos()).collect();
+    let inputs = vec![
+        kiln::Tensor::f32(vec![1, 2, 3, 4], q).unwrap(),
+        kiln::Tensor::f32(vec![1, 2, 5, 4], kv.clone()).unwrap(),
+        kiln::Tensor::f32(vec![1, 2, 5, 4], kv.iter().map(|x| x * 2.0).collect()).unwrap(),
+    ];
+    let weights = kiln::backends::Weights::new();
+    let want = kiln::backends::Interpreter
+        .compile(&graph, &weights)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let want = want[0].as_f32().unwrap();
+    assert!(want.iter().any(|x| x.is_nan()), "the case has NaN rows");
+    for split_keys in [256, 2] {
+        let got = CudaEmulated {
+            blas: true,
+            split_keys,
+        }
+        .compile(&graph, &weights)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+        for (i, (g, w)) in got[0].as_f32().unwrap().iter().zip(want).enumerate() {
+            assert!(
+                (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "split_keys {split_keys}, element {i}: {g} vs {w}"
+            );
+        }
+    }
+}

@@ -162,6 +162,8 @@ __device__ __forceinline__ unsigned short kiln_f2bf(float f) {
 __device__ __forceinline__ float kiln_r16(float f) { return kiln_h2f(kiln_f2h(f)); }
 __device__ __forceinline__ float kiln_rbf(float f) { return kiln_bf2f(kiln_f2bf(f)); }
 __device__ __forceinline__ bool kiln_nan(double x) { return x != x; }
+// A float max that propagates NaN (as the interpreter's softmax does).
+__device__ __forceinline__ float kiln_fmaxn(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a > b ? a : b); }
 __device__ __forceinline__ double kiln_max(double a, double b) { return (kiln_nan(a) || kiln_nan(b)) ? (double)__int_as_float(0x7fc00000) : (a > b ? a : b); }
 __device__ __forceinline__ double kiln_min(double a, double b) { return (kiln_nan(a) || kiln_nan(b)) ? (double)__int_as_float(0x7fc00000) : (a < b ? a : b); }
 __device__ __forceinline__ long long kiln_d2i64(double x) {
@@ -1217,12 +1219,17 @@ fn gen_gemm(
         s,
         "  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;"
     );
-    let _ = writeln!(s, "  const long long m0 = (long long)blockIdx.y * {tile}, n0 = (long long)blockIdx.x * {tile};");
+    let _ = writeln!(s, "  const long long n0 = (long long)blockIdx.x * {tile};");
     let _ = writeln!(
         s,
         "  for (long long z = blockIdx.z; z < batch; z += gridDim.z) {{"
     );
     s.push_str(&decompose("z", &bsizes, &offs_ref, "    "));
+    // Row tiles past the grid's y limit loop (uniform per block).
+    let _ = writeln!(
+        s,
+        "    for (long long m0 = (long long)blockIdx.y * {tile}; m0 < M; m0 += (long long)gridDim.y * {tile}) {{"
+    );
     let _ = writeln!(s, "    {acc_t} acc[{per}][{per}];");
     let _ = writeln!(
         s,
@@ -1332,6 +1339,7 @@ fn gen_gemm(
         store_value(&convert(&v, vt, od), od, t.stored(out_b))
     );
     let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "  }}");
     Ok(g.finish(&s))
@@ -1529,7 +1537,7 @@ fn gen_attention(
     let _ = writeln!(s, "      float m = mold;");
     let _ = writeln!(
         s,
-        "      for (int kj = 0; kj < {tk}; kj++) m = fmaxf(m, ss[qi * {tk} + kj]);"
+        "      for (int kj = 0; kj < {tk}; kj++) m = kiln_fmaxn(m, ss[qi * {tk} + kj]);"
     );
     let _ = writeln!(
         s,
@@ -1574,7 +1582,7 @@ fn gen_attention(
     let _ = writeln!(s, "      part[2 + c] = so[e];");
     let _ = writeln!(s, "    }} else if (tq < T) {{");
     let _ = writeln!(s, "      const float l = ssum[qi];");
-    let _ = writeln!(s, "      const float y = l > 0.0f ? so[e] / l : 0.0f;");
+    let _ = writeln!(s, "      const float y = l == 0.0f ? 0.0f : so[e] / l;");
     let _ = writeln!(
         s,
         "      o[b * os0 + h * os1 + tq * os2 + c * os3] = {};",
@@ -1623,7 +1631,7 @@ fn gen_attention_combine(
     let _ = writeln!(s, "    float m = -KILN_INF;");
     let _ = writeln!(
         s,
-        "    for (long long k = 0; k < NS; k++) m = fmaxf(m, part[k * (DV + 2)]);"
+        "    for (long long k = 0; k < NS; k++) m = kiln_fmaxn(m, part[k * (DV + 2)]);"
     );
     let _ = writeln!(s, "    float l = 0.0f, acc = 0.0f;");
     let _ = writeln!(
@@ -1636,7 +1644,7 @@ fn gen_attention_combine(
     let _ = writeln!(s, "      l += pk[1] * f;");
     let _ = writeln!(s, "      acc += pk[2 + c] * f;");
     let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "    const float y = l > 0.0f ? acc / l : 0.0f;");
+    let _ = writeln!(s, "    const float y = l == 0.0f ? 0.0f : acc / l;");
     let _ = writeln!(
         s,
         "    o[b * os0 + h * os1 + tq * os2 + c * os3] = {};",

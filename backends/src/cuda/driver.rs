@@ -39,7 +39,9 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
     let opts = [
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
-        "--fmad=true".to_string(),
+        // No contraction of a*b+c: the generated double arithmetic rounds as
+        // the interpreter's does (the kernels' own fmaf calls stay fused).
+        "--fmad=false".to_string(),
     ];
     // SAFETY: `prog` is a live program created above; destroyed below.
     let compiled = unsafe { nv::compile_program(prog, &opts) };
@@ -287,6 +289,7 @@ impl Device for CudaDevice {
     }
 
     fn free(&mut self, addr: u64) {
+        let _ = self.current();
         // SAFETY: `addr` came from `alloc` and is freed once.
         let _ = unsafe { cu::free_sync(addr) };
     }
@@ -295,6 +298,7 @@ impl Device for CudaDevice {
         if src.is_empty() {
             return Ok(());
         }
+        self.current()?;
         // SAFETY: the executor only names ranges inside its allocations.
         unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyHtoD", e))
     }
@@ -303,6 +307,7 @@ impl Device for CudaDevice {
         if dst.is_empty() {
             return Ok(());
         }
+        self.current()?;
         // SAFETY: as for `upload`.
         unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyDtoH", e))
     }
@@ -399,6 +404,7 @@ impl Device for CudaDevice {
     }
 
     fn sync(&mut self) -> Result<(), String> {
+        self.current()?;
         cu::ctx::synchronize().map_err(|e| driver_err("a kernel failed", e))
     }
 }

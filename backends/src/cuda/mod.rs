@@ -420,6 +420,9 @@ impl RunBuffers<'_> {
 
 impl Drop for RunBuffers<'_> {
     fn drop(&mut self) {
+        // A run that failed part-way may have launches in flight: let them
+        // finish before their buffers are reused or freed.
+        let _ = self.device.sync();
         for &(a, n) in &self.addrs {
             let kept = self.pool.entry(n).or_default();
             if kept.len() < POOL_PER_SIZE {
@@ -1017,6 +1020,7 @@ impl DeviceStates {
 impl Drop for DeviceStates {
     fn drop(&mut self) {
         let mut sh = self.shared.borrow_mut();
+        let _ = sh.device.sync();
         for &a in &self.addrs {
             sh.device.free(a);
         }
