@@ -140,6 +140,43 @@ pub(crate) fn bind_call<'a>(
     Ok((tensors, cx))
 }
 
+/// After a session call that kept its caches in place: records each cache's
+/// new shape and length (from `program`'s cache outputs under `cx`) and the
+/// carried values among `outputs`; returns the other outputs by name.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_call(
+    program: &crate::lower::Program,
+    cx: &kiln_ir::ShapeCx,
+    g: &Graph,
+    outputs: Vec<Option<Tensor>>,
+    carried_names: &BTreeSet<String>,
+    carried: &mut BTreeMap<String, Tensor>,
+    shapes: &mut BTreeMap<String, Vec<usize>>,
+    len: &mut usize,
+) -> Result<Vec<(String, Tensor)>, RunError> {
+    for st in &program.states {
+        let out = program.outputs[st.output].1;
+        let shape = program
+            .buffer(out)
+            .shape
+            .iter()
+            .map(|d| crate::eval_size_in(cx, d, &st.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        *len = shape.get(st.axis).copied().unwrap_or(0);
+        shapes.insert(st.name.clone(), shape);
+    }
+    let mut result = Vec::new();
+    for ((name, _), t) in g.outputs().iter().zip(outputs) {
+        let Some(t) = t else { continue };
+        if carried_names.contains(name) {
+            carried.insert(name.clone(), t);
+        } else {
+            result.push((name.clone(), t));
+        }
+    }
+    Ok(result)
+}
+
 /// A session that passes caches and carried values as host tensors; works on
 /// any backend (the graph interpreter uses it).
 pub struct TensorSession {

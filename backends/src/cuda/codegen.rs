@@ -948,13 +948,19 @@ fn gen_row(
     );
     let _ = writeln!(s, "    }}");
     // Element j of the row: its offset in x (and in out, for norms/softmax).
-    let elem = |s: &mut String, j: &str, with_out: bool| {
+    // Opens a loop over the row's elements `j` (this thread's share), with
+    // `xo` (and with `with_out`, `oe`) their offsets in the row.
+    let open_row = |s: &mut String, with_out: bool| {
+        let _ = writeln!(
+            s,
+            "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
+        );
         let mut offs: Vec<(&str, Vec<Option<String>>)> =
             vec![("xo", xs[outer..].iter().cloned().map(Some).collect())];
         if with_out {
             offs.push(("oe", os[outer..].iter().cloned().map(Some).collect()));
         }
-        s.push_str(&decompose(j, &rsizes, &offs, "        "));
+        s.push_str(&decompose("j", &rsizes, &offs, "        "));
     };
     let ld = |off: &str| load("x", off, t.stored(x_b), xd);
     match op {
@@ -974,11 +980,7 @@ fn gen_row(
                     ReduceKind::Mean => return Err("reduce_mean needs a float input".into()),
                 };
                 let _ = writeln!(s, "    long long acc = {init};");
-                let _ = writeln!(
-                    s,
-                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-                );
-                elem(&mut s, "j", false);
+                open_row(&mut s, false);
                 let _ = writeln!(
                     s,
                     "        {{ const long long v = {}; {comb} }}",
@@ -998,11 +1000,7 @@ fn gen_row(
                     "    double acc = {};",
                     if max { "-(double)KILN_INF" } else { "0.0" }
                 );
-                let _ = writeln!(
-                    s,
-                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-                );
-                elem(&mut s, "j", false);
+                open_row(&mut s, false);
                 let comb = if max {
                     "acc = kiln_max(acc, v);"
                 } else {
@@ -1042,29 +1040,17 @@ fn gen_row(
         }
         RowOp::Softmax => {
             let _ = writeln!(s, "    double m = -(double)KILN_INF;");
-            let _ = writeln!(
-                s,
-                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-            );
-            elem(&mut s, "j", false);
+            open_row(&mut s, false);
             let _ = writeln!(s, "        m = kiln_max(m, (double){});", ld("xb + xo"));
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    m = kiln_block_max(m, red);");
             let _ = writeln!(s, "    double sum = 0.0;");
-            let _ = writeln!(
-                s,
-                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-            );
-            elem(&mut s, "j", false);
+            open_row(&mut s, false);
             let _ = writeln!(s, "        sum += exp((double){} - m);", ld("xb + xo"));
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    sum = kiln_block_sum(sum, red);");
             let _ = writeln!(s, "    const bool none = (m == -(double)KILN_INF);");
-            let _ = writeln!(
-                s,
-                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-            );
-            elem(&mut s, "j", true);
+            open_row(&mut s, true);
             let _ = writeln!(
                 s,
                 "        const double y = none ? 0.0 : exp((double){} - m) / sum;",
@@ -1082,21 +1068,13 @@ fn gen_row(
             let eps = double_lit(*eps);
             let _ = writeln!(s, "    double mean = 0.0;");
             if layer {
-                let _ = writeln!(
-                    s,
-                    "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-                );
-                elem(&mut s, "j", false);
+                open_row(&mut s, false);
                 let _ = writeln!(s, "        mean += (double){};", ld("xb + xo"));
                 let _ = writeln!(s, "    }}");
                 let _ = writeln!(s, "    mean = kiln_block_sum(mean, red) / (double)width;");
             }
             let _ = writeln!(s, "    double var = 0.0;");
-            let _ = writeln!(
-                s,
-                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-            );
-            elem(&mut s, "j", false);
+            open_row(&mut s, false);
             let _ = writeln!(
                 s,
                 "        const double d = (double){} - mean; var += d * d;",
@@ -1105,11 +1083,7 @@ fn gen_row(
             let _ = writeln!(s, "    }}");
             let _ = writeln!(s, "    var = kiln_block_sum(var, red) / (double)width;");
             let _ = writeln!(s, "    const double inv = 1.0 / sqrt(var + {eps});");
-            let _ = writeln!(
-                s,
-                "    for (long long j = threadIdx.x; j < width; j += blockDim.x) {{"
-            );
-            elem(&mut s, "j", true);
+            open_row(&mut s, true);
             let wd = t.declared(step.inputs[1]);
             let wl = load("w", "j * ws", t.stored(step.inputs[1]), wd);
             let y = if layer {

@@ -1128,28 +1128,16 @@ impl crate::Session for CudaSession {
             }
         }
         let outputs = result?;
-        let p = exe.inner.program();
-        for st in &p.states {
-            let out = p.outputs[st.output].1;
-            let shape = p
-                .buffer(out)
-                .shape
-                .iter()
-                .map(|d| crate::eval_size_in(&cx, d, &st.name))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.len = shape.get(st.axis).copied().unwrap_or(0);
-            self.shapes.insert(st.name.clone(), shape);
-        }
-        let mut result = Vec::new();
-        for ((name, _), t) in g.outputs().iter().zip(outputs) {
-            let Some(t) = t else { continue };
-            if self.carried_names.contains(name) {
-                self.carried.insert(name.clone(), t);
-            } else {
-                result.push((name.clone(), t));
-            }
-        }
-        Ok(result)
+        crate::session::finish_call(
+            exe.inner.program(),
+            &cx,
+            g,
+            outputs,
+            &self.carried_names,
+            &mut self.carried,
+            &mut self.shapes,
+            &mut self.len,
+        )
     }
 
     fn cache_len(&self) -> usize {

@@ -942,28 +942,16 @@ impl Session for ReferenceSession {
             }
         }
         let outputs = result?;
-        for st in &exe.program.states {
-            let out = exe.program.outputs[st.output].1;
-            let shape = exe
-                .program
-                .buffer(out)
-                .shape
-                .iter()
-                .map(|d| size(&cx, d, &st.name))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.len = shape.get(st.axis).copied().unwrap_or(0);
-            self.shapes.insert(st.name.clone(), shape);
-        }
-        let mut result = Vec::new();
-        for ((name, _), t) in g.outputs().iter().zip(outputs) {
-            let Some(t) = t else { continue };
-            if self.carried_names.contains(name) {
-                self.carried.insert(name.clone(), t);
-            } else {
-                result.push((name.clone(), t));
-            }
-        }
-        Ok(result)
+        sess::finish_call(
+            &exe.program,
+            &cx,
+            g,
+            outputs,
+            &self.carried_names,
+            &mut self.carried,
+            &mut self.shapes,
+            &mut self.len,
+        )
     }
 
     fn cache_len(&self) -> usize {
