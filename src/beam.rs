@@ -105,15 +105,8 @@ impl Model {
                 opts.length_penalty
             )));
         }
-        if let Some(parts) = prompt.ragged_rows() {
-            for part in &parts {
-                self.prepare_inputs(part)?;
-            }
-            let mut out = Vec::with_capacity(parts.len());
-            for part in &parts {
-                out.extend(self.beam_search(part, opts)?);
-            }
-            return Ok(out);
+        if let Some(out) = self.per_ragged_row(prompt, |row| self.beam_search(row, opts)) {
+            return out;
         }
         self.prepare_inputs(prompt)?;
         if prompt.decoder_tokens.is_some() {

@@ -172,15 +172,10 @@ impl Model {
                 )));
             }
         }
-        if let Some(parts) = prompt.ragged_rows() {
-            for part in &parts {
-                self.prepare_inputs(part)?;
-            }
-            let mut out = Vec::with_capacity(parts.len());
-            for part in &parts {
-                out.extend(self.generate_streaming(part, opts, on_step)?);
-            }
-            return Ok(out);
+        if let Some(out) =
+            self.per_ragged_row(prompt, |row| self.generate_streaming(row, opts, on_step))
+        {
+            return out;
         }
         let encoder_decoder = info.decoder_start_token_id.is_some();
         let rows = prompt.tokens.len();

@@ -452,8 +452,8 @@ impl Model {
             // any lengths (see RunInputs::ragged_rows); `run` refuses them.
             return Ok((rows, None));
         }
-        match (encoder, tok.pad_id()) {
-            (true, Some(pad)) => {
+        match tok.pad_id() {
+            Some(pad) => {
                 let mask = rows
                     .iter()
                     .map(|r| {
@@ -471,11 +471,33 @@ impl Model {
                     .collect();
                 Ok((rows, Some(mask)))
             }
-            _ => Err(Error::Input(format!(
+            None => Err(Error::Input(format!(
                 "the prompts encode to {} tokens (the tokenizer names no padding token): give prompts of equal length, or one at a time",
                 rows.iter().map(|r| r.len().to_string()).collect::<Vec<_>>().join(", "),
             ))),
         }
+    }
+
+    /// For rows of unequal lengths ([`RunInputs::ragged_rows`]): every row
+    /// checked first, then `run` on each row alone, the results in row
+    /// order; `None` when the rows are of one length.
+    pub(crate) fn per_ragged_row<T>(
+        &self,
+        prompt: &RunInputs,
+        mut run: impl FnMut(&RunInputs) -> Result<Vec<T>, Error>,
+    ) -> Option<Result<Vec<T>, Error>> {
+        let parts = prompt.ragged_rows()?;
+        let mut all = || -> Result<Vec<T>, Error> {
+            for part in &parts {
+                self.prepare_inputs(part)?;
+            }
+            let mut out = Vec::with_capacity(parts.len());
+            for part in &parts {
+                out.extend(run(part)?);
+            }
+            Ok(out)
+        };
+        Some(all())
     }
 
     /// The model with `funcs` added after its own functions, and the
@@ -898,11 +920,18 @@ impl Model {
     /// A prompt of `len` tokens fits the model's positions; `what` names
     /// the flag (`--prompt 1`, `--chat`).
     pub fn check_prompt_len(&self, what: &str, len: usize) -> Result<(), Error> {
+        self.check_positions(len, || format!("{what} encodes to"))
+    }
+
+    /// `len` tokens fit the model's positions; the error reads
+    /// "`{subject}` N tokens, more than the model's M positions".
+    fn check_positions(&self, len: usize, subject: impl FnOnce() -> String) -> Result<(), Error> {
         if let Some(info) = &self.info {
             if let Some(max) = info.max_positions {
                 if len as i64 > max {
                     return Err(Error::Input(format!(
-                        "{what} encodes to {len} tokens, more than the model's {max} positions ({} in config.json)",
+                        "{} {len} tokens, more than the model's {max} positions ({} in config.json)",
+                        subject(),
                         info.family.positions_key()
                     )));
                 }
@@ -927,15 +956,7 @@ impl Model {
                     info.vocab_size
                 )));
             }
-            if let Some(max) = info.max_positions {
-                if row.len() as i64 > max {
-                    return Err(Error::Input(format!(
-                        "{flag} row {r} has {} tokens, more than the model's {max} positions ({} in config.json)",
-                        row.len(),
-                        info.family.positions_key()
-                    )));
-                }
-            }
+            self.check_positions(row.len(), || format!("{flag} row {r} has"))?;
         }
         Ok(())
     }

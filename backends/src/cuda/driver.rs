@@ -24,6 +24,16 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The text NVRTC returns (NUL-terminated C characters).
+fn c_text(raw: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = raw
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Compiles CUDA C to PTX for `arch` (`compute_90`) with NVRTC; the error
 /// carries NVRTC's log.
 pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
@@ -50,26 +60,12 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, String> {
             // SAFETY: the program compiled.
             unsafe { nv::get_ptx(prog) }
                 .map_err(|e| format!("NVRTC: {e:?}"))
-                .map(|raw| {
-                    let bytes: Vec<u8> = raw
-                        .iter()
-                        .map(|&c| c as u8)
-                        .take_while(|&b| b != 0)
-                        .collect();
-                    String::from_utf8_lossy(&bytes).into_owned()
-                })
+                .map(|raw| c_text(&raw))
         }
         Err(e) => {
             // SAFETY: as above; the log exists after a failed compile.
             let log = unsafe { nv::get_program_log(prog) }
-                .map(|raw| {
-                    let bytes: Vec<u8> = raw
-                        .iter()
-                        .map(|&c| c as u8)
-                        .take_while(|&b| b != 0)
-                        .collect();
-                    String::from_utf8_lossy(&bytes).into_owned()
-                })
+                .map(|raw| c_text(&raw))
                 .unwrap_or_default();
             Err(format!(
                 "NVRTC rejected the generated CUDA C ({e:?}):\n{log}"

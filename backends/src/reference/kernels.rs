@@ -457,6 +457,51 @@ fn contiguous(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// A host tensor from the little-endian bytes of `shape`'s elements of
+/// `dtype`, laid out contiguously (a bool byte other than 0 or 1 is an error;
+/// 16-bit elements are not returned as host tensors).
+pub(crate) fn tensor_from_le_bytes(
+    shape: Vec<usize>,
+    dtype: DType,
+    bytes: &[u8],
+) -> Result<kiln_ir::Tensor, String> {
+    let t = match dtype {
+        DType::F32 => kiln_ir::Tensor::f32(
+            shape,
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::I32 => kiln_ir::Tensor::i32(
+            shape,
+            bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::I64 => kiln_ir::Tensor::i64(
+            shape,
+            bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+        DType::Bool => {
+            if let Some(b) = bytes.iter().find(|&&b| b > 1) {
+                return Err(format!("element {b} is not a bool (0 or 1)"));
+            }
+            kiln_ir::Tensor::bool(shape, bytes.iter().map(|&b| b == 1).collect())
+        }
+        DType::F16 | DType::BF16 => {
+            return Err(format!(
+                "a {dtype} output cannot be returned as a host tensor"
+            ))
+        }
+    };
+    t.map_err(|e| e.to_string())
+}
+
 /// Writes host tensor `t` into the view `v` (a cache given as an input).
 pub(super) fn write_tensor(
     m: &mut Memory<'_>,
@@ -488,39 +533,7 @@ pub(super) fn read_tensor(m: &Memory<'_>, v: &CView) -> Result<kiln_ir::Tensor, 
     if v.strides == contiguous(&v.shape) && v.dtype != DType::F16 && v.dtype != DType::BF16 {
         let n: usize = v.shape.iter().product();
         if let Some(bytes) = m.bytes_of(v.root, v.offset * size, n * size) {
-            let shape = v.shape.clone();
-            let t = match v.dtype {
-                DType::F32 => kiln_ir::Tensor::f32(
-                    shape,
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
-                DType::I32 => kiln_ir::Tensor::i32(
-                    shape,
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
-                DType::I64 => kiln_ir::Tensor::i64(
-                    shape,
-                    bytes
-                        .chunks_exact(8)
-                        .map(|c| {
-                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                        })
-                        .collect(),
-                ),
-                _ => {
-                    if let Some(b) = bytes.iter().find(|&&b| b > 1) {
-                        return Err(format!("element {b} is not a bool (0 or 1)"));
-                    }
-                    kiln_ir::Tensor::bool(shape, bytes.iter().map(|&b| b == 1).collect())
-                }
-            };
-            return t.map_err(|e| e.to_string());
+            return tensor_from_le_bytes(v.shape.clone(), v.dtype, bytes);
         }
     }
     let mut vals = Vec::with_capacity(v.shape.iter().product());
