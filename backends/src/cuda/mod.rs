@@ -110,6 +110,22 @@ fn merged_batch_stride(shape: &[usize], strides: &[usize]) -> Option<usize> {
     Some(inner)
 }
 
+/// `Xᵀ` as a cuBLAS operand, for `X` row-major `[p, q]` with strides
+/// `(sp, sq)`: stored as the column-major `q × p` (X's rows contiguous; no
+/// transpose) or as the column-major `p × q` to transpose (X stored
+/// transposed). Returns (transpose, leading dimension); `None` when neither
+/// axis has a unit stride or the leading dimension is too small.
+fn transposed_operand(p: usize, q: usize, sp: usize, sq: usize) -> Option<(bool, usize)> {
+    let (trans, ld) = if sq == 1 || q == 1 {
+        (false, if p > 1 { sp } else { q.max(1) })
+    } else if sp == 1 || p == 1 {
+        (true, sq)
+    } else {
+        return None;
+    };
+    (ld >= if trans { p.max(1) } else { q.max(1) }).then_some((trans, ld))
+}
+
 /// The row-major product `out[b] = a[b] · b[b]` (f32 views) as one column-
 /// major strided-batched call: `outᵀ = bᵀ · aᵀ`. `None` when a layout has no
 /// unit stride in its matrix axes, a batch that does not flatten, or sizes
@@ -140,28 +156,9 @@ fn plan_sgemm(a: &CView, b: &CView, out: &CView, addr: impl Fn(&CView) -> u64) -
     if ldc < n.max(1) {
         return None;
     }
-    // cuBLAS's A is bᵀ (N × K): b's rows are contiguous, or b is stored transposed.
-    let (transa, lda) = if bn == 1 || n == 1 {
-        (false, if k > 1 { bk } else { n.max(1) })
-    } else if bk == 1 || k == 1 {
-        (true, bn)
-    } else {
-        return None;
-    };
-    if lda < if transa { k.max(1) } else { n.max(1) } {
-        return None;
-    }
-    // cuBLAS's B is aᵀ (K × M).
-    let (transb, ldb) = if ak == 1 || k == 1 {
-        (false, if m > 1 { am } else { k.max(1) })
-    } else if am == 1 || m == 1 {
-        (true, ak)
-    } else {
-        return None;
-    };
-    if ldb < if transb { m.max(1) } else { k.max(1) } {
-        return None;
-    }
+    // cuBLAS's A is bᵀ (N × K), its B is aᵀ (K × M).
+    let (transa, lda) = transposed_operand(k, n, bk, bn)?;
+    let (transb, ldb) = transposed_operand(m, k, am, ak)?;
     let i = |x: usize| i32::try_from(x).ok();
     let l = |x: usize| i64::try_from(x).ok();
     Some(Sgemm {
@@ -237,11 +234,9 @@ impl Backend for Cuda {
         let device = driver::CudaDevice::open(self.device)
             .map_err(backend_err)?
             .with_tf32(self.tf32);
+        let shared = Shared::new(Box::new(device));
         Ok(Box::new(CudaSession::new(
-            funcs,
-            weights,
-            capacity,
-            Box::new(device),
+            funcs, weights, capacity, shared,
         )?))
     }
 }
@@ -265,10 +260,13 @@ impl Backend for CudaEmulated {
         weights: &Weights,
         capacity: usize,
     ) -> Result<Box<dyn crate::Session>, RunError> {
-        let device = Box::new(emu::EmuDevice::new().with_blas(self.blas));
-        let session = CudaSession::new(funcs, weights, capacity, device)?;
-        session.shared.borrow_mut().split_keys = self.split_keys;
-        Ok(Box::new(session))
+        let shared = Shared::with_split_keys(
+            Box::new(emu::EmuDevice::new().with_blas(self.blas)),
+            self.split_keys,
+        );
+        Ok(Box::new(CudaSession::new(
+            funcs, weights, capacity, shared,
+        )?))
     }
 }
 
@@ -282,6 +280,10 @@ pub struct Shared {
     /// Keys per block above which a one-tile attention is split over
     /// key ranges ([`SPLIT_KEYS`]).
     split_keys: usize,
+    /// Products may go through the device's BLAS: false with
+    /// `KILN_CUDA_GEMM=kernels` (every product on the generated kernel, for
+    /// comparisons), read once when the device is opened.
+    blas: bool,
 }
 
 /// Keys per block of a decode attention split over the keys: a decode step
@@ -315,6 +317,7 @@ impl Shared {
             weights: HashMap::new(),
             pool: HashMap::new(),
             split_keys: SPLIT_KEYS,
+            blas: std::env::var("KILN_CUDA_GEMM").map_or(true, |v| v != "kernels"),
         }))
     }
 }
@@ -446,74 +449,30 @@ fn runs(
     v: &CView,
     mut f: impl FnMut(usize, usize) -> Result<(), RunError>,
 ) -> Result<(), RunError> {
-    let r = v.shape.len();
-    if v.shape.contains(&0) {
-        return Ok(());
-    }
+    use crate::reference::kernels::{each_index, StepError};
     // How many trailing axes are contiguous.
     let mut inner = 1usize;
-    let mut k = r;
+    let mut k = v.shape.len();
     while k > 0 && v.strides[k - 1] == inner {
         inner *= v.shape[k - 1];
         k -= 1;
     }
-    let outer = &v.shape[..k];
-    let mut idx = vec![0usize; k];
-    loop {
+    if inner == 0 {
+        return Ok(());
+    }
+    each_index(&v.shape[..k], |idx| {
         let off = v.offset
             + idx
                 .iter()
                 .zip(&v.strides)
                 .map(|(i, s)| i * s)
                 .sum::<usize>();
-        f(off, inner)?;
-        let mut a = k;
-        loop {
-            if a == 0 {
-                return Ok(());
-            }
-            a -= 1;
-            idx[a] += 1;
-            if idx[a] < outer[a] {
-                break;
-            }
-            idx[a] = 0;
-        }
-    }
-}
-
-/// A host tensor from the contiguous bytes of `dtype` elements.
-fn tensor_from(shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> Result<Tensor, RunError> {
-    let t = match dtype {
-        DType::F32 => Tensor::f32(
-            shape,
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        DType::I32 => Tensor::i32(
-            shape,
-            bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        DType::I64 => Tensor::i64(
-            shape,
-            bytes
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-        ),
-        DType::Bool => Tensor::bool(shape, bytes.iter().map(|&b| b != 0).collect()),
-        DType::F16 | DType::BF16 => {
-            return Err(backend_err(format!(
-                "a {dtype} output cannot be returned as a host tensor"
-            )))
-        }
-    };
-    Ok(t?)
+        f(off, inner).map_err(StepError::Run)
+    })
+    .map_err(|e| match e {
+        StepError::Run(e) => e,
+        _ => backend_err("a copy of a view failed".into()),
+    })
 }
 
 impl CudaExecutable {
@@ -600,6 +559,7 @@ impl CudaExecutable {
             device,
             pool,
             split_keys,
+            blas,
             ..
         } = &mut *sh;
         let p = inner.program();
@@ -615,10 +575,10 @@ impl CudaExecutable {
             *arena = Some((a, need));
         }
         let arena_addr = arena.map_or(0, |(a, _)| a);
-        // `KILN_CUDA_GEMM=kernels`: every product on the generated kernel
-        // (for comparisons with the BLAS path).
-        let no_blas = std::env::var("KILN_CUDA_GEMM").is_ok_and(|v| v == "kernels");
-        let split_keys = *split_keys;
+        let (split_keys, blas) = (*split_keys, *blas);
+        // Each relative-position bucket table of this run, by its bias and
+        // (T, S): the layers of a stack share one.
+        let mut bucket_tables: HashMap<(kiln_ir::RelativeBias, i64, i64), u64> = HashMap::new();
         let err_addr = *err;
         device.upload(err_addr, &[0u8; 16]).map_err(backend_err)?;
         let mut run = RunBuffers {
@@ -721,11 +681,18 @@ impl CudaExecutable {
             } = &step.kernel
             {
                 let (t, s) = (ins[0].shape[2] as i64, ins[1].shape[2] as i64);
-                let table: Vec<u8> = (-(s - 1)..t.max(1))
-                    .flat_map(|d| (rel.bucket(d) as i32).to_le_bytes())
-                    .collect();
-                buckets = run.alloc(table.len())?;
-                run.device.upload(buckets, &table).map_err(backend_err)?;
+                buckets = match bucket_tables.get(&(*rel, t, s)) {
+                    Some(&a) => a,
+                    None => {
+                        let table: Vec<u8> = (-(s - 1)..t.max(1))
+                            .flat_map(|d| (rel.bucket(d) as i32).to_le_bytes())
+                            .collect();
+                        let a = run.alloc(table.len())?;
+                        run.device.upload(a, &table).map_err(backend_err)?;
+                        bucket_tables.insert((*rel, t, s), a);
+                        a
+                    }
+                };
             }
             // Decode-shaped attention (one query tile) over many keys is
             // split over key ranges, each a block, then combined.
@@ -787,7 +754,7 @@ impl CudaExecutable {
                 let all_f32 = [ins[0].root, ins[1].root, out.root]
                     .iter()
                     .all(|&r| storage[r] == DType::F32);
-                let plan = if all_f32 && !no_blas {
+                let plan = if all_f32 && blas {
                     plan_sgemm(ins[0], ins[1], out, |v| elem_addr(v, v.offset))
                 } else {
                     None
@@ -978,7 +945,9 @@ impl CudaExecutable {
                 at += len;
                 Ok(())
             })?;
-            result.push(Some(tensor_from(v.shape.clone(), dtype, &bytes)?));
+            let t = crate::reference::kernels::tensor_from_le_bytes(v.shape.clone(), dtype, &bytes)
+                .map_err(backend_err)?;
+            result.push(Some(t));
         }
         Ok(result)
     }
@@ -1045,14 +1014,14 @@ pub struct CudaSession {
 }
 
 impl CudaSession {
-    /// Compiles every entry point on `device`; caches get `capacity` positions.
+    /// Compiles every entry point on the shared device; caches get
+    /// `capacity` positions.
     pub fn new(
         funcs: &[Graph],
         weights: &Weights,
         capacity: usize,
-        device: Box<dyn Device>,
+        shared: SharedDevice,
     ) -> Result<CudaSession, RunError> {
-        let shared = Shared::new(device);
         let entries = funcs
             .iter()
             .map(|g| Ok((g.clone(), CudaExecutable::new(g, weights, &shared)?)))
