@@ -210,6 +210,33 @@ fn generation_on_the_emulated_device_keeps_its_caches_and_gives_the_interpreters
             assert_eq!(got, want, "{family} kv={kv}");
         }
     }
+    // The decode steps of a session repeat the same launches with other
+    // words: the second is recorded as a graph, every later one replays it.
+    let opts = |backend| GenerateOptions {
+        max_new_tokens: 10,
+        sampling: Sampling::Greedy,
+        stop_at_eos: false,
+        kv_cache: true,
+        backend,
+    };
+    for family in ["gpt2", "llama", "mixtral", "bloom", "bart", "t5"] {
+        let model = support::hf_model(family).optimize(OptLevel::O2).unwrap();
+        let inputs = kiln::RunInputs::tokens(vec![vec![5, 17, 42, 99, 3]]);
+        let before = kiln::backends::cuda::graph_runs();
+        let got = model
+            .generate(&inputs, &opts(Target::CudaEmulated))
+            .unwrap();
+        let after = kiln::backends::cuda::graph_runs();
+        let want = model.generate(&inputs, &opts(Target::Interp)).unwrap();
+        assert_eq!(got, want, "{family}");
+        // 10 tokens: a prefill and 9 decode steps, the first of which runs
+        // launch by launch.
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 8),
+            "{family}: graphs recorded and replayed"
+        );
+    }
     // The session keeps its caches on the device: a decode step after the
     // prefill reads them in place, and a step with another batch is refused.
     let split = support::hf_model("llama").kv_split().unwrap();
@@ -348,6 +375,10 @@ fn attention_split_over_key_ranges_matches_the_interpreter() {
     }
     assert_eq!(gpu.cache_len(), 11);
     assert!(kiln::backends::cuda::split_attention_runs() > before + 20);
+    // Split by the caches' capacity, the decode steps launch one grid: the
+    // second is recorded, the other four replay it.
+    let (recorded, replayed) = kiln::backends::cuda::graph_runs();
+    assert_eq!((recorded, replayed), (1, 5));
 }
 
 /// Loading a CUDA artifact registers its stored PTX by source, so a GPU

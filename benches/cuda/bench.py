@@ -38,10 +38,11 @@ def make_models(root):
     return {"llama_768": os.path.join(root, "llama_768"), "gpt2_small": g}
 
 
-def kiln_bench(kiln, model, batch, prompt, decode, reps):
+def kiln_bench(kiln, model, batch, prompt, decode, reps, graphs=True):
     cmd = [kiln, "bench", model, "--backend", "cuda", "--batch", str(batch), "--prompt-len", str(prompt),
            "--decode", str(decode), "--reps", str(reps), "--output", "json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, KILN_CUDA_GRAPHS="1" if graphs else "0")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if p.returncode != 0:
         return {"error": p.stderr.strip()[-800:]}
     return json.loads(p.stdout)
@@ -117,10 +118,11 @@ def main():
     for name, path in models.items():
         for work, (b, t, n) in {"prefill 8x512": (8, 512, 0), "decode 128 @B=1": (1, 16, 128)}.items():
             r = {"model": name, "work": work}
-            for peer in ("kiln", "torch", "torch.compile"):
+            peers = ("kiln", "kiln no graphs", "torch", "torch.compile") if n else ("kiln", "torch", "torch.compile")
+            for peer in peers:
                 try:
-                    if peer == "kiln":
-                        res = kiln_bench(a.kiln, path, b, t, n, a.reps)
+                    if peer.startswith("kiln"):
+                        res = kiln_bench(a.kiln, path, b, t, n, a.reps, graphs=peer == "kiln")
                     else:
                         res = torch_bench(path, b, t, n, a.reps, peer == "torch.compile")
                 except Exception as e:
@@ -132,14 +134,15 @@ def main():
             rows.append(r)
     json.dump(rows, open(os.path.join(a.out, "results.json"), "w"), indent=1)
     key = lambda w: "decode_tok_s" if "decode" in w else "prefill_tok_s"
-    lines = ["| model | work | kiln | torch eager | torch.compile | kiln / compile | kiln / bound |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | work | kiln | kiln, no graphs | torch eager | torch.compile | kiln / compile | kiln / bound |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = key(r["work"])
-        v = [r[p].get(k) for p in ("kiln", "torch", "torch.compile")]
+        v = [r.get(p, {}).get(k) for p in ("kiln", "torch", "torch.compile", "kiln no graphs")]
         ratio = v[0] / v[2] if v[0] and v[2] else None
         bound = v[0] / r["bound_tok_s"] if v[0] and r.get("bound_tok_s") else None
         f = lambda x: "-" if x is None else f"{x:,.0f}"
-        lines.append(f"| {r['model']} | {r['work']} | {f(v[0])} | {f(v[1])} | {f(v[2])} | "
+        lines.append(f"| {r['model']} | {r['work']} | {f(v[0])} | {f(v[3])} | {f(v[1])} | {f(v[2])} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {'-' if bound is None else f'{bound:.0%}'} |")
     open(os.path.join(a.out, "RESULTS.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))

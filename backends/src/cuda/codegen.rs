@@ -1,11 +1,15 @@
 //! CUDA C from a [`Program`]: one `__global__` function per distinct step.
 //!
-//! Every kernel takes one argument, `KArgs<N>` (N 64-bit words: device
-//! pointers, sizes, strides, scalars), so the source depends only on a
-//! step's structure — its kind, ranks, dtypes and fused body — and never on
-//! the run-time sizes. Identical kernels are emitted once. What goes in each
-//! word is recorded as a [`Word`] list the executor evaluates against the
-//! views of the current binding.
+//! Every kernel takes one argument, the device address of its `KArgs<N>`
+//! (N 64-bit words: device pointers, sizes, strides, scalars), so the source
+//! depends only on a step's structure — its kind, ranks, dtypes and fused
+//! body — and never on the run-time sizes. Identical kernels are emitted
+//! once. What goes in each word is recorded as a [`Word`] list the executor
+//! evaluates against the views of the current binding; it writes every
+//! step's words into one table on the device before the run's launches, so
+//! a launch names only its table entry and a run captured as a CUDA graph
+//! replays with the next run's sizes and addresses (a decode step one
+//! position further along the cache) once the table is rewritten.
 //!
 //! Numerics follow the reference executor: a loop body's float values are
 //! computed in double and rounded to their dtype after each instruction
@@ -629,7 +633,7 @@ impl Gen {
     fn finish(self, body: &str) -> (String, Vec<Word>) {
         let n = self.words.len().max(1);
         let src = format!(
-            "extern \"C\" __global__ void KNAME(const KArgs<{n}> a) {{\n{}{body}}}\n",
+            "extern \"C\" __global__ void KNAME(const KArgs<{n}>* __restrict__ args) {{\n  const KArgs<{n}> a = *args;\n{}{body}}}\n",
             self.text
         );
         (src, self.words)
@@ -2052,11 +2056,9 @@ pub fn emulator_source(m: &ModuleSource) -> String {
     for (name, n) in &m.kernels {
         let _ = writeln!(
             s,
-            "static void {name}_body(const void* a) {{ {name}(*(const KArgs<{n}>*)a); }}\n\
+            "static void {name}_body(const void* a) {{ {name}((const KArgs<{n}>*)a); }}\n\
              extern \"C\" void {name}_launch(const unsigned* dims, unsigned smem, const long long* words) {{\n\
-             \x20 KArgs<{n}> a;\n\
-             \x20 std::memcpy(&a, words, sizeof a);\n\
-             \x20 kiln_emu_launch(dims, smem, {name}_body, &a);\n\
+             \x20 kiln_emu_launch(dims, smem, {name}_body, words);\n\
              }}"
         );
     }

@@ -100,11 +100,19 @@ pub fn known_ptx(source: &str) -> Option<String> {
 }
 
 /// A GPU through the driver API: one context (the device's primary one),
-/// the null stream, memory by `cuMemAlloc`.
+/// one stream for every launch and product (a blocking one: the
+/// synchronous copies on the legacy stream order with it), memory by
+/// `cuMemAlloc`.
 pub struct CudaDevice {
     ordinal: i32,
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    /// Instantiated graphs (`None` once dropped).
+    graphs: Vec<Option<sys::CUgraphExec>>,
+    /// cuBLAS's workspace (device address), set with its stream, so that
+    /// a captured product allocates nothing.
+    workspace: u64,
     name: String,
     arch: String,
     /// The loaded modules with their functions and the dynamic shared
@@ -149,6 +157,8 @@ impl CudaDevice {
             .map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
         // SAFETY: the context was just retained.
         unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        let stream = cu::stream::create(cu::stream::StreamKind::Default)
+            .map_err(|e| driver_err("cuStreamCreate", e))?;
         let name = cu::device::get_name(dev).unwrap_or_else(|_| "an NVIDIA GPU".into());
         // SAFETY: valid device and attribute.
         let (major, minor) = unsafe {
@@ -171,6 +181,9 @@ impl CudaDevice {
             ordinal,
             dev,
             ctx,
+            stream,
+            graphs: Vec::new(),
+            workspace: 0,
             name,
             arch: format!("compute_{major}{minor}"),
             modules: Vec::new(),
@@ -202,6 +215,20 @@ impl CudaDevice {
         if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(format!("cublasCreate failed: {st:?}"));
         }
+        // Products run on the device's stream, with a workspace of their
+        // own (set after the stream, which resets it).
+        // SAFETY: a live handle and stream.
+        let st = unsafe { b::cublasSetStream_v2(h, self.stream as b::cudaStream_t) };
+        if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(format!("cublasSetStream failed: {st:?}"));
+        }
+        let ws = self.alloc(CUBLAS_WORKSPACE)?;
+        self.workspace = ws;
+        // SAFETY: `ws` holds CUBLAS_WORKSPACE bytes for the handle's life.
+        let st = unsafe { b::cublasSetWorkspace_v2(h, ws as *mut c_void, CUBLAS_WORKSPACE) };
+        if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(format!("cublasSetWorkspace failed: {st:?}"));
+        }
         let mode = if self.tf32 {
             b::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         } else {
@@ -222,12 +249,27 @@ impl CudaDevice {
     }
 }
 
+/// Bytes of cuBLAS's workspace.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
 impl Drop for CudaDevice {
     fn drop(&mut self) {
+        let _ = self.current();
+        let _ = cu::ctx::synchronize();
+        for g in self.graphs.drain(..).flatten() {
+            // SAFETY: instantiated by `end_capture`, destroyed once.
+            let _ = unsafe { cu::graph::exec_destroy(g) };
+        }
         if let Some(Some(h)) = self.blas.take() {
             // SAFETY: created by `blas`, destroyed once.
             let _ = unsafe { cudarc::cublas::sys::cublasDestroy_v2(h) };
         }
+        if self.workspace != 0 {
+            // SAFETY: allocated by `blas`, freed once.
+            let _ = unsafe { cu::free_sync(self.workspace) };
+        }
+        // SAFETY: created in `open`, destroyed once.
+        let _ = unsafe { cu::stream::destroy(self.stream) };
         for (m, _, _) in self.modules.drain(..) {
             // SAFETY: loaded by `load`, unloaded once.
             let _ = unsafe { cu::module::unload(m) };
@@ -315,7 +357,7 @@ impl Device for CudaDevice {
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
-        words: &[i64],
+        args: u64,
     ) -> Result<(), String> {
         self.current()?;
         let (_, functions, allowed) = self
@@ -337,10 +379,11 @@ impl Device for CudaDevice {
             .map_err(|e| driver_err(&format!("{smem} bytes of shared memory"), e))?;
             allowed[kernel] = smem;
         }
-        let mut args: Vec<i64> = words.to_vec();
-        let mut params = [args.as_mut_ptr().cast::<c_void>()];
-        // SAFETY: the kernel takes one `KArgs<N>` whose N words are `args`
-        // (the driver copies them at launch); the addresses in it are live
+        let mut arg = args;
+        let mut params = [(&mut arg as *mut u64).cast::<c_void>()];
+        // SAFETY: the kernel takes one pointer, to its `KArgs<N>` in the
+        // executor's word table (written before the launch, alive until the
+        // run has synchronised); the addresses in the words are live
         // allocations checked by the Program verifier for this binding.
         unsafe {
             cu::launch_kernel(
@@ -348,11 +391,68 @@ impl Device for CudaDevice {
                 (grid[0], grid[1], grid[2]),
                 (block[0], block[1], block[2]),
                 smem,
-                std::ptr::null_mut(),
+                self.stream,
                 &mut params,
             )
         }
         .map_err(|e| driver_err("cuLaunchKernel", e))
+    }
+
+    fn has_blas(&mut self) -> bool {
+        let _ = self.current();
+        matches!(self.blas(), Ok(Some(_)))
+    }
+
+    fn begin_capture(&mut self) -> Result<bool, String> {
+        self.current()?;
+        // SAFETY: the device's live stream.
+        unsafe {
+            cu::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| driver_err("cuStreamBeginCapture", e))?;
+        Ok(true)
+    }
+
+    fn end_capture(&mut self) -> Result<usize, String> {
+        self.current()?;
+        // SAFETY: the stream is capturing (begun by `begin_capture`).
+        let graph = unsafe { cu::stream::end_capture(self.stream) }
+            .map_err(|e| driver_err("cuStreamEndCapture", e))?;
+        // SAFETY: `graph` was just captured; destroyed once it is
+        // instantiated (the executable graph is independent of it).
+        let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+        // SAFETY: as above.
+        let _ = unsafe { cu::graph::destroy(graph) };
+        let exec = exec.map_err(|e| driver_err("cuGraphInstantiate", e))?;
+        self.graphs.push(Some(exec));
+        Ok(self.graphs.len() - 1)
+    }
+
+    fn replay(&mut self, graph: usize) -> Result<(), String> {
+        self.current()?;
+        let exec = self
+            .graphs
+            .get(graph)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("no graph {graph}"))?;
+        // SAFETY: a live executable graph and the device's stream; its
+        // launches read the word table the executor just wrote.
+        unsafe { cu::graph::launch(exec, self.stream) }.map_err(|e| driver_err("cuGraphLaunch", e))
+    }
+
+    fn drop_graph(&mut self, graph: usize) {
+        if let Some(slot) = self.graphs.get_mut(graph) {
+            if let Some(exec) = slot.take() {
+                let _ = self.current();
+                let _ = cu::ctx::synchronize();
+                // SAFETY: instantiated by `end_capture`, destroyed once.
+                let _ = unsafe { cu::graph::exec_destroy(exec) };
+            }
+        }
     }
 
     fn sgemm(&mut self, g: &super::Sgemm) -> Result<bool, String> {

@@ -27,6 +27,26 @@ pub struct EmuDevice {
     modules: Vec<(libloading::Library, Vec<LaunchFn>)>,
     /// Whether it offers the emulated cuBLAS.
     blas: bool,
+    /// The word count of each kernel of each module.
+    words: Vec<Vec<usize>>,
+    /// The recording in progress, if any.
+    capturing: Option<Vec<EmuOp>>,
+    /// Recorded graphs (`None` once dropped).
+    graphs: Vec<Option<Vec<EmuOp>>>,
+}
+
+/// A launch or product recorded in a graph.
+#[derive(Clone, Debug)]
+enum EmuOp {
+    Launch {
+        module: usize,
+        kernel: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        args: u64,
+    },
+    Sgemm(super::Sgemm),
 }
 
 /// Products the emulated cuBLAS ran (in this process).
@@ -45,6 +65,9 @@ impl EmuDevice {
             lens: BTreeMap::new(),
             modules: Vec::new(),
             blas: true,
+            words: Vec::new(),
+            capturing: None,
+            graphs: Vec::new(),
         }
     }
 
@@ -137,6 +160,8 @@ impl Device for EmuDevice {
             launchers.push(f);
         }
         self.modules.push((lib, launchers));
+        self.words
+            .push(module.kernels.iter().map(|&(_, n)| n.max(1)).collect());
         Ok(self.modules.len() - 1)
     }
 
@@ -188,21 +213,35 @@ impl Device for EmuDevice {
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
-        words: &[i64],
+        args: u64,
     ) -> Result<(), String> {
+        if let Some(ops) = self.capturing.as_mut() {
+            ops.push(EmuOp::Launch {
+                module,
+                kernel,
+                grid,
+                block,
+                smem,
+                args,
+            });
+            return Ok(());
+        }
         let f = self
             .modules
             .get(module)
             .and_then(|(_, l)| l.get(kernel))
             .ok_or_else(|| format!("no kernel {kernel} of module {module} is loaded"))?;
+        let n = self.words[module][kernel];
+        self.find(args, n * 8)?;
         let dims = [grid[0], grid[1], grid[2], block[0], block[1], block[2]];
         // The host build keeps the launch state (grid, fibers, static shared
         // memory) in globals: one launch at a time in the process.
         let _one = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the words hold the addresses of live allocations whose
-        // extents the Program verifier checked for this binding, and the
-        // sizes and strides of the views the kernel was generated for.
-        unsafe { f(dims.as_ptr(), smem, words.as_ptr()) };
+        // SAFETY: `args` lies inside an allocation (checked above) and its
+        // words hold the addresses of live allocations whose extents the
+        // Program verifier checked for this binding, and the sizes and
+        // strides of the views the kernel was generated for.
+        unsafe { f(dims.as_ptr(), smem, args as *const i64) };
         Ok(())
     }
 
@@ -210,11 +249,64 @@ impl Device for EmuDevice {
         Ok(())
     }
 
+    fn has_blas(&mut self) -> bool {
+        self.blas
+    }
+
+    fn begin_capture(&mut self) -> Result<bool, String> {
+        if self.capturing.is_some() {
+            return Err("a capture is already in progress".into());
+        }
+        self.capturing = Some(Vec::new());
+        Ok(true)
+    }
+
+    fn end_capture(&mut self) -> Result<usize, String> {
+        let ops = self.capturing.take().ok_or("no capture is in progress")?;
+        self.graphs.push(Some(ops));
+        Ok(self.graphs.len() - 1)
+    }
+
+    fn replay(&mut self, graph: usize) -> Result<(), String> {
+        let ops = self
+            .graphs
+            .get(graph)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| format!("no graph {graph}"))?;
+        for op in ops {
+            match op {
+                EmuOp::Launch {
+                    module,
+                    kernel,
+                    grid,
+                    block,
+                    smem,
+                    args,
+                } => self.launch(module, kernel, grid, block, smem, args)?,
+                EmuOp::Sgemm(g) => {
+                    self.sgemm(&g)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_graph(&mut self, graph: usize) {
+        if let Some(g) = self.graphs.get_mut(graph) {
+            *g = None;
+        }
+    }
+
     /// cuBLAS's column-major semantics on the host (f32 sums in order),
     /// every matrix's extent checked against its allocation first.
     fn sgemm(&mut self, g: &super::Sgemm) -> Result<bool, String> {
         if !self.blas {
             return Ok(false);
+        }
+        if let Some(ops) = self.capturing.as_mut() {
+            ops.push(EmuOp::Sgemm(*g));
+            return Ok(true);
         }
         SGEMM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (m, n, k, batch) = (g.m as i64, g.n as i64, g.k as i64, g.batch as i64);

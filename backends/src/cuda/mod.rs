@@ -43,7 +43,8 @@ pub trait Device {
     fn upload(&mut self, dst: u64, src: &[u8]) -> Result<(), String>;
     /// Copies device bytes at `src` to the host.
     fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String>;
-    /// Launches kernel `kernel` of loaded module `module`.
+    /// Launches kernel `kernel` of loaded module `module`; `args` is the
+    /// device address of its `KArgs` words (read when the kernel runs).
     fn launch(
         &mut self,
         module: usize,
@@ -51,16 +52,38 @@ pub trait Device {
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
-        words: &[i64],
+        args: u64,
     ) -> Result<(), String>;
     /// Waits for every launch; a fault in a kernel is reported here.
     fn sync(&mut self) -> Result<(), String>;
+    /// Whether the device has a BLAS for [`Device::sgemm`].
+    fn has_blas(&mut self) -> bool {
+        false
+    }
     /// A batched f32 product through the device's BLAS (cuBLAS's
     /// `cublasSgemmStridedBatched`, column-major); `Ok(false)` when the
-    /// device has none, and the generated GEMM kernel runs instead.
+    /// device has none.
     fn sgemm(&mut self, g: &Sgemm) -> Result<bool, String> {
         let _ = g;
         Ok(false)
+    }
+    /// Starts recording launches and products into a graph instead of
+    /// running them; `Ok(false)` when the device cannot.
+    fn begin_capture(&mut self) -> Result<bool, String> {
+        Ok(false)
+    }
+    /// Ends the recording; returns the graph's index.
+    fn end_capture(&mut self) -> Result<usize, String> {
+        Err("this device records no graphs".into())
+    }
+    /// Runs a recorded graph: its launches read their words from the
+    /// device when they run, so a replay sees the table as it is now.
+    fn replay(&mut self, graph: usize) -> Result<(), String> {
+        Err(format!("no graph {graph}"))
+    }
+    /// Frees a recorded graph.
+    fn drop_graph(&mut self, graph: usize) {
+        let _ = graph;
     }
 }
 
@@ -284,6 +307,10 @@ pub struct Shared {
     /// `KILN_CUDA_GEMM=kernels` (every product on the generated kernel, for
     /// comparisons), read once when the device is opened.
     blas: bool,
+    /// Runs that repeat the previous run's launches replay them as a graph:
+    /// false with `KILN_CUDA_GRAPHS=0` (every launch on its own, for
+    /// comparisons), read once when the device is opened.
+    graphs: bool,
 }
 
 /// Keys per block of a decode attention split over the keys: a decode step
@@ -299,6 +326,23 @@ static SPLIT_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// How many attention steps ran split over key ranges in this process.
 pub fn split_attention_runs() -> usize {
     SPLIT_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    /// Runs recorded as a graph, and runs replayed from one (in this thread).
+    static GRAPH_RUNS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// How many runs this thread recorded as a graph, and how many replayed one.
+pub fn graph_runs() -> (usize, usize) {
+    GRAPH_RUNS.with(|c| c.get())
+}
+
+fn count_graph_run(captured: bool) {
+    GRAPH_RUNS.with(|c| {
+        let (k, r) = c.get();
+        c.set((k + usize::from(captured), r + 1));
+    });
 }
 
 impl Shared {
@@ -318,6 +362,7 @@ impl Shared {
             pool: HashMap::new(),
             split_keys: SPLIT_KEYS,
             blas: std::env::var("KILN_CUDA_GEMM").map_or(true, |v| v != "kernels"),
+            graphs: std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         }))
     }
 }
@@ -376,6 +421,88 @@ pub struct CudaExecutable {
     arena: Option<(u64, usize)>,
     /// Two error words kernels write (the failing step + 1, a detail).
     err: u64,
+    /// The device table of the launches' words, and its size in bytes.
+    words: Option<(u64, usize)>,
+    /// The recorded graph: the launches it holds, the table they read,
+    /// and the device's index of it.
+    graph: Option<(Vec<Op>, u64, usize)>,
+    /// The previous run's launches and table.
+    last: Option<(Vec<Op>, u64)>,
+    /// A capture failed on this device: launches run one by one.
+    graph_failed: bool,
+}
+
+/// One launch or product of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    /// A kernel of the executable's module; `args` is the index of its
+    /// first word in the run's table.
+    Launch {
+        kernel: usize,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        args: usize,
+    },
+    /// A product through the device's BLAS.
+    Sgemm(Sgemm),
+}
+
+/// A run's launches, ready to go to a device.
+struct Launches<'a> {
+    module: usize,
+    /// The device address of the word table.
+    table: u64,
+    ops: &'a [Op],
+    /// Each op's node, for messages.
+    origins: &'a [&'a str],
+}
+
+impl Launches<'_> {
+    /// Launches every op in order.
+    fn submit(&self, device: &mut dyn Device) -> Result<(), RunError> {
+        for (op, origin) in self.ops.iter().zip(self.origins) {
+            match op {
+                Op::Launch {
+                    kernel,
+                    grid,
+                    block,
+                    smem,
+                    args,
+                } => device.launch(
+                    self.module,
+                    *kernel,
+                    *grid,
+                    *block,
+                    *smem,
+                    self.table + 8 * *args as u64,
+                ),
+                Op::Sgemm(g) => device.sgemm(g).and_then(|done| {
+                    done.then_some(())
+                        .ok_or_else(|| "the device has no BLAS".to_string())
+                }),
+            }
+            .map_err(|m| backend_err(format!("{origin}: {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// Records every op as one graph; returns the device's index of it.
+    fn capture(&self, device: &mut dyn Device) -> Result<usize, RunError> {
+        if !device.begin_capture().map_err(backend_err)? {
+            return Err(backend_err("the device records no graphs".into()));
+        }
+        let submitted = self.submit(device);
+        let id = device.end_capture().map_err(backend_err);
+        match (submitted, id) {
+            (Ok(()), Ok(id)) => Ok(id),
+            (Err(e), Ok(id)) => {
+                device.drop_graph(id);
+                Err(e)
+            }
+            (_, Err(e)) => Err(e),
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaExecutable {
@@ -388,6 +515,12 @@ impl Drop for CudaExecutable {
     fn drop(&mut self) {
         let mut sh = self.shared.borrow_mut();
         if let Some((a, _)) = self.arena.take() {
+            sh.device.free(a);
+        }
+        if let Some((_, _, id)) = self.graph.take() {
+            sh.device.drop_graph(id);
+        }
+        if let Some((a, _)) = self.words.take() {
             sh.device.free(a);
         }
         sh.device.free(self.err);
@@ -426,7 +559,9 @@ impl Drop for RunBuffers<'_> {
         // A run that failed part-way may have launches in flight: let them
         // finish before their buffers are reused or freed.
         let _ = self.device.sync();
-        for &(a, n) in &self.addrs {
+        // Returned last-first, so the next run's allocations get the same
+        // buffers in the same order (its launches then repeat this run's).
+        for &(a, n) in self.addrs.iter().rev() {
             let kept = self.pool.entry(n).or_default();
             if kept.len() < POOL_PER_SIZE {
                 kept.push(a);
@@ -435,6 +570,21 @@ impl Drop for RunBuffers<'_> {
             }
         }
     }
+}
+
+/// The most keys attention could read through key view `k` (axis 2) of
+/// `root`: the length of the root's axis that the key axis walks (a
+/// cache's capacity), at least the view's own.
+fn key_capacity(k: &CView, root: &CView) -> usize {
+    let (s, stride) = (k.shape[2], k.strides[2]);
+    root.shape
+        .iter()
+        .zip(&root.strides)
+        .filter(|&(_, &st)| st == stride)
+        .map(|(&n, _)| n)
+        .max()
+        .unwrap_or(s)
+        .max(s)
 }
 
 /// Bytes of `n` elements of `dtype`, checked.
@@ -518,6 +668,10 @@ impl CudaExecutable {
             weights: addrs,
             arena: None,
             err,
+            words: None,
+            graph: None,
+            last: None,
+            graph_failed: false,
         })
     }
 
@@ -553,6 +707,10 @@ impl CudaExecutable {
             weights,
             arena,
             err,
+            words,
+            graph,
+            last,
+            graph_failed,
         } = self;
         let mut sh = shared.borrow_mut();
         let Shared {
@@ -560,6 +718,7 @@ impl CudaExecutable {
             pool,
             split_keys,
             blas,
+            graphs,
             ..
         } = &mut *sh;
         let p = inner.program();
@@ -575,7 +734,7 @@ impl CudaExecutable {
             *arena = Some((a, need));
         }
         let arena_addr = arena.map_or(0, |(a, _)| a);
-        let (split_keys, blas) = (*split_keys, *blas);
+        let (split_keys, blas, graphs) = (*split_keys, *blas, *graphs);
         // Each relative-position bucket table of this run, by its bias and
         // (T, S): the layers of a stack share one.
         let mut bucket_tables: HashMap<(kiln_ir::RelativeBias, i64, i64), u64> = HashMap::new();
@@ -664,7 +823,11 @@ impl CudaExecutable {
                 Ok(())
             })?;
         }
-        // The steps.
+        // The steps, planned as the run's launches and products with their
+        // words in one table; nothing runs before the table is on the device.
+        let use_blas = blas && run.device.has_blas();
+        let mut table: Vec<i64> = Vec::new();
+        let mut ops: Vec<(Op, usize)> = Vec::new();
         for (si, (step, sk)) in p.steps.iter().zip(&module.steps).enumerate() {
             let ins: Vec<&CView> = step.inputs.iter().map(|b| &views[b.index()]).collect();
             let out = &views[step.output.index()];
@@ -705,10 +868,16 @@ impl CudaExecutable {
                     ins[1].shape[2],
                 );
                 chunk = s;
-                if t <= codegen::ATT_TQ && s > split_keys && split_keys > 0 {
-                    splits = s.div_ceil(split_keys).min(MAX_SPLITS);
-                    chunk = s.div_ceil(splits);
-                    splits = s.div_ceil(chunk);
+                // Split by the keys the cache can hold, not by the keys it
+                // holds now: every decode step of a session launches the
+                // same grid (empty ranges write an empty partial result).
+                let keys = match p.buffers[ins[1].root].kind {
+                    BufferKind::State { .. } => key_capacity(ins[1], &views[ins[1].root]),
+                    _ => s,
+                };
+                if t <= codegen::ATT_TQ && keys > split_keys && split_keys > 0 {
+                    splits = keys.div_ceil(split_keys).min(MAX_SPLITS);
+                    chunk = s.div_ceil(splits).max(1);
                     let dv = ins[2].shape[3];
                     let floats = [b, h, t, splits, dv + 2]
                         .iter()
@@ -719,10 +888,11 @@ impl CudaExecutable {
                     scratch = run.alloc(nbytes(floats, DType::F32)?)?;
                 }
             }
-            let eval = |ws: &[Word]| -> Result<Vec<i64>, RunError> {
-                let mut words = Vec::with_capacity(ws.len().max(1));
+            // A word list goes into the run's table; a launch names its entry.
+            let mut eval = |ws: &[Word]| -> Result<usize, RunError> {
+                let at = table.len();
                 for w in ws {
-                    words.push(match w {
+                    table.push(match w {
                         Word::Ptr(o) => {
                             let v = view(*o);
                             elem_addr(v, v.offset) as i64
@@ -743,10 +913,10 @@ impl CudaExecutable {
                         Word::Scratch => scratch as i64,
                     });
                 }
-                if words.is_empty() {
-                    words.push(0);
+                if ws.is_empty() {
+                    table.push(0);
                 }
-                Ok(words)
+                Ok(at)
             };
             // A product the device's BLAS can take, when it has one; then
             // the epilogue in place.
@@ -754,7 +924,7 @@ impl CudaExecutable {
                 let all_f32 = [ins[0].root, ins[1].root, out.root]
                     .iter()
                     .all(|&r| storage[r] == DType::F32);
-                let plan = if all_f32 && blas {
+                let plan = if all_f32 && use_blas {
                     plan_sgemm(ins[0], ins[1], out, |v| elem_addr(v, v.offset))
                 } else {
                     None
@@ -762,31 +932,25 @@ impl CudaExecutable {
                 let r = out.shape.len();
                 let empty = out.shape.contains(&0) || ins[0].shape[r - 1] == 0;
                 if let (Some(g), false) = (plan, empty) {
-                    let done = run
-                        .device
-                        .sgemm(&g)
-                        .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
-                    if done {
-                        if let Some((k, ws)) = &sk.epilogue {
-                            let words = eval(ws)?;
-                            let n: usize = out.shape.iter().product();
-                            let b = codegen::BLOCK as usize;
-                            run.device
-                                .launch(
-                                    *module_id,
-                                    *k,
-                                    [(n.div_ceil(b).clamp(1, 1 << 16)) as u32, 1, 1],
-                                    [codegen::BLOCK, 1, 1],
-                                    0,
-                                    &words,
-                                )
-                                .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
-                        }
-                        continue;
+                    ops.push((Op::Sgemm(g), si));
+                    if let Some((k, ws)) = &sk.epilogue {
+                        let args = eval(ws)?;
+                        let n: usize = out.shape.iter().product();
+                        let b = codegen::BLOCK as usize;
+                        ops.push((
+                            Op::Launch {
+                                kernel: *k,
+                                grid: [(n.div_ceil(b).clamp(1, 1 << 16)) as u32, 1, 1],
+                                block: [codegen::BLOCK, 1, 1],
+                                smem: 0,
+                                args,
+                            },
+                            si,
+                        ));
                     }
+                    continue;
                 }
             }
-            let words = eval(&sk.words)?;
             let cap = |n: usize, limit: usize| n.clamp(1, limit) as u32;
             let (grid, block, smem) = match &sk.grid {
                 Grid::Elements(o, r) => {
@@ -870,28 +1034,100 @@ impl CudaExecutable {
                     )
                 }
             };
-            run.device
-                .launch(*module_id, sk.kernel, grid, block, smem, &words)
-                .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+            let args = eval(&sk.words)?;
+            ops.push((
+                Op::Launch {
+                    kernel: sk.kernel,
+                    grid,
+                    block,
+                    smem,
+                    args,
+                },
+                si,
+            ));
             if let (Kernel::Attention { .. }, Some((k, ws)), true) =
                 (&step.kernel, &sk.epilogue, splits > 1)
             {
                 SPLIT_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let words = eval(ws)?;
+                let args = eval(ws)?;
                 let n: usize = out.shape.iter().product();
                 let b = codegen::BLOCK as usize;
-                run.device
-                    .launch(
-                        *module_id,
-                        *k,
-                        [cap(n.div_ceil(b), 1 << 16), 1, 1],
-                        [codegen::BLOCK, 1, 1],
-                        0,
-                        &words,
-                    )
-                    .map_err(|m| backend_err(format!("{}: {m}", step.origin)))?;
+                ops.push((
+                    Op::Launch {
+                        kernel: *k,
+                        grid: [cap(n.div_ceil(b), 1 << 16), 1, 1],
+                        block: [codegen::BLOCK, 1, 1],
+                        smem: 0,
+                        args,
+                    },
+                    si,
+                ));
             }
         }
+        // The table, then the launches.
+        let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_le_bytes()).collect();
+        if words.is_none_or(|(_, n)| n < bytes.len()) {
+            // A graph recorded against the old table is of no more use.
+            if let Some((_, _, id)) = graph.take() {
+                run.device.drop_graph(id);
+            }
+            if let Some((a, _)) = words.take() {
+                run.device.free(a);
+            }
+            let n = bytes.len().next_power_of_two();
+            *words = Some((run.device.alloc(n).map_err(backend_err)?, n));
+        }
+        let table_addr = words.map_or(0, |(a, _)| a);
+        run.device.upload(table_addr, &bytes).map_err(backend_err)?;
+        let (ops, origins): (Vec<Op>, Vec<usize>) = ops.into_iter().unzip();
+        let origins: Vec<&str> = origins
+            .iter()
+            .map(|&i| p.steps[i].origin.as_str())
+            .collect();
+        let launches = Launches {
+            module: *module_id,
+            table: table_addr,
+            ops: &ops,
+            origins: &origins,
+        };
+        // A run whose launches repeat the previous run's (a decode step:
+        // only the words moved) replays them as one graph, recorded the
+        // first time they repeat.
+        let repeats = graphs
+            && !*graph_failed
+            && last
+                .as_ref()
+                .is_some_and(|(o, a)| *a == table_addr && *o == ops);
+        let mut done = false;
+        if repeats {
+            if let Some((o, a, id)) = graph.as_ref() {
+                if *a == table_addr && *o == ops {
+                    run.device.replay(*id).map_err(backend_err)?;
+                    count_graph_run(false);
+                    done = true;
+                }
+            }
+            if !done {
+                if let Some((_, _, id)) = graph.take() {
+                    run.device.drop_graph(id);
+                }
+                match launches.capture(run.device) {
+                    Ok(id) => {
+                        *graph = Some((ops.clone(), table_addr, id));
+                        run.device.replay(id).map_err(backend_err)?;
+                        count_graph_run(true);
+                        done = true;
+                    }
+                    // The launches run one by one instead (which reports a
+                    // launch that failed the capture); no more captures.
+                    Err(_) => *graph_failed = true,
+                }
+            }
+        }
+        if !done {
+            launches.submit(run.device)?;
+        }
+        *last = Some((ops, table_addr));
         run.device
             .sync()
             .map_err(|m| backend_err(format!("@{}: {m}", p.name)))?;
