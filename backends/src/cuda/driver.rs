@@ -100,8 +100,9 @@ pub fn known_ptx(source: &str) -> Option<String> {
 }
 
 /// A GPU through the driver API: one context (the device's primary one),
-/// one stream for every launch and product (a blocking one: the
-/// synchronous copies on the legacy stream order with it), memory by
+/// one non-blocking stream for every copy, launch and product (nothing of
+/// kiln's touches the legacy stream, so another thread's work on the same
+/// GPU cannot break a capture and a capture cannot break it), memory by
 /// `cuMemAlloc`.
 pub struct CudaDevice {
     ordinal: i32,
@@ -157,7 +158,7 @@ impl CudaDevice {
             .map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
         // SAFETY: the context was just retained.
         unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))?;
-        let stream = cu::stream::create(cu::stream::StreamKind::Default)
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| driver_err("cuStreamCreate", e))?;
         let name = cu::device::get_name(dev).unwrap_or_else(|_| "an NVIDIA GPU".into());
         // SAFETY: valid device and attribute.
@@ -217,30 +218,63 @@ impl CudaDevice {
         }
         // Products run on the device's stream, with a workspace of their
         // own (set after the stream, which resets it).
+        match self.configure_blas(h) {
+            Ok(ws) => self.workspace = ws,
+            Err(e) => {
+                // SAFETY: created above, destroyed once.
+                unsafe { b::cublasDestroy_v2(h) };
+                return Err(e);
+            }
+        }
+        self.blas = Some(Some(h));
+        Ok(Some(h))
+    }
+
+    /// Puts a new cuBLAS handle on the device's stream with a workspace
+    /// of its own and the math mode; returns the workspace.
+    fn configure_blas(&mut self, h: cudarc::cublas::sys::cublasHandle_t) -> Result<u64, String> {
+        use cudarc::cublas::sys as b;
+        let ok = |st: b::cublasStatus_t, what: &str| {
+            if st == b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                Ok(())
+            } else {
+                Err(format!("{what} failed: {st:?}"))
+            }
+        };
         // SAFETY: a live handle and stream.
-        let st = unsafe { b::cublasSetStream_v2(h, self.stream as b::cudaStream_t) };
-        if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(format!("cublasSetStream failed: {st:?}"));
-        }
-        let ws = self.alloc(CUBLAS_WORKSPACE)?;
-        self.workspace = ws;
-        // SAFETY: `ws` holds CUBLAS_WORKSPACE bytes for the handle's life.
-        let st = unsafe { b::cublasSetWorkspace_v2(h, ws as *mut c_void, CUBLAS_WORKSPACE) };
-        if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(format!("cublasSetWorkspace failed: {st:?}"));
-        }
+        ok(
+            unsafe { b::cublasSetStream_v2(h, self.stream as b::cudaStream_t) },
+            "cublasSetStream",
+        )?;
         let mode = if self.tf32 {
             b::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         } else {
             b::cublasMath_t::CUBLAS_DEFAULT_MATH
         };
         // SAFETY: a live handle.
-        let st = unsafe { b::cublasSetMathMode(h, mode) };
-        if st != b::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(format!("cublasSetMathMode failed: {st:?}"));
+        ok(
+            unsafe { b::cublasSetMathMode(h, mode) },
+            "cublasSetMathMode",
+        )?;
+        let ws = self.alloc(CUBLAS_WORKSPACE)?;
+        // SAFETY: `ws` holds CUBLAS_WORKSPACE bytes for the handle's life.
+        let set = ok(
+            unsafe { b::cublasSetWorkspace_v2(h, ws as *mut c_void, CUBLAS_WORKSPACE) },
+            "cublasSetWorkspace",
+        );
+        if let Err(e) = set {
+            self.free(ws);
+            return Err(e);
         }
-        self.blas = Some(Some(h));
-        Ok(Some(h))
+        Ok(ws)
+    }
+
+    /// Waits for everything on the device's stream; a kernel's fault is
+    /// reported here.
+    fn wait(&self) -> Result<(), String> {
+        // SAFETY: the device's live stream.
+        unsafe { cu::stream::synchronize(self.stream) }
+            .map_err(|e| driver_err("a kernel failed", e))
     }
 
     fn current(&self) -> Result<(), String> {
@@ -255,7 +289,7 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 impl Drop for CudaDevice {
     fn drop(&mut self) {
         let _ = self.current();
-        let _ = cu::ctx::synchronize();
+        let _ = self.wait();
         for g in self.graphs.drain(..).flatten() {
             // SAFETY: instantiated by `end_capture`, destroyed once.
             let _ = unsafe { cu::graph::exec_destroy(g) };
@@ -321,8 +355,9 @@ impl Device for CudaDevice {
                 e,
             )
         })?;
-        // SAFETY: `p` holds `n` bytes.
-        unsafe { cu::memset_d8_sync(p, 0, n) }.map_err(|e| driver_err("cuMemsetD8", e))?;
+        // SAFETY: `p` holds `n` bytes; the device's live stream.
+        unsafe { cu::memset_d8_async(p, 0, n, self.stream) }
+            .map_err(|e| driver_err("cuMemsetD8Async", e))?;
         Ok(p)
     }
 
@@ -337,8 +372,11 @@ impl Device for CudaDevice {
             return Ok(());
         }
         self.current()?;
-        // SAFETY: the executor only names ranges inside its allocations.
-        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyHtoD", e))
+        // SAFETY: the executor only names ranges inside its allocations. A
+        // copy from pageable memory returns once the bytes are staged, so
+        // `src` may go; launches after it on the stream see them.
+        unsafe { cu::memcpy_htod_async(dst, src, self.stream) }
+            .map_err(|e| driver_err("cuMemcpyHtoDAsync", e))
     }
 
     fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String> {
@@ -346,8 +384,11 @@ impl Device for CudaDevice {
             return Ok(());
         }
         self.current()?;
-        // SAFETY: as for `upload`.
-        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(|e| driver_err("cuMemcpyDtoH", e))
+        // SAFETY: as for `upload`; a copy to pageable memory returns once
+        // it is done (after the launches before it on the stream).
+        unsafe { cu::memcpy_dtoh_async(dst, src, self.stream) }
+            .map_err(|e| driver_err("cuMemcpyDtoHAsync", e))?;
+        self.wait()
     }
 
     fn launch(
@@ -448,7 +489,7 @@ impl Device for CudaDevice {
         if let Some(slot) = self.graphs.get_mut(graph) {
             if let Some(exec) = slot.take() {
                 let _ = self.current();
-                let _ = cu::ctx::synchronize();
+                let _ = self.wait();
                 // SAFETY: instantiated by `end_capture`, destroyed once.
                 let _ = unsafe { cu::graph::exec_destroy(exec) };
             }
@@ -501,6 +542,6 @@ impl Device for CudaDevice {
 
     fn sync(&mut self) -> Result<(), String> {
         self.current()?;
-        cu::ctx::synchronize().map_err(|e| driver_err("a kernel failed", e))
+        self.wait()
     }
 }

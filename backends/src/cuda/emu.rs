@@ -77,6 +77,16 @@ impl EmuDevice {
         self
     }
 
+    /// An error for `what` while a graph is being recorded: as on a GPU,
+    /// where a stream being captured takes launches only, a device call in
+    /// the middle of a capture is a bug in the executor.
+    fn not_capturing(&self, what: &str) -> Result<(), String> {
+        match self.capturing {
+            Some(_) => Err(format!("{what} during a graph capture")),
+            None => Ok(()),
+        }
+    }
+
     /// The allocation holding `[addr, addr + len)`, as (base, offset).
     fn find(&self, addr: u64, len: usize) -> Result<(u64, usize), String> {
         let (&base, &size) = self
@@ -166,6 +176,7 @@ impl Device for EmuDevice {
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
+        self.not_capturing("cuMemAlloc")?;
         let words = vec![0u64; bytes.div_ceil(8).max(1)];
         let addr = words.as_ptr() as u64;
         self.allocs.insert(addr, words);
@@ -174,11 +185,13 @@ impl Device for EmuDevice {
     }
 
     fn free(&mut self, addr: u64) {
+        debug_assert!(self.capturing.is_none(), "cuMemFree during a graph capture");
         self.allocs.remove(&addr);
         self.lens.remove(&addr);
     }
 
     fn upload(&mut self, dst: u64, src: &[u8]) -> Result<(), String> {
+        self.not_capturing("a copy to the device")?;
         let (base, off) = self.find(dst, src.len())?;
         let words = self.allocs.get_mut(&base).ok_or("a freed allocation")?;
         // SAFETY: `find` checked the range lies inside this allocation.
@@ -193,6 +206,7 @@ impl Device for EmuDevice {
     }
 
     fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+        self.not_capturing("a copy from the device")?;
         let (base, off) = self.find(src, dst.len())?;
         let words = self.allocs.get(&base).ok_or("a freed allocation")?;
         // SAFETY: as for `upload`.
@@ -246,7 +260,7 @@ impl Device for EmuDevice {
     }
 
     fn sync(&mut self) -> Result<(), String> {
-        Ok(())
+        self.not_capturing("a synchronisation")
     }
 
     fn has_blas(&mut self) -> bool {

@@ -423,6 +423,8 @@ pub struct CudaExecutable {
     err: u64,
     /// The device table of the launches' words, and its size in bytes.
     words: Option<(u64, usize)>,
+    /// The split attention steps' partial results, and its size in bytes.
+    scratch: Option<(u64, usize)>,
     /// The recorded graph: the launches it holds, the table they read,
     /// and the device's index of it.
     graph: Option<(Vec<Op>, u64, usize)>,
@@ -520,7 +522,10 @@ impl Drop for CudaExecutable {
         if let Some((_, _, id)) = self.graph.take() {
             sh.device.drop_graph(id);
         }
-        if let Some((a, _)) = self.words.take() {
+        for (a, _) in [self.words.take(), self.scratch.take()]
+            .into_iter()
+            .flatten()
+        {
             sh.device.free(a);
         }
         sh.device.free(self.err);
@@ -570,6 +575,43 @@ impl Drop for RunBuffers<'_> {
             }
         }
     }
+}
+
+/// How attention step `step` is split over key ranges: (ranges, keys per
+/// range, f32 of partial results). One range (all keys) unless it is
+/// decode-shaped (one query tile) over more than `split_keys` keys — counted
+/// by what its cache can hold, not by what it holds now, so every decode
+/// step of a session launches the same grid (a range past the keys writes
+/// an empty partial result).
+fn split_of(
+    p: &Program,
+    step: &crate::lower::Step,
+    ins: &[&CView],
+    views: &[CView],
+    split_keys: usize,
+) -> Result<(usize, usize, usize), RunError> {
+    if !matches!(step.kernel, Kernel::Attention { .. }) {
+        return Ok((1, 0, 0));
+    }
+    let (b, h, t, s) = (
+        ins[0].shape[0],
+        ins[0].shape[1],
+        ins[0].shape[2],
+        ins[1].shape[2],
+    );
+    let keys = match p.buffers[ins[1].root].kind {
+        BufferKind::State { .. } => key_capacity(ins[1], &views[ins[1].root]),
+        _ => s,
+    };
+    if t > codegen::ATT_TQ || keys <= split_keys || split_keys == 0 {
+        return Ok((1, s, 0));
+    }
+    let splits = keys.div_ceil(split_keys).min(MAX_SPLITS);
+    let floats = [b, h, t, splits, ins[2].shape[3] + 2]
+        .iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))
+        .ok_or_else(|| backend_err("attention scratch past the address space".into()))?;
+    Ok((splits, s.div_ceil(splits).max(1), floats))
 }
 
 /// The most keys attention could read through key view `k` (axis 2) of
@@ -669,6 +711,7 @@ impl CudaExecutable {
             arena: None,
             err,
             words: None,
+            scratch: None,
             graph: None,
             last: None,
             graph_failed: false,
@@ -708,6 +751,7 @@ impl CudaExecutable {
             arena,
             err,
             words,
+            scratch,
             graph,
             last,
             graph_failed,
@@ -823,9 +867,28 @@ impl CudaExecutable {
                 Ok(())
             })?;
         }
+        // One scratch for the partial results of every split attention step
+        // (they run in order on one stream), kept between runs.
+        let mut scratch_floats = 0usize;
+        for step in &p.steps {
+            let ins: Vec<&CView> = step.inputs.iter().map(|b| &views[b.index()]).collect();
+            scratch_floats = scratch_floats.max(split_of(p, step, &ins, views, split_keys)?.2);
+        }
+        let need = nbytes(scratch_floats, DType::F32)?;
+        if need > 0 && scratch.is_none_or(|(_, n)| n < need) {
+            if let Some((a, _)) = scratch.take() {
+                run.device.free(a);
+            }
+            *scratch = Some((run.device.alloc(need).map_err(backend_err)?, need));
+        }
+        let scratch_addr = scratch.map_or(0, |(a, _)| a);
         // The steps, planned as the run's launches and products with their
         // words in one table; nothing runs before the table is on the device.
-        let use_blas = blas && run.device.has_blas();
+        let any_gemm = p
+            .steps
+            .iter()
+            .any(|s| matches!(s.kernel, Kernel::Gemm { .. }));
+        let use_blas = blas && any_gemm && run.device.has_blas();
         let mut table: Vec<i64> = Vec::new();
         let mut ops: Vec<(Op, usize)> = Vec::new();
         for (si, (step, sk)) in p.steps.iter().zip(&module.steps).enumerate() {
@@ -858,36 +921,10 @@ impl CudaExecutable {
                 };
             }
             // Decode-shaped attention (one query tile) over many keys is
-            // split over key ranges, each a block, then combined.
-            let (mut splits, mut chunk, mut scratch) = (1usize, 0usize, 0u64);
-            if let Kernel::Attention { .. } = &step.kernel {
-                let (b, h, t, s) = (
-                    ins[0].shape[0],
-                    ins[0].shape[1],
-                    ins[0].shape[2],
-                    ins[1].shape[2],
-                );
-                chunk = s;
-                // Split by the keys the cache can hold, not by the keys it
-                // holds now: every decode step of a session launches the
-                // same grid (empty ranges write an empty partial result).
-                let keys = match p.buffers[ins[1].root].kind {
-                    BufferKind::State { .. } => key_capacity(ins[1], &views[ins[1].root]),
-                    _ => s,
-                };
-                if t <= codegen::ATT_TQ && keys > split_keys && split_keys > 0 {
-                    splits = keys.div_ceil(split_keys).min(MAX_SPLITS);
-                    chunk = s.div_ceil(splits).max(1);
-                    let dv = ins[2].shape[3];
-                    let floats = [b, h, t, splits, dv + 2]
-                        .iter()
-                        .try_fold(1usize, |a, &x| a.checked_mul(x))
-                        .ok_or_else(|| {
-                            backend_err("attention scratch past the address space".into())
-                        })?;
-                    scratch = run.alloc(nbytes(floats, DType::F32)?)?;
-                }
-            }
+            // split over key ranges, each a block, then combined through
+            // the executable's scratch.
+            let (splits, chunk, _) = split_of(p, step, &ins, views, split_keys)?;
+            let scratch = scratch_addr;
             // A word list goes into the run's table; a launch names its entry.
             let mut eval = |ws: &[Word]| -> Result<usize, RunError> {
                 let at = table.len();
@@ -1090,24 +1127,20 @@ impl CudaExecutable {
             ops: &ops,
             origins: &origins,
         };
-        // A run whose launches repeat the previous run's (a decode step:
-        // only the words moved) replays them as one graph, recorded the
-        // first time they repeat.
-        let repeats = graphs
-            && !*graph_failed
-            && last
-                .as_ref()
-                .is_some_and(|(o, a)| *a == table_addr && *o == ops);
+        // A run whose launches are those of the recorded graph (a decode
+        // step: only the words moved) replays it; a run that repeats the
+        // previous run's launches records them first.
+        let same = |o: &Vec<Op>, a: u64| a == table_addr && *o == ops;
         let mut done = false;
-        if repeats {
+        if graphs && !*graph_failed {
             if let Some((o, a, id)) = graph.as_ref() {
-                if *a == table_addr && *o == ops {
+                if same(o, *a) {
                     run.device.replay(*id).map_err(backend_err)?;
                     count_graph_run(false);
                     done = true;
                 }
             }
-            if !done {
+            if !done && last.as_ref().is_some_and(|(o, a)| same(o, *a)) {
                 if let Some((_, _, id)) = graph.take() {
                     run.device.drop_graph(id);
                 }
