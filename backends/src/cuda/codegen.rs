@@ -42,6 +42,10 @@ pub const ATT_TQ: usize = 16;
 pub const ATT_TK: usize = 16;
 /// Threads per attention block.
 pub const ATT_THREADS: u32 = 128;
+/// Threads per block of a mixture of experts' hidden-row and output
+/// kernels (one row per block: two warps keep a row's loads coalesced, and
+/// the emulator's barriers cheap).
+pub const MOE_THREADS: u32 = 64;
 /// Output tile of a GEMM block (square), and its depth.
 pub const GEMM_TILE: usize = 64;
 /// The depth of a GEMM tile.
@@ -101,11 +105,17 @@ pub enum Grid {
     /// the tiles of q `[B, h, T, dh]` and v `[.., dv]`.
     Attention,
     /// One block per token of `x` (input 0, `[tokens…, d]`), shared memory
-    /// for the router, the hidden and the output rows.
-    Moe {
+    /// for the router's logits: the routing of a mixture of experts.
+    Moe,
+    /// `[F, top_k, tokens]` blocks (grid-stride past the limits), shared
+    /// memory for a block reduction: a mixture's hidden rows.
+    MoeHidden {
         /// Experts per token.
         top_k: usize,
     },
+    /// `[D, tokens]` blocks, shared memory for a block reduction: a
+    /// mixture's output.
+    MoeDown,
 }
 
 /// One step's kernel: which function of the module, its words and grid.
@@ -123,6 +133,9 @@ pub struct StepKernel {
     /// combines the partial results of a split over the keys (its grid is
     /// `Elements` over the output).
     pub epilogue: Option<(usize, Vec<Word>)>,
+    /// Kernels launched after this one, in order, with their words and
+    /// grids (a mixture of experts' hidden rows and output).
+    pub then: Vec<(usize, Vec<Word>, Grid)>,
 }
 
 /// The CUDA C of one Program.
@@ -1785,179 +1798,223 @@ fn gen_rope(
     Ok(g.finish(&s))
 }
 
-/// A mixture of SwiGLU experts: a block per token routes it (the shared
-/// rule of `crate::routing::route`) and runs only the chosen experts.
-fn gen_moe(
+/// A generated kernel (its text, with `KNAME` for its name) and its words.
+type GenResult = Result<(String, Vec<Word>), String>;
+
+/// The words and declarations the three kernels of a mixture of experts
+/// share: the token count, `D`, `E`, `F`, `K` (experts per token), the
+/// scratch (`sel` — the chosen experts, `wt` — their weights, `hv` — the
+/// hidden rows) and, for each `(name, operand, axis-stride prefix)` in
+/// `per_token`, the statements giving its offset for token `tok`.
+struct MoeShape {
+    g: Gen,
+    decompose: String,
+}
+
+fn moe_shape(
     t: &Types<'_>,
     step: &crate::lower::Step,
     top_k: usize,
-) -> Result<(String, Vec<Word>), String> {
+    per_token: &[(&str, Operand)],
+) -> Result<MoeShape, String> {
     let p = t.program;
     let x_b = step.inputs[0];
-    let out_b = step.output;
     let r = p.buffer(x_b).shape.len();
     if r == 0 || step.inputs.len() != 5 {
         return Err("moe takes x [.., d] and four weight stacks".into());
     }
     let mut g = Gen::new();
-    g.ptr("o", Operand::Out, t.stored(out_b), true);
-    g.ptr("x", Operand::In(0), t.stored(x_b), false);
-    let names = ["rt", "gt", "up", "dn"];
-    for (i, n) in names.iter().enumerate() {
-        g.ptr(n, Operand::In(i + 1), t.stored(step.inputs[i + 1]), false);
-    }
     g.int("tokens", Word::Count(Operand::In(0), 0, r - 1));
     g.int("D", Word::Size(Operand::In(0), r - 1));
     g.int("E", Word::Size(Operand::In(1), 0));
     g.int("F", Word::Size(Operand::In(2), 1));
-    g.int("xl", Word::Stride(Operand::In(0), r - 1));
-    g.int("ol", Word::Stride(Operand::Out, r - 1));
-    g.int("r0", Word::Stride(Operand::In(1), 0));
-    g.int("r1", Word::Stride(Operand::In(1), 1));
-    for (n, i) in [("g", 2usize), ("u", 3), ("d", 4)] {
-        for ax in 0..3 {
-            g.int(&format!("{n}{ax}"), Word::Stride(Operand::In(i), ax));
-        }
-    }
+    let _ = writeln!(g.text, "  const long long K = {top_k};");
+    let w = g.word(Word::Scratch);
+    let _ = writeln!(
+        g.text,
+        "  long long* __restrict__ sel = (long long*)(unsigned long long){w};\n  double* __restrict__ wt = (double*)(sel + tokens * K);\n  double* __restrict__ hv = wt + tokens * K;"
+    );
     let sizes: Vec<String> = (0..r - 1)
         .map(|k| g.word(Word::Size(Operand::In(0), k)))
         .collect();
-    let xs: Vec<Option<String>> = (0..r - 1)
-        .map(|k| Some(g.word(Word::Stride(Operand::In(0), k))))
+    let offs: Vec<(&str, Vec<Option<String>>)> = per_token
+        .iter()
+        .map(|&(name, op)| {
+            let strides = (0..r - 1)
+                .map(|k| Some(g.word(Word::Stride(op, k))))
+                .collect();
+            (name, strides)
+        })
         .collect();
-    let os: Vec<Option<String>> = (0..r - 1)
-        .map(|k| Some(g.word(Word::Stride(Operand::Out, k))))
-        .collect();
-    let offs = vec![("xo", xs), ("oo", os)];
+    Ok(MoeShape {
+        decompose: decompose("tok", &sizes, &offs, "    "),
+        g,
+    })
+}
+
+/// A mixture of SwiGLU experts runs as three kernels through the step's
+/// scratch: this one, a block per token, routes it (the shared rule of
+/// `crate::routing::route`: router logits in double, softmax, the `K` most
+/// probable, renormalised) into `sel` and `wt`; [`gen_moe_hidden`] computes
+/// the chosen experts' hidden rows, a block per row; [`gen_moe_down`] their
+/// weighted down projections, a block per output element. Every block sums
+/// a whole row across its threads, so a decode step's single token still
+/// spreads over the GPU.
+fn gen_moe(
+    t: &Types<'_>,
+    step: &crate::lower::Step,
+    top_k: usize,
+) -> Result<(String, Vec<Word>), String> {
+    let x_b = step.inputs[0];
+    let r = t.program.buffer(x_b).shape.len();
+    let MoeShape { mut g, decompose } = moe_shape(t, step, top_k, &[("xo", Operand::In(0))])?;
+    g.ptr("x", Operand::In(0), t.stored(x_b), false);
+    g.ptr("rt", Operand::In(1), t.stored(step.inputs[1]), false);
+    g.int("xl", Word::Stride(Operand::In(0), r - 1));
+    g.int("r0", Word::Stride(Operand::In(1), 0));
+    g.int("r1", Word::Stride(Operand::In(1), 1));
     let ld = |ptr: &str, off: &str, i: usize| {
         let b = step.inputs[i];
         format!("(double){}", load(ptr, off, t.stored(b), t.declared(b)))
     };
-    let od = t.declared(out_b);
-    let mut s = String::new();
-    let _ = writeln!(s, "  KILN_SMEM");
-    let _ = writeln!(s, "  double* lg = (double*)kiln_smem;");
-    let _ = writeln!(s, "  double* hv = lg + E;");
-    let _ = writeln!(s, "  double* yv = hv + F;");
-    let _ = writeln!(s, "  double* wt = yv + D;");
-    let _ = writeln!(s, "  long long* sel = (long long*)(wt + {top_k});");
-    let _ = writeln!(
-        s,
-        "  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {{"
+    let body = format!(
+        r#"  KILN_SMEM
+  double* lg = (double*)kiln_smem;
+  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {{
+{decompose}    for (long long e = threadIdx.x; e < E; e += blockDim.x) {{
+      double acc = 0.0;
+      for (long long c = 0; c < D; c++) acc += {router} * {x};
+      lg[e] = acc;
+    }}
+    __syncthreads();
+    if (threadIdx.x == 0) {{
+      long long* s = sel + tok * K;
+      double* w = wt + tok * K;
+      bool nan = false;
+      double mx = -(double)KILN_INF;
+      for (long long e = 0; e < E; e++) {{ if (kiln_nan(lg[e])) nan = true; else if (lg[e] > mx) mx = lg[e]; }}
+      const long long kk = K < E ? K : E;
+      if (nan) {{
+        for (long long k = 0; k < K; k++) {{ s[k] = k < kk ? k : -1; w[k] = (double)__int_as_float(0x7fc00000); }}
+      }} else {{
+        double total = 0.0;
+        for (long long e = 0; e < E; e++) {{ lg[e] = exp(lg[e] - mx); total += lg[e]; }}
+        double chosen = 0.0;
+        for (long long k = 0; k < K; k++) {{
+          long long best = -1;
+          if (k < kk) for (long long e = 0; e < E; e++) {{
+            bool used = false;
+            for (long long q = 0; q < k; q++) used = used || s[q] == e;
+            if (!used && (best < 0 || lg[e] > lg[best])) best = e;
+          }}
+          s[k] = best;
+          if (best >= 0) chosen += lg[best] / total;
+        }}
+        for (long long k = 0; k < K; k++) w[k] = s[k] >= 0 ? lg[s[k]] / total / chosen : 0.0;
+      }}
+    }}
+    __syncthreads();
+  }}
+"#,
+        router = ld("rt", "e * r0 + c * r1", 1),
+        x = ld("x", "xo + c * xl", 0),
     );
-    s.push_str(&decompose("tok", &sizes, &offs, "    "));
-    let _ = writeln!(
-        s,
-        "    for (long long e = threadIdx.x; e < E; e += blockDim.x) {{"
+    Ok(g.finish(&body))
+}
+
+/// The hidden rows of a mixture of experts: block `(i, k, token)` computes
+/// `silu(gate[e, i] · x) · (up[e, i] · x)` for the token's k-th expert `e`,
+/// its threads summing the dot products over `D` in double.
+fn gen_moe_hidden(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> GenResult {
+    let x_b = step.inputs[0];
+    let r = t.program.buffer(x_b).shape.len();
+    let MoeShape { mut g, decompose } = moe_shape(t, step, top_k, &[("xo", Operand::In(0))])?;
+    g.ptr("x", Operand::In(0), t.stored(x_b), false);
+    g.ptr("gt", Operand::In(2), t.stored(step.inputs[2]), false);
+    g.ptr("up", Operand::In(3), t.stored(step.inputs[3]), false);
+    g.int("xl", Word::Stride(Operand::In(0), r - 1));
+    for (n, i) in [("g", 2usize), ("u", 3)] {
+        for ax in 0..3 {
+            g.int(&format!("{n}{ax}"), Word::Stride(Operand::In(i), ax));
+        }
+    }
+    let ld = |ptr: &str, off: &str, i: usize| {
+        let b = step.inputs[i];
+        format!("(double){}", load(ptr, off, t.stored(b), t.declared(b)))
+    };
+    let body = format!(
+        r#"  KILN_SMEM
+  double* red = (double*)kiln_smem;
+  const long long k = blockIdx.y;
+  for (long long tok = blockIdx.z; tok < tokens; tok += gridDim.z) {{
+{decompose}    const long long ex = sel[tok * K + k];
+    if (ex < 0) continue;
+    for (long long i = blockIdx.x; i < F; i += gridDim.x) {{
+      double gs = 0.0, us = 0.0;
+      for (long long c = threadIdx.x; c < D; c += blockDim.x) {{
+        const double xv = {x};
+        gs += {gate} * xv;
+        us += {up} * xv;
+      }}
+      gs = kiln_block_sum(gs, red);
+      us = kiln_block_sum(us, red);
+      if (threadIdx.x == 0) hv[(tok * K + k) * F + i] = gs / (1.0 + exp(-gs)) * us;
+    }}
+  }}
+"#,
+        x = ld("x", "xo + c * xl", 0),
+        gate = ld("gt", "ex * g0 + i * g1 + c * g2", 2),
+        up = ld("up", "ex * u0 + i * u1 + c * u2", 3),
     );
-    let _ = writeln!(s, "      double acc = 0.0;");
-    let _ = writeln!(
-        s,
-        "      for (long long c = 0; c < D; c++) acc += {} * {};",
-        ld("rt", "e * r0 + c * r1", 1),
-        ld("x", "xo + c * xl", 0)
-    );
-    let _ = writeln!(s, "      lg[e] = acc;");
-    let _ = writeln!(s, "    }}");
-    let _ = writeln!(
-        s,
-        "    for (long long c = threadIdx.x; c < D; c += blockDim.x) yv[c] = 0.0;"
-    );
-    let _ = writeln!(s, "    __syncthreads();");
-    let _ = writeln!(s, "    if (threadIdx.x == 0) {{");
-    let _ = writeln!(s, "      bool nan = false;");
-    let _ = writeln!(s, "      double mx = -(double)KILN_INF;");
-    let _ = writeln!(s, "      for (long long e = 0; e < E; e++) {{ if (kiln_nan(lg[e])) nan = true; else if (lg[e] > mx) mx = lg[e]; }}");
-    let _ = writeln!(s, "      const long long kk = {top_k} < E ? {top_k} : E;");
-    let _ = writeln!(s, "      if (nan) {{");
-    let _ = writeln!(s, "        for (long long k = 0; k < {top_k}; k++) {{ sel[k] = k < kk ? k : -1; wt[k] = (double)__int_as_float(0x7fc00000); }}");
-    let _ = writeln!(s, "      }} else {{");
-    let _ = writeln!(s, "        double total = 0.0;");
-    let _ = writeln!(
-        s,
-        "        for (long long e = 0; e < E; e++) {{ lg[e] = exp(lg[e] - mx); total += lg[e]; }}"
-    );
-    let _ = writeln!(s, "        double chosen = 0.0;");
-    let _ = writeln!(s, "        for (long long k = 0; k < {top_k}; k++) {{");
-    let _ = writeln!(s, "          long long best = -1;");
-    let _ = writeln!(
-        s,
-        "          if (k < kk) for (long long e = 0; e < E; e++) {{"
-    );
-    let _ = writeln!(s, "            bool used = false;");
-    let _ = writeln!(
-        s,
-        "            for (long long q = 0; q < k; q++) used = used || sel[q] == e;"
-    );
-    let _ = writeln!(
-        s,
-        "            if (!used && (best < 0 || lg[e] > lg[best])) best = e;"
-    );
-    let _ = writeln!(s, "          }}");
-    let _ = writeln!(s, "          sel[k] = best;");
-    let _ = writeln!(s, "          if (best >= 0) chosen += lg[best] / total;");
-    let _ = writeln!(s, "        }}");
-    let _ = writeln!(s, "        for (long long k = 0; k < {top_k}; k++) wt[k] = sel[k] >= 0 ? lg[sel[k]] / total / chosen : 0.0;");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "    __syncthreads();");
-    let _ = writeln!(s, "    for (int k = 0; k < {top_k}; k++) {{");
-    let _ = writeln!(s, "      const long long ex = sel[k];");
-    let _ = writeln!(s, "      if (ex >= 0) {{");
-    let _ = writeln!(
-        s,
-        "        for (long long i = threadIdx.x; i < F; i += blockDim.x) {{"
-    );
-    let _ = writeln!(s, "          double gs = 0.0, us = 0.0;");
-    let _ = writeln!(s, "          for (long long c = 0; c < D; c++) {{");
-    let _ = writeln!(
-        s,
-        "            const double xv = {};",
-        ld("x", "xo + c * xl", 0)
-    );
-    let _ = writeln!(
-        s,
-        "            gs += {} * xv;",
-        ld("gt", "ex * g0 + i * g1 + c * g2", 2)
-    );
-    let _ = writeln!(
-        s,
-        "            us += {} * xv;",
-        ld("up", "ex * u0 + i * u1 + c * u2", 3)
-    );
-    let _ = writeln!(s, "          }}");
-    let _ = writeln!(s, "          hv[i] = gs / (1.0 + exp(-gs)) * us;");
-    let _ = writeln!(s, "        }}");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "      __syncthreads();");
-    let _ = writeln!(s, "      if (ex >= 0) {{");
-    let _ = writeln!(
-        s,
-        "        for (long long c = threadIdx.x; c < D; c += blockDim.x) {{"
-    );
-    let _ = writeln!(s, "          double acc = 0.0;");
-    let _ = writeln!(
-        s,
-        "          for (long long i = 0; i < F; i++) acc += {} * hv[i];",
-        ld("dn", "ex * d0 + c * d1 + i * d2", 4)
-    );
-    let _ = writeln!(s, "          yv[c] += wt[k] * acc;");
-    let _ = writeln!(s, "        }}");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "      __syncthreads();");
-    let _ = writeln!(s, "    }}");
-    let _ = writeln!(
-        s,
-        "    for (long long c = threadIdx.x; c < D; c += blockDim.x) o[oo + c * ol] = {};",
-        store_value(
-            &convert("(float)yv[c]", DType::F32, od),
-            od,
-            t.stored(out_b)
+    Ok(g.finish(&body))
+}
+
+/// The output of a mixture of experts: block `(c, token)` sums, for each
+/// of the token's experts in routing order, `down[e, c] · hidden` across its
+/// threads, weighted by the expert's routing weight.
+fn gen_moe_down(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> GenResult {
+    let out_b = step.output;
+    let r = t.program.buffer(step.inputs[0]).shape.len();
+    let MoeShape { mut g, decompose } = moe_shape(t, step, top_k, &[("oo", Operand::Out)])?;
+    g.ptr("o", Operand::Out, t.stored(out_b), true);
+    g.ptr("dn", Operand::In(4), t.stored(step.inputs[4]), false);
+    g.int("ol", Word::Stride(Operand::Out, r - 1));
+    for ax in 0..3 {
+        g.int(&format!("d{ax}"), Word::Stride(Operand::In(4), ax));
+    }
+    let b = step.inputs[4];
+    let down = format!(
+        "(double){}",
+        load(
+            "dn",
+            "ex * d0 + c * d1 + i * d2",
+            t.stored(b),
+            t.declared(b)
         )
     );
-    let _ = writeln!(s, "    __syncthreads();");
-    let _ = writeln!(s, "  }}");
-    Ok(g.finish(&s))
+    let od = t.declared(out_b);
+    let store = store_value(&convert("(float)y", DType::F32, od), od, t.stored(out_b));
+    let body = format!(
+        r#"  KILN_SMEM
+  double* red = (double*)kiln_smem;
+  for (long long tok = blockIdx.y; tok < tokens; tok += gridDim.y) {{
+{decompose}    for (long long c = blockIdx.x; c < D; c += gridDim.x) {{
+      double y = 0.0;
+      for (long long k = 0; k < K; k++) {{
+        const long long ex = sel[tok * K + k];
+        if (ex < 0) continue;
+        const double* h = hv + (tok * K + k) * F;
+        double acc = 0.0;
+        for (long long i = threadIdx.x; i < F; i += blockDim.x) acc += {down} * h[i];
+        acc = kiln_block_sum(acc, red);
+        y += wt[tok * K + k] * acc;
+      }}
+      if (threadIdx.x == 0) o[oo + c * ol] = {store};
+    }}
+  }}
+"#
+    );
+    Ok(g.finish(&body))
 }
 
 /// The CUDA C of every step of `program`; `storage` is the dtype each root
@@ -2002,7 +2059,7 @@ pub fn generate(program: &Program, storage: &[DType]) -> Result<ModuleSource, St
             }
             Kernel::Gemm { .. } => Grid::Gemm,
             Kernel::Attention { .. } => Grid::Attention,
-            Kernel::Moe { top_k } => Grid::Moe { top_k: *top_k },
+            Kernel::Moe { .. } => Grid::Moe,
         };
         let mut add = |text: String, n: usize| match seen.get(&text) {
             Some(&k) => k,
@@ -2029,11 +2086,25 @@ pub fn generate(program: &Program, storage: &[DType]) -> Result<ModuleSource, St
             }
             _ => None,
         };
+        let mut then = Vec::new();
+        if let Kernel::Moe { top_k } = &step.kernel {
+            type Gen3 = fn(&Types<'_>, &crate::lower::Step, usize) -> GenResult;
+            let parts: [(&str, Gen3, Grid); 2] = [
+                ("hidden", gen_moe_hidden, Grid::MoeHidden { top_k: *top_k }),
+                ("down", gen_moe_down, Grid::MoeDown),
+            ];
+            for (which, gen, grid) in parts {
+                let (text, words) = gen(&t, step, *top_k)
+                    .map_err(|e| format!("s{si} moe {which} ({}): {e}", step.origin))?;
+                then.push((add(text, words.len().max(1)), words, grid));
+            }
+        }
         steps.push(StepKernel {
             kernel,
             words,
             grid,
             epilogue,
+            then,
         });
     }
     let mut source = String::from(PRELUDE);

@@ -577,6 +577,52 @@ impl Drop for RunBuffers<'_> {
     }
 }
 
+/// The launch of a mixture of experts' kernel `g` (its routing, hidden
+/// rows or output) over `ins` (`x [tokens…, D]`, the router `[E, D]`, gate
+/// `[E, F, D]`, …): grid, block and shared memory; `None` with no tokens.
+fn moe_grid(g: &Grid, ins: &[&CView]) -> Option<([u32; 3], [u32; 3], u32)> {
+    let x = ins[0];
+    let r = x.shape.len();
+    let tokens: usize = x.shape[..r - 1].iter().product();
+    if tokens == 0 {
+        return None;
+    }
+    let (e, f, d) = (ins[1].shape[0], ins[2].shape[1], x.shape[r - 1]);
+    let cap = |n: usize, limit: usize| n.clamp(1, limit) as u32;
+    let block = [codegen::MOE_THREADS, 1, 1];
+    let red = codegen::MOE_THREADS * 8;
+    match g {
+        Grid::Moe => Some((
+            [cap(tokens, 1 << 16), 1, 1],
+            [codegen::BLOCK, 1, 1],
+            (e.max(1) * 8) as u32,
+        )),
+        Grid::MoeHidden { top_k } => Some((
+            [cap(f, 1 << 20), cap(*top_k, 65535), cap(tokens, 65535)],
+            block,
+            red,
+        )),
+        Grid::MoeDown => Some(([cap(d, 1 << 20), cap(tokens, 65535), 1], block, red)),
+        _ => None,
+    }
+}
+
+/// Bytes of scratch a mixture of experts step needs: per token and chosen
+/// expert, its index, its weight and its hidden row (`F` doubles).
+fn moe_scratch(step: &crate::lower::Step, ins: &[&CView]) -> Result<usize, RunError> {
+    let Kernel::Moe { top_k } = step.kernel else {
+        return Ok(0);
+    };
+    let x = ins[0];
+    let r = x.shape.len();
+    let tokens: usize = x.shape[..r - 1].iter().product();
+    let f = ins[2].shape[1];
+    [tokens, top_k, f + 2, 8]
+        .iter()
+        .try_fold(1usize, |a, &n| a.checked_mul(n))
+        .ok_or_else(|| backend_err("mixture-of-experts scratch past the address space".into()))
+}
+
 /// How attention step `step` is split over key ranges: (ranges, keys per
 /// range, f32 of partial results). One range (all keys) unless it is
 /// decode-shaped (one query tile) over more than `split_keys` keys — counted
@@ -868,13 +914,16 @@ impl CudaExecutable {
             })?;
         }
         // One scratch for the partial results of every split attention step
-        // (they run in order on one stream), kept between runs.
-        let mut scratch_floats = 0usize;
+        // and the routing and hidden rows of every mixture of experts (they
+        // run in order on one stream), kept between runs.
+        let mut need = 0usize;
         for step in &p.steps {
             let ins: Vec<&CView> = step.inputs.iter().map(|b| &views[b.index()]).collect();
-            scratch_floats = scratch_floats.max(split_of(p, step, &ins, views, split_keys)?.2);
+            let floats = split_of(p, step, &ins, views, split_keys)?.2;
+            need = need
+                .max(nbytes(floats, DType::F32)?)
+                .max(moe_scratch(step, &ins)?);
         }
-        let need = nbytes(scratch_floats, DType::F32)?;
         if need > 0 && scratch.is_none_or(|(_, n)| n < need) {
             if let Some((a, _)) = scratch.take() {
                 run.device.free(a);
@@ -1055,20 +1104,11 @@ impl CudaExecutable {
                         (floats * 4) as u32,
                     )
                 }
-                Grid::Moe { top_k } => {
-                    let x = ins[0];
-                    let r = x.shape.len();
-                    let tokens: usize = x.shape[..r - 1].iter().product();
-                    if tokens == 0 {
-                        continue;
+                Grid::Moe | Grid::MoeHidden { .. } | Grid::MoeDown => {
+                    match moe_grid(&sk.grid, &ins) {
+                        Some(g) => g,
+                        None => continue,
                     }
-                    let (e, f, d) = (ins[1].shape[0], ins[2].shape[1], x.shape[r - 1]);
-                    let doubles = e + f + d + 2 * top_k + 1;
-                    (
-                        [cap(tokens, 1 << 16), 1, 1],
-                        [codegen::BLOCK, 1, 1],
-                        (doubles * 8) as u32,
-                    )
                 }
             };
             let args = eval(&sk.words)?;
@@ -1082,6 +1122,22 @@ impl CudaExecutable {
                 },
                 si,
             ));
+            for (k, ws, g) in &sk.then {
+                let (grid, block, smem) = moe_grid(g, &ins).ok_or_else(|| {
+                    backend_err(format!("{}: a kernel without a grid", step.origin))
+                })?;
+                let args = eval(ws)?;
+                ops.push((
+                    Op::Launch {
+                        kernel: *k,
+                        grid,
+                        block,
+                        smem,
+                        args,
+                    },
+                    si,
+                ));
+            }
             if let (Kernel::Attention { .. }, Some((k, ws)), true) =
                 (&step.kernel, &sk.epilogue, splits > 1)
             {
