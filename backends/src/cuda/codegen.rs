@@ -177,7 +177,20 @@ __device__ __forceinline__ unsigned short kiln_f2bf(float f) {
   return (unsigned short)(x >> 16);
 }
 __device__ __forceinline__ float kiln_r16(float f) { return kiln_h2f(kiln_f2h(f)); }
+// A double rounded to float to odd (truncated, the last bit set when
+// inexact): rounding that to a 16-bit format gives the double's own nearest
+// 16-bit value, with no double rounding (float keeps 13 more bits).
+__device__ __forceinline__ float kiln_odd(double d) {
+  float f = (float)d;
+  if ((double)f != d && d == d) {
+    if (fabs((double)f) > fabs(d)) f = nextafterf(f, 0.0f);
+    f = __uint_as_float(__float_as_uint(f) | 1u);
+  }
+  return f;
+}
 __device__ __forceinline__ float kiln_rbf(float f) { return kiln_bf2f(kiln_f2bf(f)); }
+__device__ __forceinline__ float kiln_r16d(double d) { return kiln_r16(kiln_odd(d)); }
+__device__ __forceinline__ float kiln_rbfd(double d) { return kiln_rbf(kiln_odd(d)); }
 __device__ __forceinline__ bool kiln_nan(double x) { return x != x; }
 // A float max that propagates NaN (as the interpreter's softmax does).
 __device__ __forceinline__ float kiln_fmaxn(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a > b ? a : b); }
@@ -406,6 +419,17 @@ fn convert(v: &str, from: DType, to: DType) -> String {
     }
 }
 
+/// A double expression rounded once to float dtype `to` (its value as a
+/// C float); other dtypes convert from its float value.
+fn round_double(v: &str, to: DType) -> String {
+    match to {
+        DType::F32 => format!("(float)({v})"),
+        DType::F16 => format!("kiln_r16d({v})"),
+        DType::BF16 => format!("kiln_rbfd({v})"),
+        _ => convert(&format!("(float)({v})"), DType::F32, to),
+    }
+}
+
 /// A value of `dtype` ready to store as `stored` (the output's storage).
 fn store_value(v: &str, dtype: DType, stored: DType) -> String {
     let v = convert(v, dtype, stored);
@@ -430,11 +454,11 @@ fn const_lit(x: f64, t: DType) -> String {
         DType::F32 => format!("__uint_as_float({}u)", (x as f32).to_bits()),
         DType::F16 => format!(
             "__uint_as_float({}u)",
-            (half::f16::from_f64(x).to_f64() as f32).to_bits()
+            (crate::reference::scalar::to_f16(x).to_f64() as f32).to_bits()
         ),
         DType::BF16 => format!(
             "__uint_as_float({}u)",
-            (half::bf16::from_f64(x).to_f64() as f32).to_bits()
+            (crate::reference::scalar::to_bf16(x).to_f64() as f32).to_bits()
         ),
         DType::I64 => format!("(long long){:#x}ULL", x as i64 as u64),
         DType::I32 => format!("(long long){}LL", x as i32),
@@ -579,13 +603,10 @@ fn body_c(
             (DType::F32, DType::F32) if matches!(k, KernelOp::Unary(..) | KernelOp::Binary(..)) => {
                 format!("(float)({expr})")
             }
-            (DType::F32, DType::F16) if matches!(k, KernelOp::Unary(..) | KernelOp::Binary(..)) => {
-                format!("kiln_r16((float)({expr}))")
-            }
-            (DType::F32, DType::BF16)
+            (DType::F32, DType::F16 | DType::BF16)
                 if matches!(k, KernelOp::Unary(..) | KernelOp::Binary(..)) =>
             {
-                format!("kiln_rbf((float)({expr}))")
+                round_double(&expr, t)
             }
             (DType::I32, DType::I32) if matches!(k, KernelOp::Unary(..) | KernelOp::Binary(..)) => {
                 format!("kiln_wrap32({expr})")
@@ -1047,11 +1068,7 @@ fn gen_row(
                 let _ = writeln!(
                     s,
                     "    if (threadIdx.x == 0) o[ob] = {};",
-                    store_value(
-                        &convert("(float)total", DType::F32, od),
-                        od,
-                        t.stored(out_b)
-                    )
+                    store_value(&round_double("total", od), od, t.stored(out_b))
                 );
             }
         }
@@ -1076,7 +1093,7 @@ fn gen_row(
             let _ = writeln!(
                 s,
                 "        o[ob + oe] = {};",
-                store_value(&convert("(float)y", DType::F32, od), od, t.stored(out_b))
+                store_value(&round_double("y", od), od, t.stored(out_b))
             );
             let _ = writeln!(s, "    }}");
         }
@@ -1128,7 +1145,7 @@ fn gen_row(
             let _ = writeln!(
                 s,
                 "        o[ob + oe] = {};",
-                store_value(&convert("(float)y", DType::F32, od), od, t.stored(out_b))
+                store_value(&round_double("y", od), od, t.stored(out_b))
             );
             let _ = writeln!(s, "    }}");
         }
@@ -1779,20 +1796,12 @@ fn gen_rope(
     let _ = writeln!(
         s,
         "    o[oo + f * ol] = {};",
-        store_value(
-            &convert("(float)(lo * cs - hi * sn)", DType::F32, od),
-            od,
-            t.stored(out_b)
-        )
+        store_value(&round_double("lo * cs - hi * sn", od), od, t.stored(out_b))
     );
     let _ = writeln!(
         s,
         "    o[oo + (f + half) * ol] = {};",
-        store_value(
-            &convert("(float)(hi * cs + lo * sn)", DType::F32, od),
-            od,
-            t.stored(out_b)
-        )
+        store_value(&round_double("hi * cs + lo * sn", od), od, t.stored(out_b))
     );
     s.push_str("  }\n");
     Ok(g.finish(&s))
@@ -1993,7 +2002,7 @@ fn gen_moe_down(t: &Types<'_>, step: &crate::lower::Step, top_k: usize) -> GenRe
         )
     );
     let od = t.declared(out_b);
-    let store = store_value(&convert("(float)y", DType::F32, od), od, t.stored(out_b));
+    let store = store_value(&round_double("y", od), od, t.stored(out_b));
     let body = format!(
         r#"  KILN_SMEM
   double* red = (double*)kiln_smem;

@@ -312,10 +312,8 @@ fn encode(bytes: &mut [u8], at: usize, dtype: DType, v: Scalar) -> Option<()> {
     let b = bytes.get_mut(at * n..at * n + n)?;
     match (dtype, v.to(dtype)) {
         (DType::F32, Scalar::Float(x)) => b.copy_from_slice(&(x as f32).to_le_bytes()),
-        (DType::F16, Scalar::Float(x)) => b.copy_from_slice(&half::f16::from_f64(x).to_le_bytes()),
-        (DType::BF16, Scalar::Float(x)) => {
-            b.copy_from_slice(&half::bf16::from_f64(x).to_le_bytes())
-        }
+        (DType::F16, Scalar::Float(x)) => b.copy_from_slice(&scalar::to_f16(x).to_le_bytes()),
+        (DType::BF16, Scalar::Float(x)) => b.copy_from_slice(&scalar::to_bf16(x).to_le_bytes()),
         (DType::I32, Scalar::Int(i)) => b.copy_from_slice(&(i as i32).to_le_bytes()),
         (DType::I64, Scalar::Int(i)) => b.copy_from_slice(&i.to_le_bytes()),
         (DType::Bool, Scalar::Bool(x)) => b[0] = u8::from(x),

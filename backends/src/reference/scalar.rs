@@ -27,8 +27,8 @@ impl Scalar {
                 Scalar::Int(i) => i as f32 as f64,
                 Scalar::Bool(b) => u8::from(b) as f64,
             }),
-            DType::F16 => Scalar::Float(half::f16::from_f64(self.as_f64()).to_f64()),
-            DType::BF16 => Scalar::Float(half::bf16::from_f64(self.as_f64()).to_f64()),
+            DType::F16 => Scalar::Float(to_f16(self.as_f64()).to_f64()),
+            DType::BF16 => Scalar::Float(to_bf16(self.as_f64()).to_f64()),
             DType::I64 => Scalar::Int(match self {
                 Scalar::Float(x) => x as i64,
                 Scalar::Int(i) => i,
@@ -182,4 +182,60 @@ pub(crate) fn run_body(
         vals.push(v.to(t));
     }
     vals.last().copied().ok_or_else(|| "empty body".to_string())
+}
+
+/// `x` rounded to f32 "to odd": truncated toward zero, the last bit set when
+/// that was inexact. Rounding the result to a 16-bit format gives `x`'s own
+/// nearest 16-bit value (f32 keeps 13 more bits than f16 and 16 more than
+/// bf16), where rounding through the nearest f32 could round twice, and
+/// `half`'s own f64 conversions drop the low 32 bits first or round twice.
+pub fn f32_odd(x: f64) -> f32 {
+    let f = x as f32;
+    if x.is_nan() || f as f64 == x {
+        return f;
+    }
+    // |f| > |x| ≥ 0, so f is not zero: one step toward zero truncates.
+    let t = if (f as f64).abs() > x.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    f32::from_bits(t.to_bits() | 1)
+}
+
+/// `x` rounded once to the nearest f16 (ties to even).
+pub fn to_f16(x: f64) -> half::f16 {
+    half::f16::from_f32(f32_odd(x))
+}
+
+/// `x` rounded once to the nearest bf16 (ties to even).
+pub fn to_bf16(x: f64) -> half::bf16 {
+    half::bf16::from_f32(f32_odd(x))
+}
+
+#[cfg(test)]
+mod rounding {
+    use super::{to_bf16, to_f16};
+
+    /// Against the exact rule on values that break both shortcuts: just
+    /// above a tie by less than f32 can hold (rounding through the nearest
+    /// f32 lands on the tie and goes to even; the right answer is up), and
+    /// above a tie by bits in the low half of the f64 (which `half` drops).
+    #[test]
+    fn sixteen_bit_rounding_is_correct_past_f32_precision() {
+        // 1 + 2^-11 is the f16 tie between 1 and 1 + 2^-10.
+        let up = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(to_f16(up).to_f64(), 1.0 + 2f64.powi(-10));
+        assert_eq!(to_f16(-up).to_f64(), -(1.0 + 2f64.powi(-10)));
+        assert_eq!(to_f16(1.0 + 2f64.powi(-11)).to_f64(), 1.0);
+        // 1 + 2^-8 is the bf16 tie between 1 and 1 + 2^-7.
+        let up = 1.0 + 2f64.powi(-8) + 2f64.powi(-45);
+        assert_eq!(to_bf16(up).to_f64(), 1.0 + 2f64.powi(-7));
+        assert_eq!(to_bf16(1.0 + 2f64.powi(-8)).to_f64(), 1.0);
+        // Overflow, NaN and zero keep their meaning.
+        assert!(to_f16(1e300).to_f64().is_infinite());
+        assert!(to_bf16(-1e300).to_f64().is_infinite());
+        assert!(to_f16(f64::NAN).is_nan());
+        assert_eq!(to_bf16(1e-300).to_f64(), 0.0);
+    }
 }
