@@ -450,6 +450,22 @@ enum Op {
     Sgemm(Sgemm),
 }
 
+impl Op {
+    /// A grid-stride launch of `kernel` over the elements of `out` (a GEMM's
+    /// epilogue after cuBLAS, a split attention's combine).
+    fn over_output(kernel: usize, out: &CView, args: usize) -> Op {
+        let n: usize = out.shape.iter().product();
+        let blocks = n.div_ceil(codegen::BLOCK as usize).clamp(1, 1 << 16);
+        Op::Launch {
+            kernel,
+            grid: [blocks as u32, 1, 1],
+            block: [codegen::BLOCK, 1, 1],
+            smem: 0,
+            args,
+        }
+    }
+}
+
 /// A run's launches, ready to go to a device.
 struct Launches<'a> {
     module: usize,
@@ -1021,18 +1037,7 @@ impl CudaExecutable {
                     ops.push((Op::Sgemm(g), si));
                     if let Some((k, ws)) = &sk.epilogue {
                         let args = eval(ws)?;
-                        let n: usize = out.shape.iter().product();
-                        let b = codegen::BLOCK as usize;
-                        ops.push((
-                            Op::Launch {
-                                kernel: *k,
-                                grid: [(n.div_ceil(b).clamp(1, 1 << 16)) as u32, 1, 1],
-                                block: [codegen::BLOCK, 1, 1],
-                                smem: 0,
-                                args,
-                            },
-                            si,
-                        ));
+                        ops.push((Op::over_output(*k, out, args), si));
                     }
                     continue;
                 }
@@ -1143,18 +1148,7 @@ impl CudaExecutable {
             {
                 SPLIT_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let args = eval(ws)?;
-                let n: usize = out.shape.iter().product();
-                let b = codegen::BLOCK as usize;
-                ops.push((
-                    Op::Launch {
-                        kernel: *k,
-                        grid: [cap(n.div_ceil(b), 1 << 16), 1, 1],
-                        block: [codegen::BLOCK, 1, 1],
-                        smem: 0,
-                        args,
-                    },
-                    si,
-                ));
+                ops.push((Op::over_output(*k, out, args), si));
             }
         }
         // The table, then the launches.
