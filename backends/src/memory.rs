@@ -20,6 +20,26 @@ pub fn available_bytes() -> Option<u64> {
     {
         return Some(v);
     }
+    // A decode step checks its buffers on every call: the system's figure is
+    // read at most every FRESH.
+    static LAST: std::sync::Mutex<Option<(std::time::Instant, Option<u64>)>> =
+        std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, v)) = *last {
+        if at.elapsed() < FRESH {
+            return v;
+        }
+    }
+    let v = system_available();
+    *last = Some((std::time::Instant::now(), v));
+    v
+}
+
+/// How long a reading of the system's available memory is reused.
+const FRESH: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `MemAvailable`, capped by the cgroup's and the address space's room.
+fn system_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let avail = meminfo
         .lines()

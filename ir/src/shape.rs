@@ -117,6 +117,13 @@ impl ShapeCx {
         })
     }
 
+    /// `d`'s value when every symbol it reads is bound to a number (`None`
+    /// otherwise, or on an arithmetic error, which [`ShapeCx::eval`]
+    /// reports): the allocation-free path of run-time sizes.
+    pub fn value(&self, d: &Dim) -> Option<i64> {
+        d.eval_const(&self.env).ok().flatten()
+    }
+
     /// Whether two dims are equal under the bindings.
     pub fn same(&self, a: &Dim, b: &Dim) -> Result<bool, ShapeError> {
         Ok(a == b || self.eval(a)? == self.eval(b)?)

@@ -1101,9 +1101,12 @@ impl PosBias {
     }
 }
 
-/// Attention over contiguous head vectors, one task per (batch, head): SIMD
-/// dot products for the scores, softmax in f64, SIMD multiply-adds of the
-/// value rows.
+/// Attention for few queries (decode) over contiguous head vectors. One task
+/// per (batch, kv head, run of the heads that share it), so a task reads its
+/// key and value rows once for all its heads and the tasks spread over the
+/// threads even with one kv head; f32 scores from SIMD dot products, the
+/// softmax's `exp` in AVX-512 where the host has it (the tiled prefill
+/// kernel's), SIMD multiply-adds of the value rows.
 #[allow(clippy::too_many_arguments)]
 fn attention_rows(
     q: Fv<'_>,
@@ -1127,62 +1130,114 @@ fn attention_rows(
     }
     let group = h / hk;
     let level = super::matvec::level();
+    let simd = level == super::matvec::Level::Avx512 && super::softmax::available();
+    let parallel = threads > 1 && b * h > 1 && b * h * t * s * dh >= 1 << 15;
+    // Heads per task: every head of a kv group, or fewer when there are
+    // not two tasks per thread otherwise.
+    let runs = if parallel {
+        (2 * threads).div_ceil(b * hk).clamp(1, group)
+    } else {
+        1
+    };
+    let per_run = group.div_ceil(runs);
+    let scale = scale as f32;
     let shared = Shared((q, k, v, o, mask));
     let task = move |job: usize| {
         let (q, k, v, o, mask) = shared.get();
-        let (bi, hi) = (job / h, job % h);
-        let kv = hi / group;
+        let (bi, kv, run) = (job / (hk * runs), job / runs % hk, job % runs);
+        let heads =
+            kv * group + (run * per_run).min(group)..kv * group + ((run + 1) * per_run).min(group);
         let (k0, v0) = (k.at(&[bi, kv, 0, 0]), v.at(&[bi, kv, 0, 0]));
         let (k_row, v_row) = (k.v.strides[2], v.v.strides[2]);
-        let mut scores = vec![0f64; s];
+        let mut scores = vec![0f32; s];
         let mut acc = vec![0f32; dv];
-        for ti in 0..t {
-            let qb = q.at(&[bi, hi, ti, 0]);
-            // SAFETY: a head vector of q inside its view (verified).
-            let qr = unsafe { std::slice::from_raw_parts(q.base.add(qb).cast_const(), dh) };
-            let visible = if causal {
-                (ti as i128 + s as i128 - t as i128 + 1).clamp(0, s as i128) as usize
-            } else {
-                s
-            };
-            for (j, score) in scores.iter_mut().enumerate() {
-                // SAFETY: inside the mask view (verified).
-                let allowed = j < visible
-                    && mask.is_none_or(|m| unsafe { m.get(m.v.at(&[bi, hi, ti, j])) } != 0);
-                *score = if allowed {
-                    // SAFETY: a key row inside its view (verified).
-                    let kr = unsafe {
-                        std::slice::from_raw_parts(k.base.add(k0 + j * k_row).cast_const(), dh)
-                    };
-                    scale * super::matvec::dot(level, qr, kr) as f64
-                        + bias.map_or(0.0, |pb| pb.at(hi, ti, j))
+        for hi in heads {
+            for ti in 0..t {
+                let qb = q.at(&[bi, hi, ti, 0]);
+                // SAFETY: a head vector of q inside its view (verified).
+                let qr = unsafe { std::slice::from_raw_parts(q.base.add(qb).cast_const(), dh) };
+                let visible = if causal {
+                    (ti as i128 + s as i128 - t as i128 + 1).clamp(0, s as i128) as usize
                 } else {
-                    f64::NEG_INFINITY
+                    s
                 };
-            }
-            let probs = softmax_row(&scores);
-            acc.fill(0.0);
-            for (j, &p) in probs.iter().enumerate() {
-                if scores[j] == f64::NEG_INFINITY {
+                let mut m = f32::NEG_INFINITY;
+                let mut nan = false;
+                for (j, score) in scores.iter_mut().enumerate() {
+                    // SAFETY: inside the mask view (verified).
+                    let allowed = j < visible
+                        && mask.is_none_or(|m| unsafe { m.get(m.v.at(&[bi, hi, ti, j])) } != 0);
+                    *score = if allowed {
+                        // SAFETY: a key row inside its view (verified).
+                        let kr = unsafe {
+                            std::slice::from_raw_parts(k.base.add(k0 + j * k_row).cast_const(), dh)
+                        };
+                        let x = scale * super::matvec::dot(level, qr, kr)
+                            + bias.map_or(0.0, |pb| pb.at(hi, ti, j) as f32);
+                        nan |= x.is_nan();
+                        m = m.max(x);
+                        x
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                let ob = o.at(&[bi, hi, ti, 0]);
+                // A NaN score makes the row NaN; a query that sees no key gets
+                // zeros, as in the interpreter.
+                let fill = if nan {
+                    Some(f32::NAN)
+                } else if m == f32::NEG_INFINITY {
+                    Some(0.0)
+                } else {
+                    None
+                };
+                if let Some(x) = fill {
+                    for c in 0..dv {
+                        // SAFETY: this task's own output row (verified in bounds).
+                        unsafe { o.set(ob + c, x) };
+                    }
                     continue;
                 }
-                // SAFETY: a value row inside its view (verified).
-                let vr = unsafe {
-                    std::slice::from_raw_parts(v.base.add(v0 + j * v_row).cast_const(), dv)
+                let sum = if simd {
+                    // SAFETY: AVX-512 (checked with `simd`).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        super::softmax::exp_sum(&mut scores, m)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    0.0
+                } else {
+                    let mut sum = 0f64;
+                    for x in scores.iter_mut() {
+                        *x = (*x - m).exp();
+                        sum += *x as f64;
+                    }
+                    sum as f32
                 };
-                super::matvec::axpy(level, &mut acc, p as f32, vr);
-            }
-            let ob = o.at(&[bi, hi, ti, 0]);
-            for (c, &a) in acc.iter().enumerate() {
-                // SAFETY: this task's own output row (verified in bounds).
-                unsafe { o.set(ob + c, a) };
+                acc.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    if p == 0.0 {
+                        continue;
+                    }
+                    // SAFETY: a value row inside its view (verified).
+                    let vr = unsafe {
+                        std::slice::from_raw_parts(v.base.add(v0 + j * v_row).cast_const(), dv)
+                    };
+                    super::matvec::axpy(level, &mut acc, p, vr);
+                }
+                let inv = 1.0 / sum;
+                for (c, &a) in acc.iter().enumerate() {
+                    // SAFETY: this task's own output row (verified in bounds).
+                    unsafe { o.set(ob + c, a * inv) };
+                }
             }
         }
     };
-    if threads > 1 && b * h > 1 && t * s * dh >= 1 << 12 {
-        super::par(b * h, &task);
+    let jobs = b * hk * runs;
+    if parallel && jobs > 1 {
+        super::par(jobs, &task);
     } else {
-        (0..b * h).for_each(task);
+        (0..jobs).for_each(task);
     }
     Ok(())
 }

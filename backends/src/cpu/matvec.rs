@@ -33,7 +33,42 @@ fn axpy_portable(y: &mut [f32], a: f32, x: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load is inside both slices (full vectors below `n`,
+    // then masked).
+    unsafe {
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+                s0,
+            );
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                s1,
+            );
+            i += 32;
+        }
+        while i < n {
+            let k = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            s0 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(k, a.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(k, b.as_ptr().add(i)),
+                s0,
+            );
+            i += 16;
+        }
+    }
+    // A tree of adds, not a chain of 32.
+    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -266,6 +266,14 @@ fn check_step(p: &Program, k: &Kernel, ins: &[BufferId], out: BufferId) -> Resul
     }
 }
 
+/// Whether every size check of `p` holds under `cx` (what
+/// [`verify_binding_with`] reports when one does not).
+pub fn checks_hold(p: &Program, cx: &ShapeCx) -> bool {
+    p.checks
+        .iter()
+        .all(|c| matches!((eval(cx, &c.lhs), eval(cx, &c.rhs)), (Ok(l), Ok(r)) if l <= r))
+}
+
 fn eval(cx: &ShapeCx, d: &Dim) -> Result<i64, String> {
     cx.eval(d)
         .map_err(|e| e.to_string())?

@@ -8,6 +8,7 @@
 //! results rounded to f32 per instruction, integers wrapping in i64.
 
 pub(crate) mod kernels;
+mod rebind;
 pub(crate) mod scalar;
 
 use std::collections::HashMap;
@@ -69,6 +70,11 @@ pub struct ReferenceExecutable {
     /// (no step reads an arena element before writing it: verified), so a
     /// run does not fault in and clear fresh pages.
     arena: AlignedBytes,
+    /// What each buffer's resolution reads, for deriving a binding from
+    /// the last one (`None`: every binding takes the full path).
+    rebind: Option<rebind::Rebind>,
+    /// The key and symbol values of the binding prepared last.
+    last: Option<(Vec<i64>, Vec<Option<i64>>)>,
 }
 
 /// Which kernels run a Program's steps.
@@ -127,6 +133,7 @@ impl ReferenceExecutable {
                 }),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let rebind = rebind::Rebind::new(&program);
         Ok(ReferenceExecutable {
             graph: graph.clone(),
             program,
@@ -138,6 +145,8 @@ impl ReferenceExecutable {
             step_code: Vec::new(),
             groups: Vec::new(),
             arena: AlignedBytes::default(),
+            rebind,
+            last: None,
         })
     }
 
@@ -433,28 +442,113 @@ impl ReferenceExecutable {
 
     /// Every buffer resolved under `cx`.
     fn views(&self, cx: &ShapeCx) -> Result<Vec<CView>, RunError> {
+        (0..self.program.buffers.len())
+            .map(|i| self.view_of(i, cx))
+            .collect()
+    }
+
+    /// Buffer `i` resolved under `cx`.
+    fn view_of(&self, i: usize, cx: &ShapeCx) -> Result<CView, RunError> {
         let p = &self.program;
-        let mut views = Vec::with_capacity(p.buffers.len());
-        for (i, b) in p.buffers.iter().enumerate() {
-            let id = lower::BufferId(i as u32);
-            let what = format!("b{i} ({})", b.value);
-            let layout = p.layout(id).map_err(|e| RunError::Size {
-                what: what.clone(),
-                dim: kiln_ir::types::shape_string(&b.shape),
-                problem: e.to_string(),
-            })?;
-            let sizes = |ds: &[kiln_ir::Dim]| -> Result<Vec<usize>, RunError> {
-                ds.iter().map(|d| size(cx, d, &what)).collect()
-            };
-            views.push(CView {
-                root: p.root(id).index(),
-                shape: sizes(&layout.shape)?,
-                strides: sizes(&layout.strides)?,
-                offset: size(cx, &layout.offset, &what)?,
-                dtype: b.dtype,
-            });
+        let b = &p.buffers[i];
+        let id = lower::BufferId(i as u32);
+        let what = || format!("b{i} ({})", b.value);
+        let formed;
+        let layout = match self.rebind.as_ref().and_then(|r| r.layout(i)) {
+            Some(l) => l,
+            None => {
+                formed = p.layout(id).map_err(|e| RunError::Size {
+                    what: what(),
+                    dim: kiln_ir::types::shape_string(&b.shape),
+                    problem: e.to_string(),
+                })?;
+                &formed
+            }
+        };
+        let one = |d: &kiln_ir::Dim| -> Result<usize, RunError> {
+            // The message is formatted only when the size does not evaluate.
+            match cx.value(d) {
+                Some(v) if v >= 0 => Ok(v as usize),
+                _ => size(cx, d, &what()),
+            }
+        };
+        let sizes =
+            |ds: &[kiln_ir::Dim]| -> Result<Vec<usize>, RunError> { ds.iter().map(one).collect() };
+        Ok(CView {
+            root: p.root(id).index(),
+            shape: sizes(&layout.shape)?,
+            strides: sizes(&layout.strides)?,
+            offset: one(&layout.offset)?,
+            dtype: b.dtype,
+        })
+    }
+
+    /// The plan and views of binding `cx` derived from the last binding's,
+    /// which it takes over (a decode step's binding is not seen again),
+    /// re-resolving and re-verifying only the buffers that read a changed
+    /// symbol (`None`: the full path must run; it reports any error).
+    fn derive(&mut self, cx: &ShapeCx, values: &[Option<i64>]) -> Option<(ArenaPlan, Vec<CView>)> {
+        if !self.verified_elements {
+            return None;
         }
-        Ok(views)
+        let r = self.rebind.as_ref()?;
+        let (last_key, last_values) = self.last.as_ref()?;
+        let changed = r.changed(last_values, values)?;
+        if r.moves_plan(changed) {
+            return None;
+        }
+        let (plan, mut views) = self.plans.remove(last_key)?;
+        let (r, p) = (self.rebind.as_ref()?, &self.program);
+        let mut touched = Vec::new();
+        for (i, v) in views.iter_mut().enumerate() {
+            if r.reads(i, changed) {
+                *v = self.view_of(i, cx).ok()?;
+                touched.push(i);
+            }
+        }
+        // Every re-resolved view inside its root, as the verifier checks it.
+        for &i in &touched {
+            let v = &views[i];
+            if v.shape.contains(&0) {
+                continue;
+            }
+            let size = views
+                .get(v.root)?
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+            let mut hi = v.offset;
+            for (&d, &st) in v.shape.iter().zip(&v.strides) {
+                hi = hi.checked_add((d - 1).checked_mul(st)?)?;
+            }
+            if hi >= size {
+                return None;
+            }
+        }
+        if !verify::checks_hold(p, cx) {
+            return None;
+        }
+        for (&b, w) in p.params.iter().zip(&self.weights) {
+            if r.reads(b.index(), changed) && views[b.index()].shape != w.shape() {
+                return None;
+            }
+        }
+        let mut outputs = 0u64;
+        for (b, v) in p.buffers.iter().zip(&views) {
+            if matches!(b.kind, BufferKind::Output { .. }) {
+                let bytes = v
+                    .shape
+                    .iter()
+                    .try_fold(b.dtype.size_bytes() as u64, |a, &d| a.checked_mul(d as u64))
+                    .filter(|&n| n <= MAX_BYTES)?;
+                outputs = outputs.checked_add(bytes)?;
+            }
+        }
+        let need = plan.peak_bytes.checked_add(outputs.checked_mul(2)?)?;
+        if crate::memory::available_bytes().is_some_and(|avail| need > avail) {
+            return None;
+        }
+        Some((plan, views))
     }
 
     /// The byte size of every state buffer under `cx`.
@@ -489,16 +583,42 @@ impl ReferenceExecutable {
     /// into `plans`.
     pub(crate) fn prepare_binding(&mut self, cx: &ShapeCx) -> Result<Vec<i64>, RunError> {
         let key = self.plan_key(cx);
+        let values = self.rebind.as_ref().map(|r| r.values(cx));
         if !self.plans.contains_key(&key) {
-            let plan = ArenaPlan::place(&self.program, cx)?;
-            let first = !self.verified_elements;
-            verify::verify_binding_with(&self.program, cx, &plan, first)?;
-            self.verified_elements = true;
+            let timer = crate::profile::enabled().then(std::time::Instant::now);
+            let entry = match values.as_ref().and_then(|v| self.derive(cx, v)) {
+                Some(e) => e,
+                None => {
+                    let e = self.full_binding(cx, &key)?;
+                    if let Some(t) = timer {
+                        crate::profile::record("host: new binding, full".into(), t.elapsed());
+                    }
+                    e
+                }
+            };
             // A decode step binds a new cache length each call: keep the plans
             // of the last few bindings, not one per length ever seen.
             if self.plans.len() >= MAX_PLANS {
                 self.plans.clear();
             }
+            self.plans.insert(key.clone(), entry);
+        }
+        self.last = values.map(|v| (key.clone(), v));
+        Ok(key)
+    }
+
+    /// The plan and views of binding `cx`, everything resolved, placed and
+    /// verified from the Program.
+    fn full_binding(
+        &mut self,
+        cx: &ShapeCx,
+        key: &[i64],
+    ) -> Result<(ArenaPlan, Vec<CView>), RunError> {
+        {
+            let plan = ArenaPlan::place(&self.program, cx)?;
+            let first = !self.verified_elements;
+            verify::verify_binding_with(&self.program, cx, &plan, first)?;
+            self.verified_elements = true;
             if plan.peak_bytes > MAX_BYTES {
                 return Err(RunError::Size {
                     what: format!("the arena of @{}", self.program.name),
@@ -534,7 +654,7 @@ impl ReferenceExecutable {
                 .program
                 .runtime_symbols
                 .iter()
-                .zip(&key)
+                .zip(key)
                 .map(|(s, v)| format!("{s}={v}"))
                 .collect();
             crate::memory::check(
@@ -566,9 +686,8 @@ impl ReferenceExecutable {
                     });
                 }
             }
-            self.plans.insert(key.clone(), (plan, views));
+            Ok((plan, views))
         }
-        Ok(key)
     }
 
     /// The plan and views of a binding [`ReferenceExecutable::prepare_binding`] made.
@@ -612,7 +731,11 @@ impl ReferenceExecutable {
         call: CallInputs<'_>,
         want: &[bool],
     ) -> Result<Vec<Option<Tensor>>, RunError> {
+        let timer = crate::profile::enabled().then(std::time::Instant::now);
         let key = self.prepare_binding(cx)?;
+        if let Some(t) = timer {
+            crate::profile::record("host: binding, in all".into(), t.elapsed());
+        }
         let p = &self.program;
         let (plan, views) = &self.plans[&key];
         let mut places = vec![Place::None; p.buffers.len()];
@@ -896,6 +1019,7 @@ impl Session for ReferenceSession {
     }
 
     fn call(&mut self, entry: &str, data: &[Tensor]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let timer = crate::profile::enabled().then(std::time::Instant::now);
         let capacity = self.capacity;
         let (carried, shapes) = (&self.carried, &self.shapes);
         let (g, exe) = sess::find_entry(&mut self.entries, entry)?;
@@ -929,6 +1053,9 @@ impl Session for ReferenceSession {
             tensors,
             states: &mut states,
         };
+        if let Some(t) = timer {
+            crate::profile::record("host: session call set-up".into(), t.elapsed());
+        }
         let result = exe.execute(&cx, call, &want);
         // The caches stay with the session whether or not the call succeeded.
         // A failed call that writes a cache from position 0 (a prefill) may
@@ -958,5 +1085,93 @@ impl Session for ReferenceSession {
 
     fn capacity(&self) -> usize {
         self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two run-time sizes: `T` sizes temporaries, `S` only moves a view.
+    const SRC: &str = "func @f(%x: f32[B, S, 4], %y: f32[B, T, 4]) -> (z: f32[B, T, 4]) {
+  %l = slice(%x) axis=1 start=S - 1 end=S : f32[B, 1, 4]
+  %lx = expand(%l) shape=[B, T, 4] : f32[B, T, 4]
+  %e = exp(%y) : f32[B, T, 4]
+  %t = tanh(%e) : f32[B, T, 4]
+  %z = add(%t, %lx) : f32[B, T, 4]
+  return %z
+}";
+
+    fn input(b: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (0..b * n * 4)
+            .map(|i| (i % 7) as f32 * 0.25 - 0.5)
+            .collect();
+        Tensor::f32(vec![b, n, 4], v).expect("tensor")
+    }
+
+    /// A binding derived from the last one resolves to what the full path
+    /// makes of it from scratch, and runs to the same outputs.
+    #[test]
+    fn derived_bindings_equal_full_ones() {
+        let graph = kiln_ir::parse_graph(SRC).expect("graph");
+        let mut exe = ReferenceExecutable::new(&graph, &Weights::new()).expect("compile");
+        assert!(exe.rebind.is_some());
+        let mut fresh = ReferenceExecutable::new(&graph, &Weights::new()).expect("compile");
+        for (b, s, t) in [
+            (1, 3, 2),
+            (1, 4, 2),
+            (1, 9, 2),
+            (1, 9, 5),
+            (1, 10, 5),
+            (2, 10, 5),
+            (2, 1, 1),
+        ] {
+            let ins = [input(b, s), input(b, t)];
+            let cx = signature::bind_inputs(&graph, &ins).expect("bind");
+            let cx = exe.program.bind_capacity(&cx, None).expect("capacity");
+            let key = exe.prepare_binding(&cx).expect("prepare");
+            let (plan, views) = exe.plan_of(&key).expect("plan").clone();
+            let full = fresh.full_binding(&cx, &key).expect("full");
+            assert_eq!(plan, full.0, "plan of B={b} S={s} T={t}");
+            assert_eq!(views.len(), full.1.len());
+            for (i, (a, f)) in views.iter().zip(&full.1).enumerate() {
+                assert_eq!(
+                    (a.root, &a.shape, &a.strides, a.offset, a.dtype),
+                    (f.root, &f.shape, &f.strides, f.offset, f.dtype),
+                    "b{i} of B={b} S={s} T={t}"
+                );
+            }
+            let got = Executable::run(&mut exe, &ins).expect("run");
+            let want = Executable::run(&mut fresh, &ins).expect("run");
+            assert_eq!(got, want);
+        }
+    }
+
+    /// A binding that changes only symbols no temporary's size reads (a
+    /// decode step's cache length) is derived from the last one, which it
+    /// takes over; one that moves a temporary takes the full path.
+    #[test]
+    fn a_binding_that_moves_no_temporary_is_derived() {
+        let src = "func @g(%x: f32[B, S, 4]) -> (z: f32[B, 1, 4]) {
+  %l = slice(%x) axis=1 start=S - 1 end=S : f32[B, 1, 4]
+  %e = exp(%l) : f32[B, 1, 4]
+  %z = add(%e, %l) : f32[B, 1, 4]
+  return %z
+}";
+        let graph = kiln_ir::parse_graph(src).expect("graph");
+        let mut exe = ReferenceExecutable::new(&graph, &Weights::new()).expect("compile");
+        let mut fresh = ReferenceExecutable::new(&graph, &Weights::new()).expect("compile");
+        let r = exe.rebind.as_ref().expect("rebind");
+        let bit = |name: &str| 1u64 << r.symbols.iter().position(|s| s == name).expect("symbol");
+        assert!(!r.moves_plan(bit("S")) && r.moves_plan(bit("B")));
+        for (b, s) in [(1, 2), (1, 3), (1, 4), (1, 9), (2, 9), (2, 5)] {
+            let ins = [input(b, s)];
+            let got = Executable::run(&mut exe, &ins).expect("run");
+            assert_eq!(got, Executable::run(&mut fresh, &ins).expect("run"));
+            // The first binding and B = 2 are planned in full and kept; the
+            // others replace the binding they derive from.
+            let kept = if b == 1 { 1 } else { 2 };
+            assert_eq!(exe.plans.len(), kept, "B={b} S={s}");
+        }
     }
 }
