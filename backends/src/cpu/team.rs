@@ -31,6 +31,9 @@ struct Shared {
     left: AtomicUsize,
     /// The epoch of the latest job (read without the lock while spinning).
     epoch: AtomicU64,
+    /// Workers asleep on `posted` (or about to be): a job is announced
+    /// with a wake-up only when there are some.
+    sleepers: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -53,6 +56,7 @@ impl Team {
             claim: AtomicU64::new(0),
             left: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         for i in 0..workers {
@@ -79,16 +83,23 @@ impl Team {
         // SAFETY: the reference is used only for parts of this job, and
         // this function returns only after every one of them has finished.
         let job: JobRef = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), JobRef>(f) };
+        // The job is written under the lock, which is released before the
+        // epoch announces it: a spinning worker that sees the epoch takes
+        // the lock uncontended. Sleeping workers are woken (a system call)
+        // only when there are some.
         let epoch = {
             let mut j = s.job.lock().unwrap_or_else(|p| p.into_inner());
             let epoch = j.0 + 1;
             s.left.store(parts, Ordering::SeqCst);
             s.claim.store(epoch << 32, Ordering::SeqCst);
             *j = (epoch, Some(job), parts);
-            s.epoch.store(epoch, Ordering::SeqCst);
-            s.posted.notify_all();
             epoch
         };
+        s.epoch.store(epoch, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _j = s.job.lock().unwrap_or_else(|p| p.into_inner());
+            s.posted.notify_all();
+        }
         run_parts(s, epoch, job, parts);
         while s.left.load(Ordering::Acquire) > 0 {
             std::hint::spin_loop();
@@ -133,11 +144,16 @@ fn worker(s: &Shared) {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
+                // Counted under the lock: a poster that writes its job under
+                // the same lock afterwards sees the count and wakes us; one
+                // that wrote it before fails the predicate.
                 let j = s.job.lock().unwrap_or_else(|p| p.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
                 let _j = s
                     .posted
                     .wait_while(j, |j| j.0 == seen && !s.stop.load(Ordering::Relaxed))
                     .unwrap_or_else(|p| p.into_inner());
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
         }

@@ -869,13 +869,14 @@ impl ReferenceExecutable {
                     );
                     if let Some(ran) = group {
                         if let Some(t) = timer {
+                            let took = t.elapsed();
                             let shapes: Vec<_> = p.steps[si..end]
                                 .iter()
                                 .map(|m| views[m.output.index()].shape.last().copied().unwrap_or(1))
                                 .collect();
                             crate::profile::record(
                                 format!("gemm group of {} (n = {shapes:?}, one row)", end - si),
-                                t.elapsed(),
+                                took,
                             );
                         }
                         let scalar = ran.map_err(|(k, e)| map_err(&p.steps[si + k], e))?;
@@ -907,10 +908,9 @@ impl ReferenceExecutable {
                 }
             };
             if let Some(t) = timer {
-                crate::profile::record(
-                    crate::profile::describe(&s.kernel, &out.shape),
-                    t.elapsed(),
-                );
+                // The time first: describing the step formats its kernel.
+                let took = t.elapsed();
+                crate::profile::record(crate::profile::describe(&s.kernel, &out.shape), took);
             }
             ran.map_err(|e| map_err(s, e))?;
         }
