@@ -515,13 +515,26 @@ pub(crate) unsafe fn gemm(
         let mc = row_block(m);
         for i0 in (0..m).step_by(mc) {
             let i1 = (i0 + mc).min(m);
+            // The tiles of a panel block fetch the next panel's block into
+            // L2 a share each, so that the next panel's first tile does not
+            // wait on memory (the hardware prefetcher starts a stream only
+            // once it is being read).
+            let block = kc * NR * size;
+            let share = block.div_ceil(i1.div_ceil(MR) - i0 / MR).div_ceil(64) * 64;
             for p in p0..p1 {
                 let cols = NR.min(b.n - p * NR);
                 // SAFETY: the block of panel p from row k0.
                 let bp = unsafe { b.panel(p).add(k0 * NR * size) };
+                let next = if p + 1 < p1 {
+                    // SAFETY: the same block of panel p + 1.
+                    unsafe { b.panel(p + 1).add(k0 * NR * size) }
+                } else {
+                    std::ptr::null()
+                };
                 let mut i = i0;
                 while i < i1 {
                     let rows = MR.min(i1 - i);
+                    let start = ((i - i0) / MR * share).min(block);
                     let t = Tile {
                         a: pa.wrapping_add(k0 * m_pad + i * kc),
                         b: bp,
@@ -530,6 +543,12 @@ pub(crate) unsafe fn gemm(
                         ldc,
                         cols,
                         first,
+                        next: next.wrapping_add(start),
+                        next_lines: if next.is_null() {
+                            0
+                        } else {
+                            (share.min(block - start)) / 64
+                        },
                     };
                     // SAFETY: tile i/MR's micro-panel of this block of A
                     // and rows i..i+rows of C (from column p·NR) are inside
@@ -700,6 +719,9 @@ struct Tile {
     ldc: usize,
     cols: usize,
     first: bool,
+    /// Lines from `next` to fetch into L2 meanwhile (one per inner step).
+    next: *const u8,
+    next_lines: usize,
 }
 
 /// [`micro`] for `rows` (1..=MR) rows.
@@ -760,6 +782,10 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
     let mut acc0 = [_mm512_setzero_ps(); R];
     let mut acc1 = [_mm512_setzero_ps(); R];
     for kk in 0..t.kc {
+        if kk < t.next_lines {
+            // A hint: never faults, and the lines are inside the panels.
+            _mm_prefetch::<_MM_HINT_T1>(t.next.wrapping_add(kk * 64).cast());
+        }
         // SAFETY: as the caller promised.
         unsafe {
             let row = t.b.add(kk * NR * size);
