@@ -382,18 +382,32 @@ pub(crate) fn run_row(
         // SAFETY: the view's first element is inside its root.
         params.push(unsafe { pp.add(p.offset * ps.size_bytes()) });
     }
-    let f = match cache
-        .get(Key::Row(kind, wdt, strided), || {
-            Ok(jk::row_kernel(kind, wdt, strided)?.map(|f| f as usize))
-        })
-        .map_err(jit_err)
-    {
-        Ok(Some(f)) => f,
-        Ok(None) => return None,
-        Err(e) => return Some(Err(e)),
+    // Norms of f32 weights run as AVX-512 code where the host has it
+    // (`Some(layer)`), other rows through the generated kernel.
+    let native = match kind {
+        RowKind::LayerNorm { .. } | RowKind::RmsNorm
+            if wdt == DType::F32 && !strided && super::norms::available() =>
+        {
+            Some(matches!(kind, RowKind::LayerNorm { .. }))
+        }
+        _ => None,
+    };
+    let f = if native.is_some() {
+        None
+    } else {
+        match cache
+            .get(Key::Row(kind, wdt, strided), || {
+                Ok(jk::row_kernel(kind, wdt, strided)?.map(|f| f as usize))
+            })
+            .map_err(jit_err)
+        {
+            Ok(Some(f)) => Some(f),
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        }
     };
     // SAFETY: a row kernel of this step.
-    let f: jk::RowFn = unsafe { std::mem::transmute::<usize, jk::RowFn>(f) };
+    let f = f.map(|f| unsafe { std::mem::transmute::<usize, jk::RowFn>(f) });
     let n: usize = x.shape[r - axes..].iter().product();
     let outer = &x.shape[..r - axes];
     let rows: usize = outer.iter().product();
@@ -427,17 +441,34 @@ pub(crate) fn run_row(
                         .sum::<usize>()
             };
             // SAFETY: the row of x and of the output are inside their roots
-            // (verified views; contiguous along the row, checked above).
+            // (verified views; contiguous along the row, checked above); the
+            // norm's weight and bias hold a row each (f32, checked above);
+            // AVX-512 for `native` (checked).
             unsafe {
-                f(
-                    xp.add(xo * 4),
-                    w,
-                    b,
-                    op_.add(oo * 4),
-                    n as i64,
-                    eps,
-                    x_stride,
-                )
+                match (f, native) {
+                    (Some(f), _) => {
+                        f(
+                            xp.add(xo * 4),
+                            w,
+                            b,
+                            op_.add(oo * 4),
+                            n as i64,
+                            eps,
+                            x_stride,
+                        );
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    (None, Some(layer)) => super::norms::norm_row(
+                        xp.add(xo * 4).cast(),
+                        w.cast(),
+                        b.cast(),
+                        op_.add(oo * 4).cast(),
+                        n,
+                        eps,
+                        layer,
+                    ),
+                    _ => {}
+                }
             };
             Ok(())
         })

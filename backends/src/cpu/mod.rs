@@ -24,6 +24,7 @@ pub(crate) mod packed;
 pub use packed::{
     adopt as adopt_packed, available as packed_available, packed_weights, PackedWeight,
 };
+mod norms;
 mod softmax;
 pub(crate) mod team;
 

@@ -34,7 +34,7 @@ use kiln_ir::DType;
 /// Columns per panel: two 16-lane vectors.
 pub(crate) const NR: usize = 32;
 /// Rows of A per microkernel call.
-const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Inner steps per block. The microkernel streams a panel block
 /// (`KC × NR`, 96 KiB of f32) from L2 at two vector loads per 24
 /// multiply-adds, and A's micro-panel (`KC × MR`, 36 KiB) from L1; the
