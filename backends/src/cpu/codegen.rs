@@ -386,7 +386,7 @@ pub(crate) fn run_row(
     // (`Some(layer)`), other rows through the generated kernel.
     let native = match kind {
         RowKind::LayerNorm { .. } | RowKind::RmsNorm
-            if wdt == DType::F32 && !strided && super::norms::available() =>
+            if wdt == DType::F32 && !strided && super::packed::available() =>
         {
             Some(matches!(kind, RowKind::LayerNorm { .. }))
         }

@@ -8,24 +8,12 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Whether the host runs these rows (AVX-512F).
-pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// One row: `n` elements of `x` to `out`, weight `w`, bias `b` (null:
 /// none); `layer`: subtract the mean (LayerNorm), else RMS norm.
 ///
 /// # Safety
 /// `x`, `w`, `out` (and `b` unless null) hold `n` f32 each; the host has
-/// AVX-512F.
+/// AVX-512F ([`super::packed::available`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn norm_row(
@@ -112,7 +100,7 @@ mod tests {
     /// pass (three products and a difference).
     #[test]
     fn rows_match_the_f64_formula_at_every_tail() {
-        if !available() {
+        if !crate::cpu::packed::available() {
             return;
         }
         for n in [1usize, 7, 15, 16, 17, 31, 32, 33, 100, 768, 769] {

@@ -230,6 +230,15 @@ pub(crate) struct CView {
 }
 
 impl CView {
+    /// Bytes of the view's elements in its dtype (`None` past 64 bits).
+    pub(crate) fn bytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size_bytes() as u64, |a, &d| {
+                a.checked_mul(d as u64)
+            })
+    }
+
     /// The element of the root at multi-index `idx` of this view.
     pub(crate) fn at(&self, idx: &[usize]) -> usize {
         self.offset
@@ -498,7 +507,7 @@ impl ReferenceExecutable {
             return None;
         }
         let (plan, mut views) = self.plans.remove(last_key)?;
-        let (r, p) = (self.rebind.as_ref()?, &self.program);
+        let p = &self.program;
         let mut touched = Vec::new();
         for (i, v) in views.iter_mut().enumerate() {
             if r.reads(i, changed) {
@@ -536,12 +545,7 @@ impl ReferenceExecutable {
         let mut outputs = 0u64;
         for (b, v) in p.buffers.iter().zip(&views) {
             if matches!(b.kind, BufferKind::Output { .. }) {
-                let bytes = v
-                    .shape
-                    .iter()
-                    .try_fold(b.dtype.size_bytes() as u64, |a, &d| a.checked_mul(d as u64))
-                    .filter(|&n| n <= MAX_BYTES)?;
-                outputs = outputs.checked_add(bytes)?;
+                outputs = outputs.checked_add(v.bytes().filter(|&n| n <= MAX_BYTES)?)?;
             }
         }
         let need = plan.peak_bytes.checked_add(outputs.checked_mul(2)?)?;
@@ -614,80 +618,71 @@ impl ReferenceExecutable {
         cx: &ShapeCx,
         key: &[i64],
     ) -> Result<(ArenaPlan, Vec<CView>), RunError> {
-        {
-            let plan = ArenaPlan::place(&self.program, cx)?;
-            let first = !self.verified_elements;
-            verify::verify_binding_with(&self.program, cx, &plan, first)?;
-            self.verified_elements = true;
-            if plan.peak_bytes > MAX_BYTES {
-                return Err(RunError::Size {
-                    what: format!("the arena of @{}", self.program.name),
-                    dim: format!("{} bytes", plan.peak_bytes),
-                    problem: format!(
-                        "is more than the {} GiB a run may allocate",
-                        MAX_BYTES >> 30
-                    ),
+        let plan = ArenaPlan::place(&self.program, cx)?;
+        let first = !self.verified_elements;
+        verify::verify_binding_with(&self.program, cx, &plan, first)?;
+        self.verified_elements = true;
+        if plan.peak_bytes > MAX_BYTES {
+            return Err(RunError::Size {
+                what: format!("the arena of @{}", self.program.name),
+                dim: format!("{} bytes", plan.peak_bytes),
+                problem: format!(
+                    "is more than the {} GiB a run may allocate",
+                    MAX_BYTES >> 30
+                ),
+            });
+        }
+        let views = self.views(cx)?;
+        // What this binding allocates on each call: the arena and the
+        // outputs (caches were sized when the session began).
+        let outputs = self
+            .program
+            .buffers
+            .iter()
+            .zip(&views)
+            .filter(|(b, _)| matches!(b.kind, BufferKind::Output { .. }))
+            .map(|(_, v)| v.bytes().unwrap_or(u64::MAX))
+            .collect::<Vec<u64>>();
+        // An output past the per-output cap is refused below, by name.
+        let over_cap = outputs.iter().any(|&b| b > MAX_BYTES);
+        let outputs = outputs.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        let binding: Vec<String> = self
+            .program
+            .runtime_symbols
+            .iter()
+            .zip(key)
+            .map(|(s, v)| format!("{s}={v}"))
+            .collect();
+        crate::memory::check(
+            &format!("@{} with {}", self.program.name, binding.join(", ")),
+            if over_cap {
+                0
+            } else {
+                plan.peak_bytes.saturating_add(outputs.saturating_mul(2))
+            },
+            &format!(
+                "arena {}, outputs {} and their host copies",
+                crate::memory::human(plan.peak_bytes),
+                crate::memory::human(outputs)
+            ),
+        )?;
+        // The weights fit this binding's parameter shapes: checked once per binding.
+        for (&b, w) in self.program.params.iter().zip(&self.weights) {
+            if views[b.index()].shape != w.shape() {
+                return Err(RunError::WeightShape {
+                    name: self
+                        .program
+                        .buffer(b)
+                        .value
+                        .trim_start_matches('@')
+                        .to_string(),
+                    expected: format!("{:?}", views[b.index()].shape),
+                    axis: None,
+                    got: w.shape().to_vec(),
                 });
             }
-            let views = self.views(cx)?;
-            // What this binding allocates on each call: the arena and the
-            // outputs (caches were sized when the session began).
-            let outputs = self
-                .program
-                .buffers
-                .iter()
-                .zip(&views)
-                .filter(|(b, _)| matches!(b.kind, BufferKind::Output { .. }))
-                .map(|(b, v)| {
-                    v.shape
-                        .iter()
-                        .try_fold(b.dtype.size_bytes() as u64, |acc, &d| {
-                            acc.checked_mul(d as u64)
-                        })
-                        .unwrap_or(u64::MAX)
-                })
-                .collect::<Vec<u64>>();
-            // An output past the per-output cap is refused below, by name.
-            let over_cap = outputs.iter().any(|&b| b > MAX_BYTES);
-            let outputs = outputs.iter().fold(0u64, |a, &b| a.saturating_add(b));
-            let binding: Vec<String> = self
-                .program
-                .runtime_symbols
-                .iter()
-                .zip(key)
-                .map(|(s, v)| format!("{s}={v}"))
-                .collect();
-            crate::memory::check(
-                &format!("@{} with {}", self.program.name, binding.join(", ")),
-                if over_cap {
-                    0
-                } else {
-                    plan.peak_bytes.saturating_add(outputs.saturating_mul(2))
-                },
-                &format!(
-                    "arena {}, outputs {} and their host copies",
-                    crate::memory::human(plan.peak_bytes),
-                    crate::memory::human(outputs)
-                ),
-            )?;
-            // The weights fit this binding's parameter shapes: checked once per binding.
-            for (&b, w) in self.program.params.iter().zip(&self.weights) {
-                if views[b.index()].shape != w.shape() {
-                    return Err(RunError::WeightShape {
-                        name: self
-                            .program
-                            .buffer(b)
-                            .value
-                            .trim_start_matches('@')
-                            .to_string(),
-                        expected: format!("{:?}", views[b.index()].shape),
-                        axis: None,
-                        got: w.shape().to_vec(),
-                    });
-                }
-            }
-            Ok((plan, views))
         }
+        Ok((plan, views))
     }
 
     /// The plan and views of a binding [`ReferenceExecutable::prepare_binding`] made.
@@ -764,28 +759,22 @@ impl ReferenceExecutable {
                 BufferKind::Param { .. } => Place::None,
                 BufferKind::Output { .. } => {
                     let bytes = views[i]
-                        .shape
-                        .iter()
-                        .try_fold(b.dtype.size_bytes() as u64, |acc, &d| {
-                            acc.checked_mul(d as u64)
-                        });
-                    let bytes =
-                        bytes
-                            .filter(|&n| n <= MAX_BYTES)
-                            .ok_or_else(|| RunError::Size {
-                                what: format!(
-                                    "output {}",
-                                    p.outputs
-                                        .iter()
-                                        .find(|(_, o)| o.index() == i)
-                                        .map_or(b.value.as_str(), |(n, _)| n.as_str())
-                                ),
-                                dim: format!("{:?}", views[i].shape),
-                                problem: format!(
-                                    "needs more than the {} GiB a run may allocate",
-                                    MAX_BYTES >> 30
-                                ),
-                            })?;
+                        .bytes()
+                        .filter(|&n| n <= MAX_BYTES)
+                        .ok_or_else(|| RunError::Size {
+                            what: format!(
+                                "output {}",
+                                p.outputs
+                                    .iter()
+                                    .find(|(_, o)| o.index() == i)
+                                    .map_or(b.value.as_str(), |(n, _)| n.as_str())
+                            ),
+                            dim: format!("{:?}", views[i].shape),
+                            problem: format!(
+                                "needs more than the {} GiB a run may allocate",
+                                MAX_BYTES >> 30
+                            ),
+                        })?;
                     outputs.push(AlignedBytes::zeroed(bytes as usize));
                     Place::Output(outputs.len() - 1)
                 }
