@@ -201,7 +201,11 @@ fn gemm(
     while batch > 0 {
         let ax = batch - 1;
         let (sa, so) = (av.strides[ax], out.strides[ax]);
-        if bv.strides[ax] == 0 && sa == m * av.strides[r - 2] && so == m * out.strides[r - 2] {
+        // An axis of one index folds whatever its strides (the last
+        // position of a prefill's hidden states keeps the stride of 128).
+        if out.shape[ax] == 1
+            || bv.strides[ax] == 0 && sa == m * av.strides[r - 2] && so == m * out.strides[r - 2]
+        {
             m *= out.shape[ax];
             batch -= 1;
         } else {

@@ -782,10 +782,22 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
     let mut acc0 = [_mm512_setzero_ps(); R];
     let mut acc1 = [_mm512_setzero_ps(); R];
     for kk in 0..t.kc {
+        // Hints (they never fault; past the block they fetch lines of the
+        // next block or panel, or nothing). Ahead into L2: the next
+        // panel's block, a share per tile.
         if kk < t.next_lines {
-            // A hint: never faults, and the lines are inside the panels.
             _mm_prefetch::<_MM_HINT_T1>(t.next.wrapping_add(kk * 64).cast());
         }
+        // Ahead into L1: the panel row and A's step [`AHEAD`] steps on.
+        // The hardware's L1 prefetch left the loop waiting on both streams
+        // from L2 (+3–10% median for B, +3–5% more for A in interleaved
+        // runs on BERT's and a prefill's shapes).
+        let b_ahead = t.b.wrapping_add((kk + AHEAD) * NR * size);
+        _mm_prefetch::<_MM_HINT_T0>(b_ahead.cast());
+        if size == 4 {
+            _mm_prefetch::<_MM_HINT_T0>(b_ahead.wrapping_add(64).cast());
+        }
+        _mm_prefetch::<_MM_HINT_T0>(t.a.wrapping_add((kk + AHEAD) * MR).cast());
         // SAFETY: as the caller promised.
         unsafe {
             let row = t.b.add(kk * NR * size);
@@ -813,6 +825,9 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
         }
     }
 }
+
+/// Steps ahead the microkernel fetches its operands into L1.
+const AHEAD: usize = 16;
 
 /// Lane masks of the two vectors of a panel row with `cols` valid columns.
 #[cfg(target_arch = "x86_64")]
@@ -964,7 +979,10 @@ mod speed {
     #[ignore]
     fn packed_speed() {
         use rayon::prelude::*;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = std::env::var("KILN_T")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         for (m, k, n) in [
             (1024usize, 768usize, 768usize),
             (1024, 768, 3072),
