@@ -624,6 +624,8 @@ pub(super) fn run_group(
 /// output afterwards: the generated loop kernel over each row of the tile.
 struct TileEpilogue<'a> {
     f: super::jit::kernels::LoopFn,
+    /// The body as AVX-512 code, where it has only what that runs.
+    vec: Option<super::vbody::VecBody>,
     /// The output, then the epilogue's extra operands: root base, element
     /// size, view.
     operands: Vec<(usize, usize, &'a CView)>,
@@ -671,6 +673,8 @@ impl<'a> TileEpilogue<'a> {
             .map(|(_, _, v)| v.strides[r - 1] as i64)
             .collect();
         let f = codegen::loop_for(cache, body, &views, &stored, out)?;
+        let declared: Vec<DType> = views.iter().map(|v| v.dtype).collect();
+        let vec = super::vbody::VecBody::new(body, &declared, &stored, out.dtype);
         let lead = out.shape[..r - 1].to_vec();
         // Row `row` is element `row·step` of an operand when each leading
         // axis of more than one row has stride `step` times the rows inside
@@ -692,6 +696,7 @@ impl<'a> TileEpilogue<'a> {
         let row_steps = operands.iter().map(|(_, _, v)| fold(v)).collect();
         Some(TileEpilogue {
             f,
+            vec,
             operands,
             inner,
             lead,
@@ -704,7 +709,7 @@ impl<'a> TileEpilogue<'a> {
     fn tile(&self, i: usize, rows: usize, j: usize, cols: usize) {
         let mut ptrs = [std::ptr::null_mut::<u8>(); 8];
         let count = self.operands.len().min(ptrs.len());
-        for row in i..i + rows {
+        let pointers = |row: usize, ptrs: &mut [*mut u8; 8]| {
             if let Some(steps) = &self.row_steps {
                 for ((slot, &(base, size, v)), &step) in
                     ptrs.iter_mut().zip(&self.operands).zip(steps)
@@ -713,8 +718,19 @@ impl<'a> TileEpilogue<'a> {
                     *slot = (base + e * size) as *mut u8;
                 }
             } else {
-                self.row_pointers(row, j, &mut ptrs);
+                self.row_pointers(row, j, ptrs);
             }
+        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = &self.vec {
+            // SAFETY: the tile's elements of every operand view are inside
+            // their roots (verified views; the tile is inside the output).
+            if unsafe { v.run(rows, &|r, p| pointers(i + r, p), &self.inner, cols) } {
+                return;
+            }
+        }
+        for row in i..i + rows {
+            pointers(row, &mut ptrs);
             // SAFETY: the tile's elements of every operand view are inside
             // their roots (verified views; the tile is inside the output).
             let code =

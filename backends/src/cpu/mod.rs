@@ -27,6 +27,7 @@ pub use packed::{
 mod norms;
 mod softmax;
 pub(crate) mod team;
+mod vbody;
 
 thread_local! {
     /// The team the steps running on this thread split their work over

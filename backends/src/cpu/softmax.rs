@@ -119,7 +119,7 @@ pub(crate) unsafe fn exp_sum(row: &mut [f32], m: f32) -> f32 {
 /// Sixteen `exp`s (the module's algorithm).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn exp(x: __m512) -> __m512 {
+pub(crate) fn exp(x: __m512) -> __m512 {
     const HI: f32 = 88.722_83;
     const LO: f32 = -86.6;
     const P: [f32; 6] = [
