@@ -725,7 +725,7 @@ impl<'a> TileEpilogue<'a> {
         if let Some(v) = &self.vec {
             // SAFETY: the tile's elements of every operand view are inside
             // their roots (verified views; the tile is inside the output).
-            if unsafe { v.run(rows, &|r, p| pointers(i + r, p), &self.inner, cols) } {
+            if unsafe { v.run(rows, |r, p| pointers(i + r, p), &self.inner, cols) } {
                 return;
             }
         }

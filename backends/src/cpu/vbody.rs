@@ -22,6 +22,8 @@ use kiln_ir::{BinaryOp, DType, KernelOp, UnaryOp};
 const MAX_VALUES: usize = 16;
 /// Vectors per strip.
 const STRIP: usize = 4;
+/// Rows whose operands are fetched ahead.
+const PREFETCH_ROWS: usize = 1;
 
 /// One instruction, its arguments indexing the body's values.
 #[derive(Clone, Copy, Debug)]
@@ -116,7 +118,7 @@ impl VecBody {
     pub(crate) unsafe fn run(
         &self,
         rows: usize,
-        row: &dyn Fn(usize, &mut [*mut u8; 8]),
+        row: impl Fn(usize, &mut [*mut u8; 8]),
         inner: &[i64],
         cols: usize,
     ) -> bool {
@@ -129,24 +131,31 @@ impl VecBody {
             return false;
         }
         // SAFETY: forwarded; AVX-512F was checked in `new`.
-        unsafe { self.strips(rows, row, inner, cols) };
+        unsafe {
+            // A micro-tile's rows are two vectors.
+            if cols <= 32 {
+                self.strips::<2>(rows, &row, inner, cols);
+            } else {
+                self.strips::<STRIP>(rows, &row, inner, cols);
+            }
+        }
         true
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn strips(
+    unsafe fn strips<const S: usize>(
         &self,
         rows: usize,
-        row: &dyn Fn(usize, &mut [*mut u8; 8]),
+        row: &impl Fn(usize, &mut [*mut u8; 8]),
         inner: &[i64],
         cols: usize,
     ) {
         let n = self.operands;
-        let mut vals = [[_mm512_setzero_ps(); STRIP]; MAX_VALUES];
+        let mut vals = [[_mm512_setzero_ps(); S]; MAX_VALUES];
         for (t, ins) in self.ins.iter().enumerate() {
             if let Ins::Const(c) = *ins {
-                vals[n + t] = [_mm512_set1_ps(c); STRIP];
+                vals[n + t] = [_mm512_set1_ps(c); S];
             }
         }
         // The last instruction's value (a body without any copies its
@@ -157,20 +166,42 @@ impl VecBody {
             n + self.ins.len() - 1
         };
         let mut ptrs = [std::ptr::null_mut::<u8>(); 8];
+        let mut ahead = [std::ptr::null_mut::<u8>(); 8];
+        let fetch = |r: usize, ahead: &mut [*mut u8; 8]| {
+            row(r, ahead);
+            for i in 0..n {
+                if inner[i] == 1 {
+                    let p = ahead[i].cast_const();
+                    for line in (0..cols * 4).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
+                    }
+                }
+            }
+        };
+        for r in 0..rows.min(PREFETCH_ROWS) {
+            fetch(r, &mut ahead);
+        }
         for r in 0..rows {
+            // Rows ahead into L1 while this one runs: a strip's
+            // instructions fill the reorder window, so its loads would
+            // otherwise wait for memory one strip at a time (a residual
+            // comes from L3).
+            if r + PREFETCH_ROWS < rows {
+                fetch(r + PREFETCH_ROWS, &mut ahead);
+            }
             row(r, &mut ptrs);
             // Operands of one value per row.
             for i in 0..n {
                 if inner[i] == 0 {
                     // SAFETY: the operand holds one element (the caller's
                     // promise).
-                    vals[i] = [_mm512_set1_ps(unsafe { *ptrs[i].cast::<f32>() }); STRIP];
+                    vals[i] = [_mm512_set1_ps(unsafe { *ptrs[i].cast::<f32>() }); S];
                 }
             }
             let out = ptrs[n].cast::<f32>();
             let mut j = 0;
             while j < cols {
-                let masks: [u16; STRIP] = std::array::from_fn(|v| lanes(cols - j, v));
+                let masks: [u16; S] = std::array::from_fn(|v| lanes(cols - j, v));
                 for i in 0..n {
                     if inner[i] == 1 {
                         let p = ptrs[i].cast::<f32>().cast_const();
@@ -203,7 +234,7 @@ impl VecBody {
                     // SAFETY: masked to the output's cols elements.
                     unsafe { _mm512_mask_storeu_ps(out.add(j + 16 * v), k, vals[last][v]) };
                 }
-                j += 16 * STRIP;
+                j += 16 * S;
             }
         }
     }
@@ -407,7 +438,7 @@ mod tests {
             .collect();
         let row = |_: usize, p: &mut [*mut u8; 8]| p[..base.len()].copy_from_slice(&base);
         // SAFETY: every operand holds n elements (or one, broadcast).
-        assert!(unsafe { v.run(1, &row, &inner, n) });
+        assert!(unsafe { v.run(1, row, &inner, n) });
         out
     }
 
@@ -580,7 +611,7 @@ mod tests {
             let row = |_: usize, _: &mut [*mut u8; 8]| {};
             // A strided operand is left to the generated kernel.
             // SAFETY: refused before any row is touched.
-            assert!(!unsafe { v.run(1, &row, &[2, 1, 1], 8) });
+            assert!(!unsafe { v.run(1, row, &[2, 1, 1], 8) });
         }
     }
 }
