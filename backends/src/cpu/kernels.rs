@@ -440,74 +440,7 @@ fn packed_product(
             super::par(parts, &run);
             return Some(Ok(()));
         }
-        thread_local! {
-            /// The calling thread's buffer for A in the GEMM's layout.
-            static PACKED_A: std::cell::RefCell<Vec<f32>> =
-                const { std::cell::RefCell::new(Vec::new()) };
-        }
-        PACKED_A.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            // A is packed and multiplied a chunk of rows at a time, which
-            // bounds the buffer whatever the batch.
-            let chunks = m.div_ceil(GEMM_CHUNK_ROWS);
-            let chunk = (super::packed::a_tiles(m.div_ceil(chunks)) * super::packed::MR).min(m);
-            let len = super::packed::packed_a_len(chunk, k);
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            let pa = buf.as_mut_ptr() as usize;
-            for r0 in (0..m).step_by(chunk) {
-                let rows = chunk.min(m - r0);
-                let tiles = super::packed::a_tiles(rows);
-                let packers = if split { threads.min(tiles) } else { 1 };
-                let (a0, c0) = (ap + r0 * lda * 4, cp + r0 * ldc * 4);
-                let pack = |part: usize| {
-                    let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
-                    // SAFETY: A holds m rows of k at stride lda (checked),
-                    // rows r0..r0+rows among them; the buffer holds the
-                    // chunk packed; parts pack disjoint tiles.
-                    unsafe {
-                        super::packed::pack_a(
-                            rows,
-                            k,
-                            a0 as *const f32,
-                            lda,
-                            pa as *mut f32,
-                            t0,
-                            t1,
-                        )
-                    };
-                };
-                super::par(packers, &pack);
-                let run = |part: usize| {
-                    let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
-                    let epi = epilogue.map(|e| {
-                        move |i: usize, rs: usize, j: usize, cols: usize| {
-                            e.tile(r0 + i, rs, j, cols)
-                        }
-                    });
-                    // SAFETY: the chunk of A is packed; C holds m rows of n
-                    // at stride ldc (checked), rows r0..r0+rows among them;
-                    // parts write disjoint panels of columns; the output is
-                    // never an operand's root; AVX-512 was checked when the
-                    // weight was packed.
-                    unsafe {
-                        super::packed::gemm(
-                            &pb,
-                            rows,
-                            pa as *const f32,
-                            c0 as *mut f32,
-                            ldc,
-                            p0,
-                            p1,
-                            epi.as_ref()
-                                .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
-                        );
-                    }
-                };
-                super::par(parts, &run);
-            }
-        });
+        packed_gemms(ap, lda, m, k, &[(&pb, cp, ldc)], threads, split, epilogue);
         Some(Ok(()))
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -515,6 +448,181 @@ fn packed_product(
         let _ = (mem, cache, av, o, m, k, n, threads);
         None
     }
+}
+
+/// `C = A·B` for each member `(B, C, ldc)` of a product sharing A (`m`
+/// rows of `k` at `ap`, row stride `lda`; `m > 1`), B packed: A is packed
+/// once per chunk of rows and every member's panels run as one parallel
+/// job. The epilogue (of a lone member only) runs fused.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn packed_gemms(
+    ap: usize,
+    lda: usize,
+    m: usize,
+    k: usize,
+    members: &[(&super::packed::PackedB, usize, usize)],
+    threads: usize,
+    split: bool,
+    epilogue: Option<&TileEpilogue<'_>>,
+) {
+    let epilogue = epilogue.filter(|_| members.len() == 1);
+    let total: usize = members.iter().map(|(pb, ..)| pb.panels()).sum();
+    // Parts are claimed as they finish: several per thread keep every core
+    // busy to the end when one is slowed (its bandwidth, or a neighbour on
+    // the machine).
+    let parts = if split {
+        (threads * PARTS_PER_THREAD).min(total)
+    } else {
+        1
+    };
+    let per = total.div_ceil(parts.max(1));
+    thread_local! {
+        /// The calling thread's buffer for A in the GEMM's layout.
+        static PACKED_A: std::cell::RefCell<Vec<f32>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PACKED_A.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        // A is packed and multiplied a chunk of rows at a time, which
+        // bounds the buffer whatever the batch.
+        let chunks = m.div_ceil(GEMM_CHUNK_ROWS);
+        let chunk = (super::packed::a_tiles(m.div_ceil(chunks)) * super::packed::MR).min(m);
+        let len = super::packed::packed_a_len(chunk, k);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        let pa = buf.as_mut_ptr() as usize;
+        for r0 in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - r0);
+            let tiles = super::packed::a_tiles(rows);
+            let packers = if split { threads.min(tiles) } else { 1 };
+            let a0 = ap + r0 * lda * 4;
+            let pack = |part: usize| {
+                let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
+                // SAFETY: A holds m rows of k at stride lda (checked by the
+                // caller), rows r0..r0+rows among them; the buffer holds
+                // the chunk packed; parts pack disjoint tiles.
+                unsafe {
+                    super::packed::pack_a(rows, k, a0 as *const f32, lda, pa as *mut f32, t0, t1)
+                };
+            };
+            super::par(packers, &pack);
+            let run = |part: usize| {
+                let (g0, g1) = ((part * per).min(total), ((part + 1) * per).min(total));
+                let epi = epilogue.map(|e| {
+                    move |i: usize, rs: usize, j: usize, cols: usize| e.tile(r0 + i, rs, j, cols)
+                });
+                let mut start = 0;
+                for &(pb, cp, ldc) in members {
+                    let end = start + pb.panels();
+                    if g0 < end && g1 > start {
+                        let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
+                        // SAFETY: the chunk of A is packed; each C holds m
+                        // rows of its n at its stride (checked by the
+                        // caller), rows r0..r0+rows among them; parts write
+                        // disjoint panels of columns; no output is an
+                        // operand's root; AVX-512 was checked when the
+                        // weights were packed.
+                        unsafe {
+                            super::packed::gemm(
+                                pb,
+                                rows,
+                                pa as *const f32,
+                                (cp + r0 * ldc * 4) as *mut f32,
+                                ldc,
+                                p0,
+                                p1,
+                                epi.as_ref()
+                                    .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
+                            );
+                        }
+                    }
+                    start = end;
+                }
+            };
+            super::par(parts, &run);
+        }
+    });
+}
+
+/// [`run_group`] when A has `m > 1` rows (a prefill's q/k/v projections):
+/// A packed once and every member's panels as one parallel job, instead of
+/// a packing and a job per product (`None`: a member has an epilogue, a
+/// weight is not packed, or a layout is not plain rows; the steps then run
+/// one by one).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn rows_group(
+    mem: &mut Memory<'_>,
+    steps: &[crate::lower::Step],
+    caches: &[StepCache],
+    views: &[CView],
+    threads: usize,
+    av: &CView,
+    m: usize,
+    lda: usize,
+    k: usize,
+) -> Option<Result<Vec<usize>, (usize, StepError)>> {
+    let a = f32_view(mem, av)?;
+    if av.offset + (m - 1) * lda + k > a.len {
+        return None;
+    }
+    let mut outs = Vec::with_capacity(steps.len());
+    let mut flops = 0usize;
+    for (s, cache) in steps.iter().zip(caches) {
+        let crate::lower::Kernel::Gemm { epilogue } = &s.kernel else {
+            return None;
+        };
+        if !epilogue.is_empty() {
+            return None;
+        }
+        let out = &views[s.output.index()];
+        let n = *out.shape.last()?;
+        let (rows, ldc) = as_rows(out)?;
+        let o = f32_view(mem, out)?;
+        if rows != m || n == 0 || o.v.offset + (m - 1) * ldc + n > o.len {
+            return None;
+        }
+        let pb = cache.packed.clone()?;
+        if pb.k != k || pb.n != n {
+            return None;
+        }
+        flops = flops.saturating_add(m.saturating_mul(n).saturating_mul(k));
+        // SAFETY: the offset is inside the root (checked above).
+        outs.push((pb, unsafe { o.base.add(o.v.offset) } as usize, ldc));
+    }
+    let members: Vec<(&super::packed::PackedB, usize, usize)> =
+        outs.iter().map(|(pb, c, ldc)| (&**pb, *c, *ldc)).collect();
+    // SAFETY: inside the root (checked above).
+    let ap = unsafe { a.base.add(av.offset) } as usize;
+    let split = threads > 1 && flops >= 1 << 15;
+    packed_gemms(ap, lda, m, k, &members, threads, split, None);
+    Some(Ok(Vec::new()))
+}
+
+/// A view's elements as `m` rows of its last axis at one row stride
+/// (its leading axes folded; axes of one index ignored): `(m, stride)`,
+/// with unit column stride.
+fn as_rows(v: &CView) -> Option<(usize, usize)> {
+    let r = v.shape.len();
+    if r < 2 || v.shape[r - 1] > 1 && v.strides[r - 1] != 1 {
+        return None;
+    }
+    let ld = v.strides[r - 2];
+    let mut want = ld.checked_mul(v.shape[r - 2])?;
+    let mut m = v.shape[r - 2];
+    for ax in (0..r - 2).rev() {
+        if v.shape[ax] == 1 {
+            continue;
+        }
+        if v.strides[ax] != want {
+            return None;
+        }
+        want = want.checked_mul(v.shape[ax])?;
+        m = m.checked_mul(v.shape[ax])?;
+    }
+    Some((m, ld))
 }
 
 /// [`super::run_group`]: the members' products as one parallel job over
@@ -533,8 +641,14 @@ pub(super) fn run_group(
         let a = f32_view(mem, av)?;
         let r = av.shape.len();
         let k = *av.shape.last()?;
+        if k == 0 {
+            return None;
+        }
+        if let Some((m, lda)) = as_rows(av).filter(|&(m, _)| m > 1) {
+            return rows_group(mem, steps, caches, views, threads, av, m, lda, k);
+        }
         // One row of A, contiguous, inside its root.
-        if k == 0 || av.shape[..r - 1].iter().product::<usize>() != 1 {
+        if av.shape[..r - 1].iter().product::<usize>() != 1 {
             return None;
         }
         if k > 1 && av.strides[r - 1] != 1 || av.offset + k > a.len {

@@ -126,10 +126,10 @@ impl Backend for Cpu {
 /// Per step of `program`, the end of the group of products that starts
 /// there (`i + 1`: none): consecutive gemm steps reading the same `A`,
 /// none but the last with an epilogue (epilogues run after every product
-/// of the group, so none may read memory a later product writes). Decode's
-/// q/k/v projections and its up/gate pair are such groups: one row times
-/// several weights, run by [`run_group`] as one parallel job instead of
-/// one job each.
+/// of the group, so none may read memory a later product writes). The q/k/v
+/// projections and the up/gate pair are such groups, run by [`run_group`]
+/// as one parallel job instead of one job each: decode's (one row times
+/// several weights) and, without epilogues, a prefill's (A packed once).
 pub(crate) fn product_groups(program: &crate::lower::Program) -> Vec<usize> {
     use crate::lower::Kernel;
     let steps = &program.steps;
@@ -159,8 +159,8 @@ pub(crate) fn product_groups(program: &crate::lower::Program) -> Vec<usize> {
     ends
 }
 
-/// Runs a group of [`product_groups`] when every member is one row times a
-/// packed weight (`None`: run the steps one by one). `Ok` lists the members
+/// Runs a group of [`product_groups`] when every member is A times a packed
+/// weight (`None`: run the steps one by one). `Ok` lists the members
 /// whose epilogue the generated code could not run, run instead by the
 /// scalar kernels; `Err` names the member that failed.
 pub(crate) fn run_group(

@@ -864,7 +864,7 @@ impl ReferenceExecutable {
                                 .map(|m| views[m.output.index()].shape.last().copied().unwrap_or(1))
                                 .collect();
                             crate::profile::record(
-                                format!("gemm group of {} (n = {shapes:?}, one row)", end - si),
+                                format!("gemm group of {} (n = {shapes:?})", end - si),
                                 took,
                             );
                         }
