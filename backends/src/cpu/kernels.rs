@@ -411,15 +411,6 @@ fn packed_product(
         }
         let panels = pb.panels();
         let split = threads > 1 && m * n * k >= 1 << 15;
-        // Parts are claimed as they finish: several per thread keep every
-        // core busy to the end when one is slowed (its bandwidth, or a
-        // neighbour on the machine).
-        let parts = if split {
-            (threads * PARTS_PER_THREAD).min(panels)
-        } else {
-            1
-        };
-        let per = panels.div_ceil(parts);
         // SAFETY: offsets inside the roots (checked above).
         let (ap, cp) = unsafe {
             (
@@ -428,8 +419,13 @@ fn packed_product(
             )
         };
         if m == 1 {
+            let bounds = if split {
+                guided_parts(panels, threads)
+            } else {
+                vec![0, panels]
+            };
             let run = |part: usize| {
-                let (p0, p1) = ((part * per).min(panels), ((part + 1) * per).min(panels));
+                let (p0, p1) = (bounds[part], bounds[part + 1]);
                 // SAFETY: x holds k elements and y n (checked above); parts
                 // write disjoint panels of y; AVX-512 was checked when the
                 // weight was packed.
@@ -437,7 +433,7 @@ fn packed_product(
                     super::packed::matvec(&pb, ap as *const f32, cp as *mut f32, p0, p1);
                 }
             };
-            super::par(parts, &run);
+            super::par(bounds.len() - 1, &run);
             return Some(Ok(()));
         }
         packed_gemms(ap, lda, m, k, &[(&pb, cp, ldc)], threads, split, epilogue);
@@ -695,16 +691,15 @@ pub(super) fn run_group(
             jobs.push((pb, unsafe { o.base.add(o.v.offset) } as usize));
         }
         let total: usize = jobs.iter().map(|(pb, _)| pb.panels()).sum();
-        let parts = if threads > 1 && total * k * super::packed::NR >= 1 << 15 {
-            (threads * PARTS_PER_THREAD).min(total)
+        let bounds = if threads > 1 && total * k * super::packed::NR >= 1 << 15 {
+            guided_parts(total, threads)
         } else {
-            1
+            vec![0, total]
         };
-        let per = total.div_ceil(parts);
         // SAFETY: inside the root (checked above).
         let x = unsafe { a.base.add(av.offset) } as usize;
         let run = |part: usize| {
-            let (g0, g1) = ((part * per).min(total), ((part + 1) * per).min(total));
+            let (g0, g1) = (bounds[part], bounds[part + 1]);
             let mut start = 0;
             for (pb, y) in &jobs {
                 let end = start + pb.panels();
@@ -719,7 +714,7 @@ pub(super) fn run_group(
                 start = end;
             }
         };
-        super::par(parts, &run);
+        super::par(bounds.len() - 1, &run);
         let mut scalar = Vec::new();
         for (i, (s, cache)) in steps.iter().zip(caches.iter_mut()).enumerate() {
             let crate::lower::Kernel::Gemm { epilogue } = &s.kernel else {
@@ -907,9 +902,6 @@ unsafe impl Sync for TileEpilogue<'_> {}
 fn out_stride(o: Fv<'_>) -> usize {
     o.v.strides.last().copied().unwrap_or(1)
 }
-
-/// Parts per thread of a split product over packed panels.
-const PARTS_PER_THREAD: usize = 4;
 
 /// Most rows of A a packed GEMM packs and multiplies at a time (8 MiB of
 /// A at K = 1536, 18 MiB at 3072); more rows are cut into even chunks of
