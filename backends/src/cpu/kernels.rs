@@ -436,7 +436,7 @@ fn packed_product(
             super::par(bounds.len() - 1, &run);
             return Some(Ok(()));
         }
-        packed_gemms(ap, lda, m, k, &[(&pb, cp, ldc)], threads, split, epilogue);
+        packed_gemms(ap, lda, m, k, &[(&pb, cp, ldc, epilogue)], threads, split);
         Some(Ok(()))
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -446,10 +446,20 @@ fn packed_product(
     }
 }
 
-/// `C = A·B` for each member `(B, C, ldc)` of a product sharing A (`m`
-/// rows of `k` at `ap`, row stride `lda`; `m > 1`), B packed: A is packed
-/// once per chunk of rows and every member's panels run as one parallel
-/// job. The epilogue (of a lone member only) runs fused.
+/// One product of [`packed_gemms`]: packed B, C's address and row stride,
+/// and its fused epilogue.
+type Member<'a> = (
+    &'a super::packed::PackedB,
+    usize,
+    usize,
+    Option<&'a TileEpilogue<'a>>,
+);
+
+/// `C = A·B` for each member `(B, C, ldc, epilogue)` of a product sharing
+/// A (`m` rows of `k` at `ap`, row stride `lda`; `m > 1`), B packed: A is
+/// packed once per chunk of rows and every member's panels run as one
+/// parallel job, each member's epilogue fused into its own panels (it must
+/// not read another member's output).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn packed_gemms(
@@ -457,12 +467,10 @@ fn packed_gemms(
     lda: usize,
     m: usize,
     k: usize,
-    members: &[(&super::packed::PackedB, usize, usize)],
+    members: &[Member<'_>],
     threads: usize,
     split: bool,
-    epilogue: Option<&TileEpilogue<'_>>,
 ) {
-    let epilogue = epilogue.filter(|_| members.len() == 1);
     let total: usize = members.iter().map(|(pb, ..)| pb.panels()).sum();
     // Parts are claimed as they finish, in order, and shrink towards the
     // end, so that the cores finish together even when one is slowed (its
@@ -506,12 +514,14 @@ fn packed_gemms(
             super::par(packers, &pack);
             let run = |part: usize| {
                 let (g0, g1) = (bounds[part], bounds[part + 1]);
-                let epi = epilogue.map(|e| {
-                    move |i: usize, rs: usize, j: usize, cols: usize| e.tile(r0 + i, rs, j, cols)
-                });
                 let mut start = 0;
-                for &(pb, cp, ldc) in members {
+                for &(pb, cp, ldc, epilogue) in members {
                     let end = start + pb.panels();
+                    let epi = epilogue.map(|e| {
+                        move |i: usize, rs: usize, j: usize, cols: usize| {
+                            e.tile(r0 + i, rs, j, cols)
+                        }
+                    });
                     if g0 < end && g1 > start {
                         let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
                         // SAFETY: the chunk of A is packed; each C holds m
@@ -542,17 +552,18 @@ fn packed_gemms(
     });
 }
 
-/// [`run_group`] when A has `m > 1` rows (a prefill's q/k/v projections):
-/// A packed once and every member's panels as one parallel job, instead of
-/// a packing and a job per product (`None`: a member has an epilogue, a
-/// weight is not packed, or a layout is not plain rows; the steps then run
-/// one by one).
+/// [`run_group`] when A has `m > 1` rows (a prefill's or an encoder's
+/// q/k/v projections): A packed once and every member's panels as one
+/// parallel job, each member's epilogue fused, instead of a packing and a
+/// job per product (`None`: an epilogue reads another member's output, or
+/// the generated code does not cover it, a weight is not packed, or a
+/// layout is not plain rows; the steps then run one by one).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn rows_group(
     mem: &mut Memory<'_>,
     steps: &[crate::lower::Step],
-    caches: &[StepCache],
+    caches: &mut [StepCache],
     views: &[CView],
     threads: usize,
     av: &CView,
@@ -564,15 +575,18 @@ fn rows_group(
     if av.offset + (m - 1) * lda + k > a.len {
         return None;
     }
+    // Members' epilogues run while other members' products are being
+    // written: none may read memory a member writes (an earlier member's
+    // output, or an arena slot a later one reuses).
+    if epilogue_reads_a_member(mem, steps, views, |_, _| true)? {
+        return None;
+    }
     let mut outs = Vec::with_capacity(steps.len());
     let mut flops = 0usize;
-    for (s, cache) in steps.iter().zip(caches) {
+    for (s, cache) in steps.iter().zip(caches.iter_mut()) {
         let crate::lower::Kernel::Gemm { epilogue } = &s.kernel else {
             return None;
         };
-        if !epilogue.is_empty() {
-            return None;
-        }
         let out = &views[s.output.index()];
         let n = *out.shape.last()?;
         let (rows, ldc) = as_rows(out)?;
@@ -584,17 +598,80 @@ fn rows_group(
         if pb.k != k || pb.n != n {
             return None;
         }
+        let fused = if epilogue.is_empty() {
+            None
+        } else {
+            let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
+            Some(TileEpilogue::new(mem, cache, epilogue, &ins, out)?)
+        };
         flops = flops.saturating_add(m.saturating_mul(n).saturating_mul(k));
         // SAFETY: the offset is inside the root (checked above).
-        outs.push((pb, unsafe { o.base.add(o.v.offset) } as usize, ldc));
+        outs.push((pb, unsafe { o.base.add(o.v.offset) } as usize, ldc, fused));
     }
-    let members: Vec<(&super::packed::PackedB, usize, usize)> =
-        outs.iter().map(|(pb, c, ldc)| (&**pb, *c, *ldc)).collect();
+    let members: Vec<Member<'_>> = outs
+        .iter()
+        .map(|(pb, c, ldc, e)| (&**pb, *c, *ldc, e.as_ref()))
+        .collect();
     // SAFETY: inside the root (checked above).
     let ap = unsafe { a.base.add(av.offset) } as usize;
     let split = threads > 1 && flops >= 1 << 15;
-    packed_gemms(ap, lda, m, k, &members, threads, split, None);
+    packed_gemms(ap, lda, m, k, &members, threads, split);
+    for (i, (.., e)) in outs.iter().enumerate() {
+        if let Some(Err(err)) = e.as_ref().map(TileEpilogue::result) {
+            return Some(Err((i, err)));
+        }
+    }
     Some(Ok(Vec::new()))
+}
+
+/// Whether an epilogue of a group member reads memory that another member
+/// `j` writes, counting only the pairs `(i, j)` that `counts` admits
+/// (`None`: a view's memory is unknown). Views are compared by the span of
+/// elements they reach, so a slot the plan reuses counts too.
+fn epilogue_reads_a_member(
+    mem: &mut Memory<'_>,
+    steps: &[crate::lower::Step],
+    views: &[CView],
+    counts: impl Fn(usize, usize) -> bool,
+) -> Option<bool> {
+    let mut outs = Vec::with_capacity(steps.len());
+    for s in steps {
+        outs.push(span(mem, &views[s.output.index()])?);
+    }
+    for (i, s) in steps.iter().enumerate() {
+        let crate::lower::Kernel::Gemm { epilogue } = &s.kernel else {
+            return None;
+        };
+        if epilogue.is_empty() {
+            continue;
+        }
+        for b in s.inputs.iter().skip(2) {
+            let (lo, hi) = span(mem, &views[b.index()])?;
+            for (j, &(olo, ohi)) in outs.iter().enumerate() {
+                if j != i && counts(i, j) && lo < ohi && olo < hi {
+                    return Some(true);
+                }
+            }
+        }
+    }
+    Some(false)
+}
+
+/// The bytes from a view's first element to its last, as addresses.
+fn span(mem: &mut Memory<'_>, v: &CView) -> Option<(usize, usize)> {
+    let (p, _, dtype) = mem.raw(v.root)?;
+    let size = dtype.size_bytes();
+    if v.shape.contains(&0) {
+        return Some((p as usize, p as usize));
+    }
+    let last = v
+        .shape
+        .iter()
+        .zip(&v.strides)
+        .map(|(&d, &s)| (d - 1) * s)
+        .sum::<usize>()
+        + v.offset;
+    Some((p as usize + v.offset * size, p as usize + (last + 1) * size))
 }
 
 /// Boundaries of the parts of `total` panels over `threads` threads
@@ -667,6 +744,11 @@ pub(super) fn run_group(
             return None;
         }
         if k > 1 && av.strides[r - 1] != 1 || av.offset + k > a.len {
+            return None;
+        }
+        // The epilogues run after every product, in step order: none may
+        // read memory a later member writes.
+        if epilogue_reads_a_member(mem, steps, views, |i, j| j > i)? {
             return None;
         }
         let mut jobs = Vec::with_capacity(steps.len());

@@ -124,12 +124,15 @@ impl Backend for Cpu {
 }
 
 /// Per step of `program`, the end of the group of products that starts
-/// there (`i + 1`: none): consecutive gemm steps reading the same `A`,
-/// none but the last with an epilogue (epilogues run after every product
-/// of the group, so none may read memory a later product writes). The q/k/v
-/// projections and the up/gate pair are such groups, run by [`run_group`]
-/// as one parallel job instead of one job each: decode's (one row times
-/// several weights) and, without epilogues, a prefill's (A packed once).
+/// there (`i + 1`: none): consecutive gemm steps reading the same `A`. The
+/// q/k/v projections and the up/gate pair are such groups, run by
+/// [`run_group`] as one parallel job instead of one job each: decode's (one
+/// row times several weights, the epilogues after every product in step
+/// order) and a prefill's or an encoder's (A packed once, each epilogue
+/// fused). `run_group` checks at run time that no epilogue reads memory a
+/// member writes out of order (the up projection's SwiGLU epilogue reads
+/// the gate's output; an arena slot may be reused), and otherwise leaves
+/// the steps to run one by one.
 pub(crate) fn product_groups(program: &crate::lower::Program) -> Vec<usize> {
     use crate::lower::Kernel;
     let steps = &program.steps;
@@ -138,16 +141,13 @@ pub(crate) fn product_groups(program: &crate::lower::Program) -> Vec<usize> {
     while i < steps.len() {
         let mut j = i;
         while j < steps.len() {
-            let Kernel::Gemm { epilogue } = &steps[j].kernel else {
+            let Kernel::Gemm { .. } = &steps[j].kernel else {
                 break;
             };
             if steps[j].inputs.first() != steps[i].inputs.first() {
                 break;
             }
             j += 1;
-            if !epilogue.is_empty() {
-                break;
-            }
         }
         if j > i + 1 {
             ends[i] = j;
@@ -193,10 +193,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn products_of_one_input_group_until_an_epilogue() {
-        // q, k, v of one input group; the pair whose second has an epilogue
-        // reading the first's output groups, the epilogue ending it; a
-        // product of another input does not join.
+    fn products_of_one_input_group_and_run_as_the_interpreter_does() {
+        // Products of one input group, one with an epilogue reading an
+        // earlier member's output among them; a product of another input
+        // does not join. Run with one row (decode's group: epilogues after
+        // the products) and with several (the fused group, which leaves
+        // such an epilogue to the steps run one by one), with an epilogue
+        // of a weight only (fused in the group) besides.
         let src = "func @f(%x: f32[B, 1, 8], %y: f32[B, 1, 8]) -> (a: f32[B, 1, 4], b: f32[B, 1, 4], c: f32[B, 1, 4], d: f32[B, 1, 4], e: f32[B, 1, 4]) {\n  \
                    param @w1: f32[4, 8]\n  param @w2: f32[4, 8]\n  param @w3: f32[4, 8]\n  \
                    %a = matmul(%x, @w1) transpose_b=true : f32[B, 1, 4]\n  \
@@ -217,8 +220,7 @@ mod tests {
             .collect();
         let ends = product_groups(&program);
         let first = gemms[0];
-        assert_eq!(ends[first], first + 3, "{:?}", program.steps);
-        assert_eq!(ends[first + 3], first + 4);
+        assert_eq!(ends[first], first + 4, "{:?}", program.steps);
         assert_eq!(ends[first + 4], first + 5);
 
         // Run grouped (one row: packed products on AVX-512 hosts) and
@@ -233,29 +235,60 @@ mod tests {
                 kiln_ir::Tensor::f32(vec![4, 8], data).unwrap(),
             );
         }
-        let x = kiln_ir::Tensor::f32(
-            vec![1, 1, 8],
-            (0..8).map(|j| j as f32 * 0.25 - 1.0).collect(),
-        )
-        .unwrap();
-        let y = kiln_ir::Tensor::f32(
-            vec![1, 1, 8],
-            (0..8).map(|j| 1.0 - j as f32 * 0.5).collect(),
-        )
-        .unwrap();
-        let inputs = [x, y];
-        let want = crate::Interpreter
-            .compile(&graph, &weights)
-            .unwrap()
-            .run(&inputs)
+        run_against_the_interpreter(&graph, &weights, 2);
+        // A bias epilogue on two members of a group of three (BERT's q/k/v).
+        let src = "func @f(%x: f32[B, 1, 8]) -> (a: f32[B, 1, 4], b: f32[B, 1, 4], c: f32[B, 1, 4]) {\n  \
+                   param @w1: f32[4, 8]\n  param @w2: f32[4, 8]\n  param @w3: f32[4, 8]\n  param @bias: f32[4]\n  \
+                   %a0 = matmul(%x, @w1) transpose_b=true : f32[B, 1, 4]\n  \
+                   %a = add(%a0, @bias) : f32[B, 1, 4]\n  \
+                   %b = matmul(%x, @w2) transpose_b=true : f32[B, 1, 4]\n  \
+                   %c0 = matmul(%x, @w3) transpose_b=true : f32[B, 1, 4]\n  \
+                   %c = gelu(%c0) : f32[B, 1, 4]\n  \
+                   return %a, %b, %c\n}\n";
+        let graph = kiln_ir::parse_graph(src).expect("parses");
+        let program = crate::lower::lower(&graph).expect("lowers");
+        let first = program
+            .steps
+            .iter()
+            .position(|s| s.kernel.kind_name() == "gemm")
             .unwrap();
-        let mut exe = Cpu { threads: 2 }.compile(&graph, &weights).unwrap();
-        let got = exe.run(&inputs).unwrap();
-        assert!(exe.fallback_steps().is_empty());
-        for (g, w) in got.iter().zip(&want) {
-            let (g, w) = (g.as_f32().unwrap(), w.as_f32().unwrap());
-            for (a, b) in g.iter().zip(w) {
-                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{g:?} vs {w:?}");
+        assert_eq!(product_groups(&program)[first], first + 3);
+        weights.insert(
+            "bias".to_string(),
+            kiln_ir::Tensor::f32(vec![4], vec![0.5, -0.25, 1.0, 2.0]).unwrap(),
+        );
+        run_against_the_interpreter(&graph, &weights, 1);
+    }
+
+    /// Runs `graph` (of `operands` inputs `[rows, 1, 8]`) on the CPU backend
+    /// and the interpreter with 1 and 40 rows and compares every output.
+    fn run_against_the_interpreter(graph: &kiln_ir::Graph, weights: &Weights, operands: usize) {
+        for rows in [1usize, 40] {
+            let inputs: Vec<kiln_ir::Tensor> = (0..operands)
+                .map(|k| {
+                    let data = (0..rows * 8)
+                        .map(|j| ((j * 13 + k * 3) % 17) as f32 * 0.125 - 1.0)
+                        .collect();
+                    kiln_ir::Tensor::f32(vec![rows, 1, 8], data).unwrap()
+                })
+                .collect();
+            let want = crate::Interpreter
+                .compile(graph, weights)
+                .unwrap()
+                .run(&inputs)
+                .unwrap();
+            let mut exe = Cpu { threads: 2 }.compile(graph, weights).unwrap();
+            let got = exe.run(&inputs).unwrap();
+            assert!(exe.fallback_steps().is_empty());
+            for (g, w) in got.iter().zip(&want) {
+                let (g, w) = (g.as_f32().unwrap(), w.as_f32().unwrap());
+                assert_eq!(g.len(), w.len());
+                for (a, b) in g.iter().zip(w) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{rows} rows: {g:?} vs {w:?}"
+                    );
+                }
             }
         }
     }
