@@ -1013,8 +1013,12 @@ impl<T: Copy> Shared<T> {
 /// Queries from which attention runs tiled (prefill); fewer (decode) run
 /// row by row over the cache.
 const TILED_MIN_QUERIES: usize = 4;
-/// Queries and keys per tile.
-const TILE_Q: usize = 64;
+/// Queries and keys per tile. Without a causal mask a tile of 128 queries
+/// halves the tile products' calls (BERT-base's attention 6-15% faster in
+/// three interleaved profiles); a causal one keeps 64, whose first tile
+/// skips the keys after it.
+const TILE_Q: usize = 128;
+const TILE_Q_CAUSAL: usize = 64;
 const TILE_K: usize = 128;
 
 /// Scales the visible scores of one row of a tile (those `mask` hides set
@@ -1133,8 +1137,9 @@ fn attention_tiled(
         let simd = super::softmax::available() && scale > 0.0;
         let mut mx = [f32::NEG_INFINITY; TILE_Q];
         let mut sum = [0f32; TILE_Q];
-        for q0 in (0..t).step_by(TILE_Q) {
-            let tq = TILE_Q.min(t - q0);
+        let tile_q = if causal { TILE_Q_CAUSAL } else { TILE_Q };
+        for q0 in (0..t).step_by(tile_q) {
+            let tq = tile_q.min(t - q0);
             acc[..tq * dv].fill(0.0);
             mx[..tq].fill(f32::NEG_INFINITY);
             sum[..tq].fill(0.0);
