@@ -33,7 +33,7 @@ pub(crate) fn available() -> bool {
 
 /// Lanes `0..n` of a 16-lane vector.
 #[cfg(target_arch = "x86_64")]
-fn lanes(n: usize) -> u16 {
+pub(crate) fn lanes(n: usize) -> u16 {
     if n >= 16 {
         0xffff
     } else {

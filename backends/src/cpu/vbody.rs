@@ -18,6 +18,9 @@ use std::arch::x86_64::*;
 
 use kiln_ir::{BinaryOp, DType, KernelOp, UnaryOp};
 
+#[cfg(target_arch = "x86_64")]
+use super::jit::emit::{ERF_LIMIT, ERF_P, ERF_Q, TANH_P};
+
 /// Values of a body (operands and instructions) this module runs at most.
 const MAX_VALUES: usize = 16;
 /// Vectors per strip.
@@ -241,13 +244,9 @@ impl VecBody {
 }
 
 /// The lanes of vector `v` of a strip with `left` elements to go.
+#[cfg(target_arch = "x86_64")]
 fn lanes(left: usize, v: usize) -> u16 {
-    let n = left.saturating_sub(16 * v);
-    if n >= 16 {
-        0xffff
-    } else {
-        ((1u32 << n) - 1) as u16
-    }
+    super::softmax::lanes(left.saturating_sub(16 * v))
 }
 
 /// `v` clamped to `[lo, hi]` by compare and blend (NaN passes through), as
@@ -300,16 +299,7 @@ fn neg(x: __m512) -> __m512 {
 #[target_feature(enable = "avx512f")]
 fn tanh(x: __m512) -> __m512 {
     let z = _mm512_mul_ps(x, x);
-    let p = poly(
-        z,
-        &[
-            -5.704_988_7e-3,
-            0.020_639_09,
-            -5.373_971_6e-2,
-            1.333_144_2e-1,
-            -0.333_332_8,
-        ],
-    );
+    let p = poly(z, &TANH_P);
     let small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
     let a = _mm512_abs_ps(x);
     let two = _mm512_set1_ps(2.0);
@@ -327,25 +317,9 @@ fn tanh(x: __m512) -> __m512 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn erf(x: __m512) -> __m512 {
-    const P: [f32; 6] = [
-        2.049_999_5e-6,
-        2.848_565_3e-4,
-        3.765_039e-3,
-        5.274_685e-2,
-        1.903_948_3e-1,
-        f32::from_bits(0x3f90_6eba),
-    ];
-    const Q: [f32; 6] = [
-        3.808_944e-5,
-        1.162_371_6e-3,
-        1.496_805_3e-2,
-        1.141_04e-1,
-        5.020_658e-1,
-        1.0,
-    ];
-    let xc = clamp(x, -4.0, 4.0);
+    let xc = clamp(x, -ERF_LIMIT, ERF_LIMIT);
     let z = _mm512_mul_ps(xc, xc);
-    let r = _mm512_div_ps(_mm512_mul_ps(xc, poly(z, &P)), poly(z, &Q));
+    let r = _mm512_div_ps(_mm512_mul_ps(xc, poly(z, &ERF_P)), poly(z, &ERF_Q));
     clamp(r, -1.0, 1.0)
 }
 
@@ -393,34 +367,7 @@ fn unary(u: UnaryOp, x: __m512) -> __m512 {
 mod tests {
     use super::*;
     use crate::cpu::jit::kernels::{loop_kernel, LoopSpec, Step};
-    use crate::reference::scalar::{body_dtypes, run_body, Scalar};
-
-    /// Inputs over the range activations live in, special values first.
-    fn inputs() -> Vec<f32> {
-        let mut v = vec![
-            0.0,
-            -0.0,
-            1e-30,
-            -1e-7,
-            f32::MIN_POSITIVE,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            88.72,
-            89.0,
-            -87.0,
-            -104.0,
-            1e30,
-            -1e30,
-            0.625,
-            -0.625,
-            3.95,
-            -4.5,
-        ];
-        v.extend((-3000..=3000).map(|i| i as f32 * 0.0031));
-        v.extend((-200..=200).map(|i| i as f32 * 0.47));
-        v
-    }
+    use crate::cpu::jit::tests::{inputs, oracle, UNARY_BOUNDS};
 
     /// The body on `n` elements through [`VecBody`], one row, operands
     /// contiguous except those `bcast` marks (one value).
@@ -468,15 +415,6 @@ mod tests {
         out
     }
 
-    fn oracle(body: &[KernelOp], xs: &[f32]) -> f32 {
-        let dtypes = body_dtypes(body, &vec![DType::F32; xs.len()]);
-        let mut vals: Vec<Scalar> = xs.iter().map(|&x| Scalar::Float(x as f64)).collect();
-        match run_body(body, &dtypes, &mut vals).expect("body") {
-            Scalar::Float(v) => v as f32,
-            other => panic!("{other:?}"),
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     /// Both paths within `ulps` of each other (NaN and infinities equal)
     /// and the interpreter's value within `rel·|want| + abs`.
@@ -509,22 +447,7 @@ mod tests {
         }
         let x = inputs();
         // The interpreter's bounds of the generated kernels' own test.
-        let cases: &[(UnaryOp, f32, f32)] = &[
-            (UnaryOp::Neg, 0.0, 0.0),
-            (UnaryOp::Abs, 0.0, 0.0),
-            (UnaryOp::Relu, 0.0, 0.0),
-            (UnaryOp::Sqrt, 0.0, 0.0),
-            (UnaryOp::Recip, 0.0, 0.0),
-            (UnaryOp::Rsqrt, 2.5e-7, 0.0),
-            (UnaryOp::Exp, 5e-7, 1e-35),
-            (UnaryOp::Tanh, 6e-7, 1e-7),
-            (UnaryOp::Sigmoid, 6e-7, 1e-35),
-            (UnaryOp::Silu, 6e-7, 1e-35),
-            (UnaryOp::Erf, 6e-7, 3e-7),
-            (UnaryOp::Gelu, 6e-7, 1.1e-6),
-            (UnaryOp::GeluTanh, 6e-7, 2e-7),
-        ];
-        for &(u, rel, abs) in cases {
+        for &(u, rel, abs) in UNARY_BOUNDS.iter().filter(|c| c.0 != UnaryOp::Log) {
             let body = [KernelOp::Unary(u, 0)];
             let got = run_vec(&body, &[&x], &[false], x.len());
             let jit = run_jit(&body, &[&x], &[false], x.len());

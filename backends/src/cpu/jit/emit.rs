@@ -11,6 +11,36 @@ use kiln_ir::DType;
 
 use super::Tools;
 
+/// `erf`'s argument clamp: f32's `erf` is ±1 from 3.92 on.
+pub(crate) const ERF_LIMIT: f32 = 4.0;
+/// `erf(x) = x·P(x²)/Q(x²)` (see [`E::erf`]), highest degree first.
+pub(crate) const ERF_P: [f32; 6] = [
+    2.049_999_5e-6,
+    2.848_565_3e-4,
+    3.765_039e-3,
+    5.274_685e-2,
+    1.903_948_3e-1,
+    // Fitted, one ulp below f32's 2/√π.
+    f32::from_bits(0x3f90_6eba),
+];
+/// The denominator of [`ERF_P`].
+pub(crate) const ERF_Q: [f32; 6] = [
+    3.808_944e-5,
+    1.162_371_6e-3,
+    1.496_805_3e-2,
+    1.141_04e-1,
+    5.020_658e-1,
+    1.0,
+];
+/// `tanh(x) = x + x·z·P(z)`, `z = x²`, below 0.625 (cephes tanhf).
+pub(crate) const TANH_P: [f32; 5] = [
+    -5.704_988_7e-3,
+    0.020_639_09,
+    -5.373_971_6e-2,
+    1.333_144_2e-1,
+    -0.333_332_8,
+];
+
 /// Plain memory access: unaligned allowed, never traps (every address was
 /// proved inside its buffer before the kernel runs).
 pub(crate) fn mem() -> MemFlagsData {
@@ -262,16 +292,7 @@ impl E<'_, '_> {
     pub(crate) fn tanh(&mut self, x: Value) -> Value {
         let ty = self.b.func.dfg.value_type(x);
         let z = self.mul(x, x);
-        let p = self.poly(
-            z,
-            &[
-                -5.704_988_7e-3,
-                0.020_639_09,
-                -5.373_971_6e-2,
-                1.333_144_2e-1,
-                -0.333_332_8,
-            ],
-        );
+        let p = self.poly(z, &TANH_P);
         let pz = self.mul(p, z);
         let small = self.madd(pz, x, x);
         let a = self.b.ins().fabs(x);
@@ -298,28 +319,10 @@ impl E<'_, '_> {
     /// in about 20 instructions where the series-or-Abramowitz–Stegun form
     /// with its `exp` took about 60.
     pub(crate) fn erf(&mut self, x: Value) -> Value {
-        const LIMIT: f32 = 4.0;
-        const P: [f32; 6] = [
-            2.049_999_5e-6,
-            2.848_565_3e-4,
-            3.765_039e-3,
-            5.274_685e-2,
-            1.903_948_3e-1,
-            // Fitted, one ulp below f32's 2/√π.
-            f32::from_bits(0x3f90_6eba),
-        ];
-        const Q: [f32; 6] = [
-            3.808_944e-5,
-            1.162_371_6e-3,
-            1.496_805_3e-2,
-            1.141_04e-1,
-            5.020_658e-1,
-            1.0,
-        ];
-        let xc = self.clamp(x, -LIMIT, LIMIT);
+        let xc = self.clamp(x, -ERF_LIMIT, ERF_LIMIT);
         let z = self.mul(xc, xc);
-        let p = self.poly(z, &P);
-        let q = self.poly(z, &Q);
+        let p = self.poly(z, &ERF_P);
+        let q = self.poly(z, &ERF_Q);
         let xp = self.mul(xc, p);
         let r = self.div(xp, q);
         self.clamp(r, -1.0, 1.0)

@@ -20,7 +20,7 @@
 pub(crate) mod emit;
 pub(crate) mod kernels;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

@@ -28,7 +28,7 @@ fn run_f32(body: &[KernelOp], ins: &[Vec<f32>], steps: Vec<Step>) -> Vec<f32> {
 }
 
 /// The interpreter's value of `body` on one element.
-fn oracle(body: &[KernelOp], xs: &[f32]) -> f32 {
+pub(crate) fn oracle(body: &[KernelOp], xs: &[f32]) -> f32 {
     let dtypes = body_dtypes(body, &vec![DType::F32; xs.len()]);
     let mut vals: Vec<Scalar> = xs.iter().map(|&x| Scalar::Float(x as f64)).collect();
     match run_body(body, &dtypes, &mut vals).expect("body") {
@@ -37,7 +37,7 @@ fn oracle(body: &[KernelOp], xs: &[f32]) -> f32 {
     }
 }
 
-fn inputs() -> Vec<f32> {
+pub(crate) fn inputs() -> Vec<f32> {
     let mut v = vec![
         0.0,
         -0.0,
@@ -87,32 +87,34 @@ fn check(name: &str, x: &[f32], got: &[f32], want: &[f32], rel: f32, abs: f32) {
     }
 }
 
+/// Per unary op, the bounds of the generated code against the
+/// interpreter: relative for functions computed with range reduction (a few
+/// ulp), plus an absolute floor where a function crosses or nears zero
+/// (the rational erf and the tanh form of gelu_tanh are absolute-accurate).
+pub(crate) const UNARY_BOUNDS: &[(UnaryOp, f32, f32)] = &[
+    (UnaryOp::Neg, 0.0, 0.0),
+    (UnaryOp::Abs, 0.0, 0.0),
+    (UnaryOp::Relu, 0.0, 0.0),
+    (UnaryOp::Sqrt, 0.0, 0.0),
+    (UnaryOp::Recip, 0.0, 0.0),
+    (UnaryOp::Rsqrt, 2.5e-7, 0.0),
+    (UnaryOp::Exp, 5e-7, 1e-35),
+    (UnaryOp::Log, 5e-7, 1e-7),
+    (UnaryOp::Tanh, 6e-7, 1e-7),
+    (UnaryOp::Sigmoid, 6e-7, 1e-35),
+    (UnaryOp::Silu, 6e-7, 1e-35),
+    (UnaryOp::Erf, 6e-7, 3e-7),
+    // The rational erf is accurate to 3.6e-7 absolute; gelu scales that
+    // by |x|/2 where 1 + erf cancels (x = -5.6: 4.2e-7, at most ~1e-6
+    // before erf clamps to -1), against an output of magnitude |x|.
+    (UnaryOp::Gelu, 6e-7, 1.1e-6),
+    (UnaryOp::GeluTanh, 6e-7, 2e-7),
+];
+
 #[test]
 fn unary_ops_match_the_interpreter() {
     let x = inputs();
-    // Bounds: relative for functions computed with range reduction (a few
-    // ulp), plus an absolute floor where a function crosses or nears zero
-    // (the rational erf and the tanh form of gelu_tanh are absolute-accurate).
-    let cases: &[(UnaryOp, f32, f32)] = &[
-        (UnaryOp::Neg, 0.0, 0.0),
-        (UnaryOp::Abs, 0.0, 0.0),
-        (UnaryOp::Relu, 0.0, 0.0),
-        (UnaryOp::Sqrt, 0.0, 0.0),
-        (UnaryOp::Recip, 0.0, 0.0),
-        (UnaryOp::Rsqrt, 2.5e-7, 0.0),
-        (UnaryOp::Exp, 5e-7, 1e-35),
-        (UnaryOp::Log, 5e-7, 1e-7),
-        (UnaryOp::Tanh, 6e-7, 1e-7),
-        (UnaryOp::Sigmoid, 6e-7, 1e-35),
-        (UnaryOp::Silu, 6e-7, 1e-35),
-        (UnaryOp::Erf, 6e-7, 3e-7),
-        // The rational erf is accurate to 3.6e-7 absolute; gelu scales that
-        // by |x|/2 where 1 + erf cancels (x = -5.6: 4.2e-7, at most ~1e-6
-        // before erf clamps to -1), against an output of magnitude |x|.
-        (UnaryOp::Gelu, 6e-7, 1.1e-6),
-        (UnaryOp::GeluTanh, 6e-7, 2e-7),
-    ];
-    for &(u, rel, abs) in cases {
+    for &(u, rel, abs) in UNARY_BOUNDS {
         let body = [KernelOp::Unary(u, 0)];
         let want: Vec<f32> = x.iter().map(|&v| oracle(&body, &[v])).collect();
         // Vector form with a scalar tail (the length is not a multiple of 4).
