@@ -419,11 +419,7 @@ fn packed_product(
             )
         };
         if m == 1 {
-            let bounds = if split {
-                guided_parts(panels, threads)
-            } else {
-                vec![0, panels]
-            };
+            let bounds = part_bounds(panels, threads, split);
             let run = |part: usize| {
                 let (p0, p1) = (bounds[part], bounds[part + 1]);
                 // SAFETY: x holds k elements and y n (checked above); parts
@@ -475,11 +471,7 @@ fn packed_gemms(
     // Parts are claimed as they finish, in order, and shrink towards the
     // end, so that the cores finish together even when one is slowed (its
     // bandwidth, or a neighbour on the machine).
-    let bounds = if split {
-        guided_parts(total, threads)
-    } else {
-        vec![0, total]
-    };
+    let bounds = part_bounds(total, threads, split);
     let parts = bounds.len() - 1;
     thread_local! {
         /// The calling thread's buffer for A in the GEMM's layout.
@@ -664,13 +656,7 @@ fn span(mem: &mut Memory<'_>, v: &CView) -> Option<(usize, usize)> {
     if v.shape.contains(&0) {
         return Some((p as usize, p as usize));
     }
-    let last = v
-        .shape
-        .iter()
-        .zip(&v.strides)
-        .map(|(&d, &s)| (d - 1) * s)
-        .sum::<usize>()
-        + v.offset;
+    let last = v.at(&v.shape.iter().map(|d| d - 1).collect::<Vec<_>>());
     Some((p as usize + v.offset * size, p as usize + (last + 1) * size))
 }
 
@@ -691,6 +677,16 @@ fn guided_parts(total: usize, threads: usize) -> Vec<usize> {
         bounds.push(0);
     }
     bounds
+}
+
+/// The parts of a product of `total` panels: [`guided_parts`] when it is
+/// split over the threads, else one part.
+fn part_bounds(total: usize, threads: usize, split: bool) -> Vec<usize> {
+    if split {
+        guided_parts(total, threads)
+    } else {
+        vec![0, total]
+    }
 }
 
 /// A view's elements as `m` rows of its last axis at one row stride
@@ -773,11 +769,8 @@ pub(super) fn run_group(
             jobs.push((pb, unsafe { o.base.add(o.v.offset) } as usize));
         }
         let total: usize = jobs.iter().map(|(pb, _)| pb.panels()).sum();
-        let bounds = if threads > 1 && total * k * super::packed::NR >= 1 << 15 {
-            guided_parts(total, threads)
-        } else {
-            vec![0, total]
-        };
+        let split = threads > 1 && total * k * super::packed::NR >= 1 << 15;
+        let bounds = part_bounds(total, threads, split);
         // SAFETY: inside the root (checked above).
         let x = unsafe { a.base.add(av.offset) } as usize;
         let run = |part: usize| {
