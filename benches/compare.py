@@ -9,8 +9,12 @@ Peers: PyTorch eager (benches/peer_torch.py), ONNX Runtime
 <models>/gguf/) and candle (benches/peer_candle, a Rust binary: --candle).
 benches/setup_peers.sh installs llama-cpp-python, converts the GGUF and
 builds the candle binary. Each round runs kiln, then each peer, on one
-workload; the table shows the medians over the rounds, and a metric a runtime
-did not report (or a peer that does not run that model) is left blank. Where
+workload (odd rounds in the reverse order); the table shows the medians over
+the rounds, and a metric a runtime did not report (or a peer that does not run
+that model) is left blank. With two rounds or more, lines after the table give
+kiln's ratio to each peer round by round (the shared machine moves a figure by
+±10-30% from one run to the next: the spread says how far to trust a median
+ratio). Where
 two or more runtimes report "first_tokens" (row 0's first greedy tokens), a
 line after the table says whether they agree.
 
@@ -105,6 +109,21 @@ def ratio(metric, k, v):
     return v / k if metric in LOWER_IS_BETTER else k / v
 
 
+def paired(name, metric, results, peers):
+    """Lines with the ratio of each round (kiln against each peer measured in
+    the same round): the spread the medians of the table hide."""
+    lines = []
+    for key, _, title, *_ in peers:
+        pairs = [ratio(metric, k.get(metric), v.get(metric))
+                 for k, v in zip(results["kiln"], results.get(key, []))]
+        pairs = [p for p in pairs if p is not None]
+        if pairs:
+            lines.append(f"{name}: {metric} kiln / {title} per round: "
+                         + ", ".join(f"{p:.2f}" for p in pairs)
+                         + f" (median {statistics.median(pairs):.2f}, min {min(pairs):.2f})")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kiln", default="target/release/kiln")
@@ -141,16 +160,21 @@ def main():
         active = [p for p in peers if kind in p[4]]
         results = {"kiln": []}
         results.update({key: [] for key, *_ in active})
-        for _ in range(a.rounds):
-            results["kiln"].append(run([a.kiln, "bench", path, "--output", "json", "--reps", a.reps,
-                                        "--threads", a.threads] + kargs))
-            for key, runner, *_ in active:
-                results[key].append(run(peer_cmd(runner, path, pargs), env=env))
+        cmds = [("kiln", [a.kiln, "bench", path, "--output", "json", "--reps", a.reps,
+                          "--threads", a.threads] + kargs, None)]
+        cmds += [(key, peer_cmd(runner, path, pargs), env) for key, runner, *_ in active]
+        for r in range(a.rounds):
+            # Odd rounds run in the reverse order, so that no runtime always
+            # runs first (or right after the same neighbour).
+            for key, cmd, e in (cmds if r % 2 == 0 else cmds[::-1]):
+                results[key].append(run(cmd, env=e))
         for m in metrics + ["peak_rss_mb"]:
             k = median(results["kiln"], m)
             vals = [median(results[key], m) if key in results else None for key, *_ in peers]
             ratios = [None if m == "peak_rss_mb" else ratio(m, k, v) for v in vals]
             rows.append((name, m, k, vals, ratios))
+            if m != "peak_rss_mb" and a.rounds > 1:
+                notes.extend(paired(name, m, results, active))
         # Greedy tokens are deterministic per runtime: compare the first round's.
         toks = [(title, results[key][0].get("first_tokens"))
                 for key, title in [("kiln", "kiln")] + [(p[0], p[2]) for p in active]]
@@ -178,8 +202,9 @@ def main():
         results = {key: [] for key in cmds}
         for key, cmd in cmds.items():
             run_timed(cmd, env=env)  # warm-up: the weights into the page cache, untimed
-        for _ in range(a.rounds):
-            for key, cmd in cmds.items():
+        for r in range(a.rounds):
+            order = list(cmds.items())
+            for key, cmd in (order if r % 2 == 0 else order[::-1]):
                 wall, rss, out = run_timed(cmd, env=env)
                 results[key].append({"process_s": wall, "peak_rss_mb": rss, "tokens": out.get("tokens")})
         for m in ["process_s", "peak_rss_mb"]:
@@ -187,6 +212,8 @@ def main():
             vals = [median(results[key], m) if key in results else None for key, *_ in peers]
             ratios = [None if m == "peak_rss_mb" else ratio(m, k, v) for v in vals]
             rows.append((name, m, k, vals, ratios))
+            if m != "peak_rss_mb" and a.rounds > 1:
+                notes.extend(paired(name, m, results, gen_peers))
         toks = [(title, results[key][0]["tokens"]) for key, title in
                 [("kiln", "kiln")] + [(p[0], p[2]) for p in gen_peers]]
         if all(t == toks[0][1] for _, t in toks):
