@@ -120,26 +120,17 @@ pub(crate) unsafe fn exp_sum(row: &mut [f32], m: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) fn exp(x: __m512) -> __m512 {
-    const HI: f32 = 88.722_83;
-    const LO: f32 = -86.6;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_2e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ];
-    let (hi, lo) = (_mm512_set1_ps(HI), _mm512_set1_ps(LO));
+    use super::jit::emit::{EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO};
+    let (hi, lo) = (_mm512_set1_ps(EXP_HI), _mm512_set1_ps(EXP_LO));
     // Clamp by compare and blend, so that NaN passes through.
     let xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), x, hi);
     let xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(xc, lo), xc, lo);
     let t = _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), xc);
-    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(P[0]);
-    for c in &P[1..] {
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), xc);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_P[0]);
+    for c in &EXP_P[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let r2 = _mm512_mul_ps(r, r);

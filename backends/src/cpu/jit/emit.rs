@@ -41,6 +41,26 @@ pub(crate) const TANH_P: [f32; 5] = [
     -0.333_332_8,
 ];
 
+/// `exp`'s bounds: `+inf` above `EXP_HI` (ln f32::MAX), 0 below `EXP_LO`.
+pub(crate) const EXP_HI: f32 = 88.722_83;
+/// See [`EXP_HI`].
+pub(crate) const EXP_LO: f32 = -86.6;
+/// ln 2 as `LN2_HI + LN2_LO`, the first part short so that `n·LN2_HI` is
+/// exact for the integer `n` of `exp`'s and `log`'s range reductions.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+/// See [`LN2_HI`].
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// `exp(r) = 1 + r + r²·P(r)` on the reduced argument (cephes expf),
+/// highest degree first.
+pub(crate) const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// Plain memory access: unaligned allowed, never traps (every address was
 /// proved inside its buffer before the kernel runs).
 pub(crate) fn mem() -> MemFlagsData {
@@ -174,28 +194,18 @@ impl E<'_, '_> {
     /// under 2.4e-38 flush to zero), NaN passes through.
     pub(crate) fn exp(&mut self, x: Value) -> Value {
         let ty = self.b.func.dfg.value_type(x);
-        let (hi, lo) = (88.722_83_f32, -86.6_f32);
+        let (hi, lo) = (EXP_HI, EXP_LO);
         let (hi_v, lo_v) = (self.f(ty, hi), self.f(ty, lo));
         let xc = self.clamp(x, lo, hi);
         let log2e = self.f(ty, std::f32::consts::LOG2_E);
         let t = self.mul(xc, log2e);
         let n = self.b.ins().nearest(t);
         // ln 2 in two parts, so that n·ln2_hi is exact.
-        let c1 = self.f(ty, -0.693_359_4);
-        let c2 = self.f(ty, 2.121_944_4e-4);
+        let c1 = self.f(ty, -LN2_HI);
+        let c2 = self.f(ty, -LN2_LO);
         let r = self.madd(n, c1, xc);
         let r = self.madd(n, c2, r);
-        let p = self.poly(
-            r,
-            &[
-                1.987_569_1e-4,
-                1.398_2e-3,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                1.666_666_5e-1,
-                0.5,
-            ],
-        );
+        let p = self.poly(r, &EXP_P);
         let r2 = self.mul(r, r);
         let one = self.f(ty, 1.0);
         let y = self.madd(p, r2, r);
@@ -266,12 +276,12 @@ impl E<'_, '_> {
         );
         let y = self.mul(p, f);
         let y = self.mul(y, z);
-        let c_lo = self.f(ty, -2.121_944_4e-4);
+        let c_lo = self.f(ty, LN2_LO);
         let y = self.madd(fe, c_lo, y);
         let mhalf = self.f(ty, -0.5);
         let y = self.madd(z, mhalf, y);
         let r = self.add(f, y);
-        let c_hi = self.f(ty, 0.693_359_4);
+        let c_hi = self.f(ty, LN2_HI);
         let r = self.madd(fe, c_hi, r);
         // Special values.
         let zero = self.f(ty, 0.0);
