@@ -1622,3 +1622,54 @@ mod part_tests {
         assert_eq!(guided_parts(64, 2).len() - 1, 13);
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod gemm_speed {
+    /// Products as a model runs them: each weight once per pass (out of
+    /// cache, as a prefill streams a layer's weights), over the runtime's
+    /// parts and threads.
+    /// `cargo test --release -p kiln-backends cold_gemm_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn cold_gemm_speed() {
+        use super::super::packed::PackedB;
+        let threads = 2;
+        for (m, k, n) in [
+            (128usize, 768usize, 2048usize),
+            (128, 2048, 768),
+            (1024, 768, 3072),
+        ] {
+            let weights = (256 << 20) / (k * n * 4);
+            let bs: Vec<PackedB> = (0..weights)
+                .map(|w| PackedB::pack_for_tests(k, n, |kk, j| ((kk + j + w) % 7) as f32 * 0.01))
+                .collect();
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+            let mut c = vec![0f32; m * n];
+            let (mut cold, mut hot) = (Vec::new(), Vec::new());
+            for pass in 0..3 {
+                let t = std::time::Instant::now();
+                for b in &bs {
+                    let members = [(b, c.as_mut_ptr() as usize, n, None)];
+                    super::packed_gemms(a.as_ptr() as usize, k, m, k, &members, threads, true);
+                }
+                cold.push(t.elapsed().as_secs_f64() / weights as f64);
+                let t = std::time::Instant::now();
+                for _ in 0..weights {
+                    let members = [(&bs[0], c.as_mut_ptr() as usize, n, None)];
+                    super::packed_gemms(a.as_ptr() as usize, k, m, k, &members, threads, true);
+                }
+                hot.push(t.elapsed().as_secs_f64() / weights as f64);
+                let _ = pass;
+            }
+            let gf = |s: &Vec<f64>| {
+                let best = s.iter().cloned().fold(f64::MAX, f64::min);
+                2.0 * (m * n * k) as f64 / best / 1e9
+            };
+            println!(
+                "{m}x{k}x{n}: cold {:.0} GFLOP/s, hot {:.0} ({weights} weights)",
+                gf(&cold),
+                gf(&hot)
+            );
+        }
+    }
+}

@@ -161,6 +161,12 @@ impl PackedB {
         PackedB::from_f32(&values, 0, n, 1, k, n)
     }
 
+    /// [`PackedB::pack`] for the other modules' tests.
+    #[cfg(test)]
+    pub(crate) fn pack_for_tests(k: usize, n: usize, src: impl Fn(usize, usize) -> f32) -> PackedB {
+        PackedB::pack(k, n, src)
+    }
+
     /// Packs `B[kk, j] = values[offset + kk·sk + j·sn]` (in range).
     fn from_f32(
         values: &[f32],
