@@ -1029,11 +1029,6 @@ mod tests {
             }
         }
     }
-}
-
-#[cfg(all(test, target_arch = "x86_64"))]
-mod speed {
-    use super::*;
 
     #[test]
     fn packed_a_has_the_step_major_layout_at_every_edge() {
@@ -1073,6 +1068,11 @@ mod speed {
             }
         }
     }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod speed {
+    use super::*;
 
     /// `cargo test --release -p kiln-backends pack_speed -- --ignored --nocapture`
     #[test]
