@@ -1280,4 +1280,108 @@ mod micro_speed {
             );
         }
     }
+
+    /// kiln's 12 × 32 microkernel against an 8 × 48 one (MKL's shape: three
+    /// B vectors per broadcast, 11 loads per 24 multiply-adds instead of
+    /// 14), in cache, one thread, alternating in one process so that both
+    /// see the same load from the machine's other tenants.
+    /// `cargo test --release -p kiln-backends micro_shapes -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn micro_shapes() {
+        use std::arch::x86_64::*;
+        let (m, k, n) = (96usize, 256usize, 96usize);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect();
+        let b = PackedB::pack(k, n, |kk, j| w[j * k + kk]);
+        let mut c = vec![0f32; m * n];
+        let mut pa = vec![0f32; packed_a_len(m, k)];
+        // SAFETY: sizes as allocated.
+        unsafe { pack_a(m, k, a.as_ptr(), k, pa.as_mut_ptr(), 0, a_tiles(m)) };
+        // The 8 × 48 layouts: A step-major in 8-row tiles, B in 48-column
+        // panels, both k-major.
+        let a8: Vec<f32> = (0..m / 8)
+            .flat_map(|t| (0..k).flat_map(move |kk| (0..8).map(move |r| (t, kk, r))))
+            .map(|(t, kk, r)| a[(t * 8 + r) * k + kk])
+            .collect();
+        let b48: Vec<f32> = (0..n / 48)
+            .flat_map(|p| (0..k).flat_map(move |kk| (0..48).map(move |j| (p, kk, j))))
+            .map(|(p, kk, j)| w[(p * 48 + j) * k + kk])
+            .collect();
+        let mut c8 = vec![0f32; m * n];
+        #[target_feature(enable = "avx512f")]
+        unsafe fn tile8x48(a: *const f32, b: *const f32, k: usize, c: *mut f32, ldc: usize) {
+            let mut acc = [[_mm512_setzero_ps(); 3]; 8];
+            for kk in 0..k {
+                // SAFETY: the caller's tile.
+                unsafe {
+                    let row = b.add(kk * 48);
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD * 48).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD * 48 + 16).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD * 48 + 32).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((kk + AHEAD) * 8).cast());
+                    let bv = [
+                        _mm512_loadu_ps(row),
+                        _mm512_loadu_ps(row.add(16)),
+                        _mm512_loadu_ps(row.add(32)),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm512_set1_ps(*a.add(kk * 8 + r));
+                        for (v, bv) in acc.iter_mut().zip(bv) {
+                            *v = _mm512_fmadd_ps(x, bv, *v);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (j, v) in acc.iter().enumerate() {
+                    // SAFETY: the caller's tile of C.
+                    unsafe { _mm512_storeu_ps(c.add(r * ldc + j * 16), *v) };
+                }
+            }
+        }
+        let reps = 4000;
+        let (mut t12, mut t8) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                // SAFETY: sizes as allocated; AVX-512 is assumed (a manual run).
+                unsafe { gemm(&b, m, pa.as_ptr(), c.as_mut_ptr(), n, 0, b.panels(), None) };
+            }
+            t12.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for tile in 0..m / 8 {
+                    for p in 0..n / 48 {
+                        // SAFETY: sizes as allocated.
+                        unsafe {
+                            tile8x48(
+                                a8.as_ptr().add(tile * 8 * k),
+                                b48.as_ptr().add(p * 48 * k),
+                                k,
+                                c8.as_mut_ptr().add(tile * 8 * n + p * 48),
+                                n,
+                            )
+                        };
+                    }
+                }
+            }
+            t8.push(t.elapsed().as_secs_f64());
+        }
+        assert!(c
+            .iter()
+            .zip(&c8)
+            .all(|(x, y)| (x - y).abs() <= 1e-4 * x.abs().max(1.0)));
+        let gf = |s: f64| 2.0 * (m * n * k * reps) as f64 / s / 1e9;
+        let ratios: Vec<f64> = t12.iter().zip(&t8).map(|(a, b)| a / b).collect();
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "12x32 best {:.0} GFLOP/s, 8x48 best {:.0}; 8x48 / 12x32 speed per pair: median {:.3}, {:?}",
+            gf(t12.iter().cloned().fold(f64::MAX, f64::min)),
+            gf(t8.iter().cloned().fold(f64::MAX, f64::min)),
+            sorted[sorted.len() / 2],
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+        );
+    }
 }
