@@ -1641,12 +1641,12 @@ mod gemm_speed {
         ] {
             let weights = (256 << 20) / (k * n * 4);
             let bs: Vec<PackedB> = (0..weights)
-                .map(|w| PackedB::pack_for_tests(k, n, |kk, j| ((kk + j + w) % 7) as f32 * 0.01))
+                .map(|w| PackedB::pack(k, n, |kk, j| ((kk + j + w) % 7) as f32 * 0.01))
                 .collect();
             let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
             let mut c = vec![0f32; m * n];
             let (mut cold, mut hot) = (Vec::new(), Vec::new());
-            for pass in 0..3 {
+            for _ in 0..3 {
                 let t = std::time::Instant::now();
                 for b in &bs {
                     let members = [(b, c.as_mut_ptr() as usize, n, None)];
@@ -1659,7 +1659,6 @@ mod gemm_speed {
                     super::packed_gemms(a.as_ptr() as usize, k, m, k, &members, threads, true);
                 }
                 hot.push(t.elapsed().as_secs_f64() / weights as f64);
-                let _ = pass;
             }
             let gf = |s: &Vec<f64>| {
                 let best = s.iter().cloned().fold(f64::MAX, f64::min);

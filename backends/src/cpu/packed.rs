@@ -156,15 +156,9 @@ fn fill_panels<T: Copy + Default + Send + Sync>(
 impl PackedB {
     /// Packs the f32 matrix `B[kk, j] = values[kk·n + j]` (tests).
     #[cfg(test)]
-    fn pack(k: usize, n: usize, src: impl Fn(usize, usize) -> f32) -> PackedB {
+    pub(crate) fn pack(k: usize, n: usize, src: impl Fn(usize, usize) -> f32) -> PackedB {
         let values: Vec<f32> = (0..k * n).map(|i| src(i / n, i % n)).collect();
         PackedB::from_f32(&values, 0, n, 1, k, n)
-    }
-
-    /// [`PackedB::pack`] for the other modules' tests.
-    #[cfg(test)]
-    pub(crate) fn pack_for_tests(k: usize, n: usize, src: impl Fn(usize, usize) -> f32) -> PackedB {
-        PackedB::pack(k, n, src)
     }
 
     /// Packs `B[kk, j] = values[offset + kk·sk + j·sn]` (in range).
