@@ -273,3 +273,51 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
             .unwrap_or_else(|e| panic!("{b}x{t}: {e}"));
     }
 }
+
+#[test]
+fn biases_and_residuals_added_by_the_packed_product_match_the_interpreter() {
+    let _one = serial();
+    if !kiln::backends::cpu::packed_available() {
+        return;
+    }
+    // Depth 800: two blocks of inner steps, so the addends come in only
+    // with the last one. Each body: the addends the GEMM adds as it
+    // stores its sums, then what is left of the body over the stored sum.
+    let bodies = [
+        // bias, then residual: nothing left.
+        ("kernel(%h, @b, %res) body=[add(0, 1), add(3, 2)]", 2),
+        // the residual first, written the other way round, then the bias.
+        ("kernel(%h, %res, @b) body=[add(1, 0), add(2, 3)]", 2),
+        // the bias, then a rest that reads it again.
+        ("kernel(%h, @b) body=[add(0, 1), mul(2, 1)]", 1),
+        // the bias, then GELU over the stored sum.
+        ("kernel(%h, @b) body=[add(0, 1), gelu(2)]", 1),
+        // a residual broadcast over the batch is not rows at the output's
+        // step: it stays in the rest of the body.
+        ("kernel(%h, @b, %r1) body=[add(0, 1), add(3, 2)]", 1),
+    ];
+    for (body, fused) in bodies {
+        let src = format!(
+            "func @f(%x: f32[B, T, 800], %res: f32[B, T, 70], %r1: f32[T, 70]) -> (out: f32[B, T, 70]) {{\n  \
+             param @w: f32[70, 800]\n  param @b: f32[70]\n  \
+             %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
+             %o = {body} : f32[B, T, 70]\n  return %o\n}}\n"
+        );
+        let graph = kiln::ir::parse_graph(&src).expect("parses");
+        let mut weights = kiln::Weights::new();
+        weights.insert("w".into(), noise(vec![70, 800], 21));
+        weights.insert("b".into(), noise(vec![70], 22));
+        let inputs = vec![
+            noise(vec![3, 37, 800], 23),
+            noise(vec![3, 37, 70], 24),
+            noise(vec![37, 70], 25),
+        ];
+        let before = kiln::backends::cpu::addends_fused();
+        cpu_matches_interpreter(&graph, &weights, &inputs, 1e-5)
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert!(
+            kiln::backends::cpu::addends_fused() >= before + fused,
+            "{body}: the GEMM added fewer than {fused} addends"
+        );
+    }
+}

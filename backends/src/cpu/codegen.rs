@@ -31,7 +31,10 @@ use crate::reference::{CView, Memory};
 /// A kernel a step has used, by what it depends on.
 #[derive(Clone, Debug, PartialEq)]
 enum Key {
-    Loop(Vec<DType>, Vec<Step>),
+    /// A loop body by its operands' stored dtypes and steps, and the number
+    /// of a gemm epilogue's leading instructions the GEMM itself ran
+    /// ([`split_addends`]; 0 for a whole body).
+    Loop(usize, Vec<DType>, Vec<Step>),
     Row(RowKind, DType, bool),
     Gather(DType, DType),
     Matvec(MatvecLayout, DType),
@@ -180,7 +183,7 @@ pub(crate) fn run_loop(
     let r = shape.len();
     let steps: Vec<Step> = strides.iter().map(|s| step_of(s[r - 1])).collect();
     let f = cache
-        .get(Key::Loop(stored.clone(), steps.clone()), || {
+        .get(Key::Loop(0, stored.clone(), steps.clone()), || {
             let spec = LoopSpec {
                 body,
                 declared: ins.iter().map(|v| v.dtype).collect(),
@@ -267,6 +270,7 @@ pub(crate) fn run_loop(
 /// its first operand); `None` when generated code does not cover it.
 pub(crate) fn loop_for(
     cache: &mut StepCache,
+    variant: usize,
     body: &[KernelOp],
     views: &[&CView],
     stored: &[DType],
@@ -277,7 +281,7 @@ pub(crate) fn loop_for(
     steps.push(step_of(out.strides[r - 1]));
     let st = stored.to_vec();
     let f = cache
-        .get(Key::Loop(st.clone(), steps.clone()), || {
+        .get(Key::Loop(variant, st.clone(), steps.clone()), || {
             let spec = LoopSpec {
                 body,
                 declared: views.iter().map(|v| v.dtype).collect(),
@@ -290,6 +294,100 @@ pub(crate) fn loop_for(
         .ok()??;
     // SAFETY: the cache holds this step's loop kernels only.
     Some(unsafe { std::mem::transmute::<usize, LoopFn>(f) })
+}
+
+/// A gemm epilogue cut in two: the addends the packed GEMM adds to its
+/// sums as it stores them ([`super::packed::gemm`]), and the rest of the
+/// body, run over the stored result.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Addends {
+    /// The operands added, in order (indices into the epilogue's operands,
+    /// whose operand 0 is the product).
+    pub(crate) adds: Vec<usize>,
+    /// The leading instructions the GEMM runs (one per addend).
+    pub(crate) prefix: usize,
+    /// The rest of the body over the operands in `kept`; its operand 0 is
+    /// the product with the addends added.
+    pub(crate) rest: Vec<KernelOp>,
+    /// The epilogue's operands the rest reads, in their order (0 first).
+    pub(crate) kept: Vec<usize>,
+}
+
+/// The addends leading an epilogue over `n` operands: at most
+/// [`super::packed::MAX_ADDS`] instructions `x + a` (or `a + x`) from the
+/// product on, each adding an operand `a` that `can_add` admits (f32,
+/// contiguous rows), and the rest of the body rewritten to read their sum
+/// as its operand 0 (`None`: no addend, or the rest reads the product
+/// itself or a partial sum). The sums are computed in the body's order, so
+/// both ways give the same bits.
+pub(crate) fn split_addends(
+    body: &[KernelOp],
+    n: usize,
+    can_add: impl Fn(usize) -> bool,
+) -> Option<Addends> {
+    use kiln_ir::BinaryOp;
+    let mut cur = 0;
+    let mut adds = Vec::new();
+    for (i, op) in body.iter().enumerate().take(super::packed::MAX_ADDS) {
+        let KernelOp::Binary(BinaryOp::Add, x, y) = *op else {
+            break;
+        };
+        let other = if x == cur {
+            y
+        } else if y == cur {
+            x
+        } else {
+            break;
+        };
+        if other == 0 || other >= n || !can_add(other) {
+            break;
+        }
+        adds.push(other);
+        cur = n + i;
+    }
+    let prefix = adds.len();
+    if prefix == 0 {
+        return None;
+    }
+    let tail = &body[prefix..];
+    let mut kept = vec![0];
+    let mut extra: Vec<usize> = tail
+        .iter()
+        .flat_map(KernelOp::args)
+        .filter(|&a| a != 0 && a < n)
+        .collect();
+    extra.sort_unstable();
+    extra.dedup();
+    kept.extend(extra);
+    let map = |a: usize| -> Option<usize> {
+        if a == cur {
+            Some(0)
+        } else if a == 0 {
+            None
+        } else if a < n {
+            kept.iter().position(|&k| k == a)
+        } else if a >= n + prefix {
+            Some(a - n - prefix + kept.len())
+        } else {
+            None
+        }
+    };
+    let mut rest = Vec::with_capacity(tail.len());
+    for op in tail {
+        rest.push(match *op {
+            KernelOp::Unary(u, a) => KernelOp::Unary(u, map(a)?),
+            KernelOp::Binary(b, x, y) => KernelOp::Binary(b, map(x)?, map(y)?),
+            KernelOp::Where(c, x, y) => KernelOp::Where(map(c)?, map(x)?, map(y)?),
+            KernelOp::Cast(d, a) => KernelOp::Cast(d, map(a)?),
+            KernelOp::Const(v, d) => KernelOp::Const(v, d),
+        });
+    }
+    Some(Addends {
+        adds,
+        prefix,
+        rest,
+        kept,
+    })
 }
 
 /// Whether the trailing `axes` axes of `v` are one contiguous run.
@@ -969,12 +1067,13 @@ pub(crate) fn precompile(
         let stored: Vec<DType> = s.inputs.iter().map(|&b| stored_of(b)).collect();
         let out = program.buffer(s.output).dtype;
         let loop_of = |cache: &mut StepCache,
+                       variant: usize,
                        body: &[KernelOp],
                        declared: Vec<DType>,
                        stored: Vec<DType>,
                        steps: Vec<Step>|
          -> Result<(), JitError> {
-            cache.get(Key::Loop(stored.clone(), steps.clone()), || {
+            cache.get(Key::Loop(variant, stored.clone(), steps.clone()), || {
                 let spec = LoopSpec {
                     body,
                     declared,
@@ -995,8 +1094,8 @@ pub(crate) fn precompile(
         let mut steps: Vec<Step> = s.inputs.iter().map(|&b| last_step(b)).collect();
         steps.push(last_step(s.output));
         match &s.kernel {
-            Kernel::Loop { body } => loop_of(cache, body, declared, stored, steps)?,
-            Kernel::Copy => loop_of(cache, &[], declared, stored, steps)?,
+            Kernel::Loop { body } => loop_of(cache, 0, body, declared, stored, steps)?,
+            Kernel::Copy => loop_of(cache, 0, &[], declared, stored, steps)?,
             Kernel::Gemm { epilogue } if !epilogue.is_empty() => {
                 let mut d = vec![out];
                 d.extend(&declared[2..]);
@@ -1004,10 +1103,26 @@ pub(crate) fn precompile(
                 st.extend(&stored[2..]);
                 let mut sp = vec![steps[s.inputs.len()]];
                 sp.extend(&steps[2..]);
-                loop_of(cache, epilogue, d, st, sp)?;
+                // The body after the addends the packed GEMM adds itself
+                // (over the operands it still reads), when the weight is
+                // packed; the whole body serves the other paths.
+                let split = cache
+                    .packed
+                    .as_ref()
+                    .and(split_addends(epilogue, d.len(), |j| {
+                        d[j] == DType::F32 && st[j] == DType::F32 && sp[j] == Step::Contig
+                    }));
+                if let Some(a) = split.filter(|a| !a.rest.is_empty()) {
+                    let d2 = a.kept.iter().map(|&j| d[j]).collect();
+                    let st2 = a.kept.iter().map(|&j| st[j]).collect();
+                    let sp2 = a.kept.iter().map(|&j| sp[j]).collect();
+                    loop_of(cache, a.prefix, &a.rest, d2, st2, sp2)?;
+                }
+                loop_of(cache, 0, epilogue, d, st, sp)?;
             }
             Kernel::Fill(FillOp::Constant { value }) => loop_of(
                 cache,
+                0,
                 &[KernelOp::Const(*value, out)],
                 vec![],
                 vec![],
@@ -1043,4 +1158,90 @@ pub(crate) fn precompile(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{BinaryOp::*, UnaryOp};
+    use KernelOp::{Binary, Unary};
+
+    /// Every operand may be added.
+    fn any(_: usize) -> bool {
+        true
+    }
+
+    #[test]
+    fn a_bias_and_a_residual_leave_nothing_behind() {
+        // Operands: 0 the product, 1 a bias, 2 a residual.
+        let body = [Binary(Add, 0, 1), Binary(Add, 2, 3)];
+        let a = split_addends(&body, 3, any).expect("splits");
+        assert_eq!(
+            a,
+            Addends {
+                adds: vec![1, 2],
+                prefix: 2,
+                rest: vec![],
+                kept: vec![0],
+            }
+        );
+    }
+
+    #[test]
+    fn the_rest_reads_the_sum_as_its_operand_zero() {
+        // gelu(x + bias) · scale, the scale operand 2 kept as operand 1.
+        let body = [
+            Binary(Add, 1, 0),
+            Unary(UnaryOp::Gelu, 3),
+            Binary(Mul, 4, 2),
+        ];
+        let a = split_addends(&body, 3, any).expect("splits");
+        assert_eq!(a.adds, vec![1]);
+        assert_eq!(a.prefix, 1);
+        assert_eq!(a.kept, vec![0, 2]);
+        assert_eq!(a.rest, vec![Unary(UnaryOp::Gelu, 0), Binary(Mul, 2, 1)]);
+        // The bias read again after its addition stays an operand.
+        let body = [Binary(Add, 0, 1), Binary(Mul, 2, 1)];
+        let a = split_addends(&body, 2, any).expect("splits");
+        assert_eq!((a.kept, a.rest), (vec![0, 1], vec![Binary(Mul, 0, 1)]));
+    }
+
+    #[test]
+    fn at_most_two_addends_and_only_from_the_product() {
+        // A third addition stays in the rest.
+        let body = [Binary(Add, 0, 1), Binary(Add, 4, 2), Binary(Add, 5, 3)];
+        let a = split_addends(&body, 4, any).expect("splits");
+        assert_eq!((a.adds, a.rest), (vec![1, 2], vec![Binary(Add, 0, 1)]));
+        assert_eq!(a.kept, vec![0, 3]);
+        // An addition of two other operands first, or a product scaled
+        // first: nothing for the GEMM.
+        assert_eq!(
+            split_addends(&[Binary(Add, 1, 2), Binary(Add, 0, 3)], 3, any),
+            None
+        );
+        assert_eq!(
+            split_addends(&[Binary(Mul, 0, 1), Binary(Add, 3, 2)], 3, any),
+            None
+        );
+        // The product added to itself.
+        assert_eq!(split_addends(&[Binary(Add, 0, 0)], 1, any), None);
+        // An operand the caller refuses (not f32, not contiguous rows)
+        // ends the addends.
+        assert_eq!(split_addends(&[Binary(Add, 0, 1)], 2, |j| j != 1), None);
+        let a = split_addends(&[Binary(Add, 0, 1), Binary(Add, 3, 2)], 3, |j| j != 2);
+        assert_eq!(
+            a.map(|a| (a.adds, a.rest)),
+            Some((vec![1], vec![Binary(Add, 0, 1)]))
+        );
+    }
+
+    #[test]
+    fn a_rest_that_needs_the_product_or_a_partial_sum_is_not_split() {
+        // x + bias, then a residual scaled by the raw product.
+        let body = [Binary(Add, 0, 1), Binary(Mul, 0, 2), Binary(Add, 3, 4)];
+        assert_eq!(split_addends(&body, 3, any), None);
+        // Two addends, then the first partial sum read again.
+        let body = [Binary(Add, 0, 1), Binary(Add, 3, 2), Binary(Mul, 4, 3)];
+        assert_eq!(split_addends(&body, 3, any), None);
+    }
 }

@@ -18,6 +18,7 @@
 pub(crate) mod codegen;
 pub mod jit;
 mod kernels;
+pub use kernels::addends_fused;
 mod matvec;
 mod moe;
 pub(crate) mod packed;

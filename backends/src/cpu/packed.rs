@@ -485,6 +485,10 @@ pub(crate) fn a_tiles(m: usize) -> usize {
 /// `C[i, j] = Σ_k A[i, k]·B[k, j]` for rows `0..m` and the panels
 /// `p0..p1`; A as [`pack_a`] laid it out, C with row stride `ldc` and unit
 /// column stride. 16-bit panels are widened as the microkernel loads them.
+/// As the last block of inner steps is stored, each of `adds` (at most
+/// [`MAX_ADDS`], in order) is added to the sums: `(p, step)` adds the f32
+/// `p[i·step + j]` to `C[i, j]` (step 0: one row for every row, a bias;
+/// else a residual's rows), in registers, instead of in a pass over C.
 /// After the last block of inner steps of each block of rows,
 /// `epilogue(row, rows, col, cols)` runs on the block's columns of the
 /// panels `p0..p1` while they are in L2 (the gemm step's fused elementwise
@@ -494,7 +498,9 @@ pub(crate) fn a_tiles(m: usize) -> usize {
 ///
 /// # Safety
 /// `pa` holds A (`m × b.k`) packed by [`pack_a`]; `c` holds `m` rows of
-/// `b.n` elements at stride `ldc`; the host has AVX-512F ([`available`]).
+/// `b.n` elements at stride `ldc`; each of `adds` holds `b.n` elements
+/// from `p + i·step` for every row `i < m` and does not overlap C; the host
+/// has AVX-512F ([`available`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
@@ -505,13 +511,16 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     p0: usize,
     p1: usize,
+    adds: &[(*const f32, usize)],
     epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
 ) {
+    assert!(adds.len() <= MAX_ADDS, "at most {MAX_ADDS} addends");
     let size = b.dtype.size_bytes();
     let m_pad = m.div_ceil(MR) * MR;
     for k0 in (0..b.k).step_by(KC) {
         let kc = KC.min(b.k - k0);
         let first = k0 == 0;
+        let last = k0 + kc == b.k;
         let mc = row_block(m);
         for i0 in (0..m).step_by(mc) {
             let i1 = (i0 + mc).min(m);
@@ -543,6 +552,10 @@ pub(crate) unsafe fn gemm(
                         ldc,
                         cols,
                         first,
+                        adds: std::array::from_fn(|a| match adds.get(a) {
+                            Some(&(ap, step)) if last => (ap.wrapping_add(i * step + p * NR), step),
+                            _ => (std::ptr::null(), 0),
+                        }),
                         next: next.wrapping_add(start),
                         next_lines: if next.is_null() {
                             0
@@ -592,12 +605,13 @@ pub(crate) unsafe fn gemm_unpacked(
     ldc: usize,
     p0: usize,
     p1: usize,
+    adds: &[(*const f32, usize)],
 ) {
     let mut pa = vec![0f32; packed_a_len(m, b.k)];
     // SAFETY: forwarded; pa holds the packed A.
     unsafe {
         pack_a(m, b.k, a, lda, pa.as_mut_ptr(), 0, a_tiles(m));
-        gemm(b, m, pa.as_ptr(), c, ldc, p0, p1, None);
+        gemm(b, m, pa.as_ptr(), c, ldc, p0, p1, adds, None);
     }
 }
 
@@ -776,6 +790,9 @@ struct Tile {
     ldc: usize,
     cols: usize,
     first: bool,
+    /// Addends of the tile's first row and column and their row steps
+    /// (null: none), added to the sums as they are stored, in order.
+    adds: [(*const f32, usize); MAX_ADDS],
     /// Lines from `next` to fetch into L2 meanwhile (one per inner step).
     next: *const u8,
     next_lines: usize,
@@ -877,11 +894,21 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
                 v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
             }
+            for &(ap, step) in &t.adds {
+                if !ap.is_null() {
+                    let ap = ap.add(r * step);
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.add(16)));
+                }
+            }
             _mm512_mask_storeu_ps(cp, m0, v0);
             _mm512_mask_storeu_ps(cp.add(16), m1, v1);
         }
     }
 }
+
+/// Most addends [`gemm`] adds to a product as it stores it.
+pub(crate) const MAX_ADDS: usize = 2;
 
 /// Steps ahead the microkernel fetches its operands into L1.
 const AHEAD: usize = 16;
@@ -965,6 +992,7 @@ mod tests {
                     n,
                     0,
                     packed.panels(),
+                    &[],
                 )
             };
             let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1.0);
@@ -1005,7 +1033,17 @@ mod tests {
                 let mut c = vec![f32::NAN; m * n];
                 // SAFETY: sizes as allocated; AVX-512 checked.
                 unsafe {
-                    gemm_unpacked(&p16, m, a.as_ptr(), k, c.as_mut_ptr(), n, 0, p16.panels())
+                    gemm_unpacked(
+                        &p16,
+                        m,
+                        a.as_ptr(),
+                        k,
+                        c.as_mut_ptr(),
+                        n,
+                        0,
+                        p16.panels(),
+                        &[],
+                    )
                 };
                 for (g, w) in c.iter().zip(&want) {
                     assert!(
@@ -1021,6 +1059,66 @@ mod tests {
                         ((*g as f64) - w).abs() <= 1e-5 * scale,
                         "{dt:?} matvec: {g} vs {w}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn addends_are_added_in_order_as_the_last_block_is_stored() {
+        if !available() {
+            return;
+        }
+        // A bias (one row for every row) and a residual (its own rows, at
+        // a longer stride), with depths of one block and of several.
+        for (m, k, n) in [
+            (9, 300, 33),
+            (137, 513, 70),
+            (13, 2 * KC + 5, 33),
+            (2, 3, 5),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.0)
+                .collect();
+            let b = PackedB::pack(k, n, |kk, j| {
+                ((kk * n + j) * 104729 % 19) as f32 * 0.1 - 0.9
+            });
+            let ldr = n + 3;
+            let bias: Vec<f32> = (0..n).map(|j| (j % 11) as f32 * 0.37 - 1.3).collect();
+            let res: Vec<f32> = (0..m * ldr).map(|i| (i % 17) as f32 * 0.21 - 1.7).collect();
+            let mut plain = vec![f32::NAN; m * n];
+            let mut fused = vec![f32::NAN; m * n];
+            // SAFETY: sizes as allocated; AVX-512 checked.
+            unsafe {
+                gemm_unpacked(
+                    &b,
+                    m,
+                    a.as_ptr(),
+                    k,
+                    plain.as_mut_ptr(),
+                    n,
+                    0,
+                    b.panels(),
+                    &[],
+                );
+                gemm_unpacked(
+                    &b,
+                    m,
+                    a.as_ptr(),
+                    k,
+                    fused.as_mut_ptr(),
+                    n,
+                    0,
+                    b.panels(),
+                    &[(bias.as_ptr(), 0), (res.as_ptr(), ldr)],
+                );
+            }
+            // The same f32 additions in the same order: the same bits.
+            for i in 0..m {
+                for j in 0..n {
+                    let want = plain[i * n + j] + bias[j] + res[i * ldr + j];
+                    let got = fused[i * n + j];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{m}x{k}x{n} at ({i}, {j})");
                 }
             }
         }
@@ -1129,7 +1227,19 @@ mod speed {
                 (0..threads).into_par_iter().for_each(|th| {
                     let (p0, p1) = ((th * per).min(panels), ((th + 1) * per).min(panels));
                     // SAFETY: sizes as allocated; disjoint panels per thread.
-                    unsafe { gemm(&b, m, pp as *const f32, cp as *mut f32, n, p0, p1, None) };
+                    unsafe {
+                        gemm(
+                            &b,
+                            m,
+                            pp as *const f32,
+                            cp as *mut f32,
+                            n,
+                            p0,
+                            p1,
+                            &[],
+                            None,
+                        )
+                    };
                 });
                 best = best.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
@@ -1236,8 +1346,14 @@ mod guard_pages {
             let b = PackedB::pack(k, n, |kk, j| (kk + j) as f32 * 0.01);
             let a = Guarded::new(m * k, |i| (i % 7) as f32);
             let c = Guarded::new(m * n, |_| 0.0);
-            // SAFETY: A holds m×k, C m×n, both ending at a guard page.
-            unsafe { gemm_unpacked(&b, m, a.ptr, k, c.ptr, n, 0, b.panels()) };
+            // A bias and a residual, each ending at a guard page: their
+            // loads past the last column are masked off like C's.
+            let bias = Guarded::new(n, |j| j as f32);
+            let res = Guarded::new(m * n, |i| i as f32);
+            let adds = [(bias.ptr.cast_const(), 0), (res.ptr.cast_const(), n)];
+            // SAFETY: A holds m×k, C m×n, the bias n and the residual m×n,
+            // each ending at a guard page.
+            unsafe { gemm_unpacked(&b, m, a.ptr, k, c.ptr, n, 0, b.panels(), &adds) };
             // The last panel's columns past n are masked off.
             let y = Guarded::new(n, |_| 0.0);
             let x = Guarded::new(k, |i| i as f32);
@@ -1263,6 +1379,25 @@ mod micro_speed {
         (a, w, b, pa)
     }
 
+    /// kiln's GEMM of `m` rows of the packed `pa` by `b` into `c` (`m × b.n`).
+    fn product(b: &PackedB, m: usize, pa: &[f32], c: &mut [f32]) {
+        assert!(pa.len() >= packed_a_len(m, b.k) && c.len() >= m * b.n);
+        // SAFETY: sizes checked; AVX-512 is assumed (a manual run).
+        unsafe {
+            gemm(
+                b,
+                m,
+                pa.as_ptr(),
+                c.as_mut_ptr(),
+                b.n,
+                0,
+                b.panels(),
+                &[],
+                None,
+            )
+        };
+    }
+
     /// `cargo test --release -p kiln-backends micro_speed -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -1274,8 +1409,7 @@ mod micro_speed {
             let reps = 20000;
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                // SAFETY: sizes as allocated; AVX-512 is assumed (a manual run).
-                unsafe { gemm(&b, m, pa.as_ptr(), c.as_mut_ptr(), n, 0, b.panels(), None) };
+                product(&b, m, &pa, &mut c);
             }
             let s = t.elapsed().as_secs_f64();
             println!(
@@ -1344,8 +1478,7 @@ mod micro_speed {
         for _ in 0..20 {
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                // SAFETY: sizes as allocated; AVX-512 is assumed (a manual run).
-                unsafe { gemm(&b, m, pa.as_ptr(), c.as_mut_ptr(), n, 0, b.panels(), None) };
+                product(&b, m, &pa, &mut c);
             }
             t12.push(t.elapsed().as_secs_f64());
             let t = std::time::Instant::now();
