@@ -471,6 +471,8 @@ fn packed_gemms(
     split: bool,
 ) {
     let total: usize = members.iter().map(|(pb, ..)| pb.panels()).sum();
+    let added: usize = members.iter().flat_map(|m| m.3).map(|e| e.adds.len()).sum();
+    ADDENDS_FUSED.fetch_add(added, std::sync::atomic::Ordering::Relaxed);
     // Parts are claimed as they finish, in order, and shrink towards the
     // end, so that the cores finish together even when one is slowed (its
     // bandwidth, or a neighbour on the machine).
@@ -923,7 +925,6 @@ impl<'a> TileEpilogue<'a> {
             .iter()
             .map(|&j| ok[j])
             .collect::<Option<Vec<_>>>()?;
-        ADDENDS_FUSED.fetch_add(adds.len(), std::sync::atomic::Ordering::Relaxed);
         if split.rest.is_empty() {
             return Some(TileEpilogue {
                 adds,
@@ -1058,12 +1059,12 @@ impl<'a> TileEpilogue<'a> {
     }
 }
 
-/// Addends the packed GEMM has been handed so far ([`addends_fused`]).
+/// Addends the packed GEMM has added so far ([`addends_fused`]).
 static ADDENDS_FUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many epilogue addends (a bias, a residual) the process's packed
-/// products have added to their sums as they stored them, over all runs:
-/// for tests that check the path is taken.
+/// products have added to their sums as they stored them, counted once per
+/// product run: for tests that check the path is taken.
 pub fn addends_fused() -> usize {
     ADDENDS_FUSED.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -886,23 +886,26 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
     }
     let (m0, m1) = masks(t.cols);
     for r in 0..R {
-        // SAFETY: row r of C holds `cols` elements from here (masked).
+        // SAFETY: row r of C and of each addend holds `cols` elements from
+        // here; lanes past `cols` are masked off and never touched (the
+        // second vector's address, computed with `wrapping_add`, may lie
+        // past the buffer when `cols` ≤ 16).
         unsafe {
             let cp = t.c.add(r * t.ldc);
             let (mut v0, mut v1) = (acc0[r], acc1[r]);
             if !t.first {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)));
             }
             for &(ap, step) in &t.adds {
                 if !ap.is_null() {
                     let ap = ap.add(r * step);
                     v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.add(16)));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.wrapping_add(16)));
                 }
             }
             _mm512_mask_storeu_ps(cp, m0, v0);
-            _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+            _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, v1);
         }
     }
 }
