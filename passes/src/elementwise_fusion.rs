@@ -274,15 +274,7 @@ fn build_kernel(graph: &Graph, cx: &ShapeCx, members: &[ValueId]) -> Option<Fuse
                         }
                     };
                     for ins in inner {
-                        body.push(match ins {
-                            KernelOp::Unary(u, a) => KernelOp::Unary(*u, map(*a)?),
-                            KernelOp::Binary(b, x, y) => KernelOp::Binary(*b, map(*x)?, map(*y)?),
-                            KernelOp::Where(c, a, b) => {
-                                KernelOp::Where(map(*c)?, map(*a)?, map(*b)?)
-                            }
-                            KernelOp::Cast(t, a) => KernelOp::Cast(*t, map(*a)?),
-                            KernelOp::Const(v, t) => KernelOp::Const(*v, *t),
-                        });
+                        body.push(ins.try_map_args(map)?);
                     }
                     if inner.is_empty() {
                         return None;

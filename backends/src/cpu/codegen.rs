@@ -304,10 +304,9 @@ pub(crate) struct Addends {
     /// The operands added, in order (indices into the epilogue's operands,
     /// whose operand 0 is the product).
     pub(crate) adds: Vec<usize>,
-    /// The leading instructions the GEMM runs (one per addend).
-    pub(crate) prefix: usize,
-    /// The rest of the body over the operands in `kept`; its operand 0 is
-    /// the product with the addends added.
+    /// The rest of the body (after the `adds.len()` instructions the GEMM
+    /// runs) over the operands in `kept`; its operand 0 is the product with
+    /// the addends added.
     pub(crate) rest: Vec<KernelOp>,
     /// The epilogue's operands the rest reads, in their order (0 first).
     pub(crate) kept: Vec<usize>,
@@ -372,22 +371,11 @@ pub(crate) fn split_addends(
             None
         }
     };
-    let mut rest = Vec::with_capacity(tail.len());
-    for op in tail {
-        rest.push(match *op {
-            KernelOp::Unary(u, a) => KernelOp::Unary(u, map(a)?),
-            KernelOp::Binary(b, x, y) => KernelOp::Binary(b, map(x)?, map(y)?),
-            KernelOp::Where(c, x, y) => KernelOp::Where(map(c)?, map(x)?, map(y)?),
-            KernelOp::Cast(d, a) => KernelOp::Cast(d, map(a)?),
-            KernelOp::Const(v, d) => KernelOp::Const(v, d),
-        });
-    }
-    Some(Addends {
-        adds,
-        prefix,
-        rest,
-        kept,
-    })
+    let rest = tail
+        .iter()
+        .map(|op| op.try_map_args(map))
+        .collect::<Option<Vec<_>>>()?;
+    Some(Addends { adds, rest, kept })
 }
 
 /// Whether the trailing `axes` axes of `v` are one contiguous run.
@@ -1106,17 +1094,16 @@ pub(crate) fn precompile(
                 // The body after the addends the packed GEMM adds itself
                 // (over the operands it still reads), when the weight is
                 // packed; the whole body serves the other paths.
-                let split = cache
-                    .packed
-                    .as_ref()
-                    .and(split_addends(epilogue, d.len(), |j| {
+                let split = cache.packed.as_ref().and_then(|_| {
+                    split_addends(epilogue, d.len(), |j| {
                         d[j] == DType::F32 && st[j] == DType::F32 && sp[j] == Step::Contig
-                    }));
+                    })
+                });
                 if let Some(a) = split.filter(|a| !a.rest.is_empty()) {
                     let d2 = a.kept.iter().map(|&j| d[j]).collect();
                     let st2 = a.kept.iter().map(|&j| st[j]).collect();
                     let sp2 = a.kept.iter().map(|&j| sp[j]).collect();
-                    loop_of(cache, a.prefix, &a.rest, d2, st2, sp2)?;
+                    loop_of(cache, a.adds.len(), &a.rest, d2, st2, sp2)?;
                 }
                 loop_of(cache, 0, epilogue, d, st, sp)?;
             }
@@ -1180,7 +1167,6 @@ mod tests {
             a,
             Addends {
                 adds: vec![1, 2],
-                prefix: 2,
                 rest: vec![],
                 kept: vec![0],
             }
@@ -1197,7 +1183,6 @@ mod tests {
         ];
         let a = split_addends(&body, 3, any).expect("splits");
         assert_eq!(a.adds, vec![1]);
-        assert_eq!(a.prefix, 1);
         assert_eq!(a.kept, vec![0, 2]);
         assert_eq!(a.rest, vec![Unary(UnaryOp::Gelu, 0), Binary(Mul, 2, 1)]);
         // The bias read again after its addition stays an operand.

@@ -214,10 +214,7 @@ fn gemm(
     }
     if batch == 0 && k > 0 && n > 0 && m > 0 {
         let fused = (m > 1 && !epilogue.is_empty())
-            .then(|| {
-                let packed = cache.packed.is_some();
-                TileEpilogue::new(mem, cache, epilogue, ins, out, packed)
-            })
+            .then(|| TileEpilogue::new(mem, cache, epilogue, ins, out))
             .flatten();
         if let Some(ran) = packed_product(mem, cache, av, o, m, k, n, threads, fused.as_ref()) {
             if fused.is_some() {
@@ -608,7 +605,7 @@ fn rows_group(
             None
         } else {
             let ins: Vec<&CView> = s.inputs.iter().map(|b| &views[b.index()]).collect();
-            Some(TileEpilogue::new(mem, cache, epilogue, &ins, out, true)?)
+            Some(TileEpilogue::new(mem, cache, epilogue, &ins, out)?)
         };
         flops = flops.saturating_add(m.saturating_mul(n).saturating_mul(k));
         // SAFETY: the offset is inside the root (checked above).
@@ -869,16 +866,15 @@ struct TileEpilogue<'a> {
 
 impl<'a> TileEpilogue<'a> {
     /// The epilogue `body` of a product written to `out` with operands
-    /// `ins` (A, B, then the body's extra operands). With `packed`, the
-    /// body's leading addends go to the GEMM where they qualify (f32,
-    /// contiguous rows, not overlapping the output).
+    /// `ins` (A, B, then the body's extra operands). When the step's
+    /// weight is packed, the body's leading addends go to the GEMM where
+    /// they qualify (f32, contiguous rows, not overlapping the output).
     fn new(
         mem: &mut Memory<'_>,
         cache: &mut StepCache,
         body: &[KernelOp],
         ins: &[&'a CView],
         out: &'a CView,
-        packed: bool,
     ) -> Option<TileEpilogue<'a>> {
         // The loop kernel's operands: the product (the output), the extras,
         // then the output it writes.
@@ -888,7 +884,7 @@ impl<'a> TileEpilogue<'a> {
         if views.len() + 1 > 8 {
             return None;
         }
-        if packed {
+        if cache.packed.is_some() {
             if let Some(e) = Self::with_addends(mem, cache, body, &views, out) {
                 return Some(e);
             }
@@ -938,7 +934,7 @@ impl<'a> TileEpilogue<'a> {
             });
         }
         let kept: Vec<&CView> = split.kept.iter().map(|&j| views[j]).collect();
-        Self::body(mem, cache, split.prefix, &split.rest, &kept, out, adds)
+        Self::body(mem, cache, split.adds.len(), &split.rest, &kept, out, adds)
     }
 
     /// The epilogue running `body` over the rows of `out`, its operands

@@ -1097,13 +1097,8 @@ fn one_layer(view: &Layout, whole: &Layout, cache_axis: usize) -> Option<i64> {
 
 /// `k` with its value indices renamed by `f`.
 fn remap_op(k: &KernelOp, f: &dyn Fn(usize) -> usize) -> KernelOp {
-    match k {
-        KernelOp::Unary(u, a) => KernelOp::Unary(*u, f(*a)),
-        KernelOp::Binary(b, x, y) => KernelOp::Binary(*b, f(*x), f(*y)),
-        KernelOp::Where(c, a, b) => KernelOp::Where(f(*c), f(*a), f(*b)),
-        KernelOp::Cast(t, a) => KernelOp::Cast(*t, f(*a)),
-        KernelOp::Const(v, t) => KernelOp::Const(*v, *t),
-    }
+    k.try_map_args(|a| Some(f(a)))
+        .expect("a renaming that names every value")
 }
 
 /// Drops buffers nothing refers to and renumbers the rest in order.

@@ -168,6 +168,18 @@ impl KernelOp {
             KernelOp::Const(..) => vec![],
         }
     }
+
+    /// This instruction with each value it reads renamed by `f` (`None`
+    /// when `f` has no name for one of them).
+    pub fn try_map_args(&self, mut f: impl FnMut(usize) -> Option<usize>) -> Option<KernelOp> {
+        Some(match *self {
+            KernelOp::Unary(u, a) => KernelOp::Unary(u, f(a)?),
+            KernelOp::Binary(b, x, y) => KernelOp::Binary(b, f(x)?, f(y)?),
+            KernelOp::Where(c, a, b) => KernelOp::Where(f(c)?, f(a)?, f(b)?),
+            KernelOp::Cast(t, a) => KernelOp::Cast(t, f(a)?),
+            KernelOp::Const(v, t) => KernelOp::Const(v, t),
+        })
+    }
 }
 
 /// One operation. Every op produces exactly one tensor.
