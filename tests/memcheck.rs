@@ -30,15 +30,23 @@ fn memcheck(args: &[&str]) {
     );
 }
 
-#[test]
-fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
+/// Whether valgrind is here (CI must have it).
+fn have_valgrind() -> bool {
     if Command::new("valgrind").arg("--version").output().is_err() {
         assert!(!in_ci(), "valgrind is missing; CI must run this test");
         println!("skipping: valgrind is not installed");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
+    if !have_valgrind() {
         return;
     }
     let cpu = ["--backend", "cpu"];
-    let runs: [&[&str]; 5] = [
+    let runs: [&[&str]; 12] = [
         &[
             "run",
             "tests/data/hf/gpt2",
@@ -69,14 +77,87 @@ fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
             "--decoder-tokens",
             "2,0",
         ],
+        // ALiBi.
+        &[
+            "run",
+            "tests/data/hf/bloom",
+            "--tokens",
+            "5,17,42",
+            "--tokens",
+            "8,1,9",
+        ],
+        // Sparse experts.
+        &["run", "tests/data/hf/mixtral", "--tokens", "5,17,42,99"],
+        // Relative position buckets, a padded row.
+        &[
+            "run",
+            "tests/data/hf/t5",
+            "--tokens",
+            "5,17,42",
+            "--tokens",
+            "8,1,9",
+            "--attention-mask",
+            "1,1,1",
+            "--attention-mask",
+            "1,1,0",
+            "--decoder-tokens",
+            "0,7",
+            "--decoder-tokens",
+            "0,3",
+        ],
+        // Gated feed-forward, untied head.
+        &[
+            "run",
+            "tests/data/hf/t5_v11",
+            "--tokens",
+            "5,17,42",
+            "--decoder-tokens",
+            "0,7",
+        ],
+        // Sinusoidal positions.
+        &[
+            "run",
+            "tests/data/hf/marian",
+            "--tokens",
+            "5,17,42",
+            "--decoder-tokens",
+            "0,7",
+        ],
+        // The masked-LM head.
+        &["run", "tests/data/hf/bert_mlm", "--tokens", "5,17,42"],
+        // LoRA kept unmerged: `lora_linear` nodes.
+        &[
+            "run",
+            "tests/data/hf/llama",
+            "--adapter",
+            "tests/data/hf/llama_lora",
+            "--lora-mode",
+            "unmerged",
+            "--tokens",
+            "5,17,42",
+        ],
     ];
     for args in runs {
         memcheck(&[args, &cpu[..]].concat());
+    }
+}
+
+/// Generation with the KV cache (the decode kernels and the cache's
+/// in-place writes) of each family, apart from the test above so that the
+/// two run side by side.
+#[test]
+fn every_family_generates_clean_under_memcheck_on_the_cpu_backend() {
+    if !have_valgrind() {
+        return;
     }
     for model in [
         "tests/data/hf/gpt2",
         "tests/data/hf/llama",
         "tests/data/hf/bart",
+        "tests/data/hf/bloom",
+        "tests/data/hf/mixtral",
+        "tests/data/hf/t5",
+        "tests/data/hf/marian",
     ] {
         memcheck(&[
             "generate",
@@ -89,4 +170,18 @@ fn every_family_runs_clean_under_memcheck_on_the_cpu_backend() {
             "cpu",
         ]);
     }
+    memcheck(&[
+        "generate",
+        "tests/data/hf/llama",
+        "--adapter",
+        "tests/data/hf/llama_lora",
+        "--lora-mode",
+        "unmerged",
+        "--tokens",
+        "5,17,42",
+        "--max-new-tokens",
+        "3",
+        "--backend",
+        "cpu",
+    ]);
 }
