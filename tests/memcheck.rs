@@ -2,8 +2,9 @@
 //! watches every access of a whole `kiln run` and `kiln generate` of each
 //! family and must find nothing (no read or write outside an allocation, no
 //! use of uninitialized memory). Valgrind's CPU has no AVX-512, so the
-//! kernels' AVX2 paths are the ones checked here; debug builds also assert
-//! every address the native kernels touch.
+//! kernels' AVX2 paths are the ones checked here (`tests/guard_pages.rs`
+//! runs the AVX-512 ones with every allocation against a guard page); debug
+//! builds also assert every address the native kernels touch.
 
 mod support;
 
