@@ -1148,7 +1148,12 @@ fn scale_row_max(
             if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) {
                 // SAFETY: the row's mask bytes are inside the view
                 // (verified); AVX-512 checked by the caller.
-                unsafe { super::softmax::mask_bytes(shown, mv.base.add(at0)) };
+                let m = unsafe { super::softmax::mask_scale_max(shown, mv.base.add(at0), scale) };
+                return if m.is_nan() || prev.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(prev)
+                };
             } else {
                 for (j, x) in shown.iter_mut().enumerate() {
                     // SAFETY: inside the mask view (verified).
@@ -1237,8 +1242,11 @@ fn attention_tiled(
         let (q, k, v, o, mask) = shared.get();
         let (bi, hi) = (job / h, job % h);
         let kv = hi / group;
-        let mut scores = vec![0f32; TILE_Q * TILE_K];
-        let mut acc = vec![0f32; TILE_Q * dv];
+        // This thread's tiles from its last job (every element is written
+        // before it is read), instead of 100 KB allocated and zeroed per job.
+        let (mut scores, mut acc) = SCRATCH.with(|c| c.take());
+        scores.resize(TILE_Q * TILE_K, 0.0);
+        acc.resize(TILE_Q * dv, 0.0);
         let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
         // The SIMD passes mask before they scale: a positive scale keeps
         // −∞ where it is.
@@ -1248,7 +1256,6 @@ fn attention_tiled(
         let tile_q = if causal { TILE_Q_CAUSAL } else { TILE_Q };
         for q0 in (0..t).step_by(tile_q) {
             let tq = tile_q.min(t - q0);
-            acc[..tq * dv].fill(0.0);
             mx[..tq].fill(f32::NEG_INFINITY);
             sum[..tq].fill(0.0);
             // Keys any query of the tile sees (bottom-right causal alignment).
@@ -1330,7 +1337,10 @@ fn attention_tiled(
                         (mx[i] - m).exp()
                     };
                     sum[i] = sum[i] * alpha + tile_sum;
-                    if alpha != 1.0 {
+                    // Before the first visible key the row's accumulator
+                    // holds zeros (or NaN from 0·∞), which scaling by 0
+                    // leaves as they are.
+                    if alpha != 1.0 && mx[i] != f32::NEG_INFINITY {
                         acc[i * dv..(i + 1) * dv]
                             .iter_mut()
                             .for_each(|a| *a *= alpha);
@@ -1347,7 +1357,9 @@ fn attention_tiled(
                         acc.as_mut_ptr(),
                         1,
                         dv as isize,
-                        true,
+                        // The first key tile writes the accumulator (a
+                        // query tile that sees no key never reads it).
+                        k0 > 0,
                         scores.as_ptr(),
                         1,
                         TILE_K as isize,
@@ -1365,20 +1377,21 @@ fn attention_tiled(
             }
             for i in 0..tq {
                 let ob = o.at(&[bi, hi, q0 + i, 0]);
-                let inv = if sum[i] > 0.0 { 1.0 / sum[i] } else { 0.0 };
-                for c in 0..dv {
-                    let a = acc[i * dv + c];
+                debug_assert!(ob + dv <= o.len, "attention row {ob} of {}", o.len);
+                // SAFETY: this task's own output row, `dv` elements at unit
+                // stride (checked by the caller; verified in bounds).
+                let out = unsafe { std::slice::from_raw_parts_mut(o.base.add(ob), dv) };
+                let row = &acc[i * dv..(i + 1) * dv];
+                if sum[i] > 0.0 || sum[i].is_nan() {
+                    let inv = if sum[i] > 0.0 { 1.0 / sum[i] } else { 0.0 };
+                    out.iter_mut().zip(row).for_each(|(y, &a)| *y = a * inv);
+                } else {
                     // A query that sees no key gets zeros, as in the interpreter.
-                    let y = if sum[i] > 0.0 || sum[i].is_nan() {
-                        a * inv
-                    } else {
-                        0.0
-                    };
-                    // SAFETY: this task's own output row (verified in bounds).
-                    unsafe { o.set(ob + c, y) };
+                    out.fill(0.0);
                 }
             }
         }
+        SCRATCH.with(|c| c.replace((scores, acc)));
     };
     if threads > 1 && b * h > 1 {
         super::par(b * h, &task);
@@ -1386,6 +1399,12 @@ fn attention_tiled(
         (0..b * h).for_each(task);
     }
     Ok(())
+}
+
+thread_local! {
+    /// The attention tiles (scores, accumulator) of the jobs this thread runs.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// A position bias added to the scaled scores (ALiBi or T5's relative

@@ -41,25 +41,39 @@ pub(crate) fn lanes(n: usize) -> u16 {
     }
 }
 
-/// Sets `row[j]` to −∞ where `mask[j]` (bytes: bool, i8, u8) is zero.
+/// The mask and the scale in one pass: `row[j] = −∞` where `mask[j]`
+/// (bytes: bool, i8, u8) is zero, else `row[j]·scale`; returns the row's maximum (NaN
+/// when any element left is NaN; −∞ for an empty or fully masked row).
 ///
 /// # Safety
 /// `mask` holds `row.len()` bytes; the host has AVX-512F and BW.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn mask_bytes(row: &mut [f32], mask: *const u8) {
+pub(crate) unsafe fn mask_scale_max(row: &mut [f32], mask: *const u8, scale: f32) -> f32 {
+    let s = _mm512_set1_ps(scale);
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut mx = ninf;
+    let mut nan: u16 = 0;
     let mut j = 0;
     while j < row.len() {
         let k = lanes(row.len() - j);
         // SAFETY: lanes inside the row and the mask (the caller's promise).
         unsafe {
+            let p = row.as_mut_ptr().add(j);
             let m = _mm_maskz_loadu_epi8(k, mask.add(j).cast());
-            let hidden = _mm_mask_testn_epi8_mask(k, m, m);
-            _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), hidden, ninf);
+            let shown = _mm_mask_test_epi8_mask(k, m, m);
+            let v =
+                _mm512_mask_blend_ps(shown, ninf, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), s));
+            _mm512_mask_storeu_ps(p, k, v);
+            nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(k, v, v);
+            mx = _mm512_mask_max_ps(mx, k, mx, v);
         }
         j += 16;
     }
+    if nan != 0 {
+        return f32::NAN;
+    }
+    _mm512_reduce_max_ps(mx)
 }
 
 /// `row[j] *= scale`, returning the row's maximum (NaN when any element
@@ -211,10 +225,7 @@ mod tests {
             let mask: Vec<u8> = (0..n).map(|i| (i % 3 != 1) as u8 * (1 + i as u8)).collect();
             let mut row = xs.clone();
             // SAFETY: AVX-512 checked; the mask holds n bytes.
-            let m = unsafe {
-                mask_bytes(&mut row, mask.as_ptr());
-                scale_max(&mut row, 0.5)
-            };
+            let m = unsafe { mask_scale_max(&mut row, mask.as_ptr(), 0.5) };
             let want: Vec<f32> = xs
                 .iter()
                 .zip(&mask)
@@ -223,9 +234,30 @@ mod tests {
             assert_eq!(row, want, "n = {n}");
             let wm = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(m, wm, "n = {n}");
+            // No mask: the scale alone.
+            let mut row = xs.clone();
+            // SAFETY: as above.
+            let m = unsafe { scale_max(&mut row, 0.5) };
+            let want: Vec<f32> = xs.iter().map(|&x| x * 0.5).collect();
+            assert_eq!(row, want, "n = {n}");
+            assert_eq!(
+                m,
+                want.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                "n = {n}"
+            );
         }
         let mut row = vec![1.0, f32::NAN, 3.0];
         // SAFETY: as above.
         assert!(unsafe { scale_max(&mut row, 1.0) }.is_nan());
+        // A NaN the mask hides does not count; one it shows does.
+        let mut row = vec![1.0, f32::NAN, 3.0];
+        // SAFETY: as above; three mask bytes.
+        assert_eq!(
+            unsafe { mask_scale_max(&mut row, [1u8, 0, 1].as_ptr(), 1.0) },
+            3.0
+        );
+        let mut row = vec![1.0, f32::NAN, 3.0];
+        // SAFETY: as above.
+        assert!(unsafe { mask_scale_max(&mut row, [1u8, 1, 0].as_ptr(), 1.0) }.is_nan());
     }
 }
