@@ -31,9 +31,11 @@ pub fn enabled() -> bool {
     }
 }
 
-/// What a step is, for the table: `gemm+epilogue [128, 768]`,
-/// `loop add,gelu [8, 128, 3072]`, `row LayerNorm [1024, 768]`.
-pub(crate) fn describe(kernel: &Kernel, out_shape: &[usize]) -> String {
+/// What a step is, for the table: `gemm+epilogue [128, 768] k 3072`,
+/// `loop add,gelu [8, 128, 3072]`, `row LayerNorm [1024, 768]`. A
+/// product's inner size (`inner`) tells apart products of the same output
+/// shape (BERT's attention output and FFN down projections).
+pub(crate) fn describe(kernel: &Kernel, out_shape: &[usize], inner: Option<usize>) -> String {
     let what = match kernel {
         Kernel::Gemm { epilogue } if !epilogue.is_empty() => "gemm+epilogue".to_string(),
         Kernel::Loop { body } => {
@@ -58,7 +60,10 @@ pub(crate) fn describe(kernel: &Kernel, out_shape: &[usize]) -> String {
         }
         k => k.kind_name().to_string(),
     };
-    format!("{what} {out_shape:?}")
+    match (kernel, inner) {
+        (Kernel::Gemm { .. }, Some(k)) => format!("{what} {out_shape:?} k {k}"),
+        _ => format!("{what} {out_shape:?}"),
+    }
 }
 
 /// Adds one step's time.
@@ -105,11 +110,15 @@ mod tests {
     #[test]
     fn descriptions_name_the_work() {
         assert_eq!(
-            describe(&Kernel::Gemm { epilogue: vec![] }, &[128, 768]),
+            describe(&Kernel::Gemm { epilogue: vec![] }, &[128, 768], Some(3072)),
+            "gemm [128, 768] k 3072"
+        );
+        assert_eq!(
+            describe(&Kernel::Gemm { epilogue: vec![] }, &[128, 768], None),
             "gemm [128, 768]"
         );
         assert_eq!(
-            describe(&Kernel::Gather, &[1, 16, 768]),
+            describe(&Kernel::Gather, &[1, 16, 768], Some(5)),
             "gather [1, 16, 768]"
         );
     }

@@ -899,7 +899,11 @@ impl ReferenceExecutable {
             if let Some(t) = timer {
                 // The time first: describing the step formats its kernel.
                 let took = t.elapsed();
-                crate::profile::record(crate::profile::describe(&s.kernel, &out.shape), took);
+                let inner = ins.first().and_then(|a| a.shape.last().copied());
+                crate::profile::record(
+                    crate::profile::describe(&s.kernel, &out.shape, inner),
+                    took,
+                );
             }
             ran.map_err(|e| map_err(s, e))?;
         }
