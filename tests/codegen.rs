@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::path::Path;
-
 use kiln::{Model, OptLevel, Target, Tensor};
 
 const CPU: Target = Target::Cpu { threads: 0 };
@@ -18,12 +16,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn adapter(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(name)
 }
 
 fn assert_compiled(what: &str, model: &Model) {
@@ -50,7 +42,7 @@ fn every_family_runs_without_a_fallback_step() {
     }
     for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
         let unmerged = support::hf_model(base)
-            .with_adapter(adapter(lora))
+            .with_adapter(support::hf_dir(lora))
             .expect("adapter");
         assert_compiled(&format!("{lora} unmerged"), &unmerged);
         let merged = unmerged.merge_adapters().expect("merge");

@@ -89,7 +89,7 @@ static ALLOC: GuardAlloc = GuardAlloc;
 const CPU: Target = Target::Cpu { threads: 2 };
 
 #[test]
-fn the_allocator_faults_one_element_past_an_allocation() {
+fn allocations_end_where_their_guard_page_begins() {
     // The placement itself: a Vec's last element ends at the guard page.
     for n in [16usize, 33, 1000, 1024, 4097] {
         let v = vec![0f32; n];
@@ -132,10 +132,9 @@ fn every_family_runs_and_generates_inside_its_buffers() {
 #[test]
 fn lora_runs_inside_its_buffers_merged_and_unmerged() {
     for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/hf")
-            .join(lora);
-        let unmerged = support::hf_model(base).with_adapter(dir).expect("adapter");
+        let unmerged = support::hf_model(base)
+            .with_adapter(support::hf_dir(lora))
+            .expect("adapter");
         let merged = unmerged
             .merge_adapters()
             .expect("merge")

@@ -10,10 +10,6 @@ mod support;
 
 use std::process::Command;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 fn memcheck(args: &[&str]) {
     let out = Command::new("valgrind")
         .args(["--error-exitcode=99", "-q", "--leak-check=no"])
@@ -34,7 +30,10 @@ fn memcheck(args: &[&str]) {
 /// Whether valgrind is here (CI must have it).
 fn have_valgrind() -> bool {
     if Command::new("valgrind").arg("--version").output().is_err() {
-        assert!(!in_ci(), "valgrind is missing; CI must run this test");
+        assert!(
+            !support::in_ci(),
+            "valgrind is missing; CI must run this test"
+        );
         println!("skipping: valgrind is not installed");
         return false;
     }
@@ -151,38 +150,38 @@ fn every_family_generates_clean_under_memcheck_on_the_cpu_backend() {
     if !have_valgrind() {
         return;
     }
-    for model in [
-        "tests/data/hf/gpt2",
-        "tests/data/hf/llama",
-        "tests/data/hf/bart",
-        "tests/data/hf/bloom",
-        "tests/data/hf/mixtral",
-        "tests/data/hf/t5",
-        "tests/data/hf/marian",
-    ] {
-        memcheck(&[
-            "generate",
-            model,
-            "--tokens",
-            "5,17,42",
-            "--max-new-tokens",
-            "3",
-            "--backend",
-            "cpu",
-        ]);
+    // Each model (and its options), then the same prompt and length.
+    let models: [&[&str]; 8] = [
+        &["tests/data/hf/gpt2"],
+        &["tests/data/hf/llama"],
+        &["tests/data/hf/bart"],
+        &["tests/data/hf/bloom"],
+        &["tests/data/hf/mixtral"],
+        &["tests/data/hf/t5"],
+        &["tests/data/hf/marian"],
+        &[
+            "tests/data/hf/llama",
+            "--adapter",
+            "tests/data/hf/llama_lora",
+            "--lora-mode",
+            "unmerged",
+        ],
+    ];
+    for model in models {
+        memcheck(
+            &[
+                &["generate"][..],
+                model,
+                &[
+                    "--tokens",
+                    "5,17,42",
+                    "--max-new-tokens",
+                    "3",
+                    "--backend",
+                    "cpu",
+                ],
+            ]
+            .concat(),
+        );
     }
-    memcheck(&[
-        "generate",
-        "tests/data/hf/llama",
-        "--adapter",
-        "tests/data/hf/llama_lora",
-        "--lora-mode",
-        "unmerged",
-        "--tokens",
-        "5,17,42",
-        "--max-new-tokens",
-        "3",
-        "--backend",
-        "cpu",
-    ]);
 }

@@ -113,12 +113,16 @@ pub const FAMILIES: [&str; 11] = [
     "t5_v11",
 ];
 
+/// The folder `tests/data/hf/<name>` (a test model or a PEFT adapter).
+pub fn hf_dir(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name)
+}
+
 /// The test model `tests/data/hf/<name>`.
 pub fn hf_model(name: &str) -> Model {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(name);
-    Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"))
+    Model::load(hf_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// Two rows of five tokens, with a padded row and a two-token decoder prefix

@@ -1133,8 +1133,9 @@ const TILE_K: usize = 128;
 /// to −∞) and returns the row's running maximum, from `prev`; NaN when any
 /// score is NaN. `mask`: the mask view, the row's first element in it and
 /// its step. With `simd` (AVX-512, checked by the caller; the scale is
-/// positive, so masking before scaling keeps −∞) the passes read sixteen
-/// lanes at a time, a byte mask of unit stride too.
+/// positive, so a mask of another type set to −∞ before scaling stays −∞)
+/// the passes read sixteen lanes at a time, a byte mask of unit stride in
+/// the same pass as the scale.
 fn scale_row_max(
     shown: &mut [f32],
     mask: Option<(Iv<'_>, usize, usize)>,
@@ -1144,27 +1145,27 @@ fn scale_row_max(
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        if let Some((mv, at0, step)) = mask {
-            if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) {
+        let m = match mask {
+            Some((mv, at0, step))
+                if mv.dtype.size_bytes() == 1 && (step == 1 || shown.len() <= 1) =>
+            {
                 // SAFETY: the row's mask bytes are inside the view
                 // (verified); AVX-512 checked by the caller.
-                let m = unsafe { super::softmax::mask_scale_max(shown, mv.base.add(at0), scale) };
-                return if m.is_nan() || prev.is_nan() {
-                    f32::NAN
-                } else {
-                    m.max(prev)
-                };
-            } else {
-                for (j, x) in shown.iter_mut().enumerate() {
-                    // SAFETY: inside the mask view (verified).
-                    if unsafe { mv.get(at0 + j * step) } == 0 {
-                        *x = f32::NEG_INFINITY;
+                unsafe { super::softmax::mask_scale_max(shown, mv.base.add(at0), scale) }
+            }
+            mask => {
+                if let Some((mv, at0, step)) = mask {
+                    for (j, x) in shown.iter_mut().enumerate() {
+                        // SAFETY: inside the mask view (verified).
+                        if unsafe { mv.get(at0 + j * step) } == 0 {
+                            *x = f32::NEG_INFINITY;
+                        }
                     }
                 }
+                // SAFETY: AVX-512 checked by the caller.
+                unsafe { super::softmax::scale_max(shown, scale) }
             }
-        }
-        // SAFETY: AVX-512 checked by the caller.
-        let m = unsafe { super::softmax::scale_max(shown, scale) };
+        };
         return if m.is_nan() || prev.is_nan() {
             f32::NAN
         } else {
@@ -1248,8 +1249,8 @@ fn attention_tiled(
         scores.resize(TILE_Q * TILE_K, 0.0);
         acc.resize(TILE_Q * dv, 0.0);
         let (q_row, k_row, v_row) = (q.v.strides[2], k.v.strides[2], v.v.strides[2]);
-        // The SIMD passes mask before they scale: a positive scale keeps
-        // −∞ where it is.
+        // The SIMD passes scale rows a mask of another type than bytes has
+        // set to −∞: a positive scale keeps −∞ where it is.
         let simd = super::softmax::available() && scale > 0.0;
         let mut mx = [f32::NEG_INFINITY; TILE_Q];
         let mut sum = [0f32; TILE_Q];
