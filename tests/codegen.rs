@@ -170,6 +170,70 @@ fn tiled_attention_matches_the_interpreter_over_many_tiles() {
 }
 
 #[test]
+fn row_attention_matches_the_interpreter_for_every_head_width() {
+    let _one = serial();
+    // Decode's row path (fewer queries than a tile): head widths the
+    // inlined AVX-512 row kernel takes (16 to 128 lanes) and one it does
+    // not (24); one key and many, causal (a cache longer than the queries)
+    // and not; GQA (4 query heads over 2 kv heads).
+    for dh in [16usize, 32, 64, 128, 24] {
+        for (causal, t, s) in [(true, 1, 1), (true, 1, 90), (true, 3, 37), (false, 2, 64)] {
+            let src = format!(
+                "func @att(%q: f32[B, 4, T, {dh}], %k: f32[B, 2, S, {dh}], %v: f32[B, 2, S, {dh}]) -> (out: f32[B, 4, T, {dh}]) {{\n  \
+                 %o = attention(%q, %k, %v) causal={causal} scale=0.125 : f32[B, 4, T, {dh}]\n  return %o\n}}\n"
+            );
+            let graph = kiln::ir::parse_graph(&src).expect("parses");
+            let inputs = [
+                noise(vec![2, 4, t, dh], 11),
+                noise(vec![2, 2, s, dh], 12),
+                noise(vec![2, 2, s, dh], 13),
+            ];
+            cpu_matches_interpreter(&graph, &kiln::Weights::new(), &inputs, 1e-5)
+                .unwrap_or_else(|e| panic!("dh={dh} causal={causal} t={t} s={s}: {e}"));
+        }
+    }
+    // A NaN in a visible key makes the rows that see it NaN, and only
+    // those: key 5 of batch 1's first kv head, seen by its two query heads.
+    let src = "func @att(%q: f32[B, 4, 1, 64], %k: f32[B, 2, S, 64], %v: f32[B, 2, S, 64]) -> (out: f32[B, 4, 1, 64]) {\n  \
+               %o = attention(%q, %k, %v) causal=true scale=0.125 : f32[B, 4, 1, 64]\n  return %o\n}\n";
+    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let mut k = noise(vec![2, 2, 9, 64], 12).as_f32().unwrap().to_vec();
+    k[(2 * 9 + 5) * 64 + 3] = f32::NAN;
+    let inputs = [
+        noise(vec![2, 4, 1, 64], 11),
+        Tensor::f32(vec![2, 2, 9, 64], k).unwrap(),
+        noise(vec![2, 2, 9, 64], 13),
+    ];
+    use kiln::backends::{Backend, Cpu, Interpreter};
+    let want = Interpreter
+        .compile(&graph, &kiln::Weights::new())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let got = Cpu { threads: 0 }
+        .compile(&graph, &kiln::Weights::new())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let nan_rows: Vec<bool> = got[0]
+        .as_f32()
+        .unwrap()
+        .chunks(64)
+        .map(|r| r.iter().all(|x| x.is_nan()))
+        .collect();
+    assert_eq!(
+        nan_rows,
+        [false, false, false, false, true, true, false, false]
+    );
+    let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
+    support::outputs_deviation(&named(got), &named(want), &|_| {
+        support::NonFinite::MatchReference
+    })
+    .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+    .unwrap_or_else(|e| panic!("NaN key: {e}"));
+}
+
+#[test]
 fn position_biases_match_the_interpreter_on_every_attention_path() {
     let _one = serial();
     // ALiBi slopes and T5's relative buckets (encoder: bidirectional, no

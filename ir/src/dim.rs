@@ -50,6 +50,59 @@ pub enum DimError {
     TooComplex,
 }
 
+/// A [`Dim`] whose symbols are indices into a table of values
+/// ([`Dim::indexed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexedDim {
+    terms: Vec<(i64, Vec<IndexedAtom>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IndexedAtom {
+    Sym(usize),
+    Div(Box<IndexedDim>, Box<IndexedDim>),
+}
+
+impl IndexedDim {
+    /// The value under `values` (symbol `i` is `values[i]`; `Ok(None)` when
+    /// one it reads is `None` or missing), with [`Dim::eval_const`]'s
+    /// arithmetic and errors.
+    pub fn eval(&self, values: &[Option<i64>]) -> Result<Option<i64>, DimError> {
+        let mut acc = 0i64;
+        for (coef, atoms) in &self.terms {
+            let mut prod = *coef;
+            for a in atoms {
+                let v = match a {
+                    IndexedAtom::Sym(i) => match values.get(*i).copied().flatten() {
+                        Some(v) => v,
+                        None => return Ok(None),
+                    },
+                    IndexedAtom::Div(n, d) => {
+                        let (Some(n), Some(d)) = (n.eval(values)?, d.eval(values)?) else {
+                            return Ok(None);
+                        };
+                        exact_div(n, d)?
+                    }
+                };
+                prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
+            }
+            acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
+        }
+        Ok(Some(acc))
+    }
+}
+
+/// `n / d` when it is whole.
+fn exact_div(n: i64, d: i64) -> Result<i64, DimError> {
+    if d == 0 {
+        return Err(DimError::DivisionByZero);
+    }
+    if n.checked_rem(d).ok_or(DimError::Overflow)? != 0 {
+        return Err(DimError::NotDivisible { num: n, den: d });
+    }
+    n.checked_div(d).ok_or(DimError::Overflow)
+}
+
 /// Most terms a normalized dim may have (guards against exponential expansion).
 pub const MAX_TERMS: usize = 64;
 /// Deepest nesting of unsimplified divisions.
@@ -295,13 +348,7 @@ impl Dim {
                         let (Some(n), Some(d)) = (n.eval_const(env)?, d.eval_const(env)?) else {
                             return Ok(None);
                         };
-                        if d == 0 {
-                            return Err(DimError::DivisionByZero);
-                        }
-                        if n.checked_rem(d).ok_or(DimError::Overflow)? != 0 {
-                            return Err(DimError::NotDivisible { num: n, den: d });
-                        }
-                        n.checked_div(d).ok_or(DimError::Overflow)?
+                        exact_div(n, d)?
                     }
                 };
                 prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
@@ -309,6 +356,26 @@ impl Dim {
             acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
         }
         Ok(Some(acc))
+    }
+
+    /// This dim with each symbol replaced by its index in a table of values
+    /// (`index`), for evaluating it many times under changing bindings
+    /// without looking symbols up by name (`None`: a symbol has no index).
+    pub fn indexed(&self, index: &impl Fn(&str) -> Option<usize>) -> Option<IndexedDim> {
+        let mut terms = Vec::with_capacity(self.terms.len());
+        for t in &self.terms {
+            let mut atoms = Vec::with_capacity(t.atoms.len());
+            for a in &t.atoms {
+                atoms.push(match a {
+                    Atom::Sym(s) => IndexedAtom::Sym(index(s)?),
+                    Atom::Div(n, d) => {
+                        IndexedAtom::Div(Box::new(n.indexed(index)?), Box::new(d.indexed(index)?))
+                    }
+                });
+            }
+            terms.push((t.coef, atoms));
+        }
+        Some(IndexedDim { terms })
     }
 
     /// Replaces bound symbols by their values and renormalizes.
@@ -596,6 +663,14 @@ mod tests {
                             .map(|(k, v)| (k.to_string(), c(v)))
                             .collect();
                         let want = d.substitute(&env);
+                        // The indexed form over a table [h, S, d] agrees.
+                        let names = ["h", "S", "d"];
+                        let indexed = d.indexed(&|n| names.iter().position(|m| *m == n)).unwrap();
+                        assert_eq!(
+                            indexed.eval(&[Some(hv), Some(sv), Some(dv)]),
+                            d.eval_const(&env),
+                            "{d} at S={sv} d={dv} h={hv}"
+                        );
                         match d.eval_const(&env) {
                             Ok(Some(v)) => {
                                 assert_eq!(want, Ok(c(v)), "{d} at S={sv} d={dv} h={hv}")
@@ -609,6 +684,12 @@ mod tests {
             let partial: BTreeMap<String, Dim> = [("S".to_string(), c(3))].into_iter().collect();
             if d.as_const().is_none() && *d != s("S").add(&c(1)).unwrap() {
                 assert_eq!(d.eval_const(&partial), Ok(None), "{d}");
+                let indexed = d.indexed(&|n| ["S", "d", "h"].iter().position(|m| *m == n));
+                assert_eq!(indexed.unwrap().eval(&[Some(3), None]), Ok(None), "{d}");
+            }
+            // A symbol without an index: no indexed form.
+            if !d.symbols().is_empty() {
+                assert_eq!(d.indexed(&|_| None), None, "{d}");
             }
         }
         assert_eq!(

@@ -1504,6 +1504,13 @@ fn attention_rows(
     };
     let per_run = group.div_ceil(runs);
     let scale = scale as f32;
+    // Head vectors of 16, 32, 64 or 128 lanes without a mask or a bias
+    // operand: one inlined AVX-512 pass per query row ([`head_row`])
+    // instead of a dot product and a multiply-add call per key.
+    let chunks = match dh {
+        16 | 32 | 64 | 128 if simd && dv == dh && mask.is_none() && bias.is_none() => dh / 16,
+        _ => 0,
+    };
     let shared = Shared((q, k, v, o, mask));
     let task = move |job: usize| {
         let (q, k, v, o, mask) = shared.get();
@@ -1524,6 +1531,32 @@ fn attention_rows(
                 } else {
                     s
                 };
+                if chunks > 0 {
+                    let ob = o.at(&[bi, hi, ti, 0]);
+                    // SAFETY: the head vectors of q and of this task's output
+                    // row (dh elements each), and the key and value rows
+                    // `0..visible` of the kv head, are inside their views
+                    // (verified); AVX-512 checked with `simd`.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let (qp, op_) = (q.base.add(qb).cast_const(), o.base.add(ob));
+                        let (kp, vp) = (k.base.add(k0).cast_const(), v.base.add(v0).cast_const());
+                        let rows = Rows {
+                            k: kp,
+                            k_row,
+                            v: vp,
+                            v_row,
+                            visible,
+                        };
+                        match chunks {
+                            1 => head_row::<1>(qp, &rows, scale, &mut scores, op_),
+                            2 => head_row::<2>(qp, &rows, scale, &mut scores, op_),
+                            4 => head_row::<4>(qp, &rows, scale, &mut scores, op_),
+                            _ => head_row::<8>(qp, &rows, scale, &mut scores, op_),
+                        }
+                    }
+                    continue;
+                }
                 let mut m = f32::NEG_INFINITY;
                 let mut nan = false;
                 for (j, score) in scores.iter_mut().enumerate() {
@@ -1603,6 +1636,83 @@ fn attention_rows(
         (0..jobs).for_each(task);
     }
     Ok(())
+}
+
+/// The key and value rows a query row of [`head_row`] attends to.
+#[cfg(target_arch = "x86_64")]
+struct Rows {
+    k: *const f32,
+    k_row: usize,
+    v: *const f32,
+    v_row: usize,
+    /// Keys `0..visible` (the causal limit).
+    visible: usize,
+}
+
+/// One query row of one head (`16·C` lanes) over the keys and values of
+/// `rows`: scaled scores, their softmax and the weighted sum of the value
+/// rows, written to `out`, as the general path computes them (a NaN score
+/// makes the row NaN; no visible key gives zeros; a zero weight skips its
+/// value row). `scores` is scratch of at least `visible` elements.
+///
+/// # Safety
+/// `q` and `out` hold `16·C` elements; each of the rows `0..visible` holds
+/// `16·C` elements from `k + j·k_row` and `v + j·v_row`; the host has
+/// AVX-512F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn head_row<const C: usize>(
+    q: *const f32,
+    rows: &Rows,
+    scale: f32,
+    scores: &mut [f32],
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let n = rows.visible;
+    let scores = &mut scores[..n];
+    // SAFETY (every block): as the caller promised.
+    let qv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.add(16 * c)) });
+    let (mut m, mut nan) = (f32::NEG_INFINITY, false);
+    for (j, score) in scores.iter_mut().enumerate() {
+        let kr = unsafe { rows.k.add(j * rows.k_row) };
+        let mut acc = _mm512_mul_ps(qv[0], unsafe { _mm512_loadu_ps(kr) });
+        for (c, &qc) in qv.iter().enumerate().skip(1) {
+            acc = _mm512_fmadd_ps(qc, unsafe { _mm512_loadu_ps(kr.add(16 * c)) }, acc);
+        }
+        let x = scale * _mm512_reduce_add_ps(acc);
+        nan |= x.is_nan();
+        m = m.max(x);
+        *score = x;
+    }
+    let fill = if nan {
+        Some(f32::NAN)
+    } else if m == f32::NEG_INFINITY {
+        Some(0.0)
+    } else {
+        None
+    };
+    if let Some(x) = fill {
+        for c in 0..C {
+            unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_set1_ps(x)) };
+        }
+        return;
+    }
+    let sum = unsafe { super::softmax::exp_sum(scores, m) };
+    let mut acc = [_mm512_setzero_ps(); C];
+    for (j, &p) in scores.iter().enumerate() {
+        if p == 0.0 {
+            continue;
+        }
+        let (pv, vr) = (_mm512_set1_ps(p), unsafe { rows.v.add(j * rows.v_row) });
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(pv, unsafe { _mm512_loadu_ps(vr.add(16 * c)) }, *a);
+        }
+    }
+    let inv = _mm512_set1_ps(1.0 / sum);
+    for (c, a) in acc.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_mul_ps(*a, inv)) };
+    }
 }
 
 fn attention(

@@ -75,6 +75,11 @@ pub struct ReferenceExecutable {
     rebind: Option<rebind::Rebind>,
     /// The key and symbol values of the binding prepared last.
     last: Option<(Vec<i64>, Vec<Option<i64>>)>,
+    /// The most bytes a binding of this executable was found to fit in
+    /// the machine's memory: a derived binding that needs no more is not
+    /// checked again (a decode step would read the system's figures on
+    /// every token).
+    checked_need: u64,
 }
 
 /// Which kernels run a Program's steps.
@@ -141,6 +146,7 @@ impl ReferenceExecutable {
             plans: HashMap::new(),
             kernels: KernelSet::Scalar,
             verified_elements: false,
+            checked_need: 0,
             scalar_steps: Vec::new(),
             step_code: Vec::new(),
             groups: Vec::new(),
@@ -511,7 +517,8 @@ impl ReferenceExecutable {
         let mut touched = Vec::new();
         for (i, v) in views.iter_mut().enumerate() {
             if r.reads(i, changed) {
-                *v = self.view_of(i, cx).ok()?;
+                let (shape, strides, offset) = r.resolve(i, values)?;
+                (v.shape, v.strides, v.offset) = (shape, strides, offset);
                 touched.push(i);
             }
         }
@@ -549,24 +556,45 @@ impl ReferenceExecutable {
             }
         }
         let need = plan.peak_bytes.checked_add(outputs.checked_mul(2)?)?;
-        if crate::memory::available_bytes().is_some_and(|avail| need > avail) {
-            return None;
+        if need > self.checked_need {
+            if crate::memory::available_bytes().is_some_and(|avail| need > avail) {
+                return None;
+            }
+            self.checked_need = need;
         }
         Some((plan, views))
     }
 
-    /// The byte size of every state buffer under `cx`.
+    /// The byte size of every state buffer under `cx`, each checked
+    /// against what the machine can give ([`Self::check_state`]).
     pub(crate) fn state_bytes(&self, cx: &ShapeCx) -> Result<Vec<usize>, RunError> {
+        let sizes = self.state_sizes(cx)?;
+        for (k, &b) in sizes.iter().enumerate() {
+            self.check_state(k, b)?;
+        }
+        Ok(sizes)
+    }
+
+    /// Refuses state `k` of `bytes` when the machine cannot give them (asked
+    /// only for a state about to be allocated: a session's decode step,
+    /// which reuses its caches, does not read the system's figures).
+    pub(crate) fn check_state(&self, k: usize, bytes: usize) -> Result<(), RunError> {
+        let st = &self.program.states[k];
+        crate::memory::check(
+            &format!("the cache {} of @{}", st.name, self.program.name),
+            bytes as u64,
+            "one buffer of the session's capacity",
+        )
+    }
+
+    /// The byte size of every state buffer under `cx` (at most the per-run
+    /// cap each; what the machine has left is not asked).
+    pub(crate) fn state_sizes(&self, cx: &ShapeCx) -> Result<Vec<usize>, RunError> {
         self.program
             .states
             .iter()
             .map(|st| {
                 let b = lower::plan::buffer_bytes(&self.program, st.root, cx)?;
-                crate::memory::check(
-                    &format!("the cache {} of @{}", st.name, self.program.name),
-                    b,
-                    "one buffer of the session's capacity",
-                )?;
                 if b > MAX_BYTES {
                     return Err(RunError::Size {
                         what: format!("the cache {}", st.name),
@@ -653,19 +681,21 @@ impl ReferenceExecutable {
             .zip(key)
             .map(|(s, v)| format!("{s}={v}"))
             .collect();
+        let need = if over_cap {
+            0
+        } else {
+            plan.peak_bytes.saturating_add(outputs.saturating_mul(2))
+        };
         crate::memory::check(
             &format!("@{} with {}", self.program.name, binding.join(", ")),
-            if over_cap {
-                0
-            } else {
-                plan.peak_bytes.saturating_add(outputs.saturating_mul(2))
-            },
+            need,
             &format!(
                 "arena {}, outputs {} and their host copies",
                 crate::memory::human(plan.peak_bytes),
                 crate::memory::human(outputs)
             ),
         )?;
+        self.checked_need = self.checked_need.max(need);
         // The weights fit this binding's parameter shapes: checked once per binding.
         for (&b, w) in self.program.params.iter().zip(&self.weights) {
             if views[b.index()].shape != w.shape() {
@@ -1019,7 +1049,13 @@ impl Session for ReferenceSession {
         sess::check_data_count(g, data)?;
         let (tensors, cx) = sess::bind_call(g, entry, data, carried, shapes)?;
         let cx = exe.program.bind_capacity(&cx, Some(capacity))?;
-        let sizes = exe.state_bytes(&cx)?;
+        let sizes = exe.state_sizes(&cx)?;
+        // Every cache this call must allocate fits before any is taken out.
+        for (k, (st, &size)) in exe.program.states.iter().zip(&sizes).enumerate() {
+            if self.states.get(&st.name).is_none_or(|m| m.len() != size) {
+                exe.check_state(k, size)?;
+            }
+        }
         let mut states = Vec::with_capacity(sizes.len());
         for (st, &size) in exe.program.states.iter().zip(&sizes) {
             let kept = self.states.remove(&st.name);

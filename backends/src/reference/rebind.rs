@@ -9,6 +9,7 @@
 //! does not evaluate, a view outside its root, a plan that changes) leaves
 //! the binding to the full path, which reports it.
 
+use kiln_ir::dim::IndexedDim;
 use kiln_ir::{Dim, ShapeCx};
 
 use crate::lower::{BufferId, BufferKind, Layout, Program};
@@ -24,6 +25,17 @@ pub(crate) struct Rebind {
     /// Each buffer's layout (formed once: contiguous strides are products
     /// of dims).
     layouts: Vec<Layout>,
+    /// Each layout's shape, strides and offset over indices into `symbols`
+    /// (a derived view is evaluated without looking symbols up by name).
+    indexed: Vec<IndexedLayout>,
+}
+
+/// A layout's dims as [`IndexedDim`]s.
+#[derive(Debug)]
+struct IndexedLayout {
+    shape: Vec<IndexedDim>,
+    strides: Vec<IndexedDim>,
+    offset: IndexedDim,
 }
 
 impl Rebind {
@@ -65,6 +77,22 @@ impl Rebind {
             })
         };
         let own: Vec<u64> = own.iter().map(|n| bits(n)).collect();
+        let index = |n: &str| symbols.iter().position(|s| s == n);
+        let all = |ds: &[Dim]| {
+            ds.iter()
+                .map(|d| d.indexed(&index))
+                .collect::<Option<Vec<_>>>()
+        };
+        let indexed = layouts
+            .iter()
+            .map(|l| {
+                Some(IndexedLayout {
+                    shape: all(&l.shape)?,
+                    strides: all(&l.strides)?,
+                    offset: l.offset.indexed(&index)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
         let mut deps = own.clone();
         let mut plan = 0;
         for (i, b) in p.buffers.iter().enumerate() {
@@ -80,6 +108,7 @@ impl Rebind {
             deps,
             plan,
             layouts,
+            indexed,
         })
     }
 
@@ -112,6 +141,23 @@ impl Rebind {
     /// Buffer `i`'s layout.
     pub(crate) fn layout(&self, i: usize) -> Option<&Layout> {
         self.layouts.get(i)
+    }
+
+    /// Buffer `i`'s shape, strides and offset under the symbol values
+    /// `values` ([`Rebind::values`]); `None` when one does not evaluate to
+    /// a size (the full path then reports it).
+    pub(crate) fn resolve(
+        &self,
+        i: usize,
+        values: &[Option<i64>],
+    ) -> Option<(Vec<usize>, Vec<usize>, usize)> {
+        let l = self.indexed.get(i)?;
+        let one = |d: &IndexedDim| match d.eval(values) {
+            Ok(Some(v)) => usize::try_from(v).ok(),
+            _ => None,
+        };
+        let all = |ds: &[IndexedDim]| ds.iter().map(one).collect::<Option<Vec<_>>>();
+        Some((all(&l.shape)?, all(&l.strides)?, one(&l.offset)?))
     }
 
     /// Whether buffer `i`'s resolution reads a symbol of `changed`.
