@@ -142,8 +142,7 @@ fn a_kir_model_with_weights_compiles() {
     assert_eq!(code, 0, "{err}");
     let kir = dir.join("gpt2.kir");
     std::fs::write(&kir, ir).unwrap();
-    let weights =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/gpt2/model.safetensors");
+    let weights = support::hf_dir("gpt2").join("model.safetensors");
     let art = dir.join("gpt2.kiln");
     compile(
         kir.to_str().unwrap(),
@@ -209,7 +208,7 @@ fn an_unmerged_adapter_artifact_still_swaps_adapters_of_the_same_rank() {
     // The same adapter at twice the scale: same modules and rank.
     let rescaled = dir.join("rescaled");
     std::fs::create_dir_all(&rescaled).unwrap();
-    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama_lora");
+    let lora = support::hf_dir("llama_lora");
     std::fs::copy(
         lora.join("adapter_model.safetensors"),
         rescaled.join("adapter_model.safetensors"),
@@ -258,7 +257,7 @@ fn an_unmerged_adapter_artifact_still_swaps_adapters_of_the_same_rank() {
     let src = kiln::Model::load(source("llama"))
         .unwrap()
         .with_adapters(
-            &[Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama_lora")],
+            &[support::hf_dir("llama_lora")],
             kiln::adapter::LoraMode::Unmerged,
         )
         .unwrap()

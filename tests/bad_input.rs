@@ -492,7 +492,7 @@ fn messages_say_where_and_stay_short() {
     let lora = std::env::temp_dir().join(format!("kiln-nan-lora-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&lora);
     std::fs::create_dir_all(&lora).unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama_lora");
+    let src = support::hf_dir("llama_lora");
     std::fs::copy(
         src.join("adapter_config.json"),
         lora.join("adapter_config.json"),

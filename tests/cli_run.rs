@@ -401,8 +401,7 @@ fn right_padded_rows_of_a_causal_lm_give_the_unpadded_outputs() {
 #[test]
 fn review_regressions_on_inputs_and_configs() {
     // An empty decoder row is an input error, not a panic.
-    let model = kiln::Model::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/bart"))
-        .unwrap();
+    let model = kiln::Model::load(support::hf_dir("bart")).unwrap();
     let inputs = kiln::RunInputs {
         tokens: vec![vec![1, 2]],
         decoder_tokens: Some(vec![vec![]]),
@@ -468,7 +467,7 @@ fn review_regressions_on_inputs_and_configs() {
 
 #[test]
 fn progress_bars_stay_off_when_stderr_is_not_a_terminal() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama");
+    let dir = support::hf_dir("llama");
     let dir = dir.to_str().expect("utf-8 path");
     for args in [
         vec!["run", dir, "--tokens", "1,2,3", "--output", "json"],
