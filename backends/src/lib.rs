@@ -311,3 +311,16 @@ pub(crate) fn eval_int_in(cx: &ShapeCx, d: &Dim, what: &str) -> Result<i64, RunE
 pub(crate) fn eval_size_in(cx: &ShapeCx, d: &Dim, what: &str) -> Result<usize, RunError> {
     interp::signature::eval_size(cx, d, what)
 }
+
+/// [`eval_size_in`] with `what` formatted only when `d` does not evaluate
+/// to a size (sizes resolved on every call of a decode step).
+pub(crate) fn eval_size_lazy(
+    cx: &ShapeCx,
+    d: &Dim,
+    what: impl FnOnce() -> String,
+) -> Result<usize, RunError> {
+    match cx.value(d) {
+        Some(v) if v >= 0 => Ok(v as usize),
+        _ => eval_size_in(cx, d, &what()),
+    }
+}

@@ -68,39 +68,48 @@ impl IndexedDim {
     /// one it reads is `None` or missing), with [`Dim::eval_const`]'s
     /// arithmetic and errors.
     pub fn eval(&self, values: &[Option<i64>]) -> Result<Option<i64>, DimError> {
-        let mut acc = 0i64;
-        for (coef, atoms) in &self.terms {
-            let mut prod = *coef;
-            for a in atoms {
-                let v = match a {
-                    IndexedAtom::Sym(i) => match values.get(*i).copied().flatten() {
-                        Some(v) => v,
-                        None => return Ok(None),
-                    },
-                    IndexedAtom::Div(n, d) => {
-                        let (Some(n), Some(d)) = (n.eval(values)?, d.eval(values)?) else {
-                            return Ok(None);
-                        };
-                        exact_div(n, d)?
-                    }
-                };
-                prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
-            }
-            acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
-        }
-        Ok(Some(acc))
+        sum_of_products(
+            self.terms.iter().map(|(c, a)| (*c, a.as_slice())),
+            |a| match a {
+                IndexedAtom::Sym(i) => Ok(values.get(*i).copied().flatten()),
+                IndexedAtom::Div(n, d) => exact_div(n.eval(values)?, d.eval(values)?),
+            },
+        )
     }
 }
 
-/// `n / d` when it is whole.
-fn exact_div(n: i64, d: i64) -> Result<i64, DimError> {
+/// `Σ coef · Π atoms` in checked arithmetic, each atom's value from `atom`
+/// (`Ok(None)` when one is unknown: the sum is unknown too).
+fn sum_of_products<'a, A: 'a>(
+    terms: impl IntoIterator<Item = (i64, &'a [A])>,
+    atom: impl Fn(&A) -> Result<Option<i64>, DimError>,
+) -> Result<Option<i64>, DimError> {
+    let mut acc = 0i64;
+    for (coef, atoms) in terms {
+        let mut prod = coef;
+        for a in atoms {
+            let Some(v) = atom(a)? else {
+                return Ok(None);
+            };
+            prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
+        }
+        acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
+    }
+    Ok(Some(acc))
+}
+
+/// `n / d` when both are known and the quotient is whole.
+fn exact_div(n: Option<i64>, d: Option<i64>) -> Result<Option<i64>, DimError> {
+    let (Some(n), Some(d)) = (n, d) else {
+        return Ok(None);
+    };
     if d == 0 {
         return Err(DimError::DivisionByZero);
     }
     if n.checked_rem(d).ok_or(DimError::Overflow)? != 0 {
         return Err(DimError::NotDivisible { num: n, den: d });
     }
-    n.checked_div(d).ok_or(DimError::Overflow)
+    n.checked_div(d).ok_or(DimError::Overflow).map(Some)
 }
 
 /// Most terms a normalized dim may have (guards against exponential expansion).
@@ -335,27 +344,13 @@ impl Dim {
     /// for the run-time evaluation of sizes. An error here (a division that
     /// is not exact, an overflow) is the one `substitute` reports too.
     pub fn eval_const(&self, env: &BTreeMap<String, Dim>) -> Result<Option<i64>, DimError> {
-        let mut acc = 0i64;
-        for t in &self.terms {
-            let mut prod = t.coef;
-            for a in &t.atoms {
-                let v = match a {
-                    Atom::Sym(s) => match env.get(s).and_then(Dim::as_const) {
-                        Some(v) => v,
-                        None => return Ok(None),
-                    },
-                    Atom::Div(n, d) => {
-                        let (Some(n), Some(d)) = (n.eval_const(env)?, d.eval_const(env)?) else {
-                            return Ok(None);
-                        };
-                        exact_div(n, d)?
-                    }
-                };
-                prod = prod.checked_mul(v).ok_or(DimError::Overflow)?;
-            }
-            acc = acc.checked_add(prod).ok_or(DimError::Overflow)?;
-        }
-        Ok(Some(acc))
+        sum_of_products(
+            self.terms.iter().map(|t| (t.coef, t.atoms.as_slice())),
+            |a| match a {
+                Atom::Sym(s) => Ok(env.get(s).and_then(Dim::as_const)),
+                Atom::Div(n, d) => exact_div(n.eval_const(env)?, d.eval_const(env)?),
+            },
+        )
     }
 
     /// This dim with each symbol replaced by its index in a table of values

@@ -1578,16 +1578,7 @@ fn attention_rows(
                     };
                 }
                 let ob = o.at(&[bi, hi, ti, 0]);
-                // A NaN score makes the row NaN; a query that sees no key gets
-                // zeros, as in the interpreter.
-                let fill = if nan {
-                    Some(f32::NAN)
-                } else if m == f32::NEG_INFINITY {
-                    Some(0.0)
-                } else {
-                    None
-                };
-                if let Some(x) = fill {
+                if let Some(x) = row_fill(nan, m) {
                     for c in 0..dv {
                         // SAFETY: this task's own output row (verified in bounds).
                         unsafe { o.set(ob + c, x) };
@@ -1638,6 +1629,19 @@ fn attention_rows(
     Ok(())
 }
 
+/// The value every element of an attention row takes regardless of the
+/// values, as in the interpreter: NaN when a score is NaN, zero when the
+/// query sees no key (the row's maximum `m` is −∞); `None` otherwise.
+fn row_fill(nan: bool, m: f32) -> Option<f32> {
+    if nan {
+        Some(f32::NAN)
+    } else if m == f32::NEG_INFINITY {
+        Some(0.0)
+    } else {
+        None
+    }
+}
+
 /// The key and value rows a query row of [`head_row`] attends to.
 #[cfg(target_arch = "x86_64")]
 struct Rows {
@@ -1685,14 +1689,7 @@ unsafe fn head_row<const C: usize>(
         m = m.max(x);
         *score = x;
     }
-    let fill = if nan {
-        Some(f32::NAN)
-    } else if m == f32::NEG_INFINITY {
-        Some(0.0)
-    } else {
-        None
-    };
-    if let Some(x) = fill {
+    if let Some(x) = row_fill(nan, m) {
         for c in 0..C {
             unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_set1_ps(x)) };
         }

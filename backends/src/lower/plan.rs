@@ -132,11 +132,7 @@ pub fn buffer_bytes(p: &Program, b: BufferId, cx: &ShapeCx) -> Result<u64, RunEr
     let buf = p.buffer(b);
     let mut n: u64 = buf.dtype.size_bytes() as u64;
     for d in &buf.shape {
-        // The message is formatted only when the size does not evaluate.
-        let v = match cx.value(d) {
-            Some(v) if v >= 0 => v as usize,
-            _ => crate::eval_size_in(cx, d, &format!("buffer {b} ({})", buf.value))?,
-        };
+        let v = crate::eval_size_lazy(cx, d, || format!("buffer {b} ({})", buf.value))?;
         n = n.checked_mul(v as u64).ok_or_else(|| RunError::Size {
             what: format!("buffer {b} ({})", buf.value),
             dim: kiln_ir::types::shape_string(&buf.shape),

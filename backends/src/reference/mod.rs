@@ -425,10 +425,6 @@ impl Memory<'_> {
     }
 }
 
-fn size(cx: &ShapeCx, d: &kiln_ir::Dim, what: &str) -> Result<usize, RunError> {
-    crate::eval_size_in(cx, d, what)
-}
-
 /// What a call hands the Program besides its weights: a host tensor for
 /// every input that is not a cache kept in `states`.
 pub(crate) struct CallInputs<'a> {
@@ -480,13 +476,7 @@ impl ReferenceExecutable {
                 &formed
             }
         };
-        let one = |d: &kiln_ir::Dim| -> Result<usize, RunError> {
-            // The message is formatted only when the size does not evaluate.
-            match cx.value(d) {
-                Some(v) if v >= 0 => Ok(v as usize),
-                _ => size(cx, d, &what()),
-            }
-        };
+        let one = |d: &kiln_ir::Dim| crate::eval_size_lazy(cx, d, what);
         let sizes =
             |ds: &[kiln_ir::Dim]| -> Result<Vec<usize>, RunError> { ds.iter().map(one).collect() };
         Ok(CView {
