@@ -26,6 +26,13 @@ the weights are in the page cache for both) and the child's peak RSS. For such
 time rows the ratio is peer / kiln, so it too reads "above 1 means kiln is
 faster". A line after the table says whether the generated tokens agree.
 
+The last lines check the issue's targets in this run: each throughput
+against the strongest peer of its row (the smallest kiln / peer ratio of the
+table; with two rounds or more, the paired rounds' median and minimum against
+that peer as well), the whole generate process >= 1.5x candle, kiln's compile
+of each model under a second, and kiln's peak RSS within the weight files'
+size + 25%; each says "met" or "MISSED".
+
 Every runtime gets --threads (default 2).
 
   python3 benches/compare.py --kiln target/release/kiln --models target/bench-models --rounds 2
@@ -65,6 +72,13 @@ PEERS = [
 GENERATE_PEERS = {"candle"}  # peers with a whole-process generate mode
 
 LOWER_IS_BETTER = {"process_s"}  # time rows: the ratio is peer / kiln
+# The issue's targets: each throughput against the strongest peer of the same
+# run (the smallest kiln / peer ratio of its row), the whole generate process
+# against candle; the compile of each model under a second and peak RSS within
+# the weights + 25%.
+TARGETS = {"prefill_tok_s": 1.0, "decode_tok_s": 1.0, "forward_seq_s": 1.0, "process_s": 1.5}
+COMPILE_S = 1.0
+RSS_OVER_WEIGHTS = 1.25
 
 
 def run(cmd, env=None):
@@ -109,18 +123,55 @@ def ratio(metric, k, v):
     return v / k if metric in LOWER_IS_BETTER else k / v
 
 
-def paired(name, metric, results, peers):
+def paired(name, metric, results, peers, rounds=None):
     """Lines with the ratio of each round (kiln against each peer measured in
-    the same round): the spread the medians of the table hide."""
+    the same round): the spread the medians of the table hide. `rounds`, when
+    given, gets each peer's list under its title."""
     lines = []
     for key, _, title, *_ in peers:
         pairs = [ratio(metric, k.get(metric), v.get(metric))
                  for k, v in zip(results["kiln"], results.get(key, []))]
         pairs = [p for p in pairs if p is not None]
+        if rounds is not None:
+            rounds[title] = pairs
         if pairs:
             lines.append(f"{name}: {metric} kiln / {title} per round: "
                          + ", ".join(f"{p:.2f}" for p in pairs)
                          + f" (median {statistics.median(pairs):.2f}, min {min(pairs):.2f})")
+    return lines
+
+
+def weights_mib(path):
+    """MiB of the weight files in a model folder."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith(".safetensors")) / 2**20
+
+
+def verdicts(rows, peers, per_round, compile_s, rss):
+    """One line per target of the issue: the ratio against the strongest
+    peer of the run by the table (and the paired rounds' median and minimum
+    against that peer), met or missed."""
+    lines = []
+    for name, m, k, vals, ratios in rows:
+        if m not in TARGETS:
+            continue
+        measured = [(r, p[2]) for r, p in zip(ratios, peers) if r is not None]
+        if not measured:
+            continue
+        r, title = min(measured)
+        want = TARGETS[m]
+        pairs = per_round.get((name, m), {}).get(title) or []
+        spread = (f" (paired rounds: median {statistics.median(pairs):.2f}, min {min(pairs):.2f})"
+                  if pairs else "")
+        lines.append(f"target {name} {m} >= {want:.1f}x the strongest peer, {title}: "
+                     f"{r:.2f}x by the table{spread}: {'met' if r >= want else 'MISSED'}")
+    for name, secs in compile_s:
+        lines.append(f"target {name} compile < {COMPILE_S:.0f} s: {secs:.2f} s: "
+                     f"{'met' if secs < COMPILE_S else 'MISSED'}")
+    for name, peak, weights in rss:
+        lines.append(f"target {name} peak RSS <= weights + {RSS_OVER_WEIGHTS * 100 - 100:.0f}%: "
+                     f"{peak:.1f} MiB for {weights:.1f} MiB of weights ({peak / weights * 100 - 100:+.0f}%): "
+                     f"{'met' if peak <= weights * RSS_OVER_WEIGHTS else 'MISSED'}")
     return lines
 
 
@@ -154,7 +205,7 @@ def main():
             return [a.candle, "bench", path, "--reps", a.reps, "--threads", a.threads] + args
         return [py, os.path.join(here, runner), path, "--reps", a.reps, "--threads", a.threads] + args
 
-    rows, notes = [], []
+    rows, notes, per_round, compile_s, rss = [], [], {}, [], []
     for name, folder, kind, kargs, pargs, metrics in WORKLOADS:
         path = os.path.join(a.models, folder)
         active = [p for p in peers if kind in p[4]]
@@ -174,7 +225,13 @@ def main():
             ratios = [None if m == "peak_rss_mb" else ratio(m, k, v) for v in vals]
             rows.append((name, m, k, vals, ratios))
             if m != "peak_rss_mb" and a.rounds > 1:
-                notes.extend(paired(name, m, results, active))
+                notes.extend(paired(name, m, results, active, per_round.setdefault((name, m), {})))
+        c = median(results["kiln"], "compile_s")
+        if c is not None:
+            compile_s.append((name, c))
+        peak = median(results["kiln"], "peak_rss_mb")
+        if peak is not None:
+            rss.append((name, peak, weights_mib(path)))
         # Greedy tokens are deterministic per runtime: compare the first round's.
         toks = [(title, results[key][0].get("first_tokens"))
                 for key, title in [("kiln", "kiln")] + [(p[0], p[2]) for p in active]]
@@ -213,7 +270,7 @@ def main():
             ratios = [None if m == "peak_rss_mb" else ratio(m, k, v) for v in vals]
             rows.append((name, m, k, vals, ratios))
             if m != "peak_rss_mb" and a.rounds > 1:
-                notes.extend(paired(name, m, results, gen_peers))
+                notes.extend(paired(name, m, results, gen_peers, per_round.setdefault((name, m), {})))
         toks = [(title, results[key][0]["tokens"]) for key, title in
                 [("kiln", "kiln")] + [(p[0], p[2]) for p in gen_peers]]
         if all(t == toks[0][1] for _, t in toks):
@@ -231,6 +288,11 @@ def main():
         print()
         for n in notes:
             print(n)
+    targets = verdicts(rows, peers, per_round, compile_s, rss)
+    if targets:
+        print()
+        for t in targets:
+            print(t)
 
 
 if __name__ == "__main__":
