@@ -205,7 +205,7 @@ def main():
             return [a.candle, "bench", path, "--reps", a.reps, "--threads", a.threads] + args
         return [py, os.path.join(here, runner), path, "--reps", a.reps, "--threads", a.threads] + args
 
-    rows, notes, per_round, compile_s, rss = [], [], {}, [], []
+    rows, notes, per_round, compiles, peaks = [], [], {}, [], []
     for name, folder, kind, kargs, pargs, metrics in WORKLOADS:
         path = os.path.join(a.models, folder)
         active = [p for p in peers if kind in p[4]]
@@ -228,10 +228,10 @@ def main():
                 notes.extend(paired(name, m, results, active, per_round.setdefault((name, m), {})))
         c = median(results["kiln"], "compile_s")
         if c is not None:
-            compile_s.append((name, c))
+            compiles.append((name, c))
         peak = median(results["kiln"], "peak_rss_mb")
         if peak is not None:
-            rss.append((name, peak, weights_mib(path)))
+            peaks.append((name, peak, weights_mib(path)))
         # Greedy tokens are deterministic per runtime: compare the first round's.
         toks = [(title, results[key][0].get("first_tokens"))
                 for key, title in [("kiln", "kiln")] + [(p[0], p[2]) for p in active]]
@@ -288,7 +288,7 @@ def main():
         print()
         for n in notes:
             print(n)
-    targets = verdicts(rows, peers, per_round, compile_s, rss)
+    targets = verdicts(rows, peers, per_round, compiles, peaks)
     if targets:
         print()
         for t in targets:
