@@ -130,11 +130,13 @@ pub struct ArenaPlan {
 /// The byte size of buffer `b` of `p` under `cx` (every run-time symbol bound).
 pub fn buffer_bytes(p: &Program, b: BufferId, cx: &ShapeCx) -> Result<u64, RunError> {
     let buf = p.buffer(b);
+    // Formatted only for an error (sizes are resolved on every decode call).
+    let what = || format!("buffer {b} ({})", buf.value);
     let mut n: u64 = buf.dtype.size_bytes() as u64;
     for d in &buf.shape {
-        let v = crate::eval_size_lazy(cx, d, || format!("buffer {b} ({})", buf.value))?;
+        let v = crate::eval_size_lazy(cx, d, what)?;
         n = n.checked_mul(v as u64).ok_or_else(|| RunError::Size {
-            what: format!("buffer {b} ({})", buf.value),
+            what: what(),
             dim: kiln_ir::types::shape_string(&buf.shape),
             problem: "overflows 64 bits of bytes".into(),
         })?;
