@@ -147,7 +147,7 @@ def weights_mib(path):
                if f.endswith(".safetensors")) / 2**20
 
 
-def verdicts(rows, peers, per_round, compile_s, rss):
+def verdicts(rows, peers, per_round, compiles, peaks):
     """One line per target of the issue: the ratio against the strongest
     peer of the run by the table (and the paired rounds' median and minimum
     against that peer), met or missed."""
@@ -165,10 +165,10 @@ def verdicts(rows, peers, per_round, compile_s, rss):
                   if pairs else "")
         lines.append(f"target {name} {m} >= {want:.1f}x the strongest peer, {title}: "
                      f"{r:.2f}x by the table{spread}: {'met' if r >= want else 'MISSED'}")
-    for name, secs in compile_s:
+    for name, secs in compiles:
         lines.append(f"target {name} compile < {COMPILE_S:.0f} s: {secs:.2f} s: "
                      f"{'met' if secs < COMPILE_S else 'MISSED'}")
-    for name, peak, weights in rss:
+    for name, peak, weights in peaks:
         lines.append(f"target {name} peak RSS <= weights + {RSS_OVER_WEIGHTS * 100 - 100:.0f}%: "
                      f"{peak:.1f} MiB for {weights:.1f} MiB of weights ({peak / weights * 100 - 100:+.0f}%): "
                      f"{'met' if peak <= weights * RSS_OVER_WEIGHTS else 'MISSED'}")
@@ -224,14 +224,13 @@ def main():
             vals = [median(results[key], m) if key in results else None for key, *_ in peers]
             ratios = [None if m == "peak_rss_mb" else ratio(m, k, v) for v in vals]
             rows.append((name, m, k, vals, ratios))
+            if m == "peak_rss_mb" and k is not None:
+                peaks.append((name, k, weights_mib(path)))
             if m != "peak_rss_mb" and a.rounds > 1:
                 notes.extend(paired(name, m, results, active, per_round.setdefault((name, m), {})))
         c = median(results["kiln"], "compile_s")
         if c is not None:
             compiles.append((name, c))
-        peak = median(results["kiln"], "peak_rss_mb")
-        if peak is not None:
-            peaks.append((name, peak, weights_mib(path)))
         # Greedy tokens are deterministic per runtime: compare the first round's.
         toks = [(title, results[key][0].get("first_tokens"))
                 for key, title in [("kiln", "kiln")] + [(p[0], p[2]) for p in active]]
