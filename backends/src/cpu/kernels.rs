@@ -470,11 +470,6 @@ fn packed_gemms(
     let total: usize = members.iter().map(|(pb, ..)| pb.panels()).sum();
     let added: usize = members.iter().flat_map(|m| m.3).map(|e| e.adds.len()).sum();
     ADDENDS_FUSED.fetch_add(added, std::sync::atomic::Ordering::Relaxed);
-    // Parts are claimed as they finish, in order, and shrink towards the
-    // end, so that the cores finish together even when one is slowed (its
-    // bandwidth, or a neighbour on the machine).
-    let bounds = part_bounds(total, threads, split);
-    let parts = bounds.len() - 1;
     thread_local! {
         /// The calling thread's buffer for A in the GEMM's layout.
         static PACKED_A: std::cell::RefCell<Vec<f32>> =
@@ -506,8 +501,17 @@ fn packed_gemms(
                 };
             };
             super::par(packers, &pack);
-            let run = |part: usize| {
-                let (g0, g1) = (bounds[part], bounds[part + 1]);
+            // The work is `total` panels × `blocks` blocks of rows. Parts
+            // are claimed as they finish, in order, and shrink towards the
+            // end, so that the cores finish together even when one is
+            // slowed (its bandwidth, or a neighbour on the machine); the
+            // last ones are a few blocks of rows of one panel rather than
+            // a whole panel.
+            let block = super::packed::row_block(rows);
+            let blocks = rows.div_ceil(block);
+            let bounds = part_bounds(blocks * total, threads, split);
+            let parts = bounds.len() - 1;
+            let run_block = |rs: std::ops::Range<usize>, g0: usize, g1: usize| {
                 let mut start = 0;
                 for &(pb, cp, ldc, epilogue) in members {
                     let end = start + pb.panels();
@@ -536,6 +540,7 @@ fn packed_gemms(
                             super::packed::gemm(
                                 pb,
                                 rows,
+                                rs.clone(),
                                 pa as *const f32,
                                 (cp + r0 * ldc * 4) as *mut f32,
                                 ldc,
@@ -548,6 +553,32 @@ fn packed_gemms(
                         }
                     }
                     start = end;
+                }
+            };
+            // Units in panel-major order: unit u is block u % blocks of
+            // panel u / blocks. A part: the tail of one panel's blocks,
+            // whole panels, the head of one panel's blocks.
+            let run = |part: usize| {
+                let (u0, u1) = (bounds[part], bounds[part + 1]);
+                let rows_of = |b0: usize, b1: usize| b0 * block..(b1 * block).min(rows);
+                let (pa0, ba0) = (u0 / blocks, u0 % blocks);
+                let (pa1, ba1) = (u1 / blocks, u1 % blocks);
+                if pa0 == pa1 {
+                    if ba1 > ba0 {
+                        run_block(rows_of(ba0, ba1), pa0, pa0 + 1);
+                    }
+                    return;
+                }
+                let mut first_whole = pa0;
+                if ba0 > 0 {
+                    run_block(rows_of(ba0, blocks), pa0, pa0 + 1);
+                    first_whole += 1;
+                }
+                if pa1 > first_whole {
+                    run_block(0..rows, first_whole, pa1);
+                }
+                if ba1 > 0 {
+                    run_block(rows_of(0, ba1), pa1, pa1 + 1);
                 }
             };
             super::par(parts, &run);
@@ -1862,6 +1893,73 @@ mod part_tests {
             }
         }
         assert_eq!(guided_parts(64, 2).len() - 1, 13);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod packed_gemms_tests {
+    use super::super::packed::{self, PackedB};
+
+    /// Every member's product through `packed_gemms`, over several blocks
+    /// of rows, a block of inner steps and a short one, and parts that cut
+    /// panels into blocks of rows (two and three threads), against f64
+    /// sums: each element is written once and right.
+    #[test]
+    fn products_over_blocks_of_rows_and_parts_of_panels_match_f64_sums() {
+        if !packed::available() {
+            return;
+        }
+        for (m, k) in [(409usize, 800usize), (1024, 96), (13, 40)] {
+            let ns = [100usize, 64, 33];
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 + 3) % 23) as f32 * 0.1 - 1.1)
+                .collect();
+            let ws: Vec<Vec<f32>> = ns
+                .iter()
+                .enumerate()
+                .map(|(w, &n)| {
+                    (0..k * n)
+                        .map(|i| ((i * 5 + w) % 17) as f32 * 0.1 - 0.8)
+                        .collect()
+                })
+                .collect();
+            let bs: Vec<PackedB> = ns
+                .iter()
+                .zip(&ws)
+                .map(|(&n, w)| PackedB::pack(k, n, |kk, j| w[kk * n + j]))
+                .collect();
+            for threads in [1usize, 2, 3] {
+                // C's rows a little longer than n: the stride is honoured.
+                let mut cs: Vec<Vec<f32>> =
+                    ns.iter().map(|&n| vec![f32::NAN; m * (n + 3)]).collect();
+                let members: Vec<_> = bs
+                    .iter()
+                    .zip(cs.iter_mut())
+                    .map(|(b, c)| (b, c.as_mut_ptr() as usize, b.n + 3, None))
+                    .collect();
+                super::packed_gemms(a.as_ptr() as usize, k, m, k, &members, threads, threads > 1);
+                for ((c, w), &n) in cs.iter().zip(&ws).zip(&ns) {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut sum, mut abs) = (0f64, 0f64);
+                            for kk in 0..k {
+                                let p = a[i * k + kk] as f64 * w[kk * n + j] as f64;
+                                sum += p;
+                                abs += p.abs();
+                            }
+                            let got = c[i * (n + 3) + j] as f64;
+                            assert!(
+                                (got - sum).abs() <= 1e-6 * abs + 1e-30,
+                                "{m}x{k}x{n}, {threads} threads, C[{i}, {j}] = {got}, not {sum}"
+                            );
+                        }
+                        assert!(c[i * (n + 3) + n..(i + 1) * (n + 3)]
+                            .iter()
+                            .all(|x| x.is_nan()));
+                    }
+                }
+            }
+        }
     }
 }
 
