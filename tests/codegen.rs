@@ -331,6 +331,64 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
 }
 
 #[test]
+fn products_on_the_tile_unit_match_the_interpreter() {
+    let _one = serial();
+    if !kiln::backends::cpu::tile_unit_usable() {
+        return;
+    }
+    // Rows enough for the AMX tile unit (f32 as three bf16 parts, six
+    // tile products), in two chunks of rows (1536 at a time) and blocks
+    // that end mid-tile; depth 800: two blocks of steps, the last one
+    // short of a whole 32-step chunk; a width that ends mid-panel; the
+    // bias and the residual added as the sums are stored, GELU after.
+    let src = "func @f(%x: f32[B, T, 800], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {\n  \
+               param @w: f32[70, 800]\n  param @b: f32[70]\n  \
+               %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
+               %hb = add(%h, @b) : f32[B, T, 70]\n  \
+               %g = gelu(%hb) : f32[B, T, 70]\n  \
+               %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}\n";
+    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let mut weights = kiln::Weights::new();
+    weights.insert("w".into(), noise(vec![70, 800], 31));
+    weights.insert("b".into(), noise(vec![70], 32));
+    for (b, t) in [(1, 128), (3, 601), (2, 1000)] {
+        let inputs = vec![noise(vec![b, t, 800], 33), noise(vec![b, t, 70], 34)];
+        let before = kiln::backends::cpu::tile_products();
+        cpu_matches_interpreter(&graph, &weights, &inputs, 1e-5)
+            .unwrap_or_else(|e| panic!("{b}x{t}: {e}"));
+        assert!(
+            kiln::backends::cpu::tile_products() > before,
+            "{b}x{t}: no product ran on the tile unit"
+        );
+    }
+    // An infinity in A cannot be split: that product runs on the f32
+    // kernel and its infinities and NaN are the interpreter's.
+    let mut x = noise(vec![2, 100, 800], 35).to_f32().unwrap().into_owned();
+    x[150 * 800 + 7] = f32::INFINITY;
+    let x = Tensor::f32(vec![2, 100, 800], x).unwrap();
+    let inputs = vec![x, noise(vec![2, 100, 70], 36)];
+    use kiln::backends::{Backend, Cpu, Interpreter};
+    let want = Interpreter
+        .compile(&graph, &weights)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let before = kiln::backends::cpu::tile_products();
+    let got = Cpu { threads: 0 }
+        .compile(&graph, &weights)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    assert_eq!(kiln::backends::cpu::tile_products(), before);
+    let named = |v: Vec<Tensor>| vec![("out".to_string(), v.into_iter().next().unwrap())];
+    support::outputs_deviation(&named(got), &named(want), &|_| {
+        support::NonFinite::MatchReference
+    })
+    .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+    .unwrap_or_else(|e| panic!("an infinity in A: {e}"));
+}
+
+#[test]
 fn biases_and_residuals_added_by_the_packed_product_match_the_interpreter() {
     let _one = serial();
     if !kiln::backends::cpu::packed_available() {

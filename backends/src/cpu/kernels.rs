@@ -474,117 +474,207 @@ fn packed_gemms(
         /// The calling thread's buffer for A in the GEMM's layout.
         static PACKED_A: std::cell::RefCell<Vec<f32>> =
             const { std::cell::RefCell::new(Vec::new()) };
+        /// The same for A split for the tile unit (bytes, aligned in use).
+        static SPLIT_A: std::cell::RefCell<Vec<u8>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    PACKED_A.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        // A is packed and multiplied a chunk of rows at a time, which
-        // bounds the buffer whatever the batch.
-        let chunks = m.div_ceil(GEMM_CHUNK_ROWS);
-        let chunk = (super::packed::a_tiles(m.div_ceil(chunks)) * super::packed::MR).min(m);
-        let len = super::packed::packed_a_len(chunk, k);
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        let pa = buf.as_mut_ptr() as usize;
-        for r0 in (0..m).step_by(chunk) {
-            let rows = chunk.min(m - r0);
-            let tiles = super::packed::a_tiles(rows);
-            let packers = if split { threads.min(tiles) } else { 1 };
-            let a0 = ap + r0 * lda * 4;
-            let pack = |part: usize| {
-                let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
-                // SAFETY: A holds m rows of k at stride lda (checked by the
-                // caller), rows r0..r0+rows among them; the buffer holds
-                // the chunk packed; parts pack disjoint tiles.
-                unsafe {
-                    super::packed::pack_a(rows, k, a0 as *const f32, lda, pa as *mut f32, t0, t1)
-                };
-            };
-            super::par(packers, &pack);
-            // The work is `total` panels × `blocks` blocks of rows. Parts
-            // are claimed as they finish, in order, and shrink towards the
-            // end, so that the cores finish together even when one is
-            // slowed (its bandwidth, or a neighbour on the machine); the
-            // last ones are a few blocks of rows of one panel rather than
-            // a whole panel.
-            let block = super::packed::row_block(rows);
-            let blocks = rows.div_ceil(block);
-            let bounds = part_bounds(blocks * total, threads, split);
-            let parts = bounds.len() - 1;
-            let run_block = |rs: std::ops::Range<usize>, g0: usize, g1: usize| {
-                let mut start = 0;
-                for &(pb, cp, ldc, epilogue) in members {
-                    let end = start + pb.panels();
-                    let epi = epilogue.filter(|e| e.has_rest()).map(|e| {
-                        move |i: usize, rs: usize, j: usize, cols: usize| {
-                            e.tile(r0 + i, rs, j, cols)
-                        }
-                    });
-                    // The addends from the chunk's first row.
-                    let mut adds = [(std::ptr::null::<f32>(), 0); super::packed::MAX_ADDS];
-                    let count = epilogue.map_or(0, |e| e.adds.len());
-                    for (slot, &(p, step)) in
-                        adds.iter_mut().zip(epilogue.iter().flat_map(|e| &e.adds))
-                    {
-                        *slot = ((p + r0 * step * 4) as *const f32, step);
+    // The tile unit takes products of enough rows to fill its pairs of
+    // 16-row tiles, by weights it can split.
+    let tiles_unit = m >= AMX_MIN_ROWS
+        && super::amx::usable()
+        && members.iter().all(|(pb, ..)| super::amx::weight_ok(pb));
+    SPLIT_A.with(|sbuf| {
+        let mut sbuf = sbuf.borrow_mut();
+        PACKED_A.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            // A is packed and multiplied a chunk of rows at a time, which
+            // bounds the buffer whatever the batch.
+            let chunks = m.div_ceil(GEMM_CHUNK_ROWS);
+            let chunk = (super::packed::a_tiles(m.div_ceil(chunks)) * super::packed::MR).min(m);
+            let len = super::packed::packed_a_len(chunk, k);
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            let pa = buf.as_mut_ptr() as usize;
+            for r0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - r0);
+                let tiles = super::packed::a_tiles(rows);
+                let packers = if split { threads.min(tiles) } else { 1 };
+                let a0 = ap + r0 * lda * 4;
+                // A split for the tile unit, if it takes the product and every
+                // element of this chunk of A splits (else the f32 kernel).
+                let mut sa = 0usize;
+                let on_tiles = tiles_unit && {
+                    let len = super::amx::split_a_len(rows, k) + 64;
+                    if sbuf.len() < len {
+                        sbuf.resize(len, 0);
                     }
-                    if g0 < end && g1 > start {
-                        let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
-                        // SAFETY: the chunk of A is packed; each C holds m
-                        // rows of its n at its stride (checked by the
-                        // caller), rows r0..r0+rows among them; parts write
-                        // disjoint panels of columns; no output is an
-                        // operand's root; AVX-512 was checked when the
-                        // weights were packed.
-                        unsafe {
-                            super::packed::gemm(
-                                pb,
+                    let p = sbuf.as_mut_ptr();
+                    sa = p.wrapping_add(p.align_offset(64)) as usize;
+                    let pairs = super::amx::a_tiles(rows) / 2;
+                    let splitters = if split { threads.min(pairs) } else { 1 };
+                    let bad = std::sync::atomic::AtomicBool::new(false);
+                    let work = |part: usize| {
+                        let (t0, t1) = (
+                            2 * (part * pairs / splitters),
+                            2 * ((part + 1) * pairs / splitters),
+                        );
+                        // SAFETY: as for pack_a below; the buffer holds the
+                        // chunk split, 64-byte aligned; AVX-512 and the tile
+                        // state were checked (usable()).
+                        let ok = unsafe {
+                            super::amx::split_a(
                                 rows,
-                                rs.clone(),
-                                pa as *const f32,
-                                (cp + r0 * ldc * 4) as *mut f32,
-                                ldc,
-                                p0,
-                                p1,
-                                &adds[..count],
-                                epi.as_ref()
-                                    .map(|f| f as &dyn Fn(usize, usize, usize, usize)),
-                            );
+                                k,
+                                a0 as *const f32,
+                                lda,
+                                sa as *mut u8,
+                                t0,
+                                t1,
+                            )
+                        };
+                        if !ok {
+                            bad.store(true, std::sync::atomic::Ordering::Relaxed);
                         }
+                    };
+                    super::par(splitters, &work);
+                    let ok = !bad.load(std::sync::atomic::Ordering::Relaxed);
+                    if ok {
+                        TILE_PRODUCTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    start = end;
+                    ok
+                };
+                if !on_tiles {
+                    let pack = |part: usize| {
+                        let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
+                        // SAFETY: A holds m rows of k at stride lda (checked by
+                        // the caller), rows r0..r0+rows among them; the buffer
+                        // holds the chunk packed; parts pack disjoint tiles.
+                        unsafe {
+                            super::packed::pack_a(
+                                rows,
+                                k,
+                                a0 as *const f32,
+                                lda,
+                                pa as *mut f32,
+                                t0,
+                                t1,
+                            )
+                        };
+                    };
+                    super::par(packers, &pack);
                 }
-            };
-            // Units in panel-major order: unit u is block u % blocks of
-            // panel u / blocks. A part: the tail of one panel's blocks,
-            // whole panels, the head of one panel's blocks.
-            let run = |part: usize| {
-                let (u0, u1) = (bounds[part], bounds[part + 1]);
-                let rows_of = |b0: usize, b1: usize| b0 * block..(b1 * block).min(rows);
-                let (pa0, ba0) = (u0 / blocks, u0 % blocks);
-                let (pa1, ba1) = (u1 / blocks, u1 % blocks);
-                if pa0 == pa1 {
-                    if ba1 > ba0 {
-                        run_block(rows_of(ba0, ba1), pa0, pa0 + 1);
+                // The work is `total` panels × `blocks` blocks of rows. Parts
+                // are claimed as they finish, in order, and shrink towards the
+                // end, so that the cores finish together even when one is
+                // slowed (its bandwidth, or a neighbour on the machine); the
+                // last ones are a few blocks of rows of one panel rather than
+                // a whole panel.
+                let block = if on_tiles {
+                    super::amx::row_block(rows)
+                } else {
+                    super::packed::row_block(rows)
+                };
+                let blocks = rows.div_ceil(block);
+                let bounds = part_bounds(blocks * total, threads, split);
+                let parts = bounds.len() - 1;
+                let run_block = |rs: std::ops::Range<usize>, g0: usize, g1: usize| {
+                    let mut start = 0;
+                    for &(pb, cp, ldc, epilogue) in members {
+                        let end = start + pb.panels();
+                        let epi = epilogue.filter(|e| e.has_rest()).map(|e| {
+                            move |i: usize, rs: usize, j: usize, cols: usize| {
+                                e.tile(r0 + i, rs, j, cols)
+                            }
+                        });
+                        // The addends from the chunk's first row.
+                        let mut adds = [(std::ptr::null::<f32>(), 0); super::packed::MAX_ADDS];
+                        let count = epilogue.map_or(0, |e| e.adds.len());
+                        for (slot, &(p, step)) in
+                            adds.iter_mut().zip(epilogue.iter().flat_map(|e| &e.adds))
+                        {
+                            *slot = ((p + r0 * step * 4) as *const f32, step);
+                        }
+                        if g0 < end && g1 > start {
+                            let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
+                            // SAFETY: the chunk of A is packed; each C holds m
+                            // rows of its n at its stride (checked by the
+                            // caller), rows r0..r0+rows among them; parts write
+                            // disjoint panels of columns; no output is an
+                            // operand's root; AVX-512 was checked when the
+                            // weights were packed.
+                            let epi = epi
+                                .as_ref()
+                                .map(|f| f as &dyn Fn(usize, usize, usize, usize));
+                            let c0 = (cp + r0 * ldc * 4) as *mut f32;
+                            unsafe {
+                                if on_tiles {
+                                    super::amx::gemm(
+                                        pb,
+                                        rows,
+                                        rs.clone(),
+                                        sa as *const u8,
+                                        c0,
+                                        ldc,
+                                        p0,
+                                        p1,
+                                        &adds[..count],
+                                        epi,
+                                    );
+                                } else {
+                                    super::packed::gemm(
+                                        pb,
+                                        rows,
+                                        rs.clone(),
+                                        pa as *const f32,
+                                        c0,
+                                        ldc,
+                                        p0,
+                                        p1,
+                                        &adds[..count],
+                                        epi,
+                                    );
+                                }
+                            }
+                        }
+                        start = end;
                     }
-                    return;
-                }
-                let mut first_whole = pa0;
-                if ba0 > 0 {
-                    run_block(rows_of(ba0, blocks), pa0, pa0 + 1);
-                    first_whole += 1;
-                }
-                if pa1 > first_whole {
-                    run_block(0..rows, first_whole, pa1);
-                }
-                if ba1 > 0 {
-                    run_block(rows_of(0, ba1), pa1, pa1 + 1);
-                }
-            };
-            super::par(parts, &run);
-        }
+                };
+                // Units in panel-major order: unit u is block u % blocks of
+                // panel u / blocks. A part: the tail of one panel's blocks,
+                // whole panels, the head of one panel's blocks.
+                let run = |part: usize| {
+                    let (u0, u1) = (bounds[part], bounds[part + 1]);
+                    let rows_of = |b0: usize, b1: usize| b0 * block..(b1 * block).min(rows);
+                    let (pa0, ba0) = (u0 / blocks, u0 % blocks);
+                    let (pa1, ba1) = (u1 / blocks, u1 % blocks);
+                    if pa0 == pa1 {
+                        if ba1 > ba0 {
+                            run_block(rows_of(ba0, ba1), pa0, pa0 + 1);
+                        }
+                        return;
+                    }
+                    let mut first_whole = pa0;
+                    if ba0 > 0 {
+                        run_block(rows_of(ba0, blocks), pa0, pa0 + 1);
+                        first_whole += 1;
+                    }
+                    if pa1 > first_whole {
+                        run_block(0..rows, first_whole, pa1);
+                    }
+                    if ba1 > 0 {
+                        run_block(rows_of(0, ba1), pa1, pa1 + 1);
+                    }
+                };
+                super::par(parts, &run);
+            }
+        });
     });
 }
+
+/// Fewest rows of a product the tile unit takes ([`super::amx`]): four
+/// pairs of 16-row tiles; fewer go to the f32 kernel.
+const AMX_MIN_ROWS: usize = 128;
 
 /// [`run_group`] when A has `m > 1` rows (a prefill's or an encoder's
 /// q/k/v projections): A packed once and every member's panels as one
@@ -1094,6 +1184,27 @@ static ADDENDS_FUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomic
 /// product run: for tests that check the path is taken.
 pub fn addends_fused() -> usize {
     ADDENDS_FUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static TILE_PRODUCTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many chunks of rows of packed products the process has run on the
+/// AMX tile unit (for tests that check the path is taken).
+pub fn tile_products() -> usize {
+    TILE_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this process runs products of many rows on the AMX tile unit
+/// (the CPU has it, the system grants it, and `KILN_AMX` is not `0`).
+pub fn tile_unit_usable() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::amx::usable()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Row `row` of the output folded over its leading axes `lead` is element

@@ -15,10 +15,12 @@
 //! view inside its root; roots sized by the plan), and only writes outputs,
 //! caches and arena slots. Debug builds re-check each address.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub(crate) mod codegen;
 pub mod jit;
 mod kernels;
-pub use kernels::addends_fused;
+pub use kernels::{addends_fused, tile_products, tile_unit_usable};
 mod matvec;
 mod moe;
 pub(crate) mod packed;

@@ -109,6 +109,9 @@ pub(crate) struct PackedB {
     /// The stored element type: f32, f16 or bf16.
     pub(crate) dtype: DType,
     data: Panels,
+    /// Whether the tile unit can multiply by it ([`super::amx::weight_ok`],
+    /// checked on first use).
+    pub(crate) amx_ok: std::sync::OnceLock<bool>,
 }
 
 /// Fills `k × NR` panels of `B[kk, j] = values[offset + kk·sk + j·sn]`
@@ -175,6 +178,7 @@ impl PackedB {
             n,
             dtype: DType::F32,
             data: Panels::F32(fill_panels(values, offset, sk, sn, k, n)),
+            amx_ok: std::sync::OnceLock::new(),
         }
     }
 
@@ -193,6 +197,7 @@ impl PackedB {
             n,
             dtype,
             data: Panels::Half(fill_panels(values, offset, sk, sn, k, n)),
+            amx_ok: std::sync::OnceLock::new(),
         }
     }
 
@@ -207,6 +212,11 @@ impl PackedB {
         let at = p * self.k * NR * self.dtype.size_bytes();
         // SAFETY: p < panels: inside the allocation.
         unsafe { self.data.bytes().as_ptr().add(at) }
+    }
+
+    /// Every panel's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.data.bytes()
     }
 
     /// Bytes of every panel, as the kernels read them.
@@ -370,6 +380,7 @@ pub fn adopt(
             len,
             _source: source.clone(),
         },
+        amx_ok: std::sync::OnceLock::new(),
     });
     let wb = w.bytes();
     let key = (wb.as_ptr() as usize, wb.len(), offset_w, sk, sn, k, n);
@@ -1374,6 +1385,40 @@ mod guard_pages {
             let x = Guarded::new(k, |i| i as f32);
             // SAFETY: x holds k, y n, both ending at a guard page.
             unsafe { matvec(&b, x.ptr, y.ptr, 0, b.panels()) };
+        }
+    }
+
+    /// The same for the tile unit's split of A and its stores to C.
+    #[test]
+    fn tile_products_stay_inside_their_operands() {
+        use super::super::amx;
+        if !amx::usable() {
+            return;
+        }
+        for (m, k, n) in [
+            (13, 257, 64),
+            (1, 5, 32),
+            (40, 300, 96),
+            (33, 47, 70),
+            (64, 32, 32),
+        ] {
+            let b = PackedB::pack(k, n, |kk, j| (kk + j) as f32 * 0.01);
+            assert!(amx::weight_ok(&b));
+            let a = Guarded::new(m * k, |i| (i % 7) as f32);
+            let c = Guarded::new(m * n, |_| 0.0);
+            let bias = Guarded::new(n, |j| j as f32);
+            let res = Guarded::new(m * n, |i| i as f32);
+            let adds = [(bias.ptr.cast_const(), 0), (res.ptr.cast_const(), n)];
+            let mut split = vec![0u8; amx::split_a_len(m, k) + 64];
+            let sp = split.as_mut_ptr();
+            let sp = sp.wrapping_add(sp.align_offset(64));
+            // SAFETY: A holds m×k, C m×n, the bias n and the residual m×n,
+            // each ending at a guard page; the split buffer is sized and
+            // aligned for A.
+            unsafe {
+                assert!(amx::split_a(m, k, a.ptr, k, sp, 0, amx::a_tiles(m)));
+                amx::gemm(&b, m, 0..m, sp, c.ptr, n, 0, b.panels(), &adds, None);
+            }
         }
     }
 }
