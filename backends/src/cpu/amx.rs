@@ -290,14 +290,22 @@ fn config() -> TileConfig {
 /// A block of the product on this thread's tile unit: the 32 × 32 sums of
 /// two 16-row tiles of A (`a0`, `a1`: their chunk `c0`'s first part) by
 /// one panel's converted block (`bt`) over `chunks` chunks, stored to
-/// `out` (32 rows of 32 f32).
+/// `out` (32 rows of 32 f32), fetching `lines` lines from `next` into L2
+/// meanwhile (hints: any address).
 ///
 /// # Safety
 /// The tile configuration is loaded; `a0` and `a1` point at `chunks`
 /// consecutive chunks of three tiles; `bt` at `chunks` chunks of six;
 /// `out` holds 4 KiB.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles(a0: *const u8, a1: *const u8, bt: *const u8, chunks: usize, out: *mut f32) {
+unsafe fn tiles(
+    a0: *const u8,
+    a1: *const u8,
+    bt: *const u8,
+    chunks: usize,
+    out: *mut f32,
+    (next, lines): (*const u8, usize),
+) {
     // SAFETY: as the caller promised; tiles 0–3 are zeroed here, 4–7 are
     // loaded before each use, and nothing else on this thread uses them.
     unsafe {
@@ -309,13 +317,18 @@ unsafe fn tiles(a0: *const u8, a1: *const u8, bt: *const u8, chunks: usize, out:
             options(nostack, preserves_flags)
         );
         for c in 0..chunks {
+            // The next panel's lines into L2, a few per chunk.
+            for l in (c * lines / chunks)..((c + 1) * lines / chunks) {
+                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(l * 64).cast());
+            }
             let (pa0, pa1, pb) = (
                 a0.add(c * 3 * TILE),
                 a1.add(c * 3 * TILE),
                 bt.add(c * 6 * TILE),
             );
             std::arch::asm!(
-                // a₀b₀
+                // a₀ by b₀, b₁, b₂; a₁ by b₁, b₀; a₂ by b₀: 16 tile
+                // loads for the 24 products.
                 "tileloadd tmm4, [{a0} + {s}]",
                 "tileloadd tmm5, [{a1} + {s}]",
                 "tileloadd tmm6, [{b} + {s}]",
@@ -324,41 +337,34 @@ unsafe fn tiles(a0: *const u8, a1: *const u8, bt: *const u8, chunks: usize, out:
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                // a₀b₁
                 "tileloadd tmm6, [{b} + {s} + 2048]",
                 "tileloadd tmm7, [{b} + {s} + 3072]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                // a₀b₂
                 "tileloadd tmm6, [{b} + {s} + 4096]",
                 "tileloadd tmm7, [{b} + {s} + 5120]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                // a₁b₀
                 "tileloadd tmm4, [{a0} + {s} + 1024]",
                 "tileloadd tmm5, [{a1} + {s} + 1024]",
-                "tileloadd tmm6, [{b} + {s}]",
-                "tileloadd tmm7, [{b} + {s} + 1024]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                // a₁b₁
                 "tileloadd tmm6, [{b} + {s} + 2048]",
                 "tileloadd tmm7, [{b} + {s} + 3072]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                // a₂b₀
-                "tileloadd tmm4, [{a0} + {s} + 2048]",
-                "tileloadd tmm5, [{a1} + {s} + 2048]",
                 "tileloadd tmm6, [{b} + {s}]",
                 "tileloadd tmm7, [{b} + {s} + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{a0} + {s} + 2048]",
+                "tileloadd tmm5, [{a1} + {s} + 2048]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
@@ -447,8 +453,24 @@ pub(crate) unsafe fn gemm(
                     // SAFETY: the scratch holds KC/TK chunks of six tiles.
                     unsafe { convert_b(b, p, k0, kc, s.b.as_mut_ptr()) };
                     let (m0, m1) = masks(cols);
+                    // The next panel's f32 block, fetched into L2 a share
+                    // per pair of tiles while this one's products run.
+                    let block = kc * NR * 4;
+                    let pairs = (i1 - i0).div_ceil(2 * TR);
+                    let share = block.div_ceil(64).div_ceil(pairs);
+                    let next = if p + 1 < p1 {
+                        b.panel(p + 1).wrapping_add(k0 * NR * 4)
+                    } else {
+                        std::ptr::null()
+                    };
                     for i in (i0..i1).step_by(2 * TR) {
                         let t = i / TR;
+                        let pf = if next.is_null() {
+                            (next, 0)
+                        } else {
+                            let first = (i - i0) / (2 * TR) * share;
+                            (next.wrapping_add(first * 64), share.min((block / 64).saturating_sub(first)))
+                        };
                         // SAFETY: tiles t and t + 1 (a pair: a_tiles(m) is
                         // even) hold chunks c0..c0 + cn inside pa.
                         unsafe {
@@ -458,6 +480,7 @@ pub(crate) unsafe fn gemm(
                                 s.b.as_ptr(),
                                 cn,
                                 s.out.as_mut_ptr(),
+                                pf,
                             )
                         };
                         for r in 0..(2 * TR).min(i1 - i) {
