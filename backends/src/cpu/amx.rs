@@ -54,7 +54,10 @@ pub(crate) fn usable() -> bool {
         }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
-            if !super::packed::available() {
+            if !super::packed::available()
+                || !std::arch::is_x86_feature_detected!("avx512bw")
+                || !std::arch::is_x86_feature_detected!("avx512bf16")
+            {
                 return false;
             }
             // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
@@ -121,26 +124,32 @@ fn rne(u: u32) -> u32 {
     u.wrapping_add(0x7fff + ((u >> 16) & 1)) & 0xffff_0000
 }
 
-/// Three bf16 parts of 16 f32 lanes, each in its lane's high half (low
-/// half zero), and the lanes whose first part is not finite.
+/// Three bf16 parts (rounded to nearest even by the conversion
+/// instruction) of 32 f32 lanes, `lo` in the parts' lanes 0–15 and `hi` in
+/// 16–31, and the lanes whose first part is not finite (an infinity, NaN,
+/// or a value rounded up to infinity). The instruction reads f32 below the
+/// normal range as zero.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn split3(x: __m512) -> ([__m512i; 3], __mmask16) {
-    let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
-    let round = |v: __m512| {
-        let u = _mm512_castps_si512(v);
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-        let r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-        _mm512_and_si512(r, hi)
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+fn split_pair(lo: __m512, hi: __m512) -> ([__m512i; 3], __mmask32) {
+    let widen = |h: __m256i| {
+        // SAFETY: 16 bf16 patterns, the same bits either way.
+        _mm512_cvtpbh_ps(unsafe { std::mem::transmute::<__m256i, __m256bh>(h) })
     };
-    let p0 = round(x);
-    let exp = _mm512_set1_epi32(0x7f80_0000);
-    let bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(p0, exp), exp);
-    let r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(p0));
-    let p1 = round(r1);
-    let r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(p1));
-    let p2 = round(r2);
-    ([p0, p1, p2], bad)
+    let (mut a, mut b) = (lo, hi);
+    let mut parts = [_mm512_setzero_si512(); 3];
+    for (q, part) in parts.iter_mut().enumerate() {
+        // SAFETY: 32 bf16 patterns, the same bits either way.
+        let p = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a)) };
+        *part = p;
+        if q < 2 {
+            a = _mm512_sub_ps(a, widen(_mm512_castsi512_si256(p)));
+            b = _mm512_sub_ps(b, widen(_mm512_extracti64x4_epi64::<1>(p)));
+        }
+    }
+    let exp = _mm512_set1_epi16(0x7f80);
+    let bad = _mm512_cmpeq_epi16_mask(_mm512_and_si512(parts[0], exp), exp);
+    (parts, bad)
 }
 
 /// Splits the 16-row tiles `t0..t1` of A (`m × k`, row stride `lda`, unit
@@ -153,7 +162,7 @@ fn split3(x: __m512) -> ([__m512i; 3], __mmask16) {
 /// [`split_a_len`]`(m, k)` bytes, 64-byte aligned; concurrent callers
 /// split disjoint tiles; the host has AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn split_a(
     m: usize,
     k: usize,
@@ -164,7 +173,7 @@ pub(crate) unsafe fn split_a(
     t1: usize,
 ) -> bool {
     let chunks = k.div_ceil(TK);
-    let mut bad = 0u16;
+    let mut bad = 0u32;
     for t in t0..t1 {
         for c in 0..chunks {
             let cols = TK.min(k - c * TK);
@@ -185,22 +194,14 @@ pub(crate) unsafe fn split_a(
                 } else {
                     (_mm512_setzero_ps(), _mm512_setzero_ps())
                 };
-                let (s0, b0) = split3(x0);
-                let (s1, b1) = split3(x1);
-                bad |= b0 | b1;
-                for q in 0..3 {
+                let (parts, b) = split_pair(x0, x1);
+                bad |= b;
+                for (q, part) in parts.iter().enumerate() {
                     // SAFETY: part q's tile row r of tile t, chunk c, is
                     // inside dst (t < a_tiles(m)).
                     unsafe {
                         let d = dst.add(((t * chunks + c) * 3 + q) * TILE + r * 64);
-                        _mm256_storeu_si256(
-                            d.cast(),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s0[q])),
-                        );
-                        _mm256_storeu_si256(
-                            d.add(32).cast(),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s1[q])),
-                        );
+                        _mm512_storeu_si512(d.cast(), *part);
                     }
                 }
             }
@@ -217,10 +218,15 @@ pub(crate) unsafe fn split_a(
 /// `dst` holds `kc.div_ceil(TK) · 6` KiB, 64-byte aligned; `b` is f32;
 /// the host has AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn convert_b(b: &PackedB, p: usize, k0: usize, kc: usize, dst: *mut u8) {
     let panel = b.panel(p).cast::<f32>();
-    let low = _mm512_set1_epi32(0xffff);
+    // Lane 2i from the first operand's lane i, lane 2i + 1 from the
+    // second's (lanes 16 + i of the converted pair).
+    let pairs = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
     for c in 0..kc.div_ceil(TK) {
         for kp in 0..TK / 2 {
             let (ka, kb) = (c * TK + 2 * kp, c * TK + 2 * kp + 1);
@@ -234,14 +240,11 @@ unsafe fn convert_b(b: &PackedB, p: usize, k0: usize, kc: usize, dst: *mut u8) {
                 }
             };
             for h in 0..2 {
-                let (sa, _) = split3(row(ka, h));
-                let (sb, _) = split3(row(kb, h));
-                for q in 0..3 {
-                    // Step ka's part in each lane's low half, kb's above.
-                    let v = _mm512_or_si512(
-                        _mm512_and_si512(_mm512_srli_epi32::<16>(sa[q]), low),
-                        sb[q],
-                    );
+                let (parts, _) = split_pair(row(ka, h), row(kb, h));
+                for (q, part) in parts.iter().enumerate() {
+                    // Step ka's part in each 32-bit lane's low half, kb's
+                    // above.
+                    let v = _mm512_permutexvar_epi16(pairs, *part);
                     // SAFETY: tile (c, q, h)'s row kp is inside dst.
                     unsafe {
                         _mm512_storeu_si512(
@@ -405,7 +408,7 @@ struct Scratch {
 /// As for [`super::packed::gemm`], with `pa` holding A split
 /// ([`split_a_len`]`(m, b.k)` bytes); [`usable`] and [`weight_ok`] hold.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     b: &PackedB,
