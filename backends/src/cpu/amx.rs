@@ -99,18 +99,50 @@ pub(crate) fn a_tiles(m: usize) -> usize {
     m.div_ceil(2 * TR) * 2
 }
 
-/// Whether every element of `b` can be split ([`split3`]), checked once.
+/// Whether every element of `b` can be split ([`split_pair`]), checked
+/// once; [`usable`] must hold.
 pub(crate) fn weight_ok(b: &PackedB) -> bool {
     b.amx_ok.get_or_init(|| {
         if b.dtype != kiln_ir::DType::F32 {
             return false;
         }
         let bytes = b.bytes();
-        bytes.chunks_exact(4).all(|w| {
-            let u = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            splittable(u)
-        })
+        let whole = bytes.len() / 64 * 64;
+        // SAFETY: `whole` bytes from the start; AVX-512F is checked by
+        // usable(), which holds where this is called.
+        let vectors = unsafe { all_splittable(bytes.as_ptr(), whole) };
+        vectors
+            && bytes[whole..]
+                .chunks_exact(4)
+                .all(|w| splittable(u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
     }) == &true
+}
+
+/// [`splittable`] for each of the f32 in `len` bytes (a multiple of 64)
+/// from `p`, sixteen at a time (a weight's first use reads it once).
+///
+/// # Safety
+/// `p` holds `len` bytes; the host has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn all_splittable(p: *const u8, len: usize) -> bool {
+    let (exp, one, half) = (
+        _mm512_set1_epi32(0x7f80_0000),
+        _mm512_set1_epi32(1),
+        _mm512_set1_epi32(0x7fff),
+    );
+    let mut bad = 0u16;
+    for at in (0..len).step_by(64) {
+        // SAFETY: 64 bytes from `at` < len.
+        let u = unsafe { _mm512_loadu_si512(p.add(at).cast()) };
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), one);
+        let r = _mm512_add_epi32(u, _mm512_add_epi32(half, odd));
+        bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(r, exp), exp);
+        if at % 65536 == 0 && bad != 0 {
+            return false;
+        }
+    }
+    bad == 0
 }
 
 /// Whether the f32 with bits `u` splits into finite parts.
@@ -659,6 +691,23 @@ mod tests {
                 assert_eq!(got, want, "{a} × {b}: C[{}, {}]", e / n, e % n);
             }
         }
+    }
+
+    /// `cargo test --release -p kiln-backends weight_check_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn weight_check_speed() {
+        if !usable() {
+            return;
+        }
+        let b = PackedB::pack(768, 3072, |kk, j| ((kk + j) % 7) as f32 * 0.01);
+        let t = std::time::Instant::now();
+        assert!(weight_ok(&b));
+        println!(
+            "{:.2} ms for {} MB",
+            t.elapsed().as_secs_f64() * 1e3,
+            b.bytes().len() >> 20
+        );
     }
 
     #[test]
