@@ -491,11 +491,6 @@ fn packed_gemms(
             // bounds the buffer whatever the batch.
             let chunks = m.div_ceil(GEMM_CHUNK_ROWS);
             let chunk = (super::packed::a_tiles(m.div_ceil(chunks)) * super::packed::MR).min(m);
-            let len = super::packed::packed_a_len(chunk, k);
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            let pa = buf.as_mut_ptr() as usize;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let tiles = super::packed::a_tiles(rows);
@@ -544,7 +539,15 @@ fn packed_gemms(
                     }
                     ok
                 };
+                // Otherwise A packed for the f32 kernel (the buffer grown
+                // only for products that need it).
+                let mut pa = 0usize;
                 if !on_tiles {
+                    let len = super::packed::packed_a_len(chunk, k);
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
+                    }
+                    pa = buf.as_mut_ptr() as usize;
                     let pack = |part: usize| {
                         let (t0, t1) = (part * tiles / packers, (part + 1) * tiles / packers);
                         // SAFETY: A holds m rows of k at stride lda (checked by
@@ -597,12 +600,15 @@ fn packed_gemms(
                         }
                         if g0 < end && g1 > start {
                             let (p0, p1) = (g0.max(start) - start, g1.min(end) - start);
-                            // SAFETY: the chunk of A is packed; each C holds m
-                            // rows of its n at its stride (checked by the
-                            // caller), rows r0..r0+rows among them; parts write
-                            // disjoint panels of columns; no output is an
-                            // operand's root; AVX-512 was checked when the
-                            // weights were packed.
+                            // SAFETY: the chunk of A is packed (or split, on
+                            // the tile unit, which usable() and weight_ok()
+                            // allowed); each C holds m rows of its n at its
+                            // stride (checked by the caller), rows
+                            // r0..r0+rows among them; parts write disjoint
+                            // panels of columns (of whole blocks of rows,
+                            // from a multiple of the kernel's tile); no
+                            // output is an operand's root; AVX-512 was
+                            // checked when the weights were packed.
                             let epi = epi
                                 .as_ref()
                                 .map(|f| f as &dyn Fn(usize, usize, usize, usize));
