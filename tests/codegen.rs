@@ -305,6 +305,20 @@ fn rope_matches_the_interpreter_at_any_position() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A linear layer of depth `k` and width 70 (weight `w`, bias `b`), GELU,
+/// then a residual: the epilogue the packed products fuse.
+fn linear_gelu_residual(k: usize) -> kiln::ir::Graph {
+    let src = format!(
+        "func @ffn(%x: f32[B, T, {k}], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {{\n  \
+         param @w: f32[70, {k}]\n  param @b: f32[70]\n  \
+         %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
+         %hb = add(%h, @b) : f32[B, T, 70]\n  \
+         %g = gelu(%hb) : f32[B, T, 70]\n  \
+         %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}}\n"
+    );
+    kiln::ir::parse_graph(&src).expect("parses")
+}
+
 #[test]
 fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
     let _one = serial();
@@ -313,13 +327,7 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
     // time (960) and a row count that ends mid-tile, with a width that
     // ends mid-panel; then the same weights for one row (decode's
     // matrix-vector product).
-    let src = "func @ffn(%x: f32[B, T, 40], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {\n  \
-               param @w: f32[70, 40]\n  param @b: f32[70]\n  \
-               %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
-               %hb = add(%h, @b) : f32[B, T, 70]\n  \
-               %g = gelu(%hb) : f32[B, T, 70]\n  \
-               %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}\n";
-    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let graph = linear_gelu_residual(40);
     let mut weights = kiln::Weights::new();
     weights.insert("w".into(), noise(vec![70, 40], 11));
     weights.insert("b".into(), noise(vec![70], 12));
@@ -341,13 +349,7 @@ fn products_on_the_tile_unit_match_the_interpreter() {
     // that end mid-tile; depth 800: two blocks of steps, the last one
     // short of a whole 32-step chunk; a width that ends mid-panel; the
     // bias and the residual added as the sums are stored, GELU after.
-    let src = "func @f(%x: f32[B, T, 800], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {\n  \
-               param @w: f32[70, 800]\n  param @b: f32[70]\n  \
-               %h = matmul(%x, @w) transpose_b=true : f32[B, T, 70]\n  \
-               %hb = add(%h, @b) : f32[B, T, 70]\n  \
-               %g = gelu(%hb) : f32[B, T, 70]\n  \
-               %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}\n";
-    let graph = kiln::ir::parse_graph(src).expect("parses");
+    let graph = linear_gelu_residual(800);
     let mut weights = kiln::Weights::new();
     weights.insert("w".into(), noise(vec![70, 800], 31));
     weights.insert("b".into(), noise(vec![70], 32));

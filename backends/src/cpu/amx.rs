@@ -29,7 +29,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::packed::{PackedB, MAX_ADDS, NR};
+use super::packed::{masks, store_row, PackedB, MAX_ADDS, NR};
 
 /// Rows per tile.
 const TR: usize = 16;
@@ -290,23 +290,6 @@ unsafe fn convert_b(b: &PackedB, p: usize, k0: usize, kc: usize, dst: *mut u8) {
     }
 }
 
-/// Lane masks of two 16-lane vectors with `cols` valid lanes.
-fn masks(cols: usize) -> (u16, u16) {
-    let m0 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u16 << cols) - 1
-    };
-    let m1 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        (1u16 << (cols - 16)) - 1
-    } else {
-        0
-    };
-    (m0, m1)
-}
-
 /// The tile configuration: eight tiles of 16 rows × 64 bytes (C in 0–3,
 /// A in 4–5, B in 6–7).
 #[repr(C, align(64))]
@@ -320,6 +303,17 @@ fn config() -> TileConfig {
         c[48 + t] = TR as u8; // rows
     }
     TileConfig(c)
+}
+
+/// The four tile products of a 2 × 2 block of sums: tiles 0–3 += the A
+/// tiles in 4–5 by the B tiles in 6–7.
+macro_rules! products_2x2 {
+    () => {
+        "tdpbf16ps tmm0, tmm4, tmm6\n\
+         tdpbf16ps tmm1, tmm4, tmm7\n\
+         tdpbf16ps tmm2, tmm5, tmm6\n\
+         tdpbf16ps tmm3, tmm5, tmm7"
+    };
 }
 
 /// A block of the product on this thread's tile unit: the 32 × 32 sums of
@@ -368,42 +362,24 @@ unsafe fn tiles(
                 "tileloadd tmm5, [{a1} + {s}]",
                 "tileloadd tmm6, [{b} + {s}]",
                 "tileloadd tmm7, [{b} + {s} + 1024]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 "tileloadd tmm6, [{b} + {s} + 2048]",
                 "tileloadd tmm7, [{b} + {s} + 3072]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 "tileloadd tmm6, [{b} + {s} + 4096]",
                 "tileloadd tmm7, [{b} + {s} + 5120]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 "tileloadd tmm4, [{a0} + {s} + 1024]",
                 "tileloadd tmm5, [{a1} + {s} + 1024]",
                 "tileloadd tmm6, [{b} + {s} + 2048]",
                 "tileloadd tmm7, [{b} + {s} + 3072]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 "tileloadd tmm6, [{b} + {s}]",
                 "tileloadd tmm7, [{b} + {s} + 1024]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 "tileloadd tmm4, [{a0} + {s} + 2048]",
                 "tileloadd tmm5, [{a1} + {s} + 2048]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                products_2x2!(),
                 a0 = in(reg) pa0,
                 a1 = in(reg) pa1,
                 b = in(reg) pb,
@@ -487,7 +463,7 @@ pub(crate) unsafe fn gemm(
                     let cols = NR.min(b.n - p * NR);
                     // SAFETY: the scratch holds KC/TK chunks of six tiles.
                     unsafe { convert_b(b, p, k0, kc, s.b.as_mut_ptr()) };
-                    let (m0, m1) = masks(cols);
+                    let masks = masks(cols);
                     // The next panel's f32 block, fetched into L2 a share
                     // per pair of tiles while this one's products run.
                     let block = kc * NR * 4;
@@ -519,33 +495,23 @@ pub(crate) unsafe fn gemm(
                             )
                         };
                         for r in 0..(2 * TR).min(i1 - i) {
+                            let row = i + r;
                             // SAFETY: row i + r of C and of each addend
                             // holds the panel's `cols` columns from here;
-                            // lanes past `cols` are masked off.
+                            // the scratch holds 32 rows of 32 sums.
                             unsafe {
-                                let cp = c.add((i + r) * ldc + p * NR);
-                                let mut v0 = _mm512_loadu_ps(s.out.as_ptr().add(r * 32));
-                                let mut v1 = _mm512_loadu_ps(s.out.as_ptr().add(r * 32 + 16));
-                                if !first {
-                                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
-                                    v1 = _mm512_add_ps(
-                                        v1,
-                                        _mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)),
-                                    );
-                                }
-                                if last {
-                                    for &(ap, step) in adds {
-                                        let ap = ap.add((i + r) * step + p * NR);
-                                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
-                                        v1 = _mm512_add_ps(
-                                            v1,
-                                            _mm512_maskz_loadu_ps(m1, ap.wrapping_add(16)),
-                                        );
-                                    }
-                                }
-                                _mm512_mask_storeu_ps(cp, m0, v0);
-                                _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, v1);
-                            }
+                                store_row(
+                                    c.add(row * ldc + p * NR),
+                                    masks,
+                                    (
+                                        _mm512_loadu_ps(s.out.as_ptr().add(r * 32)),
+                                        _mm512_loadu_ps(s.out.as_ptr().add(r * 32 + 16)),
+                                    ),
+                                    first,
+                                    if last { adds } else { &[] },
+                                    (row, p * NR),
+                                )
+                            };
                         }
                     }
                 }
@@ -637,15 +603,11 @@ mod tests {
                 .collect();
             for adds in [false, true] {
                 let c = product(m, k, n, &a, &w, adds);
+                let want = super::super::packed::f64_sums(m, k, n, &a, &w);
                 let mut worst = 0f64;
                 for i in 0..m {
                     for j in 0..n {
-                        let (mut sum, mut abs) = (0f64, 0f64);
-                        for kk in 0..k {
-                            let p = a[i * k + kk] as f64 * w[kk * n + j] as f64;
-                            sum += p;
-                            abs += p.abs();
-                        }
+                        let (mut sum, mut abs) = want[i * n + j];
                         if adds {
                             sum += (j as f32 * 0.25 - 3.0) as f64 + ((i * n + j) % 11) as f64 - 5.0;
                             abs += 8.0;

@@ -903,29 +903,60 @@ unsafe fn micro<const R: usize, const DT: u8>(t: &Tile) {
             }
         }
     }
-    let (m0, m1) = masks(t.cols);
+    let masks = masks(t.cols);
     for r in 0..R {
         // SAFETY: row r of C and of each addend holds `cols` elements from
-        // here; lanes past `cols` are masked off and never touched (the
-        // second vector's address, computed with `wrapping_add`, may lie
-        // past the buffer when `cols` ≤ 16).
+        // here.
         unsafe {
-            let cp = t.c.add(r * t.ldc);
-            let (mut v0, mut v1) = (acc0[r], acc1[r]);
-            if !t.first {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)));
-            }
-            for &(ap, step) in &t.adds {
-                if !ap.is_null() {
-                    let ap = ap.add(r * step);
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.wrapping_add(16)));
-                }
-            }
-            _mm512_mask_storeu_ps(cp, m0, v0);
-            _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, v1);
+            store_row(
+                t.c.add(r * t.ldc),
+                masks,
+                (acc0[r], acc1[r]),
+                t.first,
+                &t.adds,
+                (r, 0),
+            )
+        };
+    }
+}
+
+/// Stores one row of a panel's sums `(v0, v1)` at `cp`: added to what C
+/// holds there unless `first`, then each addend `(p, step)` of `adds` that
+/// is not null added in order, from `p + row·step + col` for `(row, col)`
+/// = `at`; lanes past the masks ([`masks`]) are never touched (the second
+/// vector's address, computed with `wrapping_add`, may lie past the buffer
+/// when the row has 16 columns or fewer).
+///
+/// # Safety
+/// C's row and each addend's row hold the masks' columns from there; the
+/// host has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn store_row(
+    cp: *mut f32,
+    (m0, m1): (u16, u16),
+    (mut v0, mut v1): (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+    first: bool,
+    adds: &[(*const f32, usize)],
+    (row, col): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promised; masked lanes are not accessed.
+    unsafe {
+        if !first {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)));
         }
+        for &(ap, step) in adds {
+            if !ap.is_null() {
+                let ap = ap.add(row * step + col);
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.wrapping_add(16)));
+            }
+        }
+        _mm512_mask_storeu_ps(cp, m0, v0);
+        _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, v1);
     }
 }
 
@@ -937,7 +968,7 @@ const AHEAD: usize = 16;
 
 /// Lane masks of the two vectors of a panel row with `cols` valid columns.
 #[cfg(target_arch = "x86_64")]
-fn masks(cols: usize) -> (u16, u16) {
+pub(crate) fn masks(cols: usize) -> (u16, u16) {
     let m0 = if cols >= 16 {
         0xffff
     } else {
@@ -953,20 +984,33 @@ fn masks(cols: usize) -> (u16, u16) {
     (m0, m1)
 }
 
+/// `A·B` (`m × k` by `k × n`, row-major) in f64, each element with the sum
+/// of its products' magnitudes (the scale of f32's rounding error), for
+/// tests of the product kernels.
+#[cfg(test)]
+pub(crate) fn f64_sums(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<(f64, f64)> {
+    let mut c = vec![(0f64, 0f64); m * n];
+    for i in 0..m {
+        for kk in 0..k {
+            for j in 0..n {
+                let p = a[i * k + kk] as f64 * b[kk * n + j] as f64;
+                c[i * n + j].0 += p;
+                c[i * n + j].1 += p.abs();
+            }
+        }
+    }
+    c
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
     fn reference(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for kk in 0..k {
-                for j in 0..n {
-                    c[i * n + j] += a[i * k + kk] as f64 * b[kk * n + j] as f64;
-                }
-            }
-        }
-        c
+        f64_sums(m, k, n, a, b)
+            .into_iter()
+            .map(|(sum, _)| sum)
+            .collect()
     }
 
     #[test]
