@@ -10,6 +10,10 @@ use support::kiln;
 fn check_ok(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = kiln(args);
     assert_eq!(code, 0, "kiln {args:?}\n{err}");
+    assert!(
+        !err.contains("no compiled kernel"),
+        "kiln {args:?}: steps ran on the reference kernels:\n{err}"
+    );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln {args:?}: not JSON ({e}):\n{out}"))
 }
 
@@ -489,4 +493,89 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal() {
             );
         }
     }
+}
+
+/// Writes a safetensors file of f16 tensors (name, shape, values).
+fn write_f16_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let start = data.len();
+        for v in values {
+            data.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let header = serde_json::Value::Object(header).to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn steps_without_a_compiled_kernel_are_named_on_stderr() {
+    // f16 activations: the CPU backend compiles products and loops over
+    // f32 activations (f16/bf16 weights are widened in its kernels), so the
+    // product of two f16 values and the cast of its f16 result run on the
+    // reference kernels. That is correct but slow, and said, not silent.
+    let dir = support::scratch_dir("fallback_warning");
+    let kir = dir.join("f16.kir");
+    std::fs::write(
+        &kir,
+        "func @main(%tokens: i64[B, T]) -> (logits: f32[B, T, 4]) {\n  \
+         param @emb: f16[10, 8]\n  param @w: f16[8, 4]\n  \
+         %x = gather(@emb, %tokens) : f16[B, T, 8]\n  \
+         %y = matmul(%x, @w) : f16[B, T, 4]\n  \
+         %z = cast(%y) to=f32 : f32[B, T, 4]\n  \
+         return %z\n}\n",
+    )
+    .unwrap();
+    let weights = dir.join("w.safetensors");
+    write_f16_safetensors(
+        &weights,
+        &[
+            (
+                "emb",
+                vec![10, 8],
+                (0..80).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect(),
+            ),
+            (
+                "w",
+                vec![8, 4],
+                (0..32).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect(),
+            ),
+        ],
+    );
+    let (kir, weights) = (kir.to_str().unwrap(), weights.to_str().unwrap());
+    let args = |backend| {
+        vec![
+            "run",
+            kir,
+            "--weights",
+            weights,
+            "--tokens",
+            "1,2,9",
+            "--output",
+            "json",
+            "--backend",
+            backend,
+        ]
+    };
+    let (code, cpu, err) = kiln(&args("cpu"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("kiln: warning: the CPU backend has no compiled kernel for 2 steps")
+            && err.contains("@main s1 gemm (%y = matmul(%x, @w) (line 5))")
+            && err.contains("@main s2 loop (%z = cast(%y) (line 6))"),
+        "{err}"
+    );
+    // The reference executor runs every step on those kernels by design.
+    let (code, reference, err) = kiln(&args("reference"));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    assert_eq!(cpu, reference);
 }

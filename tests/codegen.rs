@@ -78,6 +78,61 @@ fn sessions_decode_without_a_fallback_step() {
 }
 
 #[test]
+fn generation_runs_without_a_fallback_step_in_every_family() {
+    // Whole generations, with and without the KV cache, as `kiln generate`
+    // runs them: every entry point of every generative family (causal,
+    // encoder–decoder, sparse experts, ALiBi), and LoRA unmerged. The
+    // tokens are the interpreter's, and no step of any of them ran on the
+    // reference kernels (the process-wide record of the fallback warning).
+    use kiln::{GenerateOptions, RunInputs, Sampling};
+    let _one = serial();
+    let mut models: Vec<(String, Model)> = [
+        "gpt2",
+        "llama",
+        "llama_tied",
+        "mixtral",
+        "bloom",
+        "bart",
+        "marian",
+        "t5",
+        "t5_v11",
+    ]
+    .into_iter()
+    .map(|f| (f.to_string(), support::hf_model(f)))
+    .collect();
+    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
+        let unmerged = support::hf_model(base)
+            .with_adapter(support::hf_dir(lora))
+            .expect("adapter");
+        models.push((format!("{lora} unmerged"), unmerged));
+    }
+    let prompt = RunInputs::tokens(vec![vec![5, 17, 42], vec![38, 12, 7]]);
+    let opts = |kv_cache, backend| GenerateOptions {
+        max_new_tokens: 5,
+        sampling: Sampling::Greedy,
+        stop_at_eos: false,
+        kv_cache,
+        backend,
+    };
+    for (name, model) in &models {
+        let want = model
+            .generate(&prompt, &opts(false, Target::Interp))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for kv_cache in [false, true] {
+            let got = model
+                .generate(&prompt, &opts(kv_cache, CPU))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got, want, "{name} (kv_cache: {kv_cache})");
+        }
+    }
+    assert_eq!(
+        kiln::backends::cpu::fallbacks_so_far(),
+        Vec::<String>::new(),
+        "steps the CPU backend did not compile"
+    );
+}
+
+#[test]
 fn generated_kernels_are_shared_between_entry_points() {
     let _one = serial();
     let split = support::hf_model("llama")
@@ -90,6 +145,151 @@ fn generated_kernels_are_shared_between_entry_points() {
     // The same model again: every kernel is already compiled.
     split.session(CPU, 8).expect("session");
     assert_eq!(kiln::backends::cpu::jit::kernels_compiled(), after_first);
+}
+
+#[test]
+fn identical_steps_of_different_layers_run_the_same_generated_kernels() {
+    // Every layer of a model lowers to the same steps with other buffers:
+    // sizes, strides and pointers are kernel arguments, so layer 1 runs
+    // exactly the machine code layer 0 does (compiled once), and the
+    // process compiles fewer kernels than the Program has steps.
+    let _one = serial();
+    for family in ["gpt2", "llama", "bert", "bart"] {
+        let model = support::hf_model(family)
+            .optimize(OptLevel::O2)
+            .expect("O2");
+        let mut exe = model.compile(CPU).expect("compiles");
+        model
+            .run_with(exe.as_mut(), &support::family_inputs(&model))
+            .expect("runs");
+        let addresses = exe.kernel_addresses();
+        let programs = model.lower().expect("lowers");
+        let program = programs.first().expect("one Program");
+        assert_eq!(addresses.len(), program.steps.len(), "{family}");
+        // The steps of layer `l`: kernel kind and generated kernels.
+        let layer = |l: usize| -> Vec<(&str, &Vec<usize>)> {
+            program
+                .steps
+                .iter()
+                .zip(&addresses)
+                .filter(|(s, _)| layer_of(&s.origin) == Some(l))
+                .map(|(s, a)| (s.kernel.kind_name(), a))
+                .collect()
+        };
+        let (first, second) = (layer(0), layer(1));
+        assert!(
+            first.len() > 5 && first.iter().filter(|(_, a)| !a.is_empty()).count() > 3,
+            "{family}: layer 0's steps {first:?}"
+        );
+        // The last layer's count also takes the steps after it that read
+        // its output (the final norm).
+        assert!(
+            second.len() >= first.len() && second.len() <= first.len() + 2,
+            "{family}: {first:?}\n{second:?}"
+        );
+        assert_eq!(
+            first,
+            second[..first.len()],
+            "{family}: layers 0 and 1 run different kernels"
+        );
+        let distinct: std::collections::BTreeSet<usize> =
+            addresses.iter().flatten().copied().collect();
+        let used = addresses.iter().filter(|a| !a.is_empty()).count();
+        assert!(
+            distinct.len() < used,
+            "{family}: {} kernels for {used} steps",
+            distinct.len()
+        );
+    }
+}
+
+/// Runs the ignored test `name` of this test binary in a child process with
+/// `KILN_CPU=level`, which caps the instruction sets kiln's kernels use
+/// (read once per process, so a process of its own).
+fn run_capped(name: &str, level: &str) {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KILN_CPU", level)
+        .output()
+        .expect("the test binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "KILN_CPU={level} {name}:\n{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn the_code_paths_of_hosts_without_avx512_or_fma_match_the_interpreter() {
+    // An AVX2 host (the `gemm` crate for products, the generated
+    // matrix–vector and row kernels, no packing, no tile unit) and an SSE
+    // one (besides, Cranelift code without AVX or FMA), run on this host.
+    for level in ["avx2", "baseline"] {
+        run_capped("capped_instruction_sets_match_the_interpreter", level);
+    }
+}
+
+#[test]
+#[ignore = "run by the_code_paths_of_hosts_without_avx512_or_fma_match_the_interpreter, with KILN_CPU set"]
+fn capped_instruction_sets_match_the_interpreter() {
+    use kiln::backends::cpu::isa::{level, Level};
+    assert_ne!(level(), Level::Host, "run with KILN_CPU=avx2 or baseline");
+    assert!(!kiln::backends::cpu::packed_available());
+    assert!(!kiln::backends::cpu::tile_unit_usable());
+    // Every family's forward, against the interpreter.
+    for family in support::FAMILIES {
+        let model = support::hf_model(family)
+            .optimize(OptLevel::O2)
+            .expect("O2");
+        let inputs = support::family_inputs(&model);
+        let want = model.run(&inputs).expect("interp");
+        let got = model.run_on(CPU, &inputs).expect("cpu");
+        let d = support::outputs_deviation(&got, &want, &|_| support::NonFinite::Reject)
+            .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+            .unwrap_or_else(|e| panic!("KILN_CPU={} {family}: {e}", level().name()));
+        println!("KILN_CPU={} {family}: {d}", level().name());
+    }
+    // Whole generations (decode's matrix–vector products, the cache),
+    // LoRA unmerged, and no step left to the reference kernels.
+    generation_runs_without_a_fallback_step_in_every_family();
+    every_family_runs_without_a_fallback_step();
+    // The kernels' own edge cases: products past a chunk of rows with a
+    // fused epilogue, attention over many tiles and every head width,
+    // position biases, rope.
+    packed_products_match_the_interpreter_past_a_chunk_of_rows();
+    biases_and_residuals_added_by_the_packed_product_match_the_interpreter();
+    tiled_attention_matches_the_interpreter_over_many_tiles();
+    row_attention_matches_the_interpreter_for_every_head_width();
+    position_biases_match_the_interpreter_on_every_attention_path();
+    rope_matches_the_interpreter_at_any_position();
+}
+
+/// The layer a step belongs to: the highest layer its origin names, by
+/// values (`%h0.ln_1`, `%l1.q`, `%enc0.…`) or weights (`…layers.1.…`); a
+/// step of layer 1 reads layer 0's output.
+fn layer_of(origin: &str) -> Option<usize> {
+    let mut best = None;
+    for prefix in ["%h", "%l", "%enc", "%dec", "."] {
+        for (at, _) in origin.match_indices(prefix) {
+            let rest = &origin[at + prefix.len()..];
+            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            if digits > 0 && rest[digits..].starts_with('.') {
+                let n: usize = rest[..digits].parse().expect("digits");
+                best = best.max(Some(n));
+            }
+        }
+    }
+    best
 }
 
 /// A deterministic pseudo-random f32 tensor in [-2, 2).

@@ -117,5 +117,29 @@ fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
             }
         }
         assert_eq!(BACKENDS[0], Target::Interp);
+        // Generation with the KV cache on the CPU backend gives the
+        // interpreter's tokens, with every step compiled: 16-bit weights are
+        // widened inside the kernels, never left to the reference ones.
+        let prompt = kiln::RunInputs::tokens(vec![vec![5, 17, 42], vec![38, 12, 7]]);
+        let opts = |kv_cache, backend| kiln::GenerateOptions {
+            max_new_tokens: 5,
+            sampling: kiln::Sampling::Greedy,
+            stop_at_eos: false,
+            kv_cache,
+            backend,
+        };
+        let want = model
+            .generate(&prompt, &opts(false, Target::Interp))
+            .expect("interp");
+        let cpu = Target::Cpu { threads: 0 };
+        for kv_cache in [false, true] {
+            let got = model.generate(&prompt, &opts(kv_cache, cpu)).expect("cpu");
+            assert_eq!(got, want, "{dtype} (kv_cache: {kv_cache})");
+        }
+        assert_eq!(
+            kiln::backends::cpu::fallbacks_so_far(),
+            Vec::<String>::new(),
+            "{dtype}: steps the CPU backend did not compile"
+        );
     }
 }

@@ -78,6 +78,13 @@ pub trait Executable {
     fn fallback_steps(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Per step of the Program (in order), the addresses of the generated
+    /// kernels the step has run so far: identical steps, such as those of
+    /// two layers, share theirs. Empty for backends without generated code.
+    fn kernel_addresses(&self) -> Vec<Vec<usize>> {
+        Vec::new()
+    }
 }
 
 /// Everything that can go wrong compiling or running a graph.
@@ -87,7 +94,11 @@ pub enum RunError {
     #[error("the graph does not verify:\n{0}")]
     Graph(#[from] VerifyErrors),
     /// A dtype this backend (or tensor storage) does not handle.
-    #[error("{what}: dtype {dtype} is not supported (f16/bf16 must be converted to f32 on load)")]
+    #[error(
+        "{what}: dtype {dtype} is not supported by the graph interpreter, which holds f32 values \
+         (declare the value f32: 16-bit weights of an f32 param are widened as they are read; \
+         the reference and CPU backends run {dtype} values)"
+    )]
     UnsupportedDType {
         /// The value or call, e.g. `input %x` or `%3 = cast(%2)`.
         what: String,

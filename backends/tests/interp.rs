@@ -1372,7 +1372,9 @@ fn graphs_the_interpreter_refuses() {
         half,
         &Weights::new(),
         &[],
-        "input %x (line 1): dtype f16 is not supported (f16/bf16 must be converted to f32 on load)",
+        "input %x (line 1): dtype f16 is not supported by the graph interpreter, which holds f32 values \
+         (declare the value f32: 16-bit weights of an f32 param are widened as they are read; \
+         the reference and CPU backends run f16 values)",
     );
     let wrong = "func @f(%x: f32[2]) -> (y: f32[3]) {
   %y = neg(%x) : f32[3]

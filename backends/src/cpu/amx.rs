@@ -55,8 +55,8 @@ pub(crate) fn usable() -> bool {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             if !super::packed::available()
-                || !std::arch::is_x86_feature_detected!("avx512bw")
-                || !std::arch::is_x86_feature_detected!("avx512bf16")
+                || !super::isa::has(super::isa::Feature::Avx512bw)
+                || !super::isa::has(super::isa::Feature::Avx512bf16)
             {
                 return false;
             }

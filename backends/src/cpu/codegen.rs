@@ -57,6 +57,11 @@ impl std::fmt::Debug for StepCache {
 }
 
 impl StepCache {
+    /// The addresses of the generated kernels this step has used.
+    pub(crate) fn addresses(&self) -> Vec<usize> {
+        self.fns.iter().filter_map(|(_, f)| *f).collect()
+    }
+
     fn get(
         &mut self,
         key: Key,

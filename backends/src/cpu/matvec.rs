@@ -100,11 +100,11 @@ pub(super) enum Level {
 pub(super) fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        use super::isa::{has, Feature};
+        if has(Feature::Avx512f) {
             return Level::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has(Feature::Avx2) && has(Feature::Fma) {
             return Level::Avx2;
         }
     }

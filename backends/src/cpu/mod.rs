@@ -18,6 +18,7 @@
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub(crate) mod codegen;
+pub mod isa;
 pub mod jit;
 mod kernels;
 pub use kernels::{addends_fused, tile_products, tile_unit_usable};
@@ -31,6 +32,44 @@ mod norms;
 mod softmax;
 pub(crate) mod team;
 mod vbody;
+
+/// The steps [`warn_fallbacks`] has named in this process.
+static FALLBACKS_SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Every step of this process so far that a compiled executable or session
+/// ran on the reference kernels (what the warning on stderr named), in the
+/// order they first ran: a test runs whole generations and asserts that
+/// none did.
+pub fn fallbacks_so_far() -> Vec<String> {
+    FALLBACKS_SAID
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// Says on stderr that compiled steps ran on the scalar reference kernels
+/// (correct, but far slower): nothing falls back silently. Each step is
+/// named once per process, so a generation's decode steps do not repeat
+/// it; `Executable::fallback_steps` lists them for programs.
+pub(crate) fn warn_fallbacks(steps: &[String]) {
+    let mut said = FALLBACKS_SAID.lock().unwrap_or_else(|p| p.into_inner());
+    let new: Vec<&String> = steps.iter().filter(|s| !said.contains(s)).collect();
+    if new.is_empty() {
+        return;
+    }
+    let mut text = format!(
+        "kiln: warning: the CPU backend has no compiled kernel for {} step{}; {} on the reference kernels (correct, but slow):",
+        new.len(),
+        if new.len() == 1 { "" } else { "s" },
+        if new.len() == 1 { "it ran" } else { "they ran" },
+    );
+    for s in &new {
+        text.push_str("\n  ");
+        text.push_str(s);
+    }
+    eprintln!("{text}");
+    said.extend(new.into_iter().cloned());
+}
 
 thread_local! {
     /// The team the steps running on this thread split their work over

@@ -253,7 +253,7 @@ fn advise_huge_pages<T>(v: &[T]) {
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::isa::has(super::isa::Feature::Avx512f)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

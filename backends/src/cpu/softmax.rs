@@ -22,8 +22,8 @@ use std::arch::x86_64::*;
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
+        use super::isa::{has, Feature};
+        has(Feature::Avx512f) && has(Feature::Avx512bw)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -941,6 +941,9 @@ impl ReferenceExecutable {
             result.push(Some(t));
         }
         self.scalar_steps = scalar_steps;
+        if kernel_set != KernelSet::Scalar && !self.scalar_steps.is_empty() {
+            crate::cpu::warn_fallbacks(&self.fallback_steps());
+        }
         self.arena = std::mem::take(&mut mem.arena);
         Ok(result)
     }
@@ -949,6 +952,10 @@ impl ReferenceExecutable {
 impl Executable for ReferenceExecutable {
     fn fallback_steps(&self) -> Vec<String> {
         ReferenceExecutable::fallback_steps(self)
+    }
+
+    fn kernel_addresses(&self) -> Vec<Vec<usize>> {
+        self.step_code.iter().map(|c| c.addresses()).collect()
     }
 
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {

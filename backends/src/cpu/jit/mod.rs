@@ -61,21 +61,6 @@ extern "C" fn kiln_powf(x: f32, y: f32) -> f32 {
     (x as f64).powf(y as f64) as f32
 }
 
-fn host_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        true
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        false
-    }
-}
-
 impl Jit {
     fn new() -> Result<Jit, JitError> {
         let err = |e: &dyn std::fmt::Display| JitError(e.to_string());
@@ -85,8 +70,13 @@ impl Jit {
             .set("use_colocated_libcalls", "false")
             .map_err(|e| err(&e))?;
         flags.set("is_pic", "false").map_err(|e| err(&e))?;
-        let isa = cranelift_native::builder()
-            .map_err(|e| err(&e))?
+        let mut host = cranelift_native::builder().map_err(|e| err(&e))?;
+        // The instruction sets `KILN_CPU` caps (none by default).
+        #[cfg(target_arch = "x86_64")]
+        for name in super::isa::cranelift_disabled() {
+            host.set(name, "false").map_err(|e| err(&e))?;
+        }
+        let isa = host
             .finish(settings::Flags::new(flags))
             .map_err(|e| err(&e))?;
         if isa.pointer_type() != types::I64 {
@@ -108,7 +98,7 @@ impl Jit {
             fctx: FunctionBuilderContext::new(),
             cache: HashMap::new(),
             pow,
-            fma: host_fma(),
+            fma: super::isa::has(super::isa::Feature::Fma),
             compiled: 0,
         })
     }
