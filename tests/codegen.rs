@@ -203,6 +203,43 @@ fn identical_steps_of_different_layers_run_the_same_generated_kernels() {
     }
 }
 
+#[test]
+fn every_thread_count_computes_the_same_bits() {
+    // Work is split over panels and blocks of rows, heads and rows, never
+    // along a sum: each output element is summed in the same order by
+    // whichever thread computes it, so 1, 2 and 3 threads agree exactly.
+    use kiln::backends::{Backend, Cpu};
+    let _one = serial();
+    let graph = linear_gelu_residual(800);
+    let mut weights = kiln::Weights::new();
+    weights.insert("w".into(), noise(vec![70, 800], 21));
+    weights.insert("b".into(), noise(vec![70], 22));
+    let inputs = vec![noise(vec![3, 401, 800], 23), noise(vec![3, 401, 70], 24)];
+    let run = |threads| {
+        let mut exe = Cpu { threads }.compile(&graph, &weights).expect("compiles");
+        exe.run(&inputs).expect("runs")
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(run(threads) == one, "{threads} threads");
+    }
+    for family in ["gpt2", "llama", "mixtral", "bert", "bart"] {
+        let model = support::hf_model(family)
+            .optimize(OptLevel::O2)
+            .expect("O2");
+        let inputs = support::family_inputs(&model);
+        let one = model
+            .run_on(Target::Cpu { threads: 1 }, &inputs)
+            .expect("1 thread");
+        for threads in [2, 3] {
+            let got = model
+                .run_on(Target::Cpu { threads }, &inputs)
+                .expect("threads");
+            assert!(got == one, "{family}: {threads} threads");
+        }
+    }
+}
+
 /// Runs the ignored test `name` of this test binary in a child process with
 /// `KILN_CPU=level`, which caps the instruction sets kiln's kernels use
 /// (read once per process, so a process of its own).

@@ -182,24 +182,19 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         "4",
         "--reps",
         "1",
+        "--threads",
+        "1",
     ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    for key in [
-        "backend",
-        "threads",
-        "compile_s",
-        "prefill_tok_s",
-        "decode_tok_s",
-        "peak_rss_mb",
-    ] {
-        assert!(v.get(key).is_some(), "{key} missing in {out}");
+    for key in ["compile_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key} in {out}"
+        );
     }
     assert_eq!(v["backend"], "cpu");
-    assert!(
-        v["prefill_tok_s"].as_f64().is_some_and(|x| x > 0.0),
-        "{out}"
-    );
+    assert_eq!(v["threads"], 1, "{out}");
     // Row 0's greedy tokens (prefill, then each of the 4 decode steps), the
     // ones `kiln generate` prints for that prompt.
     let first: Vec<i64> = v["first_tokens"]
@@ -209,6 +204,57 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         .map(|t| t.as_i64().expect("id"))
         .collect();
     assert_eq!(first.len(), 5, "{out}");
+    // Row 0's prompt is `(7·i + 3) mod vocab` (101 here).
+    let (code, generated, err) = support::kiln(&[
+        "generate",
+        "tests/data/hf/llama",
+        "--tokens",
+        "3,10,17,24,31,38,45,52",
+        "--max-new-tokens",
+        "5",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let generated: serde_json::Value = serde_json::from_str(generated.trim()).expect("JSON");
+    assert_eq!(generated["tokens"], v["first_tokens"], "{out}");
+    // An encoder on the CPU backend, all cores by default: exactly the
+    // encoder keys.
+    let (code, out, err) = support::kiln(&[
+        "bench",
+        "tests/data/hf/bert",
+        "--output",
+        "json",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--reps",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "backend",
+            "compile_s",
+            "forward_seq_s",
+            "peak_rss_mb",
+            "threads"
+        ],
+        "{out}"
+    );
+    for key in ["compile_s", "forward_seq_s", "peak_rss_mb"] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key} in {out}"
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(v["threads"], cores, "{out}");
+    assert_eq!(v["backend"], "cpu");
     let (code, out, err) = support::kiln(&[
         "bench",
         "tests/data/hf/bert",
@@ -243,4 +289,21 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("more than the model's"), "{err}");
+    // The report of decode steps against full forwards over cache lengths.
+    let (code, out, err) =
+        support::kiln(&["bench", "tests/data/hf/llama", "--cache-lengths", "4,8"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("model: tests/data/hf/llama (backend: cpu, batch 1, median of"),
+        "{out}"
+    );
+    for (line, s) in lines[3..5].iter().zip(["4", "8"]) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells[1], s, "{out}");
+        for ms in &cells[2..4] {
+            assert!(ms.parse::<f64>().is_ok_and(|x| x > 0.0), "{ms} in {out}");
+        }
+    }
+    assert!(lines[5].starts_with("decode step at S=8 costs"), "{out}");
 }

@@ -91,6 +91,20 @@ pub(crate) fn with_team<T>(threads: usize, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Runs `f` (packing weights at compile time) with rayon's parallel work
+/// on `threads` threads: in a pool of its own when that is not the global
+/// pool's size, so that `--threads 1` packs on one core too.
+pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    if threads == 0 || threads == rayon::current_num_threads() {
+        return f();
+    }
+    match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(f),
+        // No threads to be had: the global pool does the work.
+        Err(_) => f(),
+    }
+}
+
 /// Runs `f(0) … f(parts - 1)` in parallel: on the current team when there
 /// is one, else on the rayon pool.
 pub(crate) fn par(parts: usize, f: &(dyn Fn(usize) + Sync)) {

@@ -27,12 +27,12 @@ fn gemm_nt(
     b: &[f32],
     ldb: usize,
     c: &mut [f32],
-    par: bool,
+    threads: usize,
 ) {
     debug_assert!(a.len() >= m * k && c.len() >= m * n);
     debug_assert!(n == 0 || k == 0 || b.len() >= (n - 1) * ldb + k);
-    let parallelism = if par {
-        gemm::Parallelism::Rayon(0)
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
@@ -149,7 +149,8 @@ pub(super) fn moe(
         g.resize(m * f, 0.0);
         u.resize(m * f, 0.0);
         ye.resize(m * d, 0.0);
-        let par = threads > 1 && m * f * d >= 1 << 18;
+        // Threads for products worth splitting.
+        let par = if m * f * d >= 1 << 18 { threads } else { 1 };
         let (ge, ue, de) = (
             &gate[ex * f * d..(ex + 1) * f * d],
             &up[ex * f * d..(ex + 1) * f * d],

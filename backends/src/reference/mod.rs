@@ -171,11 +171,17 @@ impl ReferenceExecutable {
                 .iter()
                 .map(|_| Default::default())
                 .collect();
-            crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
-                .map_err(|e| RunError::Backend {
-                    backend: "cpu".into(),
-                    message: e.to_string(),
-                })?;
+            let threads = match kernels {
+                KernelSet::Native { threads } => threads,
+                KernelSet::Scalar => 1,
+            };
+            crate::cpu::on_threads(threads, || {
+                crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
+            })
+            .map_err(|e| RunError::Backend {
+                backend: "cpu".into(),
+                message: e.to_string(),
+            })?;
             exe.groups = crate::cpu::product_groups(&exe.program);
         }
         Ok(exe)
