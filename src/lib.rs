@@ -514,6 +514,21 @@ impl Model {
         out
     }
 
+    /// This model with every weight read into an allocation of its own
+    /// instead of mapped from its file: a file that may be rewritten while
+    /// the model runs cannot change (or, truncated, fault) under it, and
+    /// each weight ends where its allocation does (the guard-page test
+    /// places a fault right after it). Costs the weights' size in memory.
+    pub fn with_weights_in_memory(&self) -> Model {
+        let mut out = self.clone();
+        if let Some(w) = out.weights.as_mut() {
+            for t in w.values_mut() {
+                *t = t.to_owned_copy();
+            }
+        }
+        out
+    }
+
     /// The table a `gather` of input `v` reads, and its rows, when `v`
     /// indexes a weight (segment ids into `token_type_embeddings`).
     fn gather_table_of(&self, graph: &Graph, v: kiln_ir::ValueId) -> Option<(String, i64)> {

@@ -1,8 +1,9 @@
 //! Every family on the CPU backend with every heap allocation of the
 //! process placed against an inaccessible page: a kernel that reads or
-//! writes one element past the end of a buffer it was given (a weight, a
-//! packed panel, an input, the arena, a KV cache, an output) faults, and
-//! the test binary dies. Valgrind (`tests/memcheck.rs`) runs no AVX-512, so
+//! writes one element past the end of a buffer it was given (a weight, read
+//! into memory of its own for this, f32 or 16-bit; a packed panel, an
+//! input, the arena, a KV cache, an output) faults, and the test binary
+//! dies. Valgrind (`tests/memcheck.rs`) runs no AVX-512, so
 //! this is where the AVX-512 paths are checked on a host that has them:
 //! the packed products and their fused epilogues, the matrix–vector
 //! products of decode, the norms and the attention's softmax passes.
@@ -100,8 +101,32 @@ fn allocations_end_where_their_guard_page_begins() {
 
 #[test]
 fn every_family_runs_and_generates_inside_its_buffers() {
-    for family in support::FAMILIES {
-        let model = support::hf_model(family);
+    let sixteen_bit = [
+        ("llama f16", safetensors::Dtype::F16),
+        ("llama bf16", safetensors::Dtype::BF16),
+    ]
+    .map(|(name, dtype)| {
+        let dir = support::sixteen_bit_copy("llama", dtype);
+        (name, kiln::Model::load(&dir).expect("loads"))
+    });
+    let models = support::FAMILIES
+        .map(|f| (f, support::hf_model(f)))
+        .into_iter()
+        .chain(sixteen_bit);
+    for (family, model) in models {
+        // Weights read into allocations of their own, each against its
+        // guard page (mapped from the file, a weight's end is the next
+        // one's start).
+        let model = model.with_weights_in_memory();
+        let weights = model.weights().expect("weights");
+        for (name, t) in weights {
+            let b = t.bytes();
+            assert!(
+                !t.is_mapped()
+                    && (b.len() < MIN_GUARDED || (b.as_ptr() as usize + b.len()) % PAGE == 0),
+                "{family}: {name} does not end at its guard page"
+            );
+        }
         let inputs = support::family_inputs(&model);
         for (level, m) in [
             ("-O0", model.clone()),
@@ -130,7 +155,7 @@ fn every_family_runs_and_generates_inside_its_buffers() {
 }
 
 #[test]
-fn lora_runs_inside_its_buffers_merged_and_unmerged() {
+fn lora_runs_and_generates_inside_its_buffers_merged_and_unmerged() {
     for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
         let unmerged = support::hf_model(base)
             .with_adapter(support::hf_dir(lora))
@@ -140,10 +165,23 @@ fn lora_runs_inside_its_buffers_merged_and_unmerged() {
             .expect("merge")
             .optimize(OptLevel::O2)
             .expect("O2");
-        for m in [unmerged, merged] {
+        for m in [
+            unmerged.with_weights_in_memory(),
+            merged.with_weights_in_memory(),
+        ] {
             let inputs = support::family_inputs(&m);
             m.run_on(CPU, &inputs)
                 .unwrap_or_else(|e| panic!("{lora}: {e}"));
+            let opts = GenerateOptions {
+                max_new_tokens: 3,
+                sampling: Sampling::Greedy,
+                stop_at_eos: false,
+                kv_cache: true,
+                backend: CPU,
+            };
+            let prompt = kiln::RunInputs::tokens(vec![vec![5, 17, 42]]);
+            m.generate(&prompt, &opts)
+                .unwrap_or_else(|e| panic!("{lora} generate: {e}"));
         }
     }
 }

@@ -4,11 +4,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
 use kiln::ir::DType;
 use kiln::{Model, OptLevel, Target};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use support::{outputs_deviation, NonFinite, Tolerance, BACKENDS};
 
 #[test]
@@ -36,50 +34,10 @@ fn weights_are_read_in_place_from_the_mapped_file() {
     }
 }
 
-/// A copy of the test folder `name` whose float weights are stored as `dtype`.
-fn sixteen_bit_copy(name: &str, dtype: Dtype) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(name);
-    let dst = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{dtype:?}"));
-    std::fs::create_dir_all(&dst).expect("temp folder");
-    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
-    let bytes = std::fs::read(src.join("model.safetensors")).expect("weights");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, view) in st.tensors() {
-        let data = match view.dtype() {
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .flat_map(|c| {
-                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    match dtype {
-                        Dtype::F16 => half::f16::from_f32(x).to_le_bytes(),
-                        _ => half::bf16::from_f32(x).to_le_bytes(),
-                    }
-                })
-                .collect(),
-            _ => view.data().to_vec(),
-        };
-        tensors.push((name, view.shape().to_vec(), data));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, shape, data)| {
-            let view =
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("view");
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).expect("write");
-    dst
-}
-
 #[test]
 fn sixteen_bit_checkpoints_stay_sixteen_bit_and_run_on_every_backend() {
     for (st_dtype, dtype) in [(Dtype::F16, DType::F16), (Dtype::BF16, DType::BF16)] {
-        let dir = sixteen_bit_copy("llama", st_dtype);
+        let dir = support::sixteen_bit_copy("llama", st_dtype);
         let model = Model::load(&dir).expect("loads");
         let weights = model.weights().expect("weights");
         assert!(

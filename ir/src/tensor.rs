@@ -502,6 +502,24 @@ impl Tensor {
         self.data.is_borrowed()
     }
 
+    /// The same elements in an allocation of their own: a tensor read in
+    /// place from a mapped file is read into memory (the file may then
+    /// change or go away), an owned one is copied.
+    pub fn to_owned_copy(&self) -> Tensor {
+        let data = match &self.data {
+            TensorData::F32(d) => TensorData::F32(Buf::from(d.to_vec())),
+            TensorData::F16(d) => TensorData::F16(Buf::from(d.to_vec())),
+            TensorData::BF16(d) => TensorData::BF16(Buf::from(d.to_vec())),
+            TensorData::I32(d) => TensorData::I32(Buf::from(d.to_vec())),
+            TensorData::I64(d) => TensorData::I64(Buf::from(d.to_vec())),
+            TensorData::Bool(d) => TensorData::Bool(Buf::from(d.to_vec())),
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
     /// The elements' bytes (little-endian, row-major).
     pub fn bytes(&self) -> &[u8] {
         match &self.data {

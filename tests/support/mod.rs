@@ -324,3 +324,47 @@ pub fn reseal_artifact(bytes: &mut [u8]) {
     let h = crc32fast::hash(&bytes[..36]);
     bytes[36..40].copy_from_slice(&h.to_le_bytes());
 }
+
+/// A copy of the test folder `name` whose float weights are stored as
+/// `dtype` (a folder of this process's own: test binaries run at once).
+pub fn sixteen_bit_copy(name: &str, dtype: safetensors::Dtype) -> std::path::PathBuf {
+    use safetensors::{Dtype, SafeTensors};
+    use std::path::Path;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(name);
+    let dst = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}_{dtype:?}_{}", std::process::id()));
+    std::fs::create_dir_all(&dst).expect("temp folder");
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("weights");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let data = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    match dtype {
+                        Dtype::F16 => half::f16::from_f32(x).to_le_bytes(),
+                        _ => half::bf16::from_f32(x).to_le_bytes(),
+                    }
+                })
+                .collect(),
+            _ => view.data().to_vec(),
+        };
+        tensors.push((name, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("view");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).expect("write");
+    dst
+}
