@@ -123,7 +123,8 @@ fn every_family_runs_and_generates_inside_its_buffers() {
             let b = t.bytes();
             assert!(
                 !t.is_mapped()
-                    && (b.len() < MIN_GUARDED || (b.as_ptr() as usize + b.len()) % PAGE == 0),
+                    && (b.len() < MIN_GUARDED
+                        || (b.as_ptr() as usize + b.len()).is_multiple_of(PAGE)),
                 "{family}: {name} does not end at its guard page"
             );
         }

@@ -85,10 +85,33 @@ pub(crate) fn with_team<T>(threads: usize, f: impl FnOnce() -> T) -> T {
     } else {
         team::team(threads)
     };
-    let old = CURRENT.with(|c| c.replace(t));
-    let out = f();
-    CURRENT.with(|c| *c.borrow_mut() = old);
-    out
+    /// Puts the previous team back, also when `f` unwinds.
+    struct Restore(Option<Option<std::sync::Arc<team::Team>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let old = self.0.take().flatten();
+            CURRENT.with(|c| *c.borrow_mut() = old);
+        }
+    }
+    let _restore = Restore(Some(CURRENT.with(|c| c.replace(t))));
+    f()
+}
+
+/// A panic's message, for the error that reports it.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the step at which the next run on this thread panics, as a
+    /// failing kernel or GEMM library would.
+    pub(crate) static FAIL_AT_STEP: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` (packing weights at compile time) with rayon's parallel work
@@ -247,6 +270,41 @@ pub(crate) fn run_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_a_run_is_an_error_and_the_executable_refuses_to_run_again() {
+        let src = "func @f(%x: f32[B, 8]) -> (y: f32[B, 4]) {\n  param @w: f32[4, 8]\n  \
+                   %h = matmul(%x, @w) transpose_b=true : f32[B, 4]\n  \
+                   %y = tanh(%h) : f32[B, 4]\n  return %y\n}\n";
+        let graph = kiln_ir::parse_graph(src).expect("parses");
+        let mut weights = Weights::new();
+        weights.insert(
+            "w".into(),
+            kiln_ir::Tensor::f32(vec![4, 8], (0..32).map(|i| i as f32 * 0.01).collect()).unwrap(),
+        );
+        let x = kiln_ir::Tensor::f32(vec![3, 8], vec![0.5; 24]).unwrap();
+        let mut exe = Cpu { threads: 2 }
+            .compile(&graph, &weights)
+            .expect("compiles");
+        let want = exe.run(std::slice::from_ref(&x)).expect("runs");
+        FAIL_AT_STEP.with(|f| f.set(Some(0)));
+        let err = exe.run(std::slice::from_ref(&x)).expect_err("fails");
+        FAIL_AT_STEP.with(|f| f.set(None));
+        assert_eq!(
+            err.to_string(),
+            "the cpu backend: a kernel failed: step 0 failed (injected)",
+        );
+        let again = exe.run(std::slice::from_ref(&x)).expect_err("refused");
+        assert!(
+            again.to_string().contains("an earlier run failed (step 0 failed (injected)); this executable cannot run again"),
+            "{again}"
+        );
+        // The thread team and the JIT serve the next executable.
+        let mut fresh = Cpu { threads: 2 }
+            .compile(&graph, &weights)
+            .expect("compiles");
+        assert_eq!(fresh.run(std::slice::from_ref(&x)).expect("runs"), want);
+    }
 
     #[test]
     fn products_of_one_input_group_and_run_as_the_interpreter_does() {

@@ -35,6 +35,8 @@ struct Shared {
     /// with a wake-up only when there are some.
     sleepers: AtomicUsize,
     stop: AtomicBool,
+    /// The panic of a part of the current job, handed to its poster.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// The team: `workers` threads besides the caller.
@@ -58,6 +60,7 @@ impl Team {
             epoch: AtomicU64::new(0),
             sleepers: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            panic: Mutex::new(None),
         });
         for i in 0..workers {
             let s = shared.clone();
@@ -72,7 +75,10 @@ impl Team {
         })
     }
 
-    /// Runs `f(0) … f(parts - 1)` on the team and the calling thread.
+    /// Runs `f(0) … f(parts - 1)` on the team and the calling thread. A
+    /// part that panics does not stop the others; once all are done, the
+    /// (first) panic resumes on the calling thread, and the team runs the
+    /// next job as usual.
     pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         if parts <= 1 {
             (0..parts).for_each(f);
@@ -106,6 +112,11 @@ impl Team {
         }
         let mut j = s.job.lock().unwrap_or_else(|p| p.into_inner());
         j.1 = None;
+        drop(j);
+        let panic = s.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(payload) = panic {
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
@@ -128,7 +139,18 @@ fn run_parts(s: &Shared, epoch: u64, job: JobRef, parts: usize) {
             .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            job((c & 0xffff_ffff) as usize);
+            // A panic is kept for the poster, and the part still counts as
+            // done: the poster must not return (freeing the closure) while
+            // parts run, nor wait for a part that will never finish.
+            let part = (c & 0xffff_ffff) as usize;
+            if let Err(payload) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(part)))
+            {
+                s.panic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(payload);
+            }
             s.left.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -196,6 +218,34 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
+        }
+    }
+
+    #[test]
+    fn a_panicking_part_resumes_on_the_caller_after_every_part_ran() {
+        let t = Team::new(3).expect("threads");
+        for bad in [0usize, 5, 63] {
+            let hits: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                t.run(64, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                    if i == bad {
+                        panic!("part {i} fails");
+                    }
+                })
+            }));
+            let payload = caught.expect_err("the panic reaches the caller");
+            assert_eq!(
+                payload.downcast_ref::<String>().map(String::as_str),
+                Some(format!("part {bad} fails").as_str())
+            );
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            // The team, workers included, runs the next job.
+            let n = AtomicUsize::new(0);
+            t.run(64, &|_| {
+                n.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(n.load(Ordering::Relaxed), 64);
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct ReferenceExecutable {
     verified_elements: bool,
     /// Steps of the last run that the scalar kernels ran.
     scalar_steps: Vec<usize>,
+    /// Why a run of compiled code failed (a panic caught): the executable
+    /// refuses to run again.
+    failed: Option<String>,
     /// The generated kernels each step has used (CPU backend).
     step_code: Vec<crate::cpu::codegen::StepCache>,
     /// Per step, the end of the group of products sharing its input that
@@ -148,6 +151,7 @@ impl ReferenceExecutable {
             verified_elements: false,
             checked_need: 0,
             scalar_steps: Vec::new(),
+            failed: None,
             step_code: Vec::new(),
             groups: Vec::new(),
             arena: AlignedBytes::default(),
@@ -175,8 +179,18 @@ impl ReferenceExecutable {
                 KernelSet::Native { threads } => threads,
                 KernelSet::Scalar => 1,
             };
-            crate::cpu::on_threads(threads, || {
-                crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
+            // Code generation and packing report their failures as errors;
+            // a panic among them (Cranelift's or the allocator's) is one too.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::cpu::on_threads(threads, || {
+                    crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
+                })
+            }))
+            .unwrap_or_else(|payload| {
+                Err(crate::cpu::jit::JitError(format!(
+                    "it panicked: {}",
+                    crate::cpu::panic_message(payload.as_ref())
+                )))
             })
             .map_err(|e| RunError::Backend {
                 backend: "cpu".into(),
@@ -735,15 +749,41 @@ impl ReferenceExecutable {
         call: CallInputs<'_>,
         want: &[bool],
     ) -> Result<Vec<Option<Tensor>>, RunError> {
-        match self.kernels {
-            // The CPU backend's split steps run on its spinning thread team
-            // (`cpu::team`): a decode step's many small parallel jobs start
-            // on every core without waiting for sleeping workers to wake.
-            KernelSet::Native { threads } if threads > 1 => {
-                crate::cpu::with_team(threads, || self.execute_steps(cx, call, want))
-            }
-            _ => self.execute_steps(cx, call, want),
+        let threads = match self.kernels {
+            KernelSet::Scalar => return self.execute_steps(cx, call, want),
+            KernelSet::Native { threads } => threads,
+        };
+        if let Some(why) = &self.failed {
+            return Err(RunError::Backend {
+                backend: "cpu".into(),
+                message: format!(
+                    "an earlier run failed ({why}); this executable cannot run again: compile the model anew"
+                ),
+            });
         }
+        // Compiled code, the GEMM library and the thread team must not
+        // bring the process down: a panic among them becomes this run's
+        // error, and the executable (whose arena and caches it may have
+        // left half-written) refuses further runs.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if threads > 1 {
+                // The split steps run on the CPU backend's spinning thread
+                // team (`cpu::team`): a decode step's many small parallel
+                // jobs start on every core without waiting for sleeping
+                // workers to wake.
+                crate::cpu::with_team(threads, || self.execute_steps(cx, call, want))
+            } else {
+                self.execute_steps(cx, call, want)
+            }
+        }));
+        ran.unwrap_or_else(|payload| {
+            let why = crate::cpu::panic_message(payload.as_ref());
+            self.failed = Some(why.clone());
+            Err(RunError::Backend {
+                backend: "cpu".into(),
+                message: format!("a kernel failed: {why}"),
+            })
+        })
     }
 
     fn execute_steps(
@@ -865,6 +905,10 @@ impl ReferenceExecutable {
         };
         let mut next = 0;
         for (si, s) in p.steps.iter().enumerate() {
+            #[cfg(test)]
+            if crate::cpu::FAIL_AT_STEP.with(|f| f.get()) == Some(si) {
+                panic!("step {si} failed (injected)");
+            }
             if si < next {
                 // Run with the group that started before it.
                 continue;
