@@ -257,7 +257,30 @@ fn build_loop(b: &mut FunctionBuilder<'_>, t: &Tools, spec: &LoopSpec<'_>, vecto
             .collect()
     };
     let tail = if vector {
+        // Unrolled: `UNROLL` vectors per iteration (fewer pointer and
+        // counter updates per element, independent chains for the core to
+        // overlap), then one vector at a time, then single elements.
+        let unroll: i64 = if spec.body.len() <= 4 { 4 } else { 2 };
+        let shift = unroll.trailing_zeros() as i64 + 2;
+        let big = e.b.ins().ushr_imm_s(n, shift);
+        let steps = steps_of(&mut e, 4 * unroll);
+        let quarter: Vec<Value> = steps_of(&mut e, 4).iter().map(|&(_, s)| s).collect();
+        for_ptrs_dyn(e.b, big, &steps, |b, cur| {
+            let mut e = E { b, t };
+            let mut at = cur.to_vec();
+            for u in 0..unroll {
+                if u > 0 {
+                    at = at
+                        .iter()
+                        .zip(&quarter)
+                        .map(|(&p, &q)| e.b.ins().iadd(p, q))
+                        .collect();
+                }
+                run(&mut e, &at, true);
+            }
+        });
         let n4 = e.b.ins().ushr_imm_s(n, 2);
+        let n4 = e.b.ins().band_imm_s(n4, unroll - 1);
         let steps = steps_of(&mut e, 4);
         for_ptrs_dyn(e.b, n4, &steps, |b, cur| run(&mut E { b, t }, cur, true));
         e.b.ins().band_imm_s(n, 3)

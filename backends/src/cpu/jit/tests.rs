@@ -135,6 +135,65 @@ fn unary_ops_match_the_interpreter() {
 }
 
 #[test]
+fn every_length_around_the_unrolled_steps_is_computed_once_and_in_bounds() {
+    // A short body (unrolled four vectors a step) and a long one (two),
+    // with a broadcast operand: every length from 0 to 41, each element
+    // the interpreter's value, nothing written past the end.
+    let short = [
+        KernelOp::Binary(BinaryOp::Mul, 0, 1),
+        KernelOp::Unary(UnaryOp::Tanh, 2),
+    ];
+    let long = [
+        KernelOp::Binary(BinaryOp::Mul, 0, 1),
+        KernelOp::Unary(UnaryOp::Tanh, 2),
+        KernelOp::Binary(BinaryOp::Add, 3, 0),
+        KernelOp::Unary(UnaryOp::Exp, 4),
+        KernelOp::Binary(BinaryOp::Sub, 5, 1),
+        KernelOp::Unary(UnaryOp::Neg, 6),
+    ];
+    for body in [&short[..], &long[..]] {
+        let spec = LoopSpec {
+            body,
+            declared: vec![DType::F32; 2],
+            stored: vec![DType::F32; 2],
+            out: DType::F32,
+            steps: vec![Step::Contig, Step::Bcast, Step::Contig],
+        };
+        let f = loop_kernel(&spec).expect("jit").expect("covered");
+        let b = [0.7f32];
+        for n in 0..=41usize {
+            let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 1.0).collect();
+            let sentinel = -1234.5f32;
+            let mut out = vec![sentinel; n + 16];
+            let ptrs: [*mut u8; 3] = [
+                x.as_ptr().cast_mut().cast(),
+                b.as_ptr().cast_mut().cast(),
+                out.as_mut_ptr().cast(),
+            ];
+            let strides = [1i64, 0, 1];
+            // SAFETY: x and out hold n elements (out more), b one, read
+            // broadcast.
+            let code = unsafe { f(ptrs.as_ptr(), strides.as_ptr(), n as i64) };
+            assert_eq!(code, 0);
+            let want: Vec<f32> = x.iter().map(|&v| oracle(body, &[v, b[0]])).collect();
+            check(
+                &format!("{} ops, n {n}", body.len()),
+                &x,
+                &out[..n],
+                &want,
+                2e-6,
+                1e-7,
+            );
+            assert!(
+                out[n..].iter().all(|&v| v == sentinel),
+                "{} ops, n {n}: written past the end",
+                body.len()
+            );
+        }
+    }
+}
+
+#[test]
 fn binary_ops_and_fused_bodies_match_the_interpreter() {
     let x = inputs();
     let y: Vec<f32> = x.iter().rev().copied().collect();
