@@ -579,6 +579,7 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
 fn products_on_the_tile_unit_match_the_interpreter() {
     let _one = serial();
     if !kiln::backends::cpu::tile_unit_usable() {
+        println!("skipping: this host has no usable AMX tile unit");
         return;
     }
     // Rows enough for the AMX tile unit (f32 as three bf16 parts, six

@@ -153,7 +153,8 @@ use crate::{Backend, Executable, RunError, Session, Weights};
 /// The CPU backend; `threads: 0` uses every core.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu {
-    /// Threads for matrix products (0: all cores).
+    /// Threads for every split step and for packing at compile time (0:
+    /// all cores).
     pub threads: usize,
 }
 
