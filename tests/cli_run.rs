@@ -579,3 +579,82 @@ fn steps_without_a_compiled_kernel_are_named_on_stderr() {
     assert!(!err.contains("warning"), "{err}");
     assert_eq!(cpu, reference);
 }
+
+#[test]
+fn progress_bars_show_on_a_terminal() {
+    // stderr on a pseudo-terminal (200 columns): the spinner while the
+    // folder loads and the compile's bar are drawn there, and stdout keeps
+    // only the JSON.
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 50,
+        ws_col: 200,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: out-pointers to two ints; no name buffer; default terminal
+    // settings; the window size is read.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned here only.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+        )
+    };
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut seen = Vec::new();
+        // Ends with EIO once the last holder of the other side exits.
+        let _ = master.read_to_end(&mut seen);
+        seen
+    });
+    let child = {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args([
+            "run",
+            "tests/data/hf/llama",
+            "--tokens",
+            "1,2,3",
+            "--output",
+            "json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(slave));
+        cmd.spawn().expect("kiln runs")
+        // `cmd`, holding the terminal's other side, is dropped here.
+    };
+    let out = child.wait_with_output().expect("kiln exits");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains('\u{1b}') && serde_json::from_str::<serde_json::Value>(&stdout).is_ok(),
+        "{stdout}"
+    );
+    let seen = reader.join().expect("reader");
+    let terminal = String::from_utf8_lossy(&seen);
+    for what in [
+        "loading tests/data/hf/llama",
+        "compiling @llama (code, packed weights) [",
+    ] {
+        assert!(
+            terminal.contains(what),
+            "`{what}` on the terminal:\n{terminal:?}"
+        );
+    }
+    // Every bar is cleared when its work is done: the last thing drawn is a
+    // line erase.
+    assert!(terminal.trim_end().ends_with("\u{1b}[2K"), "{terminal:?}");
+}
