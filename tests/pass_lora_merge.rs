@@ -133,28 +133,35 @@ fn check_matches_peft(case: &Case) {
             "{} {mode}:\n{text}",
             case.name()
         );
-        let outs = model.run(&case.inputs()).expect("runs");
-        assert_matches_peft(
-            &format!("{} {mode} logits", case.name()),
-            logits(&outs),
-            &recorded["outputs"]["logits"],
-        );
-        let opts = GenerateOptions {
-            max_new_tokens: want_tokens.len(),
-            sampling: Sampling::Greedy,
-            stop_at_eos: false,
-            kv_cache: true,
-            backend: kiln::Target::Interp,
-        };
-        let got = model
-            .generate(&RunInputs::tokens(vec![ids(&greedy["prompt"])]), &opts)
-            .expect("generates");
-        assert_eq!(
-            got,
-            vec![want_tokens.clone()],
-            "{} {mode}: greedy tokens differ from PEFT",
-            case.name()
-        );
+        // Every backend, the CPU backend's compiled code included; greedy
+        // generation with and without the KV cache.
+        for backend in support::BACKENDS {
+            let b = backend.name();
+            let outs = model.run_on(backend, &case.inputs()).expect("runs");
+            assert_matches_peft(
+                &format!("{} {mode} logits on {b}", case.name()),
+                logits(&outs),
+                &recorded["outputs"]["logits"],
+            );
+            for kv_cache in [true, false] {
+                let opts = GenerateOptions {
+                    max_new_tokens: want_tokens.len(),
+                    sampling: Sampling::Greedy,
+                    stop_at_eos: false,
+                    kv_cache,
+                    backend,
+                };
+                let got = model
+                    .generate(&RunInputs::tokens(vec![ids(&greedy["prompt"])]), &opts)
+                    .expect("generates");
+                assert_eq!(
+                    got,
+                    vec![want_tokens.clone()],
+                    "{} {mode} on {b} (kv_cache: {kv_cache}): greedy tokens differ from PEFT",
+                    case.name()
+                );
+            }
+        }
     }
 }
 

@@ -39,9 +39,21 @@ fn full_forward_last(model: &Model, rows: &[Vec<i64>]) -> Vec<(String, Tensor)> 
 
 #[test]
 fn decode_steps_match_the_full_forward_on_every_backend() {
-    for family in ["gpt2", "llama", "llama_tied"] {
-        let model = support::hf_model(family).optimize(OptLevel::O2).unwrap();
-        let s = split(family);
+    // The causal families, and LoRA adapters left unmerged (their
+    // low-rank products run in every decode step).
+    let mut models: Vec<(String, Model)> = ["gpt2", "llama", "llama_tied"]
+        .into_iter()
+        .map(|f| (f.to_string(), support::hf_model(f)))
+        .collect();
+    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
+        let unmerged = support::hf_model(base)
+            .with_adapter(support::hf_dir(lora))
+            .expect("adapter");
+        models.push((format!("{lora} unmerged"), unmerged));
+    }
+    for (family, model) in &models {
+        let model = model.optimize(OptLevel::O2).unwrap();
+        let s = model.kv_split().expect("split");
         for backend in BACKENDS {
             let mut session = s.session(backend, 12).expect("session");
             let mut rows = vec![vec![5i64, 17, 42], vec![88, 12, 7]];
