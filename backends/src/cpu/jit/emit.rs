@@ -427,28 +427,36 @@ impl E<'_, '_> {
             let s = self.b.ins().ishl_imm_s(h, 16);
             return self.cast_bits(ty, s);
         }
-        // f16: shift the exponent and mantissa into place and rescale by
-        // 2^112 (exact for normals and subnormals); infinities and NaN keep
-        // an all-ones exponent; then the sign.
-        let sign_mask = self.i(ty, 0x8000);
-        let sign = self.b.ins().band(h, sign_mask);
-        let sign = self.b.ins().ishl_imm_s(sign, 16);
-        let em_mask = self.i(ty, 0x7fff);
-        let em = self.b.ins().band(h, em_mask);
-        let shifted = self.b.ins().ishl_imm_s(em, 13);
-        let f = self.cast_bits(ty, shifted);
+        // f16: the 16 bits to the top, then an arithmetic shift by 3: the
+        // sign fills bits 31..28, the exponent and mantissa land at 27..13;
+        // clearing bits 30..28 leaves sign | (exponent, mantissa) << 13,
+        // which rescaled by 2^112 is the value (exact for normals and
+        // subnormals; the sign rides along). An all-ones exponent
+        // (infinity, NaN) comes out of the rescale as 2^16·(1 + m), finite:
+        // its exponent field is set to all ones, which keeps the mantissa
+        // (NaN payloads) and the sign.
+        let top = self.b.ins().ishl_imm_s(h, 16);
+        let spread = self.b.ins().sshr_imm_s(top, 3);
+        let keep = self.i(ty, 0x8fff_e000_u32 as i32 as i64);
+        let u = self.b.ins().band(spread, keep);
+        let f = self.cast_bits(ty, u);
         let magic = self.f(ty, f32::from_bits(0x7780_0000));
         let mag = self.mul(f, magic);
-        let exp_all = self.i(ty, 0x7f80_0000);
-        let special_bits = self.b.ins().bor(shifted, exp_all);
-        let special = self.cast_bits(ty, special_bits);
-        let lim = self.i(ty, 0x7c00);
-        let is_special = self.icmp_lanes(IntCC::UnsignedGreaterThanOrEqual, em, lim);
-        let r = self.sel(is_special, special, mag);
+        let exp_field = self.i(ty, 0x0f80_0000);
+        let e = self.b.ins().band(u, exp_field);
+        let is_special = self.icmp_lanes(IntCC::Equal, e, exp_field);
         let it = Self::int_of(ty);
-        let rb = self.cast_bits(it, r);
-        let rb = self.b.ins().bor(rb, sign);
-        self.cast_bits(ty, rb)
+        let mag_bits = self.cast_bits(it, mag);
+        let all_ones = self.i(ty, 0x7f80_0000);
+        let r = if ty.is_vector() {
+            // The comparison is an all-ones lane mask: no select needed.
+            let set = self.b.ins().band(is_special, all_ones);
+            self.b.ins().bor(mag_bits, set)
+        } else {
+            let special = self.b.ins().bor(mag_bits, all_ones);
+            self.b.ins().select(is_special, special, mag_bits)
+        };
+        self.cast_bits(ty, r)
     }
 
     /// `p + i·scale` as an address.
