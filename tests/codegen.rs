@@ -296,6 +296,40 @@ fn capped_instruction_sets_match_the_interpreter() {
             .unwrap_or_else(|e| panic!("KILN_CPU={} {family}: {e}", level().name()));
         println!("KILN_CPU={} {family}: {d}", level().name());
     }
+    // 16-bit weights: products widen blocks of the weight for the GEMM
+    // library, decode's generated kernels widen as they read.
+    for dtype in [safetensors::Dtype::F16, safetensors::Dtype::BF16] {
+        let model = Model::load(support::sixteen_bit_copy("llama", dtype))
+            .expect("loads")
+            .optimize(OptLevel::O2)
+            .expect("O2");
+        let inputs = support::family_inputs(&model);
+        let want = model.run(&inputs).expect("interp");
+        let got = model.run_on(CPU, &inputs).expect("cpu");
+        support::outputs_deviation(&got, &want, &|_| support::NonFinite::Reject)
+            .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+            .unwrap_or_else(|e| panic!("KILN_CPU={} {dtype:?}: {e}", level().name()));
+        let prompt = kiln::RunInputs::tokens(vec![vec![5, 17, 42], vec![38, 12, 7]]);
+        let opts = |backend| kiln::GenerateOptions {
+            max_new_tokens: 5,
+            sampling: kiln::Sampling::Greedy,
+            stop_at_eos: false,
+            kv_cache: true,
+            backend,
+        };
+        assert_eq!(
+            model.generate(&prompt, &opts(CPU)).expect("cpu"),
+            model
+                .generate(&prompt, &opts(Target::Interp))
+                .expect("interp"),
+            "KILN_CPU={} {dtype:?}",
+            level().name()
+        );
+    }
+    // Products by 16-bit weights wider than one widened block (8 MiB of
+    // f32: 2048 columns at depth 1024), with contiguous and strided
+    // columns, and an f16 weight holding infinities and NaN.
+    products_by_wide_sixteen_bit_weights_match_the_interpreter();
     // Whole generations (decode's matrix–vector products, the cache),
     // LoRA unmerged, and no step left to the reference kernels.
     generation_runs_without_a_fallback_step_in_every_family();
@@ -309,6 +343,77 @@ fn capped_instruction_sets_match_the_interpreter() {
     row_attention_matches_the_interpreter_for_every_head_width();
     position_biases_match_the_interpreter_on_every_attention_path();
     rope_matches_the_interpreter_at_any_position();
+}
+
+/// Products of 15 rows by 16-bit weights of 1024 × 2100, bound to f32
+/// parameters (widened as they are read), in both layouts, against the
+/// interpreter; on hosts without packing they run through blocks of widened
+/// columns (run by the capped test above; on this host too, through the
+/// packed path).
+fn products_by_wide_sixteen_bit_weights_match_the_interpreter() {
+    let (k, n) = (1024usize, 2100usize);
+    let src = format!(
+        "func @f(%x: f32[B, T, {k}]) -> (rows: f32[B, T, {n}], cols: f32[B, T, {n}]) {{\n  \
+         param @wr: f32[{n}, {k}]\n  param @wc: f32[{k}, {n}]\n  \
+         %rows = matmul(%x, @wr) transpose_b=true : f32[B, T, {n}]\n  \
+         %cols = matmul(%x, @wc) : f32[B, T, {n}]\n  return %rows, %cols\n}}\n"
+    );
+    let graph = kiln::ir::parse_graph(&src).expect("parses");
+    let values = |seed: u64| noise(vec![k * n], seed).as_f32().expect("f32").to_vec();
+    let inputs = vec![noise(vec![3, 5, k], 33)];
+    for special in [false, true] {
+        let f16 = |seed| {
+            let mut v: Vec<half::f16> = values(seed).into_iter().map(half::f16::from_f32).collect();
+            if special {
+                v[7] = half::f16::INFINITY;
+                v[k * n - 3] = half::f16::NAN;
+            }
+            Tensor::from_vec(vec![n, k], v).expect("f16")
+        };
+        let bf16 = |seed| {
+            let v: Vec<half::bf16> = values(seed).into_iter().map(half::bf16::from_f32).collect();
+            Tensor::from_vec(vec![n, k], v).expect("bf16")
+        };
+        for (what, wr, wc) in [("f16", f16(31), f16(32)), ("bf16", bf16(31), bf16(32))] {
+            if special && what == "bf16" {
+                continue;
+            }
+            let mut weights = kiln::Weights::new();
+            weights.insert("wr".into(), wr);
+            weights.insert("wc".into(), wc.reshaped(vec![k, n]).expect("reshape"));
+            use kiln::backends::{Backend, Cpu, Interpreter};
+            let want = Interpreter
+                .compile(&graph, &weights)
+                .expect("compiles")
+                .run(&inputs)
+                .expect("runs");
+            let mut exe = Cpu { threads: 0 }
+                .compile(&graph, &weights)
+                .expect("compiles");
+            let got = exe.run(&inputs).expect("runs");
+            assert!(exe.fallback_steps().is_empty());
+            let named = |v: Vec<Tensor>| {
+                vec![
+                    ("rows".to_string(), v[0].clone()),
+                    ("cols".to_string(), v[1].clone()),
+                ]
+            };
+            let non_finite = if special {
+                support::NonFinite::MatchReference
+            } else {
+                support::NonFinite::Reject
+            };
+            support::outputs_deviation(&named(got), &named(want), &|_| non_finite)
+                .and_then(|d| d.within(support::Tolerance::Relative(1e-5)))
+                .unwrap_or_else(|e| panic!("{what} (special values: {special}): {e}"));
+        }
+    }
+}
+
+#[test]
+fn products_by_sixteen_bit_weights_match_the_interpreter() {
+    let _one = serial();
+    products_by_wide_sixteen_bit_weights_match_the_interpreter();
 }
 
 /// The layer a step belongs to: the highest layer its origin names, by

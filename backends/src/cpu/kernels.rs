@@ -228,6 +228,11 @@ fn gemm(
             return finish(mem, cache, ran, epilogue, ins, out, threads);
         }
     }
+    if batch == 0 && k > 0 && n > 0 && m > 0 {
+        if let Some(ran) = gemm_sixteen_bit_b(mem, av, bv, o, m, k, n, threads) {
+            return finish(mem, cache, ran, epilogue, ins, out, threads);
+        }
+    }
     let mut widened = Vec::new();
     let a = f32_or_widened(mem, av, &mut widened)?;
     let b = f32_or_widened(mem, bv, &mut widened)?;
@@ -285,6 +290,136 @@ fn gemm(
     });
     drop(widened);
     finish(mem, cache, ran, epilogue, ins, out, threads)
+}
+
+/// Bytes of f32 a block of a 16-bit weight is widened into: few enough
+/// blocks that the GEMM library's copy of A, made again for each, stays a
+/// small part of the product.
+const WIDEN_BLOCK_BYTES: usize = 8 << 20;
+
+/// A product by a 16-bit weight (2-D: no batch axis moves through it) where
+/// the weight is not packed (hosts without AVX-512, or a view packing does
+/// not take): blocks of its columns are widened to f32 into a buffer of
+/// about [`WIDEN_BLOCK_BYTES`] and multiplied in turn by the GEMM library,
+/// so the weight is read as stored, once per call, and the memory it
+/// takes is the block's, never a widened copy of the whole weight (an
+/// embedding table used as the LM head is 98 MB in f32). `None`: A is not
+/// f32, or B is not a 16-bit weight.
+#[allow(clippy::too_many_arguments)]
+fn gemm_sixteen_bit_b(
+    mem: &mut Memory<'_>,
+    av: &CView,
+    bv: &CView,
+    o: Fv<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> Option<R> {
+    let (bp, b_bytes, bdt) = mem.raw(bv.root)?;
+    if bv.dtype != DType::F32
+        || !matches!(bdt, DType::F16 | DType::BF16)
+        || !(bp as usize).is_multiple_of(2)
+    {
+        return None;
+    }
+    let a = f32_view(mem, av)?;
+    let r = o.v.shape.len();
+    let (sk, sn) = (bv.strides[r - 2], bv.strides[r - 1]);
+    // SAFETY: the root holds `b_bytes / 2` 16-bit values, aligned (checked).
+    let bits = unsafe { std::slice::from_raw_parts(bp.cast::<u16>().cast_const(), b_bytes / 2) };
+    // The extent of B the product reads, checked against its root (the
+    // verifier proved the view; this guards the folded batch axes).
+    let last = bv.offset + (k - 1) * sk + (n - 1) * sn;
+    if last >= bits.len() {
+        return Some(Err(StepError::Message(
+            "a product reads outside its operands".into(),
+        )));
+    }
+    let widen = |b: u16| match bdt {
+        DType::F16 => half::f16::from_bits(b).to_f32(),
+        _ => half::bf16::from_bits(b).to_f32(),
+    };
+    let cols = (WIDEN_BLOCK_BYTES / 4 / k)
+        .clamp(16, n.max(16))
+        .next_multiple_of(16);
+    let mut block = vec![0f32; cols.min(n) * k];
+    let s = |v: &CView, ax: usize| v.strides[ax] as isize;
+    for j0 in (0..n).step_by(cols) {
+        let jb = cols.min(n - j0);
+        // Column j of the block at `block[(j - j0)·k ..]`: B[kk, j] for
+        // every kk, read as stored; the columns split over the threads.
+        let fill = |col: &mut [f32], j: usize| {
+            let start = bv.offset + (j0 + j) * sn;
+            if sk == 1 {
+                // A run of k values: the `half` crate's slice conversion
+                // (F16C where the host has it).
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let run = &bits[start..start + k];
+                match bdt {
+                    DType::F16 => run
+                        .reinterpret_cast::<half::f16>()
+                        .convert_to_f32_slice(col),
+                    _ => run
+                        .reinterpret_cast::<half::bf16>()
+                        .convert_to_f32_slice(col),
+                }
+            } else {
+                for (kk, d) in col.iter_mut().enumerate() {
+                    *d = widen(bits[start + kk * sk]);
+                }
+            }
+        };
+        let parts = if threads > 1 && jb * k >= 1 << 16 {
+            threads.min(jb)
+        } else {
+            1
+        };
+        let per = jb.div_ceil(parts);
+        let base = block.as_mut_ptr() as usize;
+        super::par(parts, &|p| {
+            for j in p * per..((p + 1) * per).min(jb) {
+                // SAFETY: column j of the block (jb·k elements allocated);
+                // each part writes its own columns.
+                let col =
+                    unsafe { std::slice::from_raw_parts_mut((base as *mut f32).add(j * k), k) };
+                fill(col, j);
+            }
+        });
+        let par = if threads > 1 && m.saturating_mul(jb).saturating_mul(k) >= 1 << 15 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: A and the output are the verified views (row stride,
+        // column stride; the folded rows of A and C were checked by the
+        // caller's strides); the block holds jb columns of k values with
+        // column stride k; the output's columns j0..j0 + jb are in range.
+        unsafe {
+            gemm::gemm(
+                m,
+                jb,
+                k,
+                o.base.add(o.v.offset + j0 * o.v.strides[r - 1]),
+                s(o.v, r - 1),
+                s(o.v, r - 2),
+                false,
+                a.base.add(av.offset).cast_const(),
+                s(av, r - 1),
+                s(av, r - 2),
+                block.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    Some(Ok(()))
 }
 
 /// The epilogue of a product already written to `out`: the generated loop
