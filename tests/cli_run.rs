@@ -606,6 +606,15 @@ fn progress_bars_show_on_a_terminal() {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // Not inherited by the kiln processes other tests spawn meanwhile
+    // (the master would wait for them to exit).
+    for fd in [master, slave] {
+        // SAFETY: a descriptor this test just opened.
+        assert_eq!(
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) },
+            0
+        );
+    }
     // SAFETY: both descriptors were just opened and are owned here only.
     let (master, slave) = unsafe {
         (

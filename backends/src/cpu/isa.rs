@@ -9,7 +9,9 @@
 //! - `baseline`: besides, no AVX, AVX2 or FMA in kiln's kernels
 //!   (Cranelift's SSE code, multiply and add rounded apart).
 //!
-//! The `gemm` crate chooses its own kernels from the host.
+//! The `gemm` crate chooses its own kernels from the host, and the `half`
+//! crate's slice conversions (16-bit weights widened for it) use F16C where
+//! the host has it: the cap is on kiln's own code.
 
 use std::sync::OnceLock;
 

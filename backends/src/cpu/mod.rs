@@ -67,7 +67,10 @@ pub(crate) fn warn_fallbacks(steps: &[String]) {
         text.push_str("\n  ");
         text.push_str(s);
     }
-    eprintln!("{text}");
+    // A stderr that cannot be written (a closed pipe) loses the warning,
+    // not the run.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
     said.extend(new.into_iter().cloned());
 }
 

@@ -180,7 +180,8 @@ impl ReferenceExecutable {
                 KernelSet::Scalar => 1,
             };
             // Code generation and packing report their failures as errors;
-            // a panic among them (Cranelift's or the allocator's) is one too.
+            // a panic among them (Cranelift's, or a kernel builder's) is one
+            // too.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 crate::cpu::on_threads(threads, || {
                     crate::cpu::codegen::precompile(&exe.program, &exe.weights, &mut exe.step_code)
@@ -991,10 +992,10 @@ impl ReferenceExecutable {
             result.push(Some(t));
         }
         self.scalar_steps = scalar_steps;
+        self.arena = std::mem::take(&mut mem.arena);
         if kernel_set != KernelSet::Scalar && !self.scalar_steps.is_empty() {
             crate::cpu::warn_fallbacks(&self.fallback_steps());
         }
-        self.arena = std::mem::take(&mut mem.arena);
         Ok(result)
     }
 }

@@ -434,7 +434,9 @@ impl E<'_, '_> {
         // subnormals; the sign rides along). An all-ones exponent
         // (infinity, NaN) comes out of the rescale as 2^16·(1 + m), finite:
         // its exponent field is set to all ones, which keeps the mantissa
-        // (NaN payloads) and the sign.
+        // (NaN payloads) and the sign. A signalling NaN stays signalling
+        // (F16C and the `half` crate set the quiet bit); arithmetic on it
+        // gives a quiet NaN either way.
         let top = self.b.ins().ishl_imm_s(h, 16);
         let spread = self.b.ins().sshr_imm_s(top, 3);
         let keep = self.i(ty, 0x8fff_e000_u32 as i32 as i64);

@@ -49,6 +49,9 @@ pub(crate) struct Jit {
     pub(crate) fma: bool,
     /// Kernels compiled (a statistic for the compile report and tests).
     pub(crate) compiled: usize,
+    /// Kernels begun (each gets a name of its own, also when building or
+    /// defining one failed or panicked half-way).
+    begun: usize,
 }
 
 // SAFETY: the JIT module's raw code pointers are only used behind the
@@ -100,6 +103,7 @@ impl Jit {
             pow,
             fma: super::isa::has(super::isa::Feature::Fma),
             compiled: 0,
+            begun: 0,
         })
     }
 
@@ -130,9 +134,14 @@ impl Jit {
             return Ok(p);
         }
         let err = |e: &dyn std::fmt::Display| JitError(format!("{key}: {e}"));
+        // Fresh builder state and a fresh name: a kernel whose building
+        // panicked (caught by the executable) may have left either half-way.
+        self.fctx = FunctionBuilderContext::new();
         self.module.clear_context(&mut self.ctx);
+        let number = self.begun;
+        self.begun += 1;
         self.ctx.func.signature = sig;
-        self.ctx.func.name = UserFuncName::user(0, self.compiled as u32);
+        self.ctx.func.name = UserFuncName::user(0, number as u32);
         let config = self.module.target_config();
         {
             let pow = self
@@ -144,7 +153,7 @@ impl Jit {
             b.seal_all_blocks();
             b.finalize(config);
         }
-        let name = format!("kiln_kernel_{}", self.compiled);
+        let name = format!("kiln_kernel_{number}");
         let id = self
             .module
             .declare_function(&name, Linkage::Local, &self.ctx.func.signature)
@@ -183,7 +192,8 @@ pub(crate) fn with_jit<T>(f: impl FnOnce(&mut Jit) -> Result<T, JitError>) -> Re
     let jit = JIT.get_or_init(|| Jit::new().map(Mutex::new));
     let jit = jit.as_ref().map_err(Clone::clone)?;
     // A panic while holding the lock cannot leave a half-built kernel in the
-    // cache (entries are inserted after finalization), so a poisoned lock
+    // cache (entries are inserted after finalization), and the next kernel
+    // starts from fresh builder state under a new name, so a poisoned lock
     // is still usable.
     let mut guard = jit.lock().unwrap_or_else(|p| p.into_inner());
     f(&mut guard)
