@@ -404,8 +404,43 @@ unsafe fn tiles(
 /// block of sums, both 64-byte aligned.
 #[repr(C, align(64))]
 struct Scratch {
-    b: [u8; KC / TK * 6 * TILE],
+    b: [u8; B_BLOCK],
     out: [f32; 32 * 32],
+}
+
+/// Bytes of one panel's block of [`KC`] steps of B in the tile layout.
+const B_BLOCK: usize = KC / TK * 6 * TILE;
+
+/// Bytes of all of `b` in the tile layout ([`convert_panels`]): per panel,
+/// per block of [`KC`] steps, [`B_BLOCK`] bytes.
+pub(crate) fn converted_b_len(b: &PackedB) -> usize {
+    b.panels() * b.k.div_ceil(KC) * B_BLOCK
+}
+
+/// Converts panels `p0..p1` of `b`, every block of steps, into the tile
+/// layout at `dst` (laid out as [`converted_b_len`] says).
+///
+/// # Safety
+/// `dst` holds [`converted_b_len`]`(b)` bytes; [`usable`] holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn convert_panels(b: &PackedB, p0: usize, p1: usize, dst: *mut u8) {
+    let blocks = b.k.div_ceil(KC);
+    for p in p0..p1 {
+        for kb in 0..blocks {
+            let k0 = kb * KC;
+            // SAFETY: block (p, kb) lies inside dst (the caller's length).
+            unsafe {
+                convert_b(
+                    b,
+                    p,
+                    k0,
+                    KC.min(b.k - k0),
+                    dst.add((p * blocks + kb) * B_BLOCK),
+                )
+            };
+        }
+    }
 }
 
 /// [`super::packed::gemm`] on the tile unit: `C = A·B` for the rows `rows`
@@ -429,6 +464,7 @@ pub(crate) unsafe fn gemm(
     p1: usize,
     adds: &[(*const f32, usize)],
     epilogue: Option<&dyn Fn(usize, usize, usize, usize)>,
+    converted: *const u8,
 ) {
     assert!(adds.len() <= MAX_ADDS, "at most {MAX_ADDS} addends");
     assert!(
@@ -461,15 +497,21 @@ pub(crate) unsafe fn gemm(
                 let (c0, cn) = (k0 / TK, kc.div_ceil(TK));
                 for p in p0..p1 {
                     let cols = NR.min(b.n - p * NR);
-                    // SAFETY: the scratch holds KC/TK chunks of six tiles.
-                    unsafe { convert_b(b, p, k0, kc, s.b.as_mut_ptr()) };
+                    let bt = if converted.is_null() {
+                        // SAFETY: the scratch holds KC/TK chunks of six tiles.
+                        unsafe { convert_b(b, p, k0, kc, s.b.as_mut_ptr()) };
+                        s.b.as_ptr()
+                    } else {
+                        // Converted for the whole product beforehand.
+                        converted.wrapping_add((p * b.k.div_ceil(KC) + k0 / KC) * B_BLOCK)
+                    };
                     let masks = masks(cols);
                     // The next panel's f32 block, fetched into L2 a share
                     // per pair of tiles while this one's products run.
                     let block = kc * NR * 4;
                     let pairs = (i1 - i0).div_ceil(2 * TR);
                     let share = block.div_ceil(64).div_ceil(pairs);
-                    let next = if p + 1 < p1 {
+                    let next = if p + 1 < p1 && converted.is_null() {
                         b.panel(p + 1).wrapping_add(k0 * NR * 4)
                     } else {
                         std::ptr::null()
@@ -488,7 +530,7 @@ pub(crate) unsafe fn gemm(
                             tiles(
                                 pa.add((t * chunks + c0) * 3 * TILE),
                                 pa.add(((t + 1) * chunks + c0) * 3 * TILE),
-                                s.b.as_ptr(),
+                                bt,
                                 cn,
                                 s.out.as_mut_ptr(),
                                 pf,
@@ -560,8 +602,17 @@ mod tests {
         let mut c = vec![f32::NAN; m * n];
         let panels = b.panels();
         let block = row_block(m);
+        // The second half of the panels reads B converted beforehand, the
+        // first converts each block as it goes.
+        let mut conv = aligned(converted_b_len(&b));
+        let pre = at(&mut conv);
+        // SAFETY: sizes as allocated; usable() checked by the callers.
+        unsafe { convert_panels(&b, panels / 2, panels, pre) };
         for i0 in (0..m).step_by(block) {
-            for (p0, p1) in [(0, panels / 2), (panels / 2, panels)] {
+            for (p0, p1, converted) in [
+                (0, panels / 2, std::ptr::null()),
+                (panels / 2, panels, pre.cast_const()),
+            ] {
                 // SAFETY: as above; disjoint rows and panels.
                 unsafe {
                     gemm(
@@ -575,6 +626,7 @@ mod tests {
                         p1,
                         adds,
                         None,
+                        converted,
                     )
                 };
             }
@@ -726,7 +778,21 @@ mod tests {
                 unsafe { split_a(m, k, a.as_ptr(), k, pa, 0, a_tiles(m)) };
                 best_split = best_split.min(t.elapsed().as_secs_f64());
                 // SAFETY: as above.
-                unsafe { gemm(&b, m, 0..m, pa, c.as_mut_ptr(), n, 0, b.panels(), &[], None) };
+                unsafe {
+                    gemm(
+                        &b,
+                        m,
+                        0..m,
+                        pa,
+                        c.as_mut_ptr(),
+                        n,
+                        0,
+                        b.panels(),
+                        &[],
+                        None,
+                        std::ptr::null(),
+                    )
+                };
                 best = best.min(t.elapsed().as_secs_f64());
             }
             println!(

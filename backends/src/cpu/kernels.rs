@@ -612,12 +612,68 @@ fn packed_gemms(
         /// The same for A split for the tile unit (bytes, aligned in use).
         static SPLIT_A: std::cell::RefCell<Vec<u8>> =
             const { std::cell::RefCell::new(Vec::new()) };
+        /// Every member's B in the tile unit's layout (bytes, aligned in
+        /// use).
+        static CONVERTED_B: std::cell::RefCell<Vec<u8>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
     // The tile unit takes products of enough rows to fill its pairs of
     // 16-row tiles, by weights it can split.
     let tiles_unit = m >= AMX_MIN_ROWS
         && super::amx::usable()
         && members.iter().all(|(pb, ..)| super::amx::weight_ok(pb));
+    // On the tile unit, a product of several blocks of rows has every
+    // member's B converted once, before the products (a parallel job), and
+    // runs block of rows by block of rows: a block's split A (1.2 MB) stays
+    // in L2 over every panel instead of being read again from L3 for each
+    // panel. With one block of rows, converting each panel's block as it
+    // is used (into L2) costs less than a pass over all of B.
+    let pre_convert = tiles_unit
+        && super::amx::row_block(m.min(GEMM_CHUNK_ROWS)) < m.min(GEMM_CHUNK_ROWS)
+        && std::env::var_os("KILN_AMX_PRE").is_none_or(|v| v != "0");
+    let mut converted = vec![0usize; members.len()];
+    CONVERTED_B.with(|cbuf| {
+        let mut cbuf = cbuf.borrow_mut();
+        if pre_convert {
+            let lens: Vec<usize> = members
+                .iter()
+                .map(|(pb, ..)| super::amx::converted_b_len(pb))
+                .collect();
+            let len = lens.iter().sum::<usize>() + 64;
+            if cbuf.len() < len {
+                cbuf.resize(len, 0);
+            }
+            let p = cbuf.as_mut_ptr();
+            let mut at = p.wrapping_add(p.align_offset(64)) as usize;
+            for (slot, l) in converted.iter_mut().zip(&lens) {
+                *slot = at;
+                at += l;
+            }
+            let parts = if split { threads.min(total) } else { 1 };
+            let convert = |part: usize| {
+                let (g0, g1) = (part * total / parts, (part + 1) * total / parts);
+                let mut start = 0;
+                for (&(pb, ..), &dst) in members.iter().zip(&converted) {
+                    let end = start + pb.panels();
+                    if g0 < end && g1 > start {
+                        // SAFETY: dst holds converted_b_len(pb) bytes;
+                        // parts convert disjoint panels; usable() held.
+                        unsafe {
+                            super::amx::convert_panels(
+                                pb,
+                                g0.max(start) - start,
+                                g1.min(end) - start,
+                                dst as *mut u8,
+                            )
+                        };
+                    }
+                    start = end;
+                }
+            };
+            super::par(parts, &convert);
+        }
+    });
+    let converted = &converted;
     SPLIT_A.with(|sbuf| {
         let mut sbuf = sbuf.borrow_mut();
         PACKED_A.with(|buf| {
@@ -718,7 +774,7 @@ fn packed_gemms(
                 let parts = bounds.len() - 1;
                 let run_block = |rs: std::ops::Range<usize>, g0: usize, g1: usize| {
                     let mut start = 0;
-                    for &(pb, cp, ldc, epilogue) in members {
+                    for (&(pb, cp, ldc, epilogue), &conv) in members.iter().zip(converted) {
                         let end = start + pb.panels();
                         let epi = epilogue.filter(|e| e.has_rest()).map(|e| {
                             move |i: usize, rs: usize, j: usize, cols: usize| {
@@ -761,6 +817,11 @@ fn packed_gemms(
                                         p1,
                                         &adds[..count],
                                         epi,
+                                        if on_tiles && pre_convert {
+                                            conv as *const u8
+                                        } else {
+                                            std::ptr::null()
+                                        },
                                     );
                                 } else {
                                     super::packed::gemm(
@@ -787,6 +848,18 @@ fn packed_gemms(
                 let run = |part: usize| {
                     let (u0, u1) = (bounds[part], bounds[part + 1]);
                     let rows_of = |b0: usize, b1: usize| b0 * block..(b1 * block).min(rows);
+                    if on_tiles && pre_convert {
+                        // Block-major: unit u is panel u % total of block
+                        // u / total.
+                        let mut u = u0;
+                        while u < u1 {
+                            let b = u / total;
+                            let end = u1.min((b + 1) * total);
+                            run_block(rows_of(b, b + 1), u - b * total, end - b * total);
+                            u = end;
+                        }
+                        return;
+                    }
                     let (pa0, ba0) = (u0 / blocks, u0 % blocks);
                     let (pa1, ba1) = (u1 / blocks, u1 % blocks);
                     if pa0 == pa1 {

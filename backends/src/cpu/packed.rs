@@ -1461,7 +1461,19 @@ mod guard_pages {
             // aligned for A.
             unsafe {
                 assert!(amx::split_a(m, k, a.ptr, k, sp, 0, amx::a_tiles(m)));
-                amx::gemm(&b, m, 0..m, sp, c.ptr, n, 0, b.panels(), &adds, None);
+                amx::gemm(
+                    &b,
+                    m,
+                    0..m,
+                    sp,
+                    c.ptr,
+                    n,
+                    0,
+                    b.panels(),
+                    &adds,
+                    None,
+                    std::ptr::null(),
+                );
             }
         }
     }
