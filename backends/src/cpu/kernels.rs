@@ -628,8 +628,16 @@ fn packed_gemms(
     // in L2 over every panel instead of being read again from L3 for each
     // panel. With one block of rows, converting each panel's block as it
     // is used (into L2) costs less than a pass over all of B.
+    // The converted B takes 6 bytes per weight: past CONVERTED_B_MAX (a
+    // large model's FFN group) the products convert as they go instead,
+    // so that memory stays near the weights' size.
+    let converted_len: usize = members
+        .iter()
+        .map(|(pb, ..)| super::amx::converted_b_len(pb))
+        .sum();
     let pre_convert = tiles_unit
         && super::amx::row_block(m.min(GEMM_CHUNK_ROWS)) < m.min(GEMM_CHUNK_ROWS)
+        && converted_len <= CONVERTED_B_MAX
         && std::env::var_os("KILN_AMX_PRE").is_none_or(|v| v != "0");
     let mut converted = vec![0usize; members.len()];
     CONVERTED_B.with(|cbuf| {
@@ -639,7 +647,7 @@ fn packed_gemms(
                 .iter()
                 .map(|(pb, ..)| super::amx::converted_b_len(pb))
                 .collect();
-            let len = lens.iter().sum::<usize>() + 64;
+            let len = converted_len + 64;
             if cbuf.len() < len {
                 cbuf.resize(len, 0);
             }
@@ -885,6 +893,11 @@ fn packed_gemms(
         });
     });
 }
+
+/// Most bytes of B converted for the tile unit ahead of a product (BERT's
+/// FFN: 14 MB; LLaMA-7B's gate and up projections together would take
+/// 541 MB, and convert as they go instead).
+const CONVERTED_B_MAX: usize = 64 << 20;
 
 /// Fewest rows of a product the tile unit takes ([`super::amx`]): four
 /// pairs of 16-row tiles; fewer go to the f32 kernel.
