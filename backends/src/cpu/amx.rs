@@ -43,6 +43,13 @@ const KC: usize = 768;
 /// 768 steps × 6 bytes, 1.2 MB).
 const MC: usize = 256;
 
+/// Whether B may be converted ahead of a product of several blocks of rows
+/// (`KILN_AMX_PRE=0` turns it off, for comparisons; read once).
+pub(crate) fn convert_ahead() -> bool {
+    static AHEAD: OnceLock<bool> = OnceLock::new();
+    *AHEAD.get_or_init(|| std::env::var_os("KILN_AMX_PRE").is_none_or(|v| v != "0"))
+}
+
 /// Whether the tile unit can be used: the CPU has AMX-BF16 and AVX-512F,
 /// the system granted this process the tile state, and `KILN_AMX` is not
 /// `0` (checked once).

@@ -80,25 +80,9 @@ pub(super) fn f32_or_widened<'a>(
     if let Some(f) = f32_view(mem, v) {
         return Some(f);
     }
-    let (ptr, bytes, dtype) = mem.raw(v.root)?;
-    if v.dtype != DType::F32
-        || !matches!(dtype, DType::F16 | DType::BF16)
-        || !(ptr as usize).is_multiple_of(2)
-    {
-        return None;
-    }
-    // SAFETY: the root holds `bytes / 2` 16-bit values, aligned (checked).
-    let bits = unsafe { std::slice::from_raw_parts(ptr.cast::<u16>().cast_const(), bytes / 2) };
-    let wide: Vec<f32> = match dtype {
-        DType::F16 => bits
-            .iter()
-            .map(|&b| half::f16::from_bits(b).to_f32())
-            .collect(),
-        _ => bits
-            .iter()
-            .map(|&b| half::bf16::from_bits(b).to_f32())
-            .collect(),
-    };
+    let (bits, dtype) = sixteen_bit_root(mem, v)?;
+    let mut wide = vec![0f32; bits.len()];
+    widen_into(bits, dtype, &mut wide);
     keep.push(wide);
     let w = keep.last_mut()?;
     // The heap buffer stays put when `keep` grows; it lives until the step ends.
@@ -107,6 +91,66 @@ pub(super) fn f32_or_widened<'a>(
         len: w.len(),
         v,
     })
+}
+
+/// The 16-bit values of the root of `v`, an f32 view of a 16-bit weight
+/// (the weight stays 16-bit; kernels widen it), and their dtype (`None`:
+/// another dtype, or not aligned).
+fn sixteen_bit_root<'a>(mem: &mut Memory<'_>, v: &CView) -> Option<(&'a [u16], DType)> {
+    let (ptr, bytes, dtype) = mem.raw(v.root)?;
+    if v.dtype != DType::F32
+        || !matches!(dtype, DType::F16 | DType::BF16)
+        || !(ptr as usize).is_multiple_of(2)
+    {
+        return None;
+    }
+    // SAFETY: the root holds `bytes / 2` 16-bit values, aligned (checked);
+    // a weight, alive and unchanged for the step.
+    let bits = unsafe { std::slice::from_raw_parts(ptr.cast::<u16>().cast_const(), bytes / 2) };
+    Some((bits, dtype))
+}
+
+/// `bits` (f16 or bf16, as `dtype` says) widened into `out`, of the same
+/// length: the `half` crate's slice conversion (F16C where the host has it).
+fn widen_into(bits: &[u16], dtype: DType, out: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    match dtype {
+        DType::F16 => bits
+            .reinterpret_cast::<half::f16>()
+            .convert_to_f32_slice(out),
+        _ => bits
+            .reinterpret_cast::<half::bf16>()
+            .convert_to_f32_slice(out),
+    }
+}
+
+/// `C = A·B` through the `gemm` crate, `m × n` by depth `k`: each operand
+/// its first element and its (column, row) strides in elements; on the
+/// rayon pool with `threads` tasks when the product is worth splitting.
+///
+/// # Safety
+/// Every element the strides reach lies inside its operand; C is no
+/// operand's memory.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn library_gemm(
+    (m, n, k): (usize, usize, usize),
+    (c, c_cs, c_rs): (*mut f32, isize, isize),
+    (a, a_cs, a_rs): (*const f32, isize, isize),
+    (b, b_cs, b_rs): (*const f32, isize, isize),
+    threads: usize,
+) {
+    let par = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: as the caller promised.
+    unsafe {
+        gemm::gemm(
+            m, n, k, c, c_cs, c_rs, false, a, a_cs, a_rs, b, b_cs, b_rs, 0.0, 1.0, false, false,
+            false, par,
+        );
+    }
 }
 
 /// A view of integer or bool elements, read only.
@@ -236,11 +280,6 @@ fn gemm(
     let mut widened = Vec::new();
     let a = f32_or_widened(mem, av, &mut widened)?;
     let b = f32_or_widened(mem, bv, &mut widened)?;
-    let par = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 1 << 15 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let s = |v: &CView, ax: usize| v.strides[ax] as isize;
     let ran = each_index(&out.shape[..batch], |idx| {
         let (ao, bo, oo) = (
@@ -264,26 +303,12 @@ fn gemm(
         // which the verifier proved inside their roots; the output is not an
         // operand's root (lowering never aliases a product with its inputs).
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                o.base.add(oo),
-                s(out, r - 1),
-                s(out, r - 2),
-                false,
-                a.base.add(ao).cast_const(),
-                s(a.v, r - 1),
-                s(a.v, r - 2),
-                b.base.add(bo).cast_const(),
-                s(b.v, r - 1),
-                s(b.v, r - 2),
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
+            library_gemm(
+                (m, n, k),
+                (o.base.add(oo), s(out, r - 1), s(out, r - 2)),
+                (a.base.add(ao).cast_const(), s(a.v, r - 1), s(a.v, r - 2)),
+                (b.base.add(bo).cast_const(), s(b.v, r - 1), s(b.v, r - 2)),
+                threads,
             );
         }
         Ok(())
@@ -316,18 +341,10 @@ fn gemm_sixteen_bit_b(
     n: usize,
     threads: usize,
 ) -> Option<R> {
-    let (bp, b_bytes, bdt) = mem.raw(bv.root)?;
-    if bv.dtype != DType::F32
-        || !matches!(bdt, DType::F16 | DType::BF16)
-        || !(bp as usize).is_multiple_of(2)
-    {
-        return None;
-    }
     let a = f32_view(mem, av)?;
+    let (bits, bdt) = sixteen_bit_root(mem, bv)?;
     let r = o.v.shape.len();
     let (sk, sn) = (bv.strides[r - 2], bv.strides[r - 1]);
-    // SAFETY: the root holds `b_bytes / 2` 16-bit values, aligned (checked).
-    let bits = unsafe { std::slice::from_raw_parts(bp.cast::<u16>().cast_const(), b_bytes / 2) };
     // The extent of B the product reads, checked against its root (the
     // verifier proved the view; this guards the folded batch axes).
     let last = bv.offset + (k - 1) * sk + (n - 1) * sn;
@@ -352,18 +369,7 @@ fn gemm_sixteen_bit_b(
         let fill = |col: &mut [f32], j: usize| {
             let start = bv.offset + (j0 + j) * sn;
             if sk == 1 {
-                // A run of k values: the `half` crate's slice conversion
-                // (F16C where the host has it).
-                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                let run = &bits[start..start + k];
-                match bdt {
-                    DType::F16 => run
-                        .reinterpret_cast::<half::f16>()
-                        .convert_to_f32_slice(col),
-                    _ => run
-                        .reinterpret_cast::<half::bf16>()
-                        .convert_to_f32_slice(col),
-                }
+                widen_into(&bits[start..start + k], bdt, col);
             } else {
                 for (kk, d) in col.iter_mut().enumerate() {
                     *d = widen(bits[start + kk * sk]);
@@ -386,36 +392,25 @@ fn gemm_sixteen_bit_b(
                 fill(col, j);
             }
         });
-        let par = if threads > 1 && m.saturating_mul(jb).saturating_mul(k) >= 1 << 15 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         // SAFETY: A and the output are the verified views (row stride,
         // column stride; the folded rows of A and C were checked by the
         // caller's strides); the block holds jb columns of k values with
         // column stride k; the output's columns j0..j0 + jb are in range.
         unsafe {
-            gemm::gemm(
-                m,
-                jb,
-                k,
-                o.base.add(o.v.offset + j0 * o.v.strides[r - 1]),
-                s(o.v, r - 1),
-                s(o.v, r - 2),
-                false,
-                a.base.add(av.offset).cast_const(),
-                s(av, r - 1),
-                s(av, r - 2),
-                block.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
+            library_gemm(
+                (m, jb, k),
+                (
+                    o.base.add(o.v.offset + j0 * o.v.strides[r - 1]),
+                    s(o.v, r - 1),
+                    s(o.v, r - 2),
+                ),
+                (
+                    a.base.add(av.offset).cast_const(),
+                    s(av, r - 1),
+                    s(av, r - 2),
+                ),
+                (block.as_ptr(), k as isize, 1),
+                threads,
             );
         }
     }
@@ -638,7 +633,7 @@ fn packed_gemms(
     let pre_convert = tiles_unit
         && super::amx::row_block(m.min(GEMM_CHUNK_ROWS)) < m.min(GEMM_CHUNK_ROWS)
         && converted_len <= CONVERTED_B_MAX
-        && std::env::var_os("KILN_AMX_PRE").is_none_or(|v| v != "0");
+        && super::amx::convert_ahead();
     let mut converted = vec![0usize; members.len()];
     CONVERTED_B.with(|cbuf| {
         let mut cbuf = cbuf.borrow_mut();

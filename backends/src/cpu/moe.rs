@@ -31,34 +31,15 @@ fn gemm_nt(
 ) {
     debug_assert!(a.len() >= m * k && c.len() >= m * n);
     debug_assert!(n == 0 || k == 0 || b.len() >= (n - 1) * ldb + k);
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: A is m×k row-major in `a`, B reads b[j·ldb + kk] for j < n,
     // kk < k (inside `b`, asserted above), C is m×n row-major in `c`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
+        super::kernels::library_gemm(
+            (m, n, k),
+            (c.as_mut_ptr(), 1, n as isize),
+            (a.as_ptr(), 1, k as isize),
+            (b.as_ptr(), ldb as isize, 1),
+            threads,
         );
     }
 }
