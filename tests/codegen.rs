@@ -40,10 +40,7 @@ fn every_family_runs_without_a_fallback_step() {
         let o2 = model.optimize(OptLevel::O2).expect("O2");
         assert_compiled(&format!("{family} -O2"), &o2);
     }
-    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
-        let unmerged = support::hf_model(base)
-            .with_adapter(support::hf_dir(lora))
-            .expect("adapter");
+    for (lora, unmerged) in support::unmerged_loras() {
         assert_compiled(&format!("{lora} unmerged"), &unmerged);
         let merged = unmerged.merge_adapters().expect("merge");
         assert_compiled(
@@ -86,24 +83,11 @@ fn generation_runs_without_a_fallback_step_in_every_family() {
     // reference kernels (the process-wide record of the fallback warning).
     use kiln::{GenerateOptions, RunInputs, Sampling};
     let _one = serial();
-    let mut models: Vec<(String, Model)> = [
-        "gpt2",
-        "llama",
-        "llama_tied",
-        "mixtral",
-        "bloom",
-        "bart",
-        "marian",
-        "t5",
-        "t5_v11",
-    ]
-    .into_iter()
-    .map(|f| (f.to_string(), support::hf_model(f)))
-    .collect();
-    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
-        let unmerged = support::hf_model(base)
-            .with_adapter(support::hf_dir(lora))
-            .expect("adapter");
+    let mut models: Vec<(String, Model)> = support::GENERATIVE
+        .into_iter()
+        .map(|f| (f.to_string(), support::hf_model(f)))
+        .collect();
+    for (lora, unmerged) in support::unmerged_loras() {
         models.push((format!("{lora} unmerged"), unmerged));
     }
     let prompt = RunInputs::tokens(vec![vec![5, 17, 42], vec![38, 12, 7]]);
@@ -210,10 +194,7 @@ fn every_thread_count_computes_the_same_bits() {
     // whichever thread computes it, so 1, 2 and 3 threads agree exactly.
     use kiln::backends::{Backend, Cpu};
     let _one = serial();
-    let graph = linear_gelu_residual(800);
-    let mut weights = kiln::Weights::new();
-    weights.insert("w".into(), noise(vec![70, 800], 21));
-    weights.insert("b".into(), noise(vec![70], 22));
+    let (graph, weights) = linear_gelu_residual(800, 21);
     let inputs = vec![noise(vec![3, 401, 800], 23), noise(vec![3, 401, 70], 24)];
     let run = |threads| {
         let mut exe = Cpu { threads }.compile(&graph, &weights).expect("compiles");
@@ -648,8 +629,9 @@ fn rope_matches_the_interpreter_at_any_position() {
 }
 
 /// A linear layer of depth `k` and width 70 (weight `w`, bias `b`), GELU,
-/// then a residual: the epilogue the packed products fuse.
-fn linear_gelu_residual(k: usize) -> kiln::ir::Graph {
+/// then a residual: the epilogue the packed products fuse; with noise
+/// weights from seeds `seed` (w) and `seed + 1` (b).
+fn linear_gelu_residual(k: usize, seed: u64) -> (kiln::ir::Graph, kiln::Weights) {
     let src = format!(
         "func @ffn(%x: f32[B, T, {k}], %res: f32[B, T, 70]) -> (out: f32[B, T, 70]) {{\n  \
          param @w: f32[70, {k}]\n  param @b: f32[70]\n  \
@@ -658,7 +640,10 @@ fn linear_gelu_residual(k: usize) -> kiln::ir::Graph {
          %g = gelu(%hb) : f32[B, T, 70]\n  \
          %o = add(%g, %res) : f32[B, T, 70]\n  return %o\n}}\n"
     );
-    kiln::ir::parse_graph(&src).expect("parses")
+    let mut weights = kiln::Weights::new();
+    weights.insert("w".into(), noise(vec![70, k], seed));
+    weights.insert("b".into(), noise(vec![70], seed + 1));
+    (kiln::ir::parse_graph(&src).expect("parses"), weights)
 }
 
 #[test]
@@ -669,10 +654,7 @@ fn packed_products_match_the_interpreter_past_a_chunk_of_rows() {
     // time (960) and a row count that ends mid-tile, with a width that
     // ends mid-panel; then the same weights for one row (decode's
     // matrix-vector product).
-    let graph = linear_gelu_residual(40);
-    let mut weights = kiln::Weights::new();
-    weights.insert("w".into(), noise(vec![70, 40], 11));
-    weights.insert("b".into(), noise(vec![70], 12));
+    let (graph, weights) = linear_gelu_residual(40, 11);
     for (b, t) in [(3, 401), (1, 1)] {
         let inputs = vec![noise(vec![b, t, 40], 13), noise(vec![b, t, 70], 14)];
         cpu_matches_interpreter(&graph, &weights, &inputs, 1e-5)
@@ -692,10 +674,7 @@ fn products_on_the_tile_unit_match_the_interpreter() {
     // that end mid-tile; depth 800: two blocks of steps, the last one
     // short of a whole 32-step chunk; a width that ends mid-panel; the
     // bias and the residual added as the sums are stored, GELU after.
-    let graph = linear_gelu_residual(800);
-    let mut weights = kiln::Weights::new();
-    weights.insert("w".into(), noise(vec![70, 800], 31));
-    weights.insert("b".into(), noise(vec![70], 32));
+    let (graph, weights) = linear_gelu_residual(800, 31);
     for (b, t) in [(1, 128), (3, 601), (2, 1000)] {
         let inputs = vec![noise(vec![b, t, 800], 33), noise(vec![b, t, 70], 34)];
         let before = kiln::backends::cpu::tile_products();

@@ -157,10 +157,7 @@ fn every_family_runs_and_generates_inside_its_buffers() {
 
 #[test]
 fn lora_runs_and_generates_inside_its_buffers_merged_and_unmerged() {
-    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
-        let unmerged = support::hf_model(base)
-            .with_adapter(support::hf_dir(lora))
-            .expect("adapter");
+    for (lora, unmerged) in support::unmerged_loras() {
         let merged = unmerged
             .merge_adapters()
             .expect("merge")

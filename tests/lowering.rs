@@ -115,17 +115,7 @@ fn programs_match_the_interpreter_with_lora_merged_and_unmerged() {
 
 #[test]
 fn prefill_and_decode_programs_match_the_interpreter() {
-    for family in [
-        "gpt2",
-        "llama",
-        "llama_tied",
-        "mixtral",
-        "bloom",
-        "bart",
-        "marian",
-        "t5",
-        "t5_v11",
-    ] {
+    for family in support::GENERATIVE {
         let model = support::hf_model(family)
             .optimize(OptLevel::O2)
             .expect("O2");

@@ -45,10 +45,7 @@ fn decode_steps_match_the_full_forward_on_every_backend() {
         .into_iter()
         .map(|f| (f.to_string(), support::hf_model(f)))
         .collect();
-    for (base, lora) in [("gpt2", "gpt2_lora"), ("llama", "llama_lora")] {
-        let unmerged = support::hf_model(base)
-            .with_adapter(support::hf_dir(lora))
-            .expect("adapter");
+    for (lora, unmerged) in support::unmerged_loras() {
         models.push((format!("{lora} unmerged"), unmerged));
     }
     for (family, model) in &models {
@@ -181,9 +178,29 @@ fn bad_session_calls_are_clear_errors() {
     }
 }
 
+/// `kiln args`, which must succeed and print one JSON object: the object
+/// and the text.
+fn kiln_json(args: &[&str]) -> (serde_json::Value, String) {
+    let (code, out, err) = support::kiln(args);
+    assert_eq!(code, 0, "kiln {args:?}: {err}");
+    let v = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("kiln {args:?}: not one JSON object ({e}):\n{out}"));
+    (v, out)
+}
+
+/// Asserts that each of `keys` of `v` is a positive finite number.
+fn positive(v: &serde_json::Value, keys: &[&str], out: &str) {
+    for key in keys {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key} in {out}"
+        );
+    }
+}
+
 #[test]
 fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
-    let (code, out, err) = support::kiln(&[
+    let (v, out) = kiln_json(&[
         "bench",
         "tests/data/hf/llama",
         "--output",
@@ -197,14 +214,11 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         "--threads",
         "1",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    for key in ["compile_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"] {
-        assert!(
-            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
-            "{key} in {out}"
-        );
-    }
+    positive(
+        &v,
+        &["compile_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"],
+        &out,
+    );
     assert_eq!(v["backend"], "cpu");
     assert_eq!(v["threads"], 1, "{out}");
     // Row 0's greedy tokens (prefill, then each of the 4 decode steps), the
@@ -217,7 +231,7 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         .collect();
     assert_eq!(first.len(), 5, "{out}");
     // Row 0's prompt is `(7·i + 3) mod vocab` (101 here).
-    let (code, generated, err) = support::kiln(&[
+    let (generated, _) = kiln_json(&[
         "generate",
         "tests/data/hf/llama",
         "--tokens",
@@ -227,12 +241,10 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         "--output",
         "json",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let generated: serde_json::Value = serde_json::from_str(generated.trim()).expect("JSON");
     assert_eq!(generated["tokens"], v["first_tokens"], "{out}");
     // An encoder on the CPU backend, all cores by default: exactly the
     // encoder keys.
-    let (code, out, err) = support::kiln(&[
+    let (v, out) = kiln_json(&[
         "bench",
         "tests/data/hf/bert",
         "--output",
@@ -244,8 +256,6 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         "--reps",
         "2",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
     assert_eq!(
         keys,
@@ -258,16 +268,11 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         ],
         "{out}"
     );
-    for key in ["compile_s", "forward_seq_s", "peak_rss_mb"] {
-        assert!(
-            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
-            "{key} in {out}"
-        );
-    }
+    positive(&v, &["compile_s", "forward_seq_s", "peak_rss_mb"], &out);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(v["threads"], cores, "{out}");
     assert_eq!(v["backend"], "cpu");
-    let (code, out, err) = support::kiln(&[
+    let (v, out) = kiln_json(&[
         "bench",
         "tests/data/hf/bert",
         "--output",
@@ -281,8 +286,6 @@ fn bench_prints_the_json_contract_for_causal_lms_and_encoders() {
         "--backend",
         "interp",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     assert!(
         v["forward_seq_s"].as_f64().is_some_and(|x| x > 0.0),
         "{out}"

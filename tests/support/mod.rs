@@ -113,6 +113,34 @@ pub const FAMILIES: [&str; 11] = [
     "t5_v11",
 ];
 
+/// The families that generate: every family of [`FAMILIES`] but the
+/// encoders (causal LMs and encoder–decoders).
+pub const GENERATIVE: [&str; 9] = [
+    "gpt2",
+    "llama",
+    "llama_tied",
+    "mixtral",
+    "bloom",
+    "bart",
+    "marian",
+    "t5",
+    "t5_v11",
+];
+
+/// Each PEFT LoRA test adapter (its name) applied, unmerged, to its base
+/// model.
+pub fn unmerged_loras() -> Vec<(&'static str, Model)> {
+    [("gpt2", "gpt2_lora"), ("llama", "llama_lora")]
+        .into_iter()
+        .map(|(base, lora)| {
+            let model = hf_model(base)
+                .with_adapter(hf_dir(lora))
+                .unwrap_or_else(|e| panic!("{lora}: {e}"));
+            (lora, model)
+        })
+        .collect()
+}
+
 /// The folder `tests/data/hf/<name>` (a test model or a PEFT adapter).
 pub fn hf_dir(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
